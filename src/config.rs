@@ -1,0 +1,434 @@
+//! The configuration file (`civgate.toml`): its model, parsing, and errors that name the key
+//! and the line. Relative paths in the file are resolved against the file's directory.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::{
+    domain::{AgencyId, CitizenField, PurposeCode, RegistryOfficeCode, Role},
+    policy::{Agency, Policy},
+};
+
+/// The repository's `civgate.toml`, also the embedded default used by `civgate demo`.
+pub const DEFAULT_CONFIG: &str = include_str!("../civgate.toml");
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    #[serde(default)]
+    pub server: ServerSection,
+    pub tls: TlsSection,
+    #[serde(default)]
+    pub limits: LimitsSection,
+    #[serde(default)]
+    pub agencies: BTreeMap<AgencyId, AgencySection>,
+    #[serde(default)]
+    pub purposes: BTreeMap<PurposeCode, PurposeSection>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSection {
+    /// API port: gRPC over mutual TLS only.
+    pub listen: SocketAddr,
+    /// Admin port: `/metrics` and `/healthz`, plain HTTP; keep it on loopback.
+    pub admin_listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// A client that has not finished its TLS handshake by then is dropped.
+    pub handshake_timeout_ms: u64,
+    /// At most this many handshakes in progress; further connections are closed at once.
+    pub max_pending_handshakes: usize,
+    /// How long SIGTERM waits for in-flight calls before closing anyway.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7443)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9095)),
+            data_dir: PathBuf::from("./data"),
+            handshake_timeout_ms: 5_000,
+            max_pending_handshakes: 1_024,
+            shutdown_grace_ms: 10_000,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// Server certificate chain (PEM).
+    pub cert: Spanned<PathBuf>,
+    /// Server private key (PEM).
+    pub key: Spanned<PathBuf>,
+    /// CA bundle that client certificates must chain to (PEM, one or more certificates).
+    pub client_ca: Spanned<PathBuf>,
+    /// Certificate revocation lists (PEM), enforced for client certificates.
+    #[serde(default)]
+    pub crls: Vec<Spanned<PathBuf>>,
+    /// Lowest TLS version accepted: "1.2" (default) or "1.3".
+    #[serde(default)]
+    pub min_version: TlsVersion,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+pub enum TlsVersion {
+    #[default]
+    #[serde(rename = "1.2")]
+    Tls12,
+    #[serde(rename = "1.3")]
+    Tls13,
+}
+
+/// HTTP/2 and message limits of the API port (not reloadable: they shape the listener).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSection {
+    pub max_concurrent_streams: u32,
+    pub max_header_list_size: u32,
+    pub max_frame_size: u32,
+    /// Largest decoded request message.
+    pub max_message_bytes: usize,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        Self {
+            max_concurrent_streams: 256,
+            max_header_list_size: 16 * 1024,
+            max_frame_size: 16 * 1024,
+            max_message_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgencySection {
+    pub role: Role,
+    /// Human-readable name, for logs and the audit trail's readers.
+    #[serde(default)]
+    pub name: String,
+    /// Registry offices a civil registry may publish events for.
+    #[serde(default)]
+    pub registry_offices: Option<Spanned<Vec<RegistryOfficeCode>>>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PurposeSection {
+    #[serde(default)]
+    pub description: String,
+    /// The `Citizen` fields this purpose may receive.
+    pub fields: Vec<CitizenField>,
+}
+
+/// A parsed configuration and where it came from.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub file: ConfigFile,
+    /// The file's path (for messages), or `<embedded>`.
+    pub origin: PathBuf,
+    /// Directory that relative paths in the file are resolved against.
+    pub base_dir: PathBuf,
+    source: Arc<str>,
+}
+
+/// One problem in a config file, located by key and line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: Option<usize>,
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if !self.key.is_empty() {
+            write!(f, ": {}", self.key)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// All problems found in a config file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl Config {
+    /// Reads and parses a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigErrors> {
+        let source = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                file: path.to_owned(),
+                line: None,
+                key: String::new(),
+                message: format!("cannot read: {e}"),
+            }])
+        })?;
+        let base_dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map_or_else(|| PathBuf::from("."), Path::to_owned);
+        Self::parse(&source, path.to_owned(), base_dir)
+    }
+
+    /// Parses config text; `origin` names it in errors, `base_dir` anchors relative paths.
+    pub fn parse(source: &str, origin: PathBuf, base_dir: PathBuf) -> Result<Self, ConfigErrors> {
+        let file: ConfigFile = toml::from_str(source).map_err(|e| {
+            let offset = e.span().map(|s| s.start);
+            ConfigErrors(vec![ConfigError {
+                file: origin.clone(),
+                line: offset.map(|o| line_of(source, o)),
+                key: offset.map(|o| key_at(source, o)).unwrap_or_default(),
+                message: e.message().trim().to_owned(),
+            }])
+        })?;
+        let config = Self {
+            file,
+            origin,
+            base_dir,
+            source: Arc::from(source),
+        };
+        config.check_semantics()?;
+        Ok(config)
+    }
+
+    /// Rules serde cannot express, each reported with its line.
+    fn check_semantics(&self) -> Result<(), ConfigErrors> {
+        let mut errors = Vec::new();
+        for (id, agency) in &self.file.agencies {
+            if let Some(offices) = &agency.registry_offices
+                && agency.role != Role::CivilRegistry
+                && !offices.get_ref().is_empty()
+            {
+                errors.push(self.error_at(
+                    offices.span().start,
+                    format!("agencies.{id}.registry_offices"),
+                    format!(
+                        "only a civil_registry publishes for registry offices; {id} is {}",
+                        agency.role
+                    ),
+                ));
+            }
+        }
+        for (code, purpose) in &self.file.purposes {
+            if purpose.fields.is_empty() {
+                errors.push(ConfigError {
+                    file: self.origin.clone(),
+                    line: None,
+                    key: format!("purposes.{}.fields", code.as_str()),
+                    message: "a purpose must release at least one field".into(),
+                });
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+
+    /// An error located at a byte offset of the source.
+    pub fn error_at(&self, offset: usize, key: String, message: String) -> ConfigError {
+        ConfigError {
+            file: self.origin.clone(),
+            line: Some(line_of(&self.source, offset)),
+            key,
+            message,
+        }
+    }
+
+    /// A path from the file, resolved against the file's directory.
+    pub fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_owned()
+        } else {
+            self.base_dir.join(p)
+        }
+    }
+
+    /// The agencies and their roles, as the policy engine sees them.
+    pub fn policy(&self) -> Policy {
+        let agencies = self
+            .file
+            .agencies
+            .iter()
+            .map(|(id, a)| {
+                let offices = a
+                    .registry_offices
+                    .as_ref()
+                    .map(|o| o.get_ref().clone())
+                    .unwrap_or_default();
+                (
+                    id.clone(),
+                    Agency {
+                        role: a.role,
+                        registry_offices: Arc::from(offices),
+                    },
+                )
+            })
+            .collect();
+        Policy { agencies }
+    }
+}
+
+/// 1-based line number of a byte offset.
+fn line_of(source: &str, offset: usize) -> usize {
+    let end = offset.min(source.len());
+    source.as_bytes()[..end].iter().filter(|b| **b == b'\n').count() + 1
+}
+
+/// The dotted key at a byte offset: the enclosing `[table]` header plus the `key =` on that line.
+fn key_at(source: &str, offset: usize) -> String {
+    let end = offset.min(source.len());
+    let line_start = source[..end].rfind('\n').map_or(0, |i| i + 1);
+    let line = source[line_start..].lines().next().unwrap_or("").trim();
+    if let Some(header) = table_header(line) {
+        return header.to_owned();
+    }
+    let key = line.split('=').next().unwrap_or("").trim();
+    let table = source[..line_start]
+        .lines()
+        .rev()
+        .find_map(|l| table_header(l.trim()));
+    match (table, key.is_empty()) {
+        (Some(t), false) => format!("{t}.{key}"),
+        (Some(t), true) => t.to_owned(),
+        (None, _) => key.to_owned(),
+    }
+}
+
+fn table_header(line: &str) -> Option<&str> {
+    let inner = line.strip_prefix('[')?;
+    let inner = inner.strip_prefix('[').unwrap_or(inner);
+    let end = inner.find(']')?;
+    Some(inner[..end].trim())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Config, ConfigErrors> {
+        Config::parse(s, PathBuf::from("t.toml"), PathBuf::from("/etc/civgate"))
+    }
+
+    const MINIMAL: &str = r#"
+[tls]
+cert = "certs/server.pem"
+key = "certs/server.key"
+client_ca = "certs/ca.pem"
+"#;
+
+    #[test]
+    fn repository_config_parses() {
+        let c = Config::parse(DEFAULT_CONFIG, "civgate.toml".into(), ".".into()).unwrap();
+        assert_eq!(c.file.server.listen, "127.0.0.1:7443".parse().unwrap());
+        assert_eq!(c.file.server.admin_listen, "127.0.0.1:9095".parse().unwrap());
+        let policy = c.policy();
+        assert_eq!(
+            policy.agencies[&"registry-hp".parse().unwrap()].role,
+            Role::CivilRegistry
+        );
+        assert!(c.file.purposes.len() >= 6);
+    }
+
+    #[test]
+    fn defaults_apply_and_paths_resolve_against_the_file() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.file.server.handshake_timeout_ms, 5_000);
+        assert_eq!(c.file.limits.max_message_bytes, 4 * 1024 * 1024);
+        assert_eq!(
+            c.resolve(c.file.tls.cert.get_ref()),
+            PathBuf::from("/etc/civgate/certs/server.pem")
+        );
+    }
+
+    #[test]
+    fn unknown_role_names_key_and_line() {
+        let src = format!("{MINIMAL}\n[agencies.registry-hp]\nrole = \"mayor\"\n");
+        let err = parse(&src).unwrap_err();
+        let e = &err.0[0];
+        assert_eq!(e.line, Some(8), "{err}");
+        assert_eq!(e.key, "agencies.registry-hp.role");
+        assert!(e.message.contains("mayor"), "{err}");
+        assert!(err.to_string().starts_with("t.toml:8: agencies.registry-hp.role:"));
+    }
+
+    #[test]
+    fn syntax_error_names_the_line() {
+        let src = format!("{MINIMAL}\n[server]\nlisten = \n");
+        let err = parse(&src).unwrap_err();
+        assert_eq!(err.0[0].line, Some(8), "{err}");
+    }
+
+    #[test]
+    fn unknown_key_is_refused() {
+        let src = format!("{MINIMAL}\n[server]\nlisen = \"127.0.0.1:1\"\n");
+        let err = parse(&src).unwrap_err();
+        assert_eq!(err.0[0].line, Some(8), "{err}");
+        assert!(err.0[0].message.contains("lisen"), "{err}");
+    }
+
+    #[test]
+    fn invalid_agency_id_is_refused() {
+        let src = format!("{MINIMAL}\n[agencies.Bad_Id]\nrole = \"auditor\"\n");
+        let err = parse(&src).unwrap_err();
+        assert!(err.to_string().contains("Bad_Id"), "{err}");
+    }
+
+    #[test]
+    fn registry_offices_only_for_civil_registries() {
+        let src = format!(
+            "{MINIMAL}\n[agencies.population]\nrole = \"population_db\"\nregistry_offices = [\"HP-1\"]\n"
+        );
+        let err = parse(&src).unwrap_err();
+        assert_eq!(err.0[0].line, Some(9), "{err}");
+        assert_eq!(err.0[0].key, "agencies.population.registry_offices");
+    }
+
+    #[test]
+    fn unknown_purpose_field_is_refused() {
+        let src = format!("{MINIMAL}\n[purposes.X]\nfields = [\"full_name\", \"shoe_size\"]\n");
+        let err = parse(&src).unwrap_err();
+        assert!(err.to_string().contains("shoe_size"), "{err}");
+        assert_eq!(err.0[0].line, Some(8));
+    }
+
+    #[test]
+    fn tls_min_version_parses() {
+        let src = MINIMAL.replace("[tls]", "[tls]\nmin_version = \"1.3\"");
+        assert_eq!(parse(&src).unwrap().file.tls.min_version, TlsVersion::Tls13);
+        let src = MINIMAL.replace("[tls]", "[tls]\nmin_version = \"1.0\"");
+        assert!(parse(&src).is_err());
+    }
+}

@@ -1,0 +1,259 @@
+//! Validated identifiers used across the gateway. Each is built once, at the edge (config
+//! file, client certificate, request), and code inside never sees an unchecked string.
+
+use std::{fmt, str::FromStr};
+
+use serde::Deserialize;
+
+/// An agency's identifier, as carried in its certificate's URI SAN
+/// `urn:civgate:agency:<id>` and used as the key of `[agencies.<id>]` in the config.
+///
+/// 1–64 characters of lowercase ASCII letters, digits and `-`, not starting or ending with `-`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(try_from = "String")]
+pub struct AgencyId(String);
+
+/// The URI SAN prefix that names an agency in a client certificate.
+pub const AGENCY_URI_PREFIX: &str = "urn:civgate:agency:";
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error(
+    "invalid agency id {0:?}: expected 1-64 characters of a-z, 0-9 and '-', not starting or ending with '-'"
+)]
+pub struct InvalidAgencyId(pub String);
+
+impl AgencyId {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The agency named by a certificate URI SAN, if the URI is `urn:civgate:agency:<id>`.
+    pub fn from_uri(uri: &str) -> Option<Result<Self, InvalidAgencyId>> {
+        uri.strip_prefix(AGENCY_URI_PREFIX).map(Self::from_str)
+    }
+
+    pub fn to_uri(&self) -> String {
+        format!("{AGENCY_URI_PREFIX}{}", self.0)
+    }
+}
+
+impl FromStr for AgencyId {
+    type Err = InvalidAgencyId;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let ok = !s.is_empty()
+            && s.len() <= 64
+            && !s.starts_with('-')
+            && !s.ends_with('-')
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if ok {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err(InvalidAgencyId(s.to_owned()))
+        }
+    }
+}
+
+impl TryFrom<String> for AgencyId {
+    type Error = InvalidAgencyId;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl fmt::Display for AgencyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What an agency is, which decides the methods it may call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// A civil-status registry system (hệ thống đăng ký hộ tịch), Ministry of Justice.
+    CivilRegistry,
+    /// The National Population Database (CSDLQG về dân cư), Ministry of Public Security.
+    PopulationDb,
+    /// An inspector or data-protection officer (thanh tra) reading the audit log.
+    Auditor,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::CivilRegistry => "civil_registry",
+            Role::PopulationDb => "population_db",
+            Role::Auditor => "auditor",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A civil-status registry office code (mã cơ quan đăng ký hộ tịch): 1–32 characters of
+/// uppercase ASCII letters, digits and `-`. The exact national format is not fixed here;
+/// the config lists which codes each civil registry may publish for.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(try_from = "String")]
+pub struct RegistryOfficeCode(String);
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid registry office code {0:?}: expected 1-32 characters of A-Z, 0-9 and '-'")]
+pub struct InvalidRegistryOfficeCode(pub String);
+
+impl RegistryOfficeCode {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for RegistryOfficeCode {
+    type Err = InvalidRegistryOfficeCode;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let ok = !s.is_empty()
+            && s.len() <= 32
+            && s.bytes()
+                .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'-');
+        if ok {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err(InvalidRegistryOfficeCode(s.to_owned()))
+        }
+    }
+}
+
+impl TryFrom<String> for RegistryOfficeCode {
+    type Error = InvalidRegistryOfficeCode;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+/// SHA-256 of the client certificate's DER encoding.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CertFingerprint(pub [u8; 32]);
+
+impl CertFingerprint {
+    pub fn of_der(der: &[u8]) -> Self {
+        use sha2::{Digest, Sha256};
+        Self(Sha256::digest(der).into())
+    }
+}
+
+impl fmt::Display for CertFingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for CertFingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CertFingerprint({self})")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agency_id_accepts_lowercase_digits_dashes() {
+        assert!("registry-hp".parse::<AgencyId>().is_ok());
+        assert!("a".parse::<AgencyId>().is_ok());
+        assert!("moj-031-lechan".parse::<AgencyId>().is_ok());
+    }
+
+    #[test]
+    fn agency_id_refuses_everything_else() {
+        for bad in ["", "-a", "a-", "Registry", "a b", "a_b", "ả", &"a".repeat(65)] {
+            assert!(bad.parse::<AgencyId>().is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn agency_id_from_uri_requires_the_prefix() {
+        assert_eq!(
+            AgencyId::from_uri("urn:civgate:agency:population"),
+            Some(Ok(AgencyId("population".into())))
+        );
+        assert_eq!(AgencyId::from_uri("https://example.org"), None);
+        assert!(matches!(
+            AgencyId::from_uri("urn:civgate:agency:BAD"),
+            Some(Err(_))
+        ));
+    }
+
+    #[test]
+    fn registry_office_code_validation() {
+        assert!("HP-LECHAN".parse::<RegistryOfficeCode>().is_ok());
+        assert!("hp".parse::<RegistryOfficeCode>().is_err());
+        assert!("".parse::<RegistryOfficeCode>().is_err());
+    }
+}
+
+/// A purpose code (legal basis) declared by every read, e.g. `BIRTH_REGISTRATION`:
+/// 1–64 characters of A-Z, 0-9 and `_`. Which codes exist is decided by the config.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(try_from = "String")]
+pub struct PurposeCode(String);
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid purpose code {0:?}: expected 1-64 characters of A-Z, 0-9 and '_'")]
+pub struct InvalidPurposeCode(pub String);
+
+impl PurposeCode {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for PurposeCode {
+    type Err = InvalidPurposeCode;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let ok = !s.is_empty()
+            && s.len() <= 64
+            && s.bytes()
+                .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
+        if ok {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err(InvalidPurposeCode(s.to_owned()))
+        }
+    }
+}
+
+impl TryFrom<String> for PurposeCode {
+    type Error = InvalidPurposeCode;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+/// A field of `civgate.v1.Citizen` that a purpose may release (data minimisation).
+/// `personal_id` is always returned: it is what the caller asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CitizenField {
+    FullName,
+    DateOfBirth,
+    Sex,
+    MaritalStatus,
+    PlaceOfBirth,
+    Hometown,
+    Ethnicity,
+    Religion,
+    Nationality,
+    BloodType,
+    FatherPersonalId,
+    MotherPersonalId,
+    SpousePersonalIds,
+    PermanentResidence,
+    CurrentResidence,
+    DateOfDeath,
+}

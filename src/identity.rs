@@ -1,0 +1,128 @@
+//! Who is calling: the agency named by the client certificate, derived once per connection
+//! right after the TLS handshake. Handlers never see the certificate itself.
+
+use x509_parser::{extensions::GeneralName, prelude::FromDer};
+
+use crate::domain::{AgencyId, CertFingerprint};
+
+/// What the verified client certificate says about its holder.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerIdentity {
+    /// The agency named by the `urn:civgate:agency:<id>` URI SAN, or why there is none.
+    pub agency: Result<AgencyId, IdentityError>,
+    pub fingerprint: CertFingerprint,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum IdentityError {
+    #[error("client certificate could not be parsed")]
+    Unparseable,
+    #[error("client certificate has no urn:civgate:agency:<id> URI SAN")]
+    NoAgencyUri,
+    #[error("client certificate names more than one agency")]
+    SeveralAgencies,
+    #[error("{0}")]
+    InvalidAgency(String),
+}
+
+impl PeerIdentity {
+    /// Reads the agency identity from a client certificate that TLS has already verified.
+    pub fn from_der(der: &[u8]) -> Self {
+        Self {
+            agency: agency_of(der),
+            fingerprint: CertFingerprint::of_der(der),
+        }
+    }
+}
+
+fn agency_of(der: &[u8]) -> Result<AgencyId, IdentityError> {
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der)
+        .map_err(|_| IdentityError::Unparseable)?;
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|_| IdentityError::Unparseable)?
+        .ok_or(IdentityError::NoAgencyUri)?;
+    let mut found: Option<AgencyId> = None;
+    for name in &san.value.general_names {
+        if let GeneralName::URI(uri) = name
+            && let Some(parsed) = AgencyId::from_uri(uri)
+        {
+            let id = parsed.map_err(|e| IdentityError::InvalidAgency(e.to_string()))?;
+            if found.replace(id).is_some() {
+                return Err(IdentityError::SeveralAgencies);
+            }
+        }
+    }
+    found.ok_or(IdentityError::NoAgencyUri)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{CertificateParams, KeyPair, SanType};
+
+    fn cert_with_sans(sans: Vec<SanType>) -> Vec<u8> {
+        let mut p = CertificateParams::new(vec![]).unwrap();
+        p.subject_alt_names = sans;
+        let key = KeyPair::generate().unwrap();
+        p.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    fn uri(s: &str) -> SanType {
+        SanType::URI(s.try_into().unwrap())
+    }
+
+    #[test]
+    fn agency_uri_san_names_the_agency() {
+        let der = cert_with_sans(vec![
+            SanType::DnsName("x.example".try_into().unwrap()),
+            uri("urn:civgate:agency:registry-hp"),
+        ]);
+        let id = PeerIdentity::from_der(&der);
+        assert_eq!(id.agency, Ok("registry-hp".parse().unwrap()));
+        assert_eq!(id.fingerprint, CertFingerprint::of_der(&der));
+    }
+
+    #[test]
+    fn certificate_without_agency_uri_has_no_agency() {
+        let der = cert_with_sans(vec![uri("https://example.org/")]);
+        assert_eq!(
+            PeerIdentity::from_der(&der).agency,
+            Err(IdentityError::NoAgencyUri)
+        );
+        let der = cert_with_sans(vec![]);
+        assert_eq!(
+            PeerIdentity::from_der(&der).agency,
+            Err(IdentityError::NoAgencyUri)
+        );
+    }
+
+    #[test]
+    fn two_agencies_in_one_certificate_are_refused() {
+        let der = cert_with_sans(vec![
+            uri("urn:civgate:agency:a"),
+            uri("urn:civgate:agency:b"),
+        ]);
+        assert_eq!(
+            PeerIdentity::from_der(&der).agency,
+            Err(IdentityError::SeveralAgencies)
+        );
+    }
+
+    #[test]
+    fn malformed_agency_id_is_refused() {
+        let der = cert_with_sans(vec![uri("urn:civgate:agency:Not_Valid")]);
+        assert!(matches!(
+            PeerIdentity::from_der(&der).agency,
+            Err(IdentityError::InvalidAgency(_))
+        ));
+    }
+
+    #[test]
+    fn garbage_is_unparseable() {
+        assert_eq!(
+            PeerIdentity::from_der(b"not a certificate").agency,
+            Err(IdentityError::Unparseable)
+        );
+    }
+}

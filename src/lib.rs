@@ -1,0 +1,18 @@
+//! civgate: the gRPC gateway between Vietnam's civil-status database and the National
+//! Population Database. See ARCHITECTURE.md for the map.
+
+pub mod api;
+pub mod certs;
+pub mod client;
+pub mod config;
+pub mod demo;
+pub mod domain;
+pub mod gate;
+pub mod identity;
+pub mod listener;
+pub mod pb;
+pub mod policy;
+pub mod server;
+pub mod state;
+pub mod telemetry;
+pub mod tls;

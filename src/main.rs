@@ -1,0 +1,158 @@
+//! The `civgate` binary: command-line parsing and dispatch only.
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+
+use civgate::{
+    certs, config, demo,
+    server::{self, ConfigSource, Overrides},
+    state::Snapshot,
+    telemetry, tls,
+};
+
+#[derive(Parser)]
+#[command(name = "civgate", version, about = "gRPC gateway between Vietnam's civil-status database and the National Population Database")]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the embedded demo over real mTLS on loopback (creates dev certificates if missing).
+    Demo {
+        #[arg(long, default_value = "certs")]
+        certs_dir: PathBuf,
+    },
+    /// Run the gateway.
+    Serve {
+        #[arg(long, default_value = "civgate.toml")]
+        config: PathBuf,
+        /// Overrides [server] listen.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Overrides [server] admin_listen.
+        #[arg(long)]
+        admin_listen: Option<SocketAddr>,
+        /// Overrides [server] data_dir.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Development PKI.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+    /// Configuration tools.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Write a development CA, server and client certificates, and a CRL.
+    Init {
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Add clients/<NAME>.pem to crl.pem (re-signed with ca.key).
+    Revoke {
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate a config and every file it names; errors name the key and the line.
+    Check {
+        #[arg(long, default_value = "civgate.toml")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    tls::install_provider();
+    let cli = Cli::parse();
+    telemetry::init_logging(matches!(cli.log_format, LogFormat::Json));
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Demo { certs_dir } => demo::run(&certs_dir).await,
+        Command::Serve {
+            config,
+            listen,
+            admin_listen,
+            data_dir,
+        } => {
+            let overrides = Overrides {
+                listen,
+                admin_listen,
+                data_dir,
+            };
+            let running = server::start(ConfigSource::File(config), overrides).await?;
+            running.run_until_signalled().await
+        }
+        Command::Certs {
+            command: CertsCommand::Init { dir, force },
+        } => {
+            let written = certs::init(&dir, force)?;
+            for p in &written {
+                println!("wrote {}", p.display());
+            }
+            println!("development PKI ready in {} (see certs/README.md)", dir.display());
+            Ok(())
+        }
+        Command::Certs {
+            command: CertsCommand::Revoke { dir, name },
+        } => {
+            certs::revoke(&dir, &name)?;
+            println!("{} now lists clients/{name}.pem; send SIGHUP to reload", dir.join("crl.pem").display());
+            Ok(())
+        }
+        Command::Config {
+            command: ConfigCommand::Check { config },
+        } => {
+            let cfg = config::Config::load(&config)?;
+            let snap = Snapshot::build(cfg)?;
+            println!(
+                "{}: OK ({} agencies, {} purposes)",
+                config.display(),
+                snap.policy.agencies.len(),
+                snap.config.file.purposes.len()
+            );
+            Ok(())
+        }
+    }
+}

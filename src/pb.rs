@@ -1,0 +1,12 @@
+//! Generated protobuf and gRPC code. Only `api`-facing modules use these types; the domain
+//! has its own validated types.
+
+#![allow(clippy::all, clippy::pedantic, missing_docs)]
+
+pub mod v1 {
+    tonic::include_proto!("civgate.v1");
+}
+
+/// Encoded `FileDescriptorSet` of `proto/`, for the reflection service.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/civgate_descriptor.bin"));

@@ -1,0 +1,241 @@
+//! `civgate serve`: assembles the gateway — listener (TLS, identity), gate (policy, metrics),
+//! services, health, reflection, admin — and owns reload and graceful shutdown.
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::Result;
+use arc_swap::ArcSwap;
+use tokio::{sync::watch, task::JoinHandle};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic_health::{ServingStatus, server::HealthReporter};
+use tracing::{error, info, warn};
+
+use crate::{
+    api,
+    config::{Config, ConfigErrors},
+    gate::GateLayer,
+    listener,
+    pb::{
+        self,
+        v1::{audit_server::AuditServer, citizens_server::CitizensServer, exchange_server::ExchangeServer},
+    },
+    state::{Shared, Snapshot},
+    telemetry::{self, Readiness},
+};
+
+/// Command-line overrides of `[server]`, kept across reloads.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub admin_listen: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+}
+
+impl Overrides {
+    pub fn apply(&self, config: &mut Config) {
+        let s = &mut config.file.server;
+        if let Some(a) = self.listen {
+            s.listen = a;
+        }
+        if let Some(a) = self.admin_listen {
+            s.admin_listen = a;
+        }
+        if let Some(d) = &self.data_dir {
+            s.data_dir.clone_from(d);
+        }
+    }
+}
+
+/// Where the config comes from, so a reload reads it again.
+#[derive(Clone, Debug)]
+pub enum ConfigSource {
+    File(PathBuf),
+    /// Fixed text (the demo); reloading re-validates the files it names.
+    Text {
+        text: Arc<str>,
+        base_dir: PathBuf,
+    },
+}
+
+impl ConfigSource {
+    pub fn read(&self, overrides: &Overrides) -> Result<Config, ConfigErrors> {
+        let mut config = match self {
+            ConfigSource::File(p) => Config::load(p)?,
+            ConfigSource::Text { text, base_dir } => {
+                Config::parse(text, PathBuf::from("<embedded civgate.toml>"), base_dir.clone())?
+            }
+        };
+        overrides.apply(&mut config);
+        Ok(config)
+    }
+}
+
+/// The service names health reports on.
+const SERVICES: &[&str] = &["civgate.v1.Citizens", "civgate.v1.Exchange", "civgate.v1.Audit"];
+
+/// A running gateway.
+pub struct Running {
+    pub api_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    state: Shared,
+    source: ConfigSource,
+    overrides: Overrides,
+    shutdown: watch::Sender<bool>,
+    health: HealthReporter,
+    readiness: Readiness,
+    task: JoinHandle<Result<()>>,
+    admin: JoinHandle<()>,
+}
+
+/// Validates the config and everything it names, binds both ports and starts serving.
+pub async fn start(source: ConfigSource, overrides: Overrides) -> Result<Running> {
+    let config = source.read(&overrides)?;
+    let snapshot = Snapshot::build(config)?;
+    let server_cfg = snapshot.config.file.server.clone();
+    let limits = snapshot.config.file.limits.clone();
+    let state: Shared = Arc::new(ArcSwap::from_pointee(snapshot));
+
+    let api_listener = telemetry::bind(server_cfg.listen, "API").await?;
+    let admin_listener = telemetry::bind(server_cfg.admin_listen, "admin").await?;
+    let api_addr = api_listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
+
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let readiness = Readiness::default();
+    let admin = telemetry::spawn_admin(admin_listener, readiness.clone(), shutdown_rx.clone());
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    for s in SERVICES.iter().chain(&[""]) {
+        health.set_service_status(*s, ServingStatus::Serving).await;
+    }
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+
+    let max_msg = limits.max_message_bytes;
+    let router = tonic::transport::Server::builder()
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .http2_max_header_list_size(limits.max_header_list_size)
+        .max_frame_size(limits.max_frame_size)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .layer(GateLayer::new(state.clone()))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(
+            CitizensServer::new(api::citizens::CitizensService)
+                .max_decoding_message_size(max_msg),
+        )
+        .add_service(
+            ExchangeServer::new(api::exchange::ExchangeService)
+                .max_decoding_message_size(max_msg),
+        )
+        .add_service(
+            AuditServer::new(api::audit::AuditService).max_decoding_message_size(max_msg),
+        );
+
+    let incoming = listener::spawn(api_listener, state.clone(), shutdown_rx.clone());
+    let grace = Duration::from_millis(server_cfg.shutdown_grace_ms);
+    let mut signal_rx = shutdown_rx.clone();
+    let mut grace_rx = shutdown_rx;
+    let task = tokio::spawn(async move {
+        let serve = router.serve_with_incoming_shutdown(
+            ReceiverStream::new(incoming),
+            async move { listener::wait_true(&mut signal_rx).await },
+        );
+        tokio::select! {
+            r = serve => r.map_err(anyhow::Error::from),
+            () = async {
+                listener::wait_true(&mut grace_rx).await;
+                tokio::time::sleep(grace).await;
+            } => {
+                warn!(grace_ms = grace.as_millis() as u64, "shutdown grace expired; closing remaining calls");
+                Ok(())
+            }
+        }
+    });
+    readiness.set(true);
+    info!(api = %api_addr, admin = %admin_addr, "civgate serving");
+    Ok(Running {
+        api_addr,
+        admin_addr,
+        state,
+        source,
+        overrides,
+        shutdown,
+        health,
+        readiness,
+        task,
+        admin,
+    })
+}
+
+impl Running {
+    /// Re-reads the config and swaps in new TLS material and policy. On any error the old
+    /// config keeps serving. Established connections are untouched either way.
+    pub fn reload(&self) -> Result<(), ConfigErrors> {
+        let result = self
+            .source
+            .read(&self.overrides)
+            .and_then(Snapshot::build);
+        match result {
+            Ok(new) => {
+                let old = self.state.load();
+                let (o, n) = (&old.config.file, &new.config.file);
+                if o.server.listen != n.server.listen
+                    || o.server.admin_listen != n.server.admin_listen
+                    || o.server.data_dir != n.server.data_dir
+                    || format!("{:?}", o.limits) != format!("{:?}", n.limits)
+                {
+                    warn!("listen addresses, data_dir and [limits] take effect only after a restart");
+                }
+                self.state.store(Arc::new(new));
+                telemetry::config_reloaded(true);
+                info!(agencies = self.state.load().policy.agencies.len(), "configuration reloaded");
+                Ok(())
+            }
+            Err(errors) => {
+                telemetry::config_reloaded(false);
+                let one_line = errors.to_string().replace('\n', "; ");
+                error!("configuration reload refused, previous configuration still serving: {one_line}");
+                Err(errors)
+            }
+        }
+    }
+
+    /// Stops accepting, reports NOT_SERVING, drains in-flight calls (up to the grace period).
+    pub async fn shutdown(self) -> Result<()> {
+        info!("shutting down: draining in-flight calls");
+        self.readiness.set(false);
+        for s in SERVICES.iter().chain(&[""]) {
+            self.health
+                .set_service_status(*s, ServingStatus::NotServing)
+                .await;
+        }
+        let _ = self.shutdown.send(true);
+        let result = self.task.await?;
+        let _ = self.admin.await;
+        info!("stopped");
+        result
+    }
+
+    /// Runs until SIGTERM or SIGINT, reloading on SIGHUP.
+    pub async fn run_until_signalled(self) -> Result<()> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hup = signal(SignalKind::hangup())?;
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        loop {
+            tokio::select! {
+                _ = hup.recv() => {
+                    info!("SIGHUP: reloading configuration");
+                    let _ = self.reload();
+                }
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+            }
+        }
+        self.shutdown().await
+    }
+}

@@ -1,0 +1,151 @@
+//! Logs, metrics and the admin listener (`/metrics`, `/healthz`). Metric names live here and
+//! nowhere else.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use axum::{Router, http::StatusCode, routing::get};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::{net::TcpListener, sync::watch};
+
+pub const RPC_REQUESTS: &str = "civgate_rpc_requests_total";
+pub const RPC_DURATION: &str = "civgate_rpc_duration_seconds";
+pub const RPC_DENIED: &str = "civgate_rpc_denied_total";
+pub const TLS_HANDSHAKE_FAILURES: &str = "civgate_tls_handshake_failures_total";
+pub const CONFIG_RELOADS: &str = "civgate_config_reloads_total";
+
+/// Installs the tracing subscriber: human-readable or JSON lines, to stderr.
+pub fn init_logging(json: bool) {
+    use tracing_subscriber::{EnvFilter, fmt};
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().flatten_event(true).try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// The process-wide Prometheus recorder (installed on first use).
+pub fn prometheus() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let builder = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                Matcher::Suffix("_seconds".into()),
+                &[
+                    0.000_25, 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                    2.5, 5.0, 10.0,
+                ],
+            )
+            .unwrap_or_else(|_| PrometheusBuilder::new());
+        let recorder = builder.build_recorder();
+        let handle = recorder.handle();
+        if metrics::set_global_recorder(recorder).is_err() {
+            tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
+        }
+        handle
+    })
+}
+
+pub fn handshake_failed(reason: &'static str) {
+    metrics::counter!(TLS_HANDSHAKE_FAILURES, "reason" => reason).increment(1);
+}
+
+pub fn rpc_finished(method: &'static str, code: tonic::Code, elapsed: Duration) {
+    let code = code_name(code);
+    metrics::counter!(RPC_REQUESTS, "method" => method, "code" => code).increment(1);
+    metrics::histogram!(RPC_DURATION, "method" => method, "code" => code)
+        .record(elapsed.as_secs_f64());
+}
+
+pub fn rpc_denied(method: &'static str, reason: &'static str) {
+    metrics::counter!(RPC_DENIED, "method" => method, "reason" => reason).increment(1);
+}
+
+pub fn config_reloaded(ok: bool) {
+    let outcome = if ok { "ok" } else { "refused" };
+    metrics::counter!(CONFIG_RELOADS, "outcome" => outcome).increment(1);
+}
+
+/// gRPC code names as in the gRPC spec (`PERMISSION_DENIED`), for labels and logs.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code as C;
+    match code {
+        C::Ok => "OK",
+        C::Cancelled => "CANCELLED",
+        C::Unknown => "UNKNOWN",
+        C::InvalidArgument => "INVALID_ARGUMENT",
+        C::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        C::NotFound => "NOT_FOUND",
+        C::AlreadyExists => "ALREADY_EXISTS",
+        C::PermissionDenied => "PERMISSION_DENIED",
+        C::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        C::FailedPrecondition => "FAILED_PRECONDITION",
+        C::Aborted => "ABORTED",
+        C::OutOfRange => "OUT_OF_RANGE",
+        C::Unimplemented => "UNIMPLEMENTED",
+        C::Internal => "INTERNAL",
+        C::Unavailable => "UNAVAILABLE",
+        C::DataLoss => "DATA_LOSS",
+        C::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// Whether the gateway can serve; `/healthz` answers 200 or 503 from it.
+#[derive(Clone, Default)]
+pub struct Readiness(Arc<AtomicBool>);
+
+impl Readiness {
+    pub fn set(&self, serving: bool) {
+        self.0.store(serving, Ordering::SeqCst);
+    }
+    pub fn is_serving(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Serves `/metrics` and `/healthz` until `shutdown` turns true.
+pub fn spawn_admin(
+    listener: TcpListener,
+    readiness: Readiness,
+    mut shutdown: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    let handle = prometheus();
+    let app = Router::new()
+        .route("/metrics", get(move || async move { handle.render() }))
+        .route(
+            "/healthz",
+            get(move || async move {
+                if readiness.is_serving() {
+                    (StatusCode::OK, "SERVING\n")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "NOT_SERVING\n")
+                }
+            }),
+        );
+    tokio::spawn(async move {
+        let signal = async move {
+            let _ = shutdown.wait_for(|s| *s).await;
+        };
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(signal)
+            .await
+        {
+            tracing::error!(error = %e, "admin listener failed");
+        }
+    })
+}
+
+/// Binds an address, naming it in the error.
+pub async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} ({what}): {e}"))
+}

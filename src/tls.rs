@@ -1,0 +1,222 @@
+//! The API port's TLS: a rustls `ServerConfig` built from the config (server certificate,
+//! client CA bundle, CRLs, minimum version, ALPN h2), and the classification of handshake
+//! failures for metrics. Rebuilt whole on reload; connections keep the config they began with.
+
+use std::{path::Path, sync::Arc};
+
+use rustls::{
+    RootCertStore, ServerConfig,
+    server::WebPkiClientVerifier,
+    version::{TLS12, TLS13},
+};
+use rustls_pki_types::{
+    CertificateDer, CertificateRevocationListDer, PrivateKeyDer, pem::PemObject,
+};
+use toml::Spanned;
+
+use crate::config::{Config, ConfigError, ConfigErrors, TlsVersion};
+
+/// The crypto provider: ring, the only one compiled in.
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Installs ring as the process-wide rustls provider. Idempotent; call first in `main`
+/// and in test helpers.
+pub fn install_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Builds the API port's TLS config, reporting every unreadable or invalid file.
+pub fn server_config(config: &Config) -> Result<Arc<ServerConfig>, ConfigErrors> {
+    let tls = &config.file.tls;
+    let mut errors = Vec::new();
+
+    let chain = load(config, "tls.cert", &tls.cert, &mut errors, |p| {
+        let certs = CertificateDer::pem_file_iter(p)
+            .map_err(|e| e.to_string())?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())?;
+        if certs.is_empty() {
+            return Err("no CERTIFICATE block".into());
+        }
+        Ok(certs)
+    });
+    let key = load(config, "tls.key", &tls.key, &mut errors, |p| {
+        PrivateKeyDer::from_pem_file(p).map_err(|e| e.to_string())
+    });
+    let roots = load(config, "tls.client_ca", &tls.client_ca, &mut errors, |p| {
+        let mut roots = RootCertStore::empty();
+        let mut n = 0;
+        for cert in CertificateDer::pem_file_iter(p).map_err(|e| e.to_string())? {
+            roots
+                .add(cert.map_err(|e| e.to_string())?)
+                .map_err(|e| format!("not a usable CA certificate: {e}"))?;
+            n += 1;
+        }
+        if n == 0 {
+            return Err("no CERTIFICATE block".into());
+        }
+        Ok(roots)
+    });
+    let mut crls = Vec::new();
+    for (i, crl) in tls.crls.iter().enumerate() {
+        let key = format!("tls.crls[{i}]");
+        if let Some(mut list) = load(config, &key, crl, &mut errors, |p| {
+            let list = CertificateRevocationListDer::pem_file_iter(p)
+                .map_err(|e| e.to_string())?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| e.to_string())?;
+            if list.is_empty() {
+                return Err("no X509 CRL block".into());
+            }
+            Ok(list)
+        }) {
+            crls.append(&mut list);
+        }
+    }
+
+    let (Some(chain), Some(key), Some(roots)) = (chain, key, roots) else {
+        return Err(ConfigErrors(errors));
+    };
+    if !errors.is_empty() {
+        return Err(ConfigErrors(errors));
+    }
+    let at = |span: &Spanned<std::path::PathBuf>, key: &str, message: String| {
+        ConfigErrors(vec![config.error_at(span.span().start, key.into(), message)])
+    };
+
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .with_crls(crls)
+        .build()
+        .map_err(|e| at(&tls.client_ca, "tls.client_ca", format!("client verifier: {e}")))?;
+    let versions: &[&rustls::SupportedProtocolVersion] = match tls.min_version {
+        TlsVersion::Tls12 => &[&TLS13, &TLS12],
+        TlsVersion::Tls13 => &[&TLS13],
+    };
+    let mut cfg = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(versions)
+        .map_err(|e| at(&tls.cert, "tls.min_version", e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| at(&tls.key, "tls.key", format!("does not match tls.cert: {e}")))?;
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+fn load<T>(
+    config: &Config,
+    key: &str,
+    path: &Spanned<std::path::PathBuf>,
+    errors: &mut Vec<ConfigError>,
+    read: impl FnOnce(&Path) -> Result<T, String>,
+) -> Option<T> {
+    let resolved = config.resolve(path.get_ref());
+    match read(&resolved) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            errors.push(config.error_at(
+                path.span().start,
+                key.into(),
+                format!("{}: {e}", resolved.display()),
+            ));
+            None
+        }
+    }
+}
+
+/// A bounded label for a failed handshake, for metrics and logs.
+pub fn failure_reason(err: &std::io::Error) -> &'static str {
+    use rustls::{CertificateError as C, Error as E};
+    let Some(tls) = err.get_ref().and_then(|e| e.downcast_ref::<E>()) else {
+        return match err.kind() {
+            std::io::ErrorKind::UnexpectedEof => "eof",
+            std::io::ErrorKind::TimedOut => "timeout",
+            _ => "io",
+        };
+    };
+    match tls {
+        E::NoCertificatesPresented => "no_client_certificate",
+        E::InvalidCertificate(c) => match c {
+            C::Expired | C::ExpiredContext { .. } => "expired",
+            C::NotValidYet | C::NotValidYetContext { .. } => "not_yet_valid",
+            C::Revoked => "revoked",
+            C::UnknownIssuer => "unknown_issuer",
+            C::BadSignature => "bad_signature",
+            C::InvalidPurpose | C::InvalidPurposeContext { .. } => "wrong_key_usage",
+            C::UnknownRevocationStatus => "unknown_revocation_status",
+            _ => "invalid_certificate",
+        },
+        E::NoApplicationProtocol => "no_alpn_h2",
+        E::PeerIncompatible(_) => "incompatible",
+        E::InappropriateMessage { .. } | E::InappropriateHandshakeMessage { .. } => {
+            "protocol_violation"
+        }
+        E::InvalidMessage(_) | E::DecryptError => "malformed",
+        E::AlertReceived(_) => "client_alert",
+        _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io;
+
+    fn io_err(e: rustls::Error) -> io::Error {
+        io::Error::new(io::ErrorKind::InvalidData, e)
+    }
+
+    #[test]
+    fn handshake_failures_are_classified() {
+        use rustls::{CertificateError as C, Error as E};
+        assert_eq!(failure_reason(&io_err(E::InvalidCertificate(C::Revoked))), "revoked");
+        assert_eq!(failure_reason(&io_err(E::InvalidCertificate(C::Expired))), "expired");
+        assert_eq!(
+            failure_reason(&io_err(E::InvalidCertificate(C::UnknownIssuer))),
+            "unknown_issuer"
+        );
+        assert_eq!(
+            failure_reason(&io_err(E::NoCertificatesPresented)),
+            "no_client_certificate"
+        );
+        assert_eq!(
+            failure_reason(&io::Error::from(io::ErrorKind::UnexpectedEof)),
+            "eof"
+        );
+    }
+
+    #[test]
+    fn repository_config_builds_with_dev_certificates() {
+        install_provider();
+        let dir = tempfile::tempdir().unwrap();
+        crate::certs::init(&dir.path().join("certs"), false).unwrap();
+        let cfg = Config::parse(
+            crate::config::DEFAULT_CONFIG,
+            "civgate.toml".into(),
+            dir.path().to_owned(),
+        )
+        .unwrap();
+        let tls = server_config(&cfg).unwrap();
+        assert_eq!(tls.alpn_protocols, vec![b"h2".to_vec()]);
+    }
+
+    #[test]
+    fn missing_and_broken_files_are_each_reported_with_their_line() {
+        install_provider();
+        let dir = tempfile::tempdir().unwrap();
+        crate::certs::init(&dir.path().join("certs"), false).unwrap();
+        std::fs::write(dir.path().join("certs/server.key"), "not a key").unwrap();
+        std::fs::remove_file(dir.path().join("certs/crl.pem")).unwrap();
+        let cfg = Config::parse(
+            crate::config::DEFAULT_CONFIG,
+            "civgate.toml".into(),
+            dir.path().to_owned(),
+        )
+        .unwrap();
+        let errs = server_config(&cfg).unwrap_err();
+        let keys: Vec<_> = errs.0.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["tls.key", "tls.crls[0]"], "{errs}");
+        assert!(errs.0.iter().all(|e| e.line.is_some()));
+    }
+}
