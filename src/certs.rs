@@ -119,8 +119,20 @@ pub fn init(dir: &Path, force: bool) -> Result<Vec<PathBuf>> {
             revoked.push(serial);
         }
         let base = format!("clients/{name}");
-        write_file(dir, &format!("{base}.pem"), &cert.pem(), false, &mut written)?;
-        write_file(dir, &format!("{base}.key"), &key.serialize_pem(), true, &mut written)?;
+        write_file(
+            dir,
+            &format!("{base}.pem"),
+            &cert.pem(),
+            false,
+            &mut written,
+        )?;
+        write_file(
+            dir,
+            &format!("{base}.key"),
+            &key.serialize_pem(),
+            true,
+            &mut written,
+        )?;
     }
 
     let crl = sign_crl(&issuer, &revoked, now)?;
@@ -132,7 +144,8 @@ pub fn init(dir: &Path, force: bool) -> Result<Vec<PathBuf>> {
 /// Used by operators' drills and by the reload tests.
 pub fn revoke(dir: &Path, name: &str) -> Result<()> {
     let read = |f: &str| {
-        fs::read_to_string(dir.join(f)).with_context(|| format!("reading {}", dir.join(f).display()))
+        fs::read_to_string(dir.join(f))
+            .with_context(|| format!("reading {}", dir.join(f).display()))
     };
     let ca_key = KeyPair::from_pem(&read("ca.key")?)?;
     let issuer = Issuer::from_ca_cert_pem(&read("ca.pem")?, ca_key)?;

@@ -28,3 +28,62 @@ pub async fn connect(addr: SocketAddr, certs_dir: &Path, client: Option<&str>) -
         .timeout(Duration::from_secs(30));
     Ok(endpoint.connect().await?)
 }
+
+/// Performs only the TLS handshake as `client` and waits for the server's first bytes (the
+/// HTTP/2 SETTINGS frame of an accepted connection). Returns the TLS error if the server
+/// refused: with TLS 1.3 a refused client certificate shows up as an alert after the
+/// client's side of the handshake is done, so reading is what reveals it.
+pub async fn probe_handshake(
+    addr: SocketAddr,
+    certs_dir: &Path,
+    client: Option<&str>,
+) -> Result<(), String> {
+    use std::sync::Arc;
+
+    use rustls::{ClientConfig, RootCertStore};
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
+    use tokio::io::AsyncReadExt;
+
+    let err = |e: &dyn std::fmt::Display| e.to_string();
+    let mut roots = RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(certs_dir.join("ca.pem")).map_err(|e| err(&e))? {
+        roots.add(c.map_err(|e| err(&e))?).map_err(|e| err(&e))?;
+    }
+    let builder = ClientConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| err(&e))?
+        .with_root_certificates(roots);
+    let mut cfg = match client {
+        Some(name) => {
+            let chain =
+                CertificateDer::pem_file_iter(certs_dir.join(format!("clients/{name}.pem")))
+                    .map_err(|e| err(&e))?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| err(&e))?;
+            let key = PrivateKeyDer::from_pem_file(certs_dir.join(format!("clients/{name}.key")))
+                .map_err(|e| err(&e))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| err(&e))?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| err(&e))?;
+    let name = ServerName::try_from("localhost").map_err(|e| err(&e))?;
+    let attempt = async {
+        let mut tls = connector.connect(name, tcp).await.map_err(|e| err(&e))?;
+        let mut buf = [0u8; 9];
+        match tls.read(&mut buf).await {
+            Ok(0) => Err("connection closed by the server".to_owned()),
+            Ok(_) => Ok(()),
+            Err(e) => Err(err(&e)),
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), attempt)
+        .await
+        .unwrap_or_else(|_| Err("timed out".into()))
+}

@@ -304,7 +304,11 @@ impl Config {
 /// 1-based line number of a byte offset.
 fn line_of(source: &str, offset: usize) -> usize {
     let end = offset.min(source.len());
-    source.as_bytes()[..end].iter().filter(|b| **b == b'\n').count() + 1
+    source.as_bytes()[..end]
+        .iter()
+        .filter(|b| **b == b'\n')
+        .count()
+        + 1
 }
 
 /// The dotted key at a byte offset: the enclosing `[table]` header plus the `key =` on that line.
@@ -353,7 +357,10 @@ client_ca = "certs/ca.pem"
     fn repository_config_parses() {
         let c = Config::parse(DEFAULT_CONFIG, "civgate.toml".into(), ".".into()).unwrap();
         assert_eq!(c.file.server.listen, "127.0.0.1:7443".parse().unwrap());
-        assert_eq!(c.file.server.admin_listen, "127.0.0.1:9095".parse().unwrap());
+        assert_eq!(
+            c.file.server.admin_listen,
+            "127.0.0.1:9095".parse().unwrap()
+        );
         let policy = c.policy();
         assert_eq!(
             policy.agencies[&"registry-hp".parse().unwrap()].role,
@@ -381,7 +388,10 @@ client_ca = "certs/ca.pem"
         assert_eq!(e.line, Some(8), "{err}");
         assert_eq!(e.key, "agencies.registry-hp.role");
         assert!(e.message.contains("mayor"), "{err}");
-        assert!(err.to_string().starts_with("t.toml:8: agencies.registry-hp.role:"));
+        assert!(
+            err.to_string()
+                .starts_with("t.toml:8: agencies.registry-hp.role:")
+        );
     }
 
     #[test]

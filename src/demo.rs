@@ -5,7 +5,9 @@
 use std::path::Path;
 
 use anyhow::{Result, bail};
-use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 
 use crate::{
     certs, client,
@@ -16,10 +18,16 @@ use crate::{
 
 pub async fn run(certs_dir: &Path) -> Result<()> {
     if certs_dir.join("ca.pem").exists() {
-        println!("• using development certificates in {}", certs_dir.display());
+        println!(
+            "• using development certificates in {}",
+            certs_dir.display()
+        );
     } else {
         certs::init(certs_dir, false)?;
-        println!("• created development certificates in {}", certs_dir.display());
+        println!(
+            "• created development certificates in {}",
+            certs_dir.display()
+        );
     }
     let base_dir = certs_dir
         .parent()
@@ -45,7 +53,10 @@ pub async fn run(certs_dir: &Path) -> Result<()> {
         overrides,
     )
     .await?;
-    println!("• gateway listening on {} (mTLS), admin on http://{}", gw.api_addr, gw.admin_addr);
+    println!(
+        "• gateway listening on {} (mTLS), admin on http://{}",
+        gw.api_addr, gw.admin_addr
+    );
     println!();
 
     let addr = gw.api_addr;
@@ -63,10 +74,17 @@ pub async fn run(certs_dir: &Path) -> Result<()> {
     match client::connect(addr, certs_dir, Some("registry-hp")).await {
         Ok(ch) => {
             let r = HealthClient::new(ch.clone())
-                .check(HealthCheckRequest { service: "civgate.v1.Citizens".into() })
+                .check(HealthCheckRequest {
+                    service: "civgate.v1.Citizens".into(),
+                })
                 .await;
-            let serving = matches!(&r, Ok(resp) if resp.get_ref().status() == ServingStatus::Serving);
-            check(serving, "registry-hp (civil registry) → Health.Check", describe_health(&r));
+            let serving =
+                matches!(&r, Ok(resp) if resp.get_ref().status() == ServingStatus::Serving);
+            check(
+                serving,
+                "registry-hp (civil registry) → Health.Check",
+                describe_health(&r),
+            );
             let r = CitizensClient::new(ch)
                 .get_citizen(GetCitizenRequest {
                     personal_id: "031203000123".into(),
@@ -84,7 +102,10 @@ pub async fn run(certs_dir: &Path) -> Result<()> {
     }
     for (name, what) in [
         ("auditor", "auditor → Citizens.GetCitizen (wrong role)"),
-        ("population", "population → Citizens.GetCitizen (wrong role)"),
+        (
+            "population",
+            "population → Citizens.GetCitizen (wrong role)",
+        ),
         ("unknown", "unknown agency → Citizens.GetCitizen"),
     ] {
         let r = match client::connect(addr, certs_dir, Some(name)).await {
@@ -106,15 +127,10 @@ pub async fn run(certs_dir: &Path) -> Result<()> {
         (Some("rogue"), "certificate from another CA"),
         (None, "no client certificate"),
     ] {
-        let r = match client::connect(addr, certs_dir, name).await {
-            Ok(ch) => HealthClient::new(ch)
-                .check(HealthCheckRequest::default())
-                .await
-                .map(|_| ()),
-            Err(e) => Err(tonic::Status::unavailable(format!("{e:#}"))),
-        };
-        let refused = matches!(&r, Err(s) if s.code() != tonic::Code::PermissionDenied);
-        check(refused, what, format!("refused at the TLS handshake: {}", short(&r)));
+        match client::probe_handshake(addr, certs_dir, name).await {
+            Ok(()) => check(false, what, "NOT REFUSED".into()),
+            Err(e) => check(true, what, format!("refused at the TLS handshake: {e}")),
+        }
     }
 
     gw.shutdown().await?;
@@ -134,21 +150,12 @@ fn describe<T>(r: &Result<T, tonic::Status>) -> String {
     }
 }
 
-fn describe_health(r: &Result<tonic::Response<tonic_health::pb::HealthCheckResponse>, tonic::Status>) -> String {
+fn describe_health(
+    r: &Result<tonic::Response<tonic_health::pb::HealthCheckResponse>, tonic::Status>,
+) -> String {
     match r {
         Ok(resp) => format!("{:?}", resp.get_ref().status()).to_uppercase(),
         Err(s) => describe::<()>(&Err(s.clone())),
-    }
-}
-
-fn short(r: &Result<(), tonic::Status>) -> String {
-    match r {
-        Ok(()) => "NOT REFUSED".into(),
-        Err(s) => {
-            let m = s.message();
-            let m = m.split(':').next_back().unwrap_or(m).trim();
-            m.chars().take(60).collect()
-        }
     }
 }
 

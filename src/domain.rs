@@ -171,7 +171,16 @@ mod tests {
 
     #[test]
     fn agency_id_refuses_everything_else() {
-        for bad in ["", "-a", "a-", "Registry", "a b", "a_b", "ả", &"a".repeat(65)] {
+        for bad in [
+            "",
+            "-a",
+            "a-",
+            "Registry",
+            "a b",
+            "a_b",
+            "ả",
+            &"a".repeat(65),
+        ] {
             assert!(bad.parse::<AgencyId>().is_err(), "{bad:?} accepted");
         }
     }

@@ -108,7 +108,12 @@ where
 }
 
 fn grpc_status(headers: &http::HeaderMap) -> Option<tonic::Code> {
-    let v = headers.get("grpc-status")?.to_str().ok()?.parse::<i32>().ok()?;
+    let v = headers
+        .get("grpc-status")?
+        .to_str()
+        .ok()?
+        .parse::<i32>()
+        .ok()?;
     Some(tonic::Code::from_i32(v))
 }
 
@@ -145,7 +150,9 @@ impl Body for MeteredBody {
         let frame = ready!(this.inner.poll_frame(cx));
         if !*this.done {
             let code = match &frame {
-                Some(Ok(f)) => f.trailers_ref().map(|t| grpc_status(t).unwrap_or(tonic::Code::Ok)),
+                Some(Ok(f)) => f
+                    .trailers_ref()
+                    .map(|t| grpc_status(t).unwrap_or(tonic::Code::Ok)),
                 Some(Err(s)) => Some(s.code()),
                 None => Some(tonic::Code::Ok),
             };

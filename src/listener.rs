@@ -142,7 +142,11 @@ pub fn spawn(
                     }
                     Ok(Ok(s)) => s,
                 };
-                let Some(leaf) = stream.get_ref().1.peer_certificates().and_then(|c| c.first())
+                let Some(leaf) = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
                 else {
                     // The verifier requires a certificate; this cannot happen, but never serve
                     // a connection without one.
@@ -153,7 +157,12 @@ pub fn spawn(
                     remote,
                     peer: Arc::new(PeerIdentity::from_der(leaf)),
                 };
-                let _ = tx.send(Ok(TlsConn { inner: stream, info })).await;
+                let _ = tx
+                    .send(Ok(TlsConn {
+                        inner: stream,
+                        info,
+                    }))
+                    .await;
             });
         }
     });

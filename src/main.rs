@@ -12,7 +12,11 @@ use civgate::{
 };
 
 #[derive(Parser)]
-#[command(name = "civgate", version, about = "gRPC gateway between Vietnam's civil-status database and the National Population Database")]
+#[command(
+    name = "civgate",
+    version,
+    about = "gRPC gateway between Vietnam's civil-status database and the National Population Database"
+)]
 struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value = "text")]
@@ -91,7 +95,10 @@ fn main() -> ExitCode {
     tls::install_provider();
     let cli = Cli::parse();
     telemetry::init_logging(matches!(cli.log_format, LogFormat::Json));
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -131,14 +138,20 @@ async fn run(command: Command) -> anyhow::Result<()> {
             for p in &written {
                 println!("wrote {}", p.display());
             }
-            println!("development PKI ready in {} (see certs/README.md)", dir.display());
+            println!(
+                "development PKI ready in {} (see certs/README.md)",
+                dir.display()
+            );
             Ok(())
         }
         Command::Certs {
             command: CertsCommand::Revoke { dir, name },
         } => {
             certs::revoke(&dir, &name)?;
-            println!("{} now lists clients/{name}.pem; send SIGHUP to reload", dir.join("crl.pem").display());
+            println!(
+                "{} now lists clients/{name}.pem; send SIGHUP to reload",
+                dir.join("crl.pem").display()
+            );
             Ok(())
         }
         Command::Config {

@@ -120,7 +120,10 @@ impl Denial {
 
 /// May this peer call this method? Returns the [`Principal`] handlers will see.
 pub fn authorize(policy: &Policy, peer: &PeerIdentity, method: &str) -> Result<Principal, Denial> {
-    let agency_id = peer.agency.as_ref().map_err(|e| Denial::NoIdentity(e.clone()))?;
+    let agency_id = peer
+        .agency
+        .as_ref()
+        .map_err(|e| Denial::NoIdentity(e.clone()))?;
     let agency = policy
         .agencies
         .get(agency_id)
@@ -184,9 +187,19 @@ mod tests {
 
     #[test]
     fn auditor_may_not_look_up_citizens() {
-        let err = authorize(&policy(), &peer("auditor"), "/civgate.v1.Citizens/GetCitizen")
-            .unwrap_err();
-        assert!(matches!(err, Denial::MethodNotGranted { role: Role::Auditor, .. }));
+        let err = authorize(
+            &policy(),
+            &peer("auditor"),
+            "/civgate.v1.Citizens/GetCitizen",
+        )
+        .unwrap_err();
+        assert!(matches!(
+            err,
+            Denial::MethodNotGranted {
+                role: Role::Auditor,
+                ..
+            }
+        ));
         assert_eq!(err.to_status().code(), tonic::Code::PermissionDenied);
     }
 
@@ -202,16 +215,27 @@ mod tests {
 
     #[test]
     fn unknown_agency_is_denied_even_health() {
-        let err = authorize(&policy(), &peer("unknown-agency"), "/grpc.health.v1.Health/Check")
-            .unwrap_err();
-        assert_eq!(err, Denial::UnknownAgency("unknown-agency".parse().unwrap()));
+        let err = authorize(
+            &policy(),
+            &peer("unknown-agency"),
+            "/grpc.health.v1.Health/Check",
+        )
+        .unwrap_err();
+        assert_eq!(
+            err,
+            Denial::UnknownAgency("unknown-agency".parse().unwrap())
+        );
         assert_eq!(err.to_status().code(), tonic::Code::PermissionDenied);
     }
 
     #[test]
     fn unknown_method_is_denied_by_default() {
-        let err = authorize(&policy(), &peer("registry-hp"), "/civgate.v1.Citizens/DropTable")
-            .unwrap_err();
+        let err = authorize(
+            &policy(),
+            &peer("registry-hp"),
+            "/civgate.v1.Citizens/DropTable",
+        )
+        .unwrap_err();
         assert_eq!(err.reason(), "method_not_granted");
         assert_eq!(known_method("/civgate.v1.Citizens/DropTable"), None);
     }

@@ -17,7 +17,10 @@ use crate::{
     listener,
     pb::{
         self,
-        v1::{audit_server::AuditServer, citizens_server::CitizensServer, exchange_server::ExchangeServer},
+        v1::{
+            audit_server::AuditServer, citizens_server::CitizensServer,
+            exchange_server::ExchangeServer,
+        },
     },
     state::{Shared, Snapshot},
     telemetry::{self, Readiness},
@@ -61,9 +64,11 @@ impl ConfigSource {
     pub fn read(&self, overrides: &Overrides) -> Result<Config, ConfigErrors> {
         let mut config = match self {
             ConfigSource::File(p) => Config::load(p)?,
-            ConfigSource::Text { text, base_dir } => {
-                Config::parse(text, PathBuf::from("<embedded civgate.toml>"), base_dir.clone())?
-            }
+            ConfigSource::Text { text, base_dir } => Config::parse(
+                text,
+                PathBuf::from("<embedded civgate.toml>"),
+                base_dir.clone(),
+            )?,
         };
         overrides.apply(&mut config);
         Ok(config)
@@ -71,7 +76,11 @@ impl ConfigSource {
 }
 
 /// The service names health reports on.
-const SERVICES: &[&str] = &["civgate.v1.Citizens", "civgate.v1.Exchange", "civgate.v1.Audit"];
+const SERVICES: &[&str] = &[
+    "civgate.v1.Citizens",
+    "civgate.v1.Exchange",
+    "civgate.v1.Audit",
+];
 
 /// A running gateway.
 pub struct Running {
@@ -124,26 +133,22 @@ pub async fn start(source: ConfigSource, overrides: Overrides) -> Result<Running
         .add_service(health_service)
         .add_service(reflection)
         .add_service(
-            CitizensServer::new(api::citizens::CitizensService)
-                .max_decoding_message_size(max_msg),
+            CitizensServer::new(api::citizens::CitizensService).max_decoding_message_size(max_msg),
         )
         .add_service(
-            ExchangeServer::new(api::exchange::ExchangeService)
-                .max_decoding_message_size(max_msg),
+            ExchangeServer::new(api::exchange::ExchangeService).max_decoding_message_size(max_msg),
         )
-        .add_service(
-            AuditServer::new(api::audit::AuditService).max_decoding_message_size(max_msg),
-        );
+        .add_service(AuditServer::new(api::audit::AuditService).max_decoding_message_size(max_msg));
 
     let incoming = listener::spawn(api_listener, state.clone(), shutdown_rx.clone());
     let grace = Duration::from_millis(server_cfg.shutdown_grace_ms);
     let mut signal_rx = shutdown_rx.clone();
     let mut grace_rx = shutdown_rx;
     let task = tokio::spawn(async move {
-        let serve = router.serve_with_incoming_shutdown(
-            ReceiverStream::new(incoming),
-            async move { listener::wait_true(&mut signal_rx).await },
-        );
+        let serve = router
+            .serve_with_incoming_shutdown(ReceiverStream::new(incoming), async move {
+                listener::wait_true(&mut signal_rx).await
+            });
         tokio::select! {
             r = serve => r.map_err(anyhow::Error::from),
             () = async {
@@ -175,10 +180,7 @@ impl Running {
     /// Re-reads the config and swaps in new TLS material and policy. On any error the old
     /// config keeps serving. Established connections are untouched either way.
     pub fn reload(&self) -> Result<(), ConfigErrors> {
-        let result = self
-            .source
-            .read(&self.overrides)
-            .and_then(Snapshot::build);
+        let result = self.source.read(&self.overrides).and_then(Snapshot::build);
         match result {
             Ok(new) => {
                 let old = self.state.load();
@@ -188,17 +190,24 @@ impl Running {
                     || o.server.data_dir != n.server.data_dir
                     || format!("{:?}", o.limits) != format!("{:?}", n.limits)
                 {
-                    warn!("listen addresses, data_dir and [limits] take effect only after a restart");
+                    warn!(
+                        "listen addresses, data_dir and [limits] take effect only after a restart"
+                    );
                 }
                 self.state.store(Arc::new(new));
                 telemetry::config_reloaded(true);
-                info!(agencies = self.state.load().policy.agencies.len(), "configuration reloaded");
+                info!(
+                    agencies = self.state.load().policy.agencies.len(),
+                    "configuration reloaded"
+                );
                 Ok(())
             }
             Err(errors) => {
                 telemetry::config_reloaded(false);
                 let one_line = errors.to_string().replace('\n', "; ");
-                error!("configuration reload refused, previous configuration still serving: {one_line}");
+                error!(
+                    "configuration reload refused, previous configuration still serving: {one_line}"
+                );
                 Err(errors)
             }
         }

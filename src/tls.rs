@@ -83,13 +83,23 @@ pub fn server_config(config: &Config) -> Result<Arc<ServerConfig>, ConfigErrors>
         return Err(ConfigErrors(errors));
     }
     let at = |span: &Spanned<std::path::PathBuf>, key: &str, message: String| {
-        ConfigErrors(vec![config.error_at(span.span().start, key.into(), message)])
+        ConfigErrors(vec![config.error_at(
+            span.span().start,
+            key.into(),
+            message,
+        )])
     };
 
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
         .with_crls(crls)
         .build()
-        .map_err(|e| at(&tls.client_ca, "tls.client_ca", format!("client verifier: {e}")))?;
+        .map_err(|e| {
+            at(
+                &tls.client_ca,
+                "tls.client_ca",
+                format!("client verifier: {e}"),
+            )
+        })?;
     let versions: &[&rustls::SupportedProtocolVersion] = match tls.min_version {
         TlsVersion::Tls12 => &[&TLS13, &TLS12],
         TlsVersion::Tls13 => &[&TLS13],
@@ -170,8 +180,14 @@ mod tests {
     #[test]
     fn handshake_failures_are_classified() {
         use rustls::{CertificateError as C, Error as E};
-        assert_eq!(failure_reason(&io_err(E::InvalidCertificate(C::Revoked))), "revoked");
-        assert_eq!(failure_reason(&io_err(E::InvalidCertificate(C::Expired))), "expired");
+        assert_eq!(
+            failure_reason(&io_err(E::InvalidCertificate(C::Revoked))),
+            "revoked"
+        );
+        assert_eq!(
+            failure_reason(&io_err(E::InvalidCertificate(C::Expired))),
+            "expired"
+        );
         assert_eq!(
             failure_reason(&io_err(E::InvalidCertificate(C::UnknownIssuer))),
             "unknown_issuer"

@@ -1,0 +1,231 @@
+//! The real `civgate` binary: SIGHUP reload, SIGTERM drain, `config check`, `certs init`,
+//! and the admin port's metrics.
+
+mod common;
+
+use std::process::Command;
+
+use civgate::client;
+use common::{Env, http_get};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+fn civgate(args: &[&str], cwd: &std::path::Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_civgate"))
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .expect("run civgate")
+}
+
+#[tokio::test]
+async fn revocation_on_sighup_refuses_new_connections_and_keeps_open_streams() {
+    let env = Env::new();
+    let mut gw = env.spawn_binary();
+    let certs = env.certs();
+
+    // An established connection with a server stream open before the reload.
+    let ch = client::connect(gw.api, &certs, Some("population"))
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(ch);
+    let mut watch = health
+        .watch(HealthCheckRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(first.status(), ServingStatus::Serving);
+
+    civgate::certs::revoke(&certs, "population").unwrap();
+    gw.signal("HUP");
+    gw.wait_log("configuration reloaded");
+
+    let err = client::probe_handshake(gw.api, &certs, Some("population"))
+        .await
+        .expect_err("revoked after reload");
+    assert!(err.contains("CertificateRevoked"), "{err}");
+    client::probe_handshake(gw.api, &certs, Some("registry-hp"))
+        .await
+        .expect("others still accepted");
+
+    // The old connection still serves unary calls...
+    let r = health.check(HealthCheckRequest::default()).await.unwrap();
+    assert_eq!(r.get_ref().status(), ServingStatus::Serving);
+    // ...and its stream is alive: SIGTERM's NOT_SERVING reaches it.
+    gw.signal("TERM");
+    let next = watch.message().await.unwrap().unwrap();
+    assert_eq!(next.status(), ServingStatus::NotServing);
+}
+
+#[tokio::test]
+async fn broken_config_on_reload_is_refused_and_the_old_one_keeps_serving() {
+    let env = Env::new();
+    let mut gw = env.spawn_binary();
+    let certs = env.certs();
+
+    // Syntax error.
+    let good = std::fs::read_to_string(env.config_path()).unwrap();
+    env.write_config(&format!("{good}\n[agencies.x\n"));
+    gw.signal("HUP");
+    let line = gw.wait_log("reload refused");
+    assert!(
+        line["message"].as_str().unwrap().contains("civgate.toml:"),
+        "{line}"
+    );
+
+    // Unknown role.
+    env.write_config(&good.replace("role = \"auditor\"", "role = \"superuser\""));
+    gw.signal("HUP");
+    let line = gw.wait_log("reload refused");
+    assert!(
+        line["message"]
+            .as_str()
+            .unwrap()
+            .contains("agencies.auditor.role"),
+        "{line}"
+    );
+
+    // Bad PEM for the server certificate.
+    env.write_config(&good);
+    std::fs::write(
+        certs.join("server.pem"),
+        "-----BEGIN CERTIFICATE-----\ngarbage\n",
+    )
+    .unwrap();
+    gw.signal("HUP");
+    let line = gw.wait_log("reload refused");
+    assert!(
+        line["message"].as_str().unwrap().contains("tls.cert"),
+        "{line}"
+    );
+
+    // Still serving with the old TLS config and policy.
+    let ch = client::connect(gw.api, &certs, Some("auditor"))
+        .await
+        .unwrap();
+    let r = HealthClient::new(ch)
+        .check(HealthCheckRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(r.get_ref().status(), ServingStatus::Serving);
+
+    let (code, body) = http_get(gw.admin, "/metrics");
+    assert_eq!(code, 200);
+    assert!(
+        body.contains("civgate_config_reloads_total{outcome=\"refused\"} 3"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn metrics_count_handshake_failures_by_reason_and_rpcs_by_code() {
+    let env = Env::new();
+    let gw = env.spawn_binary();
+    let certs = env.certs();
+    for c in [Some("revoked"), Some("expired"), None] {
+        assert!(client::probe_handshake(gw.api, &certs, c).await.is_err());
+    }
+    let ch = client::connect(gw.api, &certs, Some("unknown"))
+        .await
+        .unwrap();
+    let _ = HealthClient::new(ch)
+        .check(HealthCheckRequest::default())
+        .await;
+    let ch = client::connect(gw.api, &certs, Some("registry-hp"))
+        .await
+        .unwrap();
+    HealthClient::new(ch)
+        .check(HealthCheckRequest::default())
+        .await
+        .unwrap();
+
+    let (code, body) = http_get(gw.admin, "/metrics");
+    assert_eq!(code, 200);
+    for needle in [
+        "civgate_tls_handshake_failures_total{reason=\"revoked\"} 1",
+        "civgate_tls_handshake_failures_total{reason=\"expired\"} 1",
+        "civgate_tls_handshake_failures_total{reason=\"no_client_certificate\"} 1",
+        "civgate_rpc_requests_total{method=\"/grpc.health.v1.Health/Check\",code=\"PERMISSION_DENIED\"} 1",
+        "civgate_rpc_requests_total{method=\"/grpc.health.v1.Health/Check\",code=\"OK\"} 1",
+        "civgate_rpc_duration_seconds_bucket{method=\"/grpc.health.v1.Health/Check\",code=\"OK\"",
+    ] {
+        assert!(body.contains(needle), "missing {needle}\n{body}");
+    }
+    let (code, body) = http_get(gw.admin, "/healthz");
+    assert_eq!((code, body.trim()), (200, "SERVING"));
+}
+
+#[test]
+fn config_check_names_the_key_and_line() {
+    let env = Env::new();
+    let ok = civgate(
+        &["config", "check", "--config", "civgate.toml"],
+        env.dir.path(),
+    );
+    assert!(ok.status.success(), "{ok:?}");
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("OK"));
+
+    let good = std::fs::read_to_string(env.config_path()).unwrap();
+    let bad = good.replace("role = \"population_db\"", "role = \"police\"");
+    let line = bad.lines().position(|l| l.contains("\"police\"")).unwrap() + 1;
+    std::fs::write(env.dir.path().join("bad.toml"), bad).unwrap();
+    let out = civgate(&["config", "check", "--config", "bad.toml"], env.dir.path());
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("bad.toml:{line}: agencies.population.role")),
+        "{err}"
+    );
+
+    std::fs::remove_file(env.certs().join("ca.pem")).unwrap();
+    let out = civgate(
+        &["config", "check", "--config", "civgate.toml"],
+        env.dir.path(),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("tls.client_ca") && err.contains("ca.pem"),
+        "{err}"
+    );
+}
+
+#[test]
+fn certs_init_refuses_to_overwrite_without_force() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = civgate(&["certs", "init", "--dir", "certs"], dir.path());
+    assert!(first.status.success(), "{first:?}");
+    let before = std::fs::read(dir.path().join("certs/ca.pem")).unwrap();
+    let again = civgate(&["certs", "init", "--dir", "certs"], dir.path());
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
+    assert_eq!(
+        before,
+        std::fs::read(dir.path().join("certs/ca.pem")).unwrap()
+    );
+    let forced = civgate(&["certs", "init", "--dir", "certs", "--force"], dir.path());
+    assert!(forced.status.success());
+    assert_ne!(
+        before,
+        std::fs::read(dir.path().join("certs/ca.pem")).unwrap()
+    );
+}
+
+#[test]
+fn demo_runs_and_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = civgate(&["demo"], dir.path());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("every case behaved as expected"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains('✘'), "{stdout}");
+}
