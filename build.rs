@@ -1,24 +1,29 @@
 //! Compiles `proto/` with protox (pure Rust, no `protoc` needed) and keeps the encoded
-//! descriptor set for the reflection service.
+//! descriptor set of the public API (`civgate.v1` only) for the reflection service.
 use std::{env, fs, path::PathBuf};
 
 use protox::prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = [
+    let public = [
         "proto/civgate/v1/citizens.proto",
         "proto/civgate/v1/exchange.proto",
         "proto/civgate/v1/audit.proto",
     ];
-    for f in &files {
+    let upstream = ["proto/civgate/upstream/v1/directory.proto"];
+    for f in public.iter().chain(&upstream) {
         println!("cargo:rerun-if-changed={f}");
     }
-    let fds = protox::compile(files, ["proto"])?;
     let out = PathBuf::from(env::var("OUT_DIR")?);
-    fs::write(out.join("civgate_descriptor.bin"), fds.encode_to_vec())?;
+    let public_fds = protox::compile(public, ["proto"])?;
+    fs::write(
+        out.join("civgate_descriptor.bin"),
+        public_fds.encode_to_vec(),
+    )?;
+    let all = protox::compile(public.iter().chain(&upstream), ["proto"])?;
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
-        .compile_fds(fds)?;
+        .compile_fds(all)?;
     Ok(())
 }

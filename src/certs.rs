@@ -30,6 +30,8 @@ pub const CLIENTS: &[(&str, &str, ClientKind)] = &[
     ("expired", "registry-hp", ClientKind::Expired),
     ("rogue", "registry-hp", ClientKind::Rogue),
     ("unknown", "unknown-agency", ClientKind::Valid),
+    // The gateway's own client certificate for the population directory (outbound mTLS).
+    ("gateway", "civgate-gateway", ClientKind::Valid),
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

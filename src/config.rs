@@ -32,6 +32,78 @@ pub struct ConfigFile {
     pub agencies: BTreeMap<AgencyId, AgencySection>,
     #[serde(default)]
     pub purposes: BTreeMap<PurposeCode, PurposeSection>,
+    /// The population directory the gateway forwards look-ups to.
+    #[serde(default)]
+    pub upstream: Option<UpstreamSection>,
+    #[serde(default)]
+    pub lookups: LookupsSection,
+    /// The reference population directory (`civgate refdb serve`, the demo).
+    #[serde(default)]
+    pub refdb: RefdbSection,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSection {
+    /// `https://host:port`; the host is the name checked in the directory's certificate.
+    pub url: Spanned<String>,
+    /// CA bundle the directory's server certificate must chain to.
+    pub ca: Spanned<PathBuf>,
+    /// The gateway's own client certificate and key for the directory.
+    pub cert: Spanned<PathBuf>,
+    pub key: Spanned<PathBuf>,
+    /// Upper bound on one upstream call; the caller's deadline applies if shorter.
+    #[serde(default = "default_upstream_timeout")]
+    pub timeout_ms: u64,
+    /// HTTP/2 connections to spread calls over.
+    #[serde(default = "default_upstream_connections")]
+    pub connections: usize,
+}
+
+fn default_upstream_timeout() -> u64 {
+    2_000
+}
+
+fn default_upstream_connections() -> usize {
+    2
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LookupsSection {
+    /// Cap on `SearchCitizens` results.
+    pub max_search_results: u32,
+}
+
+impl Default for LookupsSection {
+    fn default() -> Self {
+        Self {
+            max_search_results: 20,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RefdbSection {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub citizens: usize,
+    pub seed: u64,
+    /// Agencies (client certificate URI SANs) allowed to query the directory.
+    pub allowed_agencies: Vec<AgencyId>,
+}
+
+impl Default for RefdbSection {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7444)),
+            data_dir: PathBuf::from("./data/refdb"),
+            citizens: 100_000,
+            seed: 1,
+            allowed_agencies: Vec::new(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]

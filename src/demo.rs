@@ -1,20 +1,30 @@
 //! `civgate demo`: the embedded default. Creates dev certificates if missing, starts the
 //! gateway on loopback with real mTLS, and walks through what exists so far — today the
-//! identity and policy cases of SPEC §6 step 6. Exits non-zero if any case comes out wrong.
+//! look-ups of SPEC §6 steps 1 and 3 and the identity and policy cases of step 6. Exits non-zero if any case comes out wrong.
 
 use std::path::Path;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
 use crate::{
+    api::convert::present_fields,
     certs, client,
-    config::DEFAULT_CONFIG,
-    pb::v1::{GetCitizenRequest, citizens_client::CitizensClient},
+    config::{Config, DEFAULT_CONFIG},
+    domain::{Sex, fold, format_date},
+    pb::v1::{
+        GetCitizenRequest, MaritalStatus as PbMarital, Match, SearchCitizensRequest,
+        VerifyCitizenRequest, citizens_client::CitizensClient,
+    },
+    refdb::{self, RefdbOverrides},
     server::{self, ConfigSource, Overrides},
+    synth::Population,
 };
+
+const DEMO_CITIZENS: usize = 20_000;
+const DEMO_SEED: u64 = 1;
 
 pub async fn run(certs_dir: &Path) -> Result<()> {
     if certs_dir.join("ca.pem").exists() {
@@ -38,8 +48,29 @@ pub async fn run(certs_dir: &Path) -> Result<()> {
         .file_name()
         .and_then(|n| n.to_str())
         .unwrap_or("certs");
-    let text = DEFAULT_CONFIG.replace("\"certs/", &format!("\"{certs_name}/"));
+    let mut text = DEFAULT_CONFIG.replace("\"certs/", &format!("\"{certs_name}/"));
     let data = tempfile_dir()?;
+
+    // The embedded reference population directory (upstream for look-ups).
+    let cfg = Config::parse(&text, "<embedded civgate.toml>".into(), base_dir.clone())?;
+    let directory = refdb::start(
+        &cfg,
+        RefdbOverrides {
+            listen: Some("127.0.0.1:0".parse()?),
+            data_dir: Some(data.join("refdb")),
+            citizens: Some(DEMO_CITIZENS),
+            seed: Some(DEMO_SEED),
+        },
+    )
+    .await?;
+    println!(
+        "• reference population directory on {} (mTLS), {DEMO_CITIZENS} synthetic citizens",
+        directory.addr
+    );
+    text = text.replace(
+        "https://localhost:7444",
+        &format!("https://localhost:{}", directory.addr.port()),
+    );
     let overrides = Overrides {
         listen: Some("127.0.0.1:0".parse()?),
         admin_listen: Some("127.0.0.1:0".parse()?),
@@ -69,8 +100,15 @@ pub async fn run(certs_dir: &Path) -> Result<()> {
         }
     };
 
-    println!("Identity and policy (SPEC §6 step 6):");
-    // Allowed: a civil registry checks health, then calls a look-up (not implemented yet).
+    // A married couple of the synthetic population: the parents of a newborn.
+    let people: Vec<_> = Population::new(DEMO_SEED, DEMO_CITIZENS).take(50).collect();
+    let father = people
+        .iter()
+        .find(|p| p.spouse.is_some() && p.sex == Sex::Male && p.date_of_death.is_none())
+        .context("synthetic population has no married couple")?;
+    let mother_id = father.spouse.clone().context("spouse")?;
+
+    println!("Look-ups by a civil registry (SPEC §6 steps 1 and 3):");
     match client::connect(addr, certs_dir, Some("registry-hp")).await {
         Ok(ch) => {
             let r = HealthClient::new(ch.clone())
@@ -85,21 +123,119 @@ pub async fn run(certs_dir: &Path) -> Result<()> {
                 "registry-hp (civil registry) → Health.Check",
                 describe_health(&r),
             );
-            let r = CitizensClient::new(ch)
+            let mut citizens = CitizensClient::new(ch);
+            for (id, who) in [
+                (father.personal_id.to_string(), "father"),
+                (mother_id.to_string(), "mother"),
+            ] {
+                let r = citizens
+                    .get_citizen(GetCitizenRequest {
+                        personal_id: id.clone(),
+                        purpose: "BIRTH_REGISTRATION".into(),
+                    })
+                    .await;
+                match &r {
+                    Ok(resp) => {
+                        let resp = resp.get_ref();
+                        let c = resp.citizen.clone().unwrap_or_default();
+                        let shown = present_fields(&c).len();
+                        let minimised =
+                            c.blood_type.is_none() && c.religion.is_none() && c.full_name.is_some();
+                        check(
+                            minimised,
+                            &format!("GetCitizen {who} {id} (BIRTH_REGISTRATION)"),
+                            format!(
+                                "{} — {shown} fields, withheld {}",
+                                c.full_name.unwrap_or_default(),
+                                resp.withheld_fields.len()
+                            ),
+                        );
+                    }
+                    Err(s) => check(
+                        false,
+                        &format!("GetCitizen {who}"),
+                        describe::<()>(&Err(s.clone())),
+                    ),
+                }
+            }
+            let folded = fold(&father.full_name);
+            let r = citizens
+                .search_citizens(SearchCitizensRequest {
+                    full_name: folded.clone(),
+                    date_of_birth: format_date(father.date_of_birth),
+                    purpose: "BIRTH_REGISTRATION".into(),
+                    ..Default::default()
+                })
+                .await;
+            let found = matches!(&r, Ok(resp) if resp.get_ref().citizens.iter().any(|c| c.personal_id == father.personal_id.as_str()));
+            check(
+                found,
+                &format!("SearchCitizens \"{folded}\" (accent-free)"),
+                match &r {
+                    Ok(resp) => format!(
+                        "{} match(es), minimal fields",
+                        resp.get_ref().citizens.len()
+                    ),
+                    Err(s) => describe::<()>(&Err(s.clone())),
+                },
+            );
+            let r = citizens
+                .verify_citizen(VerifyCitizenRequest {
+                    personal_id: father.personal_id.to_string(),
+                    purpose: "MARRIAGE_REGISTRATION".into(),
+                    marital_status: PbMarital::Single as i32,
+                    spouse_personal_id: Some(mother_id.to_string()),
+                    ..Default::default()
+                })
+                .await;
+            let got: Vec<i32> = r
+                .as_ref()
+                .map(|resp| resp.get_ref().matches.iter().map(|m| m.r#match).collect())
+                .unwrap_or_default();
+            check(
+                got == vec![Match::No as i32, Match::Yes as i32],
+                "VerifyCitizen father: single? spouse = mother? (MARRIAGE)",
+                match &r {
+                    Ok(resp) => resp
+                        .get_ref()
+                        .matches
+                        .iter()
+                        .map(|m| {
+                            format!(
+                                "{}: {}",
+                                m.attribute,
+                                if m.r#match == Match::Yes as i32 {
+                                    "match"
+                                } else {
+                                    "no match"
+                                }
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    Err(s) => describe::<()>(&Err(s.clone())),
+                },
+            );
+            let r = citizens
                 .get_citizen(GetCitizenRequest {
-                    personal_id: "031203000123".into(),
+                    personal_id: "03120300012X".into(),
                     purpose: "BIRTH_REGISTRATION".into(),
                 })
                 .await;
-            let passed_policy = matches!(&r, Err(s) if s.code() == tonic::Code::Unimplemented);
+            let bad = matches!(&r, Err(s) if s.code() == tonic::Code::InvalidArgument);
             check(
-                passed_policy,
-                "registry-hp → Citizens.GetCitizen (passes policy)",
-                format!("{} (look-ups land with issue #3)", describe(&r)),
+                bad,
+                "GetCitizen \"03120300012X\"",
+                match &r {
+                    Err(s) => format!("INVALID_ARGUMENT {}", s.message()),
+                    Ok(_) => "OK".into(),
+                },
             );
         }
         Err(e) => check(false, "registry-hp connects", format!("{e:#}")),
     }
+    println!();
+    println!("Identity and policy (SPEC §6 step 6):");
     for (name, what) in [
         ("auditor", "auditor → Citizens.GetCitizen (wrong role)"),
         (
@@ -134,6 +270,7 @@ pub async fn run(certs_dir: &Path) -> Result<()> {
     }
 
     gw.shutdown().await?;
+    directory.shutdown().await?;
     let _ = std::fs::remove_dir_all(&data);
     println!();
     if failures > 0 {

@@ -2,6 +2,7 @@
 //! Population Database. See ARCHITECTURE.md for the map.
 
 pub mod api;
+pub mod bench;
 pub mod certs;
 pub mod client;
 pub mod config;
@@ -12,7 +13,10 @@ pub mod identity;
 pub mod listener;
 pub mod pb;
 pub mod policy;
+pub mod refdb;
 pub mod server;
 pub mod state;
+pub mod synth;
 pub mod telemetry;
 pub mod tls;
+pub mod upstream;

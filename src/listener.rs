@@ -83,10 +83,30 @@ impl AsyncWrite for TlsConn {
     }
 }
 
+/// What the accept loop needs, read afresh for every connection (so reloads apply).
+pub struct AcceptSettings {
+    pub tls: Arc<rustls::ServerConfig>,
+    pub handshake_timeout: Duration,
+    pub max_pending: usize,
+}
+
+impl AcceptSettings {
+    /// The gateway's current settings.
+    pub fn of(state: &Shared) -> Self {
+        let snapshot = state.load();
+        let server = &snapshot.config.file.server;
+        Self {
+            tls: snapshot.tls.clone(),
+            handshake_timeout: Duration::from_millis(server.handshake_timeout_ms),
+            max_pending: server.max_pending_handshakes,
+        }
+    }
+}
+
 /// Accepts until `shutdown` turns true; verified connections go to the returned channel.
 pub fn spawn(
     listener: TcpListener,
-    state: Shared,
+    settings: impl Fn() -> AcceptSettings + Send + 'static,
     mut shutdown: watch::Receiver<bool>,
 ) -> mpsc::Receiver<Result<TlsConn, io::Error>> {
     let (tx, rx) = mpsc::channel(64);
@@ -106,10 +126,12 @@ pub fn spawn(
                     }
                 },
             };
-            let snapshot = state.load_full();
-            let server = &snapshot.config.file.server;
-            let timeout = Duration::from_millis(server.handshake_timeout_ms);
-            let size = server.max_pending_handshakes.max(1);
+            let AcceptSettings {
+                tls,
+                handshake_timeout: timeout,
+                max_pending,
+            } = settings();
+            let size = max_pending.max(1);
             let limit = match &pending {
                 Some((n, s)) if *n == size => s.clone(),
                 _ => {
@@ -123,7 +145,7 @@ pub fn spawn(
                 continue; // dropping `tcp` closes it
             };
             let _ = tcp.set_nodelay(true);
-            let acceptor = TlsAcceptor::from(snapshot.tls.clone());
+            let acceptor = TlsAcceptor::from(tls);
             let tx = tx.clone();
             tokio::spawn(async move {
                 let result = tokio::time::timeout(timeout, acceptor.accept(tcp)).await;

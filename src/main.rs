@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 use clap::{Parser, Subcommand};
 
 use civgate::{
-    certs, config, demo,
+    bench, certs, config, demo, refdb,
     server::{self, ConfigSource, Overrides},
     state::Snapshot,
     telemetry, tls,
@@ -57,6 +57,16 @@ enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
+    /// The reference population directory (upstream for look-ups).
+    Refdb {
+        #[command(subcommand)]
+        command: RefdbCommand,
+    },
+    /// Load generators against a running gateway or directory.
+    Bench {
+        #[command(subcommand)]
+        command: bench::BenchCommand,
+    },
     /// Configuration tools.
     Config {
         #[command(subcommand)]
@@ -79,6 +89,27 @@ enum CertsCommand {
         #[arg(long, default_value = "certs")]
         dir: PathBuf,
         name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum RefdbCommand {
+    /// Serve the directory over mTLS with a deterministic synthetic population.
+    Serve {
+        #[arg(long, default_value = "civgate.toml")]
+        config: PathBuf,
+        /// Overrides [refdb] listen.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Overrides [refdb] data_dir.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Number of synthetic citizens (overrides [refdb] citizens).
+        #[arg(long)]
+        citizens: Option<usize>,
+        /// Generator seed (overrides [refdb] seed).
+        #[arg(long)]
+        seed: Option<u64>,
     },
 }
 
@@ -154,6 +185,30 @@ async fn run(command: Command) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Refdb {
+            command:
+                RefdbCommand::Serve {
+                    config,
+                    listen,
+                    data_dir,
+                    citizens,
+                    seed,
+                },
+        } => {
+            let cfg = config::Config::load(&config)?;
+            let running = refdb::start(
+                &cfg,
+                refdb::RefdbOverrides {
+                    listen,
+                    data_dir,
+                    citizens,
+                    seed,
+                },
+            )
+            .await?;
+            running.run_until_signalled().await
+        }
+        Command::Bench { command } => bench::run(command).await,
         Command::Config {
             command: ConfigCommand::Check { config },
         } => {

@@ -7,6 +7,12 @@ pub mod v1 {
     tonic::include_proto!("civgate.v1");
 }
 
+pub mod upstream {
+    pub mod v1 {
+        tonic::include_proto!("civgate.upstream.v1");
+    }
+}
+
 /// Encoded `FileDescriptorSet` of `proto/`, for the reflection service.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/civgate_descriptor.bin"));

@@ -24,6 +24,7 @@ use crate::{
     },
     state::{Shared, Snapshot},
     telemetry::{self, Readiness},
+    upstream::Upstream,
 };
 
 /// Command-line overrides of `[server]`, kept across reloads.
@@ -75,6 +76,10 @@ impl ConfigSource {
     }
 }
 
+fn snapshot_upstream(state: &Shared) -> Option<crate::config::UpstreamSection> {
+    state.load().config.file.upstream.clone()
+}
+
 /// The service names health reports on.
 const SERVICES: &[&str] = &[
     "civgate.v1.Citizens",
@@ -122,6 +127,13 @@ pub async fn start(source: ConfigSource, overrides: Overrides) -> Result<Running
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
 
+    let upstream = match &snapshot_upstream(&state) {
+        Some(section) => Some(Arc::new(Upstream::new(&state.load().config, section)?)),
+        None => {
+            warn!("no [upstream] configured: Citizens look-ups will answer UNAVAILABLE");
+            None
+        }
+    };
     let max_msg = limits.max_message_bytes;
     let router = tonic::transport::Server::builder()
         .max_concurrent_streams(limits.max_concurrent_streams)
@@ -133,14 +145,20 @@ pub async fn start(source: ConfigSource, overrides: Overrides) -> Result<Running
         .add_service(health_service)
         .add_service(reflection)
         .add_service(
-            CitizensServer::new(api::citizens::CitizensService).max_decoding_message_size(max_msg),
+            CitizensServer::new(api::citizens::CitizensService::new(state.clone(), upstream))
+                .max_decoding_message_size(max_msg),
         )
         .add_service(
             ExchangeServer::new(api::exchange::ExchangeService).max_decoding_message_size(max_msg),
         )
         .add_service(AuditServer::new(api::audit::AuditService).max_decoding_message_size(max_msg));
 
-    let incoming = listener::spawn(api_listener, state.clone(), shutdown_rx.clone());
+    let accept_state = state.clone();
+    let incoming = listener::spawn(
+        api_listener,
+        move || listener::AcceptSettings::of(&accept_state),
+        shutdown_rx.clone(),
+    );
     let grace = Duration::from_millis(server_cfg.shutdown_grace_ms);
     let mut signal_rx = shutdown_rx.clone();
     let mut grace_rx = shutdown_rx;

@@ -1,17 +1,112 @@
-//! `civgate.v1.Citizens`: look-ups, verification and search (issue #3).
+//! `civgate.v1.Citizens`: look-ups, verification and search, forwarded to the population
+//! directory and limited to the fields the declared purpose allows.
 
-use tonic::{Request, Response, Status};
-
-use crate::pb::v1::{
-    BatchGetCitizensRequest, BatchGetCitizensResponse, GetCitizenRequest, GetCitizenResponse,
-    SearchCitizensRequest, SearchCitizensResponse, VerifyCitizenRequest, VerifyCitizenResponse,
-    citizens_server::Citizens,
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::Arc,
 };
 
-use super::{not_yet, principal};
+use tonic::{Code, Request, Response, Status};
+use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 
-#[derive(Clone, Default)]
-pub struct CitizensService;
+use crate::{
+    api::convert::{mask, sex_from_pb},
+    domain::{CitizenField, FullName, PersonalId, PurposeCode, fold, parse_date, personal_id},
+    pb::v1::{
+        AttributeMatch, BatchError, BatchGetCitizensRequest, BatchGetCitizensResponse,
+        BatchGetCitizensResult, Citizen, GetCitizenRequest, GetCitizenResponse, MaritalStatus,
+        Match, SearchCitizensRequest, SearchCitizensResponse, Sex, VerifyCitizenRequest,
+        VerifyCitizenResponse, batch_get_citizens_result, citizens_server::Citizens,
+    },
+    state::Shared,
+    upstream::{Upstream, caller_deadline},
+};
+
+use super::principal;
+
+/// Largest `BatchGetCitizens` request.
+pub const MAX_BATCH: usize = 100;
+
+/// What `SearchCitizens` returns at most: enough to tell people apart, nothing more.
+const SEARCH_FIELDS: [CitizenField; 3] = [
+    CitizenField::FullName,
+    CitizenField::DateOfBirth,
+    CitizenField::Sex,
+];
+
+#[derive(Clone)]
+pub struct CitizensService {
+    state: Shared,
+    upstream: Option<Arc<Upstream>>,
+}
+
+impl CitizensService {
+    pub fn new(state: Shared, upstream: Option<Arc<Upstream>>) -> Self {
+        Self { state, upstream }
+    }
+
+    fn upstream(&self) -> Result<&Upstream, Status> {
+        self.upstream.as_deref().ok_or_else(|| {
+            Status::unavailable("no population directory is configured ([upstream])")
+        })
+    }
+
+    /// The fields a purpose releases, or the violation explaining why the purpose is refused.
+    fn purpose(&self, code: &str) -> Result<(PurposeCode, BTreeSet<CitizenField>), FieldViolation> {
+        if code.is_empty() {
+            return Err(FieldViolation::new(
+                "purpose",
+                "required: the legal basis of this read",
+            ));
+        }
+        let snapshot = self.state.load();
+        let purposes = &snapshot.config.file.purposes;
+        let parsed = code.parse::<PurposeCode>().ok();
+        match parsed.as_ref().and_then(|p| purposes.get(p)) {
+            Some(p) => Ok((
+                parsed.unwrap_or_else(|| unreachable!()),
+                p.fields.iter().copied().collect(),
+            )),
+            None => Err(FieldViolation::new(
+                "purpose",
+                format!(
+                    "unknown purpose {code:?}; known: {}",
+                    purposes
+                        .keys()
+                        .map(PurposeCode::as_str)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )),
+        }
+    }
+}
+
+/// `INVALID_ARGUMENT` with a `google.rpc.BadRequest` naming each bad field.
+pub fn invalid(violations: Vec<FieldViolation>) -> Status {
+    let message = violations
+        .iter()
+        .map(|v| format!("{}: {}", v.field, v.description))
+        .collect::<Vec<_>>()
+        .join("; ");
+    Status::with_error_details(
+        Code::InvalidArgument,
+        message,
+        ErrorDetails::with_bad_request(violations),
+    )
+}
+
+fn parse_id(field: &str, s: &str) -> Result<PersonalId, FieldViolation> {
+    PersonalId::parse(s).map_err(|e| FieldViolation::new(field, e.to_string()))
+}
+
+fn withheld(allowed: &BTreeSet<CitizenField>) -> Vec<String> {
+    CitizenField::ALL
+        .iter()
+        .filter(|f| !allowed.contains(f))
+        .map(|f| f.name().to_owned())
+        .collect()
+}
 
 #[tonic::async_trait]
 impl Citizens for CitizensService {
@@ -20,7 +115,27 @@ impl Citizens for CitizensService {
         req: Request<GetCitizenRequest>,
     ) -> Result<Response<GetCitizenResponse>, Status> {
         principal(&req)?;
-        Err(not_yet("Citizens.GetCitizen", 3))
+        let deadline = caller_deadline(req.metadata());
+        let r = req.into_inner();
+        let id = parse_id("personal_id", &r.personal_id);
+        let purpose = self.purpose(&r.purpose);
+        let (id, (_, fields)) = match (id, purpose) {
+            (Ok(i), Ok(p)) => (i, p),
+            (i, p) => return Err(invalid([i.err(), p.err()].into_iter().flatten().collect())),
+        };
+        let mut found = self
+            .upstream()?
+            .get(std::slice::from_ref(&id), &fields, deadline)
+            .await?;
+        let mut citizen = found
+            .pop()
+            .filter(|c| c.personal_id == id.as_str())
+            .ok_or_else(|| Status::not_found(format!("no citizen with personal ID {id}")))?;
+        mask(&mut citizen, &fields);
+        Ok(Response::new(GetCitizenResponse {
+            citizen: Some(citizen),
+            withheld_fields: withheld(&fields),
+        }))
     }
 
     async fn batch_get_citizens(
@@ -28,7 +143,82 @@ impl Citizens for CitizensService {
         req: Request<BatchGetCitizensRequest>,
     ) -> Result<Response<BatchGetCitizensResponse>, Status> {
         principal(&req)?;
-        Err(not_yet("Citizens.BatchGetCitizens", 3))
+        let deadline = caller_deadline(req.metadata());
+        let r = req.into_inner();
+        let mut violations = Vec::new();
+        let purpose = self
+            .purpose(&r.purpose)
+            .map_err(|v| violations.push(v))
+            .ok();
+        if r.personal_ids.is_empty() {
+            violations.push(FieldViolation::new("personal_ids", "must not be empty"));
+        } else if r.personal_ids.len() > MAX_BATCH {
+            violations.push(FieldViolation::new(
+                "personal_ids",
+                format!(
+                    "at most {MAX_BATCH} IDs per call, got {}",
+                    r.personal_ids.len()
+                ),
+            ));
+        }
+        let Some((_, fields)) = purpose.filter(|_| violations.is_empty()) else {
+            return Err(invalid(violations));
+        };
+        let parsed: Vec<_> = r
+            .personal_ids
+            .iter()
+            .enumerate()
+            .map(|(i, s)| PersonalId::parse(s).map_err(|e| format!("personal_ids[{i}]: {e}")))
+            .collect();
+        let valid: Vec<PersonalId> = parsed
+            .iter()
+            .filter_map(|p| p.as_ref().ok().cloned())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let mut found: HashMap<String, Citizen> = if valid.is_empty() {
+            HashMap::new()
+        } else {
+            self.upstream()?
+                .get(&valid, &fields, deadline)
+                .await?
+                .into_iter()
+                .map(|c| (c.personal_id.clone(), c))
+                .collect()
+        };
+        let results = r
+            .personal_ids
+            .iter()
+            .zip(parsed)
+            .map(|(raw, p)| {
+                let result = match p {
+                    Err(message) => batch_get_citizens_result::Result::Error(BatchError {
+                        code: Code::InvalidArgument as i32,
+                        message,
+                    }),
+                    Ok(id) => match found.get(id.as_str()) {
+                        Some(c) => {
+                            let mut c = c.clone();
+                            mask(&mut c, &fields);
+                            batch_get_citizens_result::Result::Citizen(c)
+                        }
+                        None => batch_get_citizens_result::Result::Error(BatchError {
+                            code: Code::NotFound as i32,
+                            message: format!("no citizen with personal ID {id}"),
+                        }),
+                    },
+                };
+                BatchGetCitizensResult {
+                    personal_id: raw.clone(),
+                    result: Some(result),
+                }
+            })
+            .collect();
+        found.clear();
+        Ok(Response::new(BatchGetCitizensResponse {
+            results,
+            withheld_fields: withheld(&fields),
+        }))
     }
 
     async fn verify_citizen(
@@ -36,7 +226,129 @@ impl Citizens for CitizensService {
         req: Request<VerifyCitizenRequest>,
     ) -> Result<Response<VerifyCitizenResponse>, Status> {
         principal(&req)?;
-        Err(not_yet("Citizens.VerifyCitizen", 3))
+        let deadline = caller_deadline(req.metadata());
+        let r = req.into_inner();
+        let mut violations = Vec::new();
+        let id = parse_id("personal_id", &r.personal_id)
+            .map_err(|v| violations.push(v))
+            .ok();
+        let purpose = self
+            .purpose(&r.purpose)
+            .map_err(|v| violations.push(v))
+            .ok();
+        let allowed = purpose.as_ref().map(|(_, f)| f.clone()).unwrap_or_default();
+
+        // Each claimed attribute: parsed, and within the purpose (a match is disclosure too).
+        let mut claims: Vec<Claim> = Vec::new();
+        let mut need = BTreeSet::new();
+        let mut claim = |field: &'static str,
+                         cf: CitizenField,
+                         c: Result<Claim, String>,
+                         violations: &mut Vec<FieldViolation>| {
+            match c {
+                Err(e) => violations.push(FieldViolation::new(field, e)),
+                Ok(c) if purpose.is_some() && !allowed.contains(&cf) => {
+                    let _ = c;
+                    violations.push(FieldViolation::new(
+                        field,
+                        "not within the declared purpose",
+                    ));
+                }
+                Ok(c) => {
+                    need.insert(cf);
+                    claims.push(c);
+                }
+            }
+        };
+        if let Some(n) = &r.full_name {
+            claim(
+                "full_name",
+                CitizenField::FullName,
+                FullName::parse(n)
+                    .map(Claim::Name)
+                    .map_err(|e| e.to_string()),
+                &mut violations,
+            );
+        }
+        if let Some(d) = &r.date_of_birth {
+            claim(
+                "date_of_birth",
+                CitizenField::DateOfBirth,
+                parse_date(d).map(|_| Claim::DateOfBirth(d.clone())),
+                &mut violations,
+            );
+        }
+        if let Some(s) = Sex::try_from(r.sex).ok().and_then(sex_from_pb) {
+            claim("sex", CitizenField::Sex, Ok(Claim::Sex(s)), &mut violations);
+        }
+        if let Some(f) = &r.father_personal_id {
+            claim(
+                "father_personal_id",
+                CitizenField::FatherPersonalId,
+                PersonalId::parse(f)
+                    .map(Claim::Father)
+                    .map_err(|e| e.to_string()),
+                &mut violations,
+            );
+        }
+        if let Some(m) = &r.mother_personal_id {
+            claim(
+                "mother_personal_id",
+                CitizenField::MotherPersonalId,
+                PersonalId::parse(m)
+                    .map(Claim::Mother)
+                    .map_err(|e| e.to_string()),
+                &mut violations,
+            );
+        }
+        if r.marital_status != MaritalStatus::Unspecified as i32 {
+            let m = MaritalStatus::try_from(r.marital_status)
+                .map_err(|_| "unknown marital status".to_owned());
+            claim(
+                "marital_status",
+                CitizenField::MaritalStatus,
+                m.map(Claim::Marital),
+                &mut violations,
+            );
+        }
+        if let Some(s) = &r.spouse_personal_id {
+            claim(
+                "spouse_personal_id",
+                CitizenField::SpousePersonalIds,
+                PersonalId::parse(s)
+                    .map(Claim::Spouse)
+                    .map_err(|e| e.to_string()),
+                &mut violations,
+            );
+        }
+        if claims.is_empty() && violations.is_empty() {
+            violations.push(FieldViolation::new(
+                "full_name",
+                "claim at least one attribute to verify",
+            ));
+        }
+        let (Some(id), true) = (id, violations.is_empty()) else {
+            return Err(invalid(violations));
+        };
+        let citizen = self
+            .upstream()?
+            .get(std::slice::from_ref(&id), &need, deadline)
+            .await?
+            .pop()
+            .filter(|c| c.personal_id == id.as_str())
+            .ok_or_else(|| Status::not_found(format!("no citizen with personal ID {id}")))?;
+        let matches = claims
+            .iter()
+            .map(|c| AttributeMatch {
+                attribute: c.attribute().to_owned(),
+                r#match: if c.matches(&citizen) {
+                    Match::Yes
+                } else {
+                    Match::No
+                } as i32,
+            })
+            .collect();
+        Ok(Response::new(VerifyCitizenResponse { matches }))
     }
 
     async fn search_citizens(
@@ -44,6 +356,107 @@ impl Citizens for CitizensService {
         req: Request<SearchCitizensRequest>,
     ) -> Result<Response<SearchCitizensResponse>, Status> {
         principal(&req)?;
-        Err(not_yet("Citizens.SearchCitizens", 3))
+        let deadline = caller_deadline(req.metadata());
+        let r = req.into_inner();
+        let mut violations = Vec::new();
+        let name = FullName::parse(&r.full_name)
+            .map_err(|e| violations.push(FieldViolation::new("full_name", e.to_string())))
+            .ok();
+        if let Err(e) = parse_date(&r.date_of_birth) {
+            violations.push(FieldViolation::new("date_of_birth", e));
+        }
+        let purpose = self
+            .purpose(&r.purpose)
+            .map_err(|v| violations.push(v))
+            .ok();
+        if let Some(p) = &r.province_code
+            && !personal_id::is_known_province(p)
+        {
+            violations.push(FieldViolation::new(
+                "province_code",
+                format!("{p:?} is not a known province code"),
+            ));
+        }
+        let (Some(name), Some((_, allowed)), true) = (name, purpose, violations.is_empty()) else {
+            return Err(invalid(violations));
+        };
+        let cap = self
+            .state
+            .load()
+            .config
+            .file
+            .lookups
+            .max_search_results
+            .max(1);
+        let limit = if r.max_results == 0 {
+            cap
+        } else {
+            r.max_results.min(cap)
+        };
+        let fields: BTreeSet<_> = SEARCH_FIELDS
+            .into_iter()
+            .filter(|f| allowed.contains(f))
+            .collect();
+        let mut citizens = self
+            .upstream()?
+            .search(
+                &fold(name.as_str()),
+                &r.date_of_birth,
+                r.province_code.as_deref(),
+                limit + 1,
+                &fields,
+                deadline,
+            )
+            .await?;
+        let truncated = citizens.len() > limit as usize;
+        citizens.truncate(limit as usize);
+        for c in &mut citizens {
+            mask(c, &fields);
+        }
+        Ok(Response::new(SearchCitizensResponse {
+            citizens,
+            truncated,
+        }))
+    }
+}
+
+/// One attribute claimed in `VerifyCitizen`.
+enum Claim {
+    Name(FullName),
+    DateOfBirth(String),
+    Sex(crate::domain::Sex),
+    Father(PersonalId),
+    Mother(PersonalId),
+    Marital(MaritalStatus),
+    Spouse(PersonalId),
+}
+
+impl Claim {
+    fn attribute(&self) -> &'static str {
+        match self {
+            Claim::Name(_) => "full_name",
+            Claim::DateOfBirth(_) => "date_of_birth",
+            Claim::Sex(_) => "sex",
+            Claim::Father(_) => "father_personal_id",
+            Claim::Mother(_) => "mother_personal_id",
+            Claim::Marital(_) => "marital_status",
+            Claim::Spouse(_) => "spouse_personal_id",
+        }
+    }
+
+    fn matches(&self, c: &Citizen) -> bool {
+        match self {
+            Claim::Name(n) => c
+                .full_name
+                .as_deref()
+                .and_then(|s| FullName::parse(s).ok())
+                .is_some_and(|stored| stored.matches(n)),
+            Claim::DateOfBirth(d) => c.date_of_birth.as_deref() == Some(d.as_str()),
+            Claim::Sex(s) => Sex::try_from(c.sex).ok().and_then(sex_from_pb) == Some(*s),
+            Claim::Father(id) => c.father_personal_id.as_deref() == Some(id.as_str()),
+            Claim::Mother(id) => c.mother_personal_id.as_deref() == Some(id.as_str()),
+            Claim::Marital(m) => c.marital_status == *m as i32,
+            Claim::Spouse(id) => c.spouse_personal_ids.iter().any(|s| s == id.as_str()),
+        }
     }
 }

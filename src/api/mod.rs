@@ -2,6 +2,7 @@
 
 pub mod audit;
 pub mod citizens;
+pub mod convert;
 pub mod exchange;
 
 use crate::policy::Principal;

@@ -1,9 +1,47 @@
 //! Validated identifiers used across the gateway. Each is built once, at the edge (config
 //! file, client certificate, request), and code inside never sees an unchecked string.
 
+pub mod names;
+pub mod personal_id;
+
 use std::{fmt, str::FromStr};
 
 use serde::Deserialize;
+
+pub use names::{FullName, NameError, fold};
+pub use personal_id::{PersonalId, PersonalIdError};
+
+/// Sex as recorded in the population database (and encoded in digit 4 of a personal ID).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Sex {
+    Male,
+    Female,
+}
+
+impl fmt::Display for Sex {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Sex::Male => "male",
+            Sex::Female => "female",
+        })
+    }
+}
+
+/// A calendar date in `YYYY-MM-DD`, not in the future when `not_future` is set.
+pub fn parse_date(s: &str) -> Result<time::Date, String> {
+    let fmt = time::macros::format_description!("[year]-[month]-[day]");
+    time::Date::parse(s, &fmt).map_err(|_| format!("{s:?} is not a date in YYYY-MM-DD form"))
+}
+
+/// Today's date (UTC).
+pub fn today() -> time::Date {
+    time::OffsetDateTime::now_utc().date()
+}
+
+/// Formats a date as `YYYY-MM-DD`.
+pub fn format_date(d: time::Date) -> String {
+    format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day())
+}
 
 /// An agency's identifier, as carried in its certificate's URI SAN
 /// `urn:civgate:agency:<id>` and used as the key of `[agencies.<id>]` in the config.
@@ -245,6 +283,7 @@ impl TryFrom<String> for PurposeCode {
 }
 
 /// A field of `civgate.v1.Citizen` that a purpose may release (data minimisation).
+/// Names match the proto field names (`snake_case`).
 /// `personal_id` is always returned: it is what the caller asked for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -265,4 +304,51 @@ pub enum CitizenField {
     PermanentResidence,
     CurrentResidence,
     DateOfDeath,
+}
+
+impl CitizenField {
+    pub const ALL: [CitizenField; 16] = [
+        CitizenField::FullName,
+        CitizenField::DateOfBirth,
+        CitizenField::Sex,
+        CitizenField::MaritalStatus,
+        CitizenField::PlaceOfBirth,
+        CitizenField::Hometown,
+        CitizenField::Ethnicity,
+        CitizenField::Religion,
+        CitizenField::Nationality,
+        CitizenField::BloodType,
+        CitizenField::FatherPersonalId,
+        CitizenField::MotherPersonalId,
+        CitizenField::SpousePersonalIds,
+        CitizenField::PermanentResidence,
+        CitizenField::CurrentResidence,
+        CitizenField::DateOfDeath,
+    ];
+
+    /// The proto field name.
+    pub fn name(self) -> &'static str {
+        match self {
+            CitizenField::FullName => "full_name",
+            CitizenField::DateOfBirth => "date_of_birth",
+            CitizenField::Sex => "sex",
+            CitizenField::MaritalStatus => "marital_status",
+            CitizenField::PlaceOfBirth => "place_of_birth",
+            CitizenField::Hometown => "hometown",
+            CitizenField::Ethnicity => "ethnicity",
+            CitizenField::Religion => "religion",
+            CitizenField::Nationality => "nationality",
+            CitizenField::BloodType => "blood_type",
+            CitizenField::FatherPersonalId => "father_personal_id",
+            CitizenField::MotherPersonalId => "mother_personal_id",
+            CitizenField::SpousePersonalIds => "spouse_personal_ids",
+            CitizenField::PermanentResidence => "permanent_residence",
+            CitizenField::CurrentResidence => "current_residence",
+            CitizenField::DateOfDeath => "date_of_death",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|f| f.name() == s)
+    }
 }

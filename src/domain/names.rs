@@ -1,0 +1,134 @@
+//! Vietnamese full names: stored and compared in Unicode NFC; searched through an
+//! accent-insensitive folding ("Nguyễn Văn Đức" → "nguyen van duc"; Đ/đ folds to d).
+
+use std::fmt;
+
+use unicode_normalization::{UnicodeNormalization, char::is_combining_mark};
+
+/// A full name (family, middle, given), NFC-normalised, single-spaced, 1–100 characters of
+/// letters, spaces, apostrophes and hyphens.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct FullName(String);
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    #[error("must not be empty")]
+    Empty,
+    #[error("must be at most 100 characters")]
+    TooLong,
+    #[error("may contain only letters, spaces, apostrophes and hyphens (found {0:?})")]
+    BadCharacter(char),
+}
+
+impl FullName {
+    pub fn parse(s: &str) -> Result<Self, NameError> {
+        let nfc: String = s.nfc().collect();
+        let normalised = nfc.split_whitespace().collect::<Vec<_>>().join(" ");
+        if normalised.is_empty() {
+            return Err(NameError::Empty);
+        }
+        if normalised.chars().count() > 100 {
+            return Err(NameError::TooLong);
+        }
+        if let Some(c) = normalised.chars().find(|c| {
+            !(c.is_alphabetic() || *c == ' ' || *c == '\'' || *c == '-' || is_combining_mark(*c))
+        }) {
+            return Err(NameError::BadCharacter(c));
+        }
+        Ok(Self(normalised))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The accent-insensitive search key.
+    pub fn folded(&self) -> String {
+        fold(&self.0)
+    }
+
+    /// Same name ignoring case (not accents): what `VerifyCitizen` compares.
+    pub fn matches(&self, other: &FullName) -> bool {
+        self.0.to_lowercase() == other.0.to_lowercase()
+    }
+}
+
+impl fmt::Display for FullName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for FullName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "FullName({:?})", self.0)
+    }
+}
+
+/// Accent-insensitive folding: NFD, drop combining marks, đ→d, lowercase, single spaces.
+pub fn fold(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.nfd() {
+        if is_combining_mark(c) {
+            continue;
+        }
+        match c {
+            'đ' | 'Đ' => out.push('d'),
+            c => out.extend(c.to_lowercase()),
+        }
+    }
+    out.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn nfd_input_is_stored_as_nfc() {
+        let nfd: String = "Nguyễn Văn An".nfd().collect();
+        assert_ne!(nfd, "Nguyễn Văn An");
+        assert_eq!(FullName::parse(&nfd).unwrap().as_str(), "Nguyễn Văn An");
+    }
+
+    #[test]
+    fn folding_drops_accents_and_dd() {
+        assert_eq!(fold("Nguyễn Văn An"), "nguyen van an");
+        assert_eq!(fold("Đặng Thị Ánh"), "dang thi anh");
+        assert_eq!(fold("  Trần   Đức  "), "tran duc");
+    }
+
+    #[test]
+    fn bad_names_are_refused() {
+        assert_eq!(FullName::parse("   "), Err(NameError::Empty));
+        assert!(matches!(
+            FullName::parse("Robert'); DROP"),
+            Err(NameError::BadCharacter(_))
+        ));
+        assert_eq!(FullName::parse(&"a".repeat(101)), Err(NameError::TooLong));
+    }
+
+    proptest! {
+        #[test]
+        fn parse_is_idempotent_and_nfc(s in "\\PC{0,60}") {
+            if let Ok(n) = FullName::parse(&s) {
+                let again = FullName::parse(n.as_str()).unwrap();
+                prop_assert_eq!(&again, &n);
+                prop_assert!(unicode_normalization::is_nfc(n.as_str()));
+            }
+        }
+
+        #[test]
+        fn nfc_and_nfd_fold_alike(s in "\\PC{0,60}") {
+            let nfd: String = s.nfd().collect();
+            let nfc: String = s.nfc().collect();
+            prop_assert_eq!(fold(&nfd), fold(&nfc));
+        }
+
+        #[test]
+        fn folding_is_ascii_for_vietnamese_letters(s in "[a-zA-ZàáảãạăằắẳẵặâầấẩẫậèéẻẽẹêềếểễệìíỉĩịòóỏõọôồốổỗộơờớởỡợùúủũụưừứửữựỳýỷỹỵđĐ ]{0,40}") {
+            prop_assert!(fold(&s).is_ascii());
+        }
+    }
+}

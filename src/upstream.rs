@@ -1,0 +1,210 @@
+//! The gateway's client for the population directory: outbound mutual TLS with the gateway's
+//! own certificate, calls spread over a few HTTP/2 connections, the caller's deadline
+//! forwarded and capped, so a directory that hangs or dies costs the caller at most its
+//! deadline and yields `UNAVAILABLE` or `DEADLINE_EXCEEDED`, never a hang.
+
+use std::{
+    collections::BTreeSet,
+    sync::atomic::{AtomicUsize, Ordering},
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use tonic::{
+    Code, Status,
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
+};
+
+use crate::{
+    api::convert::field_names,
+    config::{Config, UpstreamSection},
+    domain::{CitizenField, PersonalId},
+    pb::{
+        upstream::v1::{
+            GetCitizensRequest, SearchCitizensRequest,
+            population_directory_client::PopulationDirectoryClient,
+        },
+        v1::Citizen,
+    },
+};
+
+pub struct Upstream {
+    clients: Vec<PopulationDirectoryClient<Channel>>,
+    next: AtomicUsize,
+    timeout: Duration,
+}
+
+impl Upstream {
+    /// Prepares lazily-connected channels: the gateway starts even if the directory is down,
+    /// and reconnects by itself when it comes back.
+    pub fn new(config: &Config, section: &UpstreamSection) -> Result<Self> {
+        let read = |p: &toml::Spanned<std::path::PathBuf>| {
+            let path = config.resolve(p.get_ref());
+            std::fs::read(&path).with_context(|| format!("upstream: reading {}", path.display()))
+        };
+        let url = section.url.get_ref();
+        let host = url
+            .strip_prefix("https://")
+            .and_then(|r| r.split([':', '/']).next())
+            .filter(|h| !h.is_empty())
+            .with_context(|| format!("upstream.url {url:?} must be https://host:port"))?;
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read(&section.ca)?))
+            .identity(Identity::from_pem(
+                read(&section.cert)?,
+                read(&section.key)?,
+            ))
+            .domain_name(host);
+        let timeout = Duration::from_millis(section.timeout_ms);
+        let mut clients = Vec::new();
+        for _ in 0..section.connections.max(1) {
+            let channel = Endpoint::from_shared(url.clone())?
+                .tls_config(tls.clone())?
+                .connect_timeout(timeout)
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(20))
+                .keep_alive_timeout(Duration::from_secs(5))
+                .connect_lazy();
+            clients.push(PopulationDirectoryClient::new(channel));
+        }
+        Ok(Self {
+            clients,
+            next: AtomicUsize::new(0),
+            timeout,
+        })
+    }
+
+    fn client(&self) -> PopulationDirectoryClient<Channel> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.clients.len();
+        self.clients[i].clone()
+    }
+
+    /// The time this call may take: the caller's remaining deadline, capped by the config.
+    fn budget(&self, caller: Option<Duration>) -> Duration {
+        caller.map_or(self.timeout, |c| c.min(self.timeout))
+    }
+
+    /// Records for `ids` with only `fields` filled (absent IDs are missing from the result).
+    pub async fn get(
+        &self,
+        ids: &[PersonalId],
+        fields: &BTreeSet<CitizenField>,
+        caller_deadline: Option<Duration>,
+    ) -> Result<Vec<Citizen>, Status> {
+        let budget = self.budget(caller_deadline);
+        let mut req = tonic::Request::new(GetCitizensRequest {
+            personal_ids: ids.iter().map(ToString::to_string).collect(),
+            fields: field_names(fields),
+        });
+        req.set_timeout(budget);
+        let mut client = self.client();
+        let call = client.get_citizens(req);
+        match tokio::time::timeout(budget, call).await {
+            Err(_) => Err(Status::deadline_exceeded(
+                "population directory did not answer in time",
+            )),
+            Ok(Err(s)) => Err(map_upstream_error(s)),
+            Ok(Ok(r)) => Ok(r.into_inner().citizens),
+        }
+    }
+
+    pub async fn search(
+        &self,
+        folded_name: &str,
+        date_of_birth: &str,
+        province: Option<&str>,
+        limit: u32,
+        fields: &BTreeSet<CitizenField>,
+        caller_deadline: Option<Duration>,
+    ) -> Result<Vec<Citizen>, Status> {
+        let budget = self.budget(caller_deadline);
+        let mut req = tonic::Request::new(SearchCitizensRequest {
+            folded_name: folded_name.to_owned(),
+            date_of_birth: date_of_birth.to_owned(),
+            province_code: province.unwrap_or_default().to_owned(),
+            limit,
+            fields: field_names(fields),
+        });
+        req.set_timeout(budget);
+        let mut client = self.client();
+        match tokio::time::timeout(budget, client.search_citizens(req)).await {
+            Err(_) => Err(Status::deadline_exceeded(
+                "population directory did not answer in time",
+            )),
+            Ok(Err(s)) => Err(map_upstream_error(s)),
+            Ok(Ok(r)) => Ok(r.into_inner().citizens),
+        }
+    }
+}
+
+/// What the caller sees when the directory fails: its availability problems pass through,
+/// anything else is our fault towards the directory.
+fn map_upstream_error(s: Status) -> Status {
+    match s.code() {
+        Code::Unavailable | Code::Unknown | Code::Cancelled => {
+            Status::unavailable(format!("population directory unavailable: {}", s.message()))
+        }
+        Code::DeadlineExceeded => {
+            Status::deadline_exceeded("population directory did not answer in time")
+        }
+        Code::ResourceExhausted => Status::unavailable("population directory is overloaded"),
+        other => {
+            tracing::error!(code = ?other, message = s.message(), "population directory refused a gateway call");
+            Status::internal("population directory refused the gateway's request")
+        }
+    }
+}
+
+/// The caller's deadline from its `grpc-timeout` header (`<digits><H|M|S|m|u|n>`).
+pub fn caller_deadline(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    parse_grpc_timeout(metadata.get("grpc-timeout")?.to_str().ok()?)
+}
+
+pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    if v.len() < 2 || v.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = v.split_at(v.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_header_parses() {
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("3S"), Some(Duration::from_secs(3)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("10x"), None);
+        assert_eq!(parse_grpc_timeout("m"), None);
+        assert_eq!(parse_grpc_timeout("-1m"), None);
+        assert_eq!(parse_grpc_timeout("1234567890m"), None);
+    }
+
+    #[test]
+    fn upstream_errors_map_to_availability_codes() {
+        assert_eq!(
+            map_upstream_error(Status::unavailable("x")).code(),
+            Code::Unavailable
+        );
+        assert_eq!(
+            map_upstream_error(Status::deadline_exceeded("x")).code(),
+            Code::DeadlineExceeded
+        );
+        assert_eq!(
+            map_upstream_error(Status::invalid_argument("x")).code(),
+            Code::Internal
+        );
+    }
+}
