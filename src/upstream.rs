@@ -79,9 +79,14 @@ impl Upstream {
         self.clients[i].clone()
     }
 
-    /// The time this call may take: the caller's remaining deadline, capped by the config.
+    /// The time this call may take: the caller's remaining deadline less a margin (so the
+    /// caller receives our DEADLINE_EXCEEDED rather than its own timer firing), capped by
+    /// the config.
     fn budget(&self, caller: Option<Duration>) -> Duration {
-        caller.map_or(self.timeout, |c| c.min(self.timeout))
+        caller.map_or(self.timeout, |c| {
+            let margin = (c / 10).min(Duration::from_millis(50));
+            c.saturating_sub(margin).min(self.timeout)
+        })
     }
 
     /// Records for `ids` with only `fields` filled (absent IDs are missing from the result).

@@ -321,6 +321,20 @@ impl Citizens for CitizensService {
                 &mut violations,
             );
         }
+        // A claimed sex or year of birth that the ID's own digits contradict is bad input.
+        if let Some(id) = &id {
+            let sex = claims.iter().find_map(|c| match c {
+                Claim::Sex(s) => Some(*s),
+                _ => None,
+            });
+            let year = claims.iter().find_map(|c| match c {
+                Claim::DateOfBirth(d) => parse_date(d).ok().map(|d| d.year()),
+                _ => None,
+            });
+            if let Err(e) = id.check_consistency(sex, year) {
+                violations.push(FieldViolation::new("personal_id", e.to_string()));
+            }
+        }
         if claims.is_empty() && violations.is_empty() {
             violations.push(FieldViolation::new(
                 "full_name",

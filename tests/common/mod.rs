@@ -162,3 +162,49 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .unwrap_or_default();
     (status, body)
 }
+
+/// The reference directory and the gateway in this process, wired together.
+pub struct Stack {
+    pub directory: civgate::refdb::RunningRefdb,
+    pub gateway: Running,
+    pub people: Vec<civgate::synth::CitizenRecord>,
+}
+
+pub const STACK_CITIZENS: usize = 3_000;
+pub const STACK_SEED: u64 = 11;
+
+impl Env {
+    pub async fn start_stack(&self) -> Stack {
+        let cfg = civgate::config::Config::parse(
+            DEFAULT_CONFIG,
+            "civgate.toml".into(),
+            self.dir.path().to_owned(),
+        )
+        .unwrap();
+        let directory = civgate::refdb::start(
+            &cfg,
+            civgate::refdb::RefdbOverrides {
+                listen: Some("127.0.0.1:0".parse().unwrap()),
+                data_dir: Some(self.dir.path().join("refdb")),
+                citizens: Some(STACK_CITIZENS),
+                seed: Some(STACK_SEED),
+            },
+        )
+        .await
+        .expect("directory starts");
+        let text = with_upstream_port(DEFAULT_CONFIG, directory.addr.port());
+        let gateway = self.start_with(&text).await;
+        Stack {
+            directory,
+            gateway,
+            people: civgate::synth::Population::new(STACK_SEED, STACK_CITIZENS).collect(),
+        }
+    }
+}
+
+pub fn with_upstream_port(text: &str, port: u16) -> String {
+    text.replace(
+        "https://localhost:7444",
+        &format!("https://localhost:{port}"),
+    )
+}

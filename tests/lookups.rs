@@ -1,0 +1,481 @@
+//! Citizen look-ups through the gateway to the reference directory, over real mTLS both ways.
+
+mod common;
+
+use std::{
+    collections::BTreeSet,
+    time::{Duration, Instant},
+};
+
+use civgate::{
+    api::convert::{mask, record_to_pb},
+    client,
+    config::{Config, DEFAULT_CONFIG},
+    domain::{fold, format_date},
+    pb::v1::{
+        BatchGetCitizensRequest, GetCitizenRequest, Match, SearchCitizensRequest, Sex,
+        VerifyCitizenRequest, batch_get_citizens_result, citizens_client::CitizensClient,
+    },
+};
+use common::Env;
+use tonic::{Code, transport::Channel};
+use tonic_types::StatusExt;
+use unicode_normalization::UnicodeNormalization;
+
+async fn registry(env: &Env, addr: std::net::SocketAddr) -> CitizensClient<Channel> {
+    CitizensClient::new(
+        client::connect(addr, &env.certs(), Some("registry-hp"))
+            .await
+            .unwrap(),
+    )
+}
+
+fn get(id: &str, purpose: &str) -> GetCitizenRequest {
+    GetCitizenRequest {
+        personal_id: id.into(),
+        purpose: purpose.into(),
+    }
+}
+
+/// The field named in the BadRequest detail of an INVALID_ARGUMENT.
+fn violated_fields(s: &tonic::Status) -> Vec<String> {
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    s.get_details_bad_request()
+        .expect("BadRequest detail")
+        .field_violations
+        .iter()
+        .map(|v| v.field.clone())
+        .collect()
+}
+
+#[tokio::test]
+async fn each_purpose_returns_exactly_its_fields() {
+    let env = Env::new();
+    let stack = env.start_stack().await;
+    let mut c = registry(&env, stack.gateway.api_addr).await;
+    let cfg = Config::parse(DEFAULT_CONFIG, "t".into(), ".".into()).unwrap();
+    // A married parent: has spouse, residence, everything but parents.
+    let p = stack.people.iter().find(|p| p.spouse.is_some()).unwrap();
+    for (code, purpose) in &cfg.file.purposes {
+        let allowed: BTreeSet<_> = purpose.fields.iter().copied().collect();
+        let mut expected = record_to_pb(p);
+        mask(&mut expected, &allowed);
+        let r = c
+            .get_citizen(get(p.personal_id.as_str(), code.as_str()))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.citizen.unwrap(), expected, "purpose {}", code.as_str());
+        let withheld: BTreeSet<_> = r.withheld_fields.iter().map(String::as_str).collect();
+        for f in civgate::domain::CitizenField::ALL {
+            assert_eq!(
+                withheld.contains(f.name()),
+                !allowed.contains(&f),
+                "{}: {f:?}",
+                code.as_str()
+            );
+        }
+    }
+    // Marriage registration sees marital status and spouse, not blood type or religion.
+    let r = c
+        .get_citizen(get(p.personal_id.as_str(), "MARRIAGE_REGISTRATION"))
+        .await
+        .unwrap()
+        .into_inner();
+    let citizen = r.citizen.unwrap();
+    assert!(citizen.marital_status != 0 && !citizen.spouse_personal_ids.is_empty());
+    assert!(citizen.blood_type.is_none() && citizen.religion.is_none());
+}
+
+#[tokio::test]
+async fn search_finds_nfc_records_from_nfd_and_accent_free_names() {
+    let env = Env::new();
+    let stack = env.start_stack().await;
+    let mut c = registry(&env, stack.gateway.api_addr).await;
+    let p = &stack.people[17];
+    let dob = format_date(p.date_of_birth);
+    for name in [
+        p.full_name.nfd().collect::<String>(),
+        fold(&p.full_name),
+        p.full_name.to_uppercase(),
+    ] {
+        let r = c
+            .search_citizens(SearchCitizensRequest {
+                full_name: name.clone(),
+                date_of_birth: dob.clone(),
+                purpose: "IDENTITY_VERIFICATION".into(),
+                province_code: Some(p.personal_id.province_code().into()),
+                max_results: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let hit = r
+            .citizens
+            .iter()
+            .find(|x| x.personal_id == p.personal_id.as_str());
+        let hit = hit.unwrap_or_else(|| panic!("{name:?} did not find {}", p.full_name));
+        assert_eq!(hit.full_name.as_deref(), Some(p.full_name.as_str()));
+        // Minimal fields only.
+        assert!(hit.permanent_residence.is_none() && hit.ethnicity.is_none());
+    }
+    let err = c
+        .search_citizens(SearchCitizensRequest {
+            full_name: "Nguyễn Văn An".into(),
+            date_of_birth: "1990-02-30".into(),
+            purpose: "IDENTITY_VERIFICATION".into(),
+            province_code: Some("003".into()),
+            max_results: 5,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&err), ["date_of_birth", "province_code"]);
+}
+
+#[tokio::test]
+async fn every_malformed_id_class_is_invalid_argument_naming_the_field() {
+    let env = Env::new();
+    let stack = env.start_stack().await;
+    let mut c = registry(&env, stack.gateway.api_addr).await;
+    for bad in [
+        "03120300012",
+        "0312030001234",
+        "03120300012a",
+        "003203000123",
+        "",
+    ] {
+        let err = c
+            .get_citizen(get(bad, "IDENTITY_VERIFICATION"))
+            .await
+            .unwrap_err();
+        assert_eq!(violated_fields(&err), ["personal_id"], "{bad:?}");
+    }
+    // Sex and century/year digits inconsistent with the claim.
+    let p = stack
+        .people
+        .iter()
+        .find(|p| p.sex == civgate::domain::Sex::Male)
+        .unwrap();
+    let wrong_sex = VerifyCitizenRequest {
+        personal_id: p.personal_id.to_string(),
+        purpose: "IDENTITY_VERIFICATION".into(),
+        sex: Sex::Female as i32,
+        ..Default::default()
+    };
+    let err = c.verify_citizen(wrong_sex).await.unwrap_err();
+    assert_eq!(violated_fields(&err), ["personal_id"]);
+    let wrong_century = VerifyCitizenRequest {
+        personal_id: p.personal_id.to_string(),
+        purpose: "IDENTITY_VERIFICATION".into(),
+        date_of_birth: Some(format!("{}-01-01", p.date_of_birth.year() + 100)),
+        ..Default::default()
+    };
+    let err = c.verify_citizen(wrong_century).await.unwrap_err();
+    assert_eq!(violated_fields(&err), ["personal_id"]);
+
+    // Unknown or missing purpose.
+    let err = c
+        .get_citizen(get(p.personal_id.as_str(), "CURIOSITY"))
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&err), ["purpose"]);
+    let err = c
+        .get_citizen(get(p.personal_id.as_str(), ""))
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&err), ["purpose"]);
+
+    // Well-formed but not in the directory.
+    let absent =
+        civgate::domain::PersonalId::compose("031", civgate::domain::Sex::Male, 2399, 1).unwrap();
+    let err = c
+        .get_citizen(get(absent.as_str(), "IDENTITY_VERIFICATION"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn verify_discloses_only_match_flags() {
+    let env = Env::new();
+    let stack = env.start_stack().await;
+    let mut c = registry(&env, stack.gateway.api_addr).await;
+    let p = stack.people.iter().find(|p| p.spouse.is_some()).unwrap();
+    let r = c
+        .verify_citizen(VerifyCitizenRequest {
+            personal_id: p.personal_id.to_string(),
+            purpose: "MARRIAGE_REGISTRATION".into(),
+            full_name: Some(fold(&p.full_name)),
+            date_of_birth: Some(format_date(p.date_of_birth)),
+            spouse_personal_id: p.spouse.as_ref().map(ToString::to_string),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let got: Vec<_> = r
+        .matches
+        .iter()
+        .map(|m| (m.attribute.as_str(), m.r#match))
+        .collect();
+    // Accent-free name is not the recorded name: verification compares exactly (up to case).
+    assert_eq!(
+        got,
+        [
+            ("full_name", Match::No as i32),
+            ("date_of_birth", Match::Yes as i32),
+            ("spouse_personal_id", Match::Yes as i32)
+        ]
+    );
+    // An attribute outside the purpose is refused, not answered.
+    let err = c
+        .verify_citizen(VerifyCitizenRequest {
+            personal_id: p.personal_id.to_string(),
+            purpose: "IDENTITY_VERIFICATION".into(),
+            spouse_personal_id: p.spouse.as_ref().map(ToString::to_string),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&err), ["spouse_personal_id"]);
+}
+
+#[tokio::test]
+async fn batch_mixes_results_and_per_id_errors() {
+    let env = Env::new();
+    let stack = env.start_stack().await;
+    let mut c = registry(&env, stack.gateway.api_addr).await;
+    let good = stack.people[3].personal_id.to_string();
+    let absent = civgate::domain::PersonalId::compose("031", civgate::domain::Sex::Female, 2398, 7)
+        .unwrap()
+        .to_string();
+    let ids = vec![good.clone(), "12345".into(), absent.clone(), good.clone()];
+    let r = c
+        .batch_get_citizens(BatchGetCitizensRequest {
+            personal_ids: ids.clone(),
+            purpose: "IDENTITY_VERIFICATION".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        r.results
+            .iter()
+            .map(|x| x.personal_id.clone())
+            .collect::<Vec<_>>(),
+        ids
+    );
+    let kinds: Vec<_> = r
+        .results
+        .iter()
+        .map(|x| match x.result.as_ref().unwrap() {
+            batch_get_citizens_result::Result::Citizen(c) => {
+                assert!(c.blood_type.is_none());
+                "citizen".to_owned()
+            }
+            batch_get_citizens_result::Result::Error(e) => format!("{:?}", Code::from_i32(e.code)),
+        })
+        .collect();
+    assert_eq!(kinds, ["citizen", "InvalidArgument", "NotFound", "citizen"]);
+
+    let err = c
+        .batch_get_citizens(BatchGetCitizensRequest {
+            personal_ids: vec![],
+            purpose: "IDENTITY_VERIFICATION".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&err), ["personal_ids"]);
+    let err = c
+        .batch_get_citizens(BatchGetCitizensRequest {
+            personal_ids: vec![good; 101],
+            purpose: "IDENTITY_VERIFICATION".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&err), ["personal_ids"]);
+}
+
+#[tokio::test]
+async fn random_bytes_as_ids_and_names_never_panic() {
+    use rand::{Rng, SeedableRng};
+    let env = Env::new();
+    let stack = env.start_stack().await;
+    let c = registry(&env, stack.gateway.api_addr).await;
+    let mut tasks = Vec::new();
+    for t in 0..8u64 {
+        let mut c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(t);
+            for _ in 0..1_250 {
+                let len = rng.random_range(0..40);
+                let bytes: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+                let s = String::from_utf8_lossy(&bytes).into_owned();
+                let e = c
+                    .get_citizen(get(&s, "IDENTITY_VERIFICATION"))
+                    .await
+                    .unwrap_err();
+                assert!(
+                    matches!(e.code(), Code::InvalidArgument | Code::NotFound),
+                    "{e:?}"
+                );
+                let r = c
+                    .search_citizens(SearchCitizensRequest {
+                        full_name: s,
+                        date_of_birth: "1990-01-01".into(),
+                        purpose: "IDENTITY_VERIFICATION".into(),
+                        ..Default::default()
+                    })
+                    .await;
+                assert!(r.is_ok() || r.unwrap_err().code() == Code::InvalidArgument);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // Still serving.
+    let mut c = c;
+    let p = &stack.people[0];
+    c.get_citizen(get(p.personal_id.as_str(), "IDENTITY_VERIFICATION"))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn hanging_upstream_gives_deadline_exceeded_within_the_callers_deadline() {
+    let env = Env::new();
+    // Accepts TCP and never answers.
+    let hang = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = hang.local_addr().unwrap().port();
+    let _keep = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = hang.accept().await {
+            held.push(s);
+        }
+    });
+    let gw = env
+        .start_with(&common::with_upstream_port(DEFAULT_CONFIG, port))
+        .await;
+    let mut c = registry(&env, gw.api_addr).await;
+    let mut req = tonic::Request::new(get("031203000123", "IDENTITY_VERIFICATION"));
+    req.set_timeout(Duration::from_millis(400));
+    let started = Instant::now();
+    let err = c.get_citizen(req).await.unwrap_err();
+    let took = started.elapsed();
+    assert!(
+        matches!(err.code(), Code::DeadlineExceeded | Code::Unavailable),
+        "{err:?}"
+    );
+    assert!(took < Duration::from_millis(1_500), "took {took:?}");
+}
+
+#[tokio::test]
+async fn upstream_killed_mid_load_gives_unavailable_then_recovers() {
+    let env = Env::new();
+    // The directory as its own process, on a fixed port so it can come back there.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let spawn_dir = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_civgate"))
+            .args(["--log-format", "json", "refdb", "serve", "--config"])
+            .arg(env.config_path())
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--citizens",
+                "2000",
+                "--seed",
+                "5",
+            ])
+            .arg("--data-dir")
+            .arg(env.dir.path().join("refdb"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let wait_serving = |child: &mut std::process::Child| {
+        use std::io::BufRead;
+        let stderr = child.stderr.take().unwrap();
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains("directory serving") {
+                return;
+            }
+        }
+        panic!("directory did not start");
+    };
+    let mut dir = spawn_dir();
+    wait_serving(&mut dir);
+    let gw = env
+        .start_with(&common::with_upstream_port(DEFAULT_CONFIG, port))
+        .await;
+    let people: Vec<_> = civgate::synth::Population::new(5, 2000).collect();
+    let c = registry(&env, gw.api_addr).await;
+    let id = people[1].personal_id.to_string();
+
+    let call = |mut c: CitizensClient<Channel>, id: String| async move {
+        let mut req = tonic::Request::new(get(&id, "IDENTITY_VERIFICATION"));
+        req.set_timeout(Duration::from_millis(800));
+        let started = Instant::now();
+        let r = tokio::time::timeout(Duration::from_secs(3), c.get_citizen(req))
+            .await
+            .expect("a call must never hang past its deadline");
+        (r.map(|_| ()), started.elapsed())
+    };
+    // Load while healthy.
+    for _ in 0..20 {
+        call(c.clone(), id.clone()).await.0.unwrap();
+    }
+    // Kill -9 mid-load: 16 callers in flight.
+    let mut load = Vec::new();
+    for _ in 0..16 {
+        let (c, id) = (c.clone(), id.clone());
+        load.push(tokio::spawn(async move {
+            let mut outcomes = Vec::new();
+            for _ in 0..10 {
+                outcomes.push(call(c.clone(), id.clone()).await);
+            }
+            outcomes
+        }));
+    }
+    dir.kill().unwrap();
+    dir.wait().unwrap();
+    let mut failures = 0;
+    for l in load {
+        for (r, took) in l.await.unwrap() {
+            if let Err(e) = r {
+                failures += 1;
+                assert!(
+                    matches!(e.code(), Code::Unavailable | Code::DeadlineExceeded),
+                    "{e:?}"
+                );
+                assert!(took < Duration::from_millis(1_500), "failed after {took:?}");
+            }
+        }
+    }
+    assert!(failures > 0, "killing the directory must be visible");
+    let (r, took) = call(c.clone(), id.clone()).await;
+    assert_eq!(r.unwrap_err().code(), Code::Unavailable);
+    assert!(took < Duration::from_secs(1));
+
+    // It comes back: the gateway reconnects by itself.
+    let mut dir = spawn_dir();
+    wait_serving(&mut dir);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if call(c.clone(), id.clone()).await.0.is_ok() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "gateway did not recover");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    dir.kill().unwrap();
+    let _ = dir.wait();
+}
