@@ -2,6 +2,7 @@
 //! Population Database. See ARCHITECTURE.md for the map.
 
 pub mod api;
+pub mod audit;
 pub mod bench;
 pub mod certs;
 pub mod client;
