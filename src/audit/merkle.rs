@@ -49,7 +49,7 @@ pub fn decompose(start: u64, end: u64) -> Vec<NodeId> {
         let remaining = end - s;
         let mut level = 63 - remaining.leading_zeros();
         // Alignment: a subtree at level L must start at a multiple of 2^L.
-        while level > 0 && s % (1u64 << level) != 0 {
+        while level > 0 && !s.is_multiple_of(1u64 << level) {
             level -= 1;
         }
         out.push(NodeId {

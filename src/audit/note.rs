@@ -243,9 +243,7 @@ impl Checkpoint {
             .ok_or(NoteError::BadCheckpoint("origin"))?;
         let size = lines
             .next()
-            .and_then(|s| {
-                (!s.starts_with('+') && !(s.len() > 1 && s.starts_with('0'))).then_some(s)
-            })
+            .and_then(|s| (!(s.starts_with('+') || s.len() > 1 && s.starts_with('0'))).then_some(s))
             .and_then(|s| s.parse().ok())
             .ok_or(NoteError::BadCheckpoint("size"))?;
         let root = lines
