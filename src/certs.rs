@@ -42,12 +42,23 @@ pub enum ClientKind {
     Rogue,
 }
 
+/// The name of the development audit signing key (= the default checkpoint origin).
+pub const AUDIT_KEY_NAME: &str = "civgate.local/audit";
+
 /// Every file `certs init` writes, relative to its directory.
 pub fn files() -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = ["ca.pem", "ca.key", "server.pem", "server.key", "crl.pem"]
-        .iter()
-        .map(PathBuf::from)
-        .collect();
+    let mut v: Vec<PathBuf> = [
+        "ca.pem",
+        "ca.key",
+        "server.pem",
+        "server.key",
+        "crl.pem",
+        "audit.key",
+        "audit.vkey",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .collect();
     for (name, _, _) in CLIENTS {
         v.push(Path::new("clients").join(format!("{name}.pem")));
         v.push(Path::new("clients").join(format!("{name}.key")));
@@ -139,6 +150,23 @@ pub fn init(dir: &Path, force: bool) -> Result<Vec<PathBuf>> {
 
     let crl = sign_crl(&issuer, &revoked, now)?;
     write_file(dir, "crl.pem", &crl, false, &mut written)?;
+
+    // The audit log's checkpoint signing key (C2SP signed-note encoding) and its verifier key.
+    let signer = crate::audit::note::Signer::generate(AUDIT_KEY_NAME)?;
+    write_file(
+        dir,
+        "audit.key",
+        &format!("{}\n", signer.private_key_string()),
+        true,
+        &mut written,
+    )?;
+    write_file(
+        dir,
+        "audit.vkey",
+        &format!("{}\n", signer.verifier_key_string()),
+        false,
+        &mut written,
+    )?;
     Ok(written)
 }
 

@@ -40,6 +40,35 @@ pub struct ConfigFile {
     /// The reference population directory (`civgate refdb serve`, the demo).
     #[serde(default)]
     pub refdb: RefdbSection,
+    #[serde(default)]
+    pub audit: AuditSection,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditSection {
+    /// Off only for benchmarks that measure the audit's own cost.
+    pub enabled: bool,
+    /// The checkpoint origin line (a schema-less URL naming this log).
+    pub origin: String,
+    /// `PRIVATE+KEY+…` file (written by `civgate certs init` or `civgate audit keygen`).
+    pub signing_key: Option<Spanned<PathBuf>>,
+    /// A checkpoint is signed at least this often while the log grows.
+    pub checkpoint_interval_ms: u64,
+    /// A commit that cannot complete in this time fails the call (UNAVAILABLE).
+    pub commit_timeout_ms: u64,
+}
+
+impl Default for AuditSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            origin: "civgate.local/audit".into(),
+            signing_key: None,
+            checkpoint_interval_ms: 1_000,
+            commit_timeout_ms: 2_000,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]

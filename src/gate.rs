@@ -12,16 +12,25 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
-use crate::{listener::ConnInfo, policy, state::Shared, telemetry};
+use crate::{
+    audit::{AuditLog, Facts, FactsSlot},
+    identity::PeerIdentity,
+    listener::ConnInfo,
+    pb::v1::AuditRecord,
+    policy::{self, Principal},
+    state::Shared,
+    telemetry,
+};
 
 #[derive(Clone)]
 pub struct GateLayer {
     state: Shared,
+    audit: Option<AuditLog>,
 }
 
 impl GateLayer {
-    pub fn new(state: Shared) -> Self {
-        Self { state }
+    pub fn new(state: Shared, audit: Option<AuditLog>) -> Self {
+        Self { state, audit }
     }
 }
 
@@ -31,6 +40,7 @@ impl<S> Layer<S> for GateLayer {
         Gate {
             inner,
             state: self.state.clone(),
+            audit: self.audit.clone(),
         }
     }
 }
@@ -39,6 +49,65 @@ impl<S> Layer<S> for GateLayer {
 pub struct Gate<S> {
     inner: S,
     state: Shared,
+    audit: Option<AuditLog>,
+}
+
+/// The `x-request-id` a caller sent (1–128 visible ASCII characters), or a fresh one.
+fn request_id(headers: &http::HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map_or_else(|| format!("{:032x}", rand::random::<u128>()), str::to_owned)
+}
+
+/// The audit record of one call. Identifiers and field names only.
+#[allow(clippy::too_many_arguments)]
+fn record(
+    peer: &PeerIdentity,
+    principal: Option<&Principal>,
+    path: &str,
+    facts: Facts,
+    code: tonic::Code,
+    request_id: &str,
+    started: Instant,
+    detail: &str,
+) -> AuditRecord {
+    AuditRecord {
+        index: 0,
+        time_unix_ms: crate::audit::log::now_ms(),
+        agency_id: peer
+            .agency
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        role: principal
+            .map(|p| p.role.as_str().to_owned())
+            .unwrap_or_default(),
+        cert_fingerprint: peer.fingerprint.to_string(),
+        // Client-controlled for unknown paths: bounded.
+        method: path.chars().take(200).collect(),
+        purpose: facts.purpose,
+        subject_personal_ids: facts.subjects,
+        fields_returned: facts.fields,
+        outcome: telemetry::code_name(code).to_owned(),
+        request_id: request_id.to_owned(),
+        latency_us: started.elapsed().as_micros() as u64,
+        detail: detail.to_owned(),
+    }
+}
+
+fn with_request_id<B>(mut resp: http::Response<B>, id: &str) -> http::Response<B> {
+    if let Ok(v) = http::HeaderValue::from_str(id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
+}
+
+/// Fail closed: the call's answer is replaced when its audit record cannot be made durable.
+fn audit_unavailable(e: &crate::audit::AuditError) -> tonic::Status {
+    tracing::error!(error = %e, "refusing a response whose audit record is not durable");
+    tonic::Status::unavailable("audit log unavailable: the call was not completed")
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -62,45 +131,83 @@ where
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         let start = Instant::now();
-        let path = req.uri().path();
-        let method = policy::known_method(path).unwrap_or("unknown");
-        let decision = match req.extensions().get::<ConnInfo>() {
-            Some(conn) => policy::authorize(&self.state.load().policy, &conn.peer, path)
-                .map_err(|d| (d, conn.remote)),
-            None => {
-                // Only connections from our own listener reach here; anything else is a bug.
-                let status = tonic::Status::internal("connection identity missing");
-                telemetry::rpc_finished(method, status.code(), start.elapsed());
-                return Box::pin(async move { Ok(status.into_http()) });
-            }
+        let path = req.uri().path().to_owned();
+        let method = policy::known_method(&path).unwrap_or("unknown");
+        let rid = request_id(req.headers());
+        let Some(conn) = req.extensions().get::<ConnInfo>().cloned() else {
+            // Only connections from our own listener reach here; anything else is a bug.
+            let status = tonic::Status::internal("connection identity missing");
+            telemetry::rpc_finished(method, status.code(), start.elapsed());
+            return Box::pin(async move { Ok(status.into_http()) });
         };
-        match decision {
-            Err((denial, remote)) => {
-                tracing::warn!(%remote, method = path, reason = denial.reason(), "denied: {denial}");
+        let audit = self.audit.clone();
+        match policy::authorize(&self.state.load().policy, &conn.peer, &path) {
+            Err(denial) => {
+                tracing::warn!(remote = %conn.remote, method = path, reason = denial.reason(), "denied: {denial}");
                 telemetry::rpc_denied(method, denial.reason());
-                let status = denial.to_status();
-                telemetry::rpc_finished(method, status.code(), start.elapsed());
-                Box::pin(async move { Ok(status.into_http()) })
+                let mut status = denial.to_status();
+                Box::pin(async move {
+                    if let Some(log) = audit {
+                        let rec = record(
+                            &conn.peer,
+                            None,
+                            &path,
+                            Facts::default(),
+                            status.code(),
+                            &rid,
+                            start,
+                            denial.reason(),
+                        );
+                        if let Err(e) = log.append(rec).await {
+                            status = audit_unavailable(&e);
+                        }
+                    }
+                    telemetry::rpc_finished(method, status.code(), start.elapsed());
+                    Ok(with_request_id(status.into_http(), &rid))
+                })
             }
             Ok(principal) => {
-                req.extensions_mut().insert(principal);
+                let facts = FactsSlot::default();
+                req.extensions_mut().insert(facts.clone());
+                req.extensions_mut().insert(principal.clone());
                 let clone = self.inner.clone();
                 let mut inner = std::mem::replace(&mut self.inner, clone);
                 Box::pin(async move {
                     let resp = inner.call(req).await?;
-                    // Trailers-only responses (errors) carry grpc-status in the headers.
-                    if let Some(code) = grpc_status(resp.headers()) {
-                        telemetry::rpc_finished(method, code, start.elapsed());
-                        return Ok(resp);
+                    // Trailers-only responses (errors) carry grpc-status in the headers; any
+                    // other response is a success (unary) or an opened stream.
+                    let code = grpc_status(resp.headers());
+                    if let Some(log) = audit {
+                        let rec = record(
+                            &conn.peer,
+                            Some(&principal),
+                            &path,
+                            facts.take(),
+                            code.unwrap_or(tonic::Code::Ok),
+                            &rid,
+                            start,
+                            "",
+                        );
+                        if let Err(e) = log.append(rec).await {
+                            drop(resp);
+                            let status = audit_unavailable(&e);
+                            telemetry::rpc_finished(method, status.code(), start.elapsed());
+                            return Ok(with_request_id(status.into_http(), &rid));
+                        }
                     }
-                    Ok(resp.map(|body| {
+                    if let Some(code) = code {
+                        telemetry::rpc_finished(method, code, start.elapsed());
+                        return Ok(with_request_id(resp, &rid));
+                    }
+                    let resp = resp.map(|body| {
                         tonic::body::Body::new(MeteredBody {
                             inner: body,
                             method,
                             start,
                             done: false,
                         })
-                    }))
+                    });
+                    Ok(with_request_id(resp, &rid))
                 })
             }
         }

@@ -12,6 +12,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     api,
+    audit::{AuditLog, note::Signer},
     config::{Config, ConfigErrors},
     gate::GateLayer,
     listener,
@@ -45,7 +46,8 @@ impl Overrides {
             s.admin_listen = a;
         }
         if let Some(d) = &self.data_dir {
-            s.data_dir.clone_from(d);
+            // Relative to the working directory, like any command-line path.
+            s.data_dir = std::env::current_dir().map_or_else(|_| d.clone(), |cwd| cwd.join(d));
         }
     }
 }
@@ -74,6 +76,36 @@ impl ConfigSource {
         overrides.apply(&mut config);
         Ok(config)
     }
+}
+
+/// Opens the audit log under `data_dir` (unless `[audit] enabled = false`).
+async fn open_audit(config: &Config, healthy: watch::Sender<bool>) -> Result<Option<AuditLog>> {
+    let a = &config.file.audit;
+    if !a.enabled {
+        warn!("[audit] enabled = false: calls are NOT audited (benchmarks only)");
+        return Ok(None);
+    }
+    let key_path = a
+        .signing_key
+        .as_ref()
+        .map(|k| config.resolve(k.get_ref()))
+        .ok_or_else(|| {
+            anyhow::anyhow!("[audit] signing_key is required when the audit log is enabled")
+        })?;
+    let key = std::fs::read_to_string(&key_path)
+        .map_err(|e| anyhow::anyhow!("reading {}: {e}", key_path.display()))?;
+    let signer = Signer::parse(&key).map_err(|e| anyhow::anyhow!("{}: {e}", key_path.display()))?;
+    let dir = config.resolve(&config.file.server.data_dir);
+    let log = AuditLog::open(crate::audit::log::Options {
+        dir: &dir,
+        signer,
+        origin: a.origin.clone(),
+        checkpoint_interval: Duration::from_millis(a.checkpoint_interval_ms.max(10)),
+        commit_timeout: Duration::from_millis(a.commit_timeout_ms.max(1)),
+        healthy,
+    })
+    .await?;
+    Ok(Some(log))
 }
 
 fn snapshot_upstream(state: &Shared) -> Option<crate::config::UpstreamSection> {
@@ -134,6 +166,8 @@ pub async fn start(source: ConfigSource, overrides: Overrides) -> Result<Running
             None
         }
     };
+    let (audit_ok, mut audit_ok_rx) = watch::channel(true);
+    let audit = open_audit(&state.load().config, audit_ok).await?;
     let max_msg = limits.max_message_bytes;
     let router = tonic::transport::Server::builder()
         .max_concurrent_streams(limits.max_concurrent_streams)
@@ -141,7 +175,7 @@ pub async fn start(source: ConfigSource, overrides: Overrides) -> Result<Running
         .max_frame_size(limits.max_frame_size)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .layer(GateLayer::new(state.clone()))
+        .layer(GateLayer::new(state.clone(), audit.clone()))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(
@@ -151,7 +185,10 @@ pub async fn start(source: ConfigSource, overrides: Overrides) -> Result<Running
         .add_service(
             ExchangeServer::new(api::exchange::ExchangeService).max_decoding_message_size(max_msg),
         )
-        .add_service(AuditServer::new(api::audit::AuditService).max_decoding_message_size(max_msg));
+        .add_service(
+            AuditServer::new(api::audit::AuditService::new(audit.clone()))
+                .max_decoding_message_size(max_msg),
+        );
 
     let accept_state = state.clone();
     let incoming = listener::spawn(
@@ -178,6 +215,24 @@ pub async fn start(source: ConfigSource, overrides: Overrides) -> Result<Running
             }
         }
     });
+    // Health follows the audit log: calls cannot complete while it cannot commit.
+    {
+        let (health, readiness) = (health.clone(), readiness.clone());
+        tokio::spawn(async move {
+            while audit_ok_rx.changed().await.is_ok() {
+                let ok = *audit_ok_rx.borrow_and_update();
+                readiness.set(ok);
+                let status = if ok {
+                    ServingStatus::Serving
+                } else {
+                    ServingStatus::NotServing
+                };
+                for s in SERVICES.iter().chain(&[""]) {
+                    health.set_service_status(*s, status).await;
+                }
+            }
+        });
+    }
     readiness.set(true);
     info!(api = %api_addr, admin = %admin_addr, "civgate serving");
     Ok(Running {

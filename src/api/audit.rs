@@ -1,17 +1,38 @@
-//! `civgate.v1.Audit`: the tamper-evident audit log for auditors (issue #5).
+//! `civgate.v1.Audit`: checkpoints, entries, proofs and search, for auditors.
 
 use tonic::{Request, Response, Status};
+use tonic_types::FieldViolation;
 
-use crate::pb::v1::{
-    GetCheckpointRequest, GetCheckpointResponse, GetConsistencyProofRequest,
-    GetConsistencyProofResponse, GetEntriesRequest, GetEntriesResponse, GetInclusionProofRequest,
-    GetInclusionProofResponse, SearchEntriesRequest, SearchEntriesResponse, audit_server::Audit,
+use crate::{
+    api::citizens::invalid,
+    audit::{AuditLog, FactsSlot, Filter},
+    domain::PersonalId,
+    pb::v1::{
+        AuditEntry, GetCheckpointRequest, GetCheckpointResponse, GetConsistencyProofRequest,
+        GetConsistencyProofResponse, GetEntriesRequest, GetEntriesResponse,
+        GetInclusionProofRequest, GetInclusionProofResponse, SearchEntriesRequest,
+        SearchEntriesResponse, audit_server::Audit,
+    },
 };
 
-use super::{not_yet, principal};
+use super::principal;
 
-#[derive(Clone, Default)]
-pub struct AuditService;
+#[derive(Clone)]
+pub struct AuditService {
+    log: Option<AuditLog>,
+}
+
+impl AuditService {
+    pub fn new(log: Option<AuditLog>) -> Self {
+        Self { log }
+    }
+
+    fn log(&self) -> Result<&AuditLog, Status> {
+        self.log
+            .as_ref()
+            .ok_or_else(|| Status::failed_precondition("the audit log is disabled on this gateway"))
+    }
+}
 
 #[tonic::async_trait]
 impl Audit for AuditService {
@@ -20,7 +41,9 @@ impl Audit for AuditService {
         req: Request<GetCheckpointRequest>,
     ) -> Result<Response<GetCheckpointResponse>, Status> {
         principal(&req)?;
-        Err(not_yet("Audit.GetCheckpoint", 5))
+        Ok(Response::new(GetCheckpointResponse {
+            checkpoint: self.log()?.latest_checkpoint(),
+        }))
     }
 
     async fn get_entries(
@@ -28,7 +51,9 @@ impl Audit for AuditService {
         req: Request<GetEntriesRequest>,
     ) -> Result<Response<GetEntriesResponse>, Status> {
         principal(&req)?;
-        Err(not_yet("Audit.GetEntries", 5))
+        let r = req.into_inner();
+        let entries = self.log()?.entries(r.start, r.end).await?;
+        Ok(Response::new(GetEntriesResponse { entries }))
     }
 
     async fn get_inclusion_proof(
@@ -36,7 +61,11 @@ impl Audit for AuditService {
         req: Request<GetInclusionProofRequest>,
     ) -> Result<Response<GetInclusionProofResponse>, Status> {
         principal(&req)?;
-        Err(not_yet("Audit.GetInclusionProof", 5))
+        let r = req.into_inner();
+        let hashes = self.log()?.inclusion_proof(r.index, r.tree_size).await?;
+        Ok(Response::new(GetInclusionProofResponse {
+            hashes: hashes.iter().map(|h| h.to_vec()).collect(),
+        }))
     }
 
     async fn get_consistency_proof(
@@ -44,7 +73,11 @@ impl Audit for AuditService {
         req: Request<GetConsistencyProofRequest>,
     ) -> Result<Response<GetConsistencyProofResponse>, Status> {
         principal(&req)?;
-        Err(not_yet("Audit.GetConsistencyProof", 5))
+        let r = req.into_inner();
+        let hashes = self.log()?.consistency_proof(r.first, r.second).await?;
+        Ok(Response::new(GetConsistencyProofResponse {
+            hashes: hashes.iter().map(|h| h.to_vec()).collect(),
+        }))
     }
 
     async fn search_entries(
@@ -52,6 +85,65 @@ impl Audit for AuditService {
         req: Request<SearchEntriesRequest>,
     ) -> Result<Response<SearchEntriesResponse>, Status> {
         principal(&req)?;
-        Err(not_yet("Audit.SearchEntries", 5))
+        let facts = FactsSlot::of(&req);
+        let r = req.into_inner();
+        let mut violations = Vec::new();
+        let subject = (!r.subject_personal_id.is_empty())
+            .then(|| PersonalId::parse(&r.subject_personal_id))
+            .transpose()
+            .map_err(|e| violations.push(FieldViolation::new("subject_personal_id", e.to_string())))
+            .ok()
+            .flatten();
+        let after = if r.page_token.is_empty() {
+            Some(0)
+        } else {
+            r.page_token.parse::<u64>().ok()
+        };
+        if after.is_none() {
+            violations.push(FieldViolation::new(
+                "page_token",
+                "not a token this service issued",
+            ));
+        }
+        if !violations.is_empty() {
+            return Err(invalid(violations));
+        }
+        // Who searched for which citizen is itself on the record.
+        if let Some(s) = &subject {
+            facts.update(|f| f.subjects = vec![s.to_string()]);
+        }
+        let limit = if r.page_size == 0 {
+            100
+        } else {
+            r.page_size.min(1_000)
+        };
+        let nonempty = |s: String| (!s.is_empty()).then_some(s);
+        let filter = Filter {
+            subject: subject.map(|s| s.to_string()),
+            agency: nonempty(r.agency_id),
+            method: nonempty(r.method),
+            outcome: nonempty(r.outcome),
+            from_ms: (r.from_unix_ms > 0).then_some(r.from_unix_ms),
+            to_ms: (r.to_unix_ms > 0).then_some(r.to_unix_ms),
+            after: after.unwrap_or(0),
+            limit: limit + 1,
+        };
+        let mut found = self.log()?.search(&filter).await?;
+        let next_page_token = if found.len() > limit as usize {
+            found.truncate(limit as usize);
+            found
+                .last()
+                .map(|(i, _)| (i + 1).to_string())
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(SearchEntriesResponse {
+            entries: found
+                .into_iter()
+                .map(|(index, leaf)| AuditEntry { index, leaf })
+                .collect(),
+            next_page_token,
+        }))
     }
 }

@@ -10,7 +10,8 @@ use tonic::{Code, Request, Response, Status};
 use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 
 use crate::{
-    api::convert::{mask, sex_from_pb},
+    api::convert::{mask, present_fields, sex_from_pb},
+    audit::FactsSlot,
     domain::{CitizenField, FullName, PersonalId, PurposeCode, fold, parse_date, personal_id},
     pb::v1::{
         AttributeMatch, BatchError, BatchGetCitizensRequest, BatchGetCitizensResponse,
@@ -115,14 +116,19 @@ impl Citizens for CitizensService {
         req: Request<GetCitizenRequest>,
     ) -> Result<Response<GetCitizenResponse>, Status> {
         principal(&req)?;
+        let facts = FactsSlot::of(&req);
         let deadline = caller_deadline(req.metadata());
         let r = req.into_inner();
         let id = parse_id("personal_id", &r.personal_id);
         let purpose = self.purpose(&r.purpose);
-        let (id, (_, fields)) = match (id, purpose) {
+        let (id, (code, fields)) = match (id, purpose) {
             (Ok(i), Ok(p)) => (i, p),
             (i, p) => return Err(invalid([i.err(), p.err()].into_iter().flatten().collect())),
         };
+        facts.update(|f| {
+            f.purpose = code.as_str().to_owned();
+            f.subjects = vec![id.to_string()];
+        });
         let mut found = self
             .upstream()?
             .get(std::slice::from_ref(&id), &fields, deadline)
@@ -132,6 +138,12 @@ impl Citizens for CitizensService {
             .filter(|c| c.personal_id == id.as_str())
             .ok_or_else(|| Status::not_found(format!("no citizen with personal ID {id}")))?;
         mask(&mut citizen, &fields);
+        facts.update(|f| {
+            f.fields = present_fields(&citizen)
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect()
+        });
         Ok(Response::new(GetCitizenResponse {
             citizen: Some(citizen),
             withheld_fields: withheld(&fields),
@@ -143,6 +155,7 @@ impl Citizens for CitizensService {
         req: Request<BatchGetCitizensRequest>,
     ) -> Result<Response<BatchGetCitizensResponse>, Status> {
         principal(&req)?;
+        let facts = FactsSlot::of(&req);
         let deadline = caller_deadline(req.metadata());
         let r = req.into_inner();
         let mut violations = Vec::new();
@@ -161,7 +174,7 @@ impl Citizens for CitizensService {
                 ),
             ));
         }
-        let Some((_, fields)) = purpose.filter(|_| violations.is_empty()) else {
+        let Some((code, fields)) = purpose.filter(|_| violations.is_empty()) else {
             return Err(invalid(violations));
         };
         let parsed: Vec<_> = r
@@ -176,6 +189,10 @@ impl Citizens for CitizensService {
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
+        facts.update(|f| {
+            f.purpose = code.as_str().to_owned();
+            f.subjects = valid.iter().map(ToString::to_string).collect();
+        });
         let mut found: HashMap<String, Citizen> = if valid.is_empty() {
             HashMap::new()
         } else {
@@ -186,7 +203,7 @@ impl Citizens for CitizensService {
                 .map(|c| (c.personal_id.clone(), c))
                 .collect()
         };
-        let results = r
+        let results: Vec<BatchGetCitizensResult> = r
             .personal_ids
             .iter()
             .zip(parsed)
@@ -215,6 +232,15 @@ impl Citizens for CitizensService {
             })
             .collect();
         found.clear();
+        let returned: BTreeSet<&'static str> = results
+            .iter()
+            .filter_map(|r: &BatchGetCitizensResult| match &r.result {
+                Some(batch_get_citizens_result::Result::Citizen(c)) => Some(present_fields(c)),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        facts.update(|f| f.fields = returned.iter().map(|s| (*s).to_owned()).collect());
         Ok(Response::new(BatchGetCitizensResponse {
             results,
             withheld_fields: withheld(&fields),
@@ -226,6 +252,7 @@ impl Citizens for CitizensService {
         req: Request<VerifyCitizenRequest>,
     ) -> Result<Response<VerifyCitizenResponse>, Status> {
         principal(&req)?;
+        let facts = FactsSlot::of(&req);
         let deadline = caller_deadline(req.metadata());
         let r = req.into_inner();
         let mut violations = Vec::new();
@@ -344,6 +371,15 @@ impl Citizens for CitizensService {
         let (Some(id), true) = (id, violations.is_empty()) else {
             return Err(invalid(violations));
         };
+        facts.update(|f| {
+            f.purpose = purpose
+                .as_ref()
+                .map(|(c, _)| c.as_str().to_owned())
+                .unwrap_or_default();
+            f.subjects = vec![id.to_string()];
+            // What was compared (only match flags are returned).
+            f.fields = claims.iter().map(|c| c.attribute().to_owned()).collect();
+        });
         let citizen = self
             .upstream()?
             .get(std::slice::from_ref(&id), &need, deadline)
@@ -370,6 +406,7 @@ impl Citizens for CitizensService {
         req: Request<SearchCitizensRequest>,
     ) -> Result<Response<SearchCitizensResponse>, Status> {
         principal(&req)?;
+        let facts = FactsSlot::of(&req);
         let deadline = caller_deadline(req.metadata());
         let r = req.into_inner();
         let mut violations = Vec::new();
@@ -391,7 +428,8 @@ impl Citizens for CitizensService {
                 format!("{p:?} is not a known province code"),
             ));
         }
-        let (Some(name), Some((_, allowed)), true) = (name, purpose, violations.is_empty()) else {
+        let (Some(name), Some((code, allowed)), true) = (name, purpose, violations.is_empty())
+        else {
             return Err(invalid(violations));
         };
         let cap = self
@@ -427,6 +465,15 @@ impl Citizens for CitizensService {
         for c in &mut citizens {
             mask(c, &fields);
         }
+        // The citizens whose data left are the subjects; the query itself (a name and a date
+        // of birth) is personal data and is not recorded.
+        facts.update(|f| {
+            f.purpose = code.as_str().to_owned();
+            f.subjects = citizens.iter().map(|c| c.personal_id.clone()).collect();
+            let returned: BTreeSet<&'static str> =
+                citizens.iter().flat_map(present_fields).collect();
+            f.fields = returned.iter().map(|s| (*s).to_owned()).collect();
+        });
         Ok(Response::new(SearchCitizensResponse {
             citizens,
             truncated,

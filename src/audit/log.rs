@@ -1,0 +1,569 @@
+//! The audit log's storage and its single writer. Appends are group-committed: one task
+//! drains every pending record into one SQLite transaction (WAL, synchronous FULL), then
+//! answers each caller with its index — a caller hears "durable" only after the commit.
+//! Perfect-subtree hashes are stored as they complete, so proofs need O(log n) reads.
+
+use std::{
+    path::Path,
+    str::FromStr,
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use prost::Message;
+use sqlx::{
+    Connection, Row, SqliteConnection, SqlitePool,
+    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
+};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{error, info, warn};
+
+use super::{
+    merkle::{
+        CompactRange, Hash, NodeId, consistency_ranges, decompose, fold_range, inclusion_ranges,
+        leaf_hash,
+    },
+    note::{Checkpoint, Signer},
+};
+use crate::pb::v1::AuditRecord;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS audit_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS audit_leaves (
+    idx INTEGER PRIMARY KEY,
+    leaf BLOB NOT NULL,
+    time_ms INTEGER NOT NULL,
+    agency TEXT NOT NULL,
+    method TEXT NOT NULL,
+    outcome TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_leaves_agency ON audit_leaves (agency, idx);
+CREATE INDEX IF NOT EXISTS audit_leaves_time ON audit_leaves (time_ms);
+CREATE TABLE IF NOT EXISTS audit_subjects (
+    personal_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    PRIMARY KEY (personal_id, idx)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS audit_nodes (
+    level INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    hash BLOB NOT NULL,
+    PRIMARY KEY (level, idx)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS audit_checkpoints (
+    size INTEGER PRIMARY KEY,
+    note TEXT NOT NULL,
+    time_ms INTEGER NOT NULL
+);
+";
+
+/// Largest `GetEntries` page.
+pub const MAX_ENTRIES: u64 = 1_000;
+/// Largest group-commit batch.
+const MAX_BATCH: usize = 2_048;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("audit log cannot commit: {0}")]
+    NotDurable(String),
+    #[error("{0}")]
+    BadRange(String),
+    #[error("audit log is damaged: {0}")]
+    Damaged(String),
+    #[error("audit store read failed: {0}")]
+    Read(String),
+}
+
+impl From<AuditError> for tonic::Status {
+    fn from(e: AuditError) -> Self {
+        match &e {
+            AuditError::NotDurable(_) | AuditError::Read(_) => {
+                tonic::Status::unavailable(e.to_string())
+            }
+            AuditError::BadRange(_) => tonic::Status::invalid_argument(e.to_string()),
+            AuditError::Damaged(_) => tonic::Status::data_loss(e.to_string()),
+        }
+    }
+}
+
+struct Pending {
+    record: AuditRecord,
+    done: oneshot::Sender<Result<u64, AuditError>>,
+}
+
+/// What `SearchEntries` filters on.
+#[derive(Clone, Debug, Default)]
+pub struct Filter {
+    pub subject: Option<String>,
+    pub agency: Option<String>,
+    pub method: Option<String>,
+    pub outcome: Option<String>,
+    pub from_ms: Option<i64>,
+    pub to_ms: Option<i64>,
+    /// Entries with index ≥ this.
+    pub after: u64,
+    pub limit: u32,
+}
+
+/// A handle to the audit log (cheap to clone).
+#[derive(Clone)]
+pub struct AuditLog {
+    tx: mpsc::Sender<Pending>,
+    reader: SqlitePool,
+    /// Entries durably committed.
+    size: Arc<AtomicU64>,
+    latest: Arc<RwLock<String>>,
+}
+
+pub struct Options<'a> {
+    pub dir: &'a Path,
+    pub signer: Signer,
+    pub origin: String,
+    pub checkpoint_interval: Duration,
+    pub commit_timeout: Duration,
+    /// Turns false while commits fail, true again when they succeed.
+    pub healthy: watch::Sender<bool>,
+}
+
+fn sqlite_options(path: &Path, busy: Duration) -> Result<SqliteConnectOptions> {
+    Ok(
+        SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(busy),
+    )
+}
+
+impl AuditLog {
+    /// Opens `dir/audit.sqlite`, checks the stored tree's right edge, and starts the writer.
+    pub async fn open(o: Options<'_>) -> Result<Self> {
+        std::fs::create_dir_all(o.dir).with_context(|| format!("creating {}", o.dir.display()))?;
+        let path = o.dir.join("audit.sqlite");
+        let mut conn = SqliteConnection::connect_with(&sqlite_options(&path, o.commit_timeout)?)
+            .await
+            .with_context(|| format!("opening {}", path.display()))?;
+        sqlx::raw_sql(SCHEMA).execute(&mut conn).await?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(sqlite_options(&path, Duration::from_secs(5))?.read_only(true))
+            .await?;
+
+        let size: i64 = sqlx::query_scalar("SELECT value FROM audit_meta WHERE key = 'size'")
+            .fetch_optional(&mut conn)
+            .await?
+            .unwrap_or(0);
+        let size = u64::try_from(size).context("negative audit size")?;
+        let parts = fetch_nodes(&mut conn, &decompose(0, size)).await?;
+        let range =
+            CompactRange::from_parts(size, parts).context("audit right edge is inconsistent")?;
+        let latest: Option<(i64, String)> =
+            sqlx::query_as("SELECT size, note FROM audit_checkpoints ORDER BY size DESC LIMIT 1")
+                .fetch_optional(&mut conn)
+                .await?;
+        let log = Self {
+            tx: mpsc::channel(16_384).0,
+            reader,
+            size: Arc::new(AtomicU64::new(size)),
+            latest: Arc::new(RwLock::new(
+                latest.as_ref().map(|(_, n)| n.clone()).unwrap_or_default(),
+            )),
+        };
+        let (tx, rx) = mpsc::channel(16_384);
+        let mut writer = Writer {
+            conn,
+            range,
+            signer: o.signer,
+            origin: o.origin,
+            checkpointed: latest.map_or(-1, |(s, _)| s),
+            size: log.size.clone(),
+            latest: log.latest.clone(),
+            healthy: o.healthy,
+        };
+        // Every start begins with a checkpoint of what is there.
+        writer.checkpoint().await?;
+        info!(size, "audit log open");
+        tokio::spawn(writer.run(rx, o.checkpoint_interval));
+        Ok(Self { tx, ..log })
+    }
+
+    /// Appends one record; returns its index once it is durable.
+    pub async fn append(&self, record: AuditRecord) -> Result<u64, AuditError> {
+        let (done, wait) = oneshot::channel();
+        self.tx
+            .send(Pending { record, done })
+            .await
+            .map_err(|_| AuditError::NotDurable("audit writer stopped".into()))?;
+        wait.await
+            .map_err(|_| AuditError::NotDurable("audit writer stopped".into()))?
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// The latest signed checkpoint (a C2SP signed note).
+    pub fn latest_checkpoint(&self) -> String {
+        self.latest.read().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Leaf bytes for `[start, end)` (at most [`MAX_ENTRIES`]).
+    pub async fn entries(&self, start: u64, end: u64) -> Result<Vec<Vec<u8>>, AuditError> {
+        let size = self.size();
+        if start >= end || end > size {
+            return Err(AuditError::BadRange(format!(
+                "need start < end <= {size} (the log's size), got [{start}, {end})"
+            )));
+        }
+        let end = end.min(start + MAX_ENTRIES);
+        let rows = sqlx::query(
+            "SELECT idx, leaf FROM audit_leaves WHERE idx >= ? AND idx < ? ORDER BY idx",
+        )
+        .bind(start as i64)
+        .bind(end as i64)
+        .fetch_all(&self.reader)
+        .await
+        .map_err(|e| AuditError::Read(e.to_string()))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (expected, row) in (start..end).zip(rows.iter()) {
+            let idx: i64 = row
+                .try_get("idx")
+                .map_err(|e| AuditError::Read(e.to_string()))?;
+            if idx as u64 != expected {
+                return Err(AuditError::Damaged(format!("entry {expected} is missing")));
+            }
+            out.push(
+                row.try_get("leaf")
+                    .map_err(|e| AuditError::Read(e.to_string()))?,
+            );
+        }
+        if (out.len() as u64) < end - start {
+            return Err(AuditError::Damaged(format!(
+                "entry {} is missing",
+                start + out.len() as u64
+            )));
+        }
+        Ok(out)
+    }
+
+    async fn hashes_of(&self, ranges: &[(u64, u64)]) -> Result<Vec<Hash>, AuditError> {
+        let ids: Vec<Vec<NodeId>> = ranges.iter().map(|(s, e)| decompose(*s, *e)).collect();
+        let flat: Vec<NodeId> = ids.iter().flatten().copied().collect();
+        let mut conn = self
+            .reader
+            .acquire()
+            .await
+            .map_err(|e| AuditError::Read(e.to_string()))?;
+        let hashes = fetch_nodes(&mut conn, &flat)
+            .await
+            .map_err(|e| AuditError::Damaged(e.to_string()))?;
+        let mut it = hashes.into_iter();
+        Ok(ids
+            .iter()
+            .map(|parts| {
+                let hs: Vec<Hash> = it.by_ref().take(parts.len()).collect();
+                fold_range(&hs).unwrap_or_default()
+            })
+            .collect())
+    }
+
+    /// RFC 9162 inclusion proof of `index` in the tree of `tree_size`.
+    pub async fn inclusion_proof(
+        &self,
+        index: u64,
+        tree_size: u64,
+    ) -> Result<Vec<Hash>, AuditError> {
+        let size = self.size();
+        if index >= tree_size || tree_size > size {
+            return Err(AuditError::BadRange(format!(
+                "need index < tree_size <= {size}, got index {index}, tree_size {tree_size}"
+            )));
+        }
+        self.hashes_of(&inclusion_ranges(index, tree_size)).await
+    }
+
+    /// RFC 9162 consistency proof between tree sizes `first` and `second`.
+    pub async fn consistency_proof(
+        &self,
+        first: u64,
+        second: u64,
+    ) -> Result<Vec<Hash>, AuditError> {
+        let size = self.size();
+        if first == 0 || first > second || second > size {
+            return Err(AuditError::BadRange(format!(
+                "need 0 < first <= second <= {size}, got {first}, {second}"
+            )));
+        }
+        self.hashes_of(&consistency_ranges(first, second)).await
+    }
+
+    /// Entries matching `f`, in index order; `(index, leaf)`.
+    pub async fn search(&self, f: &Filter) -> Result<Vec<(u64, Vec<u8>)>, AuditError> {
+        let mut sql = String::from("SELECT l.idx, l.leaf FROM audit_leaves l");
+        if f.subject.is_some() {
+            sql.push_str(" JOIN audit_subjects s ON s.idx = l.idx AND s.personal_id = ?");
+        }
+        sql.push_str(" WHERE l.idx >= ? AND l.idx < ?");
+        for (cond, on) in [
+            (" AND l.agency = ?", f.agency.is_some()),
+            (" AND l.method = ?", f.method.is_some()),
+            (" AND l.outcome = ?", f.outcome.is_some()),
+            (" AND l.time_ms >= ?", f.from_ms.is_some()),
+            (" AND l.time_ms < ?", f.to_ms.is_some()),
+        ] {
+            if on {
+                sql.push_str(cond);
+            }
+        }
+        sql.push_str(" ORDER BY l.idx LIMIT ?");
+        // Built only from constants and `?` placeholders.
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        if let Some(s) = &f.subject {
+            q = q.bind(s);
+        }
+        q = q.bind(f.after as i64).bind(self.size() as i64);
+        for v in [&f.agency, &f.method, &f.outcome].into_iter().flatten() {
+            q = q.bind(v);
+        }
+        for v in [f.from_ms, f.to_ms].into_iter().flatten() {
+            q = q.bind(v);
+        }
+        let rows = q
+            .bind(i64::from(f.limit.clamp(1, 1_000)))
+            .fetch_all(&self.reader)
+            .await
+            .map_err(|e| AuditError::Read(e.to_string()))?;
+        rows.iter()
+            .map(|r| {
+                let idx: i64 = r.try_get(0).map_err(|e| AuditError::Read(e.to_string()))?;
+                let leaf: Vec<u8> = r.try_get(1).map_err(|e| AuditError::Read(e.to_string()))?;
+                Ok((idx as u64, leaf))
+            })
+            .collect()
+    }
+}
+
+/// Hashes of the given nodes, in the given order; a missing node is an error.
+async fn fetch_nodes(conn: &mut SqliteConnection, ids: &[NodeId]) -> Result<Vec<Hash>> {
+    let mut out = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(400) {
+        if chunk.is_empty() {
+            continue;
+        }
+        let values = vec!["(?, ?)"; chunk.len()].join(",");
+        let sql = format!(
+            "SELECT level, idx, hash FROM audit_nodes WHERE (level, idx) IN (VALUES {values})"
+        );
+        // Built only from constants and `?` placeholders.
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for id in chunk {
+            q = q.bind(i64::from(id.level)).bind(id.index as i64);
+        }
+        let rows = q.fetch_all(&mut *conn).await?;
+        let mut found = std::collections::HashMap::with_capacity(rows.len());
+        for r in rows {
+            let level: i64 = r.try_get(0)?;
+            let idx: i64 = r.try_get(1)?;
+            let hash: Vec<u8> = r.try_get(2)?;
+            let hash: Hash = hash
+                .try_into()
+                .map_err(|_| anyhow::anyhow!("node ({level}, {idx}) is not 32 bytes"))?;
+            found.insert((level as u32, idx as u64), hash);
+        }
+        for id in chunk {
+            match found.get(&(id.level, id.index)) {
+                Some(h) => out.push(*h),
+                None => bail!(
+                    "tree node (level {}, index {}) is missing",
+                    id.level,
+                    id.index
+                ),
+            }
+        }
+    }
+    Ok(out)
+}
+
+struct Writer {
+    conn: SqliteConnection,
+    range: CompactRange,
+    signer: Signer,
+    origin: String,
+    checkpointed: i64,
+    size: Arc<AtomicU64>,
+    latest: Arc<RwLock<String>>,
+    healthy: watch::Sender<bool>,
+}
+
+struct LeafRow {
+    index: u64,
+    leaf: Vec<u8>,
+    record: AuditRecord,
+    nodes: Vec<(NodeId, Hash)>,
+}
+
+impl Writer {
+    async fn run(mut self, mut rx: mpsc::Receiver<Pending>, interval: Duration) {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                first = rx.recv() => {
+                    let Some(first) = first else { break };
+                    let mut batch = vec![first];
+                    while batch.len() < MAX_BATCH {
+                        match rx.try_recv() {
+                            Ok(p) => batch.push(p),
+                            Err(_) => break,
+                        }
+                    }
+                    self.commit(batch).await;
+                }
+                _ = tick.tick() => {
+                    if let Err(e) = self.checkpoint().await {
+                        warn!(error = %e, "could not store a checkpoint");
+                    }
+                }
+            }
+        }
+        let _ = self.checkpoint().await;
+    }
+
+    async fn commit(&mut self, batch: Vec<Pending>) {
+        let before = self.range.clone();
+        let mut rows = Vec::with_capacity(batch.len());
+        let mut waiters = Vec::with_capacity(batch.len());
+        for Pending { mut record, done } in batch {
+            let index = self.range.size();
+            record.index = index;
+            let leaf = record.encode_to_vec();
+            let nodes = self.range.push(leaf_hash(&leaf));
+            rows.push(LeafRow {
+                index,
+                leaf,
+                record,
+                nodes,
+            });
+            waiters.push((index, done));
+        }
+        match write(&mut self.conn, &rows, self.range.size()).await {
+            Ok(()) => {
+                self.size.store(self.range.size(), Ordering::Release);
+                self.healthy
+                    .send_if_modified(|h| !std::mem::replace(h, true));
+                for (index, done) in waiters {
+                    let _ = done.send(Ok(index));
+                }
+            }
+            Err(e) => {
+                self.range = before;
+                error!(error = %e, entries = rows.len(), "audit commit failed; calls answer UNAVAILABLE");
+                self.healthy
+                    .send_if_modified(|h| std::mem::replace(h, false));
+                for (_, done) in waiters {
+                    let _ = done.send(Err(AuditError::NotDurable(e.to_string())));
+                }
+            }
+        }
+    }
+
+    /// Signs and stores a checkpoint if the log grew since the last one.
+    async fn checkpoint(&mut self) -> Result<()> {
+        let size = self.range.size();
+        if size as i64 == self.checkpointed {
+            return Ok(());
+        }
+        let cp = Checkpoint {
+            origin: self.origin.clone(),
+            size,
+            root: self.range.root(),
+        };
+        let note = self.signer.sign(&cp.to_text())?;
+        sqlx::query(
+            "INSERT OR REPLACE INTO audit_checkpoints (size, note, time_ms) VALUES (?, ?, ?)",
+        )
+        .bind(size as i64)
+        .bind(&note)
+        .bind(now_ms())
+        .execute(&mut self.conn)
+        .await?;
+        self.checkpointed = size as i64;
+        if let Ok(mut l) = self.latest.write() {
+            *l = note;
+        }
+        Ok(())
+    }
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+async fn write(conn: &mut SqliteConnection, rows: &[LeafRow], new_size: u64) -> Result<()> {
+    let mut tx = conn.begin().await?;
+    for chunk in rows.chunks(500) {
+        let sql = format!(
+            "INSERT INTO audit_leaves (idx, leaf, time_ms, agency, method, outcome) VALUES {}",
+            vec!["(?, ?, ?, ?, ?, ?)"; chunk.len()].join(",")
+        );
+        // Built only from constants and `?` placeholders.
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for r in chunk {
+            q = q
+                .bind(r.index as i64)
+                .bind(&r.leaf)
+                .bind(r.record.time_unix_ms)
+                .bind(&r.record.agency_id)
+                .bind(&r.record.method)
+                .bind(&r.record.outcome);
+        }
+        q.execute(&mut *tx).await?;
+    }
+    let nodes: Vec<_> = rows.iter().flat_map(|r| r.nodes.iter()).collect();
+    for chunk in nodes.chunks(500) {
+        let sql = format!(
+            "INSERT INTO audit_nodes (level, idx, hash) VALUES {}",
+            vec!["(?, ?, ?)"; chunk.len()].join(",")
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for (id, hash) in chunk {
+            q = q
+                .bind(i64::from(id.level))
+                .bind(id.index as i64)
+                .bind(hash.as_slice());
+        }
+        q.execute(&mut *tx).await?;
+    }
+    let subjects: Vec<(&str, u64)> = rows
+        .iter()
+        .flat_map(|r| {
+            r.record
+                .subject_personal_ids
+                .iter()
+                .map(move |s| (s.as_str(), r.index))
+        })
+        .collect();
+    for chunk in subjects.chunks(500) {
+        let sql = format!(
+            "INSERT OR IGNORE INTO audit_subjects (personal_id, idx) VALUES {}",
+            vec!["(?, ?)"; chunk.len()].join(",")
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for (s, i) in chunk {
+            q = q.bind(*s).bind(*i as i64);
+        }
+        q.execute(&mut *tx).await?;
+    }
+    sqlx::query("INSERT INTO audit_meta (key, value) VALUES ('size', ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value")
+        .bind(new_size as i64)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}
