@@ -62,6 +62,13 @@ enum Command {
         #[command(subcommand)]
         command: RefdbCommand,
     },
+    /// Auditor tools: checkpoint, verify, prove, search, export, keygen.
+    Audit {
+        #[command(flatten)]
+        conn: civgate::audit::cli::Conn,
+        #[command(subcommand)]
+        command: civgate::audit::cli::Command,
+    },
     /// Load generators against a running gateway or directory.
     Bench {
         #[command(subcommand)]
@@ -209,6 +216,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             running.run_until_signalled().await
         }
         Command::Bench { command } => bench::run(command).await,
+        Command::Audit { conn, command } => civgate::audit::cli::run(conn, command).await,
         Command::Config {
             command: ConfigCommand::Check { config },
         } => {

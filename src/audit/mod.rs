@@ -1,6 +1,8 @@
 //! The tamper-evident audit log: one record per RPC, the leaves of an RFC 9162 Merkle tree,
 //! with C2SP signed checkpoints.
 
+pub mod auditor;
+pub mod cli;
 pub mod log;
 pub mod merkle;
 pub mod note;

@@ -1,0 +1,476 @@
+//! The auditor's side (`civgate audit …`): fetch and check checkpoints, entries and proofs
+//! without trusting the gateway. `verify` recomputes the root from every entry, checks the
+//! signature, checks consistency with the last checkpoint this auditor verified (kept in a
+//! local state file), and names the first bad index when something is wrong.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use base64::{Engine, engine::general_purpose::STANDARD};
+use prost::Message;
+use serde::{Deserialize, Serialize};
+use tonic::transport::Channel;
+
+use super::{
+    merkle::{CompactRange, Hash, leaf_hash, verify_consistency_bytes, verify_inclusion_bytes},
+    note::{Checkpoint, Verifier},
+};
+use crate::pb::v1::{
+    AuditRecord, GetCheckpointRequest, GetConsistencyProofRequest, GetEntriesRequest,
+    GetInclusionProofRequest, SearchEntriesRequest, audit_client::AuditClient,
+};
+
+/// What an auditor remembers between runs: the last checkpoint it verified.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedState {
+    pub origin: String,
+    pub size: u64,
+    /// Base64 root hash.
+    pub root: String,
+    pub verified_at_unix_ms: i64,
+}
+
+impl SavedState {
+    pub fn load(path: &Path) -> Result<Option<Self>> {
+        match std::fs::read_to_string(path) {
+            Ok(s) => Ok(Some(serde_json::from_str(&s).with_context(|| {
+                format!("{} is not a verify state file", path.display())
+            })?)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_string_pretty(self)?)?;
+        std::fs::rename(&tmp, path)?;
+        Ok(())
+    }
+
+    fn root_hash(&self) -> Vec<u8> {
+        STANDARD.decode(&self.root).unwrap_or_default()
+    }
+}
+
+/// Why a log failed verification; each names where.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Finding {
+    #[error("checkpoint signature: {0}")]
+    BadCheckpoint(String),
+    #[error("entry {index} is missing")]
+    Missing { index: u64 },
+    #[error("entry {index} does not decode as an audit record")]
+    Undecodable { index: u64 },
+    #[error("entry {index} is out of place: it says it is entry {claims} (deleted or reordered)")]
+    OutOfPlace { index: u64, claims: u64 },
+    #[error(
+        "entry {index} has been altered: the entries do not hash to the signed checkpoint's root"
+    )]
+    Altered { index: u64 },
+    #[error(
+        "the entries do not hash to the signed checkpoint's root (run online to locate the first bad entry)"
+    )]
+    RootMismatch,
+    #[error(
+        "the log was truncated: {had} entries were verified before, the checkpoint now says {now}"
+    )]
+    Truncated { had: u64, now: u64 },
+    #[error("history rewritten: {0}")]
+    Rewritten(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub size: u64,
+    pub root: Hash,
+    pub previous: Option<u64>,
+}
+
+fn prefix_root(hashes: &[Hash], n: usize) -> Hash {
+    let mut r = CompactRange::default();
+    for h in &hashes[..n] {
+        r.push(*h);
+    }
+    r.root()
+}
+
+/// Source of consistency proofs (the gateway, online); offline there is none.
+pub struct Online {
+    pub client: AuditClient<Channel>,
+}
+
+impl Online {
+    pub fn new(channel: Channel) -> Self {
+        Self {
+            client: AuditClient::new(channel).max_decoding_message_size(64 * 1024 * 1024),
+        }
+    }
+
+    pub async fn checkpoint(
+        &mut self,
+        verifier: &Verifier,
+    ) -> Result<(String, Checkpoint), Finding> {
+        let note = self
+            .client
+            .get_checkpoint(GetCheckpointRequest {})
+            .await
+            .map_err(|e| Finding::BadCheckpoint(format!("could not fetch: {}", e.message())))?
+            .into_inner()
+            .checkpoint;
+        let cp = open_checkpoint(&note, verifier)?;
+        Ok((note, cp))
+    }
+
+    pub async fn entries(&mut self, size: u64) -> Result<Vec<Vec<u8>>> {
+        let mut out = Vec::with_capacity(size as usize);
+        while (out.len() as u64) < size {
+            let start = out.len() as u64;
+            let r = self
+                .client
+                .get_entries(GetEntriesRequest { start, end: size })
+                .await;
+            match r {
+                Ok(r) => {
+                    let page = r.into_inner().entries;
+                    if page.is_empty() {
+                        return Err(Finding::Missing { index: start }.into());
+                    }
+                    out.extend(page);
+                }
+                Err(s) if s.code() == tonic::Code::DataLoss => {
+                    let index = s
+                        .message()
+                        .split_whitespace()
+                        .find_map(|w| w.parse::<u64>().ok())
+                        .unwrap_or(start);
+                    return Err(Finding::Missing { index }.into());
+                }
+                Err(s) => return Err(anyhow::anyhow!("GetEntries: {}", s.message())),
+            }
+        }
+        Ok(out)
+    }
+
+    async fn consistency(&mut self, first: u64, second: u64) -> Result<Vec<Vec<u8>>> {
+        Ok(self
+            .client
+            .get_consistency_proof(GetConsistencyProofRequest { first, second })
+            .await
+            .map_err(|s| anyhow::anyhow!("GetConsistencyProof: {}", s.message()))?
+            .into_inner()
+            .hashes)
+    }
+
+    pub async fn inclusion(&mut self, index: u64, tree_size: u64) -> Result<Vec<Vec<u8>>> {
+        Ok(self
+            .client
+            .get_inclusion_proof(GetInclusionProofRequest { index, tree_size })
+            .await
+            .map_err(|s| anyhow::anyhow!("GetInclusionProof: {}", s.message()))?
+            .into_inner()
+            .hashes)
+    }
+
+    pub async fn search(&mut self, req: SearchEntriesRequest) -> Result<Vec<(u64, Vec<u8>)>> {
+        let mut req = req;
+        let mut out = Vec::new();
+        loop {
+            let r = self
+                .client
+                .search_entries(req.clone())
+                .await
+                .map_err(|s| anyhow::anyhow!("SearchEntries: {}", s.message()))?
+                .into_inner();
+            out.extend(r.entries.into_iter().map(|e| (e.index, e.leaf)));
+            if r.next_page_token.is_empty() || out.len() >= 10_000 {
+                return Ok(out);
+            }
+            req.page_token = r.next_page_token;
+        }
+    }
+}
+
+pub fn open_checkpoint(note: &str, verifier: &Verifier) -> Result<Checkpoint, Finding> {
+    let text = verifier
+        .open(note)
+        .map_err(|e| Finding::BadCheckpoint(e.to_string()))?;
+    Checkpoint::parse(text).map_err(|e| Finding::BadCheckpoint(e.to_string()))
+}
+
+/// Checks entries against a verified checkpoint and the saved state. With `online`, an
+/// altered entry is located by asking for consistency proofs (a binary search over prefixes).
+pub async fn check(
+    cp: &Checkpoint,
+    leaves: &[Vec<u8>],
+    saved: Option<&SavedState>,
+    mut online: Option<&mut Online>,
+) -> Result<Report> {
+    if (leaves.len() as u64) < cp.size {
+        return Err(Finding::Missing {
+            index: leaves.len() as u64,
+        }
+        .into());
+    }
+    let leaves = &leaves[..cp.size as usize];
+    for (i, leaf) in leaves.iter().enumerate() {
+        let rec = AuditRecord::decode(leaf.as_slice())
+            .map_err(|_| Finding::Undecodable { index: i as u64 })?;
+        if rec.index != i as u64 {
+            return Err(Finding::OutOfPlace {
+                index: i as u64,
+                claims: rec.index,
+            }
+            .into());
+        }
+    }
+    let hashes: Vec<Hash> = leaves.iter().map(|l| leaf_hash(l)).collect();
+    let root = prefix_root(&hashes, hashes.len());
+    if root != cp.root {
+        let Some(online) = online.as_deref_mut() else {
+            return Err(Finding::RootMismatch.into());
+        };
+        // ok(s): the first s entries are a prefix of the signed tree. True up to the first
+        // altered entry, false after it.
+        let (mut lo, mut hi) = (0u64, cp.size);
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            let proof = online.consistency(mid, cp.size).await?;
+            let ok = verify_consistency_bytes(
+                mid,
+                cp.size,
+                &prefix_root(&hashes, mid as usize),
+                &cp.root,
+                &proof,
+            )
+            .is_ok();
+            if ok {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        return Err(Finding::Altered { index: lo }.into());
+    }
+    if let Some(saved) = saved {
+        if saved.size > cp.size {
+            return Err(Finding::Truncated {
+                had: saved.size,
+                now: cp.size,
+            }
+            .into());
+        }
+        if saved.size > 0 {
+            if prefix_root(&hashes, saved.size as usize).as_slice() != saved.root_hash().as_slice()
+            {
+                return Err(Finding::Rewritten(format!(
+                    "the first {} entries no longer hash to the root verified before",
+                    saved.size
+                ))
+                .into());
+            }
+            if let Some(online) = online.as_deref_mut() {
+                let proof = if saved.size == cp.size {
+                    Vec::new()
+                } else {
+                    online.consistency(saved.size, cp.size).await?
+                };
+                verify_consistency_bytes(saved.size, cp.size, &saved.root_hash(), &cp.root, &proof).map_err(|e| {
+                    Finding::Rewritten(format!(
+                        "the new checkpoint (size {}) is not consistent with the one verified before (size {}): {e}",
+                        cp.size, saved.size
+                    ))
+                })?;
+            }
+        }
+    }
+    Ok(Report {
+        size: cp.size,
+        root,
+        previous: saved.map(|s| s.size),
+    })
+}
+
+/// `civgate audit verify`, online.
+pub async fn verify_online(
+    online: &mut Online,
+    verifier: &Verifier,
+    state: &Path,
+) -> Result<Report> {
+    let (_, cp) = online.checkpoint(verifier).await?;
+    let saved = SavedState::load(state)?;
+    if let Some(s) = &saved
+        && s.origin != cp.origin
+    {
+        anyhow::bail!(
+            "{} holds state for log {:?}, not {:?}",
+            state.display(),
+            s.origin,
+            cp.origin
+        );
+    }
+    let leaves = online.entries(cp.size).await?;
+    let report = check(&cp, &leaves, saved.as_ref(), Some(online)).await?;
+    save(state, &cp)?;
+    Ok(report)
+}
+
+fn save(state: &Path, cp: &Checkpoint) -> Result<()> {
+    SavedState {
+        origin: cp.origin.clone(),
+        size: cp.size,
+        root: STANDARD.encode(cp.root),
+        verified_at_unix_ms: super::log::now_ms(),
+    }
+    .save(state)
+}
+
+/// One line of an export file.
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ExportLine {
+    Checkpoint { checkpoint: String },
+    Entry { index: u64, leaf: String },
+}
+
+/// `civgate audit export`: the signed checkpoint, then every entry, as JSON Lines.
+pub async fn export(
+    online: &mut Online,
+    verifier: &Verifier,
+    out: &mut dyn std::io::Write,
+) -> Result<u64> {
+    let (note, cp) = online.checkpoint(verifier).await?;
+    writeln!(
+        out,
+        "{}",
+        serde_json::to_string(&ExportLine::Checkpoint { checkpoint: note })?
+    )?;
+    let leaves = online.entries(cp.size).await?;
+    for (i, l) in leaves.iter().enumerate() {
+        writeln!(
+            out,
+            "{}",
+            serde_json::to_string(&ExportLine::Entry {
+                index: i as u64,
+                leaf: STANDARD.encode(l)
+            })?
+        )?;
+    }
+    Ok(cp.size)
+}
+
+/// `civgate audit verify --export FILE`: offline.
+pub async fn verify_export(path: &Path, verifier: &Verifier, state: &Path) -> Result<Report> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut lines = text.lines();
+    let Some(Ok(ExportLine::Checkpoint { checkpoint })) =
+        lines.next().map(serde_json::from_str::<ExportLine>)
+    else {
+        anyhow::bail!("{}: the first line must be the checkpoint", path.display());
+    };
+    let cp = open_checkpoint(&checkpoint, verifier)?;
+    let mut leaves = Vec::new();
+    for (n, line) in lines.enumerate() {
+        match serde_json::from_str::<ExportLine>(line) {
+            Ok(ExportLine::Entry { index, leaf }) => {
+                if index != n as u64 {
+                    return Err(Finding::Missing { index: n as u64 }.into());
+                }
+                leaves.push(
+                    STANDARD
+                        .decode(leaf)
+                        .map_err(|_| Finding::Undecodable { index })?,
+                );
+            }
+            _ => anyhow::bail!("{}: line {} is not an entry", path.display(), n + 2),
+        }
+    }
+    let saved = SavedState::load(state)?;
+    let report = check(&cp, &leaves, saved.as_ref(), None).await?;
+    save(state, &cp)?;
+    Ok(report)
+}
+
+/// Checks that entry `index` is in the signed tree; returns the decoded record.
+pub async fn prove(
+    online: &mut Online,
+    verifier: &Verifier,
+    index: u64,
+) -> Result<(Checkpoint, AuditRecord)> {
+    let (_, cp) = online.checkpoint(verifier).await?;
+    anyhow::ensure!(
+        index < cp.size,
+        "index {index} is not in the log (size {})",
+        cp.size
+    );
+    let leaf = online
+        .client
+        .get_entries(GetEntriesRequest {
+            start: index,
+            end: index + 1,
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("GetEntries: {}", s.message()))?
+        .into_inner()
+        .entries
+        .pop()
+        .context("no entry returned")?;
+    let proof = online.inclusion(index, cp.size).await?;
+    verify_inclusion_bytes(index, cp.size, &leaf_hash(&leaf), &proof, &cp.root)
+        .map_err(|e| anyhow::anyhow!("entry {index} is NOT proven in the signed tree: {e}"))?;
+    let rec = AuditRecord::decode(leaf.as_slice()).map_err(|_| Finding::Undecodable { index })?;
+    anyhow::ensure!(
+        rec.index == index,
+        Finding::OutOfPlace {
+            index,
+            claims: rec.index
+        }
+    );
+    Ok((cp, rec))
+}
+
+/// A readable table of audit records.
+pub fn table(records: &[AuditRecord]) -> String {
+    let mut out = format!(
+        "{:>7}  {:<24} {:<14} {:<36} {:<22} {:<18} {}\n",
+        "index", "time (UTC)", "agency", "method", "purpose", "outcome", "fields"
+    );
+    for r in records {
+        let t =
+            time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(r.time_unix_ms) * 1_000_000)
+                .map(|t| {
+                    format!(
+                        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+                        t.year(),
+                        u8::from(t.month()),
+                        t.day(),
+                        t.hour(),
+                        t.minute(),
+                        t.second()
+                    )
+                })
+                .unwrap_or_default();
+        let method = r
+            .method
+            .rsplit('/')
+            .take(2)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>()
+            .join("/");
+        let method = method.trim_start_matches("civgate.v1.");
+        out.push_str(&format!(
+            "{:>7}  {:<24} {:<14} {:<36} {:<22} {:<18} {}\n",
+            r.index,
+            t,
+            r.agency_id,
+            method,
+            r.purpose,
+            r.outcome,
+            r.fields_returned.join(",")
+        ));
+    }
+    out
+}
