@@ -269,7 +269,7 @@ pub async fn check(
                 ))
                 .into());
             }
-            if let Some(online) = online.as_deref_mut() {
+            if let Some(online) = online {
                 let proof = if saved.size == cp.size {
                     Vec::new()
                 } else {
