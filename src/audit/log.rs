@@ -158,6 +158,28 @@ impl AuditLog {
             .await?
             .unwrap_or(0);
         let size = u64::try_from(size).context("negative audit size")?;
+        // Rows beyond the recorded size belong to no committed log (only a manual edit leaves
+        // them); they would collide with the next appends.
+        let stale = sqlx::query("DELETE FROM audit_nodes WHERE ((idx + 1) << level) > ?1")
+            .bind(size as i64)
+            .execute(&mut conn)
+            .await?
+            .rows_affected()
+            + sqlx::query("DELETE FROM audit_leaves WHERE idx >= ?1")
+                .bind(size as i64)
+                .execute(&mut conn)
+                .await?
+                .rows_affected();
+        sqlx::query("DELETE FROM audit_subjects WHERE idx >= ?1")
+            .bind(size as i64)
+            .execute(&mut conn)
+            .await?;
+        if stale > 0 {
+            warn!(
+                size,
+                stale, "audit store held rows beyond its recorded size; removed them"
+            );
+        }
         let parts = fetch_nodes(&mut conn, &decompose(0, size)).await?;
         let range =
             CompactRange::from_parts(size, parts).context("audit right edge is inconsistent")?;

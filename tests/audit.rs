@@ -1,0 +1,458 @@
+//! The audit log end to end: records per RPC, fail closed, tamper detection by `verify`.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use civgate::{
+    audit::{
+        auditor::{self, Online},
+        note::Verifier,
+    },
+    client,
+    config::DEFAULT_CONFIG,
+    pb::v1::{
+        AuditRecord, GetCheckpointRequest, GetCitizenRequest, GetEntriesRequest,
+        SearchEntriesRequest, audit_client::AuditClient, citizens_client::CitizensClient,
+    },
+};
+use common::{Env, http_get};
+use prost::Message;
+use sqlx::{Connection, SqliteConnection};
+use tonic::Code;
+
+/// Test config: checkpoints every 50 ms, commits give up after 300 ms.
+fn config(directory_port: u16) -> String {
+    common::with_upstream_port(DEFAULT_CONFIG, directory_port)
+        .replace(
+            "checkpoint_interval_ms = 1000",
+            "checkpoint_interval_ms = 50",
+        )
+        .replace("commit_timeout_ms = 2000", "commit_timeout_ms = 300")
+}
+
+fn get(id: &str) -> GetCitizenRequest {
+    GetCitizenRequest {
+        personal_id: id.into(),
+        purpose: "BIRTH_REGISTRATION".into(),
+    }
+}
+
+fn verifier(env: &Env) -> Verifier {
+    Verifier::parse(&std::fs::read_to_string(env.certs().join("audit.vkey")).unwrap()).unwrap()
+}
+
+async fn auditor(env: &Env, addr: std::net::SocketAddr) -> Online {
+    Online::new(
+        client::connect(addr, &env.certs(), Some("auditor"))
+            .await
+            .unwrap(),
+    )
+}
+
+/// Waits until the signed checkpoint covers at least `n` entries.
+async fn checkpoint_at_least(online: &mut Online, v: &Verifier, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, cp) = online.checkpoint(v).await.unwrap();
+        if cp.size >= n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no checkpoint reached size {n}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn sqlite(env: &Env) -> SqliteConnection {
+    let path = env.dir.path().join("data/audit.sqlite");
+    SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_call_is_audited_with_identifiers_and_field_names_only() {
+    let env = Env::new();
+    let stack = env.start_stack().await;
+    stack.gateway.shutdown().await.unwrap();
+    let gw = env.start_with(&config(stack.directory.addr.port())).await;
+    let mut reg = CitizensClient::new(
+        client::connect(gw.api_addr, &env.certs(), Some("registry-hp"))
+            .await
+            .unwrap(),
+    );
+    let looked_up: Vec<_> = stack.people.iter().take(5).cloned().collect();
+    for p in &looked_up {
+        let mut req = tonic::Request::new(get(p.personal_id.as_str()));
+        req.metadata_mut()
+            .insert("x-request-id", "req-42".parse().unwrap());
+        let resp = reg.get_citizen(req).await.unwrap();
+        assert_eq!(resp.metadata().get("x-request-id").unwrap(), "req-42");
+    }
+    let bad = reg.get_citizen(get("03120300012X")).await.unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    let mut wrong_role = CitizensClient::new(
+        client::connect(gw.api_addr, &env.certs(), Some("auditor"))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        wrong_role
+            .get_citizen(get(looked_up[0].personal_id.as_str()))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied
+    );
+
+    // "Who read citizen X?"
+    let mut audit = AuditClient::new(
+        client::connect(gw.api_addr, &env.certs(), Some("auditor"))
+            .await
+            .unwrap(),
+    );
+    let x = looked_up[0].personal_id.to_string();
+    let found = audit
+        .search_entries(SearchEntriesRequest {
+            subject_personal_id: x.clone(),
+            page_size: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    let records: Vec<AuditRecord> = found
+        .iter()
+        .map(|e| AuditRecord::decode(e.leaf.as_slice()).unwrap())
+        .collect();
+    let read = records
+        .iter()
+        .find(|r| r.agency_id == "registry-hp")
+        .expect("registry-hp's read is recorded");
+    assert_eq!(read.method, "/civgate.v1.Citizens/GetCitizen");
+    assert_eq!(read.purpose, "BIRTH_REGISTRATION");
+    assert_eq!(read.outcome, "OK");
+    assert_eq!(read.request_id, "req-42");
+    assert_eq!(read.role, "civil_registry");
+    assert_eq!(read.subject_personal_ids, vec![x.clone()]);
+    assert!(read.fields_returned.contains(&"full_name".to_owned()));
+    assert!(!read.fields_returned.contains(&"blood_type".to_owned()));
+    assert_eq!(read.cert_fingerprint.len(), 64);
+
+    // Denied and invalid calls are there too.
+    // 5 reads, 1 invalid, 1 denied, 1 search so far.
+    let size = signed_size_at_least(&mut audit, 8).await;
+    let all = entries(&mut audit, size).await;
+    let decoded: Vec<AuditRecord> = all
+        .iter()
+        .map(|l| AuditRecord::decode(l.as_slice()).unwrap())
+        .collect();
+    assert!(decoded.iter().any(|r| r.agency_id == "auditor"
+        && r.outcome == "PERMISSION_DENIED"
+        && r.detail == "method_not_granted"));
+    assert!(decoded.iter().any(|r| r.agency_id == "registry-hp"
+        && r.outcome == "INVALID_ARGUMENT"
+        && r.subject_personal_ids.is_empty()));
+    for (i, r) in decoded.iter().enumerate() {
+        assert_eq!(r.index, i as u64);
+    }
+    // No personal data values in any leaf: no names, no dates of birth.
+    let bytes: Vec<u8> = all.concat();
+    for p in &looked_up {
+        for needle in [
+            p.full_name.clone(),
+            civgate::domain::format_date(p.date_of_birth),
+            p.permanent_address.clone(),
+        ] {
+            assert!(
+                !bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
+                "audit log contains {needle:?}"
+            );
+        }
+    }
+}
+
+/// The size of the signed checkpoint once it covers at least `n` entries.
+async fn signed_size_at_least(audit: &mut AuditClient<tonic::transport::Channel>, n: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let note = audit
+            .get_checkpoint(GetCheckpointRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .checkpoint;
+        let size: u64 = note.lines().nth(1).unwrap().parse().unwrap();
+        if size >= n {
+            return size;
+        }
+        assert!(Instant::now() < deadline, "checkpoint stuck at {size}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn entries(audit: &mut AuditClient<tonic::transport::Channel>, size: u64) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    while (out.len() as u64) < size {
+        let start = out.len() as u64;
+        out.extend(
+            audit
+                .get_entries(GetEntriesRequest { start, end: size })
+                .await
+                .unwrap()
+                .into_inner()
+                .entries,
+        );
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unwritable_audit_store_fails_closed() {
+    let env = Env::new();
+    let stack = env.start_stack().await;
+    stack.gateway.shutdown().await.unwrap();
+    let gw = env.start_with(&config(stack.directory.addr.port())).await;
+    let mut reg = CitizensClient::new(
+        client::connect(gw.api_addr, &env.certs(), Some("registry-hp"))
+            .await
+            .unwrap(),
+    );
+    let id = stack.people[2].personal_id.to_string();
+    reg.get_citizen(get(&id)).await.unwrap();
+
+    // Another process holds the database's write lock: no audit commit can complete.
+    let mut blocker = sqlite(&env).await;
+    sqlx::raw_sql("BEGIN IMMEDIATE")
+        .execute(&mut blocker)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let err = reg.get_citizen(get(&id)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("audit"), "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    let (code, body) = http_get(gw.admin_addr, "/healthz");
+    assert_eq!((code, body.trim()), (503, "NOT_SERVING"));
+
+    // Released: the gateway recovers by itself.
+    sqlx::raw_sql("ROLLBACK")
+        .execute(&mut blocker)
+        .await
+        .unwrap();
+    let resp = reg.get_citizen(get(&id)).await.unwrap().into_inner();
+    assert!(resp.citizen.is_some());
+    assert_eq!(http_get(gw.admin_addr, "/healthz").0, 200);
+}
+
+enum Tamper {
+    Edit,
+    Delete,
+    Reorder,
+    Truncate,
+}
+
+/// Runs traffic, verifies (saving state), stops, tampers with the stored log, restarts and
+/// verifies again: returns the failure.
+async fn tampered(kind: Tamper) -> String {
+    let env = Env::new();
+    let stack = env.start_stack().await;
+    stack.gateway.shutdown().await.unwrap();
+    let text = config(stack.directory.addr.port());
+    let gw = env.start_with(&text).await;
+    let v = verifier(&env);
+    let state = env.dir.path().join("verify-state.json");
+    let mut reg = CitizensClient::new(
+        client::connect(gw.api_addr, &env.certs(), Some("registry-hp"))
+            .await
+            .unwrap(),
+    );
+    for p in stack.people.iter().take(30) {
+        reg.get_citizen(get(p.personal_id.as_str())).await.unwrap();
+    }
+    let mut online = auditor(&env, gw.api_addr).await;
+    checkpoint_at_least(&mut online, &v, 30).await;
+    auditor::verify_online(&mut online, &v, &state)
+        .await
+        .expect("untouched log verifies");
+    gw.shutdown().await.unwrap();
+
+    let mut db = sqlite(&env).await;
+    let leaf = |i: i64| {
+        sqlx::query_scalar::<_, Vec<u8>>("SELECT leaf FROM audit_leaves WHERE idx = ?").bind(i)
+    };
+    match kind {
+        Tamper::Edit => {
+            let mut rec =
+                AuditRecord::decode(leaf(7).fetch_one(&mut db).await.unwrap().as_slice()).unwrap();
+            rec.agency_id = "someone-else".into();
+            sqlx::query("UPDATE audit_leaves SET leaf = ? WHERE idx = 7")
+                .bind(rec.encode_to_vec())
+                .execute(&mut db)
+                .await
+                .unwrap();
+        }
+        Tamper::Delete => {
+            sqlx::query("DELETE FROM audit_leaves WHERE idx = 7")
+                .execute(&mut db)
+                .await
+                .unwrap();
+        }
+        Tamper::Reorder => {
+            // Swap two entries and fix up their index fields so each still looks in place.
+            let mut a =
+                AuditRecord::decode(leaf(5).fetch_one(&mut db).await.unwrap().as_slice()).unwrap();
+            let mut b =
+                AuditRecord::decode(leaf(9).fetch_one(&mut db).await.unwrap().as_slice()).unwrap();
+            std::mem::swap(&mut a.index, &mut b.index);
+            sqlx::query("UPDATE audit_leaves SET leaf = ? WHERE idx = 9")
+                .bind(a.encode_to_vec())
+                .execute(&mut db)
+                .await
+                .unwrap();
+            sqlx::query("UPDATE audit_leaves SET leaf = ? WHERE idx = 5")
+                .bind(b.encode_to_vec())
+                .execute(&mut db)
+                .await
+                .unwrap();
+        }
+        Tamper::Truncate => {
+            sqlx::raw_sql(
+                "DELETE FROM audit_leaves WHERE idx >= 20; DELETE FROM audit_checkpoints WHERE size > 20; \
+                 UPDATE audit_meta SET value = 20 WHERE key = 'size';",
+            )
+            .execute(&mut db)
+            .await
+            .unwrap();
+        }
+    }
+    db.close().await.unwrap();
+
+    let gw = env.start_with(&text).await;
+    let mut online = auditor(&env, gw.api_addr).await;
+    let err = auditor::verify_online(&mut online, &v, &state)
+        .await
+        .expect_err("tampering must be detected");
+    format!("{err:#}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_names_an_edited_entry() {
+    let e = tampered(Tamper::Edit).await;
+    assert!(e.contains("entry 7 has been altered"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_names_a_deleted_entry() {
+    let e = tampered(Tamper::Delete).await;
+    assert!(e.contains("entry 7 is missing"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_names_the_first_of_two_reordered_entries() {
+    let e = tampered(Tamper::Reorder).await;
+    assert!(e.contains("entry 5 has been altered"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_detects_a_truncated_log() {
+    let e = tampered(Tamper::Truncate).await;
+    assert!(e.contains("truncated") && e.contains("now says 20"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rewritten_history_with_a_freshly_signed_checkpoint_is_caught() {
+    let env = Env::new();
+    let stack = env.start_stack().await;
+    stack.gateway.shutdown().await.unwrap();
+    let text = config(stack.directory.addr.port());
+    let v = verifier(&env);
+    let state = env.dir.path().join("verify-state.json");
+    {
+        let gw = env.start_with(&text).await;
+        let mut reg = CitizensClient::new(
+            client::connect(gw.api_addr, &env.certs(), Some("registry-hp"))
+                .await
+                .unwrap(),
+        );
+        for p in stack.people.iter().take(10) {
+            reg.get_citizen(get(p.personal_id.as_str())).await.unwrap();
+        }
+        let mut online = auditor(&env, gw.api_addr).await;
+        checkpoint_at_least(&mut online, &v, 10).await;
+        auditor::verify_online(&mut online, &v, &state)
+            .await
+            .unwrap();
+        gw.shutdown().await.unwrap();
+    }
+    // The operator throws the log away and builds another history, signed with the real key.
+    std::fs::remove_dir_all(env.dir.path().join("data")).unwrap();
+    let gw = env.start_with(&text).await;
+    let mut reg = CitizensClient::new(
+        client::connect(gw.api_addr, &env.certs(), Some("registry-hp"))
+            .await
+            .unwrap(),
+    );
+    for p in stack.people.iter().skip(100).take(40) {
+        reg.get_citizen(get(p.personal_id.as_str())).await.unwrap();
+    }
+    let mut online = auditor(&env, gw.api_addr).await;
+    checkpoint_at_least(&mut online, &v, 40).await;
+    // Taken alone, the new log is self-consistent...
+    let fresh_state = env.dir.path().join("fresh-state.json");
+    auditor::verify_online(&mut online, &v, &fresh_state)
+        .await
+        .unwrap();
+    // ...but not with what this auditor verified before.
+    let err = auditor::verify_online(&mut online, &v, &state)
+        .await
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("history rewritten"), "{err:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_verify_of_an_export_matches_online() {
+    let env = Env::new();
+    let stack = env.start_stack().await;
+    stack.gateway.shutdown().await.unwrap();
+    let gw = env.start_with(&config(stack.directory.addr.port())).await;
+    let v = verifier(&env);
+    let mut reg = CitizensClient::new(
+        client::connect(gw.api_addr, &env.certs(), Some("registry-hp"))
+            .await
+            .unwrap(),
+    );
+    for p in stack.people.iter().take(12) {
+        reg.get_citizen(get(p.personal_id.as_str())).await.unwrap();
+    }
+    let mut online = auditor(&env, gw.api_addr).await;
+    checkpoint_at_least(&mut online, &v, 12).await;
+    let path = env.dir.path().join("export.jsonl");
+    let mut f = std::fs::File::create(&path).unwrap();
+    let n = auditor::export(&mut online, &v, &mut f).await.unwrap();
+    drop(f);
+    let report = auditor::verify_export(&path, &v, &env.dir.path().join("s.json"))
+        .await
+        .unwrap();
+    assert_eq!(report.size, n);
+    // One flipped byte in one entry of the export.
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    let mut line: serde_json::Value = serde_json::from_str(&lines[4]).unwrap();
+    let mut leaf = base64::Engine::decode(
+        &base64::engine::general_purpose::STANDARD,
+        line["leaf"].as_str().unwrap(),
+    )
+    .unwrap();
+    let last = leaf.len() - 1;
+    leaf[last] ^= 1;
+    line["leaf"] = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &leaf).into();
+    lines[4] = line.to_string();
+    std::fs::write(&path, lines.join("\n")).unwrap();
+    let err = auditor::verify_export(&path, &v, &env.dir.path().join("s2.json"))
+        .await
+        .unwrap_err();
+    let e = format!("{err:#}");
+    assert!(e.contains("do not hash") || e.contains("entry 3"), "{e}");
+}
