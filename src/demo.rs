@@ -48,7 +48,25 @@ pub async fn run(certs_dir: &Path) -> Result<()> {
         .file_name()
         .and_then(|n| n.to_str())
         .unwrap_or("certs");
-    let mut text = DEFAULT_CONFIG.replace("\"certs/", &format!("\"{certs_name}/"));
+    if !certs_dir.join("audit.key").exists() {
+        // Certificates from before the audit log existed: add its signing key.
+        let signer = crate::audit::note::Signer::generate(certs::AUDIT_KEY_NAME)?;
+        std::fs::write(
+            certs_dir.join("audit.key"),
+            format!("{}\n", signer.private_key_string()),
+        )?;
+        std::fs::write(
+            certs_dir.join("audit.vkey"),
+            format!("{}\n", signer.verifier_key_string()),
+        )?;
+        println!("• created the audit signing key in {}", certs_dir.display());
+    }
+    let mut text = DEFAULT_CONFIG
+        .replace("\"certs/", &format!("\"{certs_name}/"))
+        .replace(
+            "checkpoint_interval_ms = 1000",
+            "checkpoint_interval_ms = 100",
+        );
     let data = tempfile_dir()?;
 
     // The embedded reference population directory (upstream for look-ups).
@@ -269,6 +287,20 @@ pub async fn run(certs_dir: &Path) -> Result<()> {
         }
     }
 
+    println!();
+    println!(
+        "An auditor asks: who read citizen {} ? (SPEC §6 step 7)",
+        father.personal_id
+    );
+    match audit_step(addr, certs_dir, &father.personal_id.to_string(), &data).await {
+        Ok(lines) => {
+            for (ok, what, got) in lines {
+                check(ok, &what, got);
+            }
+        }
+        Err(e) => check(false, "auditor", format!("{e:#}")),
+    }
+
     gw.shutdown().await?;
     directory.shutdown().await?;
     let _ = std::fs::remove_dir_all(&data);
@@ -278,6 +310,87 @@ pub async fn run(certs_dir: &Path) -> Result<()> {
     }
     println!("demo finished: every case behaved as expected");
     Ok(())
+}
+
+/// Search by subject, prove an entry, verify the whole log.
+async fn audit_step(
+    addr: std::net::SocketAddr,
+    certs_dir: &Path,
+    subject: &str,
+    data: &Path,
+) -> Result<Vec<(bool, String, String)>> {
+    use crate::{
+        audit::{
+            auditor::{self, Online},
+            note::Verifier,
+        },
+        pb::v1::{AuditRecord, SearchEntriesRequest},
+    };
+    use prost::Message;
+
+    let verifier = Verifier::parse(&std::fs::read_to_string(certs_dir.join("audit.vkey"))?)?;
+    let mut online = Online::new(client::connect(addr, certs_dir, Some("auditor")).await?);
+    let mut out = Vec::new();
+    let found = online
+        .search(SearchEntriesRequest {
+            subject_personal_id: subject.to_owned(),
+            page_size: 100,
+            ..Default::default()
+        })
+        .await?;
+    let records: Vec<AuditRecord> = found
+        .iter()
+        .filter_map(|(_, l)| AuditRecord::decode(l.as_slice()).ok())
+        .collect();
+    for line in auditor::table(&records).lines() {
+        println!("      {line}");
+    }
+    let by_registry = records
+        .iter()
+        .filter(|r| r.agency_id == "registry-hp")
+        .count();
+    out.push((
+        by_registry >= 2,
+        "Audit.SearchEntries by subject".to_owned(),
+        format!(
+            "{} entries, {by_registry} by registry-hp; identifiers and field names only",
+            records.len()
+        ),
+    ));
+    // Wait for a checkpoint that covers the entry (one is signed every 100 ms here).
+    let Some((index, _)) = found.first() else {
+        out.push((false, "inclusion proof".into(), "nothing to prove".into()));
+        return Ok(out);
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while online.checkpoint(&verifier).await?.1.size <= *index {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint covers entry {index}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let (cp, _) = auditor::prove(&mut online, &verifier, *index).await?;
+    out.push((
+        true,
+        format!("inclusion proof of entry {index}"),
+        format!("in the signed tree of size {}", cp.size),
+    ));
+    let report =
+        auditor::verify_online(&mut online, &verifier, &data.join("verify-state.json")).await;
+    out.push(match report {
+        Ok(r) => (
+            true,
+            "civgate audit verify".to_owned(),
+            format!(
+                "{} entries recomputed, root {}…, signature OK",
+                r.size,
+                &hex::encode(r.root)[..16]
+            ),
+        ),
+        Err(e) => (false, "civgate audit verify".to_owned(), format!("{e:#}")),
+    });
+    Ok(out)
 }
 
 fn describe<T>(r: &Result<T, tonic::Status>) -> String {
