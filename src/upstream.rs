@@ -104,13 +104,7 @@ impl Upstream {
         req.set_timeout(budget);
         let mut client = self.client();
         let call = client.get_citizens(req);
-        match tokio::time::timeout(budget, call).await {
-            Err(_) => Err(Status::deadline_exceeded(
-                "population directory did not answer in time",
-            )),
-            Ok(Err(s)) => Err(map_upstream_error(s)),
-            Ok(Ok(r)) => Ok(r.into_inner().citizens),
-        }
+        within(budget, call).await.map(|r| r.citizens)
     }
 
     pub async fn search(
@@ -132,13 +126,23 @@ impl Upstream {
         });
         req.set_timeout(budget);
         let mut client = self.client();
-        match tokio::time::timeout(budget, client.search_citizens(req)).await {
-            Err(_) => Err(Status::deadline_exceeded(
-                "population directory did not answer in time",
-            )),
-            Ok(Err(s)) => Err(map_upstream_error(s)),
-            Ok(Ok(r)) => Ok(r.into_inner().citizens),
-        }
+        within(budget, client.search_citizens(req))
+            .await
+            .map(|r| r.citizens)
+    }
+}
+
+/// One upstream call bounded by `budget`; failures mapped for the caller.
+async fn within<T>(
+    budget: Duration,
+    call: impl Future<Output = Result<tonic::Response<T>, Status>>,
+) -> Result<T, Status> {
+    match tokio::time::timeout(budget, call).await {
+        Err(_) => Err(Status::deadline_exceeded(
+            "population directory did not answer in time",
+        )),
+        Ok(Err(s)) => Err(map_upstream_error(s)),
+        Ok(Ok(r)) => Ok(r.into_inner()),
     }
 }
 

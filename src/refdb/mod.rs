@@ -67,14 +67,7 @@ impl PopulationDirectory for DirectoryService {
             .collect::<Result<Vec<_>, _>>()?;
         let fields = fields_from_names(&req.fields);
         let records = self.store.get_many(&ids).await.map_err(internal)?;
-        let citizens = records
-            .iter()
-            .map(|r| {
-                let mut c = record_to_pb(r);
-                mask(&mut c, &fields);
-                c
-            })
-            .collect();
+        let citizens = masked(&records, &fields);
         Ok(Response::new(GetCitizensResponse { citizens }))
     }
 
@@ -93,16 +86,24 @@ impl PopulationDirectory for DirectoryService {
             .search(&req.folded_name, &req.date_of_birth, province, limit)
             .await
             .map_err(internal)?;
-        let citizens = records
-            .iter()
-            .map(|r| {
-                let mut c = record_to_pb(r);
-                mask(&mut c, &fields);
-                c
-            })
-            .collect();
+        let citizens = masked(&records, &fields);
         Ok(Response::new(SearchCitizensResponse { citizens }))
     }
+}
+
+/// Records as wire citizens, each limited to `fields`.
+fn masked(
+    records: &[crate::synth::CitizenRecord],
+    fields: &std::collections::BTreeSet<crate::domain::CitizenField>,
+) -> Vec<crate::pb::v1::Citizen> {
+    records
+        .iter()
+        .map(|r| {
+            let mut c = record_to_pb(r);
+            mask(&mut c, fields);
+            c
+        })
+        .collect()
 }
 
 /// Only the agencies in `[refdb] allowed_agencies` (the gateway) may query the directory.
