@@ -42,6 +42,10 @@ pub struct ConfigFile {
     pub refdb: RefdbSection,
     #[serde(default)]
     pub audit: AuditSection,
+    #[serde(default)]
+    pub quotas: crate::limits::QuotasSection,
+    #[serde(default)]
+    pub harvest: crate::limits::HarvestSection,
 }
 
 #[derive(Clone, Debug, Deserialize)]

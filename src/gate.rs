@@ -97,6 +97,65 @@ fn record(
     }
 }
 
+/// Admission and quota for an authorized call: the in-flight permit, or the refusal and its
+/// audit detail.
+fn limit(
+    snapshot: &crate::state::Snapshot,
+    principal: &Principal,
+    path: &str,
+) -> Result<Option<crate::limits::Admitted>, (tonic::Status, String)> {
+    use crate::limits::{Bucket, Busy, Decision};
+    let agency = &principal.agency;
+    let permit = match snapshot.in_flight.admit(agency) {
+        Ok(p) => p,
+        Err(Busy::Overloaded) => {
+            telemetry::load_shed("total");
+            return Err((
+                tonic::Status::unavailable("gateway overloaded; retry shortly"),
+                "load_shed".into(),
+            ));
+        }
+        Err(Busy::AgencyAtCap) => {
+            telemetry::load_shed("agency");
+            let status = rate_limited(agency, "in-flight calls", 1);
+            return Err((status, "in_flight_cap".into()));
+        }
+    };
+    if let Some(bucket) = Bucket::of_method(path) {
+        match snapshot.quotas.check(agency, bucket) {
+            Decision::Allow => {}
+            Decision::Refuse { retry_after_secs } => {
+                telemetry::rate_limited(agency.as_str(), bucket.as_str(), false);
+                let status = rate_limited(agency, bucket.as_str(), retry_after_secs);
+                return Err((status, format!("rate_limited:{}", bucket.as_str())));
+            }
+            Decision::WouldRefuse { retry_after_secs } => {
+                telemetry::rate_limited(agency.as_str(), bucket.as_str(), true);
+                tracing::info!(%agency, bucket = bucket.as_str(), retry_after_secs, "shadow mode: would refuse (over quota)");
+            }
+        }
+    }
+    Ok(Some(permit))
+}
+
+/// RESOURCE_EXHAUSTED with `retry-after` (whole seconds) and a `google.rpc.RetryInfo`.
+fn rate_limited(
+    agency: &crate::domain::AgencyId,
+    what: &str,
+    retry_after_secs: u64,
+) -> tonic::Status {
+    use tonic_types::{ErrorDetails, StatusExt};
+    let mut status = tonic::Status::with_error_details(
+        tonic::Code::ResourceExhausted,
+        format!("agency {agency} is over its {what} quota; retry after {retry_after_secs} s"),
+        ErrorDetails::with_retry_info(Some(std::time::Duration::from_secs(retry_after_secs))),
+    );
+    if let Ok(v) = retry_after_secs.to_string().parse() {
+        status.metadata_mut().insert("retry-after", v);
+    }
+    status
+}
+
 fn with_request_id<B>(mut resp: http::Response<B>, id: &str) -> http::Response<B> {
     if let Ok(v) = http::HeaderValue::from_str(id) {
         resp.headers_mut().insert("x-request-id", v);
@@ -141,32 +200,39 @@ where
             return Box::pin(async move { Ok(status.into_http()) });
         };
         let audit = self.audit.clone();
-        match policy::authorize(&self.state.load().policy, &conn.peer, &path) {
-            Err(denial) => {
+        let snapshot = self.state.load_full();
+        // Identity → policy → admission (in-flight caps) → quota.
+        let admitted = policy::authorize(&snapshot.policy, &conn.peer, &path)
+            .map_err(|denial| {
                 tracing::warn!(remote = %conn.remote, method = path, reason = denial.reason(), "denied: {denial}");
                 telemetry::rpc_denied(method, denial.reason());
-                let mut status = denial.to_status();
-                Box::pin(async move {
-                    if let Some(log) = audit {
-                        let rec = record(
-                            &conn.peer,
-                            None,
-                            &path,
-                            Facts::default(),
-                            status.code(),
-                            &rid,
-                            start,
-                            denial.reason(),
-                        );
-                        if let Err(e) = log.append(rec).await {
-                            status = audit_unavailable(&e);
-                        }
+                (denial.to_status(), denial.reason().to_owned(), None)
+            })
+            .and_then(|principal| match limit(&snapshot, &principal, &path) {
+                Ok(permit) => Ok((principal, permit)),
+                Err((status, detail)) => Err((status, detail, Some(principal))),
+            });
+        match admitted {
+            Err((mut status, detail, principal)) => Box::pin(async move {
+                if let Some(log) = audit {
+                    let rec = record(
+                        &conn.peer,
+                        principal.as_ref(),
+                        &path,
+                        Facts::default(),
+                        status.code(),
+                        &rid,
+                        start,
+                        &detail,
+                    );
+                    if let Err(e) = log.append(rec).await {
+                        status = audit_unavailable(&e);
                     }
-                    telemetry::rpc_finished(method, status.code(), start.elapsed());
-                    Ok(with_request_id(status.into_http(), &rid))
-                })
-            }
-            Ok(principal) => {
+                }
+                telemetry::rpc_finished(method, status.code(), start.elapsed());
+                Ok(with_request_id(status.into_http(), &rid))
+            }),
+            Ok((principal, permit)) => {
                 let facts = FactsSlot::default();
                 req.extensions_mut().insert(facts.clone());
                 req.extensions_mut().insert(principal.clone());
@@ -174,6 +240,8 @@ where
                 let mut inner = std::mem::replace(&mut self.inner, clone);
                 Box::pin(async move {
                     let resp = inner.call(req).await?;
+                    // In flight until the response head exists (streams do not hold a slot).
+                    drop(permit);
                     // Trailers-only responses (errors) carry grpc-status in the headers; any
                     // other response is a success (unary) or an opened stream.
                     let code = grpc_status(resp.headers());

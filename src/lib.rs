@@ -11,6 +11,7 @@ pub mod demo;
 pub mod domain;
 pub mod gate;
 pub mod identity;
+pub mod limits;
 pub mod listener;
 pub mod pb;
 pub mod policy;

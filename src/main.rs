@@ -221,7 +221,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             command: ConfigCommand::Check { config },
         } => {
             let cfg = config::Config::load(&config)?;
-            let snap = Snapshot::build(cfg)?;
+            let snap = Snapshot::build(cfg, None)?;
             println!(
                 "{}: OK ({} agencies, {} purposes)",
                 config.display(),

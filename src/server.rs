@@ -136,7 +136,7 @@ pub struct Running {
 /// Validates the config and everything it names, binds both ports and starts serving.
 pub async fn start(source: ConfigSource, overrides: Overrides) -> Result<Running> {
     let config = source.read(&overrides)?;
-    let snapshot = Snapshot::build(config)?;
+    let snapshot = Snapshot::build(config, None)?;
     let server_cfg = snapshot.config.file.server.clone();
     let limits = snapshot.config.file.limits.clone();
     let state: Shared = Arc::new(ArcSwap::from_pointee(snapshot));
@@ -147,6 +147,7 @@ pub async fn start(source: ConfigSource, overrides: Overrides) -> Result<Running
     let admin_addr = admin_listener.local_addr()?;
 
     let (shutdown, shutdown_rx) = watch::channel(false);
+    let shutdown_rx_for_tasks = shutdown_rx.clone();
     let readiness = Readiness::default();
     let admin = telemetry::spawn_admin(admin_listener, readiness.clone(), shutdown_rx.clone());
 
@@ -233,6 +234,24 @@ pub async fn start(source: ConfigSource, overrides: Overrides) -> Result<Running
             }
         });
     }
+    // Forget harvesting windows that have expired (bounded memory).
+    {
+        let state = state.clone();
+        let mut stop = shutdown_rx_for_tasks.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(30));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        let snap = state.load();
+                        snap.harvest.retain_recent(&snap.config.file.harvest, std::time::Instant::now());
+                        metrics::gauge!("civgate_harvest_tracked_agencies").set(snap.harvest.agencies() as f64);
+                    }
+                    () = listener::wait_true(&mut stop) => break,
+                }
+            }
+        });
+    }
     readiness.set(true);
     info!(api = %api_addr, admin = %admin_addr, "civgate serving");
     Ok(Running {
@@ -253,7 +272,11 @@ impl Running {
     /// Re-reads the config and swaps in new TLS material and policy. On any error the old
     /// config keeps serving. Established connections are untouched either way.
     pub fn reload(&self) -> Result<(), ConfigErrors> {
-        let result = self.source.read(&self.overrides).and_then(Snapshot::build);
+        let previous = self.state.load_full();
+        let result = self
+            .source
+            .read(&self.overrides)
+            .and_then(|c| Snapshot::build(c, Some(&previous)));
         match result {
             Ok(new) => {
                 let old = self.state.load();

@@ -7,8 +7,11 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use rustls::ServerConfig;
 
+use governor::clock::DefaultClock;
+
 use crate::{
     config::{Config, ConfigErrors},
+    limits::{HarvestGuard, InFlight, Quotas},
     policy::Policy,
     tls,
 };
@@ -17,19 +20,43 @@ pub struct Snapshot {
     pub config: Arc<Config>,
     pub tls: Arc<ServerConfig>,
     pub policy: Arc<Policy>,
+    pub quotas: Arc<Quotas>,
+    pub in_flight: Arc<InFlight>,
+    /// Carried over across reloads: the window of citizens read is not forgotten.
+    pub harvest: Arc<HarvestGuard>,
 }
 
 impl Snapshot {
     /// Validates everything a config refers to (files, PEM, keys) before it can go live.
-    pub fn build(config: Config) -> Result<Self, ConfigErrors> {
+    /// Quota buckets and the harvesting window carry over from `previous`.
+    pub fn build(config: Config, previous: Option<&Snapshot>) -> Result<Self, ConfigErrors> {
         let tls = tls::server_config(&config)?;
         let policy = Arc::new(config.policy());
+        let quotas = Arc::new(Quotas::build(
+            DefaultClock::default(),
+            &config.file.quotas,
+            &policy,
+            previous.map(|p| p.quotas.as_ref()),
+        ));
+        let in_flight = match previous {
+            Some(p) if same_caps(&p.config.file.quotas, &config.file.quotas) => p.in_flight.clone(),
+            _ => Arc::new(InFlight::new(&config.file.quotas)),
+        };
+        let harvest = previous.map_or_else(Default::default, |p| p.harvest.clone());
         Ok(Self {
             config: Arc::new(config),
             tls,
             policy,
+            quotas,
+            in_flight,
+            harvest,
         })
     }
+}
+
+fn same_caps(a: &crate::limits::QuotasSection, b: &crate::limits::QuotasSection) -> bool {
+    a.max_in_flight_per_agency == b.max_in_flight_per_agency
+        && a.max_in_flight_total == b.max_in_flight_total
 }
 
 pub type Shared = Arc<ArcSwap<Snapshot>>;

@@ -19,6 +19,9 @@ pub const RPC_DURATION: &str = "civgate_rpc_duration_seconds";
 pub const RPC_DENIED: &str = "civgate_rpc_denied_total";
 pub const TLS_HANDSHAKE_FAILURES: &str = "civgate_tls_handshake_failures_total";
 pub const CONFIG_RELOADS: &str = "civgate_config_reloads_total";
+pub const RATE_LIMITED: &str = "civgate_rate_limited_total";
+pub const LOAD_SHED: &str = "civgate_load_shed_total";
+pub const HARVEST: &str = "civgate_harvest_guard_total";
 
 /// Installs the tracing subscriber: human-readable or JSON lines, to stderr.
 pub fn init_logging(json: bool) {
@@ -67,6 +70,21 @@ pub fn rpc_finished(method: &'static str, code: tonic::Code, elapsed: Duration) 
 
 pub fn rpc_denied(method: &'static str, reason: &'static str) {
     metrics::counter!(RPC_DENIED, "method" => method, "reason" => reason).increment(1);
+}
+
+/// A call over quota (`shadow`: counted, not refused).
+pub fn rate_limited(agency: &str, bucket: &'static str, shadow: bool) {
+    let mode = if shadow { "shadow" } else { "enforced" };
+    metrics::counter!(RATE_LIMITED, "agency" => agency.to_owned(), "bucket" => bucket, "mode" => mode).increment(1);
+}
+
+pub fn load_shed(scope: &'static str) {
+    metrics::counter!(LOAD_SHED, "scope" => scope).increment(1);
+}
+
+/// Harvesting guard events: `warn`, `deny`, `would_deny`.
+pub fn harvest(agency: &str, event: &'static str) {
+    metrics::counter!(HARVEST, "agency" => agency.to_owned(), "event" => event).increment(1);
 }
 
 pub fn config_reloaded(ok: bool) {

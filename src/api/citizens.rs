@@ -4,6 +4,7 @@
 use std::{
     collections::{BTreeSet, HashMap},
     sync::Arc,
+    time::Instant,
 };
 
 use tonic::{Code, Request, Response, Status};
@@ -13,13 +14,16 @@ use crate::{
     api::convert::{mask, present_fields, sex_from_pb},
     audit::FactsSlot,
     domain::{CitizenField, FullName, PersonalId, PurposeCode, fold, parse_date, personal_id},
+    limits::Harvest,
     pb::v1::{
         AttributeMatch, BatchError, BatchGetCitizensRequest, BatchGetCitizensResponse,
         BatchGetCitizensResult, Citizen, GetCitizenRequest, GetCitizenResponse, MaritalStatus,
         Match, SearchCitizensRequest, SearchCitizensResponse, Sex, VerifyCitizenRequest,
         VerifyCitizenResponse, batch_get_citizens_result, citizens_server::Citizens,
     },
+    policy::Principal,
     state::Shared,
+    telemetry,
     upstream::{Upstream, caller_deadline},
 };
 
@@ -83,6 +87,44 @@ impl CitizensService {
     }
 }
 
+impl CitizensService {
+    /// The harvesting guard: may this agency read these citizens now?
+    fn harvest(&self, who: &Principal, ids: &[String]) -> Result<(), Status> {
+        let snapshot = self.state.load();
+        let s = &snapshot.config.file.harvest;
+        let agency = who.agency.as_str();
+        match snapshot.harvest.check(s, &who.agency, ids, Instant::now()) {
+            Harvest::Allow { .. } => Ok(()),
+            Harvest::Warn { distinct } => {
+                tracing::warn!(
+                    agency,
+                    distinct,
+                    window_secs = s.window_secs,
+                    "harvesting guard: agency crossed the warning threshold of distinct citizens read"
+                );
+                telemetry::harvest(agency, "warn");
+                Ok(())
+            }
+            Harvest::WouldDeny { distinct } => {
+                tracing::warn!(
+                    agency,
+                    distinct,
+                    "harvesting guard (shadow): would refuse further citizens"
+                );
+                telemetry::harvest(agency, "would_deny");
+                Ok(())
+            }
+            Harvest::Deny { distinct } => {
+                telemetry::harvest(agency, "deny");
+                Err(Status::permission_denied(format!(
+                    "harvesting guard: agency {agency} has read {distinct} distinct citizens within {} s; reads of further citizens are refused",
+                    s.window_secs
+                )))
+            }
+        }
+    }
+}
+
 /// `INVALID_ARGUMENT` with a `google.rpc.BadRequest` naming each bad field.
 pub fn invalid(violations: Vec<FieldViolation>) -> Status {
     let message = violations
@@ -115,7 +157,7 @@ impl Citizens for CitizensService {
         &self,
         req: Request<GetCitizenRequest>,
     ) -> Result<Response<GetCitizenResponse>, Status> {
-        principal(&req)?;
+        let who = principal(&req)?;
         let facts = FactsSlot::of(&req);
         let deadline = caller_deadline(req.metadata());
         let r = req.into_inner();
@@ -125,6 +167,7 @@ impl Citizens for CitizensService {
             (Ok(i), Ok(p)) => (i, p),
             (i, p) => return Err(invalid([i.err(), p.err()].into_iter().flatten().collect())),
         };
+        self.harvest(&who, &[id.to_string()])?;
         facts.update(|f| {
             f.purpose = code.as_str().to_owned();
             f.subjects = vec![id.to_string()];
@@ -154,7 +197,7 @@ impl Citizens for CitizensService {
         &self,
         req: Request<BatchGetCitizensRequest>,
     ) -> Result<Response<BatchGetCitizensResponse>, Status> {
-        principal(&req)?;
+        let who = principal(&req)?;
         let facts = FactsSlot::of(&req);
         let deadline = caller_deadline(req.metadata());
         let r = req.into_inner();
@@ -189,9 +232,11 @@ impl Citizens for CitizensService {
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
+        let subjects: Vec<String> = valid.iter().map(ToString::to_string).collect();
+        self.harvest(&who, &subjects)?;
         facts.update(|f| {
             f.purpose = code.as_str().to_owned();
-            f.subjects = valid.iter().map(ToString::to_string).collect();
+            f.subjects = subjects;
         });
         let mut found: HashMap<String, Citizen> = if valid.is_empty() {
             HashMap::new()
@@ -251,7 +296,7 @@ impl Citizens for CitizensService {
         &self,
         req: Request<VerifyCitizenRequest>,
     ) -> Result<Response<VerifyCitizenResponse>, Status> {
-        principal(&req)?;
+        let who = principal(&req)?;
         let facts = FactsSlot::of(&req);
         let deadline = caller_deadline(req.metadata());
         let r = req.into_inner();
@@ -371,6 +416,7 @@ impl Citizens for CitizensService {
         let (Some(id), true) = (id, violations.is_empty()) else {
             return Err(invalid(violations));
         };
+        self.harvest(&who, &[id.to_string()])?;
         facts.update(|f| {
             f.purpose = purpose
                 .as_ref()
@@ -405,7 +451,7 @@ impl Citizens for CitizensService {
         &self,
         req: Request<SearchCitizensRequest>,
     ) -> Result<Response<SearchCitizensResponse>, Status> {
-        principal(&req)?;
+        let who = principal(&req)?;
         let facts = FactsSlot::of(&req);
         let deadline = caller_deadline(req.metadata());
         let r = req.into_inner();
@@ -467,9 +513,13 @@ impl Citizens for CitizensService {
         }
         // The citizens whose data left are the subjects; the query itself (a name and a date
         // of birth) is personal data and is not recorded.
+        let subjects: Vec<String> = citizens.iter().map(|c| c.personal_id.clone()).collect();
+        if !subjects.is_empty() {
+            self.harvest(&who, &subjects)?;
+        }
         facts.update(|f| {
             f.purpose = code.as_str().to_owned();
-            f.subjects = citizens.iter().map(|c| c.personal_id.clone()).collect();
+            f.subjects = subjects;
             let returned: BTreeSet<&'static str> =
                 citizens.iter().flat_map(present_fields).collect();
             f.fields = returned.iter().map(|s| (*s).to_owned()).collect();

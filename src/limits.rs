@@ -1,0 +1,629 @@
+//! Per-agency limits: request quotas (governor, one GCRA bucket per agency and bucket kind),
+//! in-flight caps, a global load-shedding cap, and the harvesting guard (distinct citizens per
+//! agency over a sliding window). Plain decisions over a clock; the gate only calls them.
+//! Buckets survive reloads unless their own rate changed.
+
+use std::{
+    collections::HashMap,
+    num::NonZeroU32,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use governor::{
+    Quota, RateLimiter,
+    clock::{Clock, DefaultClock},
+    middleware::NoOpMiddleware,
+    state::{InMemoryState, NotKeyed},
+};
+use serde::Deserialize;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::{
+    domain::{AgencyId, Role},
+    policy::Policy,
+};
+
+type Limiter<C> = RateLimiter<NotKeyed, InMemoryState, C, NoOpMiddleware<<C as Clock>::Instant>>;
+
+/// Which quota a call draws from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Bucket {
+    /// `Citizens.*`
+    Reads,
+    /// `Exchange.Publish`
+    Publishes,
+}
+
+impl Bucket {
+    pub fn of_method(path: &str) -> Option<Self> {
+        if path.starts_with("/civgate.v1.Citizens/") {
+            Some(Bucket::Reads)
+        } else if path == "/civgate.v1.Exchange/Publish" {
+            Some(Bucket::Publishes)
+        } else {
+            None
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Bucket::Reads => "reads",
+            Bucket::Publishes => "publishes",
+        }
+    }
+}
+
+/// Calls per second and burst.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rate {
+    pub per_second: NonZeroU32,
+    pub burst: NonZeroU32,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateSet {
+    pub reads: Option<Rate>,
+    pub publishes: Option<Rate>,
+}
+
+/// `[quotas]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuotasSection {
+    /// Count and log what would be refused, refuse nothing.
+    pub shadow: bool,
+    pub reads: Rate,
+    pub publishes: Rate,
+    /// Per-role defaults.
+    pub roles: HashMap<Role, RateSet>,
+    /// Per-agency overrides.
+    pub agencies: HashMap<AgencyId, RateSet>,
+    /// Calls one agency may have in flight; beyond it RESOURCE_EXHAUSTED.
+    pub max_in_flight_per_agency: u32,
+    /// Calls in flight in all; beyond it UNAVAILABLE at once (load shedding).
+    pub max_in_flight_total: u32,
+}
+
+impl Default for QuotasSection {
+    fn default() -> Self {
+        let rate = |per_second, burst| Rate {
+            per_second: NonZeroU32::new(per_second).unwrap_or(NonZeroU32::MIN),
+            burst: NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN),
+        };
+        Self {
+            shadow: false,
+            reads: rate(500, 1_000),
+            publishes: rate(500, 1_000),
+            roles: HashMap::new(),
+            agencies: HashMap::new(),
+            max_in_flight_per_agency: 256,
+            max_in_flight_total: 4_096,
+        }
+    }
+}
+
+impl QuotasSection {
+    /// The rate an agency gets: its override, else its role's default, else the default.
+    pub fn rate(&self, agency: &AgencyId, role: Role, bucket: Bucket) -> Rate {
+        let pick = |s: &RateSet| match bucket {
+            Bucket::Reads => s.reads,
+            Bucket::Publishes => s.publishes,
+        };
+        self.agencies
+            .get(agency)
+            .and_then(pick)
+            .or_else(|| self.roles.get(&role).and_then(pick))
+            .unwrap_or(match bucket {
+                Bucket::Reads => self.reads,
+                Bucket::Publishes => self.publishes,
+            })
+    }
+}
+
+/// The outcome of a quota check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Allow,
+    /// Over quota: retry after this many whole seconds (≥ 1).
+    Refuse {
+        retry_after_secs: u64,
+    },
+    /// Shadow mode: would have been refused.
+    WouldRefuse {
+        retry_after_secs: u64,
+    },
+}
+
+/// Quota buckets for every configured agency.
+pub struct Quotas<C: Clock = DefaultClock> {
+    clock: C,
+    shadow: bool,
+    buckets: HashMap<(AgencyId, Bucket), RatedLimiter<C>>,
+}
+
+/// A bucket and the rate it was built with (to keep it across reloads that do not change it).
+type RatedLimiter<C> = (Rate, Arc<Limiter<C>>);
+
+impl<C: Clock + Clone> Quotas<C> {
+    /// Buckets for `policy`'s agencies; those whose rate is unchanged in `previous` are kept
+    /// (with their state), so a reload does not hand everyone a fresh burst.
+    pub fn build(
+        clock: C,
+        section: &QuotasSection,
+        policy: &Policy,
+        previous: Option<&Self>,
+    ) -> Self {
+        let mut buckets = HashMap::new();
+        for (id, agency) in &policy.agencies {
+            for bucket in [Bucket::Reads, Bucket::Publishes] {
+                let rate = section.rate(id, agency.role, bucket);
+                let key = (id.clone(), bucket);
+                let limiter = previous
+                    .and_then(|p| p.buckets.get(&key))
+                    .filter(|(r, _)| *r == rate)
+                    .map(|(_, l)| l.clone())
+                    .unwrap_or_else(|| {
+                        let quota = Quota::per_second(rate.per_second).allow_burst(rate.burst);
+                        Arc::new(RateLimiter::direct_with_clock(quota, clock.clone()))
+                    });
+                buckets.insert(key, (rate, limiter));
+            }
+        }
+        Self {
+            clock,
+            shadow: section.shadow,
+            buckets,
+        }
+    }
+
+    /// Takes one call from the agency's bucket.
+    pub fn check(&self, agency: &AgencyId, bucket: Bucket) -> Decision {
+        let Some((_, limiter)) = self.buckets.get(&(agency.clone(), bucket)) else {
+            // Unknown agencies never get here (policy denies them first).
+            return Decision::Allow;
+        };
+        match limiter.check() {
+            Ok(()) => Decision::Allow,
+            Err(not_until) => {
+                let wait = not_until.wait_time_from(self.clock.now());
+                let retry_after_secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                let retry_after_secs = retry_after_secs.max(1);
+                if self.shadow {
+                    Decision::WouldRefuse { retry_after_secs }
+                } else {
+                    Decision::Refuse { retry_after_secs }
+                }
+            }
+        }
+    }
+}
+
+/// In-flight caps: per agency and in all.
+pub struct InFlight {
+    total: Arc<Semaphore>,
+    per_agency: Mutex<HashMap<AgencyId, Arc<Semaphore>>>,
+    per_agency_cap: u32,
+}
+
+/// Why a call was not let in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Busy {
+    /// The gateway as a whole is at its cap: UNAVAILABLE.
+    Overloaded,
+    /// This agency is at its cap: RESOURCE_EXHAUSTED.
+    AgencyAtCap,
+}
+
+/// Held while a call is in flight.
+pub struct Admitted {
+    _total: OwnedSemaphorePermit,
+    _agency: OwnedSemaphorePermit,
+}
+
+impl InFlight {
+    pub fn new(section: &QuotasSection) -> Self {
+        Self {
+            total: Arc::new(Semaphore::new(section.max_in_flight_total.max(1) as usize)),
+            per_agency: Mutex::new(HashMap::new()),
+            per_agency_cap: section.max_in_flight_per_agency.max(1),
+        }
+    }
+
+    pub fn admit(&self, agency: &AgencyId) -> Result<Admitted, Busy> {
+        let total = self
+            .total
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Busy::Overloaded)?;
+        let sem = {
+            let mut map = self.per_agency.lock().unwrap_or_else(|p| p.into_inner());
+            map.entry(agency.clone())
+                .or_insert_with(|| Arc::new(Semaphore::new(self.per_agency_cap as usize)))
+                .clone()
+        };
+        let agency = sem.try_acquire_owned().map_err(|_| Busy::AgencyAtCap)?;
+        Ok(Admitted {
+            _total: total,
+            _agency: agency,
+        })
+    }
+}
+
+/// `[harvest]`: the harvesting guard.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HarvestSection {
+    /// Sliding window over which distinct citizens are counted.
+    pub window_secs: u64,
+    /// Past this many distinct citizens in the window: a metric and a log line.
+    pub warn_distinct: u64,
+    /// Past this many: PERMISSION_DENIED for reads of further citizens (0 = never deny).
+    pub deny_distinct: u64,
+    /// Count and log, never deny.
+    pub shadow: bool,
+}
+
+impl Default for HarvestSection {
+    fn default() -> Self {
+        Self {
+            window_secs: 3_600,
+            warn_distinct: 10_000,
+            deny_distinct: 0,
+            shadow: false,
+        }
+    }
+}
+
+/// Outcome of a harvesting check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Harvest {
+    Allow {
+        distinct: u64,
+    },
+    /// Crossed the warning threshold with this call.
+    Warn {
+        distinct: u64,
+    },
+    Deny {
+        distinct: u64,
+    },
+    /// Shadow mode: would have denied.
+    WouldDeny {
+        distinct: u64,
+    },
+}
+
+/// Distinct citizens read per agency in a sliding window. Memory is bounded: an agency's
+/// set never holds more than max(warn, deny) × 2 entries, expired ones are dropped.
+#[derive(Default)]
+pub struct HarvestGuard {
+    agencies: Mutex<HashMap<AgencyId, Window>>,
+}
+
+#[derive(Default)]
+struct Window {
+    seen: HashMap<u64, Instant>,
+    last_prune: Option<Instant>,
+    warned: bool,
+}
+
+fn citizen_key(id: &str) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    // A process-wide random key: the set stores no IDs, only keyed hashes.
+    static STATE: std::sync::OnceLock<std::collections::hash_map::RandomState> =
+        std::sync::OnceLock::new();
+    let mut h = STATE.get_or_init(Default::default).build_hasher();
+    h.write(id.as_bytes());
+    h.finish()
+}
+
+impl HarvestGuard {
+    /// Records that `agency` is about to read `ids` at `now`, unless that is refused.
+    pub fn check(
+        &self,
+        s: &HarvestSection,
+        agency: &AgencyId,
+        ids: &[String],
+        now: Instant,
+    ) -> Harvest {
+        let window = Duration::from_secs(s.window_secs.max(1));
+        let cap = (s.warn_distinct.max(s.deny_distinct).max(1) * 2) as usize;
+        let mut map = self.agencies.lock().unwrap_or_else(|p| p.into_inner());
+        let w = map.entry(agency.clone()).or_default();
+        if w.last_prune
+            .is_none_or(|t| now.duration_since(t) >= window / 64)
+        {
+            w.seen.retain(|_, t| now.duration_since(*t) < window);
+            w.last_prune = Some(now);
+            if (w.seen.len() as u64) < s.warn_distinct {
+                w.warned = false;
+            }
+        }
+        let keys: Vec<u64> = ids.iter().map(|i| citizen_key(i)).collect();
+        let new = keys.iter().filter(|k| !w.seen.contains_key(k)).count() as u64;
+        let distinct = w.seen.len() as u64 + new;
+        if s.deny_distinct > 0 && distinct > s.deny_distinct && new > 0 {
+            if !s.shadow {
+                return Harvest::Deny { distinct };
+            }
+            record(w, &keys, now, cap);
+            return Harvest::WouldDeny { distinct };
+        }
+        record(w, &keys, now, cap);
+        if distinct > s.warn_distinct && !w.warned {
+            w.warned = true;
+            return Harvest::Warn { distinct };
+        }
+        Harvest::Allow { distinct }
+    }
+
+    /// Agencies tracked (for the memory metric).
+    pub fn agencies(&self) -> usize {
+        self.agencies.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// Drops agencies with nothing left in their window.
+    pub fn retain_recent(&self, s: &HarvestSection, now: Instant) {
+        let window = Duration::from_secs(s.window_secs.max(1));
+        let mut map = self.agencies.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|_, w| {
+            w.seen.retain(|_, t| now.duration_since(*t) < window);
+            !w.seen.is_empty()
+        });
+        map.shrink_to_fit();
+    }
+}
+
+fn record(w: &mut Window, keys: &[u64], now: Instant, cap: usize) {
+    for k in keys {
+        if w.seen.len() < cap || w.seen.contains_key(k) {
+            w.seen.insert(*k, now);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::Agency;
+    use governor::clock::FakeRelativeClock;
+
+    fn policy(ids: &[&str]) -> Policy {
+        let mut p = Policy::default();
+        for id in ids {
+            p.agencies.insert(
+                id.parse().unwrap(),
+                Agency {
+                    role: Role::CivilRegistry,
+                    registry_offices: Arc::from(vec![]),
+                },
+            );
+        }
+        p
+    }
+
+    fn rate(per_second: u32, burst: u32) -> Rate {
+        Rate {
+            per_second: NonZeroU32::new(per_second).unwrap(),
+            burst: NonZeroU32::new(burst).unwrap(),
+        }
+    }
+
+    fn section(per_second: u32, burst: u32) -> QuotasSection {
+        QuotasSection {
+            reads: rate(per_second, burst),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn exactly_burst_plus_rate_times_t_calls_pass() {
+        let clock = FakeRelativeClock::default();
+        let a: AgencyId = "registry-hp".parse().unwrap();
+        let q = Quotas::build(
+            clock.clone(),
+            &section(10, 20),
+            &policy(&["registry-hp"]),
+            None,
+        );
+        let mut passed = 0;
+        // From t = 0 to t = 3 s in 10 ms steps, calling as fast as allowed at every step.
+        for step in 0..=300 {
+            while q.check(&a, Bucket::Reads) == Decision::Allow {
+                passed += 1;
+            }
+            if step < 300 {
+                clock.advance(Duration::from_millis(10));
+            }
+        }
+        // burst 20 + 10/s × 3 s.
+        assert_eq!(passed, 50);
+        assert!(matches!(
+            q.check(&a, Bucket::Reads),
+            Decision::Refuse {
+                retry_after_secs: 1
+            }
+        ));
+    }
+
+    #[test]
+    fn retry_after_is_whole_seconds_and_honourable() {
+        let clock = FakeRelativeClock::default();
+        let a: AgencyId = "registry-hp".parse().unwrap();
+        let q = Quotas::build(
+            clock.clone(),
+            &section(1, 1),
+            &policy(&["registry-hp"]),
+            None,
+        );
+        assert_eq!(q.check(&a, Bucket::Reads), Decision::Allow);
+        let Decision::Refuse { retry_after_secs } = q.check(&a, Bucket::Reads) else {
+            panic!()
+        };
+        assert_eq!(retry_after_secs, 1);
+        clock.advance(Duration::from_secs(retry_after_secs));
+        assert_eq!(q.check(&a, Bucket::Reads), Decision::Allow);
+    }
+
+    #[test]
+    fn agencies_and_buckets_do_not_share_quota() {
+        let clock = FakeRelativeClock::default();
+        let (a, b): (AgencyId, AgencyId) = ("a".parse().unwrap(), "b".parse().unwrap());
+        let q = Quotas::build(clock, &section(1, 2), &policy(&["a", "b"]), None);
+        assert_eq!(q.check(&a, Bucket::Reads), Decision::Allow);
+        assert_eq!(q.check(&a, Bucket::Reads), Decision::Allow);
+        assert!(matches!(
+            q.check(&a, Bucket::Reads),
+            Decision::Refuse { .. }
+        ));
+        assert_eq!(q.check(&b, Bucket::Reads), Decision::Allow);
+        assert_eq!(q.check(&a, Bucket::Publishes), Decision::Allow);
+    }
+
+    #[test]
+    fn overrides_beat_role_defaults_beat_the_default() {
+        let mut s = section(5, 5);
+        s.roles.insert(
+            Role::CivilRegistry,
+            RateSet {
+                reads: Some(rate(50, 50)),
+                publishes: None,
+            },
+        );
+        s.agencies.insert(
+            "a".parse().unwrap(),
+            RateSet {
+                reads: Some(rate(7, 7)),
+                publishes: None,
+            },
+        );
+        assert_eq!(
+            s.rate(&"a".parse().unwrap(), Role::CivilRegistry, Bucket::Reads),
+            rate(7, 7)
+        );
+        assert_eq!(
+            s.rate(&"b".parse().unwrap(), Role::CivilRegistry, Bucket::Reads),
+            rate(50, 50)
+        );
+        assert_eq!(
+            s.rate(&"b".parse().unwrap(), Role::Auditor, Bucket::Reads),
+            rate(5, 5)
+        );
+    }
+
+    #[test]
+    fn reload_keeps_buckets_whose_rate_did_not_change() {
+        let clock = FakeRelativeClock::default();
+        let a: AgencyId = "a".parse().unwrap();
+        let p = policy(&["a", "b"]);
+        let q1 = Quotas::build(clock.clone(), &section(1, 1), &p, None);
+        assert_eq!(q1.check(&a, Bucket::Reads), Decision::Allow);
+        let q2 = Quotas::build(clock.clone(), &section(1, 1), &p, Some(&q1));
+        assert!(
+            matches!(q2.check(&a, Bucket::Reads), Decision::Refuse { .. }),
+            "no fresh burst on reload"
+        );
+        let q3 = Quotas::build(clock, &section(2, 2), &p, Some(&q2));
+        assert_eq!(
+            q3.check(&a, Bucket::Reads),
+            Decision::Allow,
+            "a changed rate starts a new bucket"
+        );
+    }
+
+    #[test]
+    fn shadow_mode_refuses_nothing_and_says_what_it_would_refuse() {
+        let clock = FakeRelativeClock::default();
+        let a: AgencyId = "a".parse().unwrap();
+        let mut s = section(1, 3);
+        s.shadow = true;
+        let q = Quotas::build(clock, &s, &policy(&["a"]), None);
+        let outcomes: Vec<_> = (0..10).map(|_| q.check(&a, Bucket::Reads)).collect();
+        assert_eq!(
+            outcomes.iter().filter(|d| **d == Decision::Allow).count(),
+            3
+        );
+        assert_eq!(
+            outcomes
+                .iter()
+                .filter(|d| matches!(d, Decision::WouldRefuse { .. }))
+                .count(),
+            7
+        );
+    }
+
+    #[test]
+    fn in_flight_caps_per_agency_and_in_total() {
+        let s = QuotasSection {
+            max_in_flight_per_agency: 2,
+            max_in_flight_total: 3,
+            ..Default::default()
+        };
+        let f = InFlight::new(&s);
+        let (a, b): (AgencyId, AgencyId) = ("a".parse().unwrap(), "b".parse().unwrap());
+        let p1 = f.admit(&a).unwrap();
+        let _p2 = f.admit(&a).unwrap();
+        assert_eq!(f.admit(&a).err(), Some(Busy::AgencyAtCap));
+        let _p3 = f.admit(&b).unwrap();
+        assert_eq!(f.admit(&b).err(), Some(Busy::Overloaded));
+        drop(p1);
+        assert!(f.admit(&b).is_ok());
+    }
+
+    #[test]
+    fn harvesting_guard_warns_then_denies_new_citizens_only() {
+        let g = HarvestGuard::default();
+        let s = HarvestSection {
+            window_secs: 60,
+            warn_distinct: 3,
+            deny_distinct: 5,
+            shadow: false,
+        };
+        let a: AgencyId = "a".parse().unwrap();
+        let t0 = Instant::now();
+        let id = |i: u32| vec![format!("0312030{i:05}")];
+        for i in 0..3 {
+            assert!(matches!(g.check(&s, &a, &id(i), t0), Harvest::Allow { .. }));
+        }
+        assert_eq!(g.check(&s, &a, &id(3), t0), Harvest::Warn { distinct: 4 });
+        assert_eq!(g.check(&s, &a, &id(4), t0), Harvest::Allow { distinct: 5 });
+        assert_eq!(g.check(&s, &a, &id(5), t0), Harvest::Deny { distinct: 6 });
+        // Someone already read is still readable.
+        assert!(matches!(g.check(&s, &a, &id(2), t0), Harvest::Allow { .. }));
+        // The window slides: an hour later everything is forgotten.
+        let later = t0 + Duration::from_secs(61);
+        assert_eq!(
+            g.check(&s, &a, &id(5), later),
+            Harvest::Allow { distinct: 1 }
+        );
+        g.retain_recent(&s, later + Duration::from_secs(61));
+        assert_eq!(g.agencies(), 0);
+    }
+
+    #[test]
+    fn harvesting_guard_shadow_mode_counts_without_denying() {
+        let g = HarvestGuard::default();
+        let s = HarvestSection {
+            window_secs: 60,
+            warn_distinct: 100,
+            deny_distinct: 2,
+            shadow: true,
+        };
+        let a: AgencyId = "a".parse().unwrap();
+        let now = Instant::now();
+        let outcomes: Vec<_> = (0..5)
+            .map(|i| g.check(&s, &a, &[format!("id{i}")], now))
+            .collect();
+        assert_eq!(
+            outcomes
+                .iter()
+                .filter(|h| matches!(h, Harvest::WouldDeny { .. }))
+                .count(),
+            3
+        );
+        assert!(!outcomes.iter().any(|h| matches!(h, Harvest::Deny { .. })));
+    }
+}
