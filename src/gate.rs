@@ -214,6 +214,8 @@ where
             });
         match admitted {
             Err((mut status, detail, principal)) => Box::pin(async move {
+                // A refusal returns no data: its record is appended without waiting for the
+                // commit, so a flood of refusals cannot make others wait on the log.
                 if let Some(log) = audit {
                     let rec = record(
                         &conn.peer,
@@ -225,7 +227,7 @@ where
                         start,
                         &detail,
                     );
-                    if let Err(e) = log.append(rec).await {
+                    if let Err(e) = log.append_deferred(rec).await {
                         status = audit_unavailable(&e);
                     }
                 }

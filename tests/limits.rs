@@ -186,3 +186,99 @@ async fn a_100_mib_message_is_refused_without_the_gateway_growing_by_that_much()
         .await
         .unwrap();
 }
+
+/// p99 of a set of latencies.
+fn p99(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[(v.len() * 99 / 100).min(v.len() - 1)]
+}
+
+/// One agency's calls at a normal, steady rate; returns their latencies.
+async fn steady(
+    c: &mut CitizensClient<Channel>,
+    ids: &[String],
+    per_second: u32,
+    n: usize,
+) -> Vec<Duration> {
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / per_second);
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        tick.tick().await;
+        let t = Instant::now();
+        c.get_citizen(get(&ids[i % ids.len()]))
+            .await
+            .expect("the quiet agency's calls all succeed");
+        out.push(t.elapsed());
+    }
+    out
+}
+
+/// A latency ratio: meaningful on an optimized build only (a debug build spends most of each
+/// call in unoptimized code). `.ci/run` runs it with `cargo test --release`.
+#[cfg_attr(debug_assertions, ignore = "latency ratio: run with --release")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_agency_does_not_slow_down_another() {
+    let env = Env::new();
+    let stack = env.start_stack().await;
+    stack.gateway.shutdown().await.unwrap();
+    // Two civil registries: registry-hp floods, "population" (re-roled for the test) is quiet.
+    let text = with_reads(stack.directory.addr.port(), 50, 50, "")
+        .replace("role = \"population_db\"", "role = \"civil_registry\"");
+    let gw = env.start_with(&text).await;
+    let ids: Vec<String> = stack
+        .people
+        .iter()
+        .take(200)
+        .map(|p| p.personal_id.to_string())
+        .collect();
+    let mut quiet = CitizensClient::new(
+        client::connect(gw.api_addr, &env.certs(), Some("population"))
+            .await
+            .unwrap(),
+    );
+
+    let alone = steady(&mut quiet, &ids, 40, 120).await;
+
+    // registry-hp: 32 concurrent streams at 10× its quota (500 calls/s in all).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let refused = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut flood = Vec::new();
+    let channel = client::connect(gw.api_addr, &env.certs(), Some("registry-hp"))
+        .await
+        .unwrap();
+    for t in 0..32 {
+        let (mut c, stop, refused, ids) = (
+            CitizensClient::new(channel.clone()),
+            stop.clone(),
+            refused.clone(),
+            ids.clone(),
+        );
+        flood.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(64));
+            let mut i = t;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                tick.tick().await;
+                if let Err(e) = c.get_citizen(get(&ids[i % ids.len()])).await {
+                    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+                    refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                i += 32;
+            }
+        }));
+    }
+    let during = steady(&mut quiet, &ids, 40, 120).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for f in flood {
+        f.await.unwrap();
+    }
+    let (a, d) = (p99(alone), p99(during));
+    eprintln!(
+        "quiet agency p99 alone {a:?}, during the flood {d:?}; flood refused {} calls",
+        refused.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    assert!(
+        refused.load(std::sync::atomic::Ordering::Relaxed) > 100,
+        "the flood must be over quota"
+    );
+    assert!(d <= a * 2, "p99 alone {a:?}, during the flood {d:?}");
+}

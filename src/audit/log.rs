@@ -92,8 +92,13 @@ impl From<AuditError> for tonic::Status {
 
 struct Pending {
     record: AuditRecord,
-    done: oneshot::Sender<Result<u64, AuditError>>,
+    /// `None`: nobody waits (a refusal); it rides along with the next commit.
+    done: Option<oneshot::Sender<Result<u64, AuditError>>>,
 }
+
+/// Records nobody waits for are committed with the next waited-for batch, or at the latest
+/// after this long.
+const DEFERRED_FLUSH: Duration = Duration::from_millis(50);
 
 /// What `SearchEntries` filters on.
 #[derive(Clone, Debug, Default)]
@@ -217,11 +222,24 @@ impl AuditLog {
     pub async fn append(&self, record: AuditRecord) -> Result<u64, AuditError> {
         let (done, wait) = oneshot::channel();
         self.tx
-            .send(Pending { record, done })
+            .send(Pending {
+                record,
+                done: Some(done),
+            })
             .await
             .map_err(|_| AuditError::NotDurable("audit writer stopped".into()))?;
         wait.await
             .map_err(|_| AuditError::NotDurable("audit writer stopped".into()))?
+    }
+
+    /// Appends the record of a refused call (no data left, nothing to fail closed on) without
+    /// waiting: it is committed with the next batch someone waits for, or within 50 ms. A
+    /// caller flooding refusals therefore cannot make the log commit on its behalf.
+    pub async fn append_deferred(&self, record: AuditRecord) -> Result<(), AuditError> {
+        self.tx
+            .send(Pending { record, done: None })
+            .await
+            .map_err(|_| AuditError::NotDurable("audit writer stopped".into()))
     }
 
     pub fn size(&self) -> u64 {
@@ -432,18 +450,30 @@ impl Writer {
     async fn run(mut self, mut rx: mpsc::Receiver<Pending>, interval: Duration) {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut flush = tokio::time::interval(DEFERRED_FLUSH);
+        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Records received and not yet committed, in arrival order. Committed as soon as one
+        // has a waiting caller (or the batch is full), else at the next flush tick.
+        let mut pending: Vec<Pending> = Vec::new();
         loop {
             tokio::select! {
                 first = rx.recv() => {
                     let Some(first) = first else { break };
-                    let mut batch = vec![first];
-                    while batch.len() < MAX_BATCH {
+                    pending.push(first);
+                    while pending.len() < MAX_BATCH {
                         match rx.try_recv() {
-                            Ok(p) => batch.push(p),
+                            Ok(p) => pending.push(p),
                             Err(_) => break,
                         }
                     }
-                    self.commit(batch).await;
+                    if pending.len() >= MAX_BATCH || pending.iter().any(|p| p.done.is_some()) {
+                        self.commit(std::mem::take(&mut pending)).await;
+                    }
+                }
+                _ = flush.tick() => {
+                    if !pending.is_empty() {
+                        self.commit(std::mem::take(&mut pending)).await;
+                    }
                 }
                 _ = tick.tick() => {
                     if let Err(e) = self.checkpoint().await {
@@ -451,6 +481,9 @@ impl Writer {
                     }
                 }
             }
+        }
+        if !pending.is_empty() {
+            self.commit(pending).await;
         }
         let _ = self.checkpoint().await;
     }
@@ -478,7 +511,9 @@ impl Writer {
                 self.healthy
                     .send_if_modified(|h| !std::mem::replace(h, true));
                 for (index, done) in waiters {
-                    let _ = done.send(Ok(index));
+                    if let Some(done) = done {
+                        let _ = done.send(Ok(index));
+                    }
                 }
             }
             Err(e) => {
@@ -486,7 +521,7 @@ impl Writer {
                 error!(error = %e, entries = rows.len(), "audit commit failed; calls answer UNAVAILABLE");
                 self.healthy
                     .send_if_modified(|h| std::mem::replace(h, false));
-                for (_, done) in waiters {
+                for (_, done) in waiters.into_iter().filter_map(|(_, d)| d).map(|d| ((), d)) {
                     let _ = done.send(Err(AuditError::NotDurable(e.to_string())));
                 }
             }
