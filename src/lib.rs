@@ -9,6 +9,7 @@ pub mod client;
 pub mod config;
 pub mod demo;
 pub mod domain;
+pub mod exchange;
 pub mod gate;
 pub mod identity;
 pub mod limits;

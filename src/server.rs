@@ -169,6 +169,9 @@ pub async fn start(source: ConfigSource, overrides: Overrides) -> Result<Running
     };
     let (audit_ok, mut audit_ok_rx) = watch::channel(true);
     let audit = open_audit(&state.load().config, audit_ok).await?;
+    let journal =
+        crate::exchange::journal::Journal::open(&state.load().config.resolve(&server_cfg.data_dir))
+            .await?;
     let max_msg = limits.max_message_bytes;
     let router = tonic::transport::Server::builder()
         .max_concurrent_streams(limits.max_concurrent_streams)
@@ -184,7 +187,8 @@ pub async fn start(source: ConfigSource, overrides: Overrides) -> Result<Running
                 .max_decoding_message_size(max_msg),
         )
         .add_service(
-            ExchangeServer::new(api::exchange::ExchangeService).max_decoding_message_size(max_msg),
+            ExchangeServer::new(api::exchange::ExchangeService::new(Some(journal)))
+                .max_decoding_message_size(max_msg),
         )
         .add_service(
             AuditServer::new(api::audit::AuditService::new(audit.clone()))

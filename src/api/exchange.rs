@@ -11,10 +11,64 @@ use crate::pb::v1::{
     exchange_server::Exchange,
 };
 
-use super::{not_yet, principal};
+use prost::Message;
+use tonic_types::FieldViolation;
+
+use super::{citizens::invalid, not_yet, principal};
+use crate::{
+    audit::FactsSlot,
+    exchange::{
+        journal::Journal,
+        validate::{Refusal, is_topic, topic_of, validate},
+    },
+};
+
+/// Unacknowledged events a consumer group may have outstanding before delivery pauses.
+pub const WINDOW: u64 = 256;
 
 #[derive(Clone, Default)]
-pub struct ExchangeService;
+pub struct ExchangeService {
+    journal: Option<Journal>,
+}
+
+impl ExchangeService {
+    pub fn new(journal: Option<Journal>) -> Self {
+        Self { journal }
+    }
+
+    fn journal(&self) -> Result<&Journal, Status> {
+        self.journal
+            .as_ref()
+            .ok_or_else(|| Status::unavailable("the journal is not open"))
+    }
+}
+
+/// Topic and consumer group of a Subscribe/Ack/Reject, validated.
+fn group_of(topic: &str, group: &str) -> Result<(), Status> {
+    let mut v = Vec::new();
+    if !is_topic(topic) {
+        v.push(FieldViolation::new(
+            "topic",
+            "must be civil-status or population",
+        ));
+    }
+    let ok = !group.is_empty()
+        && group.len() <= 64
+        && group
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    if !ok {
+        v.push(FieldViolation::new(
+            "consumer_group",
+            "1-64 characters of A-Z, a-z, 0-9, '-', '_', '.'",
+        ));
+    }
+    if v.is_empty() {
+        Ok(())
+    } else {
+        Err(invalid(v))
+    }
+}
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<SubscribedEvent, Status>> + Send>>;
 
@@ -24,8 +78,50 @@ impl Exchange for ExchangeService {
         &self,
         req: Request<PublishRequest>,
     ) -> Result<Response<PublishReceipt>, Status> {
-        principal(&req)?;
-        Err(not_yet("Exchange.Publish", 4))
+        let who = principal(&req)?;
+        let facts = FactsSlot::of(&req);
+        let r = req.into_inner();
+        let key_ok = !r.idempotency_key.is_empty()
+            && r.idempotency_key.len() <= 128
+            && r.idempotency_key.bytes().all(|b| b.is_ascii_graphic());
+        let topic = match validate(r.event.as_ref(), &who) {
+            Err(Refusal::NotAllowed(why)) => return Err(Status::permission_denied(why)),
+            Err(Refusal::Invalid(mut v)) => {
+                if !key_ok {
+                    v.insert(
+                        0,
+                        FieldViolation::new("idempotency_key", "1-128 visible ASCII characters"),
+                    );
+                }
+                return Err(invalid(v));
+            }
+            Ok(_) if !key_ok => {
+                return Err(invalid(vec![FieldViolation::new(
+                    "idempotency_key",
+                    "1-128 visible ASCII characters",
+                )]));
+            }
+            Ok(t) => t,
+        };
+        let event = r.event.unwrap_or_default();
+        if let Some(p) = &event.payload {
+            facts.update(|f| f.fields = vec![format!("event:{}", topic_of(p).1)]);
+        }
+        let receipt = self
+            .journal()?
+            .publish(
+                who.agency.as_str(),
+                &r.idempotency_key,
+                topic,
+                event.encode_to_vec(),
+            )
+            .await?;
+        Ok(Response::new(PublishReceipt {
+            event_id: receipt.event_id,
+            topic: receipt.topic,
+            sequence: receipt.sequence,
+            recorded_at_unix_ms: receipt.recorded_at_ms,
+        }))
     }
 
     type SubscribeStream = EventStream;
@@ -35,12 +131,74 @@ impl Exchange for ExchangeService {
         req: Request<SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         principal(&req)?;
-        Err(not_yet("Exchange.Subscribe", 4))
+        let r = req.into_inner();
+        group_of(&r.topic, &r.consumer_group)?;
+        let journal = self.journal()?.clone();
+        let mut head = journal
+            .head(&r.topic)
+            .ok_or_else(|| Status::invalid_argument("unknown topic"))?;
+        let mut acked = journal.acked(&r.topic, &r.consumer_group).await?;
+        let start = r.from_sequence.unwrap_or(*acked.borrow() + 1).max(1);
+        // Outstanding = sent and not acknowledged; counted from the later of the last ack and
+        // where this subscription starts.
+        let base = start - 1;
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let topic = r.topic;
+        tokio::spawn(async move {
+            let mut next = start;
+            loop {
+                let limit = (*head.borrow_and_update())
+                    .min((*acked.borrow_and_update()).max(base) + WINDOW);
+                if next <= limit {
+                    let events = match journal.read(&topic, next, limit, 256).await {
+                        Ok(e) => e,
+                        Err(e) => {
+                            let _ = tx.send(Err(Status::from(e))).await;
+                            return;
+                        }
+                    };
+                    for e in events {
+                        let event = crate::pb::v1::Event::decode(e.payload.as_slice()).ok();
+                        let msg = SubscribedEvent {
+                            event_id: e.event_id,
+                            sequence: e.seq,
+                            event,
+                            producer_agency_id: e.producer,
+                            recorded_at_unix_ms: e.recorded_at_ms,
+                        };
+                        if tx.send(Ok(msg)).await.is_err() {
+                            return;
+                        }
+                        next = e.seq + 1;
+                    }
+                    continue;
+                }
+                tokio::select! {
+                    r = head.changed() => if r.is_err() { return },
+                    r = acked.changed() => if r.is_err() { return },
+                    () = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn ack(&self, req: Request<AckRequest>) -> Result<Response<AckResponse>, Status> {
         principal(&req)?;
-        Err(not_yet("Exchange.Ack", 4))
+        let r = req.into_inner();
+        group_of(&r.topic, &r.consumer_group)?;
+        let journal = self.journal()?;
+        let head = journal.head(&r.topic).map(|h| *h.borrow()).unwrap_or(0);
+        if r.sequence == 0 || r.sequence > head {
+            return Err(invalid(vec![FieldViolation::new(
+                "sequence",
+                format!("must be 1..={head} (the topic's head)"),
+            )]));
+        }
+        journal.ack(&r.topic, &r.consumer_group, r.sequence).await?;
+        Ok(Response::new(AckResponse {}))
     }
 
     async fn reject(

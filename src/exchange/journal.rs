@@ -1,0 +1,443 @@
+//! The journal: events per topic with gap-free sequences in commit order, idempotency on
+//! (producer, idempotency key), consumer-group offsets. One writer task assigns sequences and
+//! commits batches (SQLite WAL, synchronous FULL), so sequence order is commit order and a
+//! reader that stops at the published head can never skip an event that committed late.
+
+use std::{
+    collections::HashMap,
+    path::Path,
+    str::FromStr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use sha2::{Digest, Sha256};
+use sqlx::{
+    Connection, Row, SqliteConnection, SqlitePool,
+    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
+};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::error;
+
+use super::validate::{CIVIL_STATUS, POPULATION};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS journal_events (
+    topic TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    event_id TEXT NOT NULL UNIQUE,
+    producer TEXT NOT NULL,
+    idempotency_key TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    payload_hash BLOB NOT NULL,
+    recorded_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (topic, seq)
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX IF NOT EXISTS journal_idempotency ON journal_events (producer, idempotency_key);
+CREATE TABLE IF NOT EXISTS journal_groups (
+    topic TEXT NOT NULL,
+    grp TEXT NOT NULL,
+    acked INTEGER NOT NULL,
+    PRIMARY KEY (topic, grp)
+) WITHOUT ROWID;
+";
+
+const TOPICS: [&str; 2] = [CIVIL_STATUS, POPULATION];
+const MAX_BATCH: usize = 1_024;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Receipt {
+    pub event_id: String,
+    pub topic: String,
+    pub sequence: u64,
+    pub recorded_at_ms: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("idempotency key already used for a different event (event {0})")]
+    Conflict(String),
+    #[error("journal cannot commit: {0}")]
+    NotDurable(String),
+    #[error("journal read failed: {0}")]
+    Read(String),
+}
+
+impl From<JournalError> for tonic::Status {
+    fn from(e: JournalError) -> Self {
+        match e {
+            JournalError::Conflict(_) => tonic::Status::already_exists(e.to_string()),
+            _ => tonic::Status::unavailable(e.to_string()),
+        }
+    }
+}
+
+/// One stored event.
+#[derive(Clone, Debug)]
+pub struct Stored {
+    pub seq: u64,
+    pub event_id: String,
+    pub producer: String,
+    pub payload: Vec<u8>,
+    pub recorded_at_ms: i64,
+}
+
+enum Job {
+    Publish {
+        producer: String,
+        key: String,
+        topic: &'static str,
+        payload: Vec<u8>,
+        done: oneshot::Sender<Result<Receipt, JournalError>>,
+    },
+    Ack {
+        topic: String,
+        group: String,
+        seq: u64,
+        done: oneshot::Sender<Result<(), JournalError>>,
+    },
+}
+
+#[derive(Clone)]
+pub struct Journal {
+    tx: mpsc::Sender<Job>,
+    reader: SqlitePool,
+    heads: Arc<HashMap<&'static str, watch::Sender<u64>>>,
+    acks: Arc<Mutex<AckWatches>>,
+}
+
+/// Per (topic, consumer group): the acknowledged sequence, watched by its subscriptions.
+type AckWatches = HashMap<(String, String), watch::Sender<u64>>;
+
+fn options(path: &Path) -> Result<SqliteConnectOptions> {
+    Ok(
+        SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(2)),
+    )
+}
+
+impl Journal {
+    pub async fn open(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let path = dir.join("journal.sqlite");
+        let mut conn = SqliteConnection::connect_with(&options(&path)?).await?;
+        sqlx::raw_sql(SCHEMA).execute(&mut conn).await?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options(&path)?.read_only(true))
+            .await?;
+        let mut heads = HashMap::new();
+        let mut last = HashMap::new();
+        for t in TOPICS {
+            let max: Option<i64> =
+                sqlx::query_scalar("SELECT max(seq) FROM journal_events WHERE topic = ?")
+                    .bind(t)
+                    .fetch_one(&mut conn)
+                    .await?;
+            let head = max.unwrap_or(0) as u64;
+            heads.insert(t, watch::channel(head).0);
+            last.insert(t, head);
+        }
+        let journal = Self {
+            tx: mpsc::channel(1).0,
+            reader,
+            heads: Arc::new(heads),
+            acks: Arc::new(Mutex::new(HashMap::new())),
+        };
+        let (tx, rx) = mpsc::channel(8_192);
+        let writer = Writer {
+            conn,
+            last,
+            journal: journal.clone(),
+        };
+        tokio::spawn(writer.run(rx));
+        Ok(Self { tx, ..journal })
+    }
+
+    /// Appends an event; the receipt comes once it is durable. A retry with the same
+    /// (producer, key) and the same payload gets the original receipt.
+    pub async fn publish(
+        &self,
+        producer: &str,
+        key: &str,
+        topic: &'static str,
+        payload: Vec<u8>,
+    ) -> Result<Receipt, JournalError> {
+        let (done, wait) = oneshot::channel();
+        self.tx
+            .send(Job::Publish {
+                producer: producer.into(),
+                key: key.into(),
+                topic,
+                payload,
+                done,
+            })
+            .await
+            .map_err(|_| JournalError::NotDurable("journal writer stopped".into()))?;
+        wait.await
+            .map_err(|_| JournalError::NotDurable("journal writer stopped".into()))?
+    }
+
+    /// Cumulative acknowledgement, durable when this returns.
+    pub async fn ack(&self, topic: &str, group: &str, seq: u64) -> Result<(), JournalError> {
+        let (done, wait) = oneshot::channel();
+        self.tx
+            .send(Job::Ack {
+                topic: topic.into(),
+                group: group.into(),
+                seq,
+                done,
+            })
+            .await
+            .map_err(|_| JournalError::NotDurable("journal writer stopped".into()))?;
+        wait.await
+            .map_err(|_| JournalError::NotDurable("journal writer stopped".into()))?
+    }
+
+    /// The highest committed sequence of a topic, as it changes.
+    pub fn head(&self, topic: &str) -> Option<watch::Receiver<u64>> {
+        self.heads.get(topic).map(watch::Sender::subscribe)
+    }
+
+    /// A group's acknowledged sequence, as it changes (starting from the stored one).
+    pub async fn acked(
+        &self,
+        topic: &str,
+        group: &str,
+    ) -> Result<watch::Receiver<u64>, JournalError> {
+        let key = (topic.to_owned(), group.to_owned());
+        if let Some(tx) = self
+            .acks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
+            return Ok(tx.subscribe());
+        }
+        let stored: Option<i64> =
+            sqlx::query_scalar("SELECT acked FROM journal_groups WHERE topic = ? AND grp = ?")
+                .bind(topic)
+                .bind(group)
+                .fetch_optional(&self.reader)
+                .await
+                .map_err(|e| JournalError::Read(e.to_string()))?;
+        let mut map = self.acks.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = map
+            .entry(key)
+            .or_insert_with(|| watch::channel(stored.unwrap_or(0) as u64).0);
+        Ok(tx.subscribe())
+    }
+
+    /// Events `from..=to` of a topic, at most `limit`.
+    pub async fn read(
+        &self,
+        topic: &str,
+        from: u64,
+        to: u64,
+        limit: u32,
+    ) -> Result<Vec<Stored>, JournalError> {
+        let rows = sqlx::query(
+            "SELECT seq, event_id, producer, payload, recorded_at_ms FROM journal_events \
+             WHERE topic = ? AND seq >= ? AND seq <= ? ORDER BY seq LIMIT ?",
+        )
+        .bind(topic)
+        .bind(from as i64)
+        .bind(to as i64)
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await
+        .map_err(|e| JournalError::Read(e.to_string()))?;
+        rows.iter()
+            .map(|r| {
+                Ok(Stored {
+                    seq: r.try_get::<i64, _>(0)? as u64,
+                    event_id: r.try_get(1)?,
+                    producer: r.try_get(2)?,
+                    payload: r.try_get(3)?,
+                    recorded_at_ms: r.try_get(4)?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(|e| JournalError::Read(e.to_string()))
+    }
+}
+
+struct Writer {
+    conn: SqliteConnection,
+    last: HashMap<&'static str, u64>,
+    journal: Journal,
+}
+
+impl Writer {
+    async fn run(mut self, mut rx: mpsc::Receiver<Job>) {
+        while let Some(first) = rx.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(j) => batch.push(j),
+                    Err(_) => break,
+                }
+            }
+            self.commit(batch).await;
+        }
+    }
+
+    async fn commit(&mut self, batch: Vec<Job>) {
+        let before = self.last.clone();
+        let result = self.write(&batch).await;
+        match result {
+            Ok(outcomes) => {
+                for (t, seq) in &self.last {
+                    if let Some(h) = self.journal.heads.get(t) {
+                        h.send_if_modified(|v| std::mem::replace(v, *seq) != *seq);
+                    }
+                }
+                for (job, outcome) in batch.into_iter().zip(outcomes) {
+                    match (job, outcome) {
+                        (Job::Publish { done, .. }, Outcome::Published(r)) => {
+                            let _ = done.send(r);
+                        }
+                        (
+                            Job::Ack {
+                                topic,
+                                group,
+                                seq,
+                                done,
+                            },
+                            Outcome::Acked,
+                        ) => {
+                            let map = self.journal.acks.lock().unwrap_or_else(|p| p.into_inner());
+                            if let Some(tx) = map.get(&(topic, group)) {
+                                tx.send_if_modified(|v| {
+                                    let grew = seq > *v;
+                                    *v = (*v).max(seq);
+                                    grew
+                                });
+                            }
+                            let _ = done.send(Ok(()));
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            Err(e) => {
+                self.last = before;
+                error!(error = %e, "journal commit failed");
+                for job in batch {
+                    let err = || JournalError::NotDurable(e.to_string());
+                    match job {
+                        Job::Publish { done, .. } => {
+                            let _ = done.send(Err(err()));
+                        }
+                        Job::Ack { done, .. } => {
+                            let _ = done.send(Err(err()));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn write(&mut self, batch: &[Job]) -> Result<Vec<Outcome>> {
+        let mut tx = self.conn.begin().await?;
+        let mut outcomes = Vec::with_capacity(batch.len());
+        // Keys published earlier in this same batch.
+        let mut in_batch: HashMap<(String, String), (Vec<u8>, Receipt)> = HashMap::new();
+        let now = crate::audit::log::now_ms();
+        for job in batch {
+            match job {
+                Job::Publish {
+                    producer,
+                    key,
+                    topic,
+                    payload,
+                    ..
+                } => {
+                    let hash: Vec<u8> = Sha256::digest(payload).to_vec();
+                    let k = (producer.clone(), key.clone());
+                    let existing = match in_batch.get(&k) {
+                        Some((h, r)) => Some((h.clone(), r.clone())),
+                        None => sqlx::query(
+                            "SELECT payload_hash, event_id, topic, seq, recorded_at_ms FROM journal_events \
+                             WHERE producer = ? AND idempotency_key = ?",
+                        )
+                        .bind(producer)
+                        .bind(key)
+                        .fetch_optional(&mut *tx)
+                        .await?
+                        .map(|r| -> Result<_, sqlx::Error> {
+                            Ok((
+                                r.try_get::<Vec<u8>, _>(0)?,
+                                Receipt {
+                                    event_id: r.try_get(1)?,
+                                    topic: r.try_get(2)?,
+                                    sequence: r.try_get::<i64, _>(3)? as u64,
+                                    recorded_at_ms: r.try_get(4)?,
+                                },
+                            ))
+                        })
+                        .transpose()?,
+                    };
+                    if let Some((h, receipt)) = existing {
+                        outcomes.push(Outcome::Published(if h == hash {
+                            Ok(receipt)
+                        } else {
+                            Err(JournalError::Conflict(receipt.event_id))
+                        }));
+                        continue;
+                    }
+                    let seq = self.last.get(topic).copied().unwrap_or(0) + 1;
+                    let event_id = format!("{:032x}", rand::random::<u128>());
+                    sqlx::query(
+                        "INSERT INTO journal_events (topic, seq, event_id, producer, idempotency_key, payload, payload_hash, recorded_at_ms) \
+                         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    )
+                    .bind(*topic)
+                    .bind(seq as i64)
+                    .bind(&event_id)
+                    .bind(producer)
+                    .bind(key)
+                    .bind(payload)
+                    .bind(&hash)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                    self.last.insert(topic, seq);
+                    let receipt = Receipt {
+                        event_id,
+                        topic: (*topic).to_owned(),
+                        sequence: seq,
+                        recorded_at_ms: now,
+                    };
+                    in_batch.insert(k, (hash, receipt.clone()));
+                    outcomes.push(Outcome::Published(Ok(receipt)));
+                }
+                Job::Ack {
+                    topic, group, seq, ..
+                } => {
+                    sqlx::query(
+                        "INSERT INTO journal_groups (topic, grp, acked) VALUES (?, ?, ?) \
+                         ON CONFLICT (topic, grp) DO UPDATE SET acked = max(acked, excluded.acked)",
+                    )
+                    .bind(topic)
+                    .bind(group)
+                    .bind(*seq as i64)
+                    .execute(&mut *tx)
+                    .await?;
+                    outcomes.push(Outcome::Acked);
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(outcomes)
+    }
+}
+
+enum Outcome {
+    Published(Result<Receipt, JournalError>),
+    Acked,
+}

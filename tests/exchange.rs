@@ -1,0 +1,244 @@
+//! Two-way sync over real mTLS: publish (validation, idempotency, producer rights), subscribe
+//! (order, resume, back-pressure), ack.
+
+mod common;
+
+use std::time::Duration;
+
+use civgate::{
+    api::exchange::WINDOW,
+    client,
+    pb::v1::{
+        AckRequest, Birth, DeathRecorded, Event, Parent, PublishRequest, Registration, Sex,
+        SubscribeRequest, event::Payload, exchange_client::ExchangeClient,
+    },
+};
+use common::Env;
+use tonic::{Code, transport::Channel};
+
+fn birth(office: &str, name: &str) -> Event {
+    Event {
+        occurred_at_unix_ms: 0,
+        payload: Some(Payload::Birth(Birth {
+            registration: Some(Registration {
+                registry_office_code: office.into(),
+                book_number: "01/2026".into(),
+                entry_number: "7".into(),
+                registration_date: "2026-03-02".into(),
+                registering_official: "Trần Văn Bình".into(),
+            }),
+            full_name: name.into(),
+            sex: Sex::Female as i32,
+            date_of_birth: "2026-02-27".into(),
+            place_of_birth: "Hải Phòng".into(),
+            hometown: "Hải Phòng".into(),
+            ethnicity: "Kinh".into(),
+            nationality: "Việt Nam".into(),
+            birth_registration_province_code: "031".into(),
+            father: None,
+            mother: Some(Parent {
+                personal_id: Some("031195000002".into()),
+                full_name: "Lê Thị Hoa".into(),
+                ..Default::default()
+            }),
+        })),
+    }
+}
+
+fn publish(key: &str, event: Event) -> PublishRequest {
+    PublishRequest {
+        idempotency_key: key.into(),
+        event: Some(event),
+    }
+}
+
+async fn as_agency(env: &Env, addr: std::net::SocketAddr, who: &str) -> ExchangeClient<Channel> {
+    ExchangeClient::new(
+        client::connect(addr, &env.certs(), Some(who))
+            .await
+            .unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_is_idempotent_and_conflicting_reuse_is_already_exists() {
+    let env = Env::new();
+    let gw = env.start().await;
+    let mut reg = as_agency(&env, gw.api_addr, "registry-hp").await;
+    let a = reg
+        .publish(publish("b-1", birth("HP-LECHAN", "Nguyễn Thị An")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((a.topic.as_str(), a.sequence), ("civil-status", 1));
+    let again = reg
+        .publish(publish("b-1", birth("HP-LECHAN", "Nguyễn Thị An")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again, a);
+    let err = reg
+        .publish(publish("b-1", birth("HP-LECHAN", "Nguyễn Thị Bình")))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    let b = reg
+        .publish(publish("b-2", birth("HP-LECHAN", "Nguyễn Thị Bình")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(b.sequence, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producers_publish_only_their_side_and_offices_and_bad_events_are_named() {
+    let env = Env::new();
+    let gw = env.start().await;
+    let mut pop = as_agency(&env, gw.api_addr, "population").await;
+    let err = pop
+        .publish(publish("x", birth("HP-LECHAN", "Nguyễn Thị An")))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let mut reg = as_agency(&env, gw.api_addr, "registry-hp").await;
+    let err = reg
+        .publish(publish("x", birth("HN-BADINH", "Nguyễn Thị An")))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let death = Event {
+        occurred_at_unix_ms: 0,
+        payload: Some(Payload::DeathRecorded(DeathRecorded {
+            personal_id: "031095000001".into(),
+            date_of_death: "2026-01-01".into(),
+            recording_unit: "Công an phường Lê Chân".into(),
+        })),
+    };
+    let err = reg.publish(publish("y", death.clone())).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert_eq!(
+        pop.publish(publish("y", death))
+            .await
+            .unwrap()
+            .into_inner()
+            .topic,
+        "population"
+    );
+    let err = reg
+        .publish(publish("z", birth("HP-LECHAN", "Robert'); DROP TABLE")))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("event.birth.full_name"), "{err:?}");
+}
+
+async fn next(stream: &mut tonic::Streaming<civgate::pb::v1::SubscribedEvent>) -> u64 {
+    tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("event within 10 s")
+        .unwrap()
+        .unwrap()
+        .sequence
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribe_delivers_in_order_resumes_after_ack_and_applies_back_pressure() {
+    let env = Env::new();
+    let gw = env.start().await;
+    let mut reg = as_agency(&env, gw.api_addr, "registry-hp").await;
+    let mut pop = as_agency(&env, gw.api_addr, "population").await;
+    let sub = |group: &str, from: Option<u64>| SubscribeRequest {
+        topic: "civil-status".into(),
+        consumer_group: group.into(),
+        from_sequence: from,
+    };
+
+    // Pushed as they commit: subscribe first, then publish.
+    let mut s = pop
+        .subscribe(sub("population-db", None))
+        .await
+        .unwrap()
+        .into_inner();
+    for i in 0..5 {
+        reg.publish(publish(
+            &format!("k{i}"),
+            birth("HP-LECHAN", "Nguyễn Thị An"),
+        ))
+        .await
+        .unwrap();
+        assert_eq!(next(&mut s).await, i + 1);
+    }
+    pop.ack(AckRequest {
+        topic: "civil-status".into(),
+        consumer_group: "population-db".into(),
+        sequence: 3,
+    })
+    .await
+    .unwrap();
+    drop(s);
+    // Reconnect: resumes after the last ack.
+    let mut s = pop
+        .subscribe(sub("population-db", None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(next(&mut s).await, 4);
+    assert_eq!(next(&mut s).await, 5);
+    drop(s);
+    // Or from a given sequence.
+    let mut s = pop
+        .subscribe(sub("population-db", Some(2)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(next(&mut s).await, 2);
+    drop(s);
+
+    // Back-pressure: a group that never acks gets WINDOW events past its start, then nothing;
+    // another group keeps receiving.
+    for i in 5..(WINDOW + 10) {
+        reg.publish(publish(
+            &format!("k{i}"),
+            birth("HP-LECHAN", "Nguyễn Thị An"),
+        ))
+        .await
+        .unwrap();
+    }
+    let mut slow = pop.subscribe(sub("slow", None)).await.unwrap().into_inner();
+    for want in 1..=WINDOW {
+        assert_eq!(next(&mut slow).await, want);
+    }
+    let mut other = pop
+        .subscribe(sub("other", Some(WINDOW + 1)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(next(&mut other).await, WINDOW + 1);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), slow.message())
+            .await
+            .is_err(),
+        "window exceeded"
+    );
+    pop.ack(AckRequest {
+        topic: "civil-status".into(),
+        consumer_group: "slow".into(),
+        sequence: 10,
+    })
+    .await
+    .unwrap();
+    assert_eq!(next(&mut slow).await, WINDOW + 1);
+
+    // Acks beyond the head, bad topics and groups are refused.
+    let err = pop
+        .ack(AckRequest {
+            topic: "civil-status".into(),
+            consumer_group: "slow".into(),
+            sequence: 10_000,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = pop.subscribe(sub("bad group!", None)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+}
