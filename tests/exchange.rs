@@ -9,8 +9,9 @@ use civgate::{
     api::exchange::WINDOW,
     client,
     pb::v1::{
-        AckRequest, Birth, DeathRecorded, Event, Parent, PublishRequest, Registration, Sex,
-        SubscribeRequest, event::Payload, exchange_client::ExchangeClient,
+        AckRequest, Birth, DeathRecorded, DeliveryState, Event, GetEventStatusRequest, Parent,
+        PublishRequest, Registration, RejectRequest, Sex, SubscribeRequest, event::Payload,
+        exchange_client::ExchangeClient,
     },
 };
 use common::Env;
@@ -240,5 +241,104 @@ async fn subscribe_delivers_in_order_resumes_after_ack_and_applies_back_pressure
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     let err = pop.subscribe(sub("bad group!", None)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_event_and_its_reason_are_visible_to_the_producer() {
+    let env = Env::new();
+    let gw = env.start().await;
+    let mut reg = as_agency(&env, gw.api_addr, "registry-hp").await;
+    let mut pop = as_agency(&env, gw.api_addr, "population").await;
+    let a = reg
+        .publish(publish("r-1", birth("HP-LECHAN", "Nguyễn Thị An")))
+        .await
+        .unwrap()
+        .into_inner();
+    let b = reg
+        .publish(publish("r-2", birth("HP-LECHAN", "Nguyễn Thị Bình")))
+        .await
+        .unwrap()
+        .into_inner();
+    let status = |id: String| GetEventStatusRequest { event_id: id };
+    let st = reg
+        .get_event_status(status(a.event_id.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(st.groups.is_empty(), "accepted, no consumer yet: {st:?}");
+
+    let mut s = pop
+        .subscribe(SubscribeRequest {
+            topic: "civil-status".into(),
+            consumer_group: "population-db".into(),
+            from_sequence: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(next(&mut s).await, a.sequence);
+    assert_eq!(next(&mut s).await, b.sequence);
+    let st = reg
+        .get_event_status(status(a.event_id.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        st.groups[0].state,
+        DeliveryState::Delivered as i32,
+        "{st:?}"
+    );
+
+    pop.reject(RejectRequest {
+        topic: "civil-status".into(),
+        consumer_group: "population-db".into(),
+        sequence: b.sequence,
+        reason: "mother 031195000002 is not in the population database".into(),
+    })
+    .await
+    .unwrap();
+    pop.ack(AckRequest {
+        topic: "civil-status".into(),
+        consumer_group: "population-db".into(),
+        sequence: b.sequence,
+    })
+    .await
+    .unwrap();
+    let st = reg
+        .get_event_status(status(a.event_id.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(st.groups[0].state, DeliveryState::Acknowledged as i32);
+    let st = reg
+        .get_event_status(status(b.event_id.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(st.groups[0].state, DeliveryState::Rejected as i32);
+    assert!(
+        st.groups[0]
+            .reason
+            .contains("not in the population database")
+    );
+
+    // Another producer does not learn the event exists; an auditor does.
+    let err = pop
+        .get_event_status(status(b.event_id.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let mut aud = as_agency(&env, gw.api_addr, "auditor").await;
+    aud.get_event_status(status(b.event_id)).await.unwrap();
+    let err = pop
+        .reject(RejectRequest {
+            topic: "civil-status".into(),
+            consumer_group: "population-db".into(),
+            sequence: 1,
+            reason: " ".into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
 }

@@ -14,7 +14,7 @@ use crate::pb::v1::{
 use prost::Message;
 use tonic_types::FieldViolation;
 
-use super::{citizens::invalid, not_yet, principal};
+use super::{citizens::invalid, principal};
 use crate::{
     audit::FactsSlot,
     exchange::{
@@ -143,7 +143,7 @@ impl Exchange for ExchangeService {
         // where this subscription starts.
         let base = start - 1;
         let (tx, rx) = tokio::sync::mpsc::channel(64);
-        let topic = r.topic;
+        let (topic, group) = (r.topic, r.consumer_group);
         tokio::spawn(async move {
             let mut next = start;
             loop {
@@ -169,6 +169,7 @@ impl Exchange for ExchangeService {
                         if tx.send(Ok(msg)).await.is_err() {
                             return;
                         }
+                        journal.delivered(&topic, &group, e.seq);
                         next = e.seq + 1;
                     }
                     continue;
@@ -206,14 +207,73 @@ impl Exchange for ExchangeService {
         req: Request<RejectRequest>,
     ) -> Result<Response<RejectResponse>, Status> {
         principal(&req)?;
-        Err(not_yet("Exchange.Reject", 4))
+        let r = req.into_inner();
+        group_of(&r.topic, &r.consumer_group)?;
+        let journal = self.journal()?;
+        let head = journal.head(&r.topic).map(|h| *h.borrow()).unwrap_or(0);
+        let mut v = Vec::new();
+        if r.sequence == 0 || r.sequence > head {
+            v.push(FieldViolation::new(
+                "sequence",
+                format!("must be 1..={head} (the topic's head)"),
+            ));
+        }
+        if r.reason.trim().is_empty() || r.reason.chars().count() > 500 {
+            v.push(FieldViolation::new(
+                "reason",
+                "1-500 characters: why the event is refused",
+            ));
+        }
+        if !v.is_empty() {
+            return Err(invalid(v));
+        }
+        journal
+            .reject(&r.topic, &r.consumer_group, r.sequence, r.reason.trim())
+            .await?;
+        Ok(Response::new(RejectResponse {}))
     }
 
     async fn get_event_status(
         &self,
         req: Request<GetEventStatusRequest>,
     ) -> Result<Response<GetEventStatusResponse>, Status> {
-        principal(&req)?;
-        Err(not_yet("Exchange.GetEventStatus", 4))
+        let who = principal(&req)?;
+        let r = req.into_inner();
+        let status = self
+            .journal()?
+            .status(&r.event_id)
+            .await?
+            .ok_or_else(|| Status::not_found(format!("no event {:?}", r.event_id)))?;
+        // The producer and auditors may see an event's fate; nobody else learns it exists.
+        if status.producer != who.agency.as_str() && who.role != crate::domain::Role::Auditor {
+            return Err(Status::not_found(format!("no event {:?}", r.event_id)));
+        }
+        use crate::{
+            exchange::journal::GroupState,
+            pb::v1::{ConsumerGroupStatus, DeliveryState},
+        };
+        let groups = status
+            .groups
+            .into_iter()
+            .map(|(g, s)| {
+                let (state, reason) = match s {
+                    GroupState::Accepted => (DeliveryState::Accepted, String::new()),
+                    GroupState::Delivered => (DeliveryState::Delivered, String::new()),
+                    GroupState::Acknowledged => (DeliveryState::Acknowledged, String::new()),
+                    GroupState::Rejected(r) => (DeliveryState::Rejected, r),
+                };
+                ConsumerGroupStatus {
+                    consumer_group: g,
+                    state: state as i32,
+                    reason,
+                }
+            })
+            .collect();
+        Ok(Response::new(GetEventStatusResponse {
+            event_id: status.event_id,
+            topic: status.topic,
+            sequence: status.seq,
+            groups,
+        }))
     }
 }

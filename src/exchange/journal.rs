@@ -35,6 +35,14 @@ CREATE TABLE IF NOT EXISTS journal_events (
     PRIMARY KEY (topic, seq)
 ) WITHOUT ROWID;
 CREATE UNIQUE INDEX IF NOT EXISTS journal_idempotency ON journal_events (producer, idempotency_key);
+CREATE TABLE IF NOT EXISTS journal_rejections (
+    topic TEXT NOT NULL,
+    grp TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    at_ms INTEGER NOT NULL,
+    PRIMARY KEY (topic, seq, grp)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS journal_groups (
     topic TEXT NOT NULL,
     grp TEXT NOT NULL,
@@ -97,6 +105,32 @@ enum Job {
         seq: u64,
         done: oneshot::Sender<Result<(), JournalError>>,
     },
+    Reject {
+        topic: String,
+        group: String,
+        seq: u64,
+        reason: String,
+        done: oneshot::Sender<Result<(), JournalError>>,
+    },
+}
+
+/// Where one event stands for one consumer group.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GroupState {
+    Accepted,
+    Delivered,
+    Acknowledged,
+    Rejected(String),
+}
+
+/// An event's status: (topic, sequence, producer) and its state per consumer group.
+#[derive(Clone, Debug)]
+pub struct EventStatus {
+    pub event_id: String,
+    pub topic: String,
+    pub seq: u64,
+    pub producer: String,
+    pub groups: Vec<(String, GroupState)>,
 }
 
 #[derive(Clone)]
@@ -105,6 +139,9 @@ pub struct Journal {
     reader: SqlitePool,
     heads: Arc<HashMap<&'static str, watch::Sender<u64>>>,
     acks: Arc<Mutex<AckWatches>>,
+    /// Highest sequence handed to each (topic, group) by a subscription since start
+    /// (in memory: after a restart, "delivered" shows again once redelivered).
+    delivered: Arc<Mutex<HashMap<(String, String), u64>>>,
 }
 
 /// Per (topic, consumer group): the acknowledged sequence, watched by its subscriptions.
@@ -147,6 +184,7 @@ impl Journal {
             reader,
             heads: Arc::new(heads),
             acks: Arc::new(Mutex::new(HashMap::new())),
+            delivered: Arc::new(Mutex::new(HashMap::new())),
         };
         let (tx, rx) = mpsc::channel(8_192);
         let writer = Writer {
@@ -196,6 +234,103 @@ impl Journal {
             .map_err(|_| JournalError::NotDurable("journal writer stopped".into()))?;
         wait.await
             .map_err(|_| JournalError::NotDurable("journal writer stopped".into()))?
+    }
+
+    /// Moves one event to the dead-letter list of a group, with the consumer's reason.
+    pub async fn reject(
+        &self,
+        topic: &str,
+        group: &str,
+        seq: u64,
+        reason: &str,
+    ) -> Result<(), JournalError> {
+        let (done, wait) = oneshot::channel();
+        self.tx
+            .send(Job::Reject {
+                topic: topic.into(),
+                group: group.into(),
+                seq,
+                reason: reason.into(),
+                done,
+            })
+            .await
+            .map_err(|_| JournalError::NotDurable("journal writer stopped".into()))?;
+        wait.await
+            .map_err(|_| JournalError::NotDurable("journal writer stopped".into()))?
+    }
+
+    /// Notes that a subscription handed `seq` to `group`.
+    pub fn delivered(&self, topic: &str, group: &str, seq: u64) {
+        let mut map = self.delivered.lock().unwrap_or_else(|p| p.into_inner());
+        let v = map.entry((topic.to_owned(), group.to_owned())).or_insert(0);
+        *v = (*v).max(seq);
+    }
+
+    /// Accepted / delivered / acknowledged / rejected, per consumer group known for the topic.
+    pub async fn status(&self, event_id: &str) -> Result<Option<EventStatus>, JournalError> {
+        let read = |e: sqlx::Error| JournalError::Read(e.to_string());
+        let Some(row) =
+            sqlx::query("SELECT topic, seq, producer FROM journal_events WHERE event_id = ?")
+                .bind(event_id)
+                .fetch_optional(&self.reader)
+                .await
+                .map_err(read)?
+        else {
+            return Ok(None);
+        };
+        let topic: String = row.try_get(0).map_err(read)?;
+        let seq = row.try_get::<i64, _>(1).map_err(read)? as u64;
+        let producer: String = row.try_get(2).map_err(read)?;
+        let mut groups: std::collections::BTreeMap<String, GroupState> =
+            std::collections::BTreeMap::new();
+        for r in sqlx::query("SELECT grp, acked FROM journal_groups WHERE topic = ?")
+            .bind(&topic)
+            .fetch_all(&self.reader)
+            .await
+            .map_err(read)?
+        {
+            let grp: String = r.try_get(0).map_err(read)?;
+            let acked = r.try_get::<i64, _>(1).map_err(read)? as u64;
+            let state = if acked >= seq {
+                GroupState::Acknowledged
+            } else {
+                GroupState::Accepted
+            };
+            groups.insert(grp, state);
+        }
+        for ((t, g), d) in self
+            .delivered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            if *t == topic {
+                let e = groups.entry(g.clone()).or_insert(GroupState::Accepted);
+                if *e == GroupState::Accepted && *d >= seq {
+                    *e = GroupState::Delivered;
+                }
+            }
+        }
+        for r in
+            sqlx::query("SELECT grp, reason FROM journal_rejections WHERE topic = ? AND seq = ?")
+                .bind(&topic)
+                .bind(seq as i64)
+                .fetch_all(&self.reader)
+                .await
+                .map_err(read)?
+        {
+            groups.insert(
+                r.try_get(0).map_err(read)?,
+                GroupState::Rejected(r.try_get(1).map_err(read)?),
+            );
+        }
+        Ok(Some(EventStatus {
+            event_id: event_id.to_owned(),
+            topic,
+            seq,
+            producer,
+            groups: groups.into_iter().collect(),
+        }))
     }
 
     /// The highest committed sequence of a topic, as it changes.
@@ -301,6 +436,9 @@ impl Writer {
                         (Job::Publish { done, .. }, Outcome::Published(r)) => {
                             let _ = done.send(r);
                         }
+                        (Job::Reject { done, .. }, Outcome::Acked) => {
+                            let _ = done.send(Ok(()));
+                        }
                         (
                             Job::Ack {
                                 topic,
@@ -320,6 +458,7 @@ impl Writer {
                             }
                             let _ = done.send(Ok(()));
                         }
+                        // Each job yields the outcome of its own kind.
                         _ => {}
                     }
                 }
@@ -333,7 +472,7 @@ impl Writer {
                         Job::Publish { done, .. } => {
                             let _ = done.send(Err(err()));
                         }
-                        Job::Ack { done, .. } => {
+                        Job::Ack { done, .. } | Job::Reject { done, .. } => {
                             let _ = done.send(Err(err()));
                         }
                     }
@@ -426,6 +565,26 @@ impl Writer {
                     .bind(topic)
                     .bind(group)
                     .bind(*seq as i64)
+                    .execute(&mut *tx)
+                    .await?;
+                    outcomes.push(Outcome::Acked);
+                }
+                Job::Reject {
+                    topic,
+                    group,
+                    seq,
+                    reason,
+                    ..
+                } => {
+                    sqlx::query(
+                        "INSERT INTO journal_rejections (topic, grp, seq, reason, at_ms) VALUES (?, ?, ?, ?, ?) \
+                         ON CONFLICT (topic, seq, grp) DO UPDATE SET reason = excluded.reason, at_ms = excluded.at_ms",
+                    )
+                    .bind(topic)
+                    .bind(group)
+                    .bind(*seq as i64)
+                    .bind(reason)
+                    .bind(now)
                     .execute(&mut *tx)
                     .await?;
                     outcomes.push(Outcome::Acked);
