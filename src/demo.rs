@@ -288,6 +288,25 @@ pub async fn run(certs_dir: &Path) -> Result<()> {
     }
 
     println!();
+    println!("Two-way sync (SPEC §6 steps 1–5):");
+    tokio::spawn({
+        let (store, dir) = (directory.store.clone(), certs_dir.to_owned());
+        async move {
+            if let Err(e) = refdb::sync::consume(addr, &dir, store).await {
+                tracing::warn!(error = %e, "directory consumer stopped");
+            }
+        }
+    });
+    match sync_steps(addr, certs_dir, father, &mother_id).await {
+        Ok(lines) => {
+            for (ok, what, got) in lines {
+                check(ok, &what, got);
+            }
+        }
+        Err(e) => check(false, "two-way sync", format!("{e:#}")),
+    }
+
+    println!();
     println!(
         "An auditor asks: who read citizen {} ? (SPEC §6 step 7)",
         father.personal_id
@@ -310,6 +329,283 @@ pub async fn run(certs_dir: &Path) -> Result<()> {
     }
     println!("demo finished: every case behaved as expected");
     Ok(())
+}
+
+/// SPEC §6 steps 1–5 against the running gateway and directory consumer.
+async fn sync_steps(
+    addr: std::net::SocketAddr,
+    certs_dir: &Path,
+    father: &crate::synth::CitizenRecord,
+    mother_id: &crate::domain::PersonalId,
+) -> Result<Vec<(bool, String, String)>> {
+    use crate::pb::v1::{
+        AckRequest, Birth, Death, DeathRecorded, DeliveryState, Event, Marriage, Parent,
+        PublishRequest, Registration, Sex as PbSex, SubscribeRequest, event::Payload,
+        exchange_client::ExchangeClient,
+    };
+    use std::time::Duration;
+
+    let mut out = Vec::new();
+    let reg_ch = client::connect(addr, certs_dir, Some("registry-hp")).await?;
+    let mut reg = ExchangeClient::new(reg_ch.clone());
+    let mut citizens = CitizensClient::new(reg_ch);
+    let mut pop = ExchangeClient::new(client::connect(addr, certs_dir, Some("population")).await?);
+    let today = crate::domain::today();
+    let registration = |entry: &str| Registration {
+        registry_office_code: "HP-LECHAN".into(),
+        book_number: format!("{}/KS", today.year()),
+        entry_number: entry.into(),
+        registration_date: format_date(today),
+        registering_official: "Phạm Thị Thu".into(),
+    };
+    // The registry listens to the population topic.
+    let mut from_population = reg
+        .subscribe(SubscribeRequest {
+            topic: "population".into(),
+            consumer_group: "registry-hp".into(),
+            from_sequence: None,
+        })
+        .await?
+        .into_inner();
+    let mut next_population = async || -> Result<crate::pb::v1::SubscribedEvent> {
+        let m = tokio::time::timeout(Duration::from_secs(10), from_population.message())
+            .await
+            .context("no population event within 10 s")??
+            .context("stream ended")?;
+        Ok(m)
+    };
+
+    // 1. Birth.
+    let family = father.full_name.split(' ').next().unwrap_or("Nguyễn");
+    let child = format!("{family} Thị Mai");
+    let dob = today - time::Duration::days(2);
+    let birth = Event {
+        occurred_at_unix_ms: crate::audit::log::now_ms(),
+        payload: Some(Payload::Birth(Birth {
+            registration: Some(registration("101")),
+            full_name: child.clone(),
+            sex: PbSex::Female as i32,
+            date_of_birth: format_date(dob),
+            place_of_birth: "Bệnh viện Phụ sản Hải Phòng".into(),
+            hometown: "Hải Phòng".into(),
+            ethnicity: "Kinh".into(),
+            nationality: "Việt Nam".into(),
+            birth_registration_province_code: "031".into(),
+            father: Some(Parent {
+                personal_id: Some(father.personal_id.to_string()),
+                full_name: father.full_name.clone(),
+                ..Default::default()
+            }),
+            mother: Some(Parent {
+                personal_id: Some(mother_id.to_string()),
+                ..Default::default()
+            }),
+        })),
+    };
+    let receipt = reg
+        .publish(PublishRequest {
+            idempotency_key: "demo-birth-101".into(),
+            event: Some(birth),
+        })
+        .await?
+        .into_inner();
+    out.push((
+        true,
+        "registry-hp publishes birth (Exchange.Publish)".to_owned(),
+        format!("{child}: {} #{}", receipt.topic, receipt.sequence),
+    ));
+
+    // 2. The directory answers with the new personal ID.
+    let answer = next_population().await?;
+    let new_id = match answer.event.and_then(|e| e.payload) {
+        Some(Payload::PersonalIdAssigned(a)) if a.birth_event_id == receipt.event_id => {
+            a.personal_id
+        }
+        other => anyhow::bail!("expected personal_id_assigned, got {other:?}"),
+    };
+    reg.ack(AckRequest {
+        topic: "population".into(),
+        consumer_group: "registry-hp".into(),
+        sequence: answer.sequence,
+    })
+    .await?;
+    let looked = citizens
+        .get_citizen(GetCitizenRequest {
+            personal_id: new_id.clone(),
+            purpose: "BIRTH_REGISTRATION".into(),
+        })
+        .await?
+        .into_inner()
+        .citizen
+        .unwrap_or_default();
+    out.push((
+        looked.full_name.as_deref() == Some(child.as_str()),
+        "directory creates the citizen, answers personal_id_assigned".to_owned(),
+        format!("{new_id} (registry consumed and acked)"),
+    ));
+
+    // 3. Marriage of two single adults, checked first.
+    let people: Vec<_> = Population::new(DEMO_SEED, DEMO_CITIZENS)
+        .take(3_000)
+        .collect();
+    let single = |sex: Sex| {
+        people.iter().find(|p| {
+            p.sex == sex
+                && p.marital_status == crate::synth::MaritalStatus::Single
+                && p.date_of_death.is_none()
+                && p.date_of_birth.year() < 2000
+        })
+    };
+    let (Some(groom), Some(bride)) = (single(Sex::Male), single(Sex::Female)) else {
+        anyhow::bail!("no two single adults in the synthetic population");
+    };
+    for p in [groom, bride] {
+        let r = citizens
+            .verify_citizen(VerifyCitizenRequest {
+                personal_id: p.personal_id.to_string(),
+                purpose: "MARRIAGE_REGISTRATION".into(),
+                marital_status: PbMarital::Single as i32,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        anyhow::ensure!(
+            r.matches.first().map(|m| m.r#match) == Some(Match::Yes as i32),
+            "{} is not single",
+            p.personal_id
+        );
+    }
+    let marriage = Event {
+        occurred_at_unix_ms: crate::audit::log::now_ms(),
+        payload: Some(Payload::Marriage(Marriage {
+            registration: Some(registration("102")),
+            spouse1_personal_id: groom.personal_id.to_string(),
+            spouse1_full_name: groom.full_name.clone(),
+            spouse2_personal_id: bride.personal_id.to_string(),
+            spouse2_full_name: bride.full_name.clone(),
+            date_of_marriage: format_date(today),
+        })),
+    };
+    let m = reg
+        .publish(PublishRequest {
+            idempotency_key: "demo-marriage-102".into(),
+            event: Some(marriage),
+        })
+        .await?
+        .into_inner();
+    let state = wait_state(&mut reg, &m.event_id).await?;
+    let now = citizens
+        .get_citizen(GetCitizenRequest {
+            personal_id: groom.personal_id.to_string(),
+            purpose: "MARITAL_STATUS_CONFIRMATION".into(),
+        })
+        .await?
+        .into_inner()
+        .citizen
+        .unwrap_or_default();
+    out.push((
+        state.0 == DeliveryState::Acknowledged as i32
+            && now.marital_status == PbMarital::Married as i32,
+        "marriage: verified single, published, applied".to_owned(),
+        format!(
+            "{} now MARRIED to {}",
+            groom.personal_id,
+            now.spouse_personal_ids.join(",")
+        ),
+    ));
+
+    // 4. A death recorded by the police reaches the civil-status side.
+    let deceased = people
+        .iter()
+        .find(|p| p.date_of_death.is_none() && p.date_of_birth.year() < 1950)
+        .unwrap_or(groom);
+    let recorded = Event {
+        occurred_at_unix_ms: crate::audit::log::now_ms(),
+        payload: Some(Payload::DeathRecorded(DeathRecorded {
+            personal_id: deceased.personal_id.to_string(),
+            date_of_death: format_date(today - time::Duration::days(1)),
+            recording_unit: "Công an phường Lê Chân".into(),
+        })),
+    };
+    pop.publish(PublishRequest {
+        idempotency_key: format!("demo-death-{}", deceased.personal_id),
+        event: Some(recorded),
+    })
+    .await?;
+    let got = next_population().await?;
+    let ok = matches!(got.event.as_ref().and_then(|e| e.payload.as_ref()), Some(Payload::DeathRecorded(d)) if d.personal_id == deceased.personal_id.as_str());
+    reg.ack(AckRequest {
+        topic: "population".into(),
+        consumer_group: "registry-hp".into(),
+        sequence: got.sequence,
+    })
+    .await?;
+    out.push((
+        ok,
+        "population side records a death; registry receives it".to_owned(),
+        format!("{} (population #{})", deceased.personal_id, got.sequence),
+    ));
+
+    // 5. A conflicting event: the death of a citizen already dead.
+    let dead = people
+        .iter()
+        .find(|p| p.date_of_death.is_some())
+        .context("no dead citizen in the synthetic population")?;
+    let death = Event {
+        occurred_at_unix_ms: crate::audit::log::now_ms(),
+        payload: Some(Payload::Death(Death {
+            registration: Some(registration("103")),
+            personal_id: dead.personal_id.to_string(),
+            date_of_death: format_date(today),
+            place_of_death: "Hải Phòng".into(),
+            cause_category: "natural".into(),
+            declarant_personal_id: String::new(),
+        })),
+    };
+    let d = reg
+        .publish(PublishRequest {
+            idempotency_key: "demo-death-103".into(),
+            event: Some(death),
+        })
+        .await?
+        .into_inner();
+    let (state, reason) = wait_state(&mut reg, &d.event_id).await?;
+    out.push((
+        state == DeliveryState::Rejected as i32,
+        "death of an already-dead citizen is rejected".to_owned(),
+        format!("GetEventStatus: REJECTED — {reason}"),
+    ));
+    Ok(out)
+}
+
+/// Waits until the directory's consumer group has acknowledged or rejected an event.
+async fn wait_state(
+    ex: &mut crate::pb::v1::exchange_client::ExchangeClient<tonic::transport::Channel>,
+    event_id: &str,
+) -> Result<(i32, String)> {
+    use crate::pb::v1::{DeliveryState, GetEventStatusRequest};
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let st = ex
+            .get_event_status(GetEventStatusRequest {
+                event_id: event_id.into(),
+            })
+            .await?
+            .into_inner();
+        // Rejected events are acknowledged too; the rejection is what the producer must see.
+        if let Some(g) = st.groups.iter().find(|g| {
+            g.consumer_group == refdb::sync::GROUP
+                && (g.state == DeliveryState::Rejected as i32
+                    || g.state == DeliveryState::Acknowledged as i32)
+        }) {
+            return Ok((g.state, g.reason.clone()));
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "event {event_id} not handled within 10 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 /// Search by subject, prove an entry, verify the whole log.

@@ -3,6 +3,7 @@
 //! with a deterministic synthetic population. For tests, staging, benchmarks and the demo.
 
 pub mod store;
+pub mod sync;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
