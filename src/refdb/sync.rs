@@ -211,7 +211,7 @@ pub async fn consume(addr: SocketAddr, certs_dir: &Path, store: DirectoryStore) 
                     let r = ex
                         .publish(PublishRequest {
                             idempotency_key: format!("answer-{}", e.event_id),
-                            event: Some(answer),
+                            event: Some(*answer),
                         })
                         .await?
                         .into_inner();
