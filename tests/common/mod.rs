@@ -64,10 +64,15 @@ impl Env {
 
     /// Runs the real `civgate serve` binary on ephemeral ports.
     pub fn spawn_binary(&self) -> Gateway {
+        self.spawn_binary_on("127.0.0.1:0")
+    }
+
+    /// Runs the real `civgate serve` binary with its API on `listen`.
+    pub fn spawn_binary_on(&self, listen: &str) -> Gateway {
         let mut child = Command::new(env!("CARGO_BIN_EXE_civgate"))
             .args(["--log-format", "json", "serve", "--config"])
             .arg(self.config_path())
-            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .args(["--listen", listen, "--admin-listen", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(self.dir.path().join("data"))
             .stdout(Stdio::null())
