@@ -35,6 +35,253 @@ pub enum BenchCommand {
     Lookup(LookupArgs),
     /// Build (or reuse) an audit log of N entries, then time inclusion and consistency proofs.
     AuditProofs(AuditProofArgs),
+    /// Durable publishes per second (closed loop), as the population database.
+    Publish(SyncArgs),
+    /// Publish→delivery latency at a fixed rate, and the catch-up speed of a consumer.
+    Subscribe(SyncArgs),
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct SyncArgs {
+    #[arg(long, default_value = "127.0.0.1:7443")]
+    pub addr: SocketAddr,
+    #[arg(long, default_value = "certs")]
+    pub certs: PathBuf,
+    #[arg(long, default_value_t = 4)]
+    pub connections: usize,
+    /// Publishes in flight per connection.
+    #[arg(long, default_value_t = 16)]
+    pub concurrency: usize,
+    #[arg(long, default_value_t = 8.0)]
+    pub duration: f64,
+    #[arg(long, default_value_t = 2.0)]
+    pub warmup: f64,
+    /// subscribe: publishes per second while measuring delivery latency.
+    #[arg(long, default_value_t = 5_000)]
+    pub rate: u32,
+    /// subscribe: also read this many stored events from sequence 1 and time the catch-up.
+    #[arg(long, default_value_t = 0)]
+    pub catch_up: u64,
+}
+
+fn bench_event(n: u64) -> crate::pb::v1::Event {
+    use crate::pb::v1::{DeathRecorded, Event, event::Payload};
+    Event {
+        occurred_at_unix_ms: 0,
+        payload: Some(Payload::DeathRecorded(DeathRecorded {
+            personal_id: format!("031050{:06}", n % 1_000_000),
+            date_of_death: "2026-01-01".into(),
+            recording_unit: format!("bench {n}"),
+        })),
+    }
+}
+
+async fn publish_bench(a: &SyncArgs) -> Result<()> {
+    use crate::pb::v1::{PublishRequest, exchange_client::ExchangeClient};
+    let run = format!("{:x}", rand::random::<u64>());
+    let phase = Arc::new(AtomicU8::new(WARMUP));
+    let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..a.connections.max(1) {
+        let ch = client::connect(a.addr, &a.certs, Some("population")).await?;
+        for _ in 0..a.concurrency.max(1) {
+            let (mut c, phase, counter, run) = (
+                ExchangeClient::new(ch.clone()),
+                phase.clone(),
+                counter.clone(),
+                run.clone(),
+            );
+            tasks.push(tokio::spawn(async move {
+                let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                let mut errors = 0u64;
+                loop {
+                    let p = phase.load(Ordering::Relaxed);
+                    if p == STOP {
+                        break;
+                    }
+                    let n = counter.fetch_add(1, Ordering::Relaxed);
+                    let t = Instant::now();
+                    let r = c
+                        .publish(PublishRequest {
+                            idempotency_key: format!("bench-{run}-{n}"),
+                            event: Some(bench_event(n)),
+                        })
+                        .await;
+                    if p == MEASURE && phase.load(Ordering::Relaxed) == MEASURE {
+                        match r {
+                            Ok(_) => {
+                                let _ = hist.record(t.elapsed().as_micros().max(1) as u64);
+                            }
+                            Err(_) => errors += 1,
+                        }
+                    }
+                }
+                Ok::<_, anyhow::Error>((hist, errors))
+            }));
+        }
+    }
+    tokio::time::sleep(Duration::from_secs_f64(a.warmup)).await;
+    let t = Instant::now();
+    phase.store(MEASURE, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs_f64(a.duration)).await;
+    phase.store(STOP, Ordering::Relaxed);
+    let secs = t.elapsed().as_secs_f64();
+    let mut total =
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut errors = 0;
+    for t in tasks {
+        let (h, e) = t.await??;
+        total.add(&h).map_err(|e| anyhow::anyhow!("{e}"))?;
+        errors += e;
+    }
+    println!(
+        "publish: {} x {} in flight: {:.0} durable publishes/s, p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, {} errors",
+        a.connections,
+        a.concurrency,
+        total.len() as f64 / secs,
+        total.value_at_quantile(0.5) as f64 / 1000.0,
+        total.value_at_quantile(0.99) as f64 / 1000.0,
+        total.value_at_quantile(0.999) as f64 / 1000.0,
+        errors
+    );
+    Ok(())
+}
+
+async fn subscribe_bench(a: &SyncArgs) -> Result<()> {
+    use crate::pb::v1::{
+        AckRequest, PublishRequest, SubscribeRequest, event::Payload,
+        exchange_client::ExchangeClient,
+    };
+    use std::collections::HashMap;
+    let group = format!("bench-{:x}", rand::random::<u32>());
+    let mut sub =
+        ExchangeClient::new(client::connect(a.addr, &a.certs, Some("registry-hp")).await?);
+    if a.catch_up > 0 {
+        let mut stream = sub
+            .subscribe(SubscribeRequest {
+                topic: "population".into(),
+                consumer_group: format!("{group}-catchup"),
+                from_sequence: Some(1),
+            })
+            .await?
+            .into_inner();
+        let t = Instant::now();
+        let mut n = 0u64;
+        let mut acked = 0;
+        while n < a.catch_up {
+            let Some(m) = stream.message().await? else {
+                break;
+            };
+            n += 1;
+            if m.sequence - acked >= 128 {
+                sub.ack(AckRequest {
+                    topic: "population".into(),
+                    consumer_group: format!("{group}-catchup"),
+                    sequence: m.sequence,
+                })
+                .await?;
+                acked = m.sequence;
+            }
+        }
+        let secs = t.elapsed().as_secs_f64();
+        println!(
+            "catch-up: {n} stored events in {secs:.2} s = {:.0} events/s (window 256, ack every 128)",
+            n as f64 / secs
+        );
+    }
+    // Latency at a fixed publish rate.
+    let sent: Arc<std::sync::Mutex<HashMap<u64, Instant>>> = Arc::default();
+    let pubch = client::connect(a.addr, &a.certs, Some("population")).await?;
+    let run = format!("{:x}", rand::random::<u64>());
+    let total = (f64::from(a.rate) * (a.duration + a.warmup)) as u64;
+    let base = rand::random::<u32>() as u64 * 1_000_000;
+    // Subscribe from the current head onwards: publish one marker first.
+    let marker = ExchangeClient::new(pubch.clone())
+        .publish(PublishRequest {
+            idempotency_key: format!("bench-{run}-marker"),
+            event: Some(bench_event(base)),
+        })
+        .await?
+        .into_inner();
+    let mut stream = sub
+        .subscribe(SubscribeRequest {
+            topic: "population".into(),
+            consumer_group: group.clone(),
+            from_sequence: Some(marker.sequence + 1),
+        })
+        .await?
+        .into_inner();
+    let publisher = {
+        let (sent, run, rate) = (sent.clone(), run.clone(), a.rate);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1) / rate.max(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let mut inflight = tokio::task::JoinSet::new();
+            for i in 1..=total {
+                tick.tick().await;
+                let n = base + i;
+                sent.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(n, Instant::now());
+                let mut c = ExchangeClient::new(pubch.clone());
+                let key = format!("bench-{run}-{i}");
+                inflight.spawn(async move {
+                    c.publish(PublishRequest {
+                        idempotency_key: key,
+                        event: Some(bench_event(n)),
+                    })
+                    .await
+                    .is_ok()
+                });
+                while inflight.len() > 256 {
+                    inflight.join_next().await;
+                }
+            }
+            while inflight.join_next().await.is_some() {}
+        })
+    };
+    let mut hist =
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let warm_until = Instant::now() + Duration::from_secs_f64(a.warmup);
+    let mut got = 0u64;
+    let mut acked = 0;
+    while got < total {
+        let Ok(m) = tokio::time::timeout(Duration::from_secs(10), stream.message()).await else {
+            break;
+        };
+        let Some(m) = m? else { break };
+        got += 1;
+        if let Some(Payload::DeathRecorded(d)) = m.event.as_ref().and_then(|e| e.payload.as_ref())
+            && let Some(n) = d
+                .recording_unit
+                .strip_prefix("bench ")
+                .and_then(|v| v.parse::<u64>().ok())
+            && let Some(t) = sent.lock().unwrap_or_else(|p| p.into_inner()).remove(&n)
+            && Instant::now() > warm_until
+        {
+            let _ = hist.record(t.elapsed().as_micros().max(1) as u64);
+        }
+        if m.sequence - acked >= 128 {
+            sub.ack(AckRequest {
+                topic: "population".into(),
+                consumer_group: group.clone(),
+                sequence: m.sequence,
+            })
+            .await?;
+            acked = m.sequence;
+        }
+    }
+    publisher.await?;
+    println!(
+        "delivery at {} publishes/s: publish→delivery p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms ({} measured of {got} delivered)",
+        a.rate,
+        hist.value_at_quantile(0.5) as f64 / 1000.0,
+        hist.value_at_quantile(0.99) as f64 / 1000.0,
+        hist.value_at_quantile(0.999) as f64 / 1000.0,
+        hist.len()
+    );
+    Ok(())
 }
 
 #[derive(Args, Clone, Debug)]
@@ -126,6 +373,8 @@ pub struct LookupReport {
 pub async fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::AuditProofs(a) => audit_proofs(&a).await,
+        BenchCommand::Publish(a) => publish_bench(&a).await,
+        BenchCommand::Subscribe(a) => subscribe_bench(&a).await,
         BenchCommand::Lookup(args) => {
             let report = lookup(&args).await?;
             if args.json {
