@@ -483,10 +483,44 @@ impl Writer {
 
     async fn write(&mut self, batch: &[Job]) -> Result<Vec<Outcome>> {
         let mut tx = self.conn.begin().await?;
-        let mut outcomes = Vec::with_capacity(batch.len());
-        // Keys published earlier in this same batch.
-        let mut in_batch: HashMap<(String, String), (Vec<u8>, Receipt)> = HashMap::new();
         let now = crate::audit::log::now_ms();
+        // Idempotency keys of this batch already in the journal: one query per 400 keys.
+        let keys: Vec<(&str, &str)> = batch
+            .iter()
+            .filter_map(|j| match j {
+                Job::Publish { producer, key, .. } => Some((producer.as_str(), key.as_str())),
+                _ => None,
+            })
+            .collect();
+        let mut known: HashMap<(String, String), (Vec<u8>, Receipt)> = HashMap::new();
+        for chunk in keys.chunks(400) {
+            let sql = format!(
+                "SELECT producer, idempotency_key, payload_hash, event_id, topic, seq, recorded_at_ms \
+                 FROM journal_events WHERE (producer, idempotency_key) IN (VALUES {})",
+                vec!["(?, ?)"; chunk.len()].join(",")
+            );
+            // Built only from constants and `?` placeholders.
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for (p, k) in chunk {
+                q = q.bind(*p).bind(*k);
+            }
+            for r in q.fetch_all(&mut *tx).await? {
+                known.insert(
+                    (r.try_get(0)?, r.try_get(1)?),
+                    (
+                        r.try_get(2)?,
+                        Receipt {
+                            event_id: r.try_get(3)?,
+                            topic: r.try_get(4)?,
+                            sequence: r.try_get::<i64, _>(5)? as u64,
+                            recorded_at_ms: r.try_get(6)?,
+                        },
+                    ),
+                );
+            }
+        }
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let mut rows: Vec<NewRow<'_>> = Vec::new();
         for job in batch {
             match job {
                 Job::Publish {
@@ -498,61 +532,25 @@ impl Writer {
                 } => {
                     let hash: Vec<u8> = Sha256::digest(payload).to_vec();
                     let k = (producer.clone(), key.clone());
-                    let existing = match in_batch.get(&k) {
-                        Some((h, r)) => Some((h.clone(), r.clone())),
-                        None => sqlx::query(
-                            "SELECT payload_hash, event_id, topic, seq, recorded_at_ms FROM journal_events \
-                             WHERE producer = ? AND idempotency_key = ?",
-                        )
-                        .bind(producer)
-                        .bind(key)
-                        .fetch_optional(&mut *tx)
-                        .await?
-                        .map(|r| -> Result<_, sqlx::Error> {
-                            Ok((
-                                r.try_get::<Vec<u8>, _>(0)?,
-                                Receipt {
-                                    event_id: r.try_get(1)?,
-                                    topic: r.try_get(2)?,
-                                    sequence: r.try_get::<i64, _>(3)? as u64,
-                                    recorded_at_ms: r.try_get(4)?,
-                                },
-                            ))
-                        })
-                        .transpose()?,
-                    };
-                    if let Some((h, receipt)) = existing {
-                        outcomes.push(Outcome::Published(if h == hash {
-                            Ok(receipt)
+                    if let Some((h, receipt)) = known.get(&k) {
+                        outcomes.push(Outcome::Published(if *h == hash {
+                            Ok(receipt.clone())
                         } else {
-                            Err(JournalError::Conflict(receipt.event_id))
+                            Err(JournalError::Conflict(receipt.event_id.clone()))
                         }));
                         continue;
                     }
                     let seq = self.last.get(topic).copied().unwrap_or(0) + 1;
-                    let event_id = format!("{:032x}", rand::random::<u128>());
-                    sqlx::query(
-                        "INSERT INTO journal_events (topic, seq, event_id, producer, idempotency_key, payload, payload_hash, recorded_at_ms) \
-                         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    )
-                    .bind(*topic)
-                    .bind(seq as i64)
-                    .bind(&event_id)
-                    .bind(producer)
-                    .bind(key)
-                    .bind(payload)
-                    .bind(&hash)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?;
                     self.last.insert(topic, seq);
+                    let event_id = format!("{:032x}", rand::random::<u128>());
                     let receipt = Receipt {
-                        event_id,
+                        event_id: event_id.clone(),
                         topic: (*topic).to_owned(),
                         sequence: seq,
                         recorded_at_ms: now,
                     };
-                    in_batch.insert(k, (hash, receipt.clone()));
+                    known.insert(k, (hash.clone(), receipt.clone()));
+                    rows.push((topic, seq, event_id, producer, key, payload, hash));
                     outcomes.push(Outcome::Published(Ok(receipt)));
                 }
                 Job::Ack {
@@ -591,10 +589,40 @@ impl Writer {
                 }
             }
         }
+        for chunk in rows.chunks(100) {
+            let sql = format!(
+                "INSERT INTO journal_events (topic, seq, event_id, producer, idempotency_key, payload, payload_hash, recorded_at_ms) VALUES {}",
+                vec!["(?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(",")
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for (topic, seq, event_id, producer, key, payload, hash) in chunk {
+                q = q
+                    .bind(*topic)
+                    .bind(*seq as i64)
+                    .bind(event_id.as_str())
+                    .bind(*producer)
+                    .bind(*key)
+                    .bind(*payload)
+                    .bind(hash.as_slice())
+                    .bind(now);
+            }
+            q.execute(&mut *tx).await?;
+        }
         tx.commit().await?;
         Ok(outcomes)
     }
 }
+
+/// An event to insert: topic, sequence, event id, producer, key, payload, payload hash.
+type NewRow<'a> = (
+    &'static str,
+    u64,
+    String,
+    &'a str,
+    &'a str,
+    &'a [u8],
+    Vec<u8>,
+);
 
 enum Outcome {
     Published(Result<Receipt, JournalError>),
