@@ -187,8 +187,11 @@ pub async fn start(source: ConfigSource, overrides: Overrides) -> Result<Running
                 .max_decoding_message_size(max_msg),
         )
         .add_service(
-            ExchangeServer::new(api::exchange::ExchangeService::new(Some(journal)))
-                .max_decoding_message_size(max_msg),
+            ExchangeServer::new(api::exchange::ExchangeService::new(
+                Some(journal),
+                shutdown_rx.clone(),
+            ))
+            .max_decoding_message_size(max_msg),
         )
         .add_service(
             AuditServer::new(api::audit::AuditService::new(audit.clone()))

@@ -342,3 +342,25 @@ async fn a_rejected_event_and_its_reason_are_visible_to_the_producer() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_ends_subscriptions_with_unavailable() {
+    let env = Env::new();
+    let gw = env.start().await;
+    let mut pop = as_agency(&env, gw.api_addr, "population").await;
+    let mut s = pop
+        .subscribe(SubscribeRequest {
+            topic: "civil-status".into(),
+            consumer_group: "g".into(),
+            from_sequence: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let stopping = tokio::spawn(gw.shutdown());
+    let end = tokio::time::timeout(Duration::from_secs(10), s.message())
+        .await
+        .expect("the stream ends promptly");
+    assert_eq!(end.unwrap_err().code(), Code::Unavailable);
+    stopping.await.unwrap().unwrap();
+}

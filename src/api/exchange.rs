@@ -26,14 +26,16 @@ use crate::{
 /// Unacknowledged events a consumer group may have outstanding before delivery pauses.
 pub const WINDOW: u64 = 256;
 
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct ExchangeService {
     journal: Option<Journal>,
+    /// Turns true at graceful shutdown: open subscriptions end with UNAVAILABLE.
+    shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 impl ExchangeService {
-    pub fn new(journal: Option<Journal>) -> Self {
-        Self { journal }
+    pub fn new(journal: Option<Journal>, shutdown: tokio::sync::watch::Receiver<bool>) -> Self {
+        Self { journal, shutdown }
     }
 
     fn journal(&self) -> Result<&Journal, Status> {
@@ -144,6 +146,7 @@ impl Exchange for ExchangeService {
         let base = start - 1;
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let (topic, group) = (r.topic, r.consumer_group);
+        let mut shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             let mut next = start;
             loop {
@@ -178,6 +181,11 @@ impl Exchange for ExchangeService {
                     r = head.changed() => if r.is_err() { return },
                     r = acked.changed() => if r.is_err() { return },
                     () = tx.closed() => return,
+                    () = crate::listener::wait_true(&mut shutdown) => {
+                        // Resume after the last ack on another gateway or after the restart.
+                        let _ = tx.send(Err(Status::unavailable("gateway shutting down; resubscribe"))).await;
+                        return;
+                    }
                 }
             }
         });
