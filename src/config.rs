@@ -46,6 +46,17 @@ pub struct ConfigFile {
     pub quotas: crate::limits::QuotasSection,
     #[serde(default)]
     pub harvest: crate::limits::HarvestSection,
+    #[serde(default)]
+    pub exchange: ExchangeSection,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExchangeSection {
+    /// Delete events every consumer group has acknowledged once older than this (0 = keep
+    /// everything). Keep it longer than any producer retries: a deleted event's idempotency
+    /// key is forgotten.
+    pub retention_secs: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -169,9 +169,12 @@ pub async fn start(source: ConfigSource, overrides: Overrides) -> Result<Running
     };
     let (audit_ok, mut audit_ok_rx) = watch::channel(true);
     let audit = open_audit(&state.load().config, audit_ok).await?;
-    let journal =
-        crate::exchange::journal::Journal::open(&state.load().config.resolve(&server_cfg.data_dir))
-            .await?;
+    let retention = state.load().config.file.exchange.retention_secs;
+    let journal = crate::exchange::journal::Journal::open(
+        &state.load().config.resolve(&server_cfg.data_dir),
+        (retention > 0).then(|| Duration::from_secs(retention)),
+    )
+    .await?;
     let max_msg = limits.max_message_bytes;
     let router = tonic::transport::Server::builder()
         .max_concurrent_streams(limits.max_concurrent_streams)

@@ -43,6 +43,10 @@ CREATE TABLE IF NOT EXISTS journal_rejections (
     at_ms INTEGER NOT NULL,
     PRIMARY KEY (topic, seq, grp)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS journal_heads (
+    topic TEXT PRIMARY KEY,
+    head INTEGER NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS journal_groups (
     topic TEXT NOT NULL,
     grp TEXT NOT NULL,
@@ -52,6 +56,10 @@ CREATE TABLE IF NOT EXISTS journal_groups (
 ";
 
 const TOPICS: [&str; 2] = [CIVIL_STATUS, POPULATION];
+
+/// Retention: events recorded before ?1 that every group of their topic has acknowledged.
+const PRUNE: &str = "DELETE FROM journal_events WHERE recorded_at_ms < ?1 AND seq <= \
+     (SELECT min(acked) FROM journal_groups g WHERE g.topic = journal_events.topic)";
 const MAX_BATCH: usize = 1_024;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -158,7 +166,10 @@ fn options(path: &Path) -> Result<SqliteConnectOptions> {
 }
 
 impl Journal {
-    pub async fn open(dir: &Path) -> Result<Self> {
+    /// Opens `dir/journal.sqlite`. With a `retention`, events every consumer group of their
+    /// topic has acknowledged are deleted once older than it (checked every minute); without,
+    /// the journal keeps everything.
+    pub async fn open(dir: &Path, retention: Option<Duration>) -> Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let path = dir.join("journal.sqlite");
         let mut conn = SqliteConnection::connect_with(&options(&path)?).await?;
@@ -170,11 +181,14 @@ impl Journal {
         let mut heads = HashMap::new();
         let mut last = HashMap::new();
         for t in TOPICS {
-            let max: Option<i64> =
-                sqlx::query_scalar("SELECT max(seq) FROM journal_events WHERE topic = ?")
-                    .bind(t)
-                    .fetch_one(&mut conn)
-                    .await?;
+            // The stored head survives retention deleting every event of a topic.
+            let max: Option<i64> = sqlx::query_scalar(
+                "SELECT max(h) FROM (SELECT max(seq) AS h FROM journal_events WHERE topic = ?1 \
+                 UNION ALL SELECT head FROM journal_heads WHERE topic = ?1)",
+            )
+            .bind(t)
+            .fetch_one(&mut conn)
+            .await?;
             let head = max.unwrap_or(0) as u64;
             heads.insert(t, watch::channel(head).0);
             last.insert(t, head);
@@ -192,7 +206,7 @@ impl Journal {
             last,
             journal: journal.clone(),
         };
-        tokio::spawn(writer.run(rx));
+        tokio::spawn(writer.run(rx, retention));
         Ok(Self { tx, ..journal })
     }
 
@@ -408,17 +422,49 @@ struct Writer {
 }
 
 impl Writer {
-    async fn run(mut self, mut rx: mpsc::Receiver<Job>) {
-        while let Some(first) = rx.recv().await {
-            let mut batch = vec![first];
-            while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(j) => batch.push(j),
-                    Err(_) => break,
+    async fn run(mut self, mut rx: mpsc::Receiver<Job>, retention: Option<Duration>) {
+        let mut prune = tokio::time::interval(Duration::from_secs(60));
+        prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                first = rx.recv() => {
+                    let Some(first) = first else { break };
+                    let mut batch = vec![first];
+                    while batch.len() < MAX_BATCH {
+                        match rx.try_recv() {
+                            Ok(j) => batch.push(j),
+                            Err(_) => break,
+                        }
+                    }
+                    self.commit(batch).await;
+                }
+                _ = prune.tick(), if retention.is_some() => {
+                    if let Some(r) = retention
+                        && let Err(e) = self.prune(r).await
+                    {
+                        error!(error = %e, "journal retention failed");
+                    }
                 }
             }
-            self.commit(batch).await;
         }
+    }
+
+    /// Deletes events older than `retention` that every group of their topic acknowledged.
+    /// A topic nobody consumes keeps everything.
+    async fn prune(&mut self, retention: Duration) -> Result<u64> {
+        let cutoff = crate::audit::log::now_ms() - retention.as_millis() as i64;
+        let done = sqlx::query(PRUNE)
+            .bind(cutoff)
+            .execute(&mut self.conn)
+            .await?
+            .rows_affected();
+        if done > 0 {
+            tracing::info!(
+                deleted = done,
+                "journal retention: acknowledged events removed"
+            );
+        }
+        Ok(done)
     }
 
     async fn commit(&mut self, batch: Vec<Job>) {
@@ -608,6 +654,16 @@ impl Writer {
             }
             q.execute(&mut *tx).await?;
         }
+        for (topic, head) in &self.last {
+            sqlx::query(
+                "INSERT INTO journal_heads (topic, head) VALUES (?, ?) \
+                 ON CONFLICT (topic) DO UPDATE SET head = excluded.head",
+            )
+            .bind(*topic)
+            .bind(*head as i64)
+            .execute(&mut *tx)
+            .await?;
+        }
         tx.commit().await?;
         Ok(outcomes)
     }
@@ -627,4 +683,73 @@ type NewRow<'a> = (
 enum Outcome {
     Published(Result<Receipt, JournalError>),
     Acked,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn publish_ack_and_retention_keep_what_a_group_still_needs() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path(), None).await.unwrap();
+        for i in 0..5 {
+            let r = j
+                .publish("population", &format!("k{i}"), POPULATION, vec![i])
+                .await
+                .unwrap();
+            assert_eq!(r.sequence, u64::from(i) + 1);
+        }
+        j.ack(POPULATION, "a", 4).await.unwrap();
+        j.ack(POPULATION, "b", 2).await.unwrap();
+        let mut conn = SqliteConnection::connect(&format!(
+            "sqlite://{}",
+            dir.path().join("journal.sqlite").display()
+        ))
+        .await
+        .unwrap();
+        // Everything is old enough; only what both groups acknowledged goes.
+        let deleted = sqlx::query(PRUNE)
+            .bind(i64::MAX)
+            .execute(&mut conn)
+            .await
+            .unwrap()
+            .rows_affected();
+        assert_eq!(deleted, 2);
+        let left: Vec<i64> = sqlx::query_scalar("SELECT seq FROM journal_events ORDER BY seq")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(left, vec![3, 4, 5]);
+        // Nothing is deleted before it is old enough.
+        assert_eq!(
+            sqlx::query(PRUNE)
+                .bind(0i64)
+                .execute(&mut conn)
+                .await
+                .unwrap()
+                .rows_affected(),
+            0
+        );
+        // New events continue the sequence.
+        assert_eq!(
+            j.publish("population", "k9", POPULATION, vec![9])
+                .await
+                .unwrap()
+                .sequence,
+            6
+        );
+        // ...also after retention removed every event and a restart.
+        sqlx::query("DELETE FROM journal_events")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        drop(j);
+        let j = Journal::open(dir.path(), None).await.unwrap();
+        let r = j
+            .publish("population", "k10", POPULATION, vec![10])
+            .await
+            .unwrap();
+        assert_eq!(r.sequence, 7);
+    }
 }
