@@ -174,7 +174,7 @@ async fn subscribe_bench(a: &SyncArgs) -> Result<()> {
                 break;
             };
             n += 1;
-            if m.sequence - acked >= 128 {
+            if m.sequence - acked >= 512 {
                 sub.ack(AckRequest {
                     topic: "population".into(),
                     consumer_group: format!("{group}-catchup"),
@@ -186,7 +186,7 @@ async fn subscribe_bench(a: &SyncArgs) -> Result<()> {
         }
         let secs = t.elapsed().as_secs_f64();
         println!(
-            "catch-up: {n} stored events in {secs:.2} s = {:.0} events/s (window 256, ack every 128)",
+            "catch-up: {n} stored events in {secs:.2} s = {:.0} events/s (ack every 512)",
             n as f64 / secs
         );
     }
@@ -262,7 +262,7 @@ async fn subscribe_bench(a: &SyncArgs) -> Result<()> {
         {
             let _ = hist.record(t.elapsed().as_micros().max(1) as u64);
         }
-        if m.sequence - acked >= 128 {
+        if m.sequence - acked >= 512 {
             sub.ack(AckRequest {
                 topic: "population".into(),
                 consumer_group: group.clone(),

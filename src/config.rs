@@ -50,13 +50,24 @@ pub struct ConfigFile {
     pub exchange: ExchangeSection,
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ExchangeSection {
     /// Delete events every consumer group has acknowledged once older than this (0 = keep
     /// everything). Keep it longer than any producer retries: a deleted event's idempotency
     /// key is forgotten.
     pub retention_secs: u64,
+    /// Events a subscription may have sent and not had acknowledged (back-pressure).
+    pub max_unacked: u64,
+}
+
+impl Default for ExchangeSection {
+    fn default() -> Self {
+        Self {
+            retention_secs: 0,
+            max_unacked: crate::api::exchange::WINDOW,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]

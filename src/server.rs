@@ -193,6 +193,7 @@ pub async fn start(source: ConfigSource, overrides: Overrides) -> Result<Running
             ExchangeServer::new(api::exchange::ExchangeService::new(
                 Some(journal),
                 shutdown_rx.clone(),
+                state.load().config.file.exchange.max_unacked,
             ))
             .max_decoding_message_size(max_msg),
         )

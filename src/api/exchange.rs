@@ -23,19 +23,29 @@ use crate::{
     },
 };
 
-/// Unacknowledged events a consumer group may have outstanding before delivery pauses.
-pub const WINDOW: u64 = 256;
+/// Unacknowledged events a subscription may have outstanding before delivery pauses (the
+/// default of `[exchange] max_unacked`).
+pub const WINDOW: u64 = 1_024;
 
 #[derive(Clone)]
 pub struct ExchangeService {
     journal: Option<Journal>,
     /// Turns true at graceful shutdown: open subscriptions end with UNAVAILABLE.
     shutdown: tokio::sync::watch::Receiver<bool>,
+    window: u64,
 }
 
 impl ExchangeService {
-    pub fn new(journal: Option<Journal>, shutdown: tokio::sync::watch::Receiver<bool>) -> Self {
-        Self { journal, shutdown }
+    pub fn new(
+        journal: Option<Journal>,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+        window: u64,
+    ) -> Self {
+        Self {
+            journal,
+            shutdown,
+            window: window.max(1),
+        }
     }
 
     fn journal(&self) -> Result<&Journal, Status> {
@@ -147,11 +157,12 @@ impl Exchange for ExchangeService {
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let (topic, group) = (r.topic, r.consumer_group);
         let mut shutdown = self.shutdown.clone();
+        let window = self.window;
         tokio::spawn(async move {
             let mut next = start;
             loop {
                 let limit = (*head.borrow_and_update())
-                    .min((*acked.borrow_and_update()).max(base) + WINDOW);
+                    .min((*acked.borrow_and_update()).max(base) + window);
                 if next <= limit {
                     let events = match journal.read(&topic, next, limit, 256).await {
                         Ok(e) => e,
