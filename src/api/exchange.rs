@@ -19,7 +19,7 @@ use crate::{
     audit::FactsSlot,
     exchange::{
         journal::Journal,
-        validate::{Refusal, is_topic, topic_of, validate},
+        validate::{Refusal, is_topic, subjects, topic_of, validate},
     },
 };
 
@@ -117,7 +117,11 @@ impl Exchange for ExchangeService {
         };
         let event = r.event.unwrap_or_default();
         if let Some(p) = &event.payload {
-            facts.update(|f| f.fields = vec![format!("event:{}", topic_of(p).1)]);
+            // The citizens the event concerns are the record's subjects; values stay out.
+            facts.update(|f| {
+                f.fields = vec![format!("event:{}", topic_of(p).1)];
+                f.subjects = subjects(p);
+            });
         }
         let receipt = self
             .journal()?

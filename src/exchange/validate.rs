@@ -39,6 +39,36 @@ pub fn topic_of(p: &Payload) -> (&'static str, &'static str) {
     }
 }
 
+/// The personal IDs an event concerns (for the audit record's subjects), valid ones only.
+pub fn subjects(p: &Payload) -> Vec<String> {
+    let ids: Vec<&str> = match p {
+        Payload::Birth(b) => [&b.father, &b.mother]
+            .into_iter()
+            .flatten()
+            .filter_map(|x| x.personal_id.as_deref())
+            .collect(),
+        Payload::Death(d) => vec![&d.personal_id],
+        Payload::Marriage(m) => vec![&m.spouse1_personal_id, &m.spouse2_personal_id],
+        Payload::Divorce(d) => vec![&d.spouse1_personal_id, &d.spouse2_personal_id],
+        Payload::CivilStatusChange(x) => vec![&x.personal_id],
+        Payload::ParentChildRecognition(x) => vec![&x.parent_personal_id, &x.child_personal_id],
+        Payload::Adoption(x) => std::iter::once(&x.child_personal_id)
+            .chain(&x.adoptive_parent_personal_ids)
+            .map(String::as_str)
+            .collect(),
+        Payload::Guardianship(x) => vec![&x.ward_personal_id, &x.guardian_personal_id],
+        Payload::PersonalIdAssigned(x) => vec![&x.personal_id],
+        Payload::ResidenceChanged(x) => vec![&x.personal_id],
+        Payload::DeathRecorded(x) => vec![&x.personal_id],
+        Payload::PersonalIdReissued(x) => vec![&x.old_personal_id, &x.new_personal_id],
+        Payload::CitizenDataCorrected(x) => vec![&x.personal_id],
+    };
+    ids.into_iter()
+        .filter(|s| PersonalId::parse(s).is_ok())
+        .map(str::to_owned)
+        .collect()
+}
+
 /// Why a publish is refused.
 #[derive(Debug)]
 pub enum Refusal {
