@@ -18,6 +18,7 @@ pub mod pb;
 pub mod policy;
 pub mod refdb;
 pub mod server;
+pub mod sqlite;
 pub mod state;
 pub mod synth;
 pub mod telemetry;

@@ -5,7 +5,6 @@
 
 use std::{
     path::Path,
-    str::FromStr,
     sync::{
         Arc, RwLock,
         atomic::{AtomicU64, Ordering},
@@ -15,10 +14,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use prost::Message;
-use sqlx::{
-    Connection, Row, SqliteConnection, SqlitePool,
-    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
-};
+use sqlx::{Connection, Row, SqliteConnection, SqlitePool, sqlite::SqlitePoolOptions};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{error, info, warn};
 
@@ -134,28 +130,19 @@ pub struct Options<'a> {
     pub healthy: watch::Sender<bool>,
 }
 
-fn sqlite_options(path: &Path, busy: Duration) -> Result<SqliteConnectOptions> {
-    Ok(
-        SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(busy),
-    )
-}
-
 impl AuditLog {
     /// Opens `dir/audit.sqlite`, checks the stored tree's right edge, and starts the writer.
     pub async fn open(o: Options<'_>) -> Result<Self> {
         std::fs::create_dir_all(o.dir).with_context(|| format!("creating {}", o.dir.display()))?;
         let path = o.dir.join("audit.sqlite");
-        let mut conn = SqliteConnection::connect_with(&sqlite_options(&path, o.commit_timeout)?)
-            .await
-            .with_context(|| format!("opening {}", path.display()))?;
+        let mut conn =
+            SqliteConnection::connect_with(&crate::sqlite::options(&path, o.commit_timeout)?)
+                .await
+                .with_context(|| format!("opening {}", path.display()))?;
         sqlx::raw_sql(SCHEMA).execute(&mut conn).await?;
         let reader = SqlitePoolOptions::new()
             .max_connections(4)
-            .connect_with(sqlite_options(&path, Duration::from_secs(5))?.read_only(true))
+            .connect_with(crate::sqlite::options(&path, Duration::from_secs(5))?.read_only(true))
             .await?;
 
         let size: i64 = sqlx::query_scalar("SELECT value FROM audit_meta WHERE key = 'size'")

@@ -6,17 +6,13 @@
 use std::{
     collections::HashMap,
     path::Path,
-    str::FromStr,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
-use sqlx::{
-    Connection, Row, SqliteConnection, SqlitePool,
-    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
-};
+use sqlx::{Connection, Row, SqliteConnection, SqlitePool, sqlite::SqlitePoolOptions};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::error;
 
@@ -155,16 +151,6 @@ pub struct Journal {
 /// Per (topic, consumer group): the acknowledged sequence, watched by its subscriptions.
 type AckWatches = HashMap<(String, String), watch::Sender<u64>>;
 
-fn options(path: &Path) -> Result<SqliteConnectOptions> {
-    Ok(
-        SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(Duration::from_secs(2)),
-    )
-}
-
 impl Journal {
     /// Opens `dir/journal.sqlite`. With a `retention`, events every consumer group of their
     /// topic has acknowledged are deleted once older than it (checked every minute); without,
@@ -172,11 +158,13 @@ impl Journal {
     pub async fn open(dir: &Path, retention: Option<Duration>) -> Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let path = dir.join("journal.sqlite");
-        let mut conn = SqliteConnection::connect_with(&options(&path)?).await?;
+        let mut conn =
+            SqliteConnection::connect_with(&crate::sqlite::options(&path, Duration::from_secs(2))?)
+                .await?;
         sqlx::raw_sql(SCHEMA).execute(&mut conn).await?;
         let reader = SqlitePoolOptions::new()
             .max_connections(4)
-            .connect_with(options(&path)?.read_only(true))
+            .connect_with(crate::sqlite::options(&path, Duration::from_secs(2))?.read_only(true))
             .await?;
         let mut heads = HashMap::new();
         let mut last = HashMap::new();

@@ -201,12 +201,6 @@ impl RunningRefdb {
         self.task.await?
     }
 
-    /// Stops immediately without draining (tests: an upstream that dies).
-    pub fn abort(self) {
-        self.task.abort();
-        let _ = self.shutdown.send(true);
-    }
-
     pub async fn run_until_signalled(self) -> Result<()> {
         use tokio::signal::unix::{SignalKind, signal};
         let mut term = signal(SignalKind::terminate())?;

@@ -1,14 +1,12 @@
 //! The reference directory's embedded store (SQLite through sqlx): the synthetic population,
 //! loaded once per (seed, size) and reused across restarts.
 
-use std::{path::Path, str::FromStr, time::Instant};
+use std::{path::Path, time::Instant};
 
 use anyhow::{Context, Result};
 use sqlx::{
     Row, SqlitePool,
-    sqlite::{
-        SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
-    },
+    sqlite::{SqlitePoolOptions, SqliteRow},
 };
 
 use crate::{
@@ -58,10 +56,7 @@ impl DirectoryStore {
     pub async fn open(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let path = dir.join("directory.sqlite");
-        let opts = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full);
+        let opts = crate::sqlite::options(&path, std::time::Duration::from_secs(5))?;
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(opts)
