@@ -73,8 +73,7 @@ async fn sqlite(env: &Env) -> SqliteConnection {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_call_is_audited_with_identifiers_and_field_names_only() {
     let env = Env::new();
-    let stack = env.start_stack().await;
-    stack.gateway.shutdown().await.unwrap();
+    let stack = env.start_directory().await;
     let gw = env.start_with(&config(stack.directory.addr.port())).await;
     let mut reg = CitizensClient::new(
         client::connect(gw.api_addr, &env.certs(), Some("registry-hp"))
@@ -211,8 +210,7 @@ async fn entries(audit: &mut AuditClient<tonic::transport::Channel>, size: u64) 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unwritable_audit_store_fails_closed() {
     let env = Env::new();
-    let stack = env.start_stack().await;
-    stack.gateway.shutdown().await.unwrap();
+    let stack = env.start_directory().await;
     let gw = env.start_with(&config(stack.directory.addr.port())).await;
     let mut reg = CitizensClient::new(
         client::connect(gw.api_addr, &env.certs(), Some("registry-hp"))
@@ -257,8 +255,7 @@ enum Tamper {
 /// verifies again: returns the failure.
 async fn tampered(kind: Tamper) -> String {
     let env = Env::new();
-    let stack = env.start_stack().await;
-    stack.gateway.shutdown().await.unwrap();
+    let stack = env.start_directory().await;
     let text = config(stack.directory.addr.port());
     let gw = env.start_with(&text).await;
     let v = verifier(&env);
@@ -364,8 +361,7 @@ async fn verify_detects_a_truncated_log() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rewritten_history_with_a_freshly_signed_checkpoint_is_caught() {
     let env = Env::new();
-    let stack = env.start_stack().await;
-    stack.gateway.shutdown().await.unwrap();
+    let stack = env.start_directory().await;
     let text = config(stack.directory.addr.port());
     let v = verifier(&env);
     let state = env.dir.path().join("verify-state.json");
@@ -414,8 +410,7 @@ async fn rewritten_history_with_a_freshly_signed_checkpoint_is_caught() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offline_verify_of_an_export_matches_online() {
     let env = Env::new();
-    let stack = env.start_stack().await;
-    stack.gateway.shutdown().await.unwrap();
+    let stack = env.start_directory().await;
     let gw = env.start_with(&config(stack.directory.addr.port())).await;
     let v = verifier(&env);
     let mut reg = CitizensClient::new(

@@ -43,8 +43,7 @@ fn with_reads(port: u16, rate: u32, burst: u32, extra: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_quota_gets_resource_exhausted_with_an_honourable_retry_after() {
     let env = Env::new();
-    let stack = env.start_stack().await;
-    stack.gateway.shutdown().await.unwrap();
+    let stack = env.start_directory().await;
     let gw = env
         .start_with(&with_reads(stack.directory.addr.port(), 1, 5, ""))
         .await;
@@ -85,8 +84,7 @@ async fn over_quota_gets_resource_exhausted_with_an_honourable_retry_after() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shadow_mode_refuses_nothing_and_counts_what_it_would_refuse() {
     let env = Env::new();
-    let stack = env.start_stack().await;
-    stack.gateway.shutdown().await.unwrap();
+    let stack = env.start_directory().await;
     let text = with_reads(stack.directory.addr.port(), 1, 3, "")
         .replace("[quotas]\nshadow = false", "[quotas]\nshadow = true");
     assert!(text.contains("shadow = true"));
@@ -120,8 +118,7 @@ async fn shadow_mode_refuses_nothing_and_counts_what_it_would_refuse() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn harvesting_guard_denies_new_citizens_past_the_threshold() {
     let env = Env::new();
-    let stack = env.start_stack().await;
-    stack.gateway.shutdown().await.unwrap();
+    let stack = env.start_directory().await;
     let text = common::with_upstream_port(DEFAULT_CONFIG, stack.directory.addr.port())
         .replace("warn_distinct = 10000", "warn_distinct = 2")
         .replace("deny_distinct = 0", "deny_distinct = 3");
@@ -219,8 +216,7 @@ async fn steady(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flooding_agency_does_not_slow_down_another() {
     let env = Env::new();
-    let stack = env.start_stack().await;
-    stack.gateway.shutdown().await.unwrap();
+    let stack = env.start_directory().await;
     // Two civil registries: registry-hp floods, "population" (re-roled for the test) is quiet.
     let text = with_reads(stack.directory.addr.port(), 50, 50, "")
         .replace("role = \"population_db\"", "role = \"civil_registry\"");

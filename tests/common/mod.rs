@@ -175,11 +175,17 @@ pub struct Stack {
     pub people: Vec<civgate::synth::CitizenRecord>,
 }
 
+/// The reference directory alone (tests that start the gateway with their own config).
+pub struct Directory {
+    pub directory: civgate::refdb::RunningRefdb,
+    pub people: Vec<civgate::synth::CitizenRecord>,
+}
+
 pub const STACK_CITIZENS: usize = 3_000;
 pub const STACK_SEED: u64 = 11;
 
 impl Env {
-    pub async fn start_stack(&self) -> Stack {
+    pub async fn start_directory(&self) -> Directory {
         let cfg = civgate::config::Config::parse(
             DEFAULT_CONFIG,
             "civgate.toml".into(),
@@ -197,12 +203,20 @@ impl Env {
         )
         .await
         .expect("directory starts");
+        Directory {
+            directory,
+            people: civgate::synth::Population::new(STACK_SEED, STACK_CITIZENS).collect(),
+        }
+    }
+
+    pub async fn start_stack(&self) -> Stack {
+        let Directory { directory, people } = self.start_directory().await;
         let text = with_upstream_port(DEFAULT_CONFIG, directory.addr.port());
         let gateway = self.start_with(&text).await;
         Stack {
             directory,
             gateway,
-            people: civgate::synth::Population::new(STACK_SEED, STACK_CITIZENS).collect(),
+            people,
         }
     }
 }
