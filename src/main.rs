@@ -129,6 +129,11 @@ enum ConfigCommand {
     },
 }
 
+/// mimalloc: the request path allocates and frees many small buffers across threads (HTTP/2
+/// frames, protobuf messages, audit records); glibc malloc spent ~16% of gateway CPU there.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     tls::install_provider();
     let cli = Cli::parse();

@@ -12,6 +12,133 @@ pub fn options(path: &Path, busy: Duration) -> Result<SqliteConnectOptions, sqlx
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(busy),
+            .busy_timeout(busy)
+            // Statement journals and temporary b-trees stay in memory: a multi-row INSERT in a
+            // group commit otherwise creates, writes and unlinks a temporary file.
+            .pragma("temp_store", "memory")
+            // 16 MiB of page cache per connection (default 2 MiB): keeps the interior pages of
+            // the indexes that every commit touches.
+            .pragma("cache_size", "-16384"),
     )
+}
+
+/// A write transaction sent to SQLite as one multi-statement query — `BEGIN IMMEDIATE`, the
+/// statements, `COMMIT` — which sqlx's worker thread runs in one go, binding the `?`
+/// parameters in order across the statements.
+///
+/// Why: every statement sent separately is a round trip to that thread (a channel send, a
+/// wake-up, a reply). On a busy 2-core machine each round trip cost ~120 µs of scheduling, and
+/// a group commit of six statements spent most of its time waiting for them.
+#[derive(Default)]
+pub struct Batch {
+    sql: String,
+    args: sqlx::sqlite::SqliteArguments,
+    statements: usize,
+}
+
+impl Batch {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends one statement (without its `;`).
+    pub fn statement(&mut self, sql: &str) -> &mut Self {
+        self.sql.push_str(sql);
+        self.sql.push_str(";\n");
+        self.statements += 1;
+        self
+    }
+
+    /// Binds the next `?` parameter.
+    pub fn bind<'t, T>(&mut self, value: T) -> Result<&mut Self, sqlx::Error>
+    where
+        T: sqlx::Encode<'t, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>,
+    {
+        use sqlx::Arguments;
+        self.args.add(value).map_err(sqlx::Error::Encode)?;
+        Ok(self)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.statements == 0
+    }
+
+    /// Runs the statements in one transaction, durable when this returns `Ok`. On an error
+    /// nothing of the batch stays: the transaction is rolled back.
+    pub async fn commit(self, conn: &mut sqlx::SqliteConnection) -> Result<(), sqlx::Error> {
+        if self.statements == 0 {
+            return Ok(());
+        }
+        let sql = format!("BEGIN IMMEDIATE;\n{}COMMIT;", self.sql);
+        // Built by our own code from constant statement texts and `?` placeholders; not kept in
+        // the statement cache (its text varies with the batch).
+        let result = sqlx::query_with(sqlx::AssertSqlSafe(sql), self.args)
+            .persistent(false)
+            .execute(&mut *conn)
+            .await;
+        if result.is_err() {
+            // The failing statement stopped the script before COMMIT (or COMMIT itself failed):
+            // end the transaction so the connection is clean for the next batch. "No
+            // transaction is active" is fine too.
+            let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
+        }
+        result.map(|_| ())
+    }
+}
+
+/// Whether `e` is a UNIQUE / PRIMARY KEY constraint violation.
+pub fn is_unique_violation(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .is_some_and(|d| d.kind() == sqlx::error::ErrorKind::UniqueViolation)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlx::Connection;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_is_one_transaction_and_a_failure_leaves_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("t.sqlite");
+        let mut conn = sqlx::SqliteConnection::connect_with(
+            &options(&path, Duration::from_secs(1)).expect("options"),
+        )
+        .await
+        .expect("open");
+        sqlx::raw_sql("CREATE TABLE t (k TEXT PRIMARY KEY, v BLOB NOT NULL)")
+            .execute(&mut conn)
+            .await
+            .expect("schema");
+
+        let mut ok = Batch::new();
+        ok.statement("INSERT INTO t (k, v) VALUES (?, ?), (?, ?)");
+        ok.bind("a").unwrap().bind(&b"1"[..]).unwrap();
+        ok.bind("b").unwrap().bind(&b"2"[..]).unwrap();
+        ok.statement("INSERT INTO t (k, v) VALUES (?, ?)");
+        ok.bind("c").unwrap().bind(&b"3"[..]).unwrap();
+        ok.commit(&mut conn).await.expect("commit");
+
+        // The second statement collides: the first one's row must not stay either.
+        let mut bad = Batch::new();
+        bad.statement("INSERT INTO t (k, v) VALUES (?, ?)");
+        bad.bind("d").unwrap().bind(&b"4"[..]).unwrap();
+        bad.statement("INSERT INTO t (k, v) VALUES (?, ?)");
+        bad.bind("a").unwrap().bind(&b"5"[..]).unwrap();
+        let e = bad.commit(&mut conn).await.expect_err("duplicate key");
+        assert!(is_unique_violation(&e), "{e}");
+
+        let keys: Vec<String> = sqlx::query_scalar("SELECT k FROM t ORDER BY k")
+            .fetch_all(&mut conn)
+            .await
+            .expect("read");
+        assert_eq!(keys, ["a", "b", "c"]);
+        // And the connection takes the next batch.
+        let mut next = Batch::new();
+        next.statement("INSERT INTO t (k, v) VALUES (?, ?)");
+        next.bind("d").unwrap().bind(&b"4"[..]).unwrap();
+        next.commit(&mut conn)
+            .await
+            .expect("commit after a failure");
+    }
 }

@@ -22,6 +22,9 @@ pub const CONFIG_RELOADS: &str = "civgate_config_reloads_total";
 pub const RATE_LIMITED: &str = "civgate_rate_limited_total";
 pub const LOAD_SHED: &str = "civgate_load_shed_total";
 pub const HARVEST: &str = "civgate_harvest_guard_total";
+pub const AUDIT_LOG_SIZE: &str = "civgate_audit_log_size";
+pub const STORE_COMMIT: &str = "civgate_store_commit_seconds";
+pub const STORE_COMMIT_ROWS: &str = "civgate_store_commit_rows";
 
 /// Installs the tracing subscriber: human-readable or JSON lines, to stderr.
 pub fn init_logging(json: bool) {
@@ -166,4 +169,10 @@ pub async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr} ({what}): {e}"))
+}
+
+/// One group commit of a store (`journal`, `audit`): its duration and how many records it held.
+pub fn store_commit(store: &'static str, rows: usize, took: std::time::Duration) {
+    metrics::histogram!(STORE_COMMIT, "store" => store).record(took.as_secs_f64());
+    metrics::histogram!(STORE_COMMIT_ROWS, "store" => store).record(rows as f64);
 }

@@ -492,9 +492,13 @@ impl Writer {
             });
             waiters.push((index, done));
         }
-        match write(&mut self.conn, &rows, self.range.size()).await {
+        let started = std::time::Instant::now();
+        let result = write(&mut self.conn, &rows, self.range.size()).await;
+        crate::telemetry::store_commit("audit", rows.len(), started.elapsed());
+        match result {
             Ok(()) => {
                 self.size.store(self.range.size(), Ordering::Release);
+                metrics::gauge!(crate::telemetry::AUDIT_LOG_SIZE).set(self.range.size() as f64);
                 self.healthy
                     .send_if_modified(|h| !std::mem::replace(h, true));
                 for (index, done) in waiters {
@@ -549,40 +553,35 @@ pub fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
+/// Stores one batch of leaves with the subtree hashes they complete, their subjects and the new
+/// size, in one transaction sent as one round trip.
 async fn write(conn: &mut SqliteConnection, rows: &[LeafRow], new_size: u64) -> Result<()> {
-    let mut tx = conn.begin().await?;
+    let mut b = crate::sqlite::Batch::new();
     for chunk in rows.chunks(500) {
-        let sql = format!(
+        b.statement(&format!(
             "INSERT INTO audit_leaves (idx, leaf, time_ms, agency, method, outcome) VALUES {}",
             vec!["(?, ?, ?, ?, ?, ?)"; chunk.len()].join(",")
-        );
-        // Built only from constants and `?` placeholders.
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        ));
         for r in chunk {
-            q = q
-                .bind(r.index as i64)
-                .bind(&r.leaf)
-                .bind(r.record.time_unix_ms)
-                .bind(&r.record.agency_id)
-                .bind(&r.record.method)
-                .bind(&r.record.outcome);
+            b.bind(r.index as i64)?
+                .bind(r.leaf.as_slice())?
+                .bind(r.record.time_unix_ms)?
+                .bind(r.record.agency_id.as_str())?
+                .bind(r.record.method.as_str())?
+                .bind(r.record.outcome.as_str())?;
         }
-        q.execute(&mut *tx).await?;
     }
     let nodes: Vec<_> = rows.iter().flat_map(|r| r.nodes.iter()).collect();
     for chunk in nodes.chunks(500) {
-        let sql = format!(
+        b.statement(&format!(
             "INSERT INTO audit_nodes (level, idx, hash) VALUES {}",
             vec!["(?, ?, ?)"; chunk.len()].join(",")
-        );
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        ));
         for (id, hash) in chunk {
-            q = q
-                .bind(i64::from(id.level))
-                .bind(id.index as i64)
-                .bind(hash.as_slice());
+            b.bind(i64::from(id.level))?
+                .bind(id.index as i64)?
+                .bind(hash.as_slice())?;
         }
-        q.execute(&mut *tx).await?;
     }
     let subjects: Vec<(&str, u64)> = rows
         .iter()
@@ -594,20 +593,19 @@ async fn write(conn: &mut SqliteConnection, rows: &[LeafRow], new_size: u64) -> 
         })
         .collect();
     for chunk in subjects.chunks(500) {
-        let sql = format!(
+        b.statement(&format!(
             "INSERT OR IGNORE INTO audit_subjects (personal_id, idx) VALUES {}",
             vec!["(?, ?)"; chunk.len()].join(",")
-        );
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        ));
         for (s, i) in chunk {
-            q = q.bind(*s).bind(*i as i64);
+            b.bind(*s)?.bind(*i as i64)?;
         }
-        q.execute(&mut *tx).await?;
     }
-    sqlx::query("INSERT INTO audit_meta (key, value) VALUES ('size', ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value")
-        .bind(new_size as i64)
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
+    b.statement(
+        "INSERT INTO audit_meta (key, value) VALUES ('size', ?) \
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+    );
+    b.bind(new_size as i64)?;
+    b.commit(conn).await?;
     Ok(())
 }

@@ -1,0 +1,172 @@
+#!/usr/bin/env bash
+# civgate vs nginx vs the directory alone, side by side in one run (issue #8).
+#
+#   bench/compare.sh [OUT.json]      (default: bench/compare.json)
+#
+# Measures with `civgate bench lookup` at the same settings (4 connections x 64 in flight, 2 s
+# warm-up, 8 s measured, release build), everything on 127.0.0.1:
+#   (a) direct  — the reference population directory over mutual TLS;
+#   (b) nginx   — nginx as a gRPC reverse proxy (mTLS in, limit_req far above the load,
+#                 access_log to a file, upstream keepalive, mTLS out) → the directory;
+#   (c) civgate — mTLS in, identity, policy, purpose filter, rate limit (far above the load),
+#                 durable audit record, mTLS out → the directory.
+# For each: req/s, p50/p99/p99.9, errors, CPU µs per request of each server process (from
+# /proc/PID/stat over the measured window). Prints one table and the ratios c/b and c/a, and
+# writes everything as JSON. Installs nginx with apt-get if it is missing; leaves nothing running.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-bench/compare.json}
+DURATION=${DURATION:-8}
+WARMUP=${WARMUP:-2}
+
+if ! command -v nginx >/dev/null; then
+    echo "installing nginx (apt-get)…"
+    (apt-get install -y -qq nginx >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq nginx >/dev/null))
+fi
+cargo build --release --locked --quiet
+B=$PWD/target/release/civgate
+
+T=$(mktemp -d)
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    if [ -s "$T/nginx.pid" ]; then kill "$(cat "$T/nginx.pid")" 2>/dev/null || true; fi
+    wait 2>/dev/null || true
+    rm -rf "$T"
+}
+trap cleanup EXIT
+
+# Free loopback ports for the gateway, its admin port, the directory and nginx.
+read -r GW ADMIN DIR NGX < <(python3 -c '
+import socket
+s=[socket.socket() for _ in range(4)]
+[x.bind(("127.0.0.1",0)) for x in s]
+print(*[x.getsockname()[1] for x in s])')
+
+"$B" certs init --dir "$T/certs" >/dev/null
+# The shipped configuration, on these ports, with quotas far above the load.
+sed -e "s/127.0.0.1:7443/127.0.0.1:$GW/" \
+    -e "s/127.0.0.1:9095/127.0.0.1:$ADMIN/" \
+    -e "s/127.0.0.1:7444/127.0.0.1:$DIR/" \
+    -e "s#https://localhost:7444#https://localhost:$DIR#" \
+    -e "s#per_second = 500, burst = 1000#per_second = 10000000, burst = 10000000#" \
+    -e "s/max_in_flight_per_agency = 256/max_in_flight_per_agency = 4096/" \
+    civgate.toml >"$T/civgate.toml"
+"$B" config check --config "$T/civgate.toml" >/dev/null
+
+wait_for() { # file pattern
+    for _ in $(seq 300); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done
+    echo "timed out waiting for '$2' in $1" >&2
+    cat "$1" >&2
+    exit 1
+}
+
+"$B" refdb serve --config "$T/civgate.toml" >"$T/refdb.log" 2>&1 &
+REFDB=$!
+PIDS+=("$REFDB")
+wait_for "$T/refdb.log" "directory serving"
+
+cat >"$T/nginx.conf" <<EOF
+worker_processes auto;
+pid $T/nginx.pid;
+error_log $T/nginx-error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log $T/nginx-access.log;
+    # Long-lived client connections (a bench connection carries far more than the default 1,000
+    # requests; at the limit nginx closes it and the calls in flight fail).
+    keepalive_requests 1000000000;
+    keepalive_timeout 300s;
+    limit_req_zone \$ssl_client_s_dn zone=agency:10m rate=10000000r/s;
+    upstream directory {
+        server 127.0.0.1:$DIR;
+        keepalive 256;
+        keepalive_requests 1000000000;
+    }
+    server {
+        listen 127.0.0.1:$NGX ssl http2;
+        ssl_certificate $T/certs/server.pem;
+        ssl_certificate_key $T/certs/server.key;
+        ssl_client_certificate $T/certs/ca.pem;
+        ssl_crl $T/certs/crl.pem;
+        ssl_verify_client on;
+        ssl_protocols TLSv1.2 TLSv1.3;
+        http2_max_concurrent_streams 256;
+        location / {
+            limit_req zone=agency burst=10000000 nodelay;
+            grpc_pass grpcs://directory;
+            grpc_ssl_certificate $T/certs/clients/gateway.pem;
+            grpc_ssl_certificate_key $T/certs/clients/gateway.key;
+            grpc_ssl_trusted_certificate $T/certs/ca.pem;
+            grpc_ssl_verify on;
+            grpc_ssl_name localhost;
+            grpc_ssl_session_reuse on;
+        }
+    }
+}
+EOF
+nginx -c "$T/nginx.conf" -p "$T" -e "$T/nginx-error.log"
+for _ in $(seq 50); do [ -s "$T/nginx.pid" ] && break; sleep 0.1; done
+NGINX_WORKERS=$(pgrep -P "$(cat "$T/nginx.pid")" | tr '\n' ' ')
+
+"$B" serve --config "$T/civgate.toml" >"$T/gateway.log" 2>&1 &
+GATEWAY=$!
+PIDS+=("$GATEWAY")
+wait_for "$T/gateway.log" "civgate serving"
+
+common=(--certs "$T/certs" --connections 4 --concurrency 64 --warmup "$WARMUP" --duration "$DURATION" --json)
+echo "(a) direct: the directory over mTLS" >&2
+"$B" bench lookup --target directory --addr "127.0.0.1:$DIR" "${common[@]}" \
+    --server-pid "$REFDB" >"$T/a.json"
+echo "(b) nginx → directory" >&2
+wpids=()
+for w in $NGINX_WORKERS; do wpids+=(--server-pid "$w"); done
+"$B" bench lookup --target directory --addr "127.0.0.1:$NGX" "${common[@]}" \
+    "${wpids[@]}" --server-pid "$REFDB" >"$T/b.json"
+echo "(c) civgate → directory (durable audit)" >&2
+"$B" bench lookup --target gateway --addr "127.0.0.1:$GW" "${common[@]}" \
+    --server-pid "$GATEWAY" --server-pid "$REFDB" >"$T/c.json"
+AUDITED=$(curl -s "http://127.0.0.1:$ADMIN/metrics" | awk '/^civgate_audit_log_size / {print $2}')
+LOGGED=$(wc -l <"$T/nginx-access.log")
+
+python3 - "$T" "$OUT" "$REFDB" "$GATEWAY" "$NGINX_WORKERS" "$AUDITED" "$LOGGED" <<'EOF'
+import json, os, platform, sys
+t, out, refdb, gateway, workers, audited, logged = sys.argv[1:8]
+refdb, gateway = int(refdb), int(gateway)
+workers = [int(w) for w in workers.split()]
+runs = {k: json.load(open(f"{t}/{k}.json")) for k in "abc"}
+names = {"a": "direct", "b": "nginx", "c": "civgate"}
+proxy = {"a": [], "b": workers, "c": [gateway]}
+rows = []
+for k, r in runs.items():
+    cpu = dict((p, us) for p, us in r["server_cpu_us_per_request"])
+    r["name"] = names[k]
+    r["proxy_cpu_us_per_request"] = sum(cpu.get(p, 0.0) for p in proxy[k])
+    r["directory_cpu_us_per_request"] = cpu.get(refdb, 0.0)
+print(f"{'path':<9}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'p99.9 ms':>10}{'errors':>8}"
+      f"{'proxy CPU µs/req':>18}{'directory CPU µs/req':>22}")
+for k in "abc":
+    r = runs[k]
+    px = f"{r['proxy_cpu_us_per_request']:.1f}" if k != "a" else "-"
+    print(f"{r['name']:<9}{r['requests_per_second']:>9.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
+          f"{r['p999_ms']:>10.2f}{r['errors']:>8}{px:>18}{r['directory_cpu_us_per_request']:>22.1f}")
+a, b, c = runs["a"], runs["b"], runs["c"]
+ratios = {
+    "c_over_b_throughput": c["requests_per_second"] / b["requests_per_second"],
+    "c_over_a_throughput": c["requests_per_second"] / a["requests_per_second"],
+    "c_over_b_proxy_cpu": c["proxy_cpu_us_per_request"] / b["proxy_cpu_us_per_request"],
+    "c_p99_minus_b_p99_ms": c["p99_ms"] - b["p99_ms"],
+}
+print(f"c/b throughput {ratios['c_over_b_throughput']:.2f} (target >= 1.3)   "
+      f"c/a throughput {ratios['c_over_a_throughput']:.2f} (target >= 0.6)   "
+      f"c/b proxy CPU per request {ratios['c_over_b_proxy_cpu']:.2f} (target <= 0.75)   "
+      f"p99 c {c['p99_ms']:.2f} ms vs b {b['p99_ms']:.2f} ms")
+print(f"audit log size after the run: {audited}; nginx access-log lines: {logged}")
+json.dump({
+    "machine": {"cores": os.cpu_count(), "kernel": platform.release()},
+    "settings": {"connections": 4, "in_flight_per_connection": 64},
+    "runs": runs, "ratios": ratios,
+    "civgate_audit_log_size": int(float(audited or 0)), "nginx_access_log_lines": int(logged),
+}, open(out, "w"), indent=2)
+print(f"written: {out}")
+EOF
