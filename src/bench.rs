@@ -600,7 +600,7 @@ async fn audit_proofs(a: &AuditProofArgs) -> Result<()> {
         .with_context(|| format!("reading {}", a.signing_key.display()))?;
     let (healthy, _) = tokio::sync::watch::channel(true);
     let log = AuditLog::open(Options {
-        dir: &a.data_dir,
+        store: &crate::store::Store::Sqlite(a.data_dir.clone()),
         signer: Signer::parse(&key)?,
         origin: crate::certs::AUDIT_KEY_NAME.into(),
         checkpoint_interval: Duration::from_secs(1),

@@ -48,6 +48,28 @@ pub struct ConfigFile {
     pub harvest: crate::limits::HarvestSection,
     #[serde(default)]
     pub exchange: ExchangeSection,
+    /// Where the journal and the audit log live: SQLite files under `server.data_dir` unless
+    /// `url` names a PostgreSQL database (shared by several replicas).
+    #[serde(default)]
+    pub store: StoreSection,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSection {
+    /// `postgres://user@host:port/database[?options=-c%20search_path%3Dschema]`; empty = SQLite.
+    pub url: String,
+    /// Connections per pool (the journal and the audit log each have one).
+    pub pool_max: u32,
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            pool_max: 8,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -377,6 +399,23 @@ impl Config {
                 });
             }
         }
+        let url = &self.file.store.url;
+        if !url.is_empty() && !crate::store::is_postgres_url(url) {
+            errors.push(ConfigError {
+                file: self.origin.clone(),
+                line: None,
+                key: "store.url".into(),
+                message: "must be a postgres:// (or postgresql://) URL, or empty for SQLite".into(),
+            });
+        }
+        if self.file.store.pool_max == 0 {
+            errors.push(ConfigError {
+                file: self.origin.clone(),
+                line: None,
+                key: "store.pool_max".into(),
+                message: "must be at least 1".into(),
+            });
+        }
         if errors.is_empty() {
             Ok(())
         } else {
@@ -391,6 +430,19 @@ impl Config {
             line: Some(line_of(&self.source, offset)),
             key,
             message,
+        }
+    }
+
+    /// Where the journal and the audit log live.
+    pub fn store(&self) -> crate::store::Store {
+        let s = &self.file.store;
+        if s.url.is_empty() {
+            crate::store::Store::Sqlite(self.resolve(&self.file.server.data_dir))
+        } else {
+            crate::store::Store::Postgres {
+                url: s.url.clone(),
+                pool_max: s.pool_max,
+            }
         }
     }
 

@@ -93,6 +93,7 @@ pub async fn run(certs_dir: &Path) -> Result<()> {
         listen: Some("127.0.0.1:0".parse()?),
         admin_listen: Some("127.0.0.1:0".parse()?),
         data_dir: Some(data.clone()),
+        store_url: None,
     };
     let gw = server::start(
         ConfigSource::Text {

@@ -20,6 +20,7 @@ pub mod refdb;
 pub mod server;
 pub mod sqlite;
 pub mod state;
+pub mod store;
 pub mod synth;
 pub mod telemetry;
 pub mod tls;

@@ -51,6 +51,16 @@ enum Command {
         /// Overrides [server] data_dir.
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Overrides [store] url (postgres://…: journal and audit log in PostgreSQL).
+        #[arg(long)]
+        store_url: Option<String>,
+    },
+    /// Apply the PostgreSQL schema of [store] url (or --store-url) and exit.
+    Migrate {
+        #[arg(long, default_value = "civgate.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        store_url: Option<String>,
     },
     /// Development PKI.
     Certs {
@@ -165,14 +175,37 @@ async fn run(command: Command) -> anyhow::Result<()> {
             listen,
             admin_listen,
             data_dir,
+            store_url,
         } => {
             let overrides = Overrides {
                 listen,
                 admin_listen,
                 data_dir,
+                store_url,
             };
             let running = server::start(ConfigSource::File(config), overrides).await?;
             running.run_until_signalled().await
+        }
+        Command::Migrate { config, store_url } => {
+            let mut cfg =
+                civgate::config::Config::load(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
+            if let Some(u) = store_url {
+                cfg.file.store.url = u;
+            }
+            match cfg.store() {
+                civgate::store::Store::Postgres { url, pool_max } => {
+                    let pool =
+                        civgate::store::pg_pool(&url, pool_max, std::time::Duration::from_secs(10))
+                            .await?;
+                    let version = civgate::store::migrate(&pool).await?;
+                    println!("schema at version {version}");
+                    Ok(())
+                }
+                civgate::store::Store::Sqlite(dir) => anyhow::bail!(
+                    "[store] url is empty: the SQLite stores in {} create their schema when the gateway starts",
+                    dir.display()
+                ),
+            }
         }
         Command::Certs {
             command: CertsCommand::Init { dir, force },

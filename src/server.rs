@@ -34,6 +34,8 @@ pub struct Overrides {
     pub listen: Option<SocketAddr>,
     pub admin_listen: Option<SocketAddr>,
     pub data_dir: Option<PathBuf>,
+    /// Overrides `[store] url`.
+    pub store_url: Option<String>,
 }
 
 impl Overrides {
@@ -48,6 +50,9 @@ impl Overrides {
         if let Some(d) = &self.data_dir {
             // Relative to the working directory, like any command-line path.
             s.data_dir = std::env::current_dir().map_or_else(|_| d.clone(), |cwd| cwd.join(d));
+        }
+        if let Some(u) = &self.store_url {
+            config.file.store.url = u.clone();
         }
     }
 }
@@ -95,9 +100,8 @@ async fn open_audit(config: &Config, healthy: watch::Sender<bool>) -> Result<Opt
     let key = std::fs::read_to_string(&key_path)
         .map_err(|e| anyhow::anyhow!("reading {}: {e}", key_path.display()))?;
     let signer = Signer::parse(&key).map_err(|e| anyhow::anyhow!("{}: {e}", key_path.display()))?;
-    let dir = config.resolve(&config.file.server.data_dir);
     let log = AuditLog::open(crate::audit::log::Options {
-        dir: &dir,
+        store: &config.store(),
         signer,
         origin: a.origin.clone(),
         checkpoint_interval: Duration::from_millis(a.checkpoint_interval_ms.max(10)),
@@ -171,7 +175,7 @@ pub async fn start(source: ConfigSource, overrides: Overrides) -> Result<Running
     let audit = open_audit(&state.load().config, audit_ok).await?;
     let retention = state.load().config.file.exchange.retention_secs;
     let journal = crate::exchange::journal::Journal::open(
-        &state.load().config.resolve(&server_cfg.data_dir),
+        &state.load().config.store(),
         (retention > 0).then(|| Duration::from_secs(retention)),
     )
     .await?;

@@ -86,6 +86,25 @@ impl Batch {
     }
 }
 
+/// `sql` with its numbered placeholders (`$1`, `$2`, … each used once, in order) turned into
+/// `?`: numbered placeholders in a multi-statement [`Batch`] would all count from its first
+/// argument.
+pub fn anonymous(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len());
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '$' && chars.peek().is_some_and(char::is_ascii_digit) {
+            while chars.peek().is_some_and(char::is_ascii_digit) {
+                chars.next();
+            }
+            out.push('?');
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Whether `e` is a UNIQUE / PRIMARY KEY constraint violation.
 pub fn is_unique_violation(e: &sqlx::Error) -> bool {
     e.as_database_error()
@@ -96,6 +115,14 @@ pub fn is_unique_violation(e: &sqlx::Error) -> bool {
 mod tests {
     use super::*;
     use sqlx::Connection;
+
+    #[test]
+    fn numbered_placeholders_become_anonymous() {
+        assert_eq!(
+            anonymous("INSERT INTO t VALUES ($1, $2), ($3, $10) -- $x"),
+            "INSERT INTO t VALUES (?, ?), (?, ?) -- $x"
+        );
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_batch_is_one_transaction_and_a_failure_leaves_nothing() {

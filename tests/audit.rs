@@ -70,9 +70,7 @@ async fn sqlite(env: &Env) -> SqliteConnection {
         .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_call_is_audited_with_identifiers_and_field_names_only() {
-    let env = Env::new();
+async fn every_call_is_audited_with_identifiers_and_field_names_only(env: Env) {
     let stack = env.start_directory().await;
     let gw = env.start_with(&config(stack.directory.addr.port())).await;
     let mut reg = CitizensClient::new(
@@ -407,9 +405,7 @@ async fn rewritten_history_with_a_freshly_signed_checkpoint_is_caught() {
     assert!(format!("{err:#}").contains("history rewritten"), "{err:#}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn offline_verify_of_an_export_matches_online() {
-    let env = Env::new();
+async fn offline_verify_of_an_export_matches_online(env: Env) {
     let stack = env.start_directory().await;
     let gw = env.start_with(&config(stack.directory.addr.port())).await;
     let v = verifier(&env);
@@ -451,3 +447,8 @@ async fn offline_verify_of_an_export_matches_online() {
     let e = format!("{err:#}");
     assert!(e.contains("do not hash") || e.contains("entry 3"), "{e}");
 }
+
+on_both_backends!(
+    every_call_is_audited_with_identifiers_and_field_names_only,
+    offline_verify_of_an_export_matches_online,
+);

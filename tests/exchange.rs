@@ -61,9 +61,7 @@ async fn as_agency(env: &Env, addr: std::net::SocketAddr, who: &str) -> Exchange
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn publish_is_idempotent_and_conflicting_reuse_is_already_exists() {
-    let env = Env::new();
+async fn publish_is_idempotent_and_conflicting_reuse_is_already_exists(env: Env) {
     let gw = env.start().await;
     let mut reg = as_agency(&env, gw.api_addr, "registry-hp").await;
     let a = reg
@@ -91,9 +89,7 @@ async fn publish_is_idempotent_and_conflicting_reuse_is_already_exists() {
     assert_eq!(b.sequence, 2);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn producers_publish_only_their_side_and_offices_and_bad_events_are_named() {
-    let env = Env::new();
+async fn producers_publish_only_their_side_and_offices_and_bad_events_are_named(env: Env) {
     let gw = env.start().await;
     let mut pop = as_agency(&env, gw.api_addr, "population").await;
     let err = pop
@@ -142,9 +138,7 @@ async fn next(stream: &mut tonic::Streaming<civgate::pb::v1::SubscribedEvent>) -
         .sequence
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn subscribe_delivers_in_order_resumes_after_ack_and_applies_back_pressure() {
-    let env = Env::new();
+async fn subscribe_delivers_in_order_resumes_after_ack_and_applies_back_pressure(env: Env) {
     let gw = env.start().await;
     let mut reg = as_agency(&env, gw.api_addr, "registry-hp").await;
     let mut pop = as_agency(&env, gw.api_addr, "population").await;
@@ -244,9 +238,7 @@ async fn subscribe_delivers_in_order_resumes_after_ack_and_applies_back_pressure
     assert_eq!(err.code(), Code::InvalidArgument);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rejected_event_and_its_reason_are_visible_to_the_producer() {
-    let env = Env::new();
+async fn a_rejected_event_and_its_reason_are_visible_to_the_producer(env: Env) {
     let gw = env.start().await;
     let mut reg = as_agency(&env, gw.api_addr, "registry-hp").await;
     let mut pop = as_agency(&env, gw.api_addr, "population").await;
@@ -343,9 +335,7 @@ async fn a_rejected_event_and_its_reason_are_visible_to_the_producer() {
     assert_eq!(err.code(), Code::InvalidArgument);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn graceful_shutdown_ends_subscriptions_with_unavailable() {
-    let env = Env::new();
+async fn graceful_shutdown_ends_subscriptions_with_unavailable(env: Env) {
     let gw = env.start().await;
     let mut pop = as_agency(&env, gw.api_addr, "population").await;
     let mut s = pop
@@ -364,3 +354,11 @@ async fn graceful_shutdown_ends_subscriptions_with_unavailable() {
     assert_eq!(end.unwrap_err().code(), Code::Unavailable);
     stopping.await.unwrap().unwrap();
 }
+
+on_both_backends!(
+    publish_is_idempotent_and_conflicting_reuse_is_already_exists,
+    producers_publish_only_their_side_and_offices_and_bad_events_are_named,
+    subscribe_delivers_in_order_resumes_after_ack_and_applies_back_pressure,
+    a_rejected_event_and_its_reason_are_visible_to_the_producer,
+    graceful_shutdown_ends_subscriptions_with_unavailable,
+);

@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use prost::Message;
-use sqlx::{Connection, Row, SqliteConnection, SqlitePool, sqlite::SqlitePoolOptions};
+use sqlx::{Connection, PgPool, SqliteConnection, sqlite::SqlitePoolOptions};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{error, info, warn};
 
@@ -26,6 +26,51 @@ use super::{
     note::{Checkpoint, Signer},
 };
 use crate::pb::v1::AuditRecord;
+use crate::store::{AUDIT_CHANNEL, LOCK_AUDIT, Reader, Store, with_reader};
+
+/// Hashes of the given nodes, in the given order; a missing node is an error. `$conn` is a
+/// SQLite or PostgreSQL connection (a pool connection or a transaction).
+macro_rules! fetch_nodes {
+    ($conn:expr, $ids:expr) => {
+        async {
+            let ids: &[NodeId] = $ids;
+            let mut out: Vec<Hash> = Vec::with_capacity(ids.len());
+            for chunk in ids.chunks(400) {
+                let values: Vec<String> = (0..chunk.len())
+                    .map(|i| format!("(${}, ${})", 2 * i + 1, 2 * i + 2))
+                    .collect();
+                let sql = format!(
+                    "SELECT level, idx, hash FROM audit_nodes WHERE (level, idx) IN (VALUES {})",
+                    values.join(",")
+                );
+                // Built only from constants and numbered placeholders.
+                let mut q = sqlx::query_as::<_, (i64, i64, Vec<u8>)>(sqlx::AssertSqlSafe(sql));
+                for id in chunk {
+                    q = q.bind(i64::from(id.level)).bind(id.index as i64);
+                }
+                let rows = q.fetch_all(&mut *$conn).await?;
+                let mut found = std::collections::HashMap::with_capacity(rows.len());
+                for (level, idx, hash) in rows {
+                    let hash: Hash = hash
+                        .try_into()
+                        .map_err(|_| anyhow::anyhow!("node ({level}, {idx}) is not 32 bytes"))?;
+                    found.insert((level as u32, idx as u64), hash);
+                }
+                for id in chunk {
+                    match found.get(&(id.level, id.index)) {
+                        Some(h) => out.push(*h),
+                        None => bail!(
+                            "tree node (level {}, index {}) is missing",
+                            id.level,
+                            id.index
+                        ),
+                    }
+                }
+            }
+            Ok::<_, anyhow::Error>(out)
+        }
+    };
+}
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS audit_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -114,14 +159,14 @@ pub struct Filter {
 #[derive(Clone)]
 pub struct AuditLog {
     tx: mpsc::Sender<Pending>,
-    reader: SqlitePool,
+    reader: Reader,
     /// Entries durably committed.
     size: Arc<AtomicU64>,
     latest: Arc<RwLock<String>>,
 }
 
 pub struct Options<'a> {
-    pub dir: &'a Path,
+    pub store: &'a Store,
     pub signer: Signer,
     pub origin: String,
     pub checkpoint_interval: Duration,
@@ -131,10 +176,46 @@ pub struct Options<'a> {
 }
 
 impl AuditLog {
-    /// Opens `dir/audit.sqlite`, checks the stored tree's right edge, and starts the writer.
+    /// Opens the store (`audit.sqlite` in a directory, or the shared PostgreSQL database),
+    /// checks the stored tree's right edge, and starts the writer.
     pub async fn open(o: Options<'_>) -> Result<Self> {
-        std::fs::create_dir_all(o.dir).with_context(|| format!("creating {}", o.dir.display()))?;
-        let path = o.dir.join("audit.sqlite");
+        match o.store {
+            Store::Sqlite(dir) => Self::open_sqlite(dir, o).await,
+            Store::Postgres { url, pool_max } => {
+                let pool = crate::store::pg_pool(url, *pool_max, o.commit_timeout).await?;
+                crate::store::migrate(&pool).await?;
+                let size: Option<i64> =
+                    sqlx::query_scalar("SELECT value FROM audit_meta WHERE key = 'size'")
+                        .fetch_optional(&pool)
+                        .await?;
+                let size = u64::try_from(size.unwrap_or(0)).context("negative audit size")?;
+                let mut conn = pool.acquire().await?;
+                let parts = fetch_nodes!(conn, &decompose(0, size)).await?;
+                drop(conn);
+                let range = CompactRange::from_parts(size, parts)
+                    .context("audit right edge is inconsistent")?;
+                let latest: Option<(i64, String)> = sqlx::query_as(
+                    "SELECT size, note FROM audit_checkpoints ORDER BY size DESC LIMIT 1",
+                )
+                .fetch_optional(&pool)
+                .await?;
+                let log = Self::start(
+                    Reader::Pg(pool.clone()),
+                    WriterConn::Pg(pool.clone()),
+                    range,
+                    latest,
+                    o,
+                )
+                .await?;
+                tokio::spawn(follow(pool, log.size.clone(), log.tx.downgrade()));
+                Ok(log)
+            }
+        }
+    }
+
+    async fn open_sqlite(dir: &Path, o: Options<'_>) -> Result<Self> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let path = dir.join("audit.sqlite");
         let mut conn =
             SqliteConnection::connect_with(&crate::sqlite::options(&path, o.commit_timeout)?)
                 .await
@@ -172,13 +253,31 @@ impl AuditLog {
                 stale, "audit store held rows beyond its recorded size; removed them"
             );
         }
-        let parts = fetch_nodes(&mut conn, &decompose(0, size)).await?;
+        let parts = fetch_nodes!((&mut conn), &decompose(0, size)).await?;
         let range =
             CompactRange::from_parts(size, parts).context("audit right edge is inconsistent")?;
         let latest: Option<(i64, String)> =
             sqlx::query_as("SELECT size, note FROM audit_checkpoints ORDER BY size DESC LIMIT 1")
                 .fetch_optional(&mut conn)
                 .await?;
+        Self::start(
+            Reader::Sqlite(reader),
+            WriterConn::Sqlite(conn),
+            range,
+            latest,
+            o,
+        )
+        .await
+    }
+
+    async fn start(
+        reader: Reader,
+        conn: WriterConn,
+        range: CompactRange,
+        latest: Option<(i64, String)>,
+        o: Options<'_>,
+    ) -> Result<Self> {
+        let size = range.size();
         let log = Self {
             tx: mpsc::channel(16_384).0,
             reader,
@@ -247,26 +346,22 @@ impl AuditLog {
             )));
         }
         let end = end.min(start + MAX_ENTRIES);
-        let rows = sqlx::query(
-            "SELECT idx, leaf FROM audit_leaves WHERE idx >= ? AND idx < ? ORDER BY idx",
-        )
-        .bind(start as i64)
-        .bind(end as i64)
-        .fetch_all(&self.reader)
-        .await
+        let rows: Vec<(i64, Vec<u8>)> = with_reader!(&self.reader, |pool| {
+            sqlx::query_as(
+                "SELECT idx, leaf FROM audit_leaves WHERE idx >= $1 AND idx < $2 ORDER BY idx",
+            )
+            .bind(start as i64)
+            .bind(end as i64)
+            .fetch_all(pool)
+            .await
+        })
         .map_err(|e| AuditError::Read(e.to_string()))?;
         let mut out = Vec::with_capacity(rows.len());
-        for (expected, row) in (start..end).zip(rows.iter()) {
-            let idx: i64 = row
-                .try_get("idx")
-                .map_err(|e| AuditError::Read(e.to_string()))?;
+        for (expected, (idx, leaf)) in (start..end).zip(rows) {
             if idx as u64 != expected {
                 return Err(AuditError::Damaged(format!("entry {expected} is missing")));
             }
-            out.push(
-                row.try_get("leaf")
-                    .map_err(|e| AuditError::Read(e.to_string()))?,
-            );
+            out.push(leaf);
         }
         if (out.len() as u64) < end - start {
             return Err(AuditError::Damaged(format!(
@@ -280,14 +375,15 @@ impl AuditLog {
     async fn hashes_of(&self, ranges: &[(u64, u64)]) -> Result<Vec<Hash>, AuditError> {
         let ids: Vec<Vec<NodeId>> = ranges.iter().map(|(s, e)| decompose(*s, *e)).collect();
         let flat: Vec<NodeId> = ids.iter().flatten().copied().collect();
-        let mut conn = self
-            .reader
-            .acquire()
-            .await
-            .map_err(|e| AuditError::Read(e.to_string()))?;
-        let hashes = fetch_nodes(&mut conn, &flat)
-            .await
-            .map_err(|e| AuditError::Damaged(e.to_string()))?;
+        let hashes = with_reader!(&self.reader, |pool| {
+            let mut conn = pool
+                .acquire()
+                .await
+                .map_err(|e| AuditError::Read(e.to_string()))?;
+            fetch_nodes!(conn, &flat)
+                .await
+                .map_err(|e| AuditError::Damaged(e.to_string()))?
+        });
         let mut it = hashes.into_iter();
         Ok(ids
             .iter()
@@ -330,93 +426,64 @@ impl AuditLog {
 
     /// Entries matching `f`, in index order; `(index, leaf)`.
     pub async fn search(&self, f: &Filter) -> Result<Vec<(u64, Vec<u8>)>, AuditError> {
+        let mut n = 0;
+        let mut p = || {
+            n += 1;
+            format!("${n}")
+        };
         let mut sql = String::from("SELECT l.idx, l.leaf FROM audit_leaves l");
         if f.subject.is_some() {
-            sql.push_str(" JOIN audit_subjects s ON s.idx = l.idx AND s.personal_id = ?");
+            sql.push_str(&format!(
+                " JOIN audit_subjects s ON s.idx = l.idx AND s.personal_id = {}",
+                p()
+            ));
         }
-        sql.push_str(" WHERE l.idx >= ? AND l.idx < ?");
+        sql.push_str(&format!(" WHERE l.idx >= {} AND l.idx < {}", p(), p()));
         for (cond, on) in [
-            (" AND l.agency = ?", f.agency.is_some()),
-            (" AND l.method = ?", f.method.is_some()),
-            (" AND l.outcome = ?", f.outcome.is_some()),
-            (" AND l.time_ms >= ?", f.from_ms.is_some()),
-            (" AND l.time_ms < ?", f.to_ms.is_some()),
+            (" AND l.agency = ", f.agency.is_some()),
+            (" AND l.method = ", f.method.is_some()),
+            (" AND l.outcome = ", f.outcome.is_some()),
+            (" AND l.time_ms >= ", f.from_ms.is_some()),
+            (" AND l.time_ms < ", f.to_ms.is_some()),
         ] {
             if on {
                 sql.push_str(cond);
+                sql.push_str(&p());
             }
         }
-        sql.push_str(" ORDER BY l.idx LIMIT ?");
-        // Built only from constants and `?` placeholders.
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-        if let Some(s) = &f.subject {
-            q = q.bind(s);
-        }
-        q = q.bind(f.after as i64).bind(self.size() as i64);
-        for v in [&f.agency, &f.method, &f.outcome].into_iter().flatten() {
-            q = q.bind(v);
-        }
-        for v in [f.from_ms, f.to_ms].into_iter().flatten() {
-            q = q.bind(v);
-        }
-        let rows = q
-            .bind(i64::from(f.limit.clamp(1, 1_000)))
-            .fetch_all(&self.reader)
-            .await
-            .map_err(|e| AuditError::Read(e.to_string()))?;
-        rows.iter()
-            .map(|r| {
-                let idx: i64 = r.try_get(0).map_err(|e| AuditError::Read(e.to_string()))?;
-                let leaf: Vec<u8> = r.try_get(1).map_err(|e| AuditError::Read(e.to_string()))?;
-                Ok((idx as u64, leaf))
-            })
-            .collect()
+        sql.push_str(&format!(" ORDER BY l.idx LIMIT {}", p()));
+        let size = self.size() as i64;
+        let rows: Vec<(i64, Vec<u8>)> = with_reader!(&self.reader, |pool| {
+            // Built only from constants and numbered placeholders.
+            let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql));
+            if let Some(s) = &f.subject {
+                q = q.bind(s);
+            }
+            q = q.bind(f.after as i64).bind(size);
+            for v in [&f.agency, &f.method, &f.outcome].into_iter().flatten() {
+                q = q.bind(v);
+            }
+            for v in [f.from_ms, f.to_ms].into_iter().flatten() {
+                q = q.bind(v);
+            }
+            q.bind(i64::from(f.limit.clamp(1, 1_000)))
+                .fetch_all(pool)
+                .await
+        })
+        .map_err(|e| AuditError::Read(e.to_string()))?;
+        Ok(rows.into_iter().map(|(i, l)| (i as u64, l)).collect())
     }
 }
 
-/// Hashes of the given nodes, in the given order; a missing node is an error.
-async fn fetch_nodes(conn: &mut SqliteConnection, ids: &[NodeId]) -> Result<Vec<Hash>> {
-    let mut out = Vec::with_capacity(ids.len());
-    for chunk in ids.chunks(400) {
-        if chunk.is_empty() {
-            continue;
-        }
-        let values = vec!["(?, ?)"; chunk.len()].join(",");
-        let sql = format!(
-            "SELECT level, idx, hash FROM audit_nodes WHERE (level, idx) IN (VALUES {values})"
-        );
-        // Built only from constants and `?` placeholders.
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for id in chunk {
-            q = q.bind(i64::from(id.level)).bind(id.index as i64);
-        }
-        let rows = q.fetch_all(&mut *conn).await?;
-        let mut found = std::collections::HashMap::with_capacity(rows.len());
-        for r in rows {
-            let level: i64 = r.try_get(0)?;
-            let idx: i64 = r.try_get(1)?;
-            let hash: Vec<u8> = r.try_get(2)?;
-            let hash: Hash = hash
-                .try_into()
-                .map_err(|_| anyhow::anyhow!("node ({level}, {idx}) is not 32 bytes"))?;
-            found.insert((level as u32, idx as u64), hash);
-        }
-        for id in chunk {
-            match found.get(&(id.level, id.index)) {
-                Some(h) => out.push(*h),
-                None => bail!(
-                    "tree node (level {}, index {}) is missing",
-                    id.level,
-                    id.index
-                ),
-            }
-        }
-    }
-    Ok(out)
+/// The writer's connection: the only SQLite connection that writes the file, or a pool of the
+/// shared PostgreSQL database (replicas append too; an advisory lock orders them).
+enum WriterConn {
+    Sqlite(SqliteConnection),
+    Pg(PgPool),
 }
 
 struct Writer {
-    conn: SqliteConnection,
+    conn: WriterConn,
     range: CompactRange,
     signer: Signer,
     origin: String,
@@ -477,50 +544,61 @@ impl Writer {
 
     async fn commit(&mut self, batch: Vec<Pending>) {
         let before = self.range.clone();
-        let mut rows = Vec::with_capacity(batch.len());
-        let mut waiters = Vec::with_capacity(batch.len());
-        for Pending { mut record, done } in batch {
-            let index = self.range.size();
-            record.index = index;
-            let leaf = record.encode_to_vec();
-            let nodes = self.range.push(leaf_hash(&leaf));
-            rows.push(LeafRow {
-                index,
-                leaf,
-                record,
-                nodes,
-            });
-            waiters.push((index, done));
-        }
+        let (records, waiters): (Vec<AuditRecord>, Vec<_>) =
+            batch.into_iter().map(|p| (p.record, p.done)).unzip();
+        let n = records.len();
         let started = std::time::Instant::now();
-        let result = write(&mut self.conn, &rows, self.range.size()).await;
-        crate::telemetry::store_commit("audit", rows.len(), started.elapsed());
+        let result = match &mut self.conn {
+            WriterConn::Sqlite(conn) => {
+                let first = self.range.size();
+                let rows = assign(&mut self.range, records);
+                write(conn, &rows, self.range.size()).await.map(|()| first)
+            }
+            WriterConn::Pg(pool) => {
+                let pool = pool.clone();
+                write_pg(&pool, &mut self.range, records).await
+            }
+        };
+        crate::telemetry::store_commit("audit", n, started.elapsed());
         match result {
-            Ok(()) => {
-                self.size.store(self.range.size(), Ordering::Release);
+            Ok(first) => {
+                self.size.fetch_max(self.range.size(), Ordering::AcqRel);
                 metrics::gauge!(crate::telemetry::AUDIT_LOG_SIZE).set(self.range.size() as f64);
                 self.healthy
                     .send_if_modified(|h| !std::mem::replace(h, true));
-                for (index, done) in waiters {
+                for (i, done) in waiters.into_iter().enumerate() {
                     if let Some(done) = done {
-                        let _ = done.send(Ok(index));
+                        let _ = done.send(Ok(first + i as u64));
                     }
                 }
             }
             Err(e) => {
                 self.range = before;
-                error!(error = %e, entries = rows.len(), "audit commit failed; calls answer UNAVAILABLE");
+                error!(error = %e, entries = n, "audit commit failed; calls answer UNAVAILABLE");
                 self.healthy
                     .send_if_modified(|h| std::mem::replace(h, false));
-                for (_, done) in waiters.into_iter().filter_map(|(_, d)| d).map(|d| ((), d)) {
+                for done in waiters.into_iter().flatten() {
                     let _ = done.send(Err(AuditError::NotDurable(e.to_string())));
                 }
             }
         }
     }
 
-    /// Signs and stores a checkpoint if the log grew since the last one.
+    /// Signs and stores a checkpoint if the log grew since the last one. With PostgreSQL the
+    /// tree is first brought up to what other replicas committed, so every replica's
+    /// checkpoints are recent — and all of them describe the one tree.
     async fn checkpoint(&mut self) -> Result<()> {
+        if let WriterConn::Pg(pool) = &self.conn {
+            let pool = pool.clone();
+            let mut tx = pool.begin().await?;
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(LOCK_AUDIT)
+                .execute(&mut *tx)
+                .await?;
+            catch_up(&mut tx, &mut self.range).await?;
+            tx.commit().await?;
+            self.size.fetch_max(self.range.size(), Ordering::AcqRel);
+        }
         let size = self.range.size();
         if size as i64 == self.checkpointed {
             return Ok(());
@@ -531,19 +609,202 @@ impl Writer {
             root: self.range.root(),
         };
         let note = self.signer.sign(&cp.to_text())?;
-        sqlx::query(
-            "INSERT OR REPLACE INTO audit_checkpoints (size, note, time_ms) VALUES (?, ?, ?)",
-        )
-        .bind(size as i64)
-        .bind(&note)
-        .bind(now_ms())
-        .execute(&mut self.conn)
-        .await?;
+        let sql = "INSERT INTO audit_checkpoints (size, note, time_ms) VALUES ($1, $2, $3) \
+                   ON CONFLICT (size) DO UPDATE SET note = excluded.note, time_ms = excluded.time_ms";
+        match &mut self.conn {
+            WriterConn::Sqlite(conn) => {
+                sqlx::query(sql)
+                    .bind(size as i64)
+                    .bind(&note)
+                    .bind(now_ms())
+                    .execute(conn)
+                    .await?;
+            }
+            WriterConn::Pg(pool) => {
+                sqlx::query(sql)
+                    .bind(size as i64)
+                    .bind(&note)
+                    .bind(now_ms())
+                    .execute(&*pool)
+                    .await?;
+            }
+        }
         self.checkpointed = size as i64;
         if let Ok(mut l) = self.latest.write() {
             *l = note;
         }
         Ok(())
+    }
+}
+
+/// Gives each record the next index, encodes it, and extends the tree; the rows to store.
+fn assign(range: &mut CompactRange, records: Vec<AuditRecord>) -> Vec<LeafRow> {
+    records
+        .into_iter()
+        .map(|mut record| {
+            let index = range.size();
+            record.index = index;
+            let leaf = record.encode_to_vec();
+            let nodes = range.push(leaf_hash(&leaf));
+            LeafRow {
+                index,
+                leaf,
+                record,
+                nodes,
+            }
+        })
+        .collect()
+}
+
+/// Under the audit lock: if other replicas appended since this one last looked, reload the
+/// tree's right edge from the stored subtree hashes.
+async fn catch_up(tx: &mut sqlx::PgConnection, range: &mut CompactRange) -> Result<()> {
+    let size: Option<i64> = sqlx::query_scalar("SELECT value FROM audit_meta WHERE key = 'size'")
+        .fetch_optional(&mut *tx)
+        .await?;
+    let size = u64::try_from(size.unwrap_or(0)).context("negative audit size")?;
+    if size != range.size() {
+        let parts = fetch_nodes!(tx, &decompose(0, size)).await?;
+        *range =
+            CompactRange::from_parts(size, parts).context("audit right edge is inconsistent")?;
+    }
+    Ok(())
+}
+
+/// PostgreSQL: one batch appended at the end of the shared log. The advisory lock, held until
+/// the commit, gives the log exactly one order across replicas; the right edge is reloaded
+/// when another replica appended meanwhile. Returns the first index of the batch.
+async fn write_pg(
+    pool: &PgPool,
+    range: &mut CompactRange,
+    records: Vec<AuditRecord>,
+) -> Result<u64> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(LOCK_AUDIT)
+        .execute(&mut *tx)
+        .await?;
+    catch_up(&mut tx, range).await?;
+    let first = range.size();
+    let rows = assign(range, records);
+    for chunk in rows.chunks(500) {
+        let sql = format!(
+            "INSERT INTO audit_leaves (idx, leaf, time_ms, agency, method, outcome) VALUES {}",
+            numbered(chunk.len(), 6)
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for r in chunk {
+            q = q
+                .bind(r.index as i64)
+                .bind(r.leaf.as_slice())
+                .bind(r.record.time_unix_ms)
+                .bind(r.record.agency_id.as_str())
+                .bind(r.record.method.as_str())
+                .bind(r.record.outcome.as_str());
+        }
+        q.execute(&mut *tx).await?;
+    }
+    let nodes: Vec<_> = rows.iter().flat_map(|r| r.nodes.iter()).collect();
+    for chunk in nodes.chunks(500) {
+        let sql = format!(
+            "INSERT INTO audit_nodes (level, idx, hash) VALUES {}",
+            numbered(chunk.len(), 3)
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for (id, hash) in chunk {
+            q = q
+                .bind(i64::from(id.level))
+                .bind(id.index as i64)
+                .bind(hash.as_slice());
+        }
+        q.execute(&mut *tx).await?;
+    }
+    let subjects: Vec<(&str, u64)> = rows
+        .iter()
+        .flat_map(|r| {
+            r.record
+                .subject_personal_ids
+                .iter()
+                .map(move |s| (s.as_str(), r.index))
+        })
+        .collect();
+    for chunk in subjects.chunks(500) {
+        let sql = format!(
+            "INSERT INTO audit_subjects (personal_id, idx) VALUES {} ON CONFLICT DO NOTHING",
+            numbered(chunk.len(), 2)
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for (s, i) in chunk {
+            q = q.bind(*s).bind(*i as i64);
+        }
+        q.execute(&mut *tx).await?;
+    }
+    sqlx::query(
+        "INSERT INTO audit_meta (key, value) VALUES ('size', $1) \
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+    )
+    .bind(range.size() as i64)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(AUDIT_CHANNEL)
+        .bind(range.size().to_string())
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(first)
+}
+
+/// `n` rows of `width` numbered placeholders: `($1, $2), ($3, $4)`.
+fn numbered(n: usize, width: usize) -> String {
+    (0..n)
+        .map(|r| {
+            let cols: Vec<String> = (1..=width).map(|c| format!("${}", r * width + c)).collect();
+            format!("({})", cols.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// PostgreSQL: raises this replica's view of the log size when others commit (LISTEN), and
+/// re-reads it every second (notifications are lost while the connection is down).
+async fn follow(pool: PgPool, size: Arc<AtomicU64>, alive: mpsc::WeakSender<Pending>) {
+    let read = |pool: PgPool, size: Arc<AtomicU64>| async move {
+        if let Ok(Some(v)) =
+            sqlx::query_scalar::<_, i64>("SELECT value FROM audit_meta WHERE key = 'size'")
+                .fetch_optional(&pool)
+                .await
+        {
+            size.fetch_max(v as u64, Ordering::AcqRel);
+        }
+    };
+    while alive.upgrade().is_some() {
+        let mut listener = match sqlx::postgres::PgListener::connect_with(&pool).await {
+            Ok(l) => l,
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        if listener.listen(AUDIT_CHANNEL).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        }
+        let mut poll = tokio::time::interval(Duration::from_secs(1));
+        while alive.upgrade().is_some() {
+            tokio::select! {
+                n = listener.try_recv() => match n {
+                    Ok(Some(n)) => {
+                        if let Ok(v) = n.payload().parse::<u64>() {
+                            size.fetch_max(v, Ordering::AcqRel);
+                        }
+                    }
+                    Ok(None) => read(pool.clone(), size.clone()).await,
+                    Err(_) => break,
+                },
+                _ = poll.tick() => read(pool.clone(), size.clone()).await,
+            }
+        }
     }
 }
 

@@ -12,11 +12,12 @@ use std::{
 
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
-use sqlx::{Connection, Row, SqliteConnection, SqlitePool, sqlite::SqlitePoolOptions};
+use sqlx::{Connection, PgPool, SqliteConnection, sqlite::SqlitePoolOptions};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::error;
 
 use super::validate::{CIVIL_STATUS, POPULATION};
+use crate::store::{JOURNAL_CHANNEL, LOCK_JOURNAL, Reader, Store, with_reader};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS journal_events (
@@ -54,7 +55,7 @@ CREATE TABLE IF NOT EXISTS journal_groups (
 const TOPICS: [&str; 2] = [CIVIL_STATUS, POPULATION];
 
 /// Retention: events recorded before ?1 that every group of their topic has acknowledged.
-const PRUNE: &str = "DELETE FROM journal_events WHERE recorded_at_ms < ?1 AND seq <= \
+const PRUNE: &str = "DELETE FROM journal_events WHERE recorded_at_ms < $1 AND seq <= \
      (SELECT min(acked) FROM journal_groups g WHERE g.topic = journal_events.topic)";
 const MAX_BATCH: usize = 1_024;
 
@@ -140,7 +141,7 @@ pub struct EventStatus {
 #[derive(Clone)]
 pub struct Journal {
     tx: mpsc::Sender<Job>,
-    reader: SqlitePool,
+    reader: Reader,
     heads: Arc<HashMap<&'static str, watch::Sender<u64>>>,
     acks: Arc<Mutex<AckWatches>>,
     /// Highest sequence handed to each (topic, group) by a subscription since start
@@ -151,11 +152,46 @@ pub struct Journal {
 /// Per (topic, consumer group): the acknowledged sequence, watched by its subscriptions.
 type AckWatches = HashMap<(String, String), watch::Sender<u64>>;
 
+/// The writer's connection: one SQLite connection (the only writer of the file), or a pool of
+/// the shared PostgreSQL database (other replicas write too; an advisory lock orders them).
+enum WriterConn {
+    Sqlite(SqliteConnection),
+    Pg(PgPool),
+}
+
 impl Journal {
     /// Opens `dir/journal.sqlite`. With a `retention`, events every consumer group of their
     /// topic has acknowledged are deleted once older than it (checked every minute); without,
     /// the journal keeps everything.
-    pub async fn open(dir: &Path, retention: Option<Duration>) -> Result<Self> {
+    pub async fn open(store: &Store, retention: Option<Duration>) -> Result<Self> {
+        match store {
+            Store::Sqlite(dir) => Self::open_sqlite(dir, retention).await,
+            Store::Postgres { url, pool_max } => {
+                let pool = crate::store::pg_pool(url, *pool_max, Duration::from_secs(2)).await?;
+                crate::store::migrate(&pool).await?;
+                let mut last = HashMap::new();
+                for t in TOPICS {
+                    last.insert(t, pg_head(&pool, t).await?);
+                }
+                let journal = Self::start(
+                    Reader::Pg(pool.clone()),
+                    WriterConn::Pg(pool.clone()),
+                    last,
+                    retention,
+                );
+                // The follower must not keep the writer alive: it gets a handle whose sender
+                // goes nowhere, and stops once the real one is gone.
+                let view = Self {
+                    tx: mpsc::channel(1).0,
+                    ..journal.clone()
+                };
+                tokio::spawn(listen(pool, view, journal.tx.downgrade()));
+                Ok(journal)
+            }
+        }
+    }
+
+    async fn open_sqlite(dir: &Path, retention: Option<Duration>) -> Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let path = dir.join("journal.sqlite");
         let mut conn =
@@ -166,21 +202,37 @@ impl Journal {
             .max_connections(4)
             .connect_with(crate::sqlite::options(&path, Duration::from_secs(2))?.read_only(true))
             .await?;
-        let mut heads = HashMap::new();
         let mut last = HashMap::new();
         for t in TOPICS {
             // The stored head survives retention deleting every event of a topic.
             let max: Option<i64> = sqlx::query_scalar(
-                "SELECT max(h) FROM (SELECT max(seq) AS h FROM journal_events WHERE topic = ?1 \
-                 UNION ALL SELECT head FROM journal_heads WHERE topic = ?1)",
+                "SELECT max(h) FROM (SELECT max(seq) AS h FROM journal_events WHERE topic = $1 \
+                 UNION ALL SELECT head FROM journal_heads WHERE topic = $1)",
             )
             .bind(t)
             .fetch_one(&mut conn)
             .await?;
-            let head = max.unwrap_or(0) as u64;
-            heads.insert(t, watch::channel(head).0);
-            last.insert(t, head);
+            last.insert(t, max.unwrap_or(0) as u64);
         }
+        Ok(Self::start(
+            Reader::Sqlite(reader),
+            WriterConn::Sqlite(conn),
+            last,
+            retention,
+        ))
+    }
+
+    /// Spawns the writer task; heads start at `last`.
+    fn start(
+        reader: Reader,
+        conn: WriterConn,
+        last: HashMap<&'static str, u64>,
+        retention: Option<Duration>,
+    ) -> Self {
+        let heads = last
+            .iter()
+            .map(|(t, h)| (*t, watch::channel(*h).0))
+            .collect();
         let journal = Self {
             tx: mpsc::channel(1).0,
             reader,
@@ -195,7 +247,30 @@ impl Journal {
             journal: journal.clone(),
         };
         tokio::spawn(writer.run(rx, retention));
-        Ok(Self { tx, ..journal })
+        Self { tx, ..journal }
+    }
+
+    /// Raises a topic's published head (never lowers it).
+    fn raise_head(&self, topic: &str, seq: u64) {
+        if let Some(h) = self.heads.get(topic) {
+            h.send_if_modified(|v| {
+                let grew = seq > *v;
+                *v = (*v).max(seq);
+                grew
+            });
+        }
+    }
+
+    /// Raises a group's acknowledged sequence as seen by its subscriptions here.
+    fn raise_ack(&self, topic: &str, group: &str, seq: u64) {
+        let map = self.acks.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = map.get(&(topic.to_owned(), group.to_owned())) {
+            tx.send_if_modified(|v| {
+                let grew = seq > *v;
+                *v = (*v).max(seq);
+                grew
+            });
+        }
     }
 
     /// Appends an event; the receipt comes once it is durable. A retry with the same
@@ -271,28 +346,30 @@ impl Journal {
     /// Accepted / delivered / acknowledged / rejected, per consumer group known for the topic.
     pub async fn status(&self, event_id: &str) -> Result<Option<EventStatus>, JournalError> {
         let read = |e: sqlx::Error| JournalError::Read(e.to_string());
-        let Some(row) =
-            sqlx::query("SELECT topic, seq, producer FROM journal_events WHERE event_id = ?")
-                .bind(event_id)
-                .fetch_optional(&self.reader)
-                .await
-                .map_err(read)?
+        let Some((topic, seq, producer)) = with_reader!(&self.reader, |pool| {
+            sqlx::query_as::<_, (String, i64, String)>(
+                "SELECT topic, seq, producer FROM journal_events WHERE event_id = $1",
+            )
+            .bind(event_id)
+            .fetch_optional(pool)
+            .await
+        })
+        .map_err(read)?
         else {
             return Ok(None);
         };
-        let topic: String = row.try_get(0).map_err(read)?;
-        let seq = row.try_get::<i64, _>(1).map_err(read)? as u64;
-        let producer: String = row.try_get(2).map_err(read)?;
+        let seq = seq as u64;
         let mut groups: std::collections::BTreeMap<String, GroupState> =
             std::collections::BTreeMap::new();
-        for r in sqlx::query("SELECT grp, acked FROM journal_groups WHERE topic = ?")
-            .bind(&topic)
-            .fetch_all(&self.reader)
-            .await
-            .map_err(read)?
-        {
-            let grp: String = r.try_get(0).map_err(read)?;
-            let acked = r.try_get::<i64, _>(1).map_err(read)? as u64;
+        let acked_by: Vec<(String, i64)> = with_reader!(&self.reader, |pool| {
+            sqlx::query_as("SELECT grp, acked FROM journal_groups WHERE topic = $1")
+                .bind(&topic)
+                .fetch_all(pool)
+                .await
+        })
+        .map_err(read)?;
+        for (grp, acked) in acked_by {
+            let acked = acked as u64;
             let state = if acked >= seq {
                 GroupState::Acknowledged
             } else {
@@ -313,18 +390,18 @@ impl Journal {
                 }
             }
         }
-        for r in
-            sqlx::query("SELECT grp, reason FROM journal_rejections WHERE topic = ? AND seq = ?")
-                .bind(&topic)
-                .bind(seq as i64)
-                .fetch_all(&self.reader)
-                .await
-                .map_err(read)?
-        {
-            groups.insert(
-                r.try_get(0).map_err(read)?,
-                GroupState::Rejected(r.try_get(1).map_err(read)?),
-            );
+        let rejected: Vec<(String, String)> = with_reader!(&self.reader, |pool| {
+            sqlx::query_as(
+                "SELECT grp, reason FROM journal_rejections WHERE topic = $1 AND seq = $2",
+            )
+            .bind(&topic)
+            .bind(seq as i64)
+            .fetch_all(pool)
+            .await
+        })
+        .map_err(read)?;
+        for (grp, reason) in rejected {
+            groups.insert(grp, GroupState::Rejected(reason));
         }
         Ok(Some(EventStatus {
             event_id: event_id.to_owned(),
@@ -355,13 +432,14 @@ impl Journal {
         {
             return Ok(tx.subscribe());
         }
-        let stored: Option<i64> =
-            sqlx::query_scalar("SELECT acked FROM journal_groups WHERE topic = ? AND grp = ?")
+        let stored: Option<i64> = with_reader!(&self.reader, |pool| {
+            sqlx::query_scalar("SELECT acked FROM journal_groups WHERE topic = $1 AND grp = $2")
                 .bind(topic)
                 .bind(group)
-                .fetch_optional(&self.reader)
+                .fetch_optional(pool)
                 .await
-                .map_err(|e| JournalError::Read(e.to_string()))?;
+        })
+        .map_err(|e| JournalError::Read(e.to_string()))?;
         let mut map = self.acks.lock().unwrap_or_else(|p| p.into_inner());
         let tx = map
             .entry(key)
@@ -377,34 +455,85 @@ impl Journal {
         to: u64,
         limit: u32,
     ) -> Result<Vec<Stored>, JournalError> {
-        let rows = sqlx::query(
-            "SELECT seq, event_id, producer, payload, recorded_at_ms FROM journal_events \
-             WHERE topic = ? AND seq >= ? AND seq <= ? ORDER BY seq LIMIT ?",
-        )
-        .bind(topic)
-        .bind(from as i64)
-        .bind(to as i64)
-        .bind(i64::from(limit))
-        .fetch_all(&self.reader)
-        .await
+        let rows: Vec<(i64, String, String, Vec<u8>, i64)> = with_reader!(&self.reader, |pool| {
+            sqlx::query_as(
+                "SELECT seq, event_id, producer, payload, recorded_at_ms FROM journal_events \
+                 WHERE topic = $1 AND seq >= $2 AND seq <= $3 ORDER BY seq LIMIT $4",
+            )
+            .bind(topic)
+            .bind(from as i64)
+            .bind(to as i64)
+            .bind(i64::from(limit))
+            .fetch_all(pool)
+            .await
+        })
         .map_err(|e| JournalError::Read(e.to_string()))?;
-        rows.iter()
-            .map(|r| {
-                Ok(Stored {
-                    seq: r.try_get::<i64, _>(0)? as u64,
-                    event_id: r.try_get(1)?,
-                    producer: r.try_get(2)?,
-                    payload: r.try_get(3)?,
-                    recorded_at_ms: r.try_get(4)?,
-                })
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(|e| JournalError::Read(e.to_string()))
+        Ok(rows
+            .into_iter()
+            .map(
+                |(seq, event_id, producer, payload, recorded_at_ms)| Stored {
+                    seq: seq as u64,
+                    event_id,
+                    producer,
+                    payload,
+                    recorded_at_ms,
+                },
+            )
+            .collect())
     }
 }
 
+/// The stored (payload hash, receipt) of each (producer, key) of the batch already in the
+/// journal: one query per 400 keys. `conn` is a `&mut` SQLite or PostgreSQL connection.
+macro_rules! known_keys {
+    ($conn:expr, $batch:expr) => {
+        async {
+            let keys: Vec<(&str, &str)> = $batch
+                .iter()
+                .filter_map(|j| match j {
+                    Job::Publish { producer, key, .. } => Some((producer.as_str(), key.as_str())),
+                    _ => None,
+                })
+                .collect();
+            let mut known = Known::new();
+            for chunk in keys.chunks(400) {
+                let values: Vec<String> = (0..chunk.len())
+                    .map(|i| format!("(${}, ${})", 2 * i + 1, 2 * i + 2))
+                    .collect();
+                let sql = format!(
+                    "SELECT producer, idempotency_key, payload_hash, event_id, topic, seq, recorded_at_ms \
+                     FROM journal_events WHERE (producer, idempotency_key) IN (VALUES {})",
+                    values.join(",")
+                );
+                // Built only from constants and numbered placeholders.
+                let mut q = sqlx::query_as::<_, (String, String, Vec<u8>, String, String, i64, i64)>(
+                    sqlx::AssertSqlSafe(sql),
+                );
+                for (p, k) in chunk {
+                    q = q.bind(*p).bind(*k);
+                }
+                for (producer, key, hash, event_id, topic, seq, at) in q.fetch_all(&mut *$conn).await? {
+                    known.insert(
+                        (producer, key),
+                        (
+                            hash,
+                            Receipt {
+                                event_id,
+                                topic,
+                                sequence: seq as u64,
+                                recorded_at_ms: at,
+                            },
+                        ),
+                    );
+                }
+            }
+            Ok::<_, anyhow::Error>(known)
+        }
+    };
+}
+
 struct Writer {
-    conn: SqliteConnection,
+    conn: WriterConn,
     last: HashMap<&'static str, u64>,
     journal: Journal,
 }
@@ -441,11 +570,18 @@ impl Writer {
     /// A topic nobody consumes keeps everything.
     async fn prune(&mut self, retention: Duration) -> Result<u64> {
         let cutoff = crate::audit::log::now_ms() - retention.as_millis() as i64;
-        let done = sqlx::query(PRUNE)
-            .bind(cutoff)
-            .execute(&mut self.conn)
-            .await?
-            .rows_affected();
+        let done = match &mut self.conn {
+            WriterConn::Sqlite(conn) => sqlx::query(PRUNE)
+                .bind(cutoff)
+                .execute(conn)
+                .await?
+                .rows_affected(),
+            WriterConn::Pg(pool) => sqlx::query(PRUNE)
+                .bind(cutoff)
+                .execute(&*pool)
+                .await?
+                .rows_affected(),
+        };
         if done > 0 {
             tracing::info!(
                 deleted = done,
@@ -463,9 +599,7 @@ impl Writer {
         match result {
             Ok(outcomes) => {
                 for (t, seq) in &self.last {
-                    if let Some(h) = self.journal.heads.get(t) {
-                        h.send_if_modified(|v| std::mem::replace(v, *seq) != *seq);
-                    }
+                    self.journal.raise_head(t, *seq);
                 }
                 for (job, outcome) in batch.into_iter().zip(outcomes) {
                     match (job, outcome) {
@@ -484,14 +618,7 @@ impl Writer {
                             },
                             Outcome::Acked,
                         ) => {
-                            let map = self.journal.acks.lock().unwrap_or_else(|p| p.into_inner());
-                            if let Some(tx) = map.get(&(topic, group)) {
-                                tx.send_if_modified(|v| {
-                                    let grew = seq > *v;
-                                    *v = (*v).max(seq);
-                                    grew
-                                });
-                            }
+                            self.journal.raise_ack(&topic, &group, seq);
                             let _ = done.send(Ok(()));
                         }
                         // Each job yields the outcome of its own kind.
@@ -517,148 +644,206 @@ impl Writer {
         }
     }
 
-    /// Commits one batch. The common case — no idempotency key of the batch has been seen
-    /// before — is one round trip: sequences are assigned and everything is written in one
-    /// transaction. A retried key makes that insert fail on the idempotency index; the batch
-    /// is then rolled back, the keys are looked up, and the batch is planned again knowing them.
+    /// Commits one batch.
     async fn write(&mut self, batch: &[Job]) -> Result<Vec<Outcome>> {
         let now = crate::audit::log::now_ms();
+        match &mut self.conn {
+            WriterConn::Sqlite(_) => self.write_sqlite(batch, now).await,
+            WriterConn::Pg(pool) => {
+                let pool = pool.clone();
+                self.write_pg(&pool, batch, now).await
+            }
+        }
+    }
+
+    /// SQLite: the common case — no idempotency key of the batch has been seen before — is one
+    /// round trip: sequences are assigned and everything is written in one transaction. A
+    /// retried key makes that insert fail on the idempotency index; the batch is then rolled
+    /// back, the keys are looked up, and the batch is planned again knowing them.
+    async fn write_sqlite(&mut self, batch: &[Job], now: i64) -> Result<Vec<Outcome>> {
+        let WriterConn::Sqlite(conn) = &mut self.conn else {
+            anyhow::bail!("not a SQLite journal");
+        };
         let before = self.last.clone();
-        let (statements, outcomes) = self.plan(batch, HashMap::new(), now)?;
-        match statements.commit(&mut self.conn).await {
-            Ok(()) => return Ok(outcomes),
+        let first = plan(&mut self.last, batch, Known::new(), now);
+        match first.sqlite()?.commit(conn).await {
+            Ok(()) => return Ok(first.outcomes),
             Err(e) if crate::sqlite::is_unique_violation(&e) => self.last = before,
             Err(e) => return Err(e.into()),
         }
-        let known = self.known(batch).await?;
-        let (statements, outcomes) = self.plan(batch, known, now)?;
-        statements.commit(&mut self.conn).await?;
-        Ok(outcomes)
+        let known = known_keys!(conn, batch).await?;
+        let second = plan(&mut self.last, batch, known, now);
+        second.sqlite()?.commit(conn).await?;
+        Ok(second.outcomes)
     }
 
-    /// The stored (payload hash, receipt) of each (producer, key) of the batch already in the
-    /// journal: one query per 400 keys.
-    async fn known(&mut self, batch: &[Job]) -> Result<Known> {
-        let keys: Vec<(&str, &str)> = batch
-            .iter()
-            .filter_map(|j| match j {
-                Job::Publish { producer, key, .. } => Some((producer.as_str(), key.as_str())),
-                _ => None,
+    /// PostgreSQL, shared by replicas: inside one transaction, an advisory lock serialises the
+    /// writers, the heads are read under it (another replica may have appended), keys are looked
+    /// up, sequences assigned, rows written, and a NOTIFY wakes every replica's subscribers at
+    /// commit. Sequence order is commit order across replicas because the lock is held until
+    /// the commit.
+    async fn write_pg(&mut self, pool: &PgPool, batch: &[Job], now: i64) -> Result<Vec<Outcome>> {
+        let mut tx = pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(LOCK_JOURNAL)
+            .execute(&mut *tx)
+            .await?;
+        let before = self.last.clone();
+        let result = async {
+            let heads: Vec<(String, i64)> = sqlx::query_as("SELECT topic, head FROM journal_heads")
+                .fetch_all(&mut *tx)
+                .await?;
+            for (t, h) in heads {
+                if let Some(topic) = TOPICS.iter().find(|x| **x == t) {
+                    self.last.insert(topic, h as u64);
+                }
+            }
+            let known = known_keys!(&mut *tx, batch).await?;
+            let planned = plan(&mut self.last, batch, known, now);
+            planned.write_pg(&mut tx).await?;
+            tx.commit().await?;
+            Ok::<_, anyhow::Error>(planned.outcomes)
+        }
+        .await;
+        if result.is_err() {
+            self.last = before;
+        }
+        result
+    }
+}
+
+/// What one batch writes: new events with their sequences, acknowledgements, rejections, and
+/// each job's outcome.
+struct Plan<'a> {
+    rows: Vec<NewRow<'a>>,
+    acks: Vec<(&'a str, &'a str, u64)>,
+    rejects: Vec<(&'a str, &'a str, u64, &'a str)>,
+    outcomes: Vec<Outcome>,
+    now: i64,
+}
+
+/// Assigns sequences (continuing `last`) to the new events of `batch` — those whose key is not
+/// in `known`, nor earlier in the batch.
+fn plan<'a>(
+    last: &mut HashMap<&'static str, u64>,
+    batch: &'a [Job],
+    mut known: Known,
+    now: i64,
+) -> Plan<'a> {
+    let mut p = Plan {
+        rows: Vec::new(),
+        acks: Vec::new(),
+        rejects: Vec::new(),
+        outcomes: Vec::with_capacity(batch.len()),
+        now,
+    };
+    for job in batch {
+        match job {
+            Job::Publish {
+                producer,
+                key,
+                topic,
+                payload,
+                ..
+            } => {
+                let hash: Vec<u8> = Sha256::digest(payload).to_vec();
+                let k = (producer.clone(), key.clone());
+                if let Some((h, receipt)) = known.get(&k) {
+                    p.outcomes.push(Outcome::Published(if *h == hash {
+                        Ok(receipt.clone())
+                    } else {
+                        Err(JournalError::Conflict(receipt.event_id.clone()))
+                    }));
+                    continue;
+                }
+                let seq = last.get(topic).copied().unwrap_or(0) + 1;
+                last.insert(topic, seq);
+                // Time-ordered (UUIDv7): new ids land at the right edge of the unique index
+                // instead of dirtying a random page of it per event.
+                let event_id = uuid::Uuid::now_v7().simple().to_string();
+                let receipt = Receipt {
+                    event_id: event_id.clone(),
+                    topic: (*topic).to_owned(),
+                    sequence: seq,
+                    recorded_at_ms: now,
+                };
+                known.insert(k, (hash.clone(), receipt.clone()));
+                p.rows
+                    .push((topic, seq, event_id, producer, key, payload, hash));
+                p.outcomes.push(Outcome::Published(Ok(receipt)));
+            }
+            Job::Ack {
+                topic, group, seq, ..
+            } => {
+                p.acks.push((topic, group, *seq));
+                p.outcomes.push(Outcome::Acked);
+            }
+            Job::Reject {
+                topic,
+                group,
+                seq,
+                reason,
+                ..
+            } => {
+                p.rejects.push((topic, group, *seq, reason));
+                p.outcomes.push(Outcome::Acked);
+            }
+        }
+    }
+    p
+}
+
+const ACK_SQL: &str = "INSERT INTO journal_groups (topic, grp, acked) VALUES ($1, $2, $3) \
+     ON CONFLICT (topic, grp) DO UPDATE SET acked = CASE WHEN excluded.acked > journal_groups.acked \
+     THEN excluded.acked ELSE journal_groups.acked END";
+const REJECT_SQL: &str = "INSERT INTO journal_rejections (topic, grp, seq, reason, at_ms) VALUES ($1, $2, $3, $4, $5) \
+     ON CONFLICT (topic, seq, grp) DO UPDATE SET reason = excluded.reason, at_ms = excluded.at_ms";
+const HEAD_SQL: &str = "INSERT INTO journal_heads (topic, head) VALUES ($1, $2) \
+     ON CONFLICT (topic) DO UPDATE SET head = excluded.head";
+
+impl Plan<'_> {
+    /// The `INSERT` of `n` events with placeholders numbered from 1.
+    fn insert_sql(n: usize) -> String {
+        let values: Vec<String> = (0..n)
+            .map(|i| {
+                let b = i * 8;
+                format!(
+                    "(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${})",
+                    b + 1,
+                    b + 2,
+                    b + 3,
+                    b + 4,
+                    b + 5,
+                    b + 6,
+                    b + 7,
+                    b + 8
+                )
             })
             .collect();
-        let mut known = Known::new();
-        for chunk in keys.chunks(400) {
-            let sql = format!(
-                "SELECT producer, idempotency_key, payload_hash, event_id, topic, seq, recorded_at_ms \
-                 FROM journal_events WHERE (producer, idempotency_key) IN (VALUES {})",
-                vec!["(?, ?)"; chunk.len()].join(",")
-            );
-            // Built only from constants and `?` placeholders.
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for (p, k) in chunk {
-                q = q.bind(*p).bind(*k);
-            }
-            for r in q.fetch_all(&mut self.conn).await? {
-                known.insert(
-                    (r.try_get(0)?, r.try_get(1)?),
-                    (
-                        r.try_get(2)?,
-                        Receipt {
-                            event_id: r.try_get(3)?,
-                            topic: r.try_get(4)?,
-                            sequence: r.try_get::<i64, _>(5)? as u64,
-                            recorded_at_ms: r.try_get(6)?,
-                        },
-                    ),
-                );
-            }
-        }
-        Ok(known)
+        format!(
+            "INSERT INTO journal_events (topic, seq, event_id, producer, idempotency_key, payload, payload_hash, recorded_at_ms) VALUES {}",
+            values.join(",")
+        )
     }
 
-    /// Assigns sequences to the new events of `batch` (those whose key is not in `known`, nor
-    /// earlier in the batch) and returns the statements that store them, with each job's
-    /// outcome.
-    fn plan(
-        &mut self,
-        batch: &[Job],
-        mut known: Known,
-        now: i64,
-    ) -> Result<(crate::sqlite::Batch, Vec<Outcome>), sqlx::Error> {
+    /// The batch as one SQLite script (`?` placeholders, bound in order across statements).
+    fn sqlite(&self) -> Result<crate::sqlite::Batch, sqlx::Error> {
+        use crate::sqlite::anonymous as q;
         let mut b = crate::sqlite::Batch::new();
-        let mut outcomes = Vec::with_capacity(batch.len());
-        let mut rows: Vec<NewRow<'_>> = Vec::new();
-        for job in batch {
-            match job {
-                Job::Publish {
-                    producer,
-                    key,
-                    topic,
-                    payload,
-                    ..
-                } => {
-                    let hash: Vec<u8> = Sha256::digest(payload).to_vec();
-                    let k = (producer.clone(), key.clone());
-                    if let Some((h, receipt)) = known.get(&k) {
-                        outcomes.push(Outcome::Published(if *h == hash {
-                            Ok(receipt.clone())
-                        } else {
-                            Err(JournalError::Conflict(receipt.event_id.clone()))
-                        }));
-                        continue;
-                    }
-                    let seq = self.last.get(topic).copied().unwrap_or(0) + 1;
-                    self.last.insert(topic, seq);
-                    // Time-ordered (UUIDv7): new ids land at the right edge of the unique
-                    // index instead of dirtying a random page of it per event.
-                    let event_id = uuid::Uuid::now_v7().simple().to_string();
-                    let receipt = Receipt {
-                        event_id: event_id.clone(),
-                        topic: (*topic).to_owned(),
-                        sequence: seq,
-                        recorded_at_ms: now,
-                    };
-                    known.insert(k, (hash.clone(), receipt.clone()));
-                    rows.push((topic, seq, event_id, producer, key, payload, hash));
-                    outcomes.push(Outcome::Published(Ok(receipt)));
-                }
-                Job::Ack {
-                    topic, group, seq, ..
-                } => {
-                    b.statement(
-                        "INSERT INTO journal_groups (topic, grp, acked) VALUES (?, ?, ?) \
-                         ON CONFLICT (topic, grp) DO UPDATE SET acked = max(acked, excluded.acked)",
-                    );
-                    b.bind(topic.as_str())?
-                        .bind(group.as_str())?
-                        .bind(*seq as i64)?;
-                    outcomes.push(Outcome::Acked);
-                }
-                Job::Reject {
-                    topic,
-                    group,
-                    seq,
-                    reason,
-                    ..
-                } => {
-                    b.statement(
-                        "INSERT INTO journal_rejections (topic, grp, seq, reason, at_ms) VALUES (?, ?, ?, ?, ?) \
-                         ON CONFLICT (topic, seq, grp) DO UPDATE SET reason = excluded.reason, at_ms = excluded.at_ms",
-                    );
-                    b.bind(topic.as_str())?
-                        .bind(group.as_str())?
-                        .bind(*seq as i64)?
-                        .bind(reason.as_str())?
-                        .bind(now)?;
-                    outcomes.push(Outcome::Acked);
-                }
-            }
+        for (topic, group, seq) in &self.acks {
+            b.statement(&q(ACK_SQL));
+            b.bind(*topic)?.bind(*group)?.bind(*seq as i64)?;
         }
-        for chunk in rows.chunks(100) {
-            b.statement(&format!(
-                "INSERT INTO journal_events (topic, seq, event_id, producer, idempotency_key, payload, payload_hash, recorded_at_ms) VALUES {}",
-                vec!["(?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(",")
-            ));
+        for (topic, group, seq, reason) in &self.rejects {
+            b.statement(&q(REJECT_SQL));
+            b.bind(*topic)?
+                .bind(*group)?
+                .bind(*seq as i64)?
+                .bind(*reason)?
+                .bind(self.now)?;
+        }
+        for chunk in self.rows.chunks(100) {
+            b.statement(&q(&Self::insert_sql(chunk.len())));
             for (topic, seq, event_id, producer, key, payload, hash) in chunk {
                 b.bind(*topic)?
                     .bind(*seq as i64)?
@@ -667,19 +852,155 @@ impl Writer {
                     .bind(*key)?
                     .bind(*payload)?
                     .bind(hash.as_slice())?
-                    .bind(now)?;
+                    .bind(self.now)?;
             }
         }
-        if !rows.is_empty() {
-            for (topic, head) in &self.last {
-                b.statement(
-                    "INSERT INTO journal_heads (topic, head) VALUES (?, ?) \
-                     ON CONFLICT (topic) DO UPDATE SET head = excluded.head",
-                );
-                b.bind(*topic)?.bind(*head as i64)?;
+        for (topic, seq) in self.heads() {
+            b.statement(&q(HEAD_SQL));
+            b.bind(topic)?.bind(seq as i64)?;
+        }
+        Ok(b)
+    }
+
+    /// The highest new sequence per topic of this batch.
+    fn heads(&self) -> Vec<(&'static str, u64)> {
+        let mut heads: Vec<(&'static str, u64)> = Vec::new();
+        for r in &self.rows {
+            match heads.iter_mut().find(|(t, _)| *t == r.0) {
+                Some(h) => h.1 = h.1.max(r.1),
+                None => heads.push((r.0, r.1)),
             }
         }
-        Ok((b, outcomes))
+        heads
+    }
+
+    /// Writes the batch inside `tx` (which holds the journal's advisory lock) and queues the
+    /// NOTIFYs PostgreSQL delivers at commit.
+    async fn write_pg(&self, tx: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+        for (topic, group, seq) in &self.acks {
+            sqlx::query(ACK_SQL)
+                .bind(*topic)
+                .bind(*group)
+                .bind(*seq as i64)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(JOURNAL_CHANNEL)
+                .bind(format!("a {topic} {seq} {group}"))
+                .execute(&mut *tx)
+                .await?;
+        }
+        for (topic, group, seq, reason) in &self.rejects {
+            sqlx::query(REJECT_SQL)
+                .bind(*topic)
+                .bind(*group)
+                .bind(*seq as i64)
+                .bind(*reason)
+                .bind(self.now)
+                .execute(&mut *tx)
+                .await?;
+        }
+        for chunk in self.rows.chunks(100) {
+            let sql = Self::insert_sql(chunk.len());
+            // Built only from constants and numbered placeholders.
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for (topic, seq, event_id, producer, key, payload, hash) in chunk {
+                q = q
+                    .bind(*topic)
+                    .bind(*seq as i64)
+                    .bind(event_id.as_str())
+                    .bind(*producer)
+                    .bind(*key)
+                    .bind(*payload)
+                    .bind(hash.as_slice())
+                    .bind(self.now);
+            }
+            q.execute(&mut *tx).await?;
+        }
+        for (topic, seq) in self.heads() {
+            sqlx::query(HEAD_SQL)
+                .bind(topic)
+                .bind(seq as i64)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(JOURNAL_CHANNEL)
+                .bind(format!("h {topic} {seq}"))
+                .execute(&mut *tx)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// The committed head of a topic in the shared database.
+async fn pg_head(pool: &PgPool, topic: &str) -> Result<u64> {
+    let head: Option<i64> = sqlx::query_scalar("SELECT head FROM journal_heads WHERE topic = $1")
+        .bind(topic)
+        .fetch_optional(pool)
+        .await?;
+    Ok(head.unwrap_or(0) as u64)
+}
+
+/// PostgreSQL: follows what other replicas commit (LISTEN), raising heads and acknowledgements
+/// here so subscriptions on this replica wake within milliseconds. The table stays the truth:
+/// after the listening connection is lost, and every second anyway, heads are read again.
+async fn listen(pool: PgPool, journal: Journal, alive: mpsc::WeakSender<Job>) {
+    while alive.upgrade().is_some() {
+        let mut listener = match sqlx::postgres::PgListener::connect_with(&pool).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "journal: cannot LISTEN; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        if let Err(e) = listener.listen(JOURNAL_CHANNEL).await {
+            tracing::warn!(error = %e, "journal: LISTEN failed; retrying");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        }
+        let mut poll = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            if alive.upgrade().is_none() {
+                return; // the journal was dropped
+            }
+            tokio::select! {
+                n = listener.try_recv() => match n {
+                    Ok(Some(n)) => apply_notification(&journal, n.payload()),
+                    // The connection was lost and re-established: notifications may be missed.
+                    Ok(None) => resync(&pool, &journal).await,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "journal: LISTEN connection failed");
+                        break;
+                    }
+                },
+                _ = poll.tick() => resync(&pool, &journal).await,
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn apply_notification(journal: &Journal, payload: &str) {
+    let mut f = payload.splitn(4, ' ');
+    match (
+        f.next(),
+        f.next(),
+        f.next().and_then(|s| s.parse::<u64>().ok()),
+        f.next(),
+    ) {
+        (Some("h"), Some(topic), Some(seq), None) => journal.raise_head(topic, seq),
+        (Some("a"), Some(topic), Some(seq), Some(group)) => journal.raise_ack(topic, group, seq),
+        _ => tracing::warn!(payload, "journal: unexpected notification"),
+    }
+}
+
+async fn resync(pool: &PgPool, journal: &Journal) {
+    for t in TOPICS {
+        if let Ok(h) = pg_head(pool, t).await {
+            journal.raise_head(t, h);
+        }
     }
 }
 
@@ -706,10 +1027,104 @@ enum Outcome {
 mod tests {
     use super::*;
 
+    /// Three journals on one PostgreSQL schema — three replicas — publishing concurrently:
+    /// each topic's sequences are gap-free, every receipt is readable, a subscriber-side head
+    /// on one replica follows what the others commit, and retries return the original receipt.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replicas_on_postgres_keep_one_gap_free_order() {
+        let Some(url) = crate::store::test_schema("journal_replicas").await else {
+            return;
+        };
+        let store = Store::Postgres { url, pool_max: 4 };
+        let mut replicas = Vec::new();
+        for _ in 0..3 {
+            replicas.push(Journal::open(&store, None).await.unwrap());
+        }
+        let mut head_on_c = replicas[2].head(POPULATION).unwrap();
+        let mut tasks = Vec::new();
+        for (r, j) in replicas.iter().take(2).enumerate() {
+            for p in 0..4 {
+                let j = j.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut receipts = Vec::new();
+                    for i in 0..50u8 {
+                        let key = format!("r{r}-p{p}-{i}");
+                        receipts.push(
+                            j.publish("population", &key, POPULATION, vec![r as u8, p, i])
+                                .await
+                                .unwrap(),
+                        );
+                    }
+                    receipts
+                }));
+            }
+        }
+        let mut seqs = Vec::new();
+        for t in tasks {
+            seqs.extend(t.await.unwrap().into_iter().map(|r| r.sequence));
+        }
+        seqs.sort_unstable();
+        assert_eq!(
+            seqs,
+            (1..=400).collect::<Vec<u64>>(),
+            "gap-free, no duplicates"
+        );
+        // Replica C published nothing, yet its head reaches 400 (NOTIFY, or the 1 s re-read).
+        tokio::time::timeout(Duration::from_secs(5), head_on_c.wait_for(|h| *h >= 400))
+            .await
+            .expect("head on the third replica within 5 s")
+            .unwrap();
+        let read = replicas[2].read(POPULATION, 1, 400, 1000).await.unwrap();
+        assert_eq!(read.len(), 400);
+        assert!(read.windows(2).all(|w| w[1].seq == w[0].seq + 1));
+        // A retry through another replica gets the original receipt; another payload conflicts.
+        let first = &read[0];
+        let key = format!(
+            "r{}-p{}-{}",
+            first.payload[0], first.payload[1], first.payload[2]
+        );
+        let again = replicas[2]
+            .publish("population", &key, POPULATION, first.payload.clone())
+            .await
+            .unwrap();
+        assert_eq!(
+            (again.sequence, again.event_id.as_str()),
+            (1, first.event_id.as_str())
+        );
+        assert!(matches!(
+            replicas[1]
+                .publish("population", &key, POPULATION, vec![9, 9])
+                .await,
+            Err(JournalError::Conflict(_))
+        ));
+        // Acks through one replica reach another's watchers.
+        let mut acked_on_a = replicas[0].acked(POPULATION, "g").await.unwrap();
+        replicas[1].ack(POPULATION, "g", 17).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), acked_on_a.wait_for(|a| *a >= 17))
+            .await
+            .expect("ack seen on the other replica")
+            .unwrap();
+        let status = replicas[0]
+            .status(&read[5].event_id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            status.groups,
+            vec![("g".to_owned(), GroupState::Acknowledged)]
+        );
+        drop(replicas);
+        if let Store::Postgres { url, .. } = &store {
+            crate::store::drop_test_schema(url).await;
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn publish_ack_and_retention_keep_what_a_group_still_needs() {
         let dir = tempfile::tempdir().unwrap();
-        let j = Journal::open(dir.path(), None).await.unwrap();
+        let j = Journal::open(&Store::Sqlite(dir.path().into()), None)
+            .await
+            .unwrap();
         for i in 0..5 {
             let r = j
                 .publish("population", &format!("k{i}"), POPULATION, vec![i])
@@ -762,7 +1177,9 @@ mod tests {
             .await
             .unwrap();
         drop(j);
-        let j = Journal::open(dir.path(), None).await.unwrap();
+        let j = Journal::open(&Store::Sqlite(dir.path().into()), None)
+            .await
+            .unwrap();
         let r = j
             .publish("population", "k10", POPULATION, vec![10])
             .await

@@ -20,6 +20,8 @@ use tempfile::TempDir;
 
 pub struct Env {
     pub dir: TempDir,
+    /// `Some`: the journal and audit log live in this PostgreSQL schema instead of SQLite.
+    pub store_url: Option<String>,
 }
 
 impl Env {
@@ -28,9 +30,30 @@ impl Env {
         civgate::tls::install_provider();
         let dir = tempfile::tempdir().expect("tempdir");
         civgate::certs::init(&dir.path().join("certs"), false).expect("certs init");
-        let env = Self { dir };
+        let env = Self {
+            dir,
+            store_url: None,
+        };
         env.write_config(DEFAULT_CONFIG);
         env
+    }
+
+    /// Like [`Env::new`], with the stores in a fresh PostgreSQL schema; `None` (the test is
+    /// skipped, with a line saying why) where PostgreSQL is not reachable, unless
+    /// `CIVGATE_REQUIRE_POSTGRES=1`.
+    pub async fn postgres(label: &str) -> Option<Self> {
+        let url = civgate::store::test_schema(label).await?;
+        let mut env = Self::new();
+        env.store_url = Some(url);
+        Some(env)
+    }
+
+    /// Ephemeral ports, a data directory in the temp dir, and this env's store.
+    pub fn overrides(&self) -> Overrides {
+        Overrides {
+            store_url: self.store_url.clone(),
+            ..ephemeral(self.dir.path())
+        }
     }
 
     pub fn certs(&self) -> PathBuf {
@@ -56,7 +79,7 @@ impl Env {
                 text: text.into(),
                 base_dir: self.dir.path().to_owned(),
             },
-            ephemeral(self.dir.path()),
+            self.overrides(),
         )
         .await
         .expect("gateway starts")
@@ -75,6 +98,11 @@ impl Env {
             .args(["--listen", listen, "--admin-listen", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(self.dir.path().join("data"))
+            .args(
+                self.store_url
+                    .iter()
+                    .flat_map(|u| ["--store-url".to_owned(), u.clone()]),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -103,11 +131,31 @@ impl Env {
     }
 }
 
+impl Drop for Env {
+    /// A PostgreSQL test schema goes with its env (best effort: a gateway still holding a
+    /// lock on it leaves it behind).
+    fn drop(&mut self) {
+        let Some(url) = self.store_url.take() else {
+            return;
+        };
+        let _ = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                rt.block_on(civgate::store::drop_test_schema(&url));
+            }
+        })
+        .join();
+    }
+}
+
 pub fn ephemeral(dir: &Path) -> Overrides {
     Overrides {
         listen: Some("127.0.0.1:0".parse().unwrap()),
         admin_listen: Some("127.0.0.1:0".parse().unwrap()),
         data_dir: Some(dir.join("data")),
+        store_url: None,
     }
 }
 
@@ -226,4 +274,184 @@ pub fn with_upstream_port(text: &str, port: u16) -> String {
         "https://localhost:7444",
         &format!("https://localhost:{port}"),
     )
+}
+
+/// Defines each listed `async fn name(env: Env)` as two tests: `sqlite::name` and
+/// `postgres::name` (the same behaviour on both backends).
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($t:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $t() {
+                    super::$t(super::common::Env::new()).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $t() {
+                    if let Some(env) = super::common::Env::postgres(stringify!($t)).await {
+                        super::$t(env).await
+                    }
+                }
+            )*
+        }
+    };
+}
+
+/// Receipts by idempotency key: (event_id, sequence).
+pub type Receipts = std::collections::HashMap<String, (String, u64)>;
+
+/// A population-side death event, distinct per `n`.
+pub fn death_event(n: usize) -> civgate::pb::v1::Event {
+    use civgate::pb::v1::{DeathRecorded, Event, event::Payload};
+    Event {
+        occurred_at_unix_ms: n as i64,
+        payload: Some(Payload::DeathRecorded(DeathRecorded {
+            personal_id: format!("031050{:06}", n % 1_000_000),
+            date_of_death: "2026-01-01".into(),
+            recording_unit: format!("unit {n}"),
+        })),
+    }
+}
+
+/// Producers publishing as the population database, each retrying every event with its
+/// idempotency key until it gets a receipt; producer `p` starts on gateway `p % addrs.len()`
+/// and moves to the next one after an error (a load balancer would).
+pub struct Producers {
+    receipts: std::sync::Arc<std::sync::Mutex<Receipts>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Producers {
+    pub fn start(certs: PathBuf, addrs: Vec<SocketAddr>, producers: usize, each: usize) -> Self {
+        use civgate::pb::v1::{PublishRequest, exchange_client::ExchangeClient};
+        let receipts: std::sync::Arc<std::sync::Mutex<Receipts>> = Default::default();
+        let mut tasks = Vec::new();
+        for p in 0..producers {
+            let (receipts, certs, addrs) = (receipts.clone(), certs.clone(), addrs.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut target = p % addrs.len();
+                let mut client: Option<ExchangeClient<tonic::transport::Channel>> = None;
+                for i in 0..each {
+                    let key = format!("p{p}-{i}");
+                    loop {
+                        if client.is_none() {
+                            client =
+                                civgate::client::connect(addrs[target], &certs, Some("population"))
+                                    .await
+                                    .ok()
+                                    .map(ExchangeClient::new);
+                        }
+                        let Some(c) = client.as_mut() else {
+                            target = (target + 1) % addrs.len();
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            continue;
+                        };
+                        match c
+                            .publish(PublishRequest {
+                                idempotency_key: key.clone(),
+                                event: Some(death_event(p * each + i)),
+                            })
+                            .await
+                        {
+                            Ok(r) => {
+                                let r = r.into_inner();
+                                let previous = receipts
+                                    .lock()
+                                    .unwrap()
+                                    .insert(key.clone(), (r.event_id, r.sequence));
+                                assert!(previous.is_none());
+                                break;
+                            }
+                            Err(_) => {
+                                client = None;
+                                target = (target + 1) % addrs.len();
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                            }
+                        }
+                    }
+                }
+            }));
+        }
+        Self { receipts, tasks }
+    }
+
+    /// Waits for every producer (at most `limit`) and returns the receipts.
+    pub async fn finish(self, limit: Duration) -> Receipts {
+        for t in self.tasks {
+            tokio::time::timeout(limit, t)
+                .await
+                .expect("producers finish")
+                .unwrap();
+        }
+        self.receipts.lock().unwrap().clone()
+    }
+}
+
+/// A consumer reading `population` from sequence 1 through `addr` gets every receipted event
+/// as receipted, in sequence order, with no gap, and — de-duplicated by event id — exactly once.
+pub async fn check_delivery(addr: SocketAddr, certs: &Path, receipts: &Receipts) {
+    use civgate::pb::v1::{AckRequest, SubscribeRequest, exchange_client::ExchangeClient};
+    let mut ex = ExchangeClient::new(
+        civgate::client::connect(addr, certs, Some("registry-hp"))
+            .await
+            .unwrap(),
+    );
+    let mut stream = ex
+        .subscribe(SubscribeRequest {
+            topic: "population".into(),
+            consumer_group: "crash-check".into(),
+            from_sequence: Some(1),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let max = receipts.values().map(|(_, s)| *s).max().unwrap();
+    let mut by_id: std::collections::HashMap<String, u64> = Default::default();
+    let mut expected = 1;
+    let mut acked = 0;
+    while expected <= max {
+        let m = tokio::time::timeout(Duration::from_secs(20), stream.message())
+            .await
+            .expect("delivery")
+            .unwrap()
+            .unwrap();
+        assert_eq!(m.sequence, expected, "gap or reorder");
+        assert!(
+            by_id.insert(m.event_id.clone(), m.sequence).is_none(),
+            "event {} delivered twice",
+            m.event_id
+        );
+        expected += 1;
+        // Keep the window open.
+        if m.sequence - acked >= 128 {
+            ex.ack(AckRequest {
+                topic: "population".into(),
+                consumer_group: "crash-check".into(),
+                sequence: m.sequence,
+            })
+            .await
+            .unwrap();
+            acked = m.sequence;
+        }
+    }
+    for (key, (id, seq)) in receipts {
+        assert_eq!(
+            by_id.get(id),
+            Some(seq),
+            "receipted {key} ({id}, #{seq}) not delivered as receipted"
+        );
+    }
+    // One event per idempotency key: exactly once after de-duplication by event_id.
+    assert_eq!(
+        by_id.len(),
+        receipts.len(),
+        "{} events for {} keys",
+        by_id.len(),
+        receipts.len()
+    );
 }

@@ -1,0 +1,261 @@
+//! Where the journal and the audit log keep their state: SQLite files in the data directory
+//! (one machine, the default) or one PostgreSQL database shared by several gateway replicas.
+//!
+//! PostgreSQL: one schema, applied under an advisory lock so replicas starting together do not
+//! race, and recorded in `civgate_schema`; `civgate migrate` applies it without serving.
+
+use std::{path::PathBuf, str::FromStr, time::Duration};
+
+use anyhow::{Context, Result};
+use sqlx::{
+    PgPool,
+    postgres::{PgConnectOptions, PgPoolOptions},
+};
+
+/// Read access to a store, by backend. Queries are written once (`$N` parameters work in both).
+#[derive(Clone)]
+pub enum Reader {
+    Sqlite(sqlx::SqlitePool),
+    Pg(PgPool),
+}
+
+/// Runs `$body` with `$pool` bound to whichever pool `$reader` holds (the body is compiled
+/// once per backend).
+macro_rules! with_reader {
+    ($reader:expr, |$pool:ident| $body:expr) => {
+        match $reader {
+            $crate::store::Reader::Sqlite($pool) => $body,
+            $crate::store::Reader::Pg($pool) => $body,
+        }
+    };
+}
+pub(crate) use with_reader;
+
+/// The store a gateway opens.
+#[derive(Clone, Debug)]
+pub enum Store {
+    /// `journal.sqlite` and `audit.sqlite` in this directory.
+    Sqlite(PathBuf),
+    /// A PostgreSQL URL and the pool size of each of the two stores.
+    Postgres { url: String, pool_max: u32 },
+}
+
+pub fn is_postgres_url(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
+/// The schema version this build writes. Bump with a new entry in `MIGRATIONS`.
+const MIGRATIONS: &[(i64, &str)] = &[(1, SCHEMA_V1)];
+
+/// Advisory-lock keys (arbitrary constants, distinct per purpose).
+pub const LOCK_MIGRATE: i64 = 0x6369_7667_6d69_6772; // "civgmigr"
+pub const LOCK_JOURNAL: i64 = 0x6369_7667_6a72_6e6c; // "civgjrnl"
+pub const LOCK_AUDIT: i64 = 0x6369_7667_6175_6474; // "civgaudt"
+
+/// NOTIFY channel: the audit log's size after a replica's commit.
+pub const AUDIT_CHANNEL: &str = "civgate_audit";
+
+/// NOTIFY channel: `h <topic> <head>` when a replica committed events, `a <topic> <seq> <group>`
+/// when it stored an acknowledgement.
+pub const JOURNAL_CHANNEL: &str = "civgate_journal";
+
+const SCHEMA_V1: &str = "
+CREATE TABLE IF NOT EXISTS journal_events (
+    topic TEXT NOT NULL,
+    seq BIGINT NOT NULL,
+    event_id TEXT NOT NULL UNIQUE,
+    producer TEXT NOT NULL,
+    idempotency_key TEXT NOT NULL,
+    payload BYTEA NOT NULL,
+    payload_hash BYTEA NOT NULL,
+    recorded_at_ms BIGINT NOT NULL,
+    PRIMARY KEY (topic, seq)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS journal_idempotency ON journal_events (producer, idempotency_key);
+CREATE TABLE IF NOT EXISTS journal_rejections (
+    topic TEXT NOT NULL,
+    grp TEXT NOT NULL,
+    seq BIGINT NOT NULL,
+    reason TEXT NOT NULL,
+    at_ms BIGINT NOT NULL,
+    PRIMARY KEY (topic, seq, grp)
+);
+CREATE TABLE IF NOT EXISTS journal_heads (
+    topic TEXT PRIMARY KEY,
+    head BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS journal_groups (
+    topic TEXT NOT NULL,
+    grp TEXT NOT NULL,
+    acked BIGINT NOT NULL,
+    PRIMARY KEY (topic, grp)
+);
+CREATE TABLE IF NOT EXISTS audit_meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS audit_leaves (
+    idx BIGINT PRIMARY KEY,
+    leaf BYTEA NOT NULL,
+    time_ms BIGINT NOT NULL,
+    agency TEXT NOT NULL,
+    method TEXT NOT NULL,
+    outcome TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_leaves_agency ON audit_leaves (agency, idx);
+CREATE INDEX IF NOT EXISTS audit_leaves_time ON audit_leaves (time_ms);
+CREATE TABLE IF NOT EXISTS audit_subjects (
+    personal_id TEXT NOT NULL,
+    idx BIGINT NOT NULL,
+    PRIMARY KEY (personal_id, idx)
+);
+CREATE TABLE IF NOT EXISTS audit_nodes (
+    level BIGINT NOT NULL,
+    idx BIGINT NOT NULL,
+    hash BYTEA NOT NULL,
+    PRIMARY KEY (level, idx)
+);
+CREATE TABLE IF NOT EXISTS audit_checkpoints (
+    size BIGINT PRIMARY KEY,
+    note TEXT NOT NULL,
+    time_ms BIGINT NOT NULL
+);
+";
+
+/// Connection options for `url`: synchronous_commit on (a commit is durable when it returns),
+/// whatever the server's default.
+pub fn pg_options(url: &str) -> Result<PgConnectOptions> {
+    Ok(PgConnectOptions::from_str(url)
+        .context("store.url is not a valid PostgreSQL URL")?
+        .options([("synchronous_commit", "on")]))
+}
+
+/// A bounded pool; connecting waits at most `acquire` (then the caller answers UNAVAILABLE).
+pub async fn pg_pool(url: &str, max: u32, acquire: Duration) -> Result<PgPool> {
+    PgPoolOptions::new()
+        .max_connections(max.max(1))
+        .acquire_timeout(acquire)
+        .connect_with(pg_options(url)?)
+        .await
+        .context("connecting to PostgreSQL")
+}
+
+/// Applies the schema migrations this build knows and returns the resulting version.
+pub async fn migrate(pool: &PgPool) -> Result<i64> {
+    let mut conn = pool.acquire().await?;
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(LOCK_MIGRATE)
+        .execute(&mut *conn)
+        .await?;
+    let result = async {
+        sqlx::raw_sql(
+            "CREATE TABLE IF NOT EXISTS civgate_schema (version BIGINT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+        )
+        .execute(&mut *conn)
+        .await?;
+        let current: Option<i64> = sqlx::query_scalar("SELECT max(version) FROM civgate_schema")
+            .fetch_one(&mut *conn)
+            .await?;
+        let current = current.unwrap_or(0);
+        let known = MIGRATIONS.last().map_or(0, |(v, _)| *v);
+        anyhow::ensure!(
+            current <= known,
+            "the database schema is version {current}, newer than this build knows ({known})"
+        );
+        let mut version = current;
+        for (v, sql) in MIGRATIONS {
+            if *v <= current {
+                continue;
+            }
+            let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+            // Constant schema text of this build.
+            sqlx::raw_sql(sqlx::AssertSqlSafe(*sql)).execute(&mut *tx).await?;
+            sqlx::query("INSERT INTO civgate_schema (version) VALUES ($1)")
+                .bind(*v)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            version = *v;
+        }
+        Ok::<_, anyhow::Error>(version)
+    }
+    .await;
+    let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(LOCK_MIGRATE)
+        .execute(&mut *conn)
+        .await;
+    result
+}
+
+/// For tests: a fresh, empty schema in the PostgreSQL test database (`CIVGATE_TEST_PG`, default
+/// `postgres://postgres@127.0.0.1:5432/test`) and a URL whose connections use it, so tests run in
+/// parallel without seeing each other. `None` (with one line on stderr saying why) when
+/// PostgreSQL is not reachable — unless `CIVGATE_REQUIRE_POSTGRES=1`, which makes that a panic.
+pub async fn test_schema(label: &str) -> Option<String> {
+    let base = std::env::var("CIVGATE_TEST_PG")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let required = std::env::var("CIVGATE_REQUIRE_POSTGRES").is_ok_and(|v| v == "1");
+    let conn = async {
+        let opts = PgConnectOptions::from_str(&base)?;
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(3))
+            .connect_with(opts)
+            .await?;
+        let schema = format!(
+            "t_{}_{:08x}",
+            label
+                .chars()
+                .filter(char::is_ascii_alphanumeric)
+                .take(24)
+                .collect::<String>()
+                .to_lowercase(),
+            rand::random::<u32>()
+        );
+        // The name is built from [a-z0-9_] only.
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+            .execute(&pool)
+            .await?;
+        pool.close().await;
+        Ok::<_, sqlx::Error>(schema)
+    }
+    .await;
+    match conn {
+        Ok(schema) => {
+            let sep = if base.contains('?') { '&' } else { '?' };
+            Some(format!("{base}{sep}options=-c%20search_path%3D{schema}"))
+        }
+        Err(e) if required => {
+            panic!("CIVGATE_REQUIRE_POSTGRES=1 but PostgreSQL at {base} is not usable: {e}")
+        }
+        Err(e) => {
+            eprintln!(
+                "skipping PostgreSQL test {label}: {base} not usable ({e}); set CIVGATE_REQUIRE_POSTGRES=1 to fail instead"
+            );
+            None
+        }
+    }
+}
+
+/// For tests: drops the schema a [`test_schema`] URL points at (best effort).
+pub async fn drop_test_schema(url: &str) {
+    use sqlx::Connection;
+    let Some(schema) = url.rsplit("search_path%3D").next() else {
+        return;
+    };
+    // Names made by `test_schema` are [a-z0-9_] only; refuse anything else.
+    if !url.contains("search_path%3D")
+        || !schema
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    {
+        return;
+    }
+    let base = url.split('?').next().unwrap_or_default();
+    if let Ok(mut c) = sqlx::PgConnection::connect(base).await {
+        let _ = sqlx::raw_sql("SET lock_timeout = '2s'")
+            .execute(&mut c)
+            .await;
+        let sql = format!("DROP SCHEMA IF EXISTS {schema} CASCADE");
+        let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&mut c)
+            .await;
+    }
+}
