@@ -43,8 +43,10 @@ pub enum BenchCommand {
 
 #[derive(Args, Clone, Debug)]
 pub struct SyncArgs {
-    #[arg(long, default_value = "127.0.0.1:7443")]
-    pub addr: SocketAddr,
+    /// Gateway(s): repeat for replicas. publish spreads connections over them; subscribe
+    /// consumes through the first and publishes through the last.
+    #[arg(long = "addr", default_value = "127.0.0.1:7443")]
+    pub addrs: Vec<SocketAddr>,
     #[arg(long, default_value = "certs")]
     pub certs: PathBuf,
     #[arg(long, default_value_t = 4)]
@@ -82,8 +84,9 @@ async fn publish_bench(a: &SyncArgs) -> Result<()> {
     let phase = Arc::new(AtomicU8::new(WARMUP));
     let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut tasks = Vec::new();
-    for _ in 0..a.connections.max(1) {
-        let ch = client::connect(a.addr, &a.certs, Some("population")).await?;
+    for c in 0..a.connections.max(1) {
+        let addr = a.addrs[c % a.addrs.len().max(1)];
+        let ch = client::connect(addr, &a.certs, Some("population")).await?;
         for _ in 0..a.concurrency.max(1) {
             let (mut c, phase, counter, run) = (
                 ExchangeClient::new(ch.clone()),
@@ -155,8 +158,11 @@ async fn subscribe_bench(a: &SyncArgs) -> Result<()> {
     };
     use std::collections::HashMap;
     let group = format!("bench-{:x}", rand::random::<u32>());
-    let mut sub =
-        ExchangeClient::new(client::connect(a.addr, &a.certs, Some("registry-hp")).await?);
+    let (first, last) = match (a.addrs.first(), a.addrs.last()) {
+        (Some(f), Some(l)) => (*f, *l),
+        _ => anyhow::bail!("--addr is required"),
+    };
+    let mut sub = ExchangeClient::new(client::connect(first, &a.certs, Some("registry-hp")).await?);
     if a.catch_up > 0 {
         let mut stream = sub
             .subscribe(SubscribeRequest {
@@ -194,7 +200,7 @@ async fn subscribe_bench(a: &SyncArgs) -> Result<()> {
     }
     // Latency at a fixed publish rate.
     let sent: Arc<std::sync::Mutex<HashMap<u64, Instant>>> = Arc::default();
-    let pubch = client::connect(a.addr, &a.certs, Some("population")).await?;
+    let pubch = client::connect(last, &a.certs, Some("population")).await?;
     let run = format!("{:x}", rand::random::<u64>());
     let total = (f64::from(a.rate) * (a.duration + a.warmup)) as u64;
     let base = rand::random::<u32>() as u64 * 1_000_000;
@@ -314,9 +320,10 @@ pub enum Target {
 pub struct LookupArgs {
     #[arg(long, value_enum, default_value = "gateway")]
     pub target: Target,
-    /// Address of the target (defaults: gateway 127.0.0.1:7443, directory 127.0.0.1:7444).
-    #[arg(long)]
-    pub addr: Option<SocketAddr>,
+    /// Address of the target (defaults: gateway 127.0.0.1:7443, directory 127.0.0.1:7444);
+    /// repeat for replicas: connections are spread over them.
+    #[arg(long = "addr")]
+    pub addrs: Vec<SocketAddr>,
     #[arg(long, default_value = "certs")]
     pub certs: PathBuf,
     /// Client certificate name under certs/clients (defaults: registry-hp / gateway).
@@ -399,10 +406,14 @@ enum Caller {
 }
 
 pub async fn lookup(args: &LookupArgs) -> Result<LookupReport> {
-    let addr = args.addr.unwrap_or_else(|| match args.target {
-        Target::Gateway => SocketAddr::from(([127, 0, 0, 1], 7443)),
-        Target::Directory => SocketAddr::from(([127, 0, 0, 1], 7444)),
-    });
+    let addrs = if args.addrs.is_empty() {
+        vec![match args.target {
+            Target::Gateway => SocketAddr::from(([127, 0, 0, 1], 7443)),
+            Target::Directory => SocketAddr::from(([127, 0, 0, 1], 7444)),
+        }]
+    } else {
+        args.addrs.clone()
+    };
     let client_name = args.client.clone().unwrap_or_else(|| {
         match args.target {
             Target::Gateway => "registry-hp",
@@ -419,6 +430,7 @@ pub async fn lookup(args: &LookupArgs) -> Result<LookupReport> {
     let phase = Arc::new(AtomicU8::new(WARMUP));
     let mut tasks = Vec::new();
     for c in 0..args.connections.max(1) {
+        let addr = addrs[c % addrs.len()];
         let channel = client::connect(addr, &args.certs, Some(&client_name))
             .await
             .with_context(|| format!("connecting to {addr}"))?;

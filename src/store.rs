@@ -120,19 +120,26 @@ CREATE TABLE IF NOT EXISTS audit_checkpoints (
 ";
 
 /// Connection options for `url`: synchronous_commit on (a commit is durable when it returns),
-/// whatever the server's default.
-pub fn pg_options(url: &str) -> Result<PgConnectOptions> {
+/// whatever the server's default; no statement or lock wait longer than `timeout` (a replica
+/// stuck holding the ordering lock, or a hung server, turns into UNAVAILABLE, not a hang).
+pub fn pg_options(url: &str, timeout: Duration) -> Result<PgConnectOptions> {
+    let ms = timeout.as_millis().max(100).to_string();
     Ok(PgConnectOptions::from_str(url)
         .context("store.url is not a valid PostgreSQL URL")?
-        .options([("synchronous_commit", "on")]))
+        .options([
+            ("synchronous_commit", "on"),
+            ("statement_timeout", ms.as_str()),
+            ("lock_timeout", ms.as_str()),
+        ]))
 }
 
-/// A bounded pool; connecting waits at most `acquire` (then the caller answers UNAVAILABLE).
-pub async fn pg_pool(url: &str, max: u32, acquire: Duration) -> Result<PgPool> {
+/// A bounded pool; getting a connection, and each statement, waits at most `timeout` (then
+/// the caller answers UNAVAILABLE).
+pub async fn pg_pool(url: &str, max: u32, timeout: Duration) -> Result<PgPool> {
     PgPoolOptions::new()
         .max_connections(max.max(1))
-        .acquire_timeout(acquire)
-        .connect_with(pg_options(url)?)
+        .acquire_timeout(timeout)
+        .connect_with(pg_options(url, timeout)?)
         .await
         .context("connecting to PostgreSQL")
 }
