@@ -80,7 +80,7 @@ measure() { # name
         --warmup "$WARMUP" --duration "$DURATION" | tail -1)
     look=$("$B" bench lookup --certs "$T/certs" "${ADDRS[@]}" --connections 4 --concurrency 64 \
         --warmup "$WARMUP" --duration "$DURATION" --json)
-    RESULTS+=("$1|$pub|$(echo "$look" | python3 -c 'import json,sys; r=json.load(sys.stdin); print(f"{r[\"requests_per_second\"]:.0f} look-ups/s, p99 {r[\"p99_ms\"]:.2f} ms, {r[\"errors\"]} errors")')")
+    RESULTS+=("$1|$pub|$(echo "$look" | python3 -c 'import json,sys; r=json.load(sys.stdin); print("%.0f look-ups/s, p99 %.2f ms, %d errors" % (r["requests_per_second"], r["p99_ms"], r["errors"]))')")
 }
 
 start_gateways sqlite 1

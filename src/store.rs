@@ -45,12 +45,10 @@ pub fn is_postgres_url(url: &str) -> bool {
 }
 
 /// The schema version this build writes. Bump with a new entry in `MIGRATIONS`.
-const MIGRATIONS: &[(i64, &str)] = &[(1, SCHEMA_V1)];
+const MIGRATIONS: &[(i64, &str)] = &[(1, SCHEMA_V1), (2, SCHEMA_V2)];
 
-/// Advisory-lock keys (arbitrary constants, distinct per purpose).
+/// Advisory-lock key for applying migrations (an arbitrary constant).
 pub const LOCK_MIGRATE: i64 = 0x6369_7667_6d69_6772; // "civgmigr"
-pub const LOCK_JOURNAL: i64 = 0x6369_7667_6a72_6e6c; // "civgjrnl"
-pub const LOCK_AUDIT: i64 = 0x6369_7667_6175_6474; // "civgaudt"
 
 /// NOTIFY channel: the audit log's size after a replica's commit.
 pub const AUDIT_CHANNEL: &str = "civgate_audit";
@@ -117,6 +115,16 @@ CREATE TABLE IF NOT EXISTS audit_checkpoints (
     note TEXT NOT NULL,
     time_ms BIGINT NOT NULL
 );
+";
+
+/// Version 2: the rows writers lock. A journal batch begins with `SELECT … FROM journal_heads
+/// … FOR UPDATE` and an audit batch with `SELECT … FROM audit_meta … FOR UPDATE`: one round trip
+/// that both serialises the replicas' writers (held until commit) and, under READ COMMITTED,
+/// returns the latest committed head / size even after waiting for another replica.
+const SCHEMA_V2: &str = "
+INSERT INTO journal_heads (topic, head) VALUES ('civil-status', 0), ('population', 0)
+    ON CONFLICT (topic) DO NOTHING;
+INSERT INTO audit_meta (key, value) VALUES ('size', 0) ON CONFLICT (key) DO NOTHING;
 ";
 
 /// Connection options for `url`: synchronous_commit on (a commit is durable when it returns),

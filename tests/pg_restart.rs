@@ -49,6 +49,7 @@ impl Drop for StartOnDrop {
     fn drop(&mut self) {
         let running = Command::new("pg_ctlcluster")
             .args(["--skip-systemctl-redirect", &self.0, "main", "status"])
+            .stdout(std::process::Stdio::null())
             .status()
             .is_ok_and(|s| s.success());
         if !running {

@@ -26,7 +26,7 @@ use super::{
     note::{Checkpoint, Signer},
 };
 use crate::pb::v1::AuditRecord;
-use crate::store::{AUDIT_CHANNEL, LOCK_AUDIT, Reader, Store, with_reader};
+use crate::store::{AUDIT_CHANNEL, Reader, Store, with_reader};
 
 /// Hashes of the given nodes, in the given order; a missing node is an error. `$conn` is a
 /// SQLite or PostgreSQL connection (a pool connection or a transaction).
@@ -591,10 +591,6 @@ impl Writer {
         if let WriterConn::Pg(pool) = &self.conn {
             let pool = pool.clone();
             let mut tx = pool.begin().await?;
-            sqlx::query("SELECT pg_advisory_xact_lock($1)")
-                .bind(LOCK_AUDIT)
-                .execute(&mut *tx)
-                .await?;
             catch_up(&mut tx, &mut self.range).await?;
             tx.commit().await?;
             self.size.fetch_max(self.range.size(), Ordering::AcqRel);
@@ -656,12 +652,15 @@ fn assign(range: &mut CompactRange, records: Vec<AuditRecord>) -> Vec<LeafRow> {
         .collect()
 }
 
-/// Under the audit lock: if other replicas appended since this one last looked, reload the
-/// tree's right edge from the stored subtree hashes.
+/// Locks the log's size row until the transaction ends (serialising the replicas' writers)
+/// and, if other replicas appended since this one last looked, reloads the tree's right edge
+/// from the stored subtree hashes. Under READ COMMITTED the locked row read is the latest
+/// committed one, also after waiting for another replica's commit.
 async fn catch_up(tx: &mut sqlx::PgConnection, range: &mut CompactRange) -> Result<()> {
-    let size: Option<i64> = sqlx::query_scalar("SELECT value FROM audit_meta WHERE key = 'size'")
-        .fetch_optional(&mut *tx)
-        .await?;
+    let size: Option<i64> =
+        sqlx::query_scalar("SELECT value FROM audit_meta WHERE key = 'size' FOR UPDATE")
+            .fetch_optional(&mut *tx)
+            .await?;
     let size = u64::try_from(size.unwrap_or(0)).context("negative audit size")?;
     if size != range.size() {
         let parts = fetch_nodes!(tx, &decompose(0, size)).await?;
@@ -671,54 +670,47 @@ async fn catch_up(tx: &mut sqlx::PgConnection, range: &mut CompactRange) -> Resu
     Ok(())
 }
 
-/// PostgreSQL: one batch appended at the end of the shared log. The advisory lock, held until
-/// the commit, gives the log exactly one order across replicas; the right edge is reloaded
-/// when another replica appended meanwhile. Returns the first index of the batch.
+/// PostgreSQL: one batch appended at the end of the shared log. The size row, locked until the
+/// commit, gives the log exactly one order across replicas; the right edge is reloaded when
+/// another replica appended meanwhile. Everything is written in one statement. Returns the
+/// first index of the batch.
 async fn write_pg(
     pool: &PgPool,
     range: &mut CompactRange,
     records: Vec<AuditRecord>,
 ) -> Result<u64> {
     let mut tx = pool.begin().await?;
-    sqlx::query("SELECT pg_advisory_xact_lock($1)")
-        .bind(LOCK_AUDIT)
-        .execute(&mut *tx)
-        .await?;
     catch_up(&mut tx, range).await?;
     let first = range.size();
     let rows = assign(range, records);
-    for chunk in rows.chunks(500) {
-        let sql = format!(
-            "INSERT INTO audit_leaves (idx, leaf, time_ms, agency, method, outcome) VALUES {}",
-            numbered(chunk.len(), 6)
-        );
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for r in chunk {
-            q = q
-                .bind(r.index as i64)
-                .bind(r.leaf.as_slice())
-                .bind(r.record.time_unix_ms)
-                .bind(r.record.agency_id.as_str())
-                .bind(r.record.method.as_str())
-                .bind(r.record.outcome.as_str());
+    // Statements of at most ~30,000 parameters (PostgreSQL allows 65,535); usually one.
+    let mut groups: Vec<&[LeafRow]> = Vec::new();
+    let (mut start, mut params) = (0, 0);
+    for (i, r) in rows.iter().enumerate() {
+        let p = 6 + 3 * r.nodes.len() + 2 * r.record.subject_personal_ids.len();
+        if params + p > 30_000 && i > start {
+            groups.push(&rows[start..i]);
+            (start, params) = (i, 0);
         }
-        q.execute(&mut *tx).await?;
+        params += p;
     }
+    groups.push(&rows[start..]);
+    let last = groups.len() - 1;
+    for (g, group) in groups.into_iter().enumerate() {
+        insert_pg(&mut tx, group, (g == last).then_some(range.size())).await?;
+    }
+    tx.commit().await?;
+    Ok(first)
+}
+
+/// One statement: the leaves of `rows`, their subtree hashes and subjects, and — for the last
+/// statement of a batch — the new size and the NOTIFY sent at commit.
+async fn insert_pg(
+    tx: &mut sqlx::PgConnection,
+    rows: &[LeafRow],
+    new_size: Option<u64>,
+) -> Result<()> {
     let nodes: Vec<_> = rows.iter().flat_map(|r| r.nodes.iter()).collect();
-    for chunk in nodes.chunks(500) {
-        let sql = format!(
-            "INSERT INTO audit_nodes (level, idx, hash) VALUES {}",
-            numbered(chunk.len(), 3)
-        );
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for (id, hash) in chunk {
-            q = q
-                .bind(i64::from(id.level))
-                .bind(id.index as i64)
-                .bind(hash.as_slice());
-        }
-        q.execute(&mut *tx).await?;
-    }
     let subjects: Vec<(&str, u64)> = rows
         .iter()
         .flat_map(|r| {
@@ -728,38 +720,74 @@ async fn write_pg(
                 .map(move |s| (s.as_str(), r.index))
         })
         .collect();
-    for chunk in subjects.chunks(500) {
-        let sql = format!(
-            "INSERT INTO audit_subjects (personal_id, idx) VALUES {} ON CONFLICT DO NOTHING",
-            numbered(chunk.len(), 2)
-        );
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for (s, i) in chunk {
-            q = q.bind(*s).bind(*i as i64);
-        }
-        q.execute(&mut *tx).await?;
+    let mut next = 0;
+    let mut values = |rows: usize, width: usize| {
+        let v = numbered_from(next, rows, width);
+        next += rows * width;
+        v
+    };
+    let mut sql = format!(
+        "WITH l AS (INSERT INTO audit_leaves (idx, leaf, time_ms, agency, method, outcome) VALUES {})",
+        values(rows.len(), 6)
+    );
+    if !nodes.is_empty() {
+        sql.push_str(&format!(
+            ", n AS (INSERT INTO audit_nodes (level, idx, hash) VALUES {})",
+            values(nodes.len(), 3)
+        ));
     }
-    sqlx::query(
-        "INSERT INTO audit_meta (key, value) VALUES ('size', $1) \
-         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-    )
-    .bind(range.size() as i64)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query("SELECT pg_notify($1, $2)")
-        .bind(AUDIT_CHANNEL)
-        .bind(range.size().to_string())
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    Ok(first)
+    if !subjects.is_empty() {
+        sql.push_str(&format!(
+            ", s AS (INSERT INTO audit_subjects (personal_id, idx) VALUES {} ON CONFLICT DO NOTHING)",
+            values(subjects.len(), 2)
+        ));
+    }
+    if new_size.is_some() {
+        let (size, channel, payload) = (next + 1, next + 2, next + 3);
+        sql.push_str(&format!(
+            ", m AS (UPDATE audit_meta SET value = ${size} WHERE key = 'size') \
+             SELECT pg_notify(${channel}, ${payload})"
+        ));
+    } else {
+        sql.push_str(" SELECT 1");
+    }
+    // Built only from constants and numbered placeholders.
+    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+    for r in rows {
+        q = q
+            .bind(r.index as i64)
+            .bind(r.leaf.as_slice())
+            .bind(r.record.time_unix_ms)
+            .bind(r.record.agency_id.as_str())
+            .bind(r.record.method.as_str())
+            .bind(r.record.outcome.as_str());
+    }
+    for (id, hash) in &nodes {
+        q = q
+            .bind(i64::from(id.level))
+            .bind(id.index as i64)
+            .bind(hash.as_slice());
+    }
+    for (s, i) in &subjects {
+        q = q.bind(*s).bind(*i as i64);
+    }
+    if let Some(size) = new_size {
+        q = q
+            .bind(size as i64)
+            .bind(AUDIT_CHANNEL)
+            .bind(size.to_string());
+    }
+    q.execute(&mut *tx).await?;
+    Ok(())
 }
 
-/// `n` rows of `width` numbered placeholders: `($1, $2), ($3, $4)`.
-fn numbered(n: usize, width: usize) -> String {
+/// `n` rows of `width` numbered placeholders after the first `from`: `($1, $2), ($3, $4)`.
+fn numbered_from(from: usize, n: usize, width: usize) -> String {
     (0..n)
         .map(|r| {
-            let cols: Vec<String> = (1..=width).map(|c| format!("${}", r * width + c)).collect();
+            let cols: Vec<String> = (1..=width)
+                .map(|c| format!("${}", from + r * width + c))
+                .collect();
             format!("({})", cols.join(", "))
         })
         .collect::<Vec<_>>()

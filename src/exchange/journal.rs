@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::error;
 
 use super::validate::{CIVIL_STATUS, POPULATION};
-use crate::store::{JOURNAL_CHANNEL, LOCK_JOURNAL, Reader, Store, with_reader};
+use crate::store::{JOURNAL_CHANNEL, Reader, Store, with_reader};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS journal_events (
@@ -677,22 +677,19 @@ impl Writer {
         Ok(second.outcomes)
     }
 
-    /// PostgreSQL, shared by replicas: inside one transaction, an advisory lock serialises the
-    /// writers, the heads are read under it (another replica may have appended), keys are looked
-    /// up, sequences assigned, rows written, and a NOTIFY wakes every replica's subscribers at
-    /// commit. Sequence order is commit order across replicas because the lock is held until
-    /// the commit.
+    /// PostgreSQL, shared by replicas, one transaction: lock the heads rows and read them (one
+    /// statement; the lock serialises the replicas' writers until commit, and the values read
+    /// are the latest committed), look the keys up, assign sequences, write everything and
+    /// queue the NOTIFYs in one statement, commit. Sequence order is commit order across
+    /// replicas because the rows stay locked until the commit.
     async fn write_pg(&mut self, pool: &PgPool, batch: &[Job], now: i64) -> Result<Vec<Outcome>> {
         let mut tx = pool.begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(LOCK_JOURNAL)
-            .execute(&mut *tx)
-            .await?;
         let before = self.last.clone();
         let result = async {
-            let heads: Vec<(String, i64)> = sqlx::query_as("SELECT topic, head FROM journal_heads")
-                .fetch_all(&mut *tx)
-                .await?;
+            let heads: Vec<(String, i64)> =
+                sqlx::query_as("SELECT topic, head FROM journal_heads ORDER BY topic FOR UPDATE")
+                    .fetch_all(&mut *tx)
+                    .await?;
             for (t, h) in heads {
                 if let Some(topic) = TOPICS.iter().find(|x| **x == t) {
                     self.last.insert(topic, h as u64);
@@ -900,35 +897,46 @@ impl Plan<'_> {
                 .execute(&mut *tx)
                 .await?;
         }
-        for chunk in self.rows.chunks(100) {
-            let sql = Self::insert_sql(chunk.len());
-            // Built only from constants and numbered placeholders.
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for (topic, seq, event_id, producer, key, payload, hash) in chunk {
-                q = q
-                    .bind(*topic)
-                    .bind(*seq as i64)
-                    .bind(event_id.as_str())
-                    .bind(*producer)
-                    .bind(*key)
-                    .bind(*payload)
-                    .bind(hash.as_slice())
-                    .bind(self.now);
-            }
-            q.execute(&mut *tx).await?;
+        if self.rows.is_empty() {
+            return Ok(());
         }
-        for (topic, seq) in self.heads() {
-            sqlx::query(HEAD_SQL)
-                .bind(topic)
-                .bind(seq as i64)
-                .execute(&mut *tx)
-                .await?;
-            sqlx::query("SELECT pg_notify($1, $2)")
-                .bind(JOURNAL_CHANNEL)
-                .bind(format!("h {topic} {seq}"))
-                .execute(&mut *tx)
-                .await?;
+        // One statement: the events, the new heads, and the NOTIFYs sent at commit.
+        let heads = self.heads();
+        let n = self.rows.len() * 8;
+        let head_values: Vec<String> = (0..heads.len())
+            .map(|i| format!("(${}, ${})", n + 2 * i + 1, n + 2 * i + 2))
+            .collect();
+        let m = n + 2 * heads.len();
+        let notifies: Vec<String> = (0..heads.len())
+            .map(|i| format!("pg_notify(${}, ${})", m + 2 * i + 1, m + 2 * i + 2))
+            .collect();
+        let sql = format!(
+            "WITH e AS ({}), h AS (INSERT INTO journal_heads (topic, head) VALUES {} \
+             ON CONFLICT (topic) DO UPDATE SET head = excluded.head) SELECT {}",
+            Self::insert_sql(self.rows.len()),
+            head_values.join(", "),
+            notifies.join(", ")
+        );
+        // Built only from constants and numbered placeholders.
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for (topic, seq, event_id, producer, key, payload, hash) in &self.rows {
+            q = q
+                .bind(*topic)
+                .bind(*seq as i64)
+                .bind(event_id.as_str())
+                .bind(*producer)
+                .bind(*key)
+                .bind(*payload)
+                .bind(hash.as_slice())
+                .bind(self.now);
         }
+        for (topic, seq) in &heads {
+            q = q.bind(*topic).bind(*seq as i64);
+        }
+        for (topic, seq) in &heads {
+            q = q.bind(JOURNAL_CHANNEL).bind(format!("h {topic} {seq}"));
+        }
+        q.execute(&mut *tx).await?;
         Ok(())
     }
 }
