@@ -50,11 +50,27 @@ const MIGRATIONS: &[(i64, &str)] = &[(1, SCHEMA_V1), (2, SCHEMA_V2)];
 /// Advisory-lock key for applying migrations (an arbitrary constant).
 pub const LOCK_MIGRATE: i64 = 0x6369_7667_6d69_6772; // "civgmigr"
 
+/// The schema the pool's connections use: notifications carry it, because channels are
+/// database-wide and other deployments (or tests) may share the database in other schemas.
+pub async fn current_schema(pool: &PgPool) -> Result<String> {
+    Ok(sqlx::query_scalar("SELECT current_schema()::text")
+        .fetch_one(pool)
+        .await?)
+}
+
+/// The part of a notification payload after this schema's prefix (`"<schema> <rest>"`), or
+/// `None` for another schema's.
+pub fn payload_for<'a>(schema: &str, payload: &'a str) -> Option<&'a str> {
+    payload
+        .strip_prefix(schema)
+        .and_then(|rest| rest.strip_prefix(' '))
+}
+
 /// NOTIFY channel: the audit log's size after a replica's commit.
 pub const AUDIT_CHANNEL: &str = "civgate_audit";
 
-/// NOTIFY channel: `h <topic> <head>` when a replica committed events, `a <topic> <seq> <group>`
-/// when it stored an acknowledgement.
+/// NOTIFY channel: `<schema> h <topic> <head>` when a replica committed events,
+/// `<schema> a <topic> <seq> <group>` when it stored an acknowledgement.
 pub const JOURNAL_CHANNEL: &str = "civgate_journal";
 
 const SCHEMA_V1: &str = "
@@ -272,5 +288,30 @@ pub async fn drop_test_schema(url: &str) {
         let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
             .execute(&mut c)
             .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notifications_of_other_schemas_are_not_ours() {
+        assert_eq!(
+            payload_for("t_a", "t_a h population 7"),
+            Some("h population 7")
+        );
+        assert_eq!(payload_for("t_a", "t_ab h population 7"), None);
+        assert_eq!(payload_for("t_a", "t_b h population 7"), None);
+        assert_eq!(payload_for("public", "public 42"), Some("42"));
+        assert_eq!(payload_for("public", "42"), None);
+    }
+
+    #[test]
+    fn only_postgres_urls_are_postgres() {
+        assert!(is_postgres_url("postgres://u@h/db"));
+        assert!(is_postgres_url("postgresql://u@h/db"));
+        assert!(!is_postgres_url("sqlite://x"));
+        assert!(!is_postgres_url(""));
     }
 }

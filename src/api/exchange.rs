@@ -175,6 +175,7 @@ impl Exchange for ExchangeService {
                             return;
                         }
                     };
+                    let got = !events.is_empty();
                     for e in events {
                         let event = crate::pb::v1::Event::decode(e.payload.as_slice()).ok();
                         let msg = SubscribedEvent {
@@ -190,7 +191,11 @@ impl Exchange for ExchangeService {
                         journal.delivered(&topic, &group, e.seq);
                         next = e.seq + 1;
                     }
-                    continue;
+                    if got {
+                        continue;
+                    }
+                    // Nothing stored up to the head we were told of (it cannot happen with a
+                    // correct head): wait for news instead of asking again at once.
                 }
                 tokio::select! {
                     r = head.changed() => if r.is_err() { return },

@@ -633,6 +633,18 @@ impl Writer {
     }
 }
 
+/// (personal ID, index) for every subject of every row.
+fn subjects_of(rows: &[LeafRow]) -> Vec<(&str, u64)> {
+    rows.iter()
+        .flat_map(|r| {
+            r.record
+                .subject_personal_ids
+                .iter()
+                .map(move |s| (s.as_str(), r.index))
+        })
+        .collect()
+}
+
 /// Gives each record the next index, encodes it, and extends the tree; the rows to store.
 fn assign(range: &mut CompactRange, records: Vec<AuditRecord>) -> Vec<LeafRow> {
     records
@@ -711,15 +723,7 @@ async fn insert_pg(
     new_size: Option<u64>,
 ) -> Result<()> {
     let nodes: Vec<_> = rows.iter().flat_map(|r| r.nodes.iter()).collect();
-    let subjects: Vec<(&str, u64)> = rows
-        .iter()
-        .flat_map(|r| {
-            r.record
-                .subject_personal_ids
-                .iter()
-                .map(move |s| (s.as_str(), r.index))
-        })
-        .collect();
+    let subjects = subjects_of(rows);
     let mut next = 0;
     let mut values = |rows: usize, width: usize| {
         let v = numbered_from(next, rows, width);
@@ -746,7 +750,7 @@ async fn insert_pg(
         let (size, channel, payload) = (next + 1, next + 2, next + 3);
         sql.push_str(&format!(
             ", m AS (UPDATE audit_meta SET value = ${size} WHERE key = 'size') \
-             SELECT pg_notify(${channel}, ${payload})"
+             SELECT pg_notify(${channel}, current_schema() || ' ' || ${payload})"
         ));
     } else {
         sql.push_str(" SELECT 1");
@@ -806,6 +810,15 @@ async fn follow(pool: PgPool, size: Arc<AtomicU64>, alive: mpsc::WeakSender<Pend
             size.fetch_max(v as u64, Ordering::AcqRel);
         }
     };
+    let schema = loop {
+        match crate::store::current_schema(&pool).await {
+            Ok(s) => break s,
+            Err(_) if alive.upgrade().is_some() => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(_) => return,
+        }
+    };
     while alive.upgrade().is_some() {
         let mut listener = match sqlx::postgres::PgListener::connect_with(&pool).await {
             Ok(l) => l,
@@ -823,7 +836,10 @@ async fn follow(pool: PgPool, size: Arc<AtomicU64>, alive: mpsc::WeakSender<Pend
             tokio::select! {
                 n = listener.try_recv() => match n {
                     Ok(Some(n)) => {
-                        if let Ok(v) = n.payload().parse::<u64>() {
+                        // Only this schema's log (the channel is database-wide).
+                        if let Some(Ok(v)) = crate::store::payload_for(&schema, n.payload())
+                            .map(str::parse::<u64>)
+                        {
                             size.fetch_max(v, Ordering::AcqRel);
                         }
                     }
@@ -872,15 +888,7 @@ async fn write(conn: &mut SqliteConnection, rows: &[LeafRow], new_size: u64) -> 
                 .bind(hash.as_slice())?;
         }
     }
-    let subjects: Vec<(&str, u64)> = rows
-        .iter()
-        .flat_map(|r| {
-            r.record
-                .subject_personal_ids
-                .iter()
-                .map(move |s| (s.as_str(), r.index))
-        })
-        .collect();
+    let subjects = subjects_of(rows);
     for chunk in subjects.chunks(500) {
         b.statement(&format!(
             "INSERT OR IGNORE INTO audit_subjects (personal_id, idx) VALUES {}",

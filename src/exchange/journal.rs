@@ -881,7 +881,7 @@ impl Plan<'_> {
                 .bind(*seq as i64)
                 .execute(&mut *tx)
                 .await?;
-            sqlx::query("SELECT pg_notify($1, $2)")
+            sqlx::query("SELECT pg_notify($1, current_schema() || ' ' || $2)")
                 .bind(JOURNAL_CHANNEL)
                 .bind(format!("a {topic} {seq} {group}"))
                 .execute(&mut *tx)
@@ -908,7 +908,13 @@ impl Plan<'_> {
             .collect();
         let m = n + 2 * heads.len();
         let notifies: Vec<String> = (0..heads.len())
-            .map(|i| format!("pg_notify(${}, ${})", m + 2 * i + 1, m + 2 * i + 2))
+            .map(|i| {
+                format!(
+                    "pg_notify(${}, current_schema() || ' ' || ${})",
+                    m + 2 * i + 1,
+                    m + 2 * i + 2
+                )
+            })
             .collect();
         let sql = format!(
             "WITH e AS ({}), h AS (INSERT INTO journal_heads (topic, head) VALUES {} \
@@ -954,6 +960,15 @@ async fn pg_head(pool: &PgPool, topic: &str) -> Result<u64> {
 /// here so subscriptions on this replica wake within milliseconds. The table stays the truth:
 /// after the listening connection is lost, and every second anyway, heads are read again.
 async fn listen(pool: PgPool, journal: Journal, alive: mpsc::WeakSender<Job>) {
+    let schema = loop {
+        match crate::store::current_schema(&pool).await {
+            Ok(s) => break s,
+            Err(_) if alive.upgrade().is_some() => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(_) => return,
+        }
+    };
     while alive.upgrade().is_some() {
         let mut listener = match sqlx::postgres::PgListener::connect_with(&pool).await {
             Ok(l) => l,
@@ -975,7 +990,7 @@ async fn listen(pool: PgPool, journal: Journal, alive: mpsc::WeakSender<Job>) {
             }
             tokio::select! {
                 n = listener.try_recv() => match n {
-                    Ok(Some(n)) => apply_notification(&journal, n.payload()),
+                    Ok(Some(n)) => apply_notification(&journal, &schema, n.payload()),
                     // The connection was lost and re-established: notifications may be missed.
                     Ok(None) => resync(&pool, &journal).await,
                     Err(e) => {
@@ -990,7 +1005,11 @@ async fn listen(pool: PgPool, journal: Journal, alive: mpsc::WeakSender<Job>) {
     }
 }
 
-fn apply_notification(journal: &Journal, payload: &str) {
+fn apply_notification(journal: &Journal, schema: &str, payload: &str) {
+    // Another deployment sharing the database (in another schema): not ours.
+    let Some(payload) = crate::store::payload_for(schema, payload) else {
+        return;
+    };
     let mut f = payload.splitn(4, ' ');
     match (
         f.next(),
