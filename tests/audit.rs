@@ -249,10 +249,63 @@ enum Tamper {
     Truncate,
 }
 
+/// The edits, on the stored log of either backend (`$db` a SQLite or PostgreSQL connection).
+macro_rules! tamper {
+    ($db:ident, $kind:expr) => {
+    let leaf = |i: i64| {
+        sqlx::query_scalar::<_, Vec<u8>>("SELECT leaf FROM audit_leaves WHERE idx = $1").bind(i)
+    };
+    match $kind {
+        Tamper::Edit => {
+            let mut rec =
+                AuditRecord::decode(leaf(7).fetch_one(&mut $db).await.unwrap().as_slice()).unwrap();
+            rec.agency_id = "someone-else".into();
+            sqlx::query("UPDATE audit_leaves SET leaf = $1 WHERE idx = 7")
+                .bind(rec.encode_to_vec())
+                .execute(&mut $db)
+                .await
+                .unwrap();
+        }
+        Tamper::Delete => {
+            sqlx::query("DELETE FROM audit_leaves WHERE idx = 7")
+                .execute(&mut $db)
+                .await
+                .unwrap();
+        }
+        Tamper::Reorder => {
+            // Swap two entries and fix up their index fields so each still looks in place.
+            let mut a =
+                AuditRecord::decode(leaf(5).fetch_one(&mut $db).await.unwrap().as_slice()).unwrap();
+            let mut b =
+                AuditRecord::decode(leaf(9).fetch_one(&mut $db).await.unwrap().as_slice()).unwrap();
+            std::mem::swap(&mut a.index, &mut b.index);
+            sqlx::query("UPDATE audit_leaves SET leaf = $1 WHERE idx = 9")
+                .bind(a.encode_to_vec())
+                .execute(&mut $db)
+                .await
+                .unwrap();
+            sqlx::query("UPDATE audit_leaves SET leaf = $1 WHERE idx = 5")
+                .bind(b.encode_to_vec())
+                .execute(&mut $db)
+                .await
+                .unwrap();
+        }
+        Tamper::Truncate => {
+            sqlx::raw_sql(
+                "DELETE FROM audit_leaves WHERE idx >= 20; DELETE FROM audit_checkpoints WHERE size > 20; \
+                 UPDATE audit_meta SET value = 20 WHERE key = 'size';",
+            )
+            .execute(&mut $db)
+            .await
+            .unwrap();
+        }
+    }
+    };
+}
+
 /// Runs traffic, verifies (saving state), stops, tampers with the stored log, restarts and
 /// verifies again: returns the failure.
-async fn tampered(kind: Tamper) -> String {
-    let env = Env::new();
+async fn tampered(env: Env, kind: Tamper) -> String {
     let stack = env.start_directory().await;
     let text = config(stack.directory.addr.port());
     let gw = env.start_with(&text).await;
@@ -273,56 +326,18 @@ async fn tampered(kind: Tamper) -> String {
         .expect("untouched log verifies");
     gw.shutdown().await.unwrap();
 
-    let mut db = sqlite(&env).await;
-    let leaf = |i: i64| {
-        sqlx::query_scalar::<_, Vec<u8>>("SELECT leaf FROM audit_leaves WHERE idx = ?").bind(i)
-    };
-    match kind {
-        Tamper::Edit => {
-            let mut rec =
-                AuditRecord::decode(leaf(7).fetch_one(&mut db).await.unwrap().as_slice()).unwrap();
-            rec.agency_id = "someone-else".into();
-            sqlx::query("UPDATE audit_leaves SET leaf = ? WHERE idx = 7")
-                .bind(rec.encode_to_vec())
-                .execute(&mut db)
-                .await
-                .unwrap();
+    match &env.store_url {
+        None => {
+            let mut db = sqlite(&env).await;
+            tamper!(db, kind);
+            db.close().await.unwrap();
         }
-        Tamper::Delete => {
-            sqlx::query("DELETE FROM audit_leaves WHERE idx = 7")
-                .execute(&mut db)
-                .await
-                .unwrap();
-        }
-        Tamper::Reorder => {
-            // Swap two entries and fix up their index fields so each still looks in place.
-            let mut a =
-                AuditRecord::decode(leaf(5).fetch_one(&mut db).await.unwrap().as_slice()).unwrap();
-            let mut b =
-                AuditRecord::decode(leaf(9).fetch_one(&mut db).await.unwrap().as_slice()).unwrap();
-            std::mem::swap(&mut a.index, &mut b.index);
-            sqlx::query("UPDATE audit_leaves SET leaf = ? WHERE idx = 9")
-                .bind(a.encode_to_vec())
-                .execute(&mut db)
-                .await
-                .unwrap();
-            sqlx::query("UPDATE audit_leaves SET leaf = ? WHERE idx = 5")
-                .bind(b.encode_to_vec())
-                .execute(&mut db)
-                .await
-                .unwrap();
-        }
-        Tamper::Truncate => {
-            sqlx::raw_sql(
-                "DELETE FROM audit_leaves WHERE idx >= 20; DELETE FROM audit_checkpoints WHERE size > 20; \
-                 UPDATE audit_meta SET value = 20 WHERE key = 'size';",
-            )
-            .execute(&mut db)
-            .await
-            .unwrap();
+        Some(url) => {
+            let mut db = sqlx::PgConnection::connect(url).await.unwrap();
+            tamper!(db, kind);
+            db.close().await.unwrap();
         }
     }
-    db.close().await.unwrap();
 
     let gw = env.start_with(&text).await;
     let mut online = auditor(&env, gw.api_addr).await;
@@ -332,27 +347,23 @@ async fn tampered(kind: Tamper) -> String {
     format!("{err:#}")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn verify_names_an_edited_entry() {
-    let e = tampered(Tamper::Edit).await;
+async fn verify_names_an_edited_entry(env: Env) {
+    let e = tampered(env, Tamper::Edit).await;
     assert!(e.contains("entry 7 has been altered"), "{e}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn verify_names_a_deleted_entry() {
-    let e = tampered(Tamper::Delete).await;
+async fn verify_names_a_deleted_entry(env: Env) {
+    let e = tampered(env, Tamper::Delete).await;
     assert!(e.contains("entry 7 is missing"), "{e}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn verify_names_the_first_of_two_reordered_entries() {
-    let e = tampered(Tamper::Reorder).await;
+async fn verify_names_the_first_of_two_reordered_entries(env: Env) {
+    let e = tampered(env, Tamper::Reorder).await;
     assert!(e.contains("entry 5 has been altered"), "{e}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn verify_detects_a_truncated_log() {
-    let e = tampered(Tamper::Truncate).await;
+async fn verify_detects_a_truncated_log(env: Env) {
+    let e = tampered(env, Tamper::Truncate).await;
     assert!(e.contains("truncated") && e.contains("now says 20"), "{e}");
 }
 
@@ -449,6 +460,10 @@ async fn offline_verify_of_an_export_matches_online(env: Env) {
 }
 
 on_both_backends!(
+    verify_names_an_edited_entry,
+    verify_names_a_deleted_entry,
+    verify_names_the_first_of_two_reordered_entries,
+    verify_detects_a_truncated_log,
     every_call_is_audited_with_identifiers_and_field_names_only,
     offline_verify_of_an_export_matches_online,
 );

@@ -72,6 +72,40 @@ macro_rules! fetch_nodes {
     };
 }
 
+/// Rows beyond the recorded size belong to no committed log (only a manual edit leaves them:
+/// every append commits rows and size together); they would collide with the next appends.
+/// `$conn` is a SQLite or PostgreSQL connection.
+macro_rules! remove_stale {
+    ($conn:expr, $size:expr) => {
+        async {
+            let size: u64 = $size;
+            let stale = sqlx::query(
+                "DELETE FROM audit_nodes WHERE ((idx + 1) << CAST(level AS INTEGER)) > $1",
+            )
+            .bind(size as i64)
+            .execute(&mut *$conn)
+            .await?
+            .rows_affected()
+                + sqlx::query("DELETE FROM audit_leaves WHERE idx >= $1")
+                    .bind(size as i64)
+                    .execute(&mut *$conn)
+                    .await?
+                    .rows_affected();
+            sqlx::query("DELETE FROM audit_subjects WHERE idx >= $1")
+                .bind(size as i64)
+                .execute(&mut *$conn)
+                .await?;
+            if stale > 0 {
+                warn!(
+                    size,
+                    stale, "audit store held rows beyond its recorded size; removed them"
+                );
+            }
+            Ok::<_, anyhow::Error>(())
+        }
+    };
+}
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS audit_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS audit_leaves (
@@ -184,14 +218,17 @@ impl AuditLog {
             Store::Postgres { url, pool_max } => {
                 let pool = crate::store::pg_pool(url, *pool_max, o.commit_timeout).await?;
                 crate::store::migrate(&pool).await?;
-                let size: Option<i64> =
-                    sqlx::query_scalar("SELECT value FROM audit_meta WHERE key = 'size'")
-                        .fetch_optional(&pool)
-                        .await?;
+                // Under the size row's lock: no replica is appending meanwhile.
+                let mut tx = pool.begin().await?;
+                let size: Option<i64> = sqlx::query_scalar(
+                    "SELECT value FROM audit_meta WHERE key = 'size' FOR UPDATE",
+                )
+                .fetch_optional(&mut *tx)
+                .await?;
                 let size = u64::try_from(size.unwrap_or(0)).context("negative audit size")?;
-                let mut conn = pool.acquire().await?;
-                let parts = fetch_nodes!(conn, &decompose(0, size)).await?;
-                drop(conn);
+                remove_stale!(tx, size).await?;
+                let parts = fetch_nodes!(tx, &decompose(0, size)).await?;
+                tx.commit().await?;
                 let range = CompactRange::from_parts(size, parts)
                     .context("audit right edge is inconsistent")?;
                 let latest: Option<(i64, String)> = sqlx::query_as(
@@ -233,26 +270,7 @@ impl AuditLog {
         let size = u64::try_from(size).context("negative audit size")?;
         // Rows beyond the recorded size belong to no committed log (only a manual edit leaves
         // them); they would collide with the next appends.
-        let stale = sqlx::query("DELETE FROM audit_nodes WHERE ((idx + 1) << level) > ?1")
-            .bind(size as i64)
-            .execute(&mut conn)
-            .await?
-            .rows_affected()
-            + sqlx::query("DELETE FROM audit_leaves WHERE idx >= ?1")
-                .bind(size as i64)
-                .execute(&mut conn)
-                .await?
-                .rows_affected();
-        sqlx::query("DELETE FROM audit_subjects WHERE idx >= ?1")
-            .bind(size as i64)
-            .execute(&mut conn)
-            .await?;
-        if stale > 0 {
-            warn!(
-                size,
-                stale, "audit store held rows beyond its recorded size; removed them"
-            );
-        }
+        remove_stale!((&mut conn), size).await?;
         let parts = fetch_nodes!((&mut conn), &decompose(0, size)).await?;
         let range =
             CompactRange::from_parts(size, parts).context("audit right edge is inconsistent")?;
