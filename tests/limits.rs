@@ -233,7 +233,7 @@ async fn a_flooding_agency_does_not_slow_down_another() {
             .unwrap(),
     );
 
-    let alone = steady(&mut quiet, &ids, 40, 120).await;
+    let alone = steady(&mut quiet, &ids, 40, 400).await;
 
     // registry-hp: 32 concurrent streams at 10× its quota (500 calls/s in all).
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -262,7 +262,7 @@ async fn a_flooding_agency_does_not_slow_down_another() {
             }
         }));
     }
-    let during = steady(&mut quiet, &ids, 40, 120).await;
+    let during = steady(&mut quiet, &ids, 40, 400).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for f in flood {
         f.await.unwrap();
