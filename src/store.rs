@@ -66,6 +66,64 @@ pub fn payload_for<'a>(schema: &str, payload: &'a str) -> Option<&'a str> {
         .and_then(|rest| rest.strip_prefix(' '))
 }
 
+/// Follows `channel` for this pool's schema until `alive()` turns false: `on_payload` gets each
+/// of this schema's notifications (the schema prefix removed; other schemas' are ignored), and
+/// `resync` runs every second and after the listening connection was lost — notifications
+/// are only the wake-up, the tables stay the truth.
+pub async fn follow<R, F>(
+    pool: PgPool,
+    channel: &'static str,
+    alive: impl Fn() -> bool,
+    mut on_payload: impl FnMut(&str),
+    mut resync: R,
+) where
+    R: FnMut() -> F,
+    F: std::future::Future<Output = ()>,
+{
+    let retry = || tokio::time::sleep(Duration::from_millis(500));
+    let schema = loop {
+        match current_schema(&pool).await {
+            Ok(s) => break s,
+            Err(_) if alive() => retry().await,
+            Err(_) => return,
+        }
+    };
+    while alive() {
+        let mut listener = match sqlx::postgres::PgListener::connect_with(&pool).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, channel, "cannot LISTEN; retrying");
+                retry().await;
+                continue;
+            }
+        };
+        if let Err(e) = listener.listen(channel).await {
+            tracing::warn!(error = %e, channel, "LISTEN failed; retrying");
+            retry().await;
+            continue;
+        }
+        let mut poll = tokio::time::interval(Duration::from_secs(1));
+        while alive() {
+            tokio::select! {
+                n = listener.try_recv() => match n {
+                    Ok(Some(n)) => {
+                        if let Some(p) = payload_for(&schema, n.payload()) {
+                            on_payload(p);
+                        }
+                    }
+                    // The connection was lost and re-established: notifications may be missed.
+                    Ok(None) => resync().await,
+                    Err(e) => {
+                        tracing::warn!(error = %e, channel, "LISTEN connection failed");
+                        break;
+                    }
+                },
+                _ = poll.tick() => resync().await,
+            }
+        }
+    }
+}
+
 /// NOTIFY channel: the audit log's size after a replica's commit.
 pub const AUDIT_CHANNEL: &str = "civgate_audit";
 

@@ -819,55 +819,30 @@ fn numbered_from(from: usize, n: usize, width: usize) -> String {
 /// PostgreSQL: raises this replica's view of the log size when others commit (LISTEN), and
 /// re-reads it every second (notifications are lost while the connection is down).
 async fn follow(pool: PgPool, size: Arc<AtomicU64>, alive: mpsc::WeakSender<Pending>) {
-    let read = |pool: PgPool, size: Arc<AtomicU64>| async move {
-        if let Ok(Some(v)) =
-            sqlx::query_scalar::<_, i64>("SELECT value FROM audit_meta WHERE key = 'size'")
-                .fetch_optional(&pool)
-                .await
-        {
-            size.fetch_max(v as u64, Ordering::AcqRel);
-        }
-    };
-    let schema = loop {
-        match crate::store::current_schema(&pool).await {
-            Ok(s) => break s,
-            Err(_) if alive.upgrade().is_some() => {
-                tokio::time::sleep(Duration::from_millis(500)).await;
+    let (p, s) = (pool.clone(), size.clone());
+    crate::store::follow(
+        pool,
+        AUDIT_CHANNEL,
+        || alive.upgrade().is_some(),
+        |payload| {
+            if let Ok(v) = payload.parse::<u64>() {
+                size.fetch_max(v, Ordering::AcqRel);
             }
-            Err(_) => return,
-        }
-    };
-    while alive.upgrade().is_some() {
-        let mut listener = match sqlx::postgres::PgListener::connect_with(&pool).await {
-            Ok(l) => l,
-            Err(_) => {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                continue;
+        },
+        move || {
+            let (pool, size) = (p.clone(), s.clone());
+            async move {
+                if let Ok(Some(v)) =
+                    sqlx::query_scalar::<_, i64>("SELECT value FROM audit_meta WHERE key = 'size'")
+                        .fetch_optional(&pool)
+                        .await
+                {
+                    size.fetch_max(v as u64, Ordering::AcqRel);
+                }
             }
-        };
-        if listener.listen(AUDIT_CHANNEL).await.is_err() {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            continue;
-        }
-        let mut poll = tokio::time::interval(Duration::from_secs(1));
-        while alive.upgrade().is_some() {
-            tokio::select! {
-                n = listener.try_recv() => match n {
-                    Ok(Some(n)) => {
-                        // Only this schema's log (the channel is database-wide).
-                        if let Some(Ok(v)) = crate::store::payload_for(&schema, n.payload())
-                            .map(str::parse::<u64>)
-                        {
-                            size.fetch_max(v, Ordering::AcqRel);
-                        }
-                    }
-                    Ok(None) => read(pool.clone(), size.clone()).await,
-                    Err(_) => break,
-                },
-                _ = poll.tick() => read(pool.clone(), size.clone()).await,
-            }
-        }
-    }
+        },
+    )
+    .await;
 }
 
 pub fn now_ms() -> i64 {

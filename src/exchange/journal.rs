@@ -960,56 +960,21 @@ async fn pg_head(pool: &PgPool, topic: &str) -> Result<u64> {
 /// here so subscriptions on this replica wake within milliseconds. The table stays the truth:
 /// after the listening connection is lost, and every second anyway, heads are read again.
 async fn listen(pool: PgPool, journal: Journal, alive: mpsc::WeakSender<Job>) {
-    let schema = loop {
-        match crate::store::current_schema(&pool).await {
-            Ok(s) => break s,
-            Err(_) if alive.upgrade().is_some() => {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            Err(_) => return,
-        }
-    };
-    while alive.upgrade().is_some() {
-        let mut listener = match sqlx::postgres::PgListener::connect_with(&pool).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!(error = %e, "journal: cannot LISTEN; retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                continue;
-            }
-        };
-        if let Err(e) = listener.listen(JOURNAL_CHANNEL).await {
-            tracing::warn!(error = %e, "journal: LISTEN failed; retrying");
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            continue;
-        }
-        let mut poll = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            if alive.upgrade().is_none() {
-                return; // the journal was dropped
-            }
-            tokio::select! {
-                n = listener.try_recv() => match n {
-                    Ok(Some(n)) => apply_notification(&journal, &schema, n.payload()),
-                    // The connection was lost and re-established: notifications may be missed.
-                    Ok(None) => resync(&pool, &journal).await,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "journal: LISTEN connection failed");
-                        break;
-                    }
-                },
-                _ = poll.tick() => resync(&pool, &journal).await,
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let (p, j) = (pool.clone(), journal.clone());
+    crate::store::follow(
+        pool,
+        JOURNAL_CHANNEL,
+        || alive.upgrade().is_some(),
+        |payload| apply_notification(&journal, payload),
+        move || {
+            let (p, j) = (p.clone(), j.clone());
+            async move { resync(&p, &j).await }
+        },
+    )
+    .await;
 }
 
-fn apply_notification(journal: &Journal, schema: &str, payload: &str) {
-    // Another deployment sharing the database (in another schema): not ours.
-    let Some(payload) = crate::store::payload_for(schema, payload) else {
-        return;
-    };
+fn apply_notification(journal: &Journal, payload: &str) {
     let mut f = payload.splitn(4, ' ');
     match (
         f.next(),
