@@ -9,7 +9,6 @@ use std::{
     time::Duration,
 };
 
-use civgate::config::DEFAULT_CONFIG;
 use common::Env;
 use rand::{Rng, SeedableRng};
 
@@ -19,16 +18,8 @@ const PER_PRODUCER: usize = 625;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
     let env = Env::new();
-    env.write_config(&DEFAULT_CONFIG.replace(
-        "publishes = { per_second = 500, burst = 1000 }",
-        "publishes = { per_second = 1000000, burst = 1000000 }",
-    ));
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let listen = format!("127.0.0.1:{port}");
+    env.write_config(&common::unthrottled_publishes());
+    let listen = format!("127.0.0.1:{}", common::free_port());
     let addr: std::net::SocketAddr = listen.parse().unwrap();
     let gw = Arc::new(Mutex::new(Some(env.spawn_binary_on(&listen))));
 

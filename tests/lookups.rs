@@ -380,11 +380,7 @@ async fn hanging_upstream_gives_deadline_exceeded_within_the_callers_deadline() 
 async fn upstream_killed_mid_load_gives_unavailable_then_recovers() {
     let env = Env::new();
     // The directory as its own process, on a fixed port so it can come back there.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     let spawn_dir = || {
         std::process::Command::new(env!("CARGO_BIN_EXE_civgate"))
             .args(["--log-format", "json", "refdb", "serve", "--config"])

@@ -20,7 +20,6 @@ use std::{
 
 use civgate::{
     client,
-    config::DEFAULT_CONFIG,
     pb::v1::{PublishRequest, exchange_client::ExchangeClient},
 };
 use common::{Env, http_get};
@@ -72,11 +71,7 @@ async fn gateway_reports_unavailable_while_postgres_restarts_and_recovers_alone(
         return;
     };
     env.write_config(
-        &DEFAULT_CONFIG
-            .replace(
-                "publishes = { per_second = 500, burst = 1000 }",
-                "publishes = { per_second = 1000000, burst = 1000000 }",
-            )
+        &common::unthrottled_publishes()
             .replace("commit_timeout_ms = 2000", "commit_timeout_ms = 500"),
     );
     let gw = env.spawn_binary();

@@ -14,7 +14,6 @@ use civgate::{
         note::Verifier,
     },
     client,
-    config::DEFAULT_CONFIG,
 };
 use common::Env;
 use rand::{Rng, SeedableRng};
@@ -23,32 +22,18 @@ const REPLICAS: usize = 3;
 const PRODUCERS: usize = 16;
 const PER_PRODUCER: usize = 400;
 
-fn free_port() -> String {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    format!("127.0.0.1:{port}")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_with_one_killed_at_random_lose_and_duplicate_nothing() {
     let Some(env) = Env::postgres("replicas_kill").await else {
         return;
     };
-    env.write_config(
-        &DEFAULT_CONFIG
-            .replace(
-                "publishes = { per_second = 500, burst = 1000 }",
-                "publishes = { per_second = 1000000, burst = 1000000 }",
-            )
-            .replace(
-                "checkpoint_interval_ms = 1000",
-                "checkpoint_interval_ms = 100",
-            ),
-    );
-    let listens: Vec<String> = (0..REPLICAS).map(|_| free_port()).collect();
+    env.write_config(&common::unthrottled_publishes().replace(
+        "checkpoint_interval_ms = 1000",
+        "checkpoint_interval_ms = 100",
+    ));
+    let listens: Vec<String> = (0..REPLICAS)
+        .map(|_| format!("127.0.0.1:{}", common::free_port()))
+        .collect();
     let addrs: Vec<SocketAddr> = listens.iter().map(|l| l.parse().unwrap()).collect();
     let mut gws: Vec<common::Gateway> = listens.iter().map(|l| env.spawn_binary_on(l)).collect();
 

@@ -152,6 +152,15 @@ pub struct Journal {
 /// Per (topic, consumer group): the acknowledged sequence, watched by its subscriptions.
 type AckWatches = HashMap<(String, String), watch::Sender<u64>>;
 
+/// Raises a watched sequence to `seq` (never lowers it); watchers wake only if it grew.
+fn raise(w: &watch::Sender<u64>, seq: u64) {
+    w.send_if_modified(|v| {
+        let grew = seq > *v;
+        *v = (*v).max(seq);
+        grew
+    });
+}
+
 /// The writer's connection: one SQLite connection (the only writer of the file), or a pool of
 /// the shared PostgreSQL database (other replicas write too; an advisory lock orders them).
 enum WriterConn {
@@ -253,11 +262,7 @@ impl Journal {
     /// Raises a topic's published head (never lowers it).
     fn raise_head(&self, topic: &str, seq: u64) {
         if let Some(h) = self.heads.get(topic) {
-            h.send_if_modified(|v| {
-                let grew = seq > *v;
-                *v = (*v).max(seq);
-                grew
-            });
+            raise(h, seq);
         }
     }
 
@@ -265,11 +270,7 @@ impl Journal {
     fn raise_ack(&self, topic: &str, group: &str, seq: u64) {
         let map = self.acks.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(tx) = map.get(&(topic.to_owned(), group.to_owned())) {
-            tx.send_if_modified(|v| {
-                let grew = seq > *v;
-                *v = (*v).max(seq);
-                grew
-            });
+            raise(tx, seq);
         }
     }
 

@@ -302,6 +302,24 @@ macro_rules! on_both_backends {
     };
 }
 
+/// A loopback port nothing listens on right now, for a process that must come back on it.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The shipped configuration with the publish quota far above any test's load (the sync tests
+/// measure durability, not limits).
+pub fn unthrottled_publishes() -> String {
+    DEFAULT_CONFIG.replace(
+        "publishes = { per_second = 500, burst = 1000 }",
+        "publishes = { per_second = 1000000, burst = 1000000 }",
+    )
+}
+
 /// Receipts by idempotency key: (event_id, sequence).
 pub type Receipts = std::collections::HashMap<String, (String, u64)>;
 
