@@ -15,6 +15,7 @@
 # writes everything as JSON. Installs nginx with apt-get if it is missing; leaves nothing running.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 OUT=${1:-bench/compare.json}
 DURATION=${DURATION:-8}
 WARMUP=${WARMUP:-2}
@@ -37,11 +38,10 @@ cleanup() {
 trap cleanup EXIT
 
 # Free loopback ports for the gateway, its admin port, the directory and nginx.
-read -r GW ADMIN DIR NGX < <(python3 -c '
-import socket
-s=[socket.socket() for _ in range(4)]
-[x.bind(("127.0.0.1",0)) for x in s]
-print(*[x.getsockname()[1] for x in s])')
+GW=$(free_port)
+ADMIN=$(free_port)
+DIR=$(free_port)
+NGX=$(free_port)
 
 "$B" certs init --dir "$T/certs" >/dev/null
 # The shipped configuration, on these ports, with quotas far above the load.
@@ -53,13 +53,6 @@ sed -e "s/127.0.0.1:7443/127.0.0.1:$GW/" \
     -e "s/max_in_flight_per_agency = 256/max_in_flight_per_agency = 4096/" \
     civgate.toml >"$T/civgate.toml"
 "$B" config check --config "$T/civgate.toml" >/dev/null
-
-wait_for() { # file pattern
-    for _ in $(seq 300); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done
-    echo "timed out waiting for '$2' in $1" >&2
-    cat "$1" >&2
-    exit 1
-}
 
 "$B" refdb serve --config "$T/civgate.toml" >"$T/refdb.log" 2>&1 &
 REFDB=$!

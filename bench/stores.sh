@@ -12,6 +12,7 @@
 # PostgreSQL configuration gets a fresh schema, dropped at the end. Leaves nothing running.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 PG=${1:-postgres://postgres@127.0.0.1:5432/test}
 DURATION=${DURATION:-8}
 WARMUP=${WARMUP:-2}
@@ -29,21 +30,13 @@ cleanup() {
 }
 trap cleanup EXIT
 
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-DIR=$(port)
+DIR=$(free_port)
 "$B" certs init --dir "$T/certs" >/dev/null
 sed -e "s/127.0.0.1:7444/127.0.0.1:$DIR/" \
     -e "s#https://localhost:7444#https://localhost:$DIR#" \
     -e "s#per_second = 500, burst = 1000#per_second = 10000000, burst = 10000000#" \
     -e "s/max_in_flight_per_agency = 256/max_in_flight_per_agency = 4096/" \
     civgate.toml >"$T/civgate.toml"
-
-wait_for() { # file pattern
-    for _ in $(seq 300); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done
-    echo "timed out waiting for '$2' in $1" >&2
-    cat "$1" >&2
-    exit 1
-}
 
 "$B" refdb serve --config "$T/civgate.toml" >"$T/refdb.log" 2>&1 &
 PIDS+=("$!")
@@ -56,8 +49,8 @@ start_gateways() {
     GWPIDS=()
     for i in $(seq "$n"); do
         local api admin log=$T/$name-$i.log
-        api=$(port)
-        admin=$(port)
+        api=$(free_port)
+        admin=$(free_port)
         local extra=()
         [ -n "$url" ] && extra=(--store-url "$url")
         "$B" serve --config "$T/civgate.toml" --listen "127.0.0.1:$api" --admin-listen "127.0.0.1:$admin" \
