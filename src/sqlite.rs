@@ -59,10 +59,6 @@ impl Batch {
         Ok(self)
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.statements == 0
-    }
-
     /// Runs the statements in one transaction, durable when this returns `Ok`. On an error
     /// nothing of the batch stays: the transaction is rolled back.
     pub async fn commit(self, conn: &mut sqlx::SqliteConnection) -> Result<(), sqlx::Error> {
