@@ -6,6 +6,7 @@ pub mod audit;
 pub mod bench;
 pub mod certs;
 pub mod client;
+pub mod coalesce;
 pub mod config;
 pub mod demo;
 pub mod domain;

@@ -22,7 +22,7 @@ use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tonic::transport::server::Connected;
 use tracing::{debug, warn};
 
-use crate::{identity::PeerIdentity, state::Shared, telemetry};
+use crate::{coalesce::Coalesced, identity::PeerIdentity, state::Shared, telemetry};
 
 /// Per-connection facts, available to every request as a request extension.
 #[derive(Clone, Debug)]
@@ -35,7 +35,7 @@ pin_project! {
     /// A TLS connection whose client certificate has been verified.
     pub struct TlsConn {
         #[pin]
-        inner: TlsStream<TcpStream>,
+        inner: Coalesced<TlsStream<TcpStream>>,
         info: ConnInfo,
     }
 }
@@ -181,7 +181,7 @@ pub fn spawn(
                 };
                 let _ = tx
                     .send(Ok(TlsConn {
-                        inner: stream,
+                        inner: Coalesced::new(stream),
                         info,
                     }))
                     .await;
