@@ -24,8 +24,9 @@ if ! command -v nginx >/dev/null; then
     echo "installing nginx (apt-get)…"
     (apt-get install -y -qq nginx >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq nginx >/dev/null))
 fi
-cargo build --release --locked --quiet
-B=$PWD/target/release/civgate
+# CIVGATE_BIN=path measures another build (e.g. a baseline commit's) without rebuilding.
+if [ -z "${CIVGATE_BIN:-}" ]; then cargo build --release --locked --quiet; fi
+B=${CIVGATE_BIN:-$PWD/target/release/civgate}
 
 T=$(mktemp -d)
 PIDS=()
