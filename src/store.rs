@@ -45,7 +45,7 @@ pub fn is_postgres_url(url: &str) -> bool {
 }
 
 /// The schema version this build writes. Bump with a new entry in `MIGRATIONS`.
-const MIGRATIONS: &[(i64, &str)] = &[(1, SCHEMA_V1), (2, SCHEMA_V2)];
+const MIGRATIONS: &[(i64, &str)] = &[(1, SCHEMA_V1), (2, SCHEMA_V2), (3, SCHEMA_V3)];
 
 /// Advisory-lock key for applying migrations (an arbitrary constant).
 pub const LOCK_MIGRATE: i64 = 0x6369_7667_6d69_6772; // "civgmigr"
@@ -199,6 +199,23 @@ const SCHEMA_V2: &str = "
 INSERT INTO journal_heads (topic, head) VALUES ('civil-status', 0), ('population', 0)
     ON CONFLICT (topic) DO NOTHING;
 INSERT INTO audit_meta (key, value) VALUES ('size', 0) ON CONFLICT (key) DO NOTHING;
+";
+
+/// Version 3: subtree hashes keyed by `(leaf_end, level)` — one past the last leaf a subtree
+/// covers — so the hashes an append completes are adjacent in the index rather than at the end
+/// of every level (`audit_nodes`, keyed by `(level, idx)`). Replicas of an older build stop
+/// writing (their inserts fail, their calls answer UNAVAILABLE) and refuse to start
+/// ("schema newer than this build"); upgrade them together.
+const SCHEMA_V3: &str = "
+CREATE TABLE audit_tree (
+    leaf_end BIGINT NOT NULL,
+    level BIGINT NOT NULL,
+    hash BYTEA NOT NULL,
+    PRIMARY KEY (leaf_end, level)
+);
+INSERT INTO audit_tree (leaf_end, level, hash)
+    SELECT (idx + 1) << (level::integer), level, hash FROM audit_nodes;
+DROP TABLE audit_nodes;
 ";
 
 /// Connection options for `url`: synchronous_commit on (a commit is durable when it returns),
@@ -363,6 +380,52 @@ mod tests {
         assert_eq!(payload_for("t_a", "t_b h population 7"), None);
         assert_eq!(payload_for("public", "public 42"), Some("42"));
         assert_eq!(payload_for("public", "42"), None);
+    }
+
+    /// Version 3 moves subtree hashes from `(level, idx)` to `(leaf_end, level)`.
+    #[tokio::test]
+    async fn version_3_rekeys_stored_subtree_hashes() {
+        let Some(url) = test_schema("v3_rekeys").await else {
+            return;
+        };
+        let pool = pg_pool(&url, 1, Duration::from_secs(10)).await.unwrap();
+        let mut tx = pool.begin().await.unwrap();
+        sqlx::raw_sql("CREATE TABLE civgate_schema (version BIGINT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        for (v, sql) in &MIGRATIONS[..2] {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(*sql))
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            sqlx::query("INSERT INTO civgate_schema (version) VALUES ($1)")
+                .bind(*v)
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+        }
+        // Leaf 5, the subtree of leaves 4..8 (level 2, index 1), of 0..32 (level 5, index 0).
+        sqlx::raw_sql(
+            "INSERT INTO audit_nodes (level, idx, hash) VALUES (0, 5, '\\x05'), (2, 1, '\\x21'), (5, 0, '\\x50')",
+        )
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+
+        assert_eq!(migrate(&pool).await.unwrap(), 3);
+        let rows: Vec<(i64, i64, Vec<u8>)> =
+            sqlx::query_as("SELECT leaf_end, level, hash FROM audit_tree ORDER BY leaf_end, level")
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        assert_eq!(
+            rows,
+            vec![(6, 0, vec![0x05]), (8, 2, vec![0x21]), (32, 5, vec![0x50])]
+        );
+        pool.close().await;
+        drop_test_schema(&url).await;
     }
 
     #[test]

@@ -40,24 +40,24 @@ macro_rules! fetch_nodes {
                     .map(|i| format!("(${}, ${})", 2 * i + 1, 2 * i + 2))
                     .collect();
                 let sql = format!(
-                    "SELECT level, idx, hash FROM audit_nodes WHERE (level, idx) IN (VALUES {})",
+                    "SELECT level, leaf_end, hash FROM audit_tree WHERE (leaf_end, level) IN (VALUES {})",
                     values.join(",")
                 );
                 // Built only from constants and numbered placeholders.
                 let mut q = sqlx::query_as::<_, (i64, i64, Vec<u8>)>(sqlx::AssertSqlSafe(sql));
                 for id in chunk {
-                    q = q.bind(i64::from(id.level)).bind(id.index as i64);
+                    q = q.bind(id.leaf_end() as i64).bind(i64::from(id.level));
                 }
                 let rows = q.fetch_all(&mut *$conn).await?;
                 let mut found = std::collections::HashMap::with_capacity(rows.len());
-                for (level, idx, hash) in rows {
-                    let hash: Hash = hash
-                        .try_into()
-                        .map_err(|_| anyhow::anyhow!("node ({level}, {idx}) is not 32 bytes"))?;
-                    found.insert((level as u32, idx as u64), hash);
+                for (level, leaf_end, hash) in rows {
+                    let hash: Hash = hash.try_into().map_err(|_| {
+                        anyhow::anyhow!("node (level {level}, leaf end {leaf_end}) is not 32 bytes")
+                    })?;
+                    found.insert((level as u32, leaf_end as u64), hash);
                 }
                 for id in chunk {
-                    match found.get(&(id.level, id.index)) {
+                    match found.get(&(id.level, id.leaf_end())) {
                         Some(h) => out.push(*h),
                         None => bail!(
                             "tree node (level {}, index {}) is missing",
@@ -79,13 +79,11 @@ macro_rules! remove_stale {
     ($conn:expr, $size:expr) => {
         async {
             let size: u64 = $size;
-            let stale = sqlx::query(
-                "DELETE FROM audit_nodes WHERE ((idx + 1) << CAST(level AS INTEGER)) > $1",
-            )
-            .bind(size as i64)
-            .execute(&mut *$conn)
-            .await?
-            .rows_affected()
+            let stale = sqlx::query("DELETE FROM audit_tree WHERE leaf_end > $1")
+                .bind(size as i64)
+                .execute(&mut *$conn)
+                .await?
+                .rows_affected()
                 + sqlx::query("DELETE FROM audit_leaves WHERE idx >= $1")
                     .bind(size as i64)
                     .execute(&mut *$conn)
@@ -123,11 +121,11 @@ CREATE TABLE IF NOT EXISTS audit_subjects (
     idx INTEGER NOT NULL,
     PRIMARY KEY (personal_id, idx)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS audit_nodes (
+CREATE TABLE IF NOT EXISTS audit_tree (
+    leaf_end INTEGER NOT NULL,
     level INTEGER NOT NULL,
-    idx INTEGER NOT NULL,
     hash BLOB NOT NULL,
-    PRIMARY KEY (level, idx)
+    PRIMARY KEY (leaf_end, level)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS audit_checkpoints (
     size INTEGER PRIMARY KEY,
@@ -258,6 +256,7 @@ impl AuditLog {
                 .await
                 .with_context(|| format!("opening {}", path.display()))?;
         sqlx::raw_sql(SCHEMA).execute(&mut conn).await?;
+        migrate_sqlite_nodes(&mut conn).await?;
         let reader = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(crate::sqlite::options(&path, Duration::from_secs(5))?.read_only(true))
@@ -754,7 +753,7 @@ async fn insert_pg(
     );
     if !nodes.is_empty() {
         sql.push_str(&format!(
-            ", n AS (INSERT INTO audit_nodes (level, idx, hash) VALUES {})",
+            ", n AS (INSERT INTO audit_tree (leaf_end, level, hash) VALUES {})",
             values(nodes.len(), 3)
         ));
     }
@@ -786,8 +785,8 @@ async fn insert_pg(
     }
     for (id, hash) in &nodes {
         q = q
+            .bind(id.leaf_end() as i64)
             .bind(i64::from(id.level))
-            .bind(id.index as i64)
             .bind(hash.as_slice());
     }
     for (s, i) in &subjects {
@@ -851,6 +850,29 @@ pub fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
+/// Logs written before 2026-11-26 kept subtree hashes in `audit_nodes`, keyed by `(level,
+/// idx)`: each append dirtied the last page of every level. They move, in one transaction, to
+/// `audit_tree`, keyed by `(leaf_end, level)`, where one append's hashes are adjacent.
+async fn migrate_sqlite_nodes(conn: &mut SqliteConnection) -> Result<()> {
+    let old: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'audit_nodes'",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    if old == 0 {
+        return Ok(());
+    }
+    let mut b = crate::sqlite::Batch::new();
+    b.statement(
+        "INSERT INTO audit_tree (leaf_end, level, hash) \
+         SELECT (idx + 1) << level, level, hash FROM audit_nodes",
+    );
+    b.statement("DROP TABLE audit_nodes");
+    b.commit(conn).await?;
+    info!("audit store: subtree hashes moved to audit_tree (append-ordered)");
+    Ok(())
+}
+
 /// Stores one batch of leaves with the subtree hashes they complete, their subjects and the new
 /// size, in one transaction sent as one round trip.
 async fn write(conn: &mut SqliteConnection, rows: &[LeafRow], new_size: u64) -> Result<()> {
@@ -872,12 +894,12 @@ async fn write(conn: &mut SqliteConnection, rows: &[LeafRow], new_size: u64) -> 
     let nodes: Vec<_> = rows.iter().flat_map(|r| r.nodes.iter()).collect();
     for chunk in nodes.chunks(500) {
         b.statement(&format!(
-            "INSERT INTO audit_nodes (level, idx, hash) VALUES {}",
+            "INSERT INTO audit_tree (leaf_end, level, hash) VALUES {}",
             vec!["(?, ?, ?)"; chunk.len()].join(",")
         ));
         for (id, hash) in chunk {
-            b.bind(i64::from(id.level))?
-                .bind(id.index as i64)?
+            b.bind(id.leaf_end() as i64)?
+                .bind(i64::from(id.level))?
                 .bind(hash.as_slice())?;
         }
     }
@@ -898,4 +920,96 @@ async fn write(conn: &mut SqliteConnection, rows: &[LeafRow], new_size: u64) -> 
     b.bind(new_size as i64)?;
     b.commit(conn).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::merkle::{root_of, verify_inclusion};
+
+    async fn open(dir: &Path) -> AuditLog {
+        let (healthy, _) = watch::channel(true);
+        AuditLog::open(Options {
+            store: &Store::Sqlite(dir.to_path_buf()),
+            signer: Signer::generate("civgate.test/audit").unwrap(),
+            origin: "civgate.test/audit".into(),
+            checkpoint_interval: Duration::from_secs(3600),
+            commit_timeout: Duration::from_secs(10),
+            healthy,
+        })
+        .await
+        .unwrap()
+    }
+
+    fn record(n: u64) -> AuditRecord {
+        AuditRecord {
+            time_unix_ms: now_ms(),
+            agency_id: "registry-hp".into(),
+            method: "/civgate.v1.Citizens/GetCitizen".into(),
+            subject_personal_ids: vec![format!("031{n:09}")],
+            outcome: "OK".into(),
+            ..Default::default()
+        }
+    }
+
+    /// A log written with the old `audit_nodes` layout opens, moves its hashes to `audit_tree`,
+    /// keeps growing, and proves every entry against the root recomputed from its leaves.
+    #[tokio::test]
+    async fn a_log_in_the_old_node_layout_is_migrated_and_still_proves() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path()).await;
+        for n in 0..37 {
+            log.append(record(n)).await.unwrap();
+        }
+        drop(log);
+
+        // Rewrite the store the way builds before the migration left it.
+        let path = dir.path().join("audit.sqlite");
+        let mut c = SqliteConnection::connect_with(
+            &crate::sqlite::options(&path, Duration::from_secs(10)).unwrap(),
+        )
+        .await
+        .unwrap();
+        sqlx::raw_sql(
+            "BEGIN IMMEDIATE;
+             CREATE TABLE audit_nodes (level INTEGER NOT NULL, idx INTEGER NOT NULL,
+                 hash BLOB NOT NULL, PRIMARY KEY (level, idx)) WITHOUT ROWID;
+             INSERT INTO audit_nodes SELECT level, (leaf_end >> level) - 1, hash FROM audit_tree;
+             DROP TABLE audit_tree;
+             COMMIT;",
+        )
+        .execute(&mut c)
+        .await
+        .unwrap();
+        drop(c);
+
+        let log = open(dir.path()).await;
+        assert_eq!(log.size(), 37);
+        for n in 37..42 {
+            log.append(record(n)).await.unwrap();
+        }
+        let leaves: Vec<Hash> = log
+            .entries(0, 42)
+            .await
+            .unwrap()
+            .iter()
+            .map(|l| leaf_hash(l))
+            .collect();
+        let root = root_of(&leaves);
+        for (i, leaf) in leaves.iter().enumerate() {
+            let proof = log.inclusion_proof(i as u64, 42).await.unwrap();
+            verify_inclusion(i as u64, 42, leaf, &proof, &root).unwrap();
+        }
+        let mut c = SqliteConnection::connect_with(
+            &crate::sqlite::options(&path, Duration::from_secs(10)).unwrap(),
+        )
+        .await
+        .unwrap();
+        let old: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM sqlite_master WHERE name = 'audit_nodes'")
+                .fetch_one(&mut c)
+                .await
+                .unwrap();
+        assert_eq!(old, 0);
+    }
 }

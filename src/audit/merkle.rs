@@ -40,6 +40,15 @@ pub struct NodeId {
     pub index: u64,
 }
 
+impl NodeId {
+    /// One past the last leaf this subtree covers: the log size at which it became complete.
+    /// Stores key subtree hashes by `(leaf_end, level)`, so the hashes one append completes sit
+    /// together at the end of the key space instead of at the end of every level.
+    pub fn leaf_end(&self) -> u64 {
+        (self.index + 1) << self.level
+    }
+}
+
 /// The perfect subtrees covering `[start, end)` left to right, for a range that starts at a
 /// multiple of its largest power-of-two part (every range inside an RFC 9162 proof does).
 pub fn decompose(start: u64, end: u64) -> Vec<NodeId> {
