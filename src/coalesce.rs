@@ -33,6 +33,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// Pending bytes beyond which a write first drains the buffer (back-pressure).
 pub const HIGH_WATER: usize = 64 * 1024;
 
+/// Buffer capacity a connection keeps after a drain; a burst's larger buffer is given back, so
+/// thousands of mostly idle connections do not each hold up to 64 KiB.
+pub const KEEP_CAPACITY: usize = 16 * 1024;
+
 pin_project! {
     /// An I/O stream whose writes are gathered until the connection's tasks have had a turn.
     pub struct Coalesced<T> {
@@ -127,6 +131,7 @@ impl<T: AsyncWrite> Coalesced<T> {
             *this.pos += n;
         }
         this.buf.clear();
+        this.buf.shrink_to(KEEP_CAPACITY);
         *this.pos = 0;
         *this.deferred = None;
         Poll::Ready(Ok(()))
@@ -324,6 +329,8 @@ mod tests {
         c.shutdown().await.unwrap();
         assert_eq!(c.pending(), 0);
         assert_eq!(c.get_ref().bytes.len(), HIGH_WATER + 10);
+        // The burst's buffer is not kept.
+        assert!(c.buf.capacity() <= KEEP_CAPACITY);
         let mut b = [0u8; 4];
         assert_eq!(c.read(&mut b).await.unwrap(), 0);
     }
