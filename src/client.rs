@@ -40,35 +40,24 @@ pub async fn probe_handshake(
 ) -> Result<(), String> {
     use std::sync::Arc;
 
-    use rustls::{ClientConfig, RootCertStore};
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
+    use rustls_pki_types::ServerName;
     use tokio::io::AsyncReadExt;
 
     let err = |e: &dyn std::fmt::Display| e.to_string();
-    let mut roots = RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(certs_dir.join("ca.pem")).map_err(|e| err(&e))? {
-        roots.add(c.map_err(|e| err(&e))?).map_err(|e| err(&e))?;
-    }
-    let builder = ClientConfig::builder_with_provider(crate::tls::provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| err(&e))?
-        .with_root_certificates(roots);
-    let mut cfg = match client {
-        Some(name) => {
-            let chain =
-                CertificateDer::pem_file_iter(certs_dir.join(format!("clients/{name}.pem")))
-                    .map_err(|e| err(&e))?
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| err(&e))?;
-            let key = PrivateKeyDer::from_pem_file(certs_dir.join(format!("clients/{name}.key")))
-                .map_err(|e| err(&e))?;
-            builder
-                .with_client_auth_cert(chain, key)
-                .map_err(|e| err(&e))?
-        }
-        None => builder.with_no_client_auth(),
+    let read = |rel: &str| std::fs::read(certs_dir.join(rel)).map_err(|e| err(&e));
+    let ca = read("ca.pem")?;
+    let identity = match client {
+        Some(name) => Some((
+            read(&format!("clients/{name}.pem"))?,
+            read(&format!("clients/{name}.key"))?,
+        )),
+        None => None,
     };
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let cfg = crate::tls::client_config(
+        &ca,
+        identity.as_ref().map(|(c, k)| (c.as_slice(), k.as_slice())),
+    )
+    .map_err(|e| format!("{e:#}"))?;
     let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
     let tcp = tokio::net::TcpStream::connect(addr)
         .await

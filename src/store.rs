@@ -47,6 +47,9 @@ pub fn is_postgres_url(url: &str) -> bool {
 /// The schema version this build writes. Bump with a new entry in `MIGRATIONS`.
 const MIGRATIONS: &[(i64, &str)] = &[(1, SCHEMA_V1), (2, SCHEMA_V2), (3, SCHEMA_V3)];
 
+/// Where the applied schema versions are recorded.
+const SCHEMA_VERSIONS: &str = "CREATE TABLE IF NOT EXISTS civgate_schema (version BIGINT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())";
+
 /// Advisory-lock key for applying migrations (an arbitrary constant).
 pub const LOCK_MIGRATE: i64 = 0x6369_7667_6d69_6772; // "civgmigr"
 
@@ -251,11 +254,7 @@ pub async fn migrate(pool: &PgPool) -> Result<i64> {
         .execute(&mut *conn)
         .await?;
     let result = async {
-        sqlx::raw_sql(
-            "CREATE TABLE IF NOT EXISTS civgate_schema (version BIGINT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
-        )
-        .execute(&mut *conn)
-        .await?;
+        sqlx::raw_sql(SCHEMA_VERSIONS).execute(&mut *conn).await?;
         let current: Option<i64> = sqlx::query_scalar("SELECT max(version) FROM civgate_schema")
             .fetch_one(&mut *conn)
             .await?;
@@ -272,7 +271,9 @@ pub async fn migrate(pool: &PgPool) -> Result<i64> {
             }
             let mut tx = sqlx::Connection::begin(&mut *conn).await?;
             // Constant schema text of this build.
-            sqlx::raw_sql(sqlx::AssertSqlSafe(*sql)).execute(&mut *tx).await?;
+            sqlx::raw_sql(sqlx::AssertSqlSafe(*sql))
+                .execute(&mut *tx)
+                .await?;
             sqlx::query("INSERT INTO civgate_schema (version) VALUES ($1)")
                 .bind(*v)
                 .execute(&mut *tx)
@@ -390,7 +391,7 @@ mod tests {
         };
         let pool = pg_pool(&url, 1, Duration::from_secs(10)).await.unwrap();
         let mut tx = pool.begin().await.unwrap();
-        sqlx::raw_sql("CREATE TABLE civgate_schema (version BIGINT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())")
+        sqlx::raw_sql(SCHEMA_VERSIONS)
             .execute(&mut *tx)
             .await
             .unwrap();

@@ -27,6 +27,39 @@ pub fn install_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
+/// A client config for HTTP/2 over mutual TLS (ALPN `h2`): trusts the PEM certificates in
+/// `ca_pem` and, when given, presents the PEM `(chain, key)`. Used for the gateway's
+/// connections to the directory and for the handshake probe.
+pub fn client_config(
+    ca_pem: &[u8],
+    identity: Option<(&[u8], &[u8])>,
+) -> anyhow::Result<rustls::ClientConfig> {
+    use anyhow::Context;
+    let mut roots = RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca_pem) {
+        roots
+            .add(c.context("CA: not a PEM certificate")?)
+            .context("CA: unusable certificate")?;
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots);
+    let mut cfg = match identity {
+        Some((cert_pem, key_pem)) => {
+            let chain = CertificateDer::pem_slice_iter(cert_pem)
+                .collect::<Result<Vec<_>, _>>()
+                .context("certificate: not a PEM certificate chain")?;
+            let key = PrivateKeyDer::from_pem_slice(key_pem).context("key: not a PEM key")?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .context("the certificate does not match the key")?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(cfg)
+}
+
 /// Builds the API port's TLS config, reporting every unreadable or invalid file.
 pub fn server_config(config: &Config) -> Result<Arc<ServerConfig>, ConfigErrors> {
     let tls = &config.file.tls;

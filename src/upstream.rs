@@ -44,17 +44,13 @@ impl Upstream {
             std::fs::read(&path).with_context(|| format!("upstream: reading {}", path.display()))
         };
         let url = section.url.get_ref();
-        let host = url
-            .strip_prefix("https://")
-            .and_then(|r| r.split([':', '/']).next())
-            .filter(|h| !h.is_empty())
-            .with_context(|| format!("upstream.url {url:?} must be https://host:port"))?;
-        let port = url
-            .strip_prefix("https://")
-            .and_then(|r| r.split('/').next())
-            .and_then(|hp| hp.rsplit_once(':'))
-            .and_then(|(_, p)| p.parse::<u16>().ok())
-            .unwrap_or(443);
+        let must = || format!("upstream.url {url:?} must be https://host:port");
+        let origin: http::Uri = url.parse().with_context(must)?;
+        let host = origin
+            .host()
+            .filter(|h| !h.is_empty() && origin.scheme_str() == Some("https"))
+            .with_context(must)?;
+        let port = origin.port_u16().unwrap_or(443);
         let connector = Connector::new(
             &read(&section.ca)?,
             &read(&section.cert)?,
@@ -65,9 +61,6 @@ impl Upstream {
         // The connector does TLS itself (so that its writes are coalesced): the channel dials
         // `http://` while requests carry the `https://` origin.
         let dial = format!("http://{host}:{port}");
-        let origin: http::Uri = url
-            .parse()
-            .with_context(|| format!("upstream.url {url:?} is not a URI"))?;
         let mut clients = Vec::new();
         for _ in 0..section.connections.max(1) {
             let channel = Endpoint::from_shared(dial.clone())?
@@ -156,23 +149,9 @@ type Io =
 
 impl Connector {
     fn new(ca_pem: &[u8], cert_pem: &[u8], key_pem: &[u8], host: &str) -> Result<Self> {
-        use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
-        let mut roots = rustls::RootCertStore::empty();
-        for c in CertificateDer::pem_slice_iter(ca_pem) {
-            roots
-                .add(c.context("upstream.ca: not a PEM certificate")?)
-                .context("upstream.ca: unusable certificate")?;
-        }
-        let chain = CertificateDer::pem_slice_iter(cert_pem)
-            .collect::<Result<Vec<_>, _>>()
-            .context("upstream.cert: not a PEM certificate chain")?;
-        let key = PrivateKeyDer::from_pem_slice(key_pem).context("upstream.key: not a PEM key")?;
-        let mut cfg = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key)
-            .context("upstream: the certificate does not match the key")?;
-        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        use rustls_pki_types::ServerName;
+        let cfg = crate::tls::client_config(ca_pem, Some((cert_pem, key_pem)))
+            .context("upstream.ca, upstream.cert, upstream.key")?;
         Ok(Self {
             tls: tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg)),
             name: ServerName::try_from(host.to_owned())
