@@ -297,7 +297,7 @@ pub struct AuditProofArgs {
     /// Entries the log must hold (appended through the real group-commit writer).
     #[arg(long, default_value_t = 1_000_000)]
     pub entries: u64,
-    /// The gateway data directory holding audit.sqlite.
+    /// The gateway data directory (its `civgate.sqlite` holds the audit log).
     #[arg(long)]
     pub data_dir: PathBuf,
     #[arg(long, default_value = "certs/audit.key")]

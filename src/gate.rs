@@ -3,6 +3,7 @@
 
 use std::{
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll, ready},
     time::Instant,
 };
@@ -13,10 +14,8 @@ use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 use crate::{
-    audit::{AuditLog, Facts, FactsSlot},
-    identity::PeerIdentity,
+    audit::{AuditLog, Call, Facts, FactsSlot},
     listener::ConnInfo,
-    pb::v1::AuditRecord,
     policy::{self, Principal},
     state::Shared,
     telemetry,
@@ -59,42 +58,6 @@ fn request_id(headers: &http::HeaderMap) -> String {
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
         .map_or_else(|| format!("{:032x}", rand::random::<u128>()), str::to_owned)
-}
-
-/// The audit record of one call. Identifiers and field names only.
-#[allow(clippy::too_many_arguments)]
-fn record(
-    peer: &PeerIdentity,
-    principal: Option<&Principal>,
-    path: &str,
-    facts: Facts,
-    code: tonic::Code,
-    request_id: &str,
-    started: Instant,
-    detail: &str,
-) -> AuditRecord {
-    AuditRecord {
-        index: 0,
-        time_unix_ms: crate::audit::log::now_ms(),
-        agency_id: peer
-            .agency
-            .as_ref()
-            .map(ToString::to_string)
-            .unwrap_or_default(),
-        role: principal
-            .map(|p| p.role.as_str().to_owned())
-            .unwrap_or_default(),
-        cert_fingerprint: peer.fingerprint.to_string(),
-        // Client-controlled for unknown paths: bounded.
-        method: path.chars().take(200).collect(),
-        purpose: facts.purpose,
-        subject_personal_ids: facts.subjects,
-        fields_returned: facts.fields,
-        outcome: telemetry::code_name(code).to_owned(),
-        request_id: request_id.to_owned(),
-        latency_us: started.elapsed().as_micros() as u64,
-        detail: detail.to_owned(),
-    }
 }
 
 /// Admission and quota for an authorized call: the in-flight permit, or the refusal and its
@@ -217,16 +180,14 @@ where
                 // A refusal returns no data: its record is appended without waiting for the
                 // commit, so a flood of refusals cannot make others wait on the log.
                 if let Some(log) = audit {
-                    let rec = record(
-                        &conn.peer,
-                        principal.as_ref(),
-                        &path,
-                        Facts::default(),
-                        status.code(),
-                        &rid,
-                        start,
-                        &detail,
-                    );
+                    let call = Call {
+                        peer: conn.peer,
+                        principal,
+                        path,
+                        request_id: rid.clone(),
+                        started: start,
+                    };
+                    let rec = call.record(Facts::default(), status.code(), &detail);
                     if let Err(e) = log.append_deferred(rec).await {
                         status = audit_unavailable(&e);
                     }
@@ -238,6 +199,19 @@ where
                 let facts = FactsSlot::default();
                 req.extensions_mut().insert(facts.clone());
                 req.extensions_mut().insert(principal.clone());
+                // With the audit on, the handler may commit the call's record itself,
+                // together with its own write (Publish); it needs what the gate knows.
+                let call = audit.is_some().then(|| {
+                    let call = Arc::new(Call {
+                        peer: conn.peer,
+                        principal: Some(principal),
+                        path,
+                        request_id: rid.clone(),
+                        started: start,
+                    });
+                    req.extensions_mut().insert(call.clone());
+                    call
+                });
                 let clone = self.inner.clone();
                 let mut inner = std::mem::replace(&mut self.inner, clone);
                 Box::pin(async move {
@@ -247,17 +221,9 @@ where
                     // Trailers-only responses (errors) carry grpc-status in the headers; any
                     // other response is a success (unary) or an opened stream.
                     let code = grpc_status(resp.headers());
-                    if let Some(log) = audit {
-                        let rec = record(
-                            &conn.peer,
-                            Some(&principal),
-                            &path,
-                            facts.take(),
-                            code.unwrap_or(tonic::Code::Ok),
-                            &rid,
-                            start,
-                            "",
-                        );
+                    let facts = facts.take();
+                    if let (Some(log), Some(call), None) = (audit, call, facts.recorded) {
+                        let rec = call.record(facts, code.unwrap_or(tonic::Code::Ok), "");
                         if let Err(e) = log.append(rec).await {
                             drop(resp);
                             let status = audit_unavailable(&e);

@@ -177,6 +177,7 @@ pub async fn start(source: ConfigSource, overrides: Overrides) -> Result<Running
     let journal = crate::exchange::journal::Journal::open(
         &state.load().config.store(),
         (retention > 0).then(|| Duration::from_secs(retention)),
+        audit.as_ref().map(AuditLog::tail),
     )
     .await?;
     let max_msg = limits.max_message_bytes;

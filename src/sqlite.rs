@@ -1,9 +1,68 @@
 //! SQLite connection settings shared by every embedded store (audit log, journal, reference
 //! directory): WAL, synchronous FULL (a commit survives power loss), created if missing.
 
-use std::{path::Path, str::FromStr, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    str::FromStr,
+    time::Duration,
+};
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
+use anyhow::{Context, bail};
+use sqlx::{
+    Connection,
+    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous},
+};
+
+/// The embedded store's file in a data directory. The journal and the audit log share it, so a
+/// publish's event and its audit record commit in one transaction (one WAL append, one fsync).
+pub fn store_path(dir: &Path) -> PathBuf {
+    dir.join("civgate.sqlite")
+}
+
+/// Earlier releases kept the audit log in `audit.sqlite` and the journal in `journal.sqlite`.
+/// If the store file does not exist yet, the audit file becomes it (its WAL folded in first,
+/// then renamed: the audit log is the larger of the two and is never copied). The journal's
+/// rows are copied in by the journal when it opens. Safe to call again after a crash.
+pub async fn adopt_legacy_audit(dir: &Path) -> anyhow::Result<()> {
+    let store = store_path(dir);
+    let old = dir.join("audit.sqlite");
+    if store.exists() || !old.exists() {
+        return Ok(());
+    }
+    settle(&old).await?;
+    std::fs::rename(&old, &store)
+        .with_context(|| format!("renaming {} to {}", old.display(), store.display()))?;
+    tracing::info!(from = %old.display(), to = %store.display(), "audit log file adopted as the store file");
+    Ok(())
+}
+
+/// Folds a database's WAL into its main file and checks that nothing is left beside it, so the
+/// main file alone holds every committed transaction (and can be renamed or attached).
+pub async fn settle(path: &Path) -> anyhow::Result<()> {
+    let mut conn = sqlx::SqliteConnection::connect_with(&options(path, Duration::from_secs(5))?)
+        .await
+        .with_context(|| format!("opening {}", path.display()))?;
+    sqlx::raw_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+        .execute(&mut conn)
+        .await
+        .with_context(|| format!("checkpointing {}", path.display()))?;
+    conn.close().await?;
+    for suffix in ["-wal", "-shm"] {
+        let side = PathBuf::from(format!("{}{suffix}", path.display()));
+        match std::fs::metadata(&side) {
+            Ok(m) if suffix == "-wal" && m.len() > 0 => {
+                bail!(
+                    "{} still holds transactions (is another process using it?)",
+                    side.display()
+                )
+            }
+            Ok(_) => std::fs::remove_file(&side)
+                .with_context(|| format!("removing {}", side.display()))?,
+            Err(_) => {}
+        }
+    }
+    Ok(())
+}
 
 /// Options for the database file at `path`; a locked database is waited on for `busy`.
 pub fn options(path: &Path, busy: Duration) -> Result<SqliteConnectOptions, sqlx::Error> {

@@ -34,7 +34,7 @@ pub(crate) use with_reader;
 /// The store a gateway opens.
 #[derive(Clone, Debug)]
 pub enum Store {
-    /// `journal.sqlite` and `audit.sqlite` in this directory.
+    /// `civgate.sqlite` in this directory: the journal and the audit log share it.
     Sqlite(PathBuf),
     /// A PostgreSQL URL and the pool size of each of the two stores.
     Postgres { url: String, pool_max: u32 },

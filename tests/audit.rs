@@ -64,7 +64,7 @@ async fn checkpoint_at_least(online: &mut Online, v: &Verifier, n: u64) {
 }
 
 async fn sqlite(env: &Env) -> SqliteConnection {
-    let path = env.dir.path().join("data/audit.sqlite");
+    let path = env.dir.path().join("data/civgate.sqlite");
     SqliteConnection::connect(&format!("sqlite://{}", path.display()))
         .await
         .unwrap()

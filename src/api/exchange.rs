@@ -16,7 +16,7 @@ use tonic_types::FieldViolation;
 
 use super::{citizens::invalid, principal};
 use crate::{
-    audit::FactsSlot,
+    audit::{Call, Draft, Facts, FactsSlot},
     exchange::{
         journal::Journal,
         validate::{Refusal, is_topic, subjects, topic_of, validate},
@@ -92,6 +92,7 @@ impl Exchange for ExchangeService {
     ) -> Result<Response<PublishReceipt>, Status> {
         let who = principal(&req)?;
         let facts = FactsSlot::of(&req);
+        let call = Call::of(&req);
         let r = req.into_inner();
         let key_ok = !r.idempotency_key.is_empty()
             && r.idempotency_key.len() <= 128
@@ -116,22 +117,29 @@ impl Exchange for ExchangeService {
             Ok(t) => t,
         };
         let event = r.event.unwrap_or_default();
+        let mut told = Facts::default();
         if let Some(p) = &event.payload {
             // The citizens the event concerns are the record's subjects; values stay out.
-            facts.update(|f| {
-                f.fields = vec![format!("event:{}", topic_of(p).1)];
-                f.subjects = subjects(p);
-            });
+            told.fields = vec![format!("event:{}", topic_of(p).1)];
+            told.subjects = subjects(p);
         }
-        let receipt = self
+        facts.update(|f| *f = told.clone());
+        // The call's audit record is committed with the event, in one transaction.
+        let draft = call.map(|call| Draft { call, facts: told });
+        let published = self
             .journal()?
-            .publish(
+            .publish_audited(
                 who.agency.as_str(),
                 &r.idempotency_key,
                 topic,
                 event.encode_to_vec(),
+                draft,
             )
-            .await?;
+            .await;
+        if let Some(index) = published.audit_index {
+            facts.update(|f| f.recorded = Some(index));
+        }
+        let receipt = published.result?;
         Ok(Response::new(PublishReceipt {
             event_id: receipt.event_id,
             topic: receipt.topic,

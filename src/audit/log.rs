@@ -192,9 +192,44 @@ pub struct Filter {
 pub struct AuditLog {
     tx: mpsc::Sender<Pending>,
     reader: Reader,
+    tail: AuditTail,
+    latest: Arc<RwLock<String>>,
+}
+
+/// The tree's right edge and the log's committed size, shared by the two writers that append
+/// to the log: the audit log's own, and the journal's, which commits a publish's record in the
+/// same transaction as its event. Whoever appends holds the lock from assigning indexes until
+/// its commit has ended, so the log has one order. On SQLite, where both write the one store
+/// file, each holds it for every write it makes, so their transactions never wait for each
+/// other inside SQLite (whose busy handler sleeps). Take it before any database lock.
+#[derive(Clone)]
+pub struct AuditTail {
+    range: Arc<tokio::sync::Mutex<CompactRange>>,
     /// Entries durably committed.
     size: Arc<AtomicU64>,
-    latest: Arc<RwLock<String>>,
+    /// Turns false while commits fail, true again when they succeed.
+    healthy: watch::Sender<bool>,
+}
+
+impl AuditTail {
+    /// The right to append (and, on SQLite, to write the store file) until the guard drops.
+    pub async fn lock(&self) -> tokio::sync::MutexGuard<'_, CompactRange> {
+        self.range.lock().await
+    }
+
+    /// After a commit that extended the log to `range`: the new size is visible, the log
+    /// healthy.
+    pub fn committed(&self, range: &CompactRange) {
+        self.size.fetch_max(range.size(), Ordering::AcqRel);
+        metrics::gauge!(crate::telemetry::AUDIT_LOG_SIZE).set(range.size() as f64);
+        self.healthy
+            .send_if_modified(|h| !std::mem::replace(h, true));
+    }
+
+    fn failed(&self) {
+        self.healthy
+            .send_if_modified(|h| std::mem::replace(h, false));
+    }
 }
 
 pub struct Options<'a> {
@@ -208,7 +243,7 @@ pub struct Options<'a> {
 }
 
 impl AuditLog {
-    /// Opens the store (`audit.sqlite` in a directory, or the shared PostgreSQL database),
+    /// Opens the store (`civgate.sqlite` in a directory, or the shared PostgreSQL database),
     /// checks the stored tree's right edge, and starts the writer.
     pub async fn open(o: Options<'_>) -> Result<Self> {
         match o.store {
@@ -242,7 +277,7 @@ impl AuditLog {
                     o,
                 )
                 .await?;
-                tokio::spawn(follow(pool, log.size.clone(), log.tx.downgrade()));
+                tokio::spawn(follow(pool, log.tail.size.clone(), log.tx.downgrade()));
                 Ok(log)
             }
         }
@@ -250,7 +285,8 @@ impl AuditLog {
 
     async fn open_sqlite(dir: &Path, o: Options<'_>) -> Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let path = dir.join("audit.sqlite");
+        crate::sqlite::adopt_legacy_audit(dir).await?;
+        let path = crate::sqlite::store_path(dir);
         let mut conn =
             SqliteConnection::connect_with(&crate::sqlite::options(&path, o.commit_timeout)?)
                 .await
@@ -298,7 +334,11 @@ impl AuditLog {
         let log = Self {
             tx: mpsc::channel(16_384).0,
             reader,
-            size: Arc::new(AtomicU64::new(size)),
+            tail: AuditTail {
+                range: Arc::new(tokio::sync::Mutex::new(range)),
+                size: Arc::new(AtomicU64::new(size)),
+                healthy: o.healthy,
+            },
             latest: Arc::new(RwLock::new(
                 latest.as_ref().map(|(_, n)| n.clone()).unwrap_or_default(),
             )),
@@ -306,13 +346,11 @@ impl AuditLog {
         let (tx, rx) = mpsc::channel(16_384);
         let mut writer = Writer {
             conn,
-            range,
+            tail: log.tail.clone(),
             signer: o.signer,
             origin: o.origin,
             checkpointed: latest.map_or(-1, |(s, _)| s),
-            size: log.size.clone(),
             latest: log.latest.clone(),
-            healthy: o.healthy,
         };
         // Every start begins with a checkpoint of what is there.
         writer.checkpoint().await?;
@@ -346,12 +384,36 @@ impl AuditLog {
     }
 
     pub fn size(&self) -> u64 {
-        self.size.load(Ordering::Acquire)
+        self.tail.size.load(Ordering::Acquire)
+    }
+
+    /// The right edge, for the journal's writer (see [`AuditTail`]).
+    pub fn tail(&self) -> AuditTail {
+        self.tail.clone()
     }
 
     /// The latest signed checkpoint (a C2SP signed note).
     pub fn latest_checkpoint(&self) -> String {
         self.latest.read().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Test check: every entry of the first `size` proves its inclusion against the root
+    /// recomputed from the leaves themselves.
+    #[cfg(test)]
+    pub(crate) async fn assert_every_entry_proves(&self, size: u64) {
+        use super::merkle::{root_of, verify_inclusion};
+        let leaves: Vec<Hash> = self
+            .entries(0, size)
+            .await
+            .expect("entries")
+            .iter()
+            .map(|l| leaf_hash(l))
+            .collect();
+        let root = root_of(&leaves);
+        for (i, leaf) in leaves.iter().enumerate() {
+            let proof = self.inclusion_proof(i as u64, size).await.expect("proof");
+            verify_inclusion(i as u64, size, leaf, &proof, &root).expect("entry proves");
+        }
     }
 
     /// Leaf bytes for `[start, end)` (at most [`MAX_ENTRIES`]).
@@ -501,13 +563,11 @@ enum WriterConn {
 
 struct Writer {
     conn: WriterConn,
-    range: CompactRange,
+    tail: AuditTail,
     signer: Signer,
     origin: String,
     checkpointed: i64,
-    size: Arc<AtomicU64>,
     latest: Arc<RwLock<String>>,
-    healthy: watch::Sender<bool>,
 }
 
 struct LeafRow {
@@ -560,29 +620,31 @@ impl Writer {
     }
 
     async fn commit(&mut self, batch: Vec<Pending>) {
-        let before = self.range.clone();
+        let tail = self.tail.clone();
+        let mut range = tail.lock().await;
+        let before = range.clone();
         let (records, waiters): (Vec<AuditRecord>, Vec<_>) =
             batch.into_iter().map(|p| (p.record, p.done)).unzip();
         let n = records.len();
         let started = std::time::Instant::now();
         let result = match &mut self.conn {
             WriterConn::Sqlite(conn) => {
-                let first = self.range.size();
-                let rows = assign(&mut self.range, records);
-                write(conn, &rows, self.range.size()).await.map(|()| first)
+                let mut b = crate::sqlite::Batch::new();
+                match stage_sqlite(&mut b, &mut range, records) {
+                    Ok(first) => b.commit(conn).await.map(|()| first).map_err(Into::into),
+                    Err(e) => Err(e),
+                }
             }
             WriterConn::Pg(pool) => {
                 let pool = pool.clone();
-                write_pg(&pool, &mut self.range, records).await
+                write_pg(&pool, &mut range, records).await
             }
         };
         crate::telemetry::store_commit("audit", n, started.elapsed());
         match result {
             Ok(first) => {
-                self.size.fetch_max(self.range.size(), Ordering::AcqRel);
-                metrics::gauge!(crate::telemetry::AUDIT_LOG_SIZE).set(self.range.size() as f64);
-                self.healthy
-                    .send_if_modified(|h| !std::mem::replace(h, true));
+                tail.committed(&range);
+                drop(range);
                 for (i, done) in waiters.into_iter().enumerate() {
                     if let Some(done) = done {
                         let _ = done.send(Ok(first + i as u64));
@@ -590,10 +652,10 @@ impl Writer {
                 }
             }
             Err(e) => {
-                self.range = before;
+                *range = before;
+                drop(range);
                 error!(error = %e, entries = n, "audit commit failed; calls answer UNAVAILABLE");
-                self.healthy
-                    .send_if_modified(|h| std::mem::replace(h, false));
+                tail.failed();
                 for done in waiters.into_iter().flatten() {
                     let _ = done.send(Err(AuditError::NotDurable(e.to_string())));
                 }
@@ -605,21 +667,24 @@ impl Writer {
     /// tree is first brought up to what other replicas committed, so every replica's
     /// checkpoints are recent — and all of them describe the one tree.
     async fn checkpoint(&mut self) -> Result<()> {
+        let tail = self.tail.clone();
+        // Held until the checkpoint is stored: on SQLite this writes the shared store file.
+        let mut range = tail.lock().await;
         if let WriterConn::Pg(pool) = &self.conn {
             let pool = pool.clone();
             let mut tx = pool.begin().await?;
-            catch_up(&mut tx, &mut self.range).await?;
+            catch_up(&mut tx, &mut range).await?;
             tx.commit().await?;
-            self.size.fetch_max(self.range.size(), Ordering::AcqRel);
+            tail.size.fetch_max(range.size(), Ordering::AcqRel);
         }
-        let size = self.range.size();
+        let size = range.size();
         if size as i64 == self.checkpointed {
             return Ok(());
         }
         let cp = Checkpoint {
             origin: self.origin.clone(),
             size,
-            root: self.range.root(),
+            root: range.root(),
         };
         let note = self.signer.sign(&cp.to_text())?;
         let sql = "INSERT INTO audit_checkpoints (size, note, time_ms) VALUES ($1, $2, $3) \
@@ -709,7 +774,20 @@ async fn write_pg(
     records: Vec<AuditRecord>,
 ) -> Result<u64> {
     let mut tx = pool.begin().await?;
-    catch_up(&mut tx, range).await?;
+    let first = append_pg(&mut tx, range, records).await?;
+    tx.commit().await?;
+    Ok(first)
+}
+
+/// PostgreSQL, inside the caller's transaction (which the caller commits): locks the size row,
+/// catches up with other replicas, gives `records` the next indexes and inserts them with
+/// their subtree hashes, subjects, the new size and the NOTIFY. Returns the first index.
+pub(crate) async fn append_pg(
+    tx: &mut sqlx::PgConnection,
+    range: &mut CompactRange,
+    records: Vec<AuditRecord>,
+) -> Result<u64> {
+    catch_up(&mut *tx, range).await?;
     let first = range.size();
     let rows = assign(range, records);
     // Statements of at most ~30,000 parameters (PostgreSQL allows 65,535); usually one.
@@ -726,9 +804,8 @@ async fn write_pg(
     groups.push(&rows[start..]);
     let last = groups.len() - 1;
     for (g, group) in groups.into_iter().enumerate() {
-        insert_pg(&mut tx, group, (g == last).then_some(range.size())).await?;
+        insert_pg(&mut *tx, group, (g == last).then_some(range.size())).await?;
     }
-    tx.commit().await?;
     Ok(first)
 }
 
@@ -873,10 +950,21 @@ async fn migrate_sqlite_nodes(conn: &mut SqliteConnection) -> Result<()> {
     Ok(())
 }
 
-/// Stores one batch of leaves with the subtree hashes they complete, their subjects and the new
-/// size, in one transaction sent as one round trip.
-async fn write(conn: &mut SqliteConnection, rows: &[LeafRow], new_size: u64) -> Result<()> {
-    let mut b = crate::sqlite::Batch::new();
+/// SQLite: gives `records` the next indexes, extends `range`, and adds to `b` their leaves,
+/// the subtree hashes they complete, their subjects and the new size — committed with whatever
+/// else `b` holds, in one transaction. Returns the first index.
+pub(crate) fn stage_sqlite(
+    b: &mut crate::sqlite::Batch,
+    range: &mut CompactRange,
+    records: Vec<AuditRecord>,
+) -> Result<u64> {
+    let first = range.size();
+    let rows = assign(range, records);
+    stage_rows(b, &rows, range.size())?;
+    Ok(first)
+}
+
+fn stage_rows(b: &mut crate::sqlite::Batch, rows: &[LeafRow], new_size: u64) -> Result<()> {
     for chunk in rows.chunks(500) {
         b.statement(&format!(
             "INSERT INTO audit_leaves (idx, leaf, time_ms, agency, method, outcome) VALUES {}",
@@ -918,14 +1006,12 @@ async fn write(conn: &mut SqliteConnection, rows: &[LeafRow], new_size: u64) -> 
          ON CONFLICT (key) DO UPDATE SET value = excluded.value",
     );
     b.bind(new_size as i64)?;
-    b.commit(conn).await?;
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::merkle::{root_of, verify_inclusion};
 
     async fn open(dir: &Path) -> AuditLog {
         let (healthy, _) = watch::channel(true);
@@ -952,8 +1038,9 @@ mod tests {
         }
     }
 
-    /// A log written with the old `audit_nodes` layout opens, moves its hashes to `audit_tree`,
-    /// keeps growing, and proves every entry against the root recomputed from its leaves.
+    /// A log written with the old `audit_nodes` layout, in the old `audit.sqlite` file, opens,
+    /// becomes the store file, moves its hashes to `audit_tree`, keeps growing, and proves
+    /// every entry against the root recomputed from its leaves.
     #[tokio::test]
     async fn a_log_in_the_old_node_layout_is_migrated_and_still_proves() {
         let dir = tempfile::tempdir().unwrap();
@@ -964,7 +1051,7 @@ mod tests {
         drop(log);
 
         // Rewrite the store the way builds before the migration left it.
-        let path = dir.path().join("audit.sqlite");
+        let path = crate::sqlite::store_path(dir.path());
         let mut c = SqliteConnection::connect_with(
             &crate::sqlite::options(&path, Duration::from_secs(10)).unwrap(),
         )
@@ -981,25 +1068,18 @@ mod tests {
         .execute(&mut c)
         .await
         .unwrap();
-        drop(c);
+        c.close().await.unwrap();
+        // …and in the file builds before the shared store file used.
+        crate::sqlite::settle(&path).await.unwrap();
+        std::fs::rename(&path, dir.path().join("audit.sqlite")).unwrap();
 
         let log = open(dir.path()).await;
+        assert!(path.exists() && !dir.path().join("audit.sqlite").exists());
         assert_eq!(log.size(), 37);
         for n in 37..42 {
             log.append(record(n)).await.unwrap();
         }
-        let leaves: Vec<Hash> = log
-            .entries(0, 42)
-            .await
-            .unwrap()
-            .iter()
-            .map(|l| leaf_hash(l))
-            .collect();
-        let root = root_of(&leaves);
-        for (i, leaf) in leaves.iter().enumerate() {
-            let proof = log.inclusion_proof(i as u64, 42).await.unwrap();
-            verify_inclusion(i as u64, 42, leaf, &proof, &root).unwrap();
-        }
+        log.assert_every_entry_proves(42).await;
         let mut c = SqliteConnection::connect_with(
             &crate::sqlite::options(&path, Duration::from_secs(10)).unwrap(),
         )

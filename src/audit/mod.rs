@@ -7,9 +7,14 @@ pub mod log;
 pub mod merkle;
 pub mod note;
 
-pub use log::{AuditError, AuditLog, Filter};
+pub use log::{AuditError, AuditLog, AuditTail, Filter};
 
-use std::sync::{Arc, Mutex};
+use std::{
+    sync::{Arc, Mutex},
+    time::Instant,
+};
+
+use crate::{identity::PeerIdentity, pb::v1::AuditRecord, policy::Principal};
 
 /// What a handler tells the audit record about its call: the declared purpose, the citizens
 /// concerned and the names of the fields it returned. Identifiers and names only.
@@ -18,6 +23,69 @@ pub struct Facts {
     pub purpose: String,
     pub subjects: Vec<String>,
     pub fields: Vec<String>,
+    /// The index of the call's record when the handler's own write already committed it, in
+    /// the same transaction as its data (`Publish`): the gate then appends nothing.
+    pub recorded: Option<u64>,
+}
+
+/// What the gate knows of a call when it arrives: who (the verified peer and, once
+/// authorized, the principal), which method, the request id and the arrival time. With the
+/// handler's [`Facts`] and the outcome it makes the call's audit record. The gate hands an
+/// authorized call's `Arc<Call>` to the handler (request extension), so a handler that commits
+/// the record together with its own write builds exactly the record the gate would have.
+#[derive(Debug)]
+pub struct Call {
+    pub peer: Arc<PeerIdentity>,
+    pub principal: Option<Principal>,
+    pub path: String,
+    pub request_id: String,
+    pub started: Instant,
+}
+
+impl Call {
+    /// The audit record of this call: identifiers and field names only. `time` is now,
+    /// `latency` runs from the call's arrival to now.
+    pub fn record(&self, facts: Facts, code: tonic::Code, detail: &str) -> AuditRecord {
+        AuditRecord {
+            index: 0,
+            time_unix_ms: log::now_ms(),
+            agency_id: self
+                .peer
+                .agency
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+            role: self
+                .principal
+                .as_ref()
+                .map(|p| p.role.as_str().to_owned())
+                .unwrap_or_default(),
+            cert_fingerprint: self.peer.fingerprint.to_string(),
+            // Client-controlled for unknown paths: bounded.
+            method: self.path.chars().take(200).collect(),
+            purpose: facts.purpose,
+            subject_personal_ids: facts.subjects,
+            fields_returned: facts.fields,
+            outcome: crate::telemetry::code_name(code).to_owned(),
+            request_id: self.request_id.clone(),
+            latency_us: self.started.elapsed().as_micros() as u64,
+            detail: detail.to_owned(),
+        }
+    }
+
+    /// The call of a request (`None` if the gate did not pass one: audit off, or a test
+    /// calling a handler directly).
+    pub fn of<T>(req: &tonic::Request<T>) -> Option<Arc<Call>> {
+        req.extensions().get::<Arc<Call>>().cloned()
+    }
+}
+
+/// A call whose audit record a store writer finishes once it knows the outcome, and commits in
+/// the same transaction as the call's own data.
+#[derive(Debug)]
+pub struct Draft {
+    pub call: Arc<Call>,
+    pub facts: Facts,
 }
 
 /// Shared between the gate (which writes the record) and the handler (which knows the facts).

@@ -17,6 +17,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::error;
 
 use super::validate::{CIVIL_STATUS, POPULATION};
+use crate::audit::{AuditTail, Draft, merkle::CompactRange};
+use crate::pb::v1::AuditRecord;
 use crate::store::{JOURNAL_CHANNEL, Reader, Store, with_reader};
 
 const SCHEMA: &str = "
@@ -77,6 +79,23 @@ pub enum JournalError {
     Read(String),
 }
 
+/// What a publish came to: the receipt (or why there is none) and, when the journal committed
+/// the call's audit record in the same transaction as the event, that record's index.
+#[derive(Debug)]
+pub struct Published {
+    pub result: Result<Receipt, JournalError>,
+    pub audit_index: Option<u64>,
+}
+
+impl JournalError {
+    fn code(&self) -> tonic::Code {
+        match self {
+            JournalError::Conflict(_) => tonic::Code::AlreadyExists,
+            _ => tonic::Code::Unavailable,
+        }
+    }
+}
+
 impl From<JournalError> for tonic::Status {
     fn from(e: JournalError) -> Self {
         match e {
@@ -102,7 +121,9 @@ enum Job {
         key: String,
         topic: &'static str,
         payload: Vec<u8>,
-        done: oneshot::Sender<Result<Receipt, JournalError>>,
+        /// The call's audit record, to be finished with the outcome and committed with it.
+        audit: Option<Draft>,
+        done: oneshot::Sender<Published>,
     },
     Ack {
         topic: String,
@@ -169,12 +190,20 @@ enum WriterConn {
 }
 
 impl Journal {
-    /// Opens `dir/journal.sqlite`. With a `retention`, events every consumer group of their
-    /// topic has acknowledged are deleted once older than it (checked every minute); without,
-    /// the journal keeps everything.
-    pub async fn open(store: &Store, retention: Option<Duration>) -> Result<Self> {
+    /// Opens the journal (SQLite: in `dir/civgate.sqlite`, beside the audit log). With a
+    /// `retention`, events every consumer group of their topic has acknowledged are deleted
+    /// once older than it (checked every minute); without, the journal keeps everything.
+    ///
+    /// With `audit` (the audit log's right edge), a publish that carries its call's audit draft
+    /// is committed together with that record, in one transaction, and every journal write
+    /// holds the tail's lock (on SQLite both write the one file).
+    pub async fn open(
+        store: &Store,
+        retention: Option<Duration>,
+        audit: Option<AuditTail>,
+    ) -> Result<Self> {
         match store {
-            Store::Sqlite(dir) => Self::open_sqlite(dir, retention).await,
+            Store::Sqlite(dir) => Self::open_sqlite(dir, retention, audit).await,
             Store::Postgres { url, pool_max } => {
                 let pool = crate::store::pg_pool(url, *pool_max, Duration::from_secs(2)).await?;
                 crate::store::migrate(&pool).await?;
@@ -187,6 +216,7 @@ impl Journal {
                     WriterConn::Pg(pool.clone()),
                     last,
                     retention,
+                    audit,
                 );
                 // The follower must not keep the writer alive: it gets a handle whose sender
                 // goes nowhere, and stops once the real one is gone.
@@ -200,13 +230,27 @@ impl Journal {
         }
     }
 
-    async fn open_sqlite(dir: &Path, retention: Option<Duration>) -> Result<Self> {
+    async fn open_sqlite(
+        dir: &Path,
+        retention: Option<Duration>,
+        audit: Option<AuditTail>,
+    ) -> Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let path = dir.join("journal.sqlite");
+        crate::sqlite::adopt_legacy_audit(dir).await?;
+        let path = crate::sqlite::store_path(dir);
         let mut conn =
             SqliteConnection::connect_with(&crate::sqlite::options(&path, Duration::from_secs(2))?)
-                .await?;
-        sqlx::raw_sql(SCHEMA).execute(&mut conn).await?;
+                .await
+                .with_context(|| format!("opening {}", path.display()))?;
+        {
+            // The audit log's writer may be writing this file already.
+            let _writing = match &audit {
+                Some(t) => Some(t.lock().await),
+                None => None,
+            };
+            sqlx::raw_sql(SCHEMA).execute(&mut conn).await?;
+            adopt_legacy_journal(dir, &mut conn).await?;
+        }
         let reader = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(crate::sqlite::options(&path, Duration::from_secs(2))?.read_only(true))
@@ -228,6 +272,7 @@ impl Journal {
             WriterConn::Sqlite(conn),
             last,
             retention,
+            audit,
         ))
     }
 
@@ -237,6 +282,7 @@ impl Journal {
         conn: WriterConn,
         last: HashMap<&'static str, u64>,
         retention: Option<Duration>,
+        audit: Option<AuditTail>,
     ) -> Self {
         let heads = last
             .iter()
@@ -254,6 +300,7 @@ impl Journal {
             conn,
             last,
             journal: journal.clone(),
+            audit,
         };
         tokio::spawn(writer.run(rx, retention));
         Self { tx, ..journal }
@@ -283,19 +330,39 @@ impl Journal {
         topic: &'static str,
         payload: Vec<u8>,
     ) -> Result<Receipt, JournalError> {
-        let (done, wait) = oneshot::channel();
-        self.tx
-            .send(Job::Publish {
-                producer: producer.into(),
-                key: key.into(),
-                topic,
-                payload,
-                done,
-            })
+        self.publish_audited(producer, key, topic, payload, None)
             .await
-            .map_err(|_| JournalError::NotDurable("journal writer stopped".into()))?;
-        wait.await
-            .map_err(|_| JournalError::NotDurable("journal writer stopped".into()))?
+            .result
+    }
+
+    /// Publishes, and — given the call's audit `draft` and an audit log — commits the call's
+    /// audit record (finished with the outcome) in the same transaction as the event: one
+    /// durable commit for both instead of two in turn.
+    pub async fn publish_audited(
+        &self,
+        producer: &str,
+        key: &str,
+        topic: &'static str,
+        payload: Vec<u8>,
+        audit: Option<Draft>,
+    ) -> Published {
+        let stopped = || Published {
+            result: Err(JournalError::NotDurable("journal writer stopped".into())),
+            audit_index: None,
+        };
+        let (done, wait) = oneshot::channel();
+        let job = Job::Publish {
+            producer: producer.into(),
+            key: key.into(),
+            topic,
+            payload,
+            audit,
+            done,
+        };
+        if self.tx.send(job).await.is_err() {
+            return stopped();
+        }
+        wait.await.unwrap_or_else(|_| stopped())
     }
 
     /// Cumulative acknowledgement, durable when this returns.
@@ -537,6 +604,8 @@ struct Writer {
     conn: WriterConn,
     last: HashMap<&'static str, u64>,
     journal: Journal,
+    /// The audit log's right edge: publishes' records are committed with their events.
+    audit: Option<AuditTail>,
 }
 
 impl Writer {
@@ -571,6 +640,11 @@ impl Writer {
     /// A topic nobody consumes keeps everything.
     async fn prune(&mut self, retention: Duration) -> Result<u64> {
         let cutoff = crate::audit::log::now_ms() - retention.as_millis() as i64;
+        let tail = self.audit.clone();
+        let _writing = match &tail {
+            Some(t) => Some(t.lock().await),
+            None => None,
+        };
         let done = match &mut self.conn {
             WriterConn::Sqlite(conn) => sqlx::query(PRUNE)
                 .bind(cutoff)
@@ -593,19 +667,38 @@ impl Writer {
     }
 
     async fn commit(&mut self, batch: Vec<Job>) {
+        // Taken before any database lock (see `AuditTail`), for every commit: on SQLite the
+        // audit log's writer writes the same file.
+        let tail = self.audit.clone();
+        let mut range = match &tail {
+            Some(t) => Some(t.lock().await),
+            None => None,
+        };
+        let range_before = range.as_deref().cloned();
         let before = self.last.clone();
         let started = std::time::Instant::now();
-        let result = self.write(&batch).await;
+        let result = self.write(&batch, range.as_deref_mut()).await;
         crate::telemetry::store_commit("journal", batch.len(), started.elapsed());
         match result {
-            Ok(outcomes) => {
+            Ok((outcomes, audit_indexes)) => {
+                if let (Some(t), Some(r)) = (&tail, range.as_deref())
+                    && audit_indexes.iter().any(Option::is_some)
+                {
+                    t.committed(r);
+                }
+                drop(range);
                 for (t, seq) in &self.last {
                     self.journal.raise_head(t, *seq);
                 }
-                for (job, outcome) in batch.into_iter().zip(outcomes) {
+                for ((job, outcome), audit_index) in
+                    batch.into_iter().zip(outcomes).zip(audit_indexes)
+                {
                     match (job, outcome) {
-                        (Job::Publish { done, .. }, Outcome::Published(r)) => {
-                            let _ = done.send(r);
+                        (Job::Publish { done, .. }, Outcome::Published(result)) => {
+                            let _ = done.send(Published {
+                                result,
+                                audit_index,
+                            });
                         }
                         (Job::Reject { done, .. }, Outcome::Acked) => {
                             let _ = done.send(Ok(()));
@@ -629,12 +722,19 @@ impl Writer {
             }
             Err(e) => {
                 self.last = before;
+                if let (Some(r), Some(b)) = (range.as_deref_mut(), range_before) {
+                    *r = b;
+                }
+                drop(range);
                 error!(error = %e, "journal commit failed");
                 for job in batch {
                     let err = || JournalError::NotDurable(e.to_string());
                     match job {
                         Job::Publish { done, .. } => {
-                            let _ = done.send(Err(err()));
+                            let _ = done.send(Published {
+                                result: Err(err()),
+                                audit_index: None,
+                            });
                         }
                         Job::Ack { done, .. } | Job::Reject { done, .. } => {
                             let _ = done.send(Err(err()));
@@ -645,14 +745,19 @@ impl Writer {
         }
     }
 
-    /// Commits one batch.
-    async fn write(&mut self, batch: &[Job]) -> Result<Vec<Outcome>> {
+    /// Commits one batch — with the audit records of its publishes when `range` (the audit
+    /// log's right edge, locked) is given. Returns each job's outcome and audit index.
+    async fn write(
+        &mut self,
+        batch: &[Job],
+        range: Option<&mut CompactRange>,
+    ) -> Result<(Vec<Outcome>, Vec<Option<u64>>)> {
         let now = crate::audit::log::now_ms();
         match &mut self.conn {
-            WriterConn::Sqlite(_) => self.write_sqlite(batch, now).await,
+            WriterConn::Sqlite(_) => self.write_sqlite(batch, now, range).await,
             WriterConn::Pg(pool) => {
                 let pool = pool.clone();
-                self.write_pg(&pool, batch, now).await
+                self.write_pg(&pool, batch, now, range).await
             }
         }
     }
@@ -661,21 +766,36 @@ impl Writer {
     /// round trip: sequences are assigned and everything is written in one transaction. A
     /// retried key makes that insert fail on the idempotency index; the batch is then rolled
     /// back, the keys are looked up, and the batch is planned again knowing them.
-    async fn write_sqlite(&mut self, batch: &[Job], now: i64) -> Result<Vec<Outcome>> {
+    async fn write_sqlite(
+        &mut self,
+        batch: &[Job],
+        now: i64,
+        mut range: Option<&mut CompactRange>,
+    ) -> Result<(Vec<Outcome>, Vec<Option<u64>>)> {
         let WriterConn::Sqlite(conn) = &mut self.conn else {
             anyhow::bail!("not a SQLite journal");
         };
         let before = self.last.clone();
+        let range_before = range.as_deref().cloned();
         let first = plan(&mut self.last, batch, Known::new(), now);
-        match first.sqlite()?.commit(conn).await {
-            Ok(()) => return Ok(first.outcomes),
-            Err(e) if crate::sqlite::is_unique_violation(&e) => self.last = before,
+        let mut b = first.sqlite()?;
+        let indexes = stage_audit_sqlite(&mut b, batch, &first.outcomes, range.as_deref_mut())?;
+        match b.commit(conn).await {
+            Ok(()) => return Ok((first.outcomes, indexes)),
+            Err(e) if crate::sqlite::is_unique_violation(&e) => {
+                self.last = before;
+                if let (Some(r), Some(b)) = (range.as_deref_mut(), range_before) {
+                    *r = b;
+                }
+            }
             Err(e) => return Err(e.into()),
         }
         let known = known_keys!(conn, batch).await?;
         let second = plan(&mut self.last, batch, known, now);
-        second.sqlite()?.commit(conn).await?;
-        Ok(second.outcomes)
+        let mut b = second.sqlite()?;
+        let indexes = stage_audit_sqlite(&mut b, batch, &second.outcomes, range)?;
+        b.commit(conn).await?;
+        Ok((second.outcomes, indexes))
     }
 
     /// PostgreSQL, shared by replicas, one transaction: lock the heads rows and read them (one
@@ -683,7 +803,13 @@ impl Writer {
     /// are the latest committed), look the keys up, assign sequences, write everything and
     /// queue the NOTIFYs in one statement, commit. Sequence order is commit order across
     /// replicas because the rows stay locked until the commit.
-    async fn write_pg(&mut self, pool: &PgPool, batch: &[Job], now: i64) -> Result<Vec<Outcome>> {
+    async fn write_pg(
+        &mut self,
+        pool: &PgPool,
+        batch: &[Job],
+        now: i64,
+        range: Option<&mut CompactRange>,
+    ) -> Result<(Vec<Outcome>, Vec<Option<u64>>)> {
         let mut tx = pool.begin().await?;
         let before = self.last.clone();
         let result = async {
@@ -699,8 +825,19 @@ impl Writer {
             let known = known_keys!(&mut *tx, batch).await?;
             let planned = plan(&mut self.last, batch, known, now);
             planned.write_pg(&mut tx).await?;
+            // The audit log's size row is locked after the heads rows, by every replica.
+            let (records, at) = audit_records(batch, &planned.outcomes);
+            let mut indexes = vec![None; batch.len()];
+            if let Some(range) = range
+                && !records.is_empty()
+            {
+                let first = crate::audit::log::append_pg(&mut tx, range, records).await?;
+                for (k, i) in at.into_iter().enumerate() {
+                    indexes[i] = Some(first + k as u64);
+                }
+            }
             tx.commit().await?;
-            Ok::<_, anyhow::Error>(planned.outcomes)
+            Ok::<_, anyhow::Error>((planned.outcomes, indexes))
         }
         .await;
         if result.is_err() {
@@ -708,6 +845,97 @@ impl Writer {
         }
         result
     }
+}
+
+/// The audit records of the batch's publishes that carry a draft, finished with their outcomes,
+/// and the position in the batch of each.
+fn audit_records(batch: &[Job], outcomes: &[Outcome]) -> (Vec<AuditRecord>, Vec<usize>) {
+    let mut records = Vec::new();
+    let mut at = Vec::new();
+    for (i, (job, outcome)) in batch.iter().zip(outcomes).enumerate() {
+        if let (
+            Job::Publish {
+                audit: Some(draft), ..
+            },
+            Outcome::Published(result),
+        ) = (job, outcome)
+        {
+            let code = match result {
+                Ok(_) => tonic::Code::Ok,
+                Err(e) => e.code(),
+            };
+            records.push(draft.call.record(draft.facts.clone(), code, ""));
+            at.push(i);
+        }
+    }
+    (records, at)
+}
+
+/// SQLite: adds the audit records of the batch's publishes to `b` (given the audit log's right
+/// edge); each job's audit index.
+fn stage_audit_sqlite(
+    b: &mut crate::sqlite::Batch,
+    batch: &[Job],
+    outcomes: &[Outcome],
+    range: Option<&mut CompactRange>,
+) -> Result<Vec<Option<u64>>> {
+    let mut indexes = vec![None; batch.len()];
+    let Some(range) = range else {
+        return Ok(indexes);
+    };
+    let (records, at) = audit_records(batch, outcomes);
+    if records.is_empty() {
+        return Ok(indexes);
+    }
+    let first = crate::audit::log::stage_sqlite(b, range, records)?;
+    for (k, i) in at.into_iter().enumerate() {
+        indexes[i] = Some(first + k as u64);
+    }
+    Ok(indexes)
+}
+
+/// Before the journal and the audit log shared `civgate.sqlite`, the journal lived in
+/// `journal.sqlite`. Its rows are copied into the store file in one transaction (a copy cut
+/// short by a crash is simply done again: every insert skips what is there), then the old file
+/// is renamed `journal.sqlite.migrated`.
+async fn adopt_legacy_journal(dir: &Path, conn: &mut SqliteConnection) -> Result<()> {
+    let old = dir.join("journal.sqlite");
+    if !old.exists() {
+        return Ok(());
+    }
+    crate::sqlite::settle(&old).await?;
+    sqlx::query("ATTACH DATABASE $1 AS legacy")
+        .bind(old.to_string_lossy().into_owned())
+        .execute(&mut *conn)
+        .await
+        .with_context(|| format!("attaching {}", old.display()))?;
+    let copied = sqlx::raw_sql(
+        "BEGIN IMMEDIATE;
+         INSERT OR IGNORE INTO journal_events (topic, seq, event_id, producer, idempotency_key, payload, payload_hash, recorded_at_ms)
+             SELECT topic, seq, event_id, producer, idempotency_key, payload, payload_hash, recorded_at_ms FROM legacy.journal_events;
+         INSERT OR IGNORE INTO journal_rejections (topic, grp, seq, reason, at_ms)
+             SELECT topic, grp, seq, reason, at_ms FROM legacy.journal_rejections;
+         INSERT INTO journal_heads (topic, head) SELECT topic, head FROM legacy.journal_heads WHERE true
+             ON CONFLICT (topic) DO UPDATE SET head = max(head, excluded.head);
+         INSERT INTO journal_groups (topic, grp, acked) SELECT topic, grp, acked FROM legacy.journal_groups WHERE true
+             ON CONFLICT (topic, grp) DO UPDATE SET acked = max(acked, excluded.acked);
+         COMMIT;",
+    )
+    .execute(&mut *conn)
+    .await;
+    if copied.is_err() {
+        let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
+    }
+    let detached = sqlx::raw_sql("DETACH DATABASE legacy")
+        .execute(&mut *conn)
+        .await;
+    copied.with_context(|| format!("copying the journal from {}", old.display()))?;
+    detached?;
+    let moved = dir.join("journal.sqlite.migrated");
+    std::fs::rename(&old, &moved)
+        .with_context(|| format!("renaming {} to {}", old.display(), moved.display()))?;
+    tracing::info!(from = %old.display(), "journal moved into the store file");
+    Ok(())
 }
 
 /// What one batch writes: new events with their sequences, acknowledgements, rejections, and
@@ -1031,7 +1259,7 @@ mod tests {
         let store = Store::Postgres { url, pool_max: 4 };
         let mut replicas = Vec::new();
         for _ in 0..3 {
-            replicas.push(Journal::open(&store, None).await.unwrap());
+            replicas.push(Journal::open(&store, None, None).await.unwrap());
         }
         let mut head_on_c = replicas[2].head(POPULATION).unwrap();
         let mut tasks = Vec::new();
@@ -1115,7 +1343,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn publish_ack_and_retention_keep_what_a_group_still_needs() {
         let dir = tempfile::tempdir().unwrap();
-        let j = Journal::open(&Store::Sqlite(dir.path().into()), None)
+        let j = Journal::open(&Store::Sqlite(dir.path().into()), None, None)
             .await
             .unwrap();
         for i in 0..5 {
@@ -1129,7 +1357,7 @@ mod tests {
         j.ack(POPULATION, "b", 2).await.unwrap();
         let mut conn = SqliteConnection::connect(&format!(
             "sqlite://{}",
-            dir.path().join("journal.sqlite").display()
+            crate::sqlite::store_path(dir.path()).display()
         ))
         .await
         .unwrap();
@@ -1170,7 +1398,7 @@ mod tests {
             .await
             .unwrap();
         drop(j);
-        let j = Journal::open(&Store::Sqlite(dir.path().into()), None)
+        let j = Journal::open(&Store::Sqlite(dir.path().into()), None, None)
             .await
             .unwrap();
         let r = j
@@ -1178,5 +1406,240 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(r.sequence, 7);
+    }
+
+    /// A publish carrying its call's audit draft commits the event and the record in one
+    /// transaction: the record holds the outcome (a retry: OK again; the same key with another
+    /// payload: ALREADY_EXISTS), and records appended meanwhile by the audit log's own writer
+    /// interleave in one tree that proves every entry. Then both stores reopen where they were.
+    async fn publishes_and_their_records_commit_together(store: Store) {
+        use crate::audit::{AuditLog, Call, Draft, Facts, note::Signer};
+        use prost::Message;
+
+        let open_log = || async {
+            AuditLog::open(crate::audit::log::Options {
+                store: &store,
+                signer: Signer::generate("civgate.test/audit").unwrap(),
+                origin: "civgate.test/audit".into(),
+                checkpoint_interval: Duration::from_secs(3600),
+                commit_timeout: Duration::from_secs(10),
+                healthy: watch::channel(true).0,
+            })
+            .await
+            .unwrap()
+        };
+        let log = open_log().await;
+        let journal = Journal::open(&store, None, Some(log.tail())).await.unwrap();
+        let agency: crate::domain::AgencyId = "population".parse().unwrap();
+        let fingerprint = crate::domain::CertFingerprint([7; 32]);
+        let draft = |rid: &str| Draft {
+            call: Arc::new(Call {
+                peer: Arc::new(crate::identity::PeerIdentity {
+                    agency: Ok(agency.clone()),
+                    fingerprint,
+                }),
+                principal: Some(crate::policy::Principal {
+                    agency: agency.clone(),
+                    role: crate::domain::Role::PopulationDb,
+                    fingerprint,
+                    registry_offices: Arc::from([]),
+                }),
+                path: "/civgate.v1.Exchange/Publish".into(),
+                request_id: rid.into(),
+                started: std::time::Instant::now(),
+            }),
+            facts: Facts {
+                subjects: vec!["031200000001".into()],
+                fields: vec!["event:personal_id_assigned".into()],
+                ..Facts::default()
+            },
+        };
+        let record_at = |log: &AuditLog, i: u64| {
+            let log = log.clone();
+            async move {
+                let leaf = log.entries(i, i + 1).await.unwrap().remove(0);
+                AuditRecord::decode(leaf.as_slice()).unwrap()
+            }
+        };
+
+        let start = log.size();
+        let first = journal
+            .publish_audited("population", "k1", POPULATION, vec![1], Some(draft("r1")))
+            .await;
+        let receipt = first.result.unwrap();
+        assert_eq!(first.audit_index, Some(start));
+        assert_eq!(
+            log.size(),
+            start + 1,
+            "the record is durable with the receipt"
+        );
+        let rec = record_at(&log, start).await;
+        assert_eq!(
+            (rec.index, rec.outcome.as_str(), rec.request_id.as_str()),
+            (start, "OK", "r1")
+        );
+        assert_eq!(rec.method, "/civgate.v1.Exchange/Publish");
+        assert_eq!(rec.role, "population_db");
+        assert_eq!(rec.subject_personal_ids, ["031200000001"]);
+        assert_eq!(rec.fields_returned, ["event:personal_id_assigned"]);
+
+        let retry = journal
+            .publish_audited("population", "k1", POPULATION, vec![1], Some(draft("r2")))
+            .await;
+        assert_eq!(retry.result.unwrap(), receipt);
+        assert_eq!(
+            record_at(&log, retry.audit_index.unwrap()).await.outcome,
+            "OK"
+        );
+        let clash = journal
+            .publish_audited("population", "k1", POPULATION, vec![2], Some(draft("r3")))
+            .await;
+        assert!(matches!(clash.result, Err(JournalError::Conflict(_))));
+        let rec = record_at(&log, clash.audit_index.unwrap()).await;
+        assert_eq!(
+            (rec.outcome.as_str(), rec.request_id.as_str()),
+            ("ALREADY_EXISTS", "r3")
+        );
+        // Without a draft nothing is recorded by the journal.
+        let plain = journal
+            .publish_audited("population", "k2", POPULATION, vec![3], None)
+            .await;
+        assert_eq!(plain.audit_index, None);
+        assert_eq!(plain.result.unwrap().sequence, receipt.sequence + 1);
+
+        // Both writers at once: every index once, one tree.
+        let mut tasks = Vec::new();
+        for t in 0..4u8 {
+            let (journal, log) = (journal.clone(), log.clone());
+            let drafts: Vec<Draft> = (0..25).map(|i| draft(&format!("t{t}-{i}"))).collect();
+            tasks.push(tokio::spawn(async move {
+                let mut indexes = Vec::new();
+                for (i, d) in drafts.into_iter().enumerate() {
+                    let key = format!("c{t}-{i}");
+                    let p = journal
+                        .publish_audited("population", &key, POPULATION, vec![t, i as u8], Some(d))
+                        .await;
+                    p.result.unwrap();
+                    indexes.push(p.audit_index.unwrap());
+                    let rec = AuditRecord {
+                        method: "/civgate.v1.Citizens/GetCitizen".into(),
+                        outcome: "OK".into(),
+                        ..AuditRecord::default()
+                    };
+                    indexes.push(log.append(rec).await.unwrap());
+                }
+                indexes
+            }));
+        }
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.unwrap());
+        }
+        all.sort_unstable();
+        let size = log.size();
+        assert_eq!(all, (start + 3..size).collect::<Vec<u64>>());
+        log.assert_every_entry_proves(size).await;
+        for i in 0..size {
+            assert_eq!(
+                record_at(&log, i).await.index,
+                i,
+                "leaf {i} names its own index"
+            );
+        }
+        drop((journal, log));
+
+        // Reopened: the same log, the same heads.
+        let log = open_log().await;
+        assert_eq!(log.size(), size);
+        let journal = Journal::open(&store, None, Some(log.tail())).await.unwrap();
+        assert_eq!(
+            *journal.head(POPULATION).unwrap().borrow(),
+            receipt.sequence + 101
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn publishes_and_their_records_commit_together_on_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        publishes_and_their_records_commit_together(Store::Sqlite(dir.path().into())).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn publishes_and_their_records_commit_together_on_postgres() {
+        let Some(url) = crate::store::test_schema("journal_audited").await else {
+            return;
+        };
+        publishes_and_their_records_commit_together(Store::Postgres { url, pool_max: 4 }).await;
+    }
+
+    /// A data directory of an earlier release — the journal in `journal.sqlite` — opens with its
+    /// events, heads, acknowledgements and rejections in the store file, and keeps counting.
+    #[tokio::test]
+    async fn a_journal_in_its_own_file_moves_into_the_store_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = dir.path().join("journal.sqlite");
+        let mut c = SqliteConnection::connect_with(
+            &crate::sqlite::options(&old, Duration::from_secs(5)).unwrap(),
+        )
+        .await
+        .unwrap();
+        sqlx::raw_sql(SCHEMA).execute(&mut c).await.unwrap();
+        for seq in 1..=3i64 {
+            sqlx::query(
+                "INSERT INTO journal_events (topic, seq, event_id, producer, idempotency_key, \
+                 payload, payload_hash, recorded_at_ms) VALUES ($1, $2, $3, 'population', $4, $5, $6, 1)",
+            )
+            .bind(POPULATION)
+            .bind(seq)
+            .bind(format!("e{seq}"))
+            .bind(format!("k{seq}"))
+            .bind(vec![seq as u8])
+            .bind(Sha256::digest([seq as u8]).to_vec())
+            .execute(&mut c)
+            .await
+            .unwrap();
+        }
+        sqlx::raw_sql(
+            "INSERT INTO journal_heads VALUES ('population', 3);
+             INSERT INTO journal_groups VALUES ('population', 'g', 2);
+             INSERT INTO journal_rejections VALUES ('population', 'g', 3, 'no such citizen', 1);",
+        )
+        .execute(&mut c)
+        .await
+        .unwrap();
+        c.close().await.unwrap();
+
+        let j = Journal::open(&Store::Sqlite(dir.path().into()), None, None)
+            .await
+            .unwrap();
+        assert!(!old.exists() && dir.path().join("journal.sqlite.migrated").exists());
+        let events = j.read(POPULATION, 1, 3, 10).await.unwrap();
+        assert_eq!(
+            events
+                .iter()
+                .map(|e| e.event_id.as_str())
+                .collect::<Vec<_>>(),
+            ["e1", "e2", "e3"]
+        );
+        assert_eq!(*j.acked(POPULATION, "g").await.unwrap().borrow(), 2);
+        let status = j.status("e3").await.unwrap().unwrap();
+        assert_eq!(
+            status.groups,
+            [(
+                "g".to_owned(),
+                GroupState::Rejected("no such citizen".into())
+            )]
+        );
+        // A retry of an old key still finds its receipt; a new event continues the sequence.
+        let again = j
+            .publish("population", "k2", POPULATION, vec![2])
+            .await
+            .unwrap();
+        assert_eq!((again.event_id.as_str(), again.sequence), ("e2", 2));
+        let next = j
+            .publish("population", "k4", POPULATION, vec![4])
+            .await
+            .unwrap();
+        assert_eq!(next.sequence, 4);
     }
 }
