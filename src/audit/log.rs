@@ -965,42 +965,41 @@ pub(crate) fn stage_sqlite(
 }
 
 fn stage_rows(b: &mut crate::sqlite::Batch, rows: &[LeafRow], new_size: u64) -> Result<()> {
-    for chunk in rows.chunks(500) {
-        b.statement(&format!(
-            "INSERT INTO audit_leaves (idx, leaf, time_ms, agency, method, outcome) VALUES {}",
-            vec!["(?, ?, ?, ?, ?, ?)"; chunk.len()].join(",")
-        ));
-        for r in chunk {
+    b.insert_rows(
+        "INSERT INTO audit_leaves (idx, leaf, time_ms, agency, method, outcome)",
+        6,
+        rows,
+        |b, r| {
             b.bind(r.index as i64)?
                 .bind(r.leaf.as_slice())?
                 .bind(r.record.time_unix_ms)?
                 .bind(r.record.agency_id.as_str())?
                 .bind(r.record.method.as_str())?
                 .bind(r.record.outcome.as_str())?;
-        }
-    }
+            Ok(())
+        },
+    )?;
     let nodes: Vec<_> = rows.iter().flat_map(|r| r.nodes.iter()).collect();
-    for chunk in nodes.chunks(500) {
-        b.statement(&format!(
-            "INSERT INTO audit_tree (leaf_end, level, hash) VALUES {}",
-            vec!["(?, ?, ?)"; chunk.len()].join(",")
-        ));
-        for (id, hash) in chunk {
+    b.insert_rows(
+        "INSERT INTO audit_tree (leaf_end, level, hash)",
+        3,
+        &nodes,
+        |b, (id, hash)| {
             b.bind(id.leaf_end() as i64)?
                 .bind(i64::from(id.level))?
                 .bind(hash.as_slice())?;
-        }
-    }
-    let subjects = subjects_of(rows);
-    for chunk in subjects.chunks(500) {
-        b.statement(&format!(
-            "INSERT OR IGNORE INTO audit_subjects (personal_id, idx) VALUES {}",
-            vec!["(?, ?)"; chunk.len()].join(",")
-        ));
-        for (s, i) in chunk {
+            Ok(())
+        },
+    )?;
+    b.insert_rows(
+        "INSERT OR IGNORE INTO audit_subjects (personal_id, idx)",
+        2,
+        &subjects_of(rows),
+        |b, (s, i)| {
             b.bind(*s)?.bind(*i as i64)?;
-        }
-    }
+            Ok(())
+        },
+    )?;
     b.statement(
         "INSERT INTO audit_meta (key, value) VALUES ('size', ?) \
          ON CONFLICT (key) DO UPDATE SET value = excluded.value",

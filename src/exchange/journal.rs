@@ -1068,9 +1068,11 @@ impl Plan<'_> {
                 .bind(*reason)?
                 .bind(self.now)?;
         }
-        for chunk in self.rows.chunks(100) {
-            b.statement(&q(&Self::insert_sql(chunk.len())));
-            for (topic, seq, event_id, producer, key, payload, hash) in chunk {
+        b.insert_rows(
+            "INSERT INTO journal_events (topic, seq, event_id, producer, idempotency_key, payload, payload_hash, recorded_at_ms)",
+            8,
+            &self.rows,
+            |b, (topic, seq, event_id, producer, key, payload, hash)| {
                 b.bind(*topic)?
                     .bind(*seq as i64)?
                     .bind(event_id.as_str())?
@@ -1079,8 +1081,9 @@ impl Plan<'_> {
                     .bind(*payload)?
                     .bind(hash.as_slice())?
                     .bind(self.now)?;
-            }
-        }
+                Ok(())
+            },
+        )?;
         for (topic, seq) in self.heads() {
             b.statement(&q(HEAD_SQL));
             b.bind(topic)?.bind(seq as i64)?;
