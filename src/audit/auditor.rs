@@ -122,10 +122,15 @@ impl Online {
         Ok((note, cp))
     }
 
-    pub async fn entries(&mut self, size: u64) -> Result<Vec<Vec<u8>>> {
-        let mut out = Vec::with_capacity(size as usize);
-        while (out.len() as u64) < size {
-            let start = out.len() as u64;
+    /// Entries `[0, size)` page by page, in order: `each(start, page)`. Only one page is held
+    /// at a time, so a log of any length can be read.
+    pub async fn pages(
+        &mut self,
+        size: u64,
+        mut each: impl FnMut(u64, Vec<Vec<u8>>) -> Result<()>,
+    ) -> Result<()> {
+        let mut start = 0u64;
+        while start < size {
             let r = self
                 .client
                 .get_entries(GetEntriesRequest { start, end: size })
@@ -136,7 +141,9 @@ impl Online {
                     if page.is_empty() {
                         return Err(Finding::Missing { index: start }.into());
                     }
-                    out.extend(page);
+                    let n = page.len() as u64;
+                    each(start, page)?;
+                    start += n;
                 }
                 Err(s) if s.code() == tonic::Code::DataLoss => {
                     let index = s
@@ -149,7 +156,21 @@ impl Online {
                 Err(s) => return Err(anyhow::anyhow!("GetEntries: {}", s.message())),
             }
         }
-        Ok(out)
+        Ok(())
+    }
+
+    /// The leaf hashes of entries `[0, size)`, each entry checked on the way (it decodes and
+    /// names its own index); the entries themselves are not kept.
+    pub async fn leaf_hashes(&mut self, size: u64) -> Result<Vec<Hash>> {
+        let mut hashes = Vec::with_capacity(size as usize);
+        self.pages(size, |start, page| {
+            for (k, leaf) in page.iter().enumerate() {
+                hashes.push(checked_leaf(start + k as u64, leaf)?);
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(hashes)
     }
 
     async fn consistency(&mut self, first: u64, second: u64) -> Result<Vec<Vec<u8>>> {
@@ -198,34 +219,37 @@ pub fn open_checkpoint(note: &str, verifier: &Verifier) -> Result<Checkpoint, Fi
     Checkpoint::parse(text).map_err(|e| Finding::BadCheckpoint(e.to_string()))
 }
 
-/// Checks entries against a verified checkpoint and the saved state. With `online`, an
-/// altered entry is located by asking for consistency proofs (a binary search over prefixes).
-pub async fn check(
-    cp: &Checkpoint,
-    leaves: &[Vec<u8>],
-    saved: Option<&SavedState>,
-    mut online: Option<&mut Online>,
-) -> Result<Report> {
-    if (leaves.len() as u64) < cp.size {
-        return Err(Finding::Missing {
-            index: leaves.len() as u64,
+/// The leaf hash of entry `index`, after checking that it decodes and names that index.
+fn checked_leaf(index: u64, leaf: &[u8]) -> Result<Hash> {
+    let rec = AuditRecord::decode(leaf).map_err(|_| Finding::Undecodable { index })?;
+    if rec.index != index {
+        return Err(Finding::OutOfPlace {
+            index,
+            claims: rec.index,
         }
         .into());
     }
-    let leaves = &leaves[..cp.size as usize];
-    for (i, leaf) in leaves.iter().enumerate() {
-        let rec = AuditRecord::decode(leaf.as_slice())
-            .map_err(|_| Finding::Undecodable { index: i as u64 })?;
-        if rec.index != i as u64 {
-            return Err(Finding::OutOfPlace {
-                index: i as u64,
-                claims: rec.index,
-            }
-            .into());
+    Ok(leaf_hash(leaf))
+}
+
+/// Checks the entries' leaf hashes (each entry already checked by [`checked_leaf`]) against a
+/// verified checkpoint and the saved state. With `online`, an altered entry is located by
+/// asking for consistency proofs (a binary search over prefixes). Holding 32 bytes per entry
+/// rather than the entries keeps a long log's verification within memory.
+pub async fn check(
+    cp: &Checkpoint,
+    hashes: &[Hash],
+    saved: Option<&SavedState>,
+    mut online: Option<&mut Online>,
+) -> Result<Report> {
+    if (hashes.len() as u64) < cp.size {
+        return Err(Finding::Missing {
+            index: hashes.len() as u64,
         }
+        .into());
     }
-    let hashes: Vec<Hash> = leaves.iter().map(|l| leaf_hash(l)).collect();
-    let root = prefix_root(&hashes, hashes.len());
+    let hashes = &hashes[..cp.size as usize];
+    let root = prefix_root(hashes, hashes.len());
     if root != cp.root {
         let Some(online) = online.as_deref_mut() else {
             return Err(Finding::RootMismatch.into());
@@ -239,7 +263,7 @@ pub async fn check(
             let ok = verify_consistency_bytes(
                 mid,
                 cp.size,
-                &prefix_root(&hashes, mid as usize),
+                &prefix_root(hashes, mid as usize),
                 &cp.root,
                 &proof,
             )
@@ -261,8 +285,7 @@ pub async fn check(
             .into());
         }
         if saved.size > 0 {
-            if prefix_root(&hashes, saved.size as usize).as_slice() != saved.root_hash().as_slice()
-            {
+            if prefix_root(hashes, saved.size as usize).as_slice() != saved.root_hash().as_slice() {
                 return Err(Finding::Rewritten(format!(
                     "the first {} entries no longer hash to the root verified before",
                     saved.size
@@ -309,8 +332,8 @@ pub async fn verify_online(
             cp.origin
         );
     }
-    let leaves = online.entries(cp.size).await?;
-    let report = check(&cp, &leaves, saved.as_ref(), Some(online)).await?;
+    let hashes = online.leaf_hashes(cp.size).await?;
+    let report = check(&cp, &hashes, saved.as_ref(), Some(online)).await?;
     save(state, &cp)?;
     Ok(report)
 }
@@ -345,49 +368,56 @@ pub async fn export(
         "{}",
         serde_json::to_string(&ExportLine::Checkpoint { checkpoint: note })?
     )?;
-    let leaves = online.entries(cp.size).await?;
-    for (i, l) in leaves.iter().enumerate() {
-        writeln!(
-            out,
-            "{}",
-            serde_json::to_string(&ExportLine::Entry {
-                index: i as u64,
-                leaf: STANDARD.encode(l)
-            })?
-        )?;
-    }
+    online
+        .pages(cp.size, |start, page| {
+            for (k, l) in page.iter().enumerate() {
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::to_string(&ExportLine::Entry {
+                        index: start + k as u64,
+                        leaf: STANDARD.encode(l)
+                    })?
+                )?;
+            }
+            Ok(())
+        })
+        .await?;
     Ok(cp.size)
 }
 
 /// `civgate audit verify --export FILE`: offline.
 pub async fn verify_export(path: &Path, verifier: &Verifier, state: &Path) -> Result<Report> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut lines = text.lines();
+    use std::io::BufRead;
+    let file = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let read =
+        |l: std::io::Result<String>| l.with_context(|| format!("reading {}", path.display()));
+    let mut lines = std::io::BufReader::new(file).lines();
+    let first = lines.next().map(read).transpose()?;
     let Some(Ok(ExportLine::Checkpoint { checkpoint })) =
-        lines.next().map(serde_json::from_str::<ExportLine>)
+        first.map(|l| serde_json::from_str::<ExportLine>(&l))
     else {
         anyhow::bail!("{}: the first line must be the checkpoint", path.display());
     };
     let cp = open_checkpoint(&checkpoint, verifier)?;
-    let mut leaves = Vec::new();
-    for (n, line) in lines.enumerate() {
-        match serde_json::from_str::<ExportLine>(line) {
+    // Entries past the checkpoint's size are not part of the signed tree and are not read.
+    let mut hashes = Vec::new();
+    for (n, line) in lines.take(cp.size as usize).enumerate() {
+        match serde_json::from_str::<ExportLine>(&read(line)?) {
             Ok(ExportLine::Entry { index, leaf }) => {
                 if index != n as u64 {
                     return Err(Finding::Missing { index: n as u64 }.into());
                 }
-                leaves.push(
-                    STANDARD
-                        .decode(leaf)
-                        .map_err(|_| Finding::Undecodable { index })?,
-                );
+                let leaf = STANDARD
+                    .decode(leaf)
+                    .map_err(|_| Finding::Undecodable { index })?;
+                hashes.push(checked_leaf(index, &leaf)?);
             }
             _ => anyhow::bail!("{}: line {} is not an entry", path.display(), n + 2),
         }
     }
     let saved = SavedState::load(state)?;
-    let report = check(&cp, &leaves, saved.as_ref(), None).await?;
+    let report = check(&cp, &hashes, saved.as_ref(), None).await?;
     save(state, &cp)?;
     Ok(report)
 }
