@@ -217,6 +217,16 @@ impl AuditTail {
         self.range.lock().await
     }
 
+    /// [`lock`](Self::lock) for a writer that may run without an audit log (nothing to take).
+    pub async fn lock_if(
+        tail: Option<&AuditTail>,
+    ) -> Option<tokio::sync::MutexGuard<'_, CompactRange>> {
+        match tail {
+            Some(t) => Some(t.lock().await),
+            None => None,
+        }
+    }
+
     /// After a commit that extended the log to `range`: the new size is visible, the log
     /// healthy.
     pub fn committed(&self, range: &CompactRange) {

@@ -98,10 +98,7 @@ impl JournalError {
 
 impl From<JournalError> for tonic::Status {
     fn from(e: JournalError) -> Self {
-        match e {
-            JournalError::Conflict(_) => tonic::Status::already_exists(e.to_string()),
-            _ => tonic::Status::unavailable(e.to_string()),
-        }
+        tonic::Status::new(e.code(), e.to_string())
     }
 }
 
@@ -244,10 +241,7 @@ impl Journal {
                 .with_context(|| format!("opening {}", path.display()))?;
         {
             // The audit log's writer may be writing this file already.
-            let _writing = match &audit {
-                Some(t) => Some(t.lock().await),
-                None => None,
-            };
+            let _writing = AuditTail::lock_if(audit.as_ref()).await;
             sqlx::raw_sql(SCHEMA).execute(&mut conn).await?;
             adopt_legacy_journal(dir, &mut conn).await?;
         }
@@ -641,10 +635,7 @@ impl Writer {
     async fn prune(&mut self, retention: Duration) -> Result<u64> {
         let cutoff = crate::audit::log::now_ms() - retention.as_millis() as i64;
         let tail = self.audit.clone();
-        let _writing = match &tail {
-            Some(t) => Some(t.lock().await),
-            None => None,
-        };
+        let _writing = AuditTail::lock_if(tail.as_ref()).await;
         let done = match &mut self.conn {
             WriterConn::Sqlite(conn) => sqlx::query(PRUNE)
                 .bind(cutoff)
@@ -670,10 +661,7 @@ impl Writer {
         // Taken before any database lock (see `AuditTail`), for every commit: on SQLite the
         // audit log's writer writes the same file.
         let tail = self.audit.clone();
-        let mut range = match &tail {
-            Some(t) => Some(t.lock().await),
-            None => None,
-        };
+        let mut range = AuditTail::lock_if(tail.as_ref()).await;
         let range_before = range.as_deref().cloned();
         let before = self.last.clone();
         let started = std::time::Instant::now();
@@ -832,9 +820,7 @@ impl Writer {
                 && !records.is_empty()
             {
                 let first = crate::audit::log::append_pg(&mut tx, range, records).await?;
-                for (k, i) in at.into_iter().enumerate() {
-                    indexes[i] = Some(first + k as u64);
-                }
+                indexes = placed(batch.len(), first, at);
             }
             tx.commit().await?;
             Ok::<_, anyhow::Error>((planned.outcomes, indexes))
@@ -879,19 +865,24 @@ fn stage_audit_sqlite(
     outcomes: &[Outcome],
     range: Option<&mut CompactRange>,
 ) -> Result<Vec<Option<u64>>> {
-    let mut indexes = vec![None; batch.len()];
-    let Some(range) = range else {
-        return Ok(indexes);
-    };
     let (records, at) = audit_records(batch, outcomes);
-    if records.is_empty() {
-        return Ok(indexes);
+    match range {
+        Some(range) if !records.is_empty() => {
+            let first = crate::audit::log::stage_sqlite(b, range, records)?;
+            Ok(placed(batch.len(), first, at))
+        }
+        _ => Ok(vec![None; batch.len()]),
     }
-    let first = crate::audit::log::stage_sqlite(b, range, records)?;
+}
+
+/// Each job's audit index: the records appended from `first` on belong, in order, to the jobs
+/// at positions `at`; the other jobs have none.
+fn placed(jobs: usize, first: u64, at: Vec<usize>) -> Vec<Option<u64>> {
+    let mut indexes = vec![None; jobs];
     for (k, i) in at.into_iter().enumerate() {
         indexes[i] = Some(first + k as u64);
     }
-    Ok(indexes)
+    indexes
 }
 
 /// Before the journal and the audit log shared `civgate.sqlite`, the journal lived in
@@ -909,23 +900,25 @@ async fn adopt_legacy_journal(dir: &Path, conn: &mut SqliteConnection) -> Result
         .execute(&mut *conn)
         .await
         .with_context(|| format!("attaching {}", old.display()))?;
-    let copied = sqlx::raw_sql(
-        "BEGIN IMMEDIATE;
-         INSERT OR IGNORE INTO journal_events (topic, seq, event_id, producer, idempotency_key, payload, payload_hash, recorded_at_ms)
-             SELECT topic, seq, event_id, producer, idempotency_key, payload, payload_hash, recorded_at_ms FROM legacy.journal_events;
-         INSERT OR IGNORE INTO journal_rejections (topic, grp, seq, reason, at_ms)
-             SELECT topic, grp, seq, reason, at_ms FROM legacy.journal_rejections;
-         INSERT INTO journal_heads (topic, head) SELECT topic, head FROM legacy.journal_heads WHERE true
-             ON CONFLICT (topic) DO UPDATE SET head = max(head, excluded.head);
-         INSERT INTO journal_groups (topic, grp, acked) SELECT topic, grp, acked FROM legacy.journal_groups WHERE true
-             ON CONFLICT (topic, grp) DO UPDATE SET acked = max(acked, excluded.acked);
-         COMMIT;",
+    let mut copy = crate::sqlite::Batch::new();
+    copy.statement(
+        "INSERT OR IGNORE INTO journal_events (topic, seq, event_id, producer, idempotency_key, payload, payload_hash, recorded_at_ms) \
+         SELECT topic, seq, event_id, producer, idempotency_key, payload, payload_hash, recorded_at_ms FROM legacy.journal_events",
     )
-    .execute(&mut *conn)
-    .await;
-    if copied.is_err() {
-        let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
-    }
+    .statement(
+        "INSERT OR IGNORE INTO journal_rejections (topic, grp, seq, reason, at_ms) \
+         SELECT topic, grp, seq, reason, at_ms FROM legacy.journal_rejections",
+    )
+    .statement(
+        "INSERT INTO journal_heads (topic, head) SELECT topic, head FROM legacy.journal_heads WHERE true \
+         ON CONFLICT (topic) DO UPDATE SET head = max(head, excluded.head)",
+    )
+    .statement(
+        "INSERT INTO journal_groups (topic, grp, acked) SELECT topic, grp, acked FROM legacy.journal_groups WHERE true \
+         ON CONFLICT (topic, grp) DO UPDATE SET acked = max(acked, excluded.acked)",
+    );
+    // One transaction, rolled back whole if any statement fails.
+    let copied = copy.commit(&mut *conn).await;
     let detached = sqlx::raw_sql("DETACH DATABASE legacy")
         .execute(&mut *conn)
         .await;
