@@ -705,6 +705,61 @@ async fn audit_proofs(a: &AuditProofArgs) -> Result<()> {
         log.consistency_proof(first, size).await?;
         let _ = con.record(t.elapsed().as_micros().max(1) as u64);
     }
+    // Searches by subject: the subject filters of every complete block first (built in the
+    // background), then citizens who are in the log and citizens who are not.
+    let blocks = size / crate::audit::subjects::BLOCK;
+    let started = Instant::now();
+    tokio::time::timeout(
+        Duration::from_secs(600),
+        log.filtered_blocks().wait_for(|b| *b >= blocks),
+    )
+    .await
+    .context("subject filters not built within 10 minutes")??;
+    println!(
+        "subject filters of {blocks} blocks ready {:.1} s after open",
+        started.elapsed().as_secs_f64()
+    );
+    let mut found =
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut absent = found.clone();
+    for q in 0..(a.queries / 20).max(10) {
+        let present = q % 2 == 0;
+        let id = if present {
+            // An entry's own subject (as appended above, or by any earlier run).
+            let i = rng.random_range(0..size);
+            let leaf = log.entries(i, i + 1).await?;
+            let rec = <crate::pb::v1::AuditRecord as prost::Message>::decode(leaf[0].as_slice())?;
+            let Some(id) = rec.subject_personal_ids.first().cloned() else {
+                continue;
+            };
+            id
+        } else {
+            format!("09{:010}", rng.random_range(0..10_000_000_000u64))
+        };
+        let t = Instant::now();
+        let rows = log
+            .search(&crate::audit::Filter {
+                subject: Some(id),
+                limit: 100,
+                ..Default::default()
+            })
+            .await?;
+        let h = if present { &mut found } else { &mut absent };
+        let _ = h.record(t.elapsed().as_micros().max(1) as u64);
+        anyhow::ensure!(
+            rows.is_empty() != present,
+            "search for {present:?} subject wrong"
+        );
+    }
+    for (name, h) in [("subject found", &found), ("subject absent", &absent)] {
+        println!(
+            "{name:<14} searches on {size} entries: p50 {} µs, p99 {} µs, max {} µs ({} queries)",
+            h.value_at_quantile(0.5),
+            h.value_at_quantile(0.99),
+            h.max(),
+            h.len()
+        );
+    }
     for (name, h) in [("inclusion", &inc), ("consistency", &con)] {
         println!(
             "{name:<12} proofs on {size} entries: p50 {} µs, p99 {} µs, p99.9 {} µs, max {} µs ({} queries)",

@@ -45,7 +45,12 @@ pub fn is_postgres_url(url: &str) -> bool {
 }
 
 /// The schema version this build writes. Bump with a new entry in `MIGRATIONS`.
-const MIGRATIONS: &[(i64, &str)] = &[(1, SCHEMA_V1), (2, SCHEMA_V2), (3, SCHEMA_V3)];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, SCHEMA_V1),
+    (2, SCHEMA_V2),
+    (3, SCHEMA_V3),
+    (4, SCHEMA_V4),
+];
 
 /// Where the applied schema versions are recorded.
 const SCHEMA_VERSIONS: &str = "CREATE TABLE IF NOT EXISTS civgate_schema (version BIGINT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())";
@@ -219,6 +224,18 @@ CREATE TABLE audit_tree (
 INSERT INTO audit_tree (leaf_end, level, hash)
     SELECT (idx + 1) << (level::integer), level, hash FROM audit_nodes;
 DROP TABLE audit_nodes;
+";
+
+/// Version 4: the audit log's subjects index `(personal_id, idx)` — a random index page per
+/// record in every commit — gives way to one Bloom filter per block of 4,096 entries, built from
+/// the leaves after the block is complete (`audit/subjects.rs`). Replicas of an older build
+/// stop writing (their inserts into `audit_subjects` fail); upgrade them together.
+const SCHEMA_V4: &str = "
+CREATE TABLE audit_subject_blocks (
+    block BIGINT PRIMARY KEY,
+    filter BYTEA NOT NULL
+);
+DROP TABLE audit_subjects;
 ";
 
 /// Connection options for `url`: synchronous_commit on (a commit is durable when it returns),
@@ -415,7 +432,7 @@ mod tests {
         .unwrap();
         tx.commit().await.unwrap();
 
-        assert_eq!(migrate(&pool).await.unwrap(), 3);
+        assert_eq!(migrate(&pool).await.unwrap(), 4);
         let rows: Vec<(i64, i64, Vec<u8>)> =
             sqlx::query_as("SELECT leaf_end, level, hash FROM audit_tree ORDER BY leaf_end, level")
                 .fetch_all(&pool)

@@ -24,6 +24,7 @@ use super::{
         leaf_hash,
     },
     note::{Checkpoint, Signer},
+    subjects::{BLOCK, FilterWriter, Indexer, leaf_names, may_contain},
 };
 use crate::pb::v1::AuditRecord;
 use crate::store::{AUDIT_CHANNEL, Reader, Store, with_reader};
@@ -89,7 +90,9 @@ macro_rules! remove_stale {
                     .execute(&mut *$conn)
                     .await?
                     .rows_affected();
-            sqlx::query("DELETE FROM audit_subjects WHERE idx >= $1")
+            // A block's filter stands only for a complete block.
+            sqlx::query("DELETE FROM audit_subject_blocks WHERE (block + 1) * $1 > $2")
+                .bind(BLOCK as i64)
                 .bind(size as i64)
                 .execute(&mut *$conn)
                 .await?;
@@ -116,11 +119,10 @@ CREATE TABLE IF NOT EXISTS audit_leaves (
 );
 CREATE INDEX IF NOT EXISTS audit_leaves_agency ON audit_leaves (agency, idx);
 CREATE INDEX IF NOT EXISTS audit_leaves_time ON audit_leaves (time_ms);
-CREATE TABLE IF NOT EXISTS audit_subjects (
-    personal_id TEXT NOT NULL,
-    idx INTEGER NOT NULL,
-    PRIMARY KEY (personal_id, idx)
-) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS audit_subject_blocks (
+    block INTEGER PRIMARY KEY,
+    filter BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS audit_tree (
     leaf_end INTEGER NOT NULL,
     level INTEGER NOT NULL,
@@ -194,6 +196,8 @@ pub struct AuditLog {
     reader: Reader,
     tail: AuditTail,
     latest: Arc<RwLock<String>>,
+    /// Blocks `[0, n)` have their subject filter.
+    filtered: watch::Receiver<u64>,
 }
 
 /// The tree's right edge and the log's committed size, shared by the two writers that append
@@ -209,9 +213,16 @@ pub struct AuditTail {
     size: Arc<AtomicU64>,
     /// Turns false while commits fail, true again when they succeed.
     healthy: watch::Sender<bool>,
+    /// Woken when a commit completes a block of the log (its subject filter can be built).
+    blocks: Arc<tokio::sync::Notify>,
 }
 
 impl AuditTail {
+    /// Entries durably committed (as far as this process knows).
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
     /// The right to append (and, on SQLite, to write the store file) until the guard drops.
     pub async fn lock(&self) -> tokio::sync::MutexGuard<'_, CompactRange> {
         self.range.lock().await
@@ -230,7 +241,10 @@ impl AuditTail {
     /// After a commit that extended the log to `range`: the new size is visible, the log
     /// healthy.
     pub fn committed(&self, range: &CompactRange) {
-        self.size.fetch_max(range.size(), Ordering::AcqRel);
+        let before = self.size.fetch_max(range.size(), Ordering::AcqRel);
+        if before / BLOCK != range.size() / BLOCK {
+            self.blocks.notify_one();
+        }
         metrics::gauge!(crate::telemetry::AUDIT_LOG_SIZE).set(range.size() as f64);
         self.healthy
             .send_if_modified(|h| !std::mem::replace(h, true));
@@ -282,6 +296,7 @@ impl AuditLog {
                 let log = Self::start(
                     Reader::Pg(pool.clone()),
                     WriterConn::Pg(pool.clone()),
+                    FilterWriter::Pg(pool.clone()),
                     range,
                     latest,
                     o,
@@ -303,6 +318,7 @@ impl AuditLog {
                 .with_context(|| format!("opening {}", path.display()))?;
         sqlx::raw_sql(SCHEMA).execute(&mut conn).await?;
         migrate_sqlite_nodes(&mut conn).await?;
+        drop_subjects_index(&mut conn).await?;
         let reader = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(crate::sqlite::options(&path, Duration::from_secs(5))?.read_only(true))
@@ -323,9 +339,14 @@ impl AuditLog {
             sqlx::query_as("SELECT size, note FROM audit_checkpoints ORDER BY size DESC LIMIT 1")
                 .fetch_optional(&mut conn)
                 .await?;
+        let filters =
+            SqliteConnection::connect_with(&crate::sqlite::options(&path, o.commit_timeout)?)
+                .await
+                .with_context(|| format!("opening {}", path.display()))?;
         Self::start(
             Reader::Sqlite(reader),
             WriterConn::Sqlite(conn),
+            FilterWriter::Sqlite(filters),
             range,
             latest,
             o,
@@ -336,6 +357,7 @@ impl AuditLog {
     async fn start(
         reader: Reader,
         conn: WriterConn,
+        filters: FilterWriter,
         range: CompactRange,
         latest: Option<(i64, String)>,
         o: Options<'_>,
@@ -348,10 +370,12 @@ impl AuditLog {
                 range: Arc::new(tokio::sync::Mutex::new(range)),
                 size: Arc::new(AtomicU64::new(size)),
                 healthy: o.healthy,
+                blocks: Arc::new(tokio::sync::Notify::new()),
             },
             latest: Arc::new(RwLock::new(
                 latest.as_ref().map(|(_, n)| n.clone()).unwrap_or_default(),
             )),
+            filtered: watch::channel(0).1,
         };
         let (tx, rx) = mpsc::channel(16_384);
         let mut writer = Writer {
@@ -366,7 +390,19 @@ impl AuditLog {
         writer.checkpoint().await?;
         info!(size, "audit log open");
         tokio::spawn(writer.run(rx, o.checkpoint_interval));
-        Ok(Self { tx, ..log })
+        let (built, filtered) = watch::channel(0);
+        let indexer = Indexer {
+            reader: log.reader.clone(),
+            writer: filters,
+            tail: log.tail.clone(),
+            built,
+        };
+        tokio::spawn(indexer.run(log.tail.blocks.clone(), tx.downgrade()));
+        Ok(Self {
+            tx,
+            filtered,
+            ..log
+        })
     }
 
     /// Appends one record; returns its index once it is durable.
@@ -402,6 +438,12 @@ impl AuditLog {
         self.tail.clone()
     }
 
+    /// How many blocks, from the first, have their subject filter (it follows the log in the
+    /// background; searches do not need it).
+    pub fn filtered_blocks(&self) -> watch::Receiver<u64> {
+        self.filtered.clone()
+    }
+
     /// The latest signed checkpoint (a C2SP signed note).
     pub fn latest_checkpoint(&self) -> String {
         self.latest.read().map(|s| s.clone()).unwrap_or_default()
@@ -412,13 +454,14 @@ impl AuditLog {
     #[cfg(test)]
     pub(crate) async fn assert_every_entry_proves(&self, size: u64) {
         use super::merkle::{root_of, verify_inclusion};
-        let leaves: Vec<Hash> = self
-            .entries(0, size)
-            .await
-            .expect("entries")
-            .iter()
-            .map(|l| leaf_hash(l))
-            .collect();
+        let mut leaves: Vec<Hash> = Vec::new();
+        while (leaves.len() as u64) < size {
+            let page = self
+                .entries(leaves.len() as u64, size)
+                .await
+                .expect("entries");
+            leaves.extend(page.iter().map(|l| leaf_hash(l)));
+        }
         let root = root_of(&leaves);
         for (i, leaf) in leaves.iter().enumerate() {
             let proof = self.inclusion_proof(i as u64, size).await.expect("proof");
@@ -515,52 +558,116 @@ impl AuditLog {
 
     /// Entries matching `f`, in index order; `(index, leaf)`.
     pub async fn search(&self, f: &Filter) -> Result<Vec<(u64, Vec<u8>)>, AuditError> {
-        let mut n = 0;
-        let mut p = || {
-            n += 1;
-            format!("${n}")
-        };
-        let mut sql = String::from("SELECT l.idx, l.leaf FROM audit_leaves l");
-        if f.subject.is_some() {
-            sql.push_str(&format!(
-                " JOIN audit_subjects s ON s.idx = l.idx AND s.personal_id = {}",
-                p()
-            ));
+        let size = self.size();
+        let limit = f.limit.clamp(1, 1_000) as usize;
+        match &f.subject {
+            None => self.scan(f, f.after, size, limit, None).await,
+            Some(id) => self.search_subject(f, id, size, limit).await,
         }
-        sql.push_str(&format!(" WHERE l.idx >= {} AND l.idx < {}", p(), p()));
+    }
+
+    /// Entries in `[from, to)` matching `f` (all but its subject), in index order, at most
+    /// `limit`; with `needle`, only leaves whose bytes contain it (the store compares the
+    /// bytes, so the leaves of a scanned block that cannot match never leave it).
+    async fn scan(
+        &self,
+        f: &Filter,
+        from: u64,
+        to: u64,
+        limit: usize,
+        needle: Option<&str>,
+    ) -> Result<Vec<(u64, Vec<u8>)>, AuditError> {
+        let mut n = 2;
+        let mut sql =
+            String::from("SELECT idx, leaf FROM audit_leaves WHERE idx >= $1 AND idx < $2");
+        if needle.is_some() {
+            n += 1;
+            sql.push_str(&match self.reader {
+                Reader::Sqlite(_) => format!(" AND instr(leaf, ${n}) > 0"),
+                Reader::Pg(_) => format!(" AND position(${n} IN leaf) > 0"),
+            });
+        }
         for (cond, on) in [
-            (" AND l.agency = ", f.agency.is_some()),
-            (" AND l.method = ", f.method.is_some()),
-            (" AND l.outcome = ", f.outcome.is_some()),
-            (" AND l.time_ms >= ", f.from_ms.is_some()),
-            (" AND l.time_ms < ", f.to_ms.is_some()),
+            (" AND agency = $", f.agency.is_some()),
+            (" AND method = $", f.method.is_some()),
+            (" AND outcome = $", f.outcome.is_some()),
+            (" AND time_ms >= $", f.from_ms.is_some()),
+            (" AND time_ms < $", f.to_ms.is_some()),
         ] {
             if on {
-                sql.push_str(cond);
-                sql.push_str(&p());
+                n += 1;
+                sql.push_str(&format!("{cond}{n}"));
             }
         }
-        sql.push_str(&format!(" ORDER BY l.idx LIMIT {}", p()));
-        let size = self.size() as i64;
+        sql.push_str(&format!(" ORDER BY idx LIMIT ${}", n + 1));
         let rows: Vec<(i64, Vec<u8>)> = with_reader!(&self.reader, |pool| {
             // Built only from constants and numbered placeholders.
             let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql));
-            if let Some(s) = &f.subject {
-                q = q.bind(s);
+            q = q.bind(from as i64).bind(to as i64);
+            if let Some(needle) = needle {
+                q = q.bind(needle.as_bytes());
             }
-            q = q.bind(f.after as i64).bind(size);
             for v in [&f.agency, &f.method, &f.outcome].into_iter().flatten() {
                 q = q.bind(v);
             }
             for v in [f.from_ms, f.to_ms].into_iter().flatten() {
                 q = q.bind(v);
             }
-            q.bind(i64::from(f.limit.clamp(1, 1_000)))
-                .fetch_all(pool)
-                .await
+            q.bind(limit as i64).fetch_all(pool).await
         })
         .map_err(|e| AuditError::Read(e.to_string()))?;
         Ok(rows.into_iter().map(|(i, l)| (i as u64, l)).collect())
+    }
+
+    /// Entries naming `id` (and matching the rest of `f`), from `f.after`: blocks whose filter
+    /// rules the ID out are skipped; the others, and blocks without a filter yet, are scanned.
+    async fn search_subject(
+        &self,
+        f: &Filter,
+        id: &str,
+        size: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, AuditError> {
+        /// Filters read per query (~6 KiB each at a full block).
+        const WINDOW: u64 = 256;
+        let mut out = Vec::new();
+        let mut block = f.after / BLOCK;
+        let blocks = size.div_ceil(BLOCK);
+        while block < blocks {
+            let end = (block + WINDOW).min(blocks);
+            let filters: Vec<(i64, Vec<u8>)> = with_reader!(&self.reader, |pool| {
+                sqlx::query_as(
+                    "SELECT block, filter FROM audit_subject_blocks \
+                     WHERE block >= $1 AND block < $2",
+                )
+                .bind(block as i64)
+                .bind(end as i64)
+                .fetch_all(pool)
+                .await
+            })
+            .map_err(|e| AuditError::Read(e.to_string()))?;
+            let filters: std::collections::HashMap<u64, Vec<u8>> =
+                filters.into_iter().map(|(b, fl)| (b as u64, fl)).collect();
+            for b in block..end {
+                if filters.get(&b).is_some_and(|fl| !may_contain(fl, id)) {
+                    continue;
+                }
+                let (from, to) = ((b * BLOCK).max(f.after), ((b + 1) * BLOCK).min(size));
+                if from >= to {
+                    continue;
+                }
+                for (i, leaf) in self.scan(f, from, to, BLOCK as usize, Some(id)).await? {
+                    if leaf_names(&leaf, id) {
+                        out.push((i, leaf));
+                        if out.len() == limit {
+                            return Ok(out);
+                        }
+                    }
+                }
+            }
+            block = end;
+        }
+        Ok(out)
     }
 }
 
@@ -725,18 +832,6 @@ impl Writer {
     }
 }
 
-/// (personal ID, index) for every subject of every row.
-fn subjects_of(rows: &[LeafRow]) -> Vec<(&str, u64)> {
-    rows.iter()
-        .flat_map(|r| {
-            r.record
-                .subject_personal_ids
-                .iter()
-                .map(move |s| (s.as_str(), r.index))
-        })
-        .collect()
-}
-
 /// Gives each record the next index, encodes it, and extends the tree; the rows to store.
 fn assign(range: &mut CompactRange, records: Vec<AuditRecord>) -> Vec<LeafRow> {
     records
@@ -791,7 +886,7 @@ async fn write_pg(
 
 /// PostgreSQL, inside the caller's transaction (which the caller commits): locks the size row,
 /// catches up with other replicas, gives `records` the next indexes and inserts them with
-/// their subtree hashes, subjects, the new size and the NOTIFY. Returns the first index.
+/// their subtree hashes, the new size and the NOTIFY. Returns the first index.
 pub(crate) async fn append_pg(
     tx: &mut sqlx::PgConnection,
     range: &mut CompactRange,
@@ -804,7 +899,7 @@ pub(crate) async fn append_pg(
     let mut groups: Vec<&[LeafRow]> = Vec::new();
     let (mut start, mut params) = (0, 0);
     for (i, r) in rows.iter().enumerate() {
-        let p = 6 + 3 * r.nodes.len() + 2 * r.record.subject_personal_ids.len();
+        let p = 6 + 3 * r.nodes.len();
         if params + p > 30_000 && i > start {
             groups.push(&rows[start..i]);
             (start, params) = (i, 0);
@@ -819,7 +914,7 @@ pub(crate) async fn append_pg(
     Ok(first)
 }
 
-/// One statement: the leaves of `rows`, their subtree hashes and subjects, and — for the last
+/// One statement: the leaves of `rows`, their subtree hashes, and — for the last
 /// statement of a batch — the new size and the NOTIFY sent at commit.
 async fn insert_pg(
     tx: &mut sqlx::PgConnection,
@@ -827,7 +922,6 @@ async fn insert_pg(
     new_size: Option<u64>,
 ) -> Result<()> {
     let nodes: Vec<_> = rows.iter().flat_map(|r| r.nodes.iter()).collect();
-    let subjects = subjects_of(rows);
     let mut next = 0;
     let mut values = |rows: usize, width: usize| {
         let v = numbered_from(next, rows, width);
@@ -842,12 +936,6 @@ async fn insert_pg(
         sql.push_str(&format!(
             ", n AS (INSERT INTO audit_tree (leaf_end, level, hash) VALUES {})",
             values(nodes.len(), 3)
-        ));
-    }
-    if !subjects.is_empty() {
-        sql.push_str(&format!(
-            ", s AS (INSERT INTO audit_subjects (personal_id, idx) VALUES {} ON CONFLICT DO NOTHING)",
-            values(subjects.len(), 2)
         ));
     }
     if new_size.is_some() {
@@ -875,9 +963,6 @@ async fn insert_pg(
             .bind(id.leaf_end() as i64)
             .bind(i64::from(id.level))
             .bind(hash.as_slice());
-    }
-    for (s, i) in &subjects {
-        q = q.bind(*s).bind(*i as i64);
     }
     if let Some(size) = new_size {
         q = q
@@ -960,8 +1045,26 @@ async fn migrate_sqlite_nodes(conn: &mut SqliteConnection) -> Result<()> {
     Ok(())
 }
 
+/// Logs written before 2026-11-27 kept an index `audit_subjects (personal_id, idx)`, one row
+/// per subject of every record. Block filters (`subjects.rs`) replace it; they are built from
+/// the leaves in the background, and searches scan the blocks that have none yet.
+async fn drop_subjects_index(conn: &mut SqliteConnection) -> Result<()> {
+    let old: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'audit_subjects'",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    if old > 0 {
+        sqlx::raw_sql("DROP TABLE audit_subjects")
+            .execute(&mut *conn)
+            .await?;
+        info!("audit store: subjects index dropped; block filters are built from the leaves");
+    }
+    Ok(())
+}
+
 /// SQLite: gives `records` the next indexes, extends `range`, and adds to `b` their leaves,
-/// the subtree hashes they complete, their subjects and the new size — committed with whatever
+/// the subtree hashes they complete and the new size — committed with whatever
 /// else `b` holds, in one transaction. Returns the first index.
 pub(crate) fn stage_sqlite(
     b: &mut crate::sqlite::Batch,
@@ -1001,15 +1104,6 @@ fn stage_rows(b: &mut crate::sqlite::Batch, rows: &[LeafRow], new_size: u64) -> 
             Ok(())
         },
     )?;
-    b.insert_rows(
-        "INSERT OR IGNORE INTO audit_subjects (personal_id, idx)",
-        2,
-        &subjects_of(rows),
-        |b, (s, i)| {
-            b.bind(*s)?.bind(*i as i64)?;
-            Ok(())
-        },
-    )?;
     b.statement(
         "INSERT INTO audit_meta (key, value) VALUES ('size', ?) \
          ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -1023,9 +1117,13 @@ mod tests {
     use super::*;
 
     async fn open(dir: &Path) -> AuditLog {
+        open_store(&Store::Sqlite(dir.to_path_buf())).await
+    }
+
+    async fn open_store(store: &Store) -> AuditLog {
         let (healthy, _) = watch::channel(true);
         AuditLog::open(Options {
-            store: &Store::Sqlite(dir.to_path_buf()),
+            store,
             signer: Signer::generate("civgate.test/audit").unwrap(),
             origin: "civgate.test/audit".into(),
             checkpoint_interval: Duration::from_secs(3600),
@@ -1034,6 +1132,232 @@ mod tests {
         })
         .await
         .unwrap()
+    }
+
+    /// A connection of its own to the store file at `path`.
+    async fn store_conn(path: &Path) -> SqliteConnection {
+        SqliteConnection::connect_with(
+            &crate::sqlite::options(path, Duration::from_secs(10)).unwrap(),
+        )
+        .await
+        .unwrap()
+    }
+
+    /// Waits until the first `blocks` blocks have their subject filter.
+    async fn filters_built(log: &AuditLog, blocks: u64) {
+        let mut built = log.filtered_blocks();
+        tokio::time::timeout(Duration::from_secs(30), built.wait_for(|b| *b >= blocks))
+            .await
+            .expect("complete blocks get their filter")
+            .unwrap();
+    }
+
+    /// Appends `records` concurrently (group commits of many), in whatever order they arrive.
+    async fn append_all(log: &AuditLog, records: impl IntoIterator<Item = AuditRecord>) {
+        let mut set = tokio::task::JoinSet::new();
+        for r in records {
+            let log = log.clone();
+            set.spawn(async move { log.append(r).await.unwrap() });
+        }
+        while let Some(r) = set.join_next().await {
+            r.unwrap();
+        }
+    }
+
+    /// Every entry of the log, decoded: the ground truth searches are checked against.
+    async fn all_records(log: &AuditLog) -> Vec<AuditRecord> {
+        let mut out = Vec::new();
+        while (out.len() as u64) < log.size() {
+            let start = out.len() as u64;
+            for leaf in log.entries(start, log.size()).await.unwrap() {
+                out.push(AuditRecord::decode(leaf.as_slice()).unwrap());
+            }
+        }
+        out
+    }
+
+    /// Pages through a search by subject (and optionally agency) the way the API does.
+    async fn search_all(log: &AuditLog, id: &str, agency: Option<&str>, page: u32) -> Vec<u64> {
+        let mut found = Vec::new();
+        let mut after = 0;
+        loop {
+            let f = Filter {
+                subject: Some(id.into()),
+                agency: agency.map(Into::into),
+                after,
+                limit: page,
+                ..Default::default()
+            };
+            let rows = log.search(&f).await.unwrap();
+            found.extend(rows.iter().map(|(i, _)| *i));
+            match rows.last() {
+                Some((i, _)) if rows.len() == page as usize => after = i + 1,
+                _ => return found,
+            }
+        }
+    }
+
+    /// Subject searches find exactly the entries that name the citizen — across block
+    /// boundaries, in the open block, with and without the block filters built, with another
+    /// filter combined and through pages — on both stores.
+    async fn subject_searches_match_a_full_scan(store: Store) {
+        let log = open_store(&store).await;
+        let n = 2 * BLOCK + 300;
+        // Citizen 031000000000+k for k < 700; every seventh record names two; a few name the
+        // rare citizen 099…, one of them in each block and in the open block.
+        let rare = "099000000001";
+        append_all(
+            &log,
+            (0..n).map(|i| {
+                let mut r = record(i % 700);
+                if i % 7 == 0 {
+                    r.subject_personal_ids
+                        .push(format!("031{:09}", (i + 1) % 700));
+                }
+                if i % 2_000 == 1_999 {
+                    r.subject_personal_ids.push(rare.into());
+                }
+                if i % 3 == 0 {
+                    r.agency_id = "registry-hn".into();
+                }
+                r
+            }),
+        )
+        .await;
+        let truth = all_records(&log).await;
+        assert_eq!(truth.len() as u64, n);
+        let expect = |id: &str, agency: Option<&str>| -> Vec<u64> {
+            truth
+                .iter()
+                .filter(|r| r.subject_personal_ids.iter().any(|s| s == id))
+                .filter(|r| agency.is_none_or(|a| r.agency_id == a))
+                .map(|r| r.index)
+                .collect()
+        };
+        let check = |label: &'static str| {
+            let log = log.clone();
+            let expect = &expect;
+            async move {
+                for (id, agency, page) in [
+                    (rare, None, 1),
+                    (rare, None, 1_000),
+                    ("031000000005", None, 7),
+                    ("031000000699", Some("registry-hn"), 5),
+                    ("031000000700", None, 10), // nobody
+                ] {
+                    assert_eq!(
+                        search_all(&log, id, agency, page).await,
+                        expect(id, agency),
+                        "{label}: {id} {agency:?} page {page}"
+                    );
+                }
+            }
+        };
+        assert_eq!(expect(rare, None).len(), 4);
+        // The filters may or may not be there yet: the answers are the same.
+        check("while filters are built").await;
+        filters_built(&log, 2).await;
+        check("with filters").await;
+        // A complete block's filter holds each of its subjects and rules out most others.
+        let filters: Vec<Vec<u8>> = with_reader!(&log.reader, |pool| {
+            sqlx::query_scalar("SELECT filter FROM audit_subject_blocks ORDER BY block")
+                .fetch_all(pool)
+                .await
+        })
+        .unwrap();
+        assert_eq!(filters.len(), 2);
+        for (b, f) in filters.iter().enumerate() {
+            let block = &truth[b * BLOCK as usize..(b + 1) * BLOCK as usize];
+            assert!(
+                block
+                    .iter()
+                    .flat_map(|r| &r.subject_personal_ids)
+                    .all(|s| may_contain(f, s))
+            );
+            let strangers = (0..1_000)
+                .filter(|k| may_contain(f, &format!("088{k:09}")))
+                .count();
+            assert!(
+                strangers < 20,
+                "block {b}: {strangers} of 1,000 strangers match"
+            );
+        }
+        log.assert_every_entry_proves(n).await;
+    }
+
+    #[tokio::test]
+    async fn subject_searches_match_a_full_scan_on_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        subject_searches_match_a_full_scan(Store::Sqlite(dir.path().to_path_buf())).await;
+    }
+
+    #[tokio::test]
+    async fn subject_searches_match_a_full_scan_on_postgres() {
+        let Some(url) = crate::store::test_schema("audit_subjects").await else {
+            return;
+        };
+        subject_searches_match_a_full_scan(Store::Postgres {
+            url: url.clone(),
+            pool_max: 4,
+        })
+        .await;
+        crate::store::drop_test_schema(&url).await;
+    }
+
+    /// A block with a leaf that does not decode gets a filter that matches everyone (searches
+    /// scan it rather than miss an entry); a store of an earlier build loses its subjects index
+    /// and its filters are built from the leaves when it opens.
+    #[tokio::test]
+    async fn filters_are_rebuilt_from_leaves_and_damage_means_scanning() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path()).await;
+        append_all(&log, (0..BLOCK * 2).map(record)).await;
+        filters_built(&log, 2).await;
+        let truth = all_records(&log).await;
+        drop(log);
+
+        // What an earlier build left: an index, no filters; and one damaged leaf in block 1.
+        let path = crate::sqlite::store_path(dir.path());
+        let mut c = store_conn(&path).await;
+        sqlx::raw_sql(
+            "BEGIN IMMEDIATE;
+             DELETE FROM audit_subject_blocks;
+             CREATE TABLE audit_subjects (personal_id TEXT NOT NULL, idx INTEGER NOT NULL,
+                 PRIMARY KEY (personal_id, idx)) WITHOUT ROWID;
+             UPDATE audit_leaves SET leaf = x'ffff' WHERE idx = 5000;
+             COMMIT;",
+        )
+        .execute(&mut c)
+        .await
+        .unwrap();
+
+        let log = open(dir.path()).await;
+        filters_built(&log, 2).await;
+        let old: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM sqlite_master WHERE name = 'audit_subjects'")
+                .fetch_one(&mut c)
+                .await
+                .unwrap();
+        assert_eq!(old, 0);
+        let filters: Vec<Vec<u8>> =
+            sqlx::query_scalar("SELECT filter FROM audit_subject_blocks ORDER BY block")
+                .fetch_all(&mut c)
+                .await
+                .unwrap();
+        assert_eq!(filters.len(), 2);
+        assert!(!may_contain(&filters[0], "088000000001"));
+        assert_eq!(filters[1], super::super::subjects::MATCH_ALL);
+        // Searches over the rebuilt filters still find each citizen's entries (the damaged
+        // entry names nobody).
+        for k in [100, 4_999, 5_000, BLOCK + 1] {
+            let id = format!("031{k:09}");
+            let expect: Vec<u64> = truth
+                .iter()
+                .filter(|r| r.index != 5_000 && r.subject_personal_ids.contains(&id))
+                .map(|r| r.index)
+                .collect();
+            assert_eq!(search_all(&log, &id, None, 1_000).await, expect, "{id}");
+        }
     }
 
     fn record(n: u64) -> AuditRecord {
@@ -1061,11 +1385,7 @@ mod tests {
 
         // Rewrite the store the way builds before the migration left it.
         let path = crate::sqlite::store_path(dir.path());
-        let mut c = SqliteConnection::connect_with(
-            &crate::sqlite::options(&path, Duration::from_secs(10)).unwrap(),
-        )
-        .await
-        .unwrap();
+        let mut c = store_conn(&path).await;
         sqlx::raw_sql(
             "BEGIN IMMEDIATE;
              CREATE TABLE audit_nodes (level INTEGER NOT NULL, idx INTEGER NOT NULL,
@@ -1089,11 +1409,7 @@ mod tests {
             log.append(record(n)).await.unwrap();
         }
         log.assert_every_entry_proves(42).await;
-        let mut c = SqliteConnection::connect_with(
-            &crate::sqlite::options(&path, Duration::from_secs(10)).unwrap(),
-        )
-        .await
-        .unwrap();
+        let mut c = store_conn(&path).await;
         let old: i64 =
             sqlx::query_scalar("SELECT count(*) FROM sqlite_master WHERE name = 'audit_nodes'")
                 .fetch_one(&mut c)

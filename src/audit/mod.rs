@@ -6,6 +6,7 @@ pub mod cli;
 pub mod log;
 pub mod merkle;
 pub mod note;
+pub mod subjects;
 
 pub use log::{AuditError, AuditLog, AuditTail, Filter};
 
