@@ -5,15 +5,17 @@
 
 use std::{
     collections::BTreeSet,
-    sync::atomic::{AtomicUsize, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
 use anyhow::{Context, Result};
-use tonic::{
-    Code, Status,
-    transport::{Channel, Endpoint},
-};
+use arc_swap::ArcSwapOption;
+use hyper::client::conn::http2;
+use tonic::{Code, Status};
 
 use crate::{
     api::convert::field_names,
@@ -30,7 +32,7 @@ use crate::{
 };
 
 pub struct Upstream {
-    clients: Vec<PopulationDirectoryClient<Channel>>,
+    clients: Vec<PopulationDirectoryClient<Link>>,
     next: AtomicUsize,
     timeout: Duration,
 }
@@ -58,19 +60,22 @@ impl Upstream {
             host,
         )?;
         let timeout = Duration::from_millis(section.timeout_ms);
-        // The connector does TLS itself (so that its writes are coalesced): the channel dials
-        // `http://` while requests carry the `https://` origin.
-        let dial = format!("http://{host}:{port}");
-        let mut clients = Vec::new();
-        for _ in 0..section.connections.max(1) {
-            let channel = Endpoint::from_shared(dial.clone())?
-                .origin(origin.clone())
-                .connect_timeout(timeout)
-                .http2_keep_alive_interval(Duration::from_secs(20))
-                .keep_alive_timeout(Duration::from_secs(5))
-                .connect_with_connector_lazy(connector.clone());
-            clients.push(PopulationDirectoryClient::new(channel));
-        }
+        let origin: http::Uri = format!("https://{host}:{port}")
+            .parse()
+            .with_context(must)?;
+        let clients = (0..section.connections.max(1))
+            .map(|_| {
+                let link = Link(Arc::new(LinkInner {
+                    connector: connector.clone(),
+                    host: host.to_owned(),
+                    port,
+                    connect_timeout: timeout,
+                    current: ArcSwapOption::empty(),
+                    dialing: tokio::sync::Mutex::new(()),
+                }));
+                PopulationDirectoryClient::with_origin(link, origin.clone())
+            })
+            .collect();
         Ok(Self {
             clients,
             next: AtomicUsize::new(0),
@@ -78,7 +83,7 @@ impl Upstream {
         })
     }
 
-    fn client(&self) -> PopulationDirectoryClient<Channel> {
+    fn client(&self) -> PopulationDirectoryClient<Link> {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.clients.len();
         self.clients[i].clone()
     }
@@ -160,33 +165,101 @@ impl Connector {
     }
 }
 
-impl tower::Service<http::Uri> for Connector {
-    type Response = Io;
-    type Error = std::io::Error;
+impl Connector {
+    async fn dial(&self, host: &str, port: u16) -> std::io::Result<Io> {
+        let tcp = tokio::net::TcpStream::connect((host, port)).await?;
+        tcp.set_nodelay(true)?;
+        let tls = self.tls.connect(self.name.clone(), tcp).await?;
+        if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+            return Err(std::io::Error::other(
+                "population directory did not agree to HTTP/2 (ALPN h2)",
+            ));
+        }
+        Ok(hyper_util::rt::TokioIo::new(Coalesced::new(tls)))
+    }
+}
+
+/// One HTTP/2 connection to the directory, dialled on first use and again once it has closed
+/// (the gateway starts while the directory is down, and follows it when it comes back).
+/// Calls go straight to hyper's handle of the connection: a tonic `Channel` passes each call
+/// through a buffer task first (a channel send and a task wake-up per forwarded call).
+#[derive(Clone)]
+pub struct Link(Arc<LinkInner>);
+
+struct LinkInner {
+    connector: Connector,
+    host: String,
+    port: u16,
+    connect_timeout: Duration,
+    current: ArcSwapOption<http2::SendRequest<tonic::body::Body>>,
+    /// One dial at a time; calls arriving meanwhile wait for its connection.
+    dialing: tokio::sync::Mutex<()>,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl Link {
+    fn open(&self) -> Option<http2::SendRequest<tonic::body::Body>> {
+        self.0
+            .current
+            .load()
+            .as_deref()
+            .filter(|s| !s.is_closed())
+            .cloned()
+    }
+
+    /// The live connection's handle, dialling one if there is none.
+    async fn sender(&self) -> Result<http2::SendRequest<tonic::body::Body>, Status> {
+        if let Some(s) = self.open() {
+            return Ok(s);
+        }
+        let _turn = self.0.dialing.lock().await;
+        if let Some(s) = self.open() {
+            return Ok(s);
+        }
+        let l = &self.0;
+        let unreachable = |e: &dyn std::fmt::Display| {
+            Status::unavailable(format!("population directory unreachable: {e}"))
+        };
+        let io = tokio::time::timeout(l.connect_timeout, l.connector.dial(&l.host, l.port))
+            .await
+            .map_err(|_| unreachable(&"connect timed out"))?
+            .map_err(|e| unreachable(&e))?;
+        let (send, conn) = http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .handshake(io)
+            .await
+            .map_err(|e| unreachable(&e))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "population directory connection ended");
+            }
+        });
+        l.current.store(Some(Arc::new(send.clone())));
+        Ok(send)
+    }
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for Link {
+    type Response = http::Response<hyper::body::Incoming>;
+    type Error = BoxError;
     type Future =
-        std::pin::Pin<Box<dyn Future<Output = Result<Io, std::io::Error>> + Send + 'static>>;
+        std::pin::Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send + 'static>>;
 
     fn poll_ready(
         &mut self,
         _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
+    ) -> std::task::Poll<Result<(), BoxError>> {
         std::task::Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, uri: http::Uri) -> Self::Future {
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
         let this = self.clone();
         Box::pin(async move {
-            let host = uri.host().unwrap_or("localhost").to_owned();
-            let port = uri.port_u16().unwrap_or(443);
-            let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
-            tcp.set_nodelay(true)?;
-            let tls = this.tls.connect(this.name, tcp).await?;
-            if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
-                return Err(std::io::Error::other(
-                    "population directory did not agree to HTTP/2 (ALPN h2)",
-                ));
-            }
-            Ok(hyper_util::rt::TokioIo::new(Coalesced::new(tls)))
+            let mut send = this.sender().await?;
+            Ok(send.send_request(req).await?)
         })
     }
 }
