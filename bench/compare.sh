@@ -13,12 +13,15 @@
 # For each: req/s, p50/p99/p99.9, errors, CPU µs per request of each server process (from
 # /proc/PID/stat over the measured window). Prints one table and the ratios c/b and c/a, and
 # writes everything as JSON. Installs nginx with apt-get if it is missing; leaves nothing running.
+# ROUNDS (default 3) repeats (a), (b), (c) in turn; ratios are taken within each round and the
+# medians reported, since one 8 s window on a shared 2-core machine swings by ±20%.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
 OUT=${1:-bench/compare.json}
 DURATION=${DURATION:-8}
 WARMUP=${WARMUP:-2}
+ROUNDS=${ROUNDS:-3}
 
 if ! command -v nginx >/dev/null; then
     echo "installing nginx (apt-get)…"
@@ -109,57 +112,82 @@ PIDS+=("$GATEWAY")
 wait_for "$T/gateway.log" "civgate serving"
 
 common=(--certs "$T/certs" --connections 4 --concurrency 64 --warmup "$WARMUP" --duration "$DURATION" --json)
-echo "(a) direct: the directory over mTLS" >&2
-"$B" bench lookup --target directory --addr "127.0.0.1:$DIR" "${common[@]}" \
-    --server-pid "$REFDB" >"$T/a.json"
-echo "(b) nginx → directory" >&2
 wpids=()
 for w in $NGINX_WORKERS; do wpids+=(--server-pid "$w"); done
-"$B" bench lookup --target directory --addr "127.0.0.1:$NGX" "${common[@]}" \
-    "${wpids[@]}" --server-pid "$REFDB" >"$T/b.json"
-echo "(c) civgate → directory (durable audit)" >&2
-"$B" bench lookup --target gateway --addr "127.0.0.1:$GW" "${common[@]}" \
-    --server-pid "$GATEWAY" --server-pid "$REFDB" >"$T/c.json"
+# The machines are noisy (their speed drifts by ±20% within minutes): ROUNDS rounds of
+# (a), (b), (c) in turn, each ratio taken within its round, and the median round reported.
+for r in $(seq "$ROUNDS"); do
+    echo "round $r/$ROUNDS: (a) direct: the directory over mTLS" >&2
+    "$B" bench lookup --target directory --addr "127.0.0.1:$DIR" "${common[@]}" \
+        --server-pid "$REFDB" >"$T/a$r.json"
+    echo "round $r/$ROUNDS: (b) nginx → directory" >&2
+    "$B" bench lookup --target directory --addr "127.0.0.1:$NGX" "${common[@]}" \
+        "${wpids[@]}" --server-pid "$REFDB" >"$T/b$r.json"
+    echo "round $r/$ROUNDS: (c) civgate → directory (durable audit)" >&2
+    "$B" bench lookup --target gateway --addr "127.0.0.1:$GW" "${common[@]}" \
+        --server-pid "$GATEWAY" --server-pid "$REFDB" >"$T/c$r.json"
+done
 AUDITED=$(curl -s "http://127.0.0.1:$ADMIN/metrics" | awk '/^civgate_audit_log_size / {print $2}')
 LOGGED=$(wc -l <"$T/nginx-access.log")
 
-python3 - "$T" "$OUT" "$REFDB" "$GATEWAY" "$NGINX_WORKERS" "$AUDITED" "$LOGGED" <<'EOF'
-import json, os, platform, sys
-t, out, refdb, gateway, workers, audited, logged = sys.argv[1:8]
-refdb, gateway = int(refdb), int(gateway)
+python3 - "$T" "$OUT" "$REFDB" "$GATEWAY" "$NGINX_WORKERS" "$AUDITED" "$LOGGED" "$ROUNDS" <<'EOF'
+import json, os, platform, statistics, sys
+t, out, refdb, gateway, workers, audited, logged, nrounds = sys.argv[1:9]
+refdb, gateway, nrounds = int(refdb), int(gateway), int(nrounds)
 workers = [int(w) for w in workers.split()]
-runs = {k: json.load(open(f"{t}/{k}.json")) for k in "abc"}
 names = {"a": "direct", "b": "nginx", "c": "civgate"}
 proxy = {"a": [], "b": workers, "c": [gateway]}
-rows = []
-for k, r in runs.items():
-    cpu = dict((p, us) for p, us in r["server_cpu_us_per_request"])
-    r["name"] = names[k]
-    r["proxy_cpu_us_per_request"] = sum(cpu.get(p, 0.0) for p in proxy[k])
-    r["directory_cpu_us_per_request"] = cpu.get(refdb, 0.0)
-print(f"{'path':<9}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'p99.9 ms':>10}{'errors':>8}"
+
+def load(k, r):
+    run = json.load(open(f"{t}/{k}{r}.json"))
+    cpu = dict((p, us) for p, us in run["server_cpu_us_per_request"])
+    run["name"] = names[k]
+    run["proxy_cpu_us_per_request"] = sum(cpu.get(p, 0.0) for p in proxy[k])
+    run["directory_cpu_us_per_request"] = cpu.get(refdb, 0.0)
+    return run
+
+def ratios_of(runs):
+    a, b, c = runs["a"], runs["b"], runs["c"]
+    return {
+        "c_over_b_throughput": c["requests_per_second"] / b["requests_per_second"],
+        "c_over_a_throughput": c["requests_per_second"] / a["requests_per_second"],
+        "c_over_b_proxy_cpu": c["proxy_cpu_us_per_request"] / b["proxy_cpu_us_per_request"],
+        "c_p99_minus_b_p99_ms": c["p99_ms"] - b["p99_ms"],
+    }
+
+rounds = []
+for r in range(1, nrounds + 1):
+    runs = {k: load(k, r) for k in "abc"}
+    rounds.append({"runs": runs, "ratios": ratios_of(runs)})
+# The median round by c/b throughput; each ratio's median over the rounds as well.
+median_round = sorted(rounds, key=lambda x: x["ratios"]["c_over_b_throughput"])[(nrounds - 1) // 2]
+medians = {k: statistics.median(x["ratios"][k] for x in rounds) for k in rounds[0]["ratios"]}
+
+print(f"{'round':<6}{'path':<9}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'p99.9 ms':>10}{'errors':>8}"
       f"{'proxy CPU µs/req':>18}{'directory CPU µs/req':>22}")
-for k in "abc":
-    r = runs[k]
-    px = f"{r['proxy_cpu_us_per_request']:.1f}" if k != "a" else "-"
-    print(f"{r['name']:<9}{r['requests_per_second']:>9.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
-          f"{r['p999_ms']:>10.2f}{r['errors']:>8}{px:>18}{r['directory_cpu_us_per_request']:>22.1f}")
-a, b, c = runs["a"], runs["b"], runs["c"]
-ratios = {
-    "c_over_b_throughput": c["requests_per_second"] / b["requests_per_second"],
-    "c_over_a_throughput": c["requests_per_second"] / a["requests_per_second"],
-    "c_over_b_proxy_cpu": c["proxy_cpu_us_per_request"] / b["proxy_cpu_us_per_request"],
-    "c_p99_minus_b_p99_ms": c["p99_ms"] - b["p99_ms"],
-}
-print(f"c/b throughput {ratios['c_over_b_throughput']:.2f} (target >= 1.3)   "
-      f"c/a throughput {ratios['c_over_a_throughput']:.2f} (target >= 0.6)   "
-      f"c/b proxy CPU per request {ratios['c_over_b_proxy_cpu']:.2f} (target <= 0.75)   "
-      f"p99 c {c['p99_ms']:.2f} ms vs b {b['p99_ms']:.2f} ms")
+for i, rd in enumerate(rounds, 1):
+    mark = "*" if rd is median_round else ""
+    for k in "abc":
+        r = rd["runs"][k]
+        px = f"{r['proxy_cpu_us_per_request']:.1f}" if k != "a" else "-"
+        print(f"{str(i) + mark:<6}{r['name']:<9}{r['requests_per_second']:>9.0f}{r['p50_ms']:>9.2f}"
+              f"{r['p99_ms']:>9.2f}{r['p999_ms']:>10.2f}{r['errors']:>8}{px:>18}"
+              f"{r['directory_cpu_us_per_request']:>22.1f}")
+for i, rd in enumerate(rounds, 1):
+    x = rd["ratios"]
+    print(f"round {i}: c/b {x['c_over_b_throughput']:.2f}  c/a {x['c_over_a_throughput']:.2f}  "
+          f"CPU c/b {x['c_over_b_proxy_cpu']:.2f}  p99 c-b {x['c_p99_minus_b_p99_ms']:+.2f} ms")
+print(f"median of {nrounds} rounds: c/b throughput {medians['c_over_b_throughput']:.2f} (target >= 1.3)   "
+      f"c/a throughput {medians['c_over_a_throughput']:.2f} (target >= 0.6)   "
+      f"c/b proxy CPU per request {medians['c_over_b_proxy_cpu']:.2f} (target <= 0.75)   "
+      f"p99 c - b {medians['c_p99_minus_b_p99_ms']:+.2f} ms (target <= 0)")
 print(f"audit log size after the run: {audited}; nginx access-log lines: {logged}")
 json.dump({
     "machine": {"cores": os.cpu_count(), "kernel": platform.release()},
-    "settings": {"connections": 4, "in_flight_per_connection": 64},
-    "runs": runs, "ratios": ratios,
+    "settings": {"connections": 4, "in_flight_per_connection": 64, "rounds": nrounds},
+    "rounds": rounds, "median_ratios": medians,
+    # The median round (by c/b throughput), in the shape of a one-round run.
+    "runs": median_round["runs"], "ratios": median_round["ratios"],
     "civgate_audit_log_size": int(float(audited or 0)), "nginx_access_log_lines": int(logged),
 }, open(out, "w"), indent=2)
 print(f"written: {out}")
