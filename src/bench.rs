@@ -20,6 +20,7 @@ use serde::Serialize;
 
 use crate::{
     client,
+    link::Link,
     pb::{
         upstream::v1::{
             GetCitizensRequest, population_directory_client::PopulationDirectoryClient,
@@ -90,10 +91,10 @@ async fn publish_bench(a: &SyncArgs) -> Result<()> {
     let mut tasks = Vec::new();
     for c in 0..a.connections.max(1) {
         let addr = a.addrs[c % a.addrs.len().max(1)];
-        let ch = client::connect(addr, &a.certs, Some("population")).await?;
+        let ch = client::link(addr, &a.certs, Some("population")).await?;
         for _ in 0..a.concurrency.max(1) {
             let (mut c, phase, counter, run) = (
-                ExchangeClient::new(ch.clone()),
+                ExchangeClient::with_origin(ch.clone(), ch.origin()),
                 phase.clone(),
                 counter.clone(),
                 run.clone(),
@@ -425,8 +426,8 @@ const MEASURE: u8 = 1;
 const STOP: u8 = 2;
 
 enum Caller {
-    Gateway(CitizensClient<tonic::transport::Channel>),
-    Directory(PopulationDirectoryClient<tonic::transport::Channel>),
+    Gateway(CitizensClient<Link>),
+    Directory(PopulationDirectoryClient<Link>),
 }
 
 pub async fn lookup(args: &LookupArgs) -> Result<LookupReport> {
@@ -455,14 +456,15 @@ pub async fn lookup(args: &LookupArgs) -> Result<LookupReport> {
     let mut tasks = Vec::new();
     for c in 0..args.connections.max(1) {
         let addr = addrs[c % addrs.len()];
-        let channel = client::connect(addr, &args.certs, Some(&client_name))
+        let link = client::link(addr, &args.certs, Some(&client_name))
             .await
             .with_context(|| format!("connecting to {addr}"))?;
         for t in 0..args.concurrency.max(1) {
+            let (l, origin) = (link.clone(), link.origin());
             let caller = match args.target {
-                Target::Gateway => Caller::Gateway(CitizensClient::new(channel.clone())),
+                Target::Gateway => Caller::Gateway(CitizensClient::with_origin(l, origin)),
                 Target::Directory => {
-                    Caller::Directory(PopulationDirectoryClient::new(channel.clone()))
+                    Caller::Directory(PopulationDirectoryClient::with_origin(l, origin))
                 }
             };
             let (ids, phase) = (ids.clone(), phase.clone());

@@ -29,6 +29,37 @@ pub async fn connect(addr: SocketAddr, certs_dir: &Path, client: Option<&str>) -
     Ok(endpoint.connect().await?)
 }
 
+/// Like [`connect`], as a [`Link`](crate::link::Link): calls go to the HTTP/2 connection
+/// directly, without a tonic `Channel`'s buffer task (for load generators). Dials before
+/// returning, so an unreachable server is an error here.
+pub async fn link(
+    addr: SocketAddr,
+    certs_dir: &Path,
+    client: Option<&str>,
+) -> Result<crate::link::Link> {
+    let read = |rel: &str| {
+        let p = certs_dir.join(rel);
+        std::fs::read(&p).with_context(|| format!("reading {}", p.display()))
+    };
+    let identity = match client {
+        Some(name) => Some((
+            read(&format!("clients/{name}.pem"))?,
+            read(&format!("clients/{name}.key"))?,
+        )),
+        None => None,
+    };
+    let link = crate::link::Link::new(
+        &read("ca.pem")?,
+        identity.as_ref().map(|(c, k)| (c.as_slice(), k.as_slice())),
+        "localhost",
+        &addr.ip().to_string(),
+        addr.port(),
+        Duration::from_secs(5),
+    )?;
+    link.connect().await?;
+    Ok(link)
+}
+
 /// Performs only the TLS handshake as `client` and waits for the server's first bytes (the
 /// HTTP/2 SETTINGS frame of an accepted connection). Returns the TLS error if the server
 /// refused: with TLS 1.3 a refused client certificate shows up as an alert after the

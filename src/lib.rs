@@ -14,6 +14,7 @@ pub mod exchange;
 pub mod gate;
 pub mod identity;
 pub mod limits;
+pub mod link;
 pub mod listener;
 pub mod pb;
 pub mod policy;

@@ -5,23 +5,18 @@
 
 use std::{
     collections::BTreeSet,
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
+    sync::atomic::{AtomicUsize, Ordering},
     time::Duration,
 };
 
 use anyhow::{Context, Result};
-use arc_swap::ArcSwapOption;
-use hyper::client::conn::http2;
 use tonic::{Code, Status};
 
 use crate::{
     api::convert::field_names,
-    coalesce::Coalesced,
     config::{Config, UpstreamSection},
     domain::{CitizenField, PersonalId},
+    link::Link,
     pb::{
         upstream::v1::{
             GetCitizensRequest, SearchCitizensRequest,
@@ -53,29 +48,20 @@ impl Upstream {
             .filter(|h| !h.is_empty() && origin.scheme_str() == Some("https"))
             .with_context(must)?;
         let port = origin.port_u16().unwrap_or(443);
-        let connector = Connector::new(
-            &read(&section.ca)?,
-            &read(&section.cert)?,
-            &read(&section.key)?,
-            host,
-        )?;
+        let (ca, cert, key) = (
+            read(&section.ca)?,
+            read(&section.cert)?,
+            read(&section.key)?,
+        );
         let timeout = Duration::from_millis(section.timeout_ms);
-        let origin: http::Uri = format!("https://{host}:{port}")
-            .parse()
-            .with_context(must)?;
         let clients = (0..section.connections.max(1))
             .map(|_| {
-                let link = Link(Arc::new(LinkInner {
-                    connector: connector.clone(),
-                    host: host.to_owned(),
-                    port,
-                    connect_timeout: timeout,
-                    current: ArcSwapOption::empty(),
-                    dialing: tokio::sync::Mutex::new(()),
-                }));
-                PopulationDirectoryClient::with_origin(link, origin.clone())
+                let l = Link::new(&ca, Some((&cert, &key)), host, host, port, timeout)
+                    .context("upstream.ca, upstream.cert, upstream.key")?;
+                let origin = l.origin();
+                Ok(PopulationDirectoryClient::with_origin(l, origin))
             })
-            .collect();
+            .collect::<Result<_>>()?;
         Ok(Self {
             clients,
             next: AtomicUsize::new(0),
@@ -138,129 +124,6 @@ impl Upstream {
         within(budget, client.search_citizens(req))
             .await
             .map(|r| r.citizens)
-    }
-}
-
-/// Dials the directory: TCP (no delay), TLS with the gateway's certificate, ALPN `h2`, and
-/// [`Coalesced`] writes, so forwarded calls leave in batches instead of one `writev` each.
-#[derive(Clone)]
-struct Connector {
-    tls: tokio_rustls::TlsConnector,
-    name: rustls_pki_types::ServerName<'static>,
-}
-
-type Io =
-    hyper_util::rt::TokioIo<Coalesced<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>>;
-
-impl Connector {
-    fn new(ca_pem: &[u8], cert_pem: &[u8], key_pem: &[u8], host: &str) -> Result<Self> {
-        use rustls_pki_types::ServerName;
-        let cfg = crate::tls::client_config(ca_pem, Some((cert_pem, key_pem)))
-            .context("upstream.ca, upstream.cert, upstream.key")?;
-        Ok(Self {
-            tls: tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg)),
-            name: ServerName::try_from(host.to_owned())
-                .with_context(|| format!("upstream: {host:?} is not a server name"))?,
-        })
-    }
-}
-
-impl Connector {
-    async fn dial(&self, host: &str, port: u16) -> std::io::Result<Io> {
-        let tcp = tokio::net::TcpStream::connect((host, port)).await?;
-        tcp.set_nodelay(true)?;
-        let tls = self.tls.connect(self.name.clone(), tcp).await?;
-        if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
-            return Err(std::io::Error::other(
-                "population directory did not agree to HTTP/2 (ALPN h2)",
-            ));
-        }
-        Ok(hyper_util::rt::TokioIo::new(Coalesced::new(tls)))
-    }
-}
-
-/// One HTTP/2 connection to the directory, dialled on first use and again once it has closed
-/// (the gateway starts while the directory is down, and follows it when it comes back).
-/// Calls go straight to hyper's handle of the connection: a tonic `Channel` passes each call
-/// through a buffer task first (a channel send and a task wake-up per forwarded call).
-#[derive(Clone)]
-pub struct Link(Arc<LinkInner>);
-
-struct LinkInner {
-    connector: Connector,
-    host: String,
-    port: u16,
-    connect_timeout: Duration,
-    current: ArcSwapOption<http2::SendRequest<tonic::body::Body>>,
-    /// One dial at a time; calls arriving meanwhile wait for its connection.
-    dialing: tokio::sync::Mutex<()>,
-}
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-impl Link {
-    fn open(&self) -> Option<http2::SendRequest<tonic::body::Body>> {
-        self.0
-            .current
-            .load()
-            .as_deref()
-            .filter(|s| !s.is_closed())
-            .cloned()
-    }
-
-    /// The live connection's handle, dialling one if there is none.
-    async fn sender(&self) -> Result<http2::SendRequest<tonic::body::Body>, Status> {
-        if let Some(s) = self.open() {
-            return Ok(s);
-        }
-        let _turn = self.0.dialing.lock().await;
-        if let Some(s) = self.open() {
-            return Ok(s);
-        }
-        let l = &self.0;
-        let unreachable = |e: &dyn std::fmt::Display| {
-            Status::unavailable(format!("population directory unreachable: {e}"))
-        };
-        let io = tokio::time::timeout(l.connect_timeout, l.connector.dial(&l.host, l.port))
-            .await
-            .map_err(|_| unreachable(&"connect timed out"))?
-            .map_err(|e| unreachable(&e))?;
-        let (send, conn) = http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-            .timer(hyper_util::rt::TokioTimer::new())
-            .keep_alive_interval(Duration::from_secs(20))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .handshake(io)
-            .await
-            .map_err(|e| unreachable(&e))?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "population directory connection ended");
-            }
-        });
-        l.current.store(Some(Arc::new(send.clone())));
-        Ok(send)
-    }
-}
-
-impl tower::Service<http::Request<tonic::body::Body>> for Link {
-    type Response = http::Response<hyper::body::Incoming>;
-    type Error = BoxError;
-    type Future =
-        std::pin::Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send + 'static>>;
-
-    fn poll_ready(
-        &mut self,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), BoxError>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move {
-            let mut send = this.sender().await?;
-            Ok(send.send_request(req).await?)
-        })
     }
 }
 

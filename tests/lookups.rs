@@ -481,3 +481,40 @@ async fn upstream_killed_mid_load_gives_unavailable_then_recovers() {
     dir.kill().unwrap();
     let _ = dir.wait();
 }
+
+/// The buffer-less client (`client::link`, what `civgate bench` drives load with) speaks to
+/// the gateway over mTLS like a `Channel` does, carries many calls at once on its one
+/// connection, and refuses to start against an address where nothing listens.
+#[tokio::test]
+async fn a_link_client_carries_concurrent_calls_and_reports_an_unreachable_server() {
+    let env = Env::new();
+    let stack = env.start_stack().await;
+    let link = client::link(stack.gateway.api_addr, &env.certs(), Some("registry-hp"))
+        .await
+        .unwrap();
+    let mut set = tokio::task::JoinSet::new();
+    for p in stack.people.iter().take(64) {
+        let mut c = CitizensClient::with_origin(link.clone(), link.origin());
+        let id = p.personal_id.to_string();
+        set.spawn(async move {
+            let r = c
+                .get_citizen(get(&id, "IDENTITY_VERIFICATION"))
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(r.citizen.unwrap().personal_id, id);
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        r.unwrap();
+    }
+    // A port nothing listens on: UNAVAILABLE, named, at once.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = closed.local_addr().unwrap();
+    drop(closed);
+    let err = client::link(addr, &env.certs(), Some("registry-hp"))
+        .await
+        .err()
+        .expect("nothing listens there");
+    assert!(format!("{err:#}").contains("unreachable"), "{err:#}");
+}
