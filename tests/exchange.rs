@@ -333,6 +333,41 @@ async fn a_rejected_event_and_its_reason_are_visible_to_the_producer(env: Env) {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
+
+    // Each Ack and Reject call has exactly one record: the accepted ones committed with the
+    // journal's write, the refused one by the gate.
+    let mut audit = civgate::pb::v1::audit_client::AuditClient::new(
+        client::connect(gw.api_addr, &env.certs(), Some("auditor"))
+            .await
+            .unwrap(),
+    );
+    let mut outcomes = Vec::new();
+    for method in ["/civgate.v1.Exchange/Reject", "/civgate.v1.Exchange/Ack"] {
+        let found = audit
+            .search_entries(civgate::pb::v1::SearchEntriesRequest {
+                method: method.into(),
+                page_size: 100,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .entries;
+        for e in found {
+            let r = <civgate::pb::v1::AuditRecord as prost::Message>::decode(e.leaf.as_slice())
+                .unwrap();
+            assert_eq!(r.agency_id, "population");
+            outcomes.push((method.rsplit('/').next().unwrap().to_owned(), r.outcome));
+        }
+    }
+    assert_eq!(
+        outcomes,
+        [
+            ("Reject".to_owned(), "OK".to_owned()),
+            ("Reject".to_owned(), "INVALID_ARGUMENT".to_owned()),
+            ("Ack".to_owned(), "OK".to_owned()),
+        ]
+    );
 }
 
 async fn graceful_shutdown_ends_subscriptions_with_unavailable(env: Env) {

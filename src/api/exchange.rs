@@ -55,6 +55,17 @@ impl ExchangeService {
     }
 }
 
+/// The facts slot of a call whose handler has nothing to add to its record, and the draft a
+/// journal writer finishes and commits with the call's own write (`Facts.recorded` is then
+/// set from the index it returns).
+fn draft_of<T>(req: &Request<T>) -> (FactsSlot, Option<Draft>) {
+    let draft = Call::of(req).map(|call| Draft {
+        call,
+        facts: Facts::default(),
+    });
+    (FactsSlot::of(req), draft)
+}
+
 /// Topic and consumer group of a Subscribe/Ack/Reject, validated.
 fn group_of(topic: &str, group: &str) -> Result<(), Status> {
     let mut v = Vec::new();
@@ -224,6 +235,7 @@ impl Exchange for ExchangeService {
 
     async fn ack(&self, req: Request<AckRequest>) -> Result<Response<AckResponse>, Status> {
         principal(&req)?;
+        let (facts, draft) = draft_of(&req);
         let r = req.into_inner();
         group_of(&r.topic, &r.consumer_group)?;
         let journal = self.journal()?;
@@ -234,7 +246,11 @@ impl Exchange for ExchangeService {
                 format!("must be 1..={head} (the topic's head)"),
             )]));
         }
-        journal.ack(&r.topic, &r.consumer_group, r.sequence).await?;
+        // The call's audit record is committed with the acknowledgement.
+        let index = journal
+            .ack_audited(&r.topic, &r.consumer_group, r.sequence, draft)
+            .await?;
+        facts.update(|f| f.recorded = index);
         Ok(Response::new(AckResponse {}))
     }
 
@@ -243,6 +259,7 @@ impl Exchange for ExchangeService {
         req: Request<RejectRequest>,
     ) -> Result<Response<RejectResponse>, Status> {
         principal(&req)?;
+        let (facts, draft) = draft_of(&req);
         let r = req.into_inner();
         group_of(&r.topic, &r.consumer_group)?;
         let journal = self.journal()?;
@@ -263,9 +280,17 @@ impl Exchange for ExchangeService {
         if !v.is_empty() {
             return Err(invalid(v));
         }
-        journal
-            .reject(&r.topic, &r.consumer_group, r.sequence, r.reason.trim())
+        // The call's audit record is committed with the rejection.
+        let index = journal
+            .reject_audited(
+                &r.topic,
+                &r.consumer_group,
+                r.sequence,
+                r.reason.trim(),
+                draft,
+            )
             .await?;
+        facts.update(|f| f.recorded = index);
         Ok(Response::new(RejectResponse {}))
     }
 

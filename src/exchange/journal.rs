@@ -126,15 +126,27 @@ enum Job {
         topic: String,
         group: String,
         seq: u64,
-        done: oneshot::Sender<Result<(), JournalError>>,
+        audit: Option<Draft>,
+        done: oneshot::Sender<Result<Option<u64>, JournalError>>,
     },
     Reject {
         topic: String,
         group: String,
         seq: u64,
         reason: String,
-        done: oneshot::Sender<Result<(), JournalError>>,
+        audit: Option<Draft>,
+        done: oneshot::Sender<Result<Option<u64>, JournalError>>,
     },
+}
+
+impl Job {
+    fn audit(&self) -> Option<&Draft> {
+        match self {
+            Job::Publish { audit, .. } | Job::Ack { audit, .. } | Job::Reject { audit, .. } => {
+                audit.as_ref()
+            }
+        }
+    }
 }
 
 /// Where one event stands for one consumer group.
@@ -361,16 +373,27 @@ impl Journal {
 
     /// Cumulative acknowledgement, durable when this returns.
     pub async fn ack(&self, topic: &str, group: &str, seq: u64) -> Result<(), JournalError> {
+        self.ack_audited(topic, group, seq, None).await.map(drop)
+    }
+
+    /// [`ack`](Self::ack), committing the call's audit record (given its `draft` and an audit
+    /// log) in the same transaction; returns the record's index.
+    pub async fn ack_audited(
+        &self,
+        topic: &str,
+        group: &str,
+        seq: u64,
+        audit: Option<Draft>,
+    ) -> Result<Option<u64>, JournalError> {
         let (done, wait) = oneshot::channel();
-        self.tx
-            .send(Job::Ack {
-                topic: topic.into(),
-                group: group.into(),
-                seq,
-                done,
-            })
-            .await
-            .map_err(|_| JournalError::NotDurable("journal writer stopped".into()))?;
+        self.run(Job::Ack {
+            topic: topic.into(),
+            group: group.into(),
+            seq,
+            audit,
+            done,
+        })
+        .await?;
         wait.await
             .map_err(|_| JournalError::NotDurable("journal writer stopped".into()))?
     }
@@ -383,19 +406,39 @@ impl Journal {
         seq: u64,
         reason: &str,
     ) -> Result<(), JournalError> {
-        let (done, wait) = oneshot::channel();
-        self.tx
-            .send(Job::Reject {
-                topic: topic.into(),
-                group: group.into(),
-                seq,
-                reason: reason.into(),
-                done,
-            })
+        self.reject_audited(topic, group, seq, reason, None)
             .await
-            .map_err(|_| JournalError::NotDurable("journal writer stopped".into()))?;
+            .map(drop)
+    }
+
+    /// [`reject`](Self::reject), committing the call's audit record in the same transaction.
+    pub async fn reject_audited(
+        &self,
+        topic: &str,
+        group: &str,
+        seq: u64,
+        reason: &str,
+        audit: Option<Draft>,
+    ) -> Result<Option<u64>, JournalError> {
+        let (done, wait) = oneshot::channel();
+        self.run(Job::Reject {
+            topic: topic.into(),
+            group: group.into(),
+            seq,
+            reason: reason.into(),
+            audit,
+            done,
+        })
+        .await?;
         wait.await
             .map_err(|_| JournalError::NotDurable("journal writer stopped".into()))?
+    }
+
+    async fn run(&self, job: Job) -> Result<(), JournalError> {
+        self.tx
+            .send(job)
+            .await
+            .map_err(|_| JournalError::NotDurable("journal writer stopped".into()))
     }
 
     /// Notes that a subscription handed `seq` to `group`.
@@ -689,7 +732,7 @@ impl Writer {
                             });
                         }
                         (Job::Reject { done, .. }, Outcome::Acked) => {
-                            let _ = done.send(Ok(()));
+                            let _ = done.send(Ok(audit_index));
                         }
                         (
                             Job::Ack {
@@ -697,11 +740,12 @@ impl Writer {
                                 group,
                                 seq,
                                 done,
+                                ..
                             },
                             Outcome::Acked,
                         ) => {
                             self.journal.raise_ack(&topic, &group, seq);
-                            let _ = done.send(Ok(()));
+                            let _ = done.send(Ok(audit_index));
                         }
                         // Each job yields the outcome of its own kind.
                         _ => {}
@@ -833,26 +877,19 @@ impl Writer {
     }
 }
 
-/// The audit records of the batch's publishes that carry a draft, finished with their outcomes,
+/// The audit records of the batch's jobs that carry a draft, finished with their outcomes,
 /// and the position in the batch of each.
 fn audit_records(batch: &[Job], outcomes: &[Outcome]) -> (Vec<AuditRecord>, Vec<usize>) {
     let mut records = Vec::new();
     let mut at = Vec::new();
     for (i, (job, outcome)) in batch.iter().zip(outcomes).enumerate() {
-        if let (
-            Job::Publish {
-                audit: Some(draft), ..
-            },
-            Outcome::Published(result),
-        ) = (job, outcome)
-        {
-            let code = match result {
-                Ok(_) => tonic::Code::Ok,
-                Err(e) => e.code(),
-            };
-            records.push(draft.call.record(draft.facts.clone(), code, ""));
-            at.push(i);
-        }
+        let Some(draft) = job.audit() else { continue };
+        let code = match outcome {
+            Outcome::Published(Err(e)) => e.code(),
+            Outcome::Published(Ok(_)) | Outcome::Acked => tonic::Code::Ok,
+        };
+        records.push(draft.call.record(draft.facts.clone(), code, ""));
+        at.push(i);
     }
     (records, at)
 }
@@ -1428,7 +1465,7 @@ mod tests {
         let journal = Journal::open(&store, None, Some(log.tail())).await.unwrap();
         let agency: crate::domain::AgencyId = "population".parse().unwrap();
         let fingerprint = crate::domain::CertFingerprint([7; 32]);
-        let draft = |rid: &str| Draft {
+        let draft_at = |rid: &str, path: &str| Draft {
             call: Arc::new(Call {
                 peer: Arc::new(crate::identity::PeerIdentity {
                     agency: Ok(agency.clone()),
@@ -1440,7 +1477,7 @@ mod tests {
                     fingerprint,
                     registry_offices: Arc::from([]),
                 }),
-                path: "/civgate.v1.Exchange/Publish".into(),
+                path: path.into(),
                 request_id: rid.into(),
                 started: std::time::Instant::now(),
             }),
@@ -1450,6 +1487,7 @@ mod tests {
                 ..Facts::default()
             },
         };
+        let draft = |rid: &str| draft_at(rid, "/civgate.v1.Exchange/Publish");
         let record_at = |log: &AuditLog, i: u64| {
             let log = log.clone();
             async move {
@@ -1503,6 +1541,65 @@ mod tests {
         assert_eq!(plain.audit_index, None);
         assert_eq!(plain.result.unwrap().sequence, receipt.sequence + 1);
 
+        // An acknowledgement and a rejection commit their calls' records with them too.
+        let bare = |rid: &str, path: &str| Draft {
+            facts: Facts::default(),
+            ..draft_at(rid, path)
+        };
+        let acked = journal
+            .ack_audited(
+                POPULATION,
+                "g",
+                receipt.sequence,
+                Some(bare("r4", "/civgate.v1.Exchange/Ack")),
+            )
+            .await
+            .unwrap();
+        assert_eq!(acked, Some(start + 3));
+        let rejected = journal
+            .reject_audited(
+                POPULATION,
+                "g",
+                receipt.sequence + 1,
+                "no such citizen",
+                Some(bare("r5", "/civgate.v1.Exchange/Reject")),
+            )
+            .await
+            .unwrap();
+        assert_eq!(rejected, Some(start + 4));
+        assert_eq!(log.size(), start + 5);
+        for (i, rid, method) in [
+            (start + 3, "r4", "/civgate.v1.Exchange/Ack"),
+            (start + 4, "r5", "/civgate.v1.Exchange/Reject"),
+        ] {
+            let rec = record_at(&log, i).await;
+            assert_eq!(
+                (
+                    rec.request_id.as_str(),
+                    rec.method.as_str(),
+                    rec.outcome.as_str()
+                ),
+                (rid, method, "OK")
+            );
+            assert!(rec.subject_personal_ids.is_empty());
+        }
+        let groups = journal
+            .status(&receipt.event_id)
+            .await
+            .unwrap()
+            .unwrap()
+            .groups;
+        assert!(
+            groups.contains(&("g".to_owned(), GroupState::Acknowledged)),
+            "{groups:?}"
+        );
+        // Without a draft, nothing.
+        journal
+            .ack(POPULATION, "g", receipt.sequence)
+            .await
+            .unwrap();
+        assert_eq!(log.size(), start + 5);
+
         // Both writers at once: every index once, one tree.
         let mut tasks = Vec::new();
         for t in 0..4u8 {
@@ -1533,7 +1630,7 @@ mod tests {
         }
         all.sort_unstable();
         let size = log.size();
-        assert_eq!(all, (start + 3..size).collect::<Vec<u64>>());
+        assert_eq!(all, (start + 5..size).collect::<Vec<u64>>());
         log.assert_every_entry_proves(size).await;
         for i in 0..size {
             assert_eq!(
