@@ -24,7 +24,7 @@ use super::{
         leaf_hash,
     },
     note::{Checkpoint, Signer},
-    subjects::{BLOCK, FilterWriter, Indexer, leaf_names, may_contain},
+    subjects::{BLOCK, FilterWriter, Indexer, Notes, leaf_names, may_contain},
 };
 use crate::pb::v1::AuditRecord;
 use crate::store::{AUDIT_CHANNEL, Reader, Store, with_reader};
@@ -215,6 +215,8 @@ pub struct AuditTail {
     healthy: watch::Sender<bool>,
     /// Woken when a commit completes a block of the log (its subject filter can be built).
     blocks: Arc<tokio::sync::Notify>,
+    /// The subjects of the entries this process committed into the open block.
+    notes: Arc<std::sync::Mutex<Notes>>,
 }
 
 impl AuditTail {
@@ -248,6 +250,26 @@ impl AuditTail {
         metrics::gauge!(crate::telemetry::AUDIT_LOG_SIZE).set(range.size() as f64);
         self.healthy
             .send_if_modified(|h| !std::mem::replace(h, true));
+    }
+
+    /// After a commit of entries from `first` on, in order, with their subjects: notes them
+    /// for the open block's filter. Call before [`committed`](Self::committed), under the lock.
+    pub fn note_subjects<'a, I>(&self, first: u64, subjects: impl IntoIterator<Item = I>)
+    where
+        I: IntoIterator<Item = &'a String>,
+    {
+        self.notes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .note(first, subjects);
+    }
+
+    /// The filter of `block`, if this process noted all of its entries.
+    pub(super) fn noted_filter(&self, block: u64) -> Option<Vec<u8>> {
+        self.notes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take(block)
     }
 
     fn failed(&self) {
@@ -371,6 +393,7 @@ impl AuditLog {
                 size: Arc::new(AtomicU64::new(size)),
                 healthy: o.healthy,
                 blocks: Arc::new(tokio::sync::Notify::new()),
+                notes: Arc::new(std::sync::Mutex::new(Notes::at(size))),
             },
             latest: Arc::new(RwLock::new(
                 latest.as_ref().map(|(_, n)| n.clone()).unwrap_or_default(),
@@ -742,6 +765,10 @@ impl Writer {
         let before = range.clone();
         let (records, waiters): (Vec<AuditRecord>, Vec<_>) =
             batch.into_iter().map(|p| (p.record, p.done)).unzip();
+        let subjects: Vec<Vec<String>> = records
+            .iter()
+            .map(|r| r.subject_personal_ids.clone())
+            .collect();
         let n = records.len();
         let started = std::time::Instant::now();
         let result = match &mut self.conn {
@@ -760,6 +787,7 @@ impl Writer {
         crate::telemetry::store_commit("audit", n, started.elapsed());
         match result {
             Ok(first) => {
+                tail.note_subjects(first, &subjects);
                 tail.committed(&range);
                 drop(range);
                 for (i, done) in waiters.into_iter().enumerate() {

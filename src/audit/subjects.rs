@@ -39,6 +39,73 @@ const HASHES: u8 = 8;
 /// that does not decode), so that a search scans it rather than miss an entry.
 pub const MATCH_ALL: &[u8] = &[FORMAT, 0];
 
+/// What this process's writers committed into the open block, so that its filter is built
+/// from memory when the block completes instead of by reading its leaves back. Valid only if
+/// the block's every entry was noted here, in order: after a restart (the block began before
+/// it) or with replicas (they append entries this process does not see), the block's leaves
+/// are read instead.
+#[derive(Default)]
+pub struct Notes {
+    /// The index the next noted entry must have for the open block's notes to stay whole.
+    next: u64,
+    /// Whether every entry of the open block so far was noted.
+    whole: bool,
+    hashes: Vec<(u64, u64)>,
+    /// Filters of complete blocks, waiting for the indexer (a few; older ones are dropped and
+    /// their blocks read back instead).
+    ready: std::collections::VecDeque<(u64, Vec<u8>)>,
+}
+
+impl Notes {
+    /// Notes for a log of `size` entries: whole from the next block on (or from this one if
+    /// it has not begun).
+    pub fn at(size: u64) -> Self {
+        Self {
+            next: size,
+            whole: size.is_multiple_of(BLOCK),
+            ..Self::default()
+        }
+    }
+
+    /// Entries committed from `first` on, in order, each with its subjects.
+    pub fn note<'a, I>(&mut self, first: u64, subjects: impl IntoIterator<Item = I>)
+    where
+        I: IntoIterator<Item = &'a String>,
+    {
+        for (k, ids) in subjects.into_iter().enumerate() {
+            let index = first + k as u64;
+            if index.is_multiple_of(BLOCK) {
+                self.whole = true;
+                self.hashes.clear();
+            } else if index != self.next {
+                self.whole = false;
+            }
+            self.next = index + 1;
+            if !self.whole {
+                continue;
+            }
+            self.hashes.extend(ids.into_iter().map(|id| hashes(id)));
+            if self.next.is_multiple_of(BLOCK) {
+                let filter = filter_of_hashes(&mut self.hashes);
+                if self.ready.len() == 8 {
+                    self.ready.pop_front();
+                }
+                self.ready.push_back((index / BLOCK, filter));
+                self.hashes.clear();
+            }
+        }
+    }
+
+    /// The filter of `block` if it was built from notes.
+    pub fn take(&mut self, block: u64) -> Option<Vec<u8>> {
+        self.ready.retain(|(b, _)| *b >= block);
+        match self.ready.front() {
+            Some((b, _)) if *b == block => self.ready.pop_front().map(|(_, f)| f),
+            _ => None,
+        }
+    }
+}
+
 /// Two 64-bit hashes of `id` (double hashing gives the filter's `k` positions). SHA-256, so
 /// the stored filters do not depend on a hasher's version.
 fn hashes(id: &str) -> (u64, u64) {
@@ -52,16 +119,21 @@ fn hashes(id: &str) -> (u64, u64) {
 
 /// The Bloom filter of `ids` (duplicates allowed): `[FORMAT, k, bits…]`.
 pub fn filter_of<'a>(ids: impl IntoIterator<Item = &'a str>) -> Vec<u8> {
-    let mut ids: Vec<&str> = ids.into_iter().collect();
-    ids.sort_unstable();
-    ids.dedup();
-    let bytes = (ids.len() * BITS_PER_ID).div_ceil(8).max(8);
+    let mut hashed: Vec<(u64, u64)> = ids.into_iter().map(hashes).collect();
+    filter_of_hashes(&mut hashed)
+}
+
+/// The Bloom filter of the IDs whose [`hashes`] these are (sorted and deduplicated here, so
+/// the filter's size counts distinct IDs).
+fn filter_of_hashes(hashed: &mut Vec<(u64, u64)>) -> Vec<u8> {
+    hashed.sort_unstable();
+    hashed.dedup();
+    let bytes = (hashed.len() * BITS_PER_ID).div_ceil(8).max(8);
     let bits = (bytes * 8) as u64;
     let mut out = vec![0u8; 2 + bytes];
     out[0] = FORMAT;
     out[1] = HASHES;
-    for id in ids {
-        let (h1, h2) = hashes(id);
+    for &(h1, h2) in hashed.iter() {
         for i in 0..u64::from(HASHES) {
             let bit = h1.wrapping_add(i.wrapping_mul(h2)) % bits;
             out[2 + (bit / 8) as usize] |= 1 << (bit % 8);
@@ -136,7 +208,10 @@ impl Indexer {
         let mut block = self.next_block().await?;
         self.built.send_replace(block);
         while (block + 1) * BLOCK <= self.tail.size() {
-            let filter = self.build(block).await?;
+            let filter = match self.tail.noted_filter(block) {
+                Some(f) => f,
+                None => self.build(block).await?,
+            };
             self.store(block, &filter).await?;
             built += 1;
             block += 1;
@@ -267,6 +342,39 @@ mod tests {
         assert!(leaf_names(&leaf, &id(7)) && leaf_names(&leaf, &id(8)));
         assert!(!leaf_names(&leaf, &id(9)) && !leaf_names(&leaf, &id(10)));
         assert!(!leaf_names(b"\xff\xff not a record 031000000007", &id(7)));
+    }
+
+    /// Notes give the same filter as reading the block back — only for blocks every entry of
+    /// which they saw, in order.
+    #[test]
+    fn notes_build_a_blocks_filter_only_when_they_saw_all_of_it() {
+        let subjects = |range: std::ops::Range<u64>| -> Vec<Vec<String>> {
+            range.map(|i| vec![id(i % 1_000), id(7)]).collect()
+        };
+        let expected = |block: u64| {
+            let ids = subjects(block * BLOCK..(block + 1) * BLOCK);
+            filter_of(ids.iter().flatten().map(String::as_str))
+        };
+        // A log that opened at 100 entries: block 0 began before, so it is read back.
+        let mut n = Notes::at(100);
+        n.note(100, &subjects(100..BLOCK));
+        assert_eq!(n.take(0), None);
+        // Block 1 in uneven batches: built from the notes.
+        n.note(BLOCK, &subjects(BLOCK..BLOCK + 5));
+        n.note(BLOCK + 5, &subjects(BLOCK + 5..2 * BLOCK));
+        // Block 2 with an entry noted by nobody (another replica's): read back.
+        n.note(2 * BLOCK, &subjects(2 * BLOCK..2 * BLOCK + 10));
+        n.note(2 * BLOCK + 11, &subjects(2 * BLOCK + 11..3 * BLOCK));
+        // Block 3 whole again.
+        n.note(3 * BLOCK, &subjects(3 * BLOCK..4 * BLOCK));
+        assert_eq!(n.take(1), Some(expected(1)));
+        assert_eq!(n.take(2), None);
+        assert_eq!(n.take(3), Some(expected(3)));
+        assert_eq!(n.take(3), None, "taken once");
+        // A log that opened at a block boundary notes its first block.
+        let mut n = Notes::at(BLOCK);
+        n.note(BLOCK, &subjects(BLOCK..2 * BLOCK));
+        assert_eq!(n.take(1), Some(expected(1)));
     }
 
     proptest! {

@@ -713,8 +713,16 @@ impl Writer {
         match result {
             Ok((outcomes, audit_indexes)) => {
                 if let (Some(t), Some(r)) = (&tail, range.as_deref())
-                    && audit_indexes.iter().any(Option::is_some)
+                    && let Some(first) = audit_indexes.iter().flatten().next()
                 {
+                    // The records are the drafted jobs', at consecutive indexes in batch order.
+                    let subjects = batch
+                        .iter()
+                        .zip(&audit_indexes)
+                        .filter(|(_, i)| i.is_some())
+                        .filter_map(|(job, _)| job.audit())
+                        .map(|d| &d.facts.subjects);
+                    t.note_subjects(*first, subjects);
                     t.committed(r);
                 }
                 drop(range);
