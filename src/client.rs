@@ -9,18 +9,12 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 /// Connects to `addr` (server name `localhost`), trusting `ca.pem` from `certs_dir` and
 /// presenting `clients/<name>.{pem,key}` if `client` is given.
 pub async fn connect(addr: SocketAddr, certs_dir: &Path, client: Option<&str>) -> Result<Channel> {
-    let read = |rel: &str| {
-        let p = certs_dir.join(rel);
-        std::fs::read(&p).with_context(|| format!("reading {}", p.display()))
-    };
+    let (ca, identity) = pem_files(certs_dir, client)?;
     let mut tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(read("ca.pem")?))
+        .ca_certificate(Certificate::from_pem(ca))
         .domain_name("localhost");
-    if let Some(name) = client {
-        tls = tls.identity(Identity::from_pem(
-            read(&format!("clients/{name}.pem"))?,
-            read(&format!("clients/{name}.key"))?,
-        ));
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(Identity::from_pem(cert, key));
     }
     let endpoint = Endpoint::from_shared(format!("https://{addr}"))?
         .tls_config(tls)?
@@ -37,6 +31,22 @@ pub async fn link(
     certs_dir: &Path,
     client: Option<&str>,
 ) -> Result<crate::link::Link> {
+    let (ca, identity) = pem_files(certs_dir, client)?;
+    let link = crate::link::Link::new(
+        &ca,
+        identity.as_ref().map(|(c, k)| (c.as_slice(), k.as_slice())),
+        "localhost",
+        &addr.ip().to_string(),
+        addr.port(),
+        Duration::from_secs(5),
+    )?;
+    link.connect().await?;
+    Ok(link)
+}
+
+/// `ca.pem` from `certs_dir`, and `clients/<name>.{pem,key}` if `client` is given.
+type PemFiles = (Vec<u8>, Option<(Vec<u8>, Vec<u8>)>);
+fn pem_files(certs_dir: &Path, client: Option<&str>) -> Result<PemFiles> {
     let read = |rel: &str| {
         let p = certs_dir.join(rel);
         std::fs::read(&p).with_context(|| format!("reading {}", p.display()))
@@ -48,16 +58,7 @@ pub async fn link(
         )),
         None => None,
     };
-    let link = crate::link::Link::new(
-        &read("ca.pem")?,
-        identity.as_ref().map(|(c, k)| (c.as_slice(), k.as_slice())),
-        "localhost",
-        &addr.ip().to_string(),
-        addr.port(),
-        Duration::from_secs(5),
-    )?;
-    link.connect().await?;
-    Ok(link)
+    Ok((read("ca.pem")?, identity))
 }
 
 /// Performs only the TLS handshake as `client` and waits for the server's first bytes (the
@@ -75,15 +76,7 @@ pub async fn probe_handshake(
     use tokio::io::AsyncReadExt;
 
     let err = |e: &dyn std::fmt::Display| e.to_string();
-    let read = |rel: &str| std::fs::read(certs_dir.join(rel)).map_err(|e| err(&e));
-    let ca = read("ca.pem")?;
-    let identity = match client {
-        Some(name) => Some((
-            read(&format!("clients/{name}.pem"))?,
-            read(&format!("clients/{name}.key"))?,
-        )),
-        None => None,
-    };
+    let (ca, identity) = pem_files(certs_dir, client).map_err(|e| format!("{e:#}"))?;
     let cfg = crate::tls::client_config(
         &ca,
         identity.as_ref().map(|(c, k)| (c.as_slice(), k.as_slice())),

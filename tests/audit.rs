@@ -109,20 +109,15 @@ async fn every_call_is_audited_with_identifiers_and_field_names_only(env: Env) {
             .unwrap(),
     );
     let x = looked_up[0].personal_id.to_string();
-    let found = audit
-        .search_entries(SearchEntriesRequest {
+    let records = common::search_records(
+        &mut audit,
+        SearchEntriesRequest {
             subject_personal_id: x.clone(),
             page_size: 100,
             ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .entries;
-    let records: Vec<AuditRecord> = found
-        .iter()
-        .map(|e| AuditRecord::decode(e.leaf.as_slice()).unwrap())
-        .collect();
+        },
+    )
+    .await;
     let read = records
         .iter()
         .find(|r| r.agency_id == "registry-hp")

@@ -343,19 +343,16 @@ async fn a_rejected_event_and_its_reason_are_visible_to_the_producer(env: Env) {
     );
     let mut outcomes = Vec::new();
     for method in ["/civgate.v1.Exchange/Reject", "/civgate.v1.Exchange/Ack"] {
-        let found = audit
-            .search_entries(civgate::pb::v1::SearchEntriesRequest {
+        let found = common::search_records(
+            &mut audit,
+            civgate::pb::v1::SearchEntriesRequest {
                 method: method.into(),
                 page_size: 100,
                 ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .entries;
-        for e in found {
-            let r = <civgate::pb::v1::AuditRecord as prost::Message>::decode(e.leaf.as_slice())
-                .unwrap();
+            },
+        )
+        .await;
+        for r in found {
             assert_eq!(r.agency_id, "population");
             outcomes.push((method.rsplit('/').next().unwrap().to_owned(), r.outcome));
         }

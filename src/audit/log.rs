@@ -1073,7 +1073,7 @@ async fn migrate_sqlite_nodes(conn: &mut SqliteConnection) -> Result<()> {
     Ok(())
 }
 
-/// Logs written before 2026-11-27 kept an index `audit_subjects (personal_id, idx)`, one row
+/// Logs of earlier releases kept an index `audit_subjects (personal_id, idx)`, one row
 /// per subject of every record. Block filters (`subjects.rs`) replace it; they are built from
 /// the leaves in the background, and searches scan the blocks that have none yet.
 async fn drop_subjects_index(conn: &mut SqliteConnection) -> Result<()> {

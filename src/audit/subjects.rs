@@ -1,8 +1,9 @@
 //! Finding a citizen's entries in the audit log without an index written per record.
 //!
 //! The log is cut into blocks of [`BLOCK`] consecutive entries. When a block is complete, a
-//! background task reads its leaves once and stores a Bloom filter of the personal IDs they
-//! name (`audit_subject_blocks`). A search by subject reads the filters and scans only the
+//! background task stores a Bloom filter of the personal IDs its entries name
+//! (`audit_subject_blocks`), built from what the writers noted as they committed ([`Notes`]),
+//! or, where their notes do not cover the whole block, from the block's leaves read back. A search by subject reads the filters and scans only the
 //! blocks whose filter may hold the ID, plus the blocks that have none yet (the open block at
 //! the end, or blocks the task has not reached). The filters are derived from the leaves and
 //! can always be rebuilt from them; a search never depends on one being there.
@@ -133,13 +134,18 @@ fn filter_of_hashes(hashed: &mut Vec<(u64, u64)>) -> Vec<u8> {
     let mut out = vec![0u8; 2 + bytes];
     out[0] = FORMAT;
     out[1] = HASHES;
-    for &(h1, h2) in hashed.iter() {
-        for i in 0..u64::from(HASHES) {
-            let bit = h1.wrapping_add(i.wrapping_mul(h2)) % bits;
+    for &h in hashed.iter() {
+        for bit in positions(h, HASHES, bits) {
             out[2 + (bit / 8) as usize] |= 1 << (bit % 8);
         }
     }
     out
+}
+
+/// The `k` bit positions, among `m`, of the ID whose [`hashes`] are `(h1, h2)` (double
+/// hashing). Building and probing a filter both go through here, so they always agree.
+fn positions((h1, h2): (u64, u64), k: u8, m: u64) -> impl Iterator<Item = u64> {
+    (0..u64::from(k)).map(move |i| h1.wrapping_add(i.wrapping_mul(h2)) % m)
 }
 
 /// Whether the block whose filter is `filter` may name `id`. False only when it certainly
@@ -154,22 +160,14 @@ pub fn may_contain(filter: &[u8], id: &str) -> bool {
     if bits.is_empty() {
         return false;
     }
-    let m = (bits.len() * 8) as u64;
-    let (h1, h2) = hashes(id);
-    (0..u64::from(*k)).all(|i| {
-        let bit = h1.wrapping_add(i.wrapping_mul(h2)) % m;
-        bits[(bit / 8) as usize] & (1 << (bit % 8)) != 0
-    })
+    positions(hashes(id), *k, (bits.len() * 8) as u64)
+        .all(|bit| bits[(bit / 8) as usize] & (1 << (bit % 8)) != 0)
 }
 
 /// Whether a leaf's record names `id` among its subjects. A leaf that does not decode names
-/// nobody (it cannot be shown to; `audit verify` reports such damage).
+/// nobody (it cannot be shown to; `audit verify` reports such damage). Searches ask only about
+/// leaves the store found to contain the ID's bytes.
 pub fn leaf_names(leaf: &[u8], id: &str) -> bool {
-    // Most leaves of a scanned block are someone else's: skip the decode when the ID's bytes
-    // are not in the leaf at all.
-    if !leaf.windows(id.len()).any(|w| w == id.as_bytes()) {
-        return false;
-    }
     AuditRecord::decode(leaf).is_ok_and(|r| r.subject_personal_ids.iter().any(|s| s == id))
 }
 

@@ -385,17 +385,14 @@ impl Journal {
         seq: u64,
         audit: Option<Draft>,
     ) -> Result<Option<u64>, JournalError> {
-        let (done, wait) = oneshot::channel();
-        self.run(Job::Ack {
+        self.request(|done| Job::Ack {
             topic: topic.into(),
             group: group.into(),
             seq,
             audit,
             done,
         })
-        .await?;
-        wait.await
-            .map_err(|_| JournalError::NotDurable("journal writer stopped".into()))?
+        .await
     }
 
     /// Moves one event to the dead-letter list of a group, with the consumer's reason.
@@ -420,8 +417,7 @@ impl Journal {
         reason: &str,
         audit: Option<Draft>,
     ) -> Result<Option<u64>, JournalError> {
-        let (done, wait) = oneshot::channel();
-        self.run(Job::Reject {
+        self.request(|done| Job::Reject {
             topic: topic.into(),
             group: group.into(),
             seq,
@@ -429,16 +425,19 @@ impl Journal {
             audit,
             done,
         })
-        .await?;
-        wait.await
-            .map_err(|_| JournalError::NotDurable("journal writer stopped".into()))?
+        .await
     }
 
-    async fn run(&self, job: Job) -> Result<(), JournalError> {
-        self.tx
-            .send(job)
-            .await
-            .map_err(|_| JournalError::NotDurable("journal writer stopped".into()))
+    /// Hands the writer the job `make` builds around its reply channel, and waits for the
+    /// reply.
+    async fn request<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, JournalError>>) -> Job,
+    ) -> Result<T, JournalError> {
+        let stopped = || JournalError::NotDurable("journal writer stopped".into());
+        let (done, wait) = oneshot::channel();
+        self.tx.send(make(done)).await.map_err(|_| stopped())?;
+        wait.await.map_err(|_| stopped())?
     }
 
     /// Notes that a subscription handed `seq` to `group`.
@@ -718,9 +717,7 @@ impl Writer {
                     // The records are the drafted jobs', at consecutive indexes in batch order.
                     let subjects = batch
                         .iter()
-                        .zip(&audit_indexes)
-                        .filter(|(_, i)| i.is_some())
-                        .filter_map(|(job, _)| job.audit())
+                        .filter_map(Job::audit)
                         .map(|d| &d.facts.subjects);
                     t.note_subjects(*first, subjects);
                     t.committed(r);

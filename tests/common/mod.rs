@@ -473,3 +473,21 @@ pub async fn check_delivery(addr: SocketAddr, certs: &Path, receipts: &Receipts)
         receipts.len()
     );
 }
+
+/// The records of one page of `SearchEntries`, decoded.
+pub async fn search_records(
+    audit: &mut civgate::pb::v1::audit_client::AuditClient<tonic::transport::Channel>,
+    req: civgate::pb::v1::SearchEntriesRequest,
+) -> Vec<civgate::pb::v1::AuditRecord> {
+    audit
+        .search_entries(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .entries
+        .iter()
+        .map(|e| {
+            <civgate::pb::v1::AuditRecord as prost::Message>::decode(e.leaf.as_slice()).unwrap()
+        })
+        .collect()
+}
