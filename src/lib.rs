@@ -10,7 +10,6 @@ pub mod coalesce;
 pub mod config;
 pub mod demo;
 pub mod domain;
-pub mod durable;
 pub mod exchange;
 pub mod gate;
 pub mod identity;

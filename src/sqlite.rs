@@ -1,7 +1,5 @@
 //! SQLite connection settings shared by every embedded store (audit log, journal, reference
-//! directory): WAL, synchronous FULL (a commit survives power loss), created if missing. The
-//! journal's and the audit log's writers turn their own connection to NORMAL and make commits
-//! durable with a [`Syncer`](crate::durable::Syncer) instead ([`deferred_sync`]).
+//! directory): WAL, synchronous FULL (a commit survives power loss), created if missing.
 
 use std::{
     path::{Path, PathBuf},
@@ -81,23 +79,6 @@ pub fn options(path: &Path, busy: Duration) -> Result<SqliteConnectOptions, sqlx
             // the indexes that every commit touches.
             .pragma("cache_size", "-16384"),
     )
-}
-
-/// Turns `conn` — a writer's connection to the database at `path` — to `synchronous=NORMAL`
-/// and returns what makes its commits durable: a [`Syncer`](crate::durable::Syncer) of the
-/// WAL file, whose fsyncs the writer's follow-ups wait for (see [`crate::durable`]). Other
-/// connections keep `synchronous=FULL`.
-pub async fn deferred_sync(
-    conn: &mut sqlx::SqliteConnection,
-    path: &Path,
-) -> anyhow::Result<crate::durable::Durability> {
-    sqlx::raw_sql("PRAGMA synchronous = NORMAL")
-        .execute(&mut *conn)
-        .await
-        .with_context(|| format!("setting synchronous = NORMAL on {}", path.display()))?;
-    let syncer = crate::durable::Syncer::wal(path)
-        .with_context(|| format!("starting the fsync thread of {}", path.display()))?;
-    Ok(crate::durable::Durability::synced(syncer))
 }
 
 /// A write transaction sent to SQLite as one multi-statement query — `BEGIN IMMEDIATE`, the

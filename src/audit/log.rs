@@ -1,7 +1,6 @@
 //! The audit log's storage and its single writer. Appends are group-committed: one task
-//! drains every pending record into one SQLite transaction (WAL), then answers each caller
-//! with its index once an fsync after the commit succeeded (`durable`) — a caller hears
-//! "durable" only when it is. The writer does not wait for that fsync before its next batch.
+//! drains every pending record into one SQLite transaction (WAL, synchronous FULL), then
+//! answers each caller with its index — a caller hears "durable" only after the commit.
 //! Perfect-subtree hashes are stored as they complete, so proofs need O(log n) reads.
 
 use std::{
@@ -27,7 +26,6 @@ use super::{
     note::{Checkpoint, Signer},
     subjects::{BLOCK, FilterWriter, Indexer, Notes, leaf_names, may_contain},
 };
-use crate::durable::Durability;
 use crate::pb::v1::AuditRecord;
 use crate::store::{AUDIT_CHANNEL, Reader, Store, with_reader};
 
@@ -242,15 +240,14 @@ impl AuditTail {
         }
     }
 
-    /// Once a commit that extended the log to `size` entries is durable: the new size is
-    /// visible, the log healthy. Never lowers the size (follow-ups of the two writers may
-    /// arrive in either order).
-    pub fn committed(&self, size: u64) {
-        let before = self.size.fetch_max(size, Ordering::AcqRel);
-        if before / BLOCK != size / BLOCK {
+    /// After a commit that extended the log to `range`: the new size is visible, the log
+    /// healthy.
+    pub fn committed(&self, range: &CompactRange) {
+        let before = self.size.fetch_max(range.size(), Ordering::AcqRel);
+        if before / BLOCK != range.size() / BLOCK {
             self.blocks.notify_one();
         }
-        metrics::gauge!(crate::telemetry::AUDIT_LOG_SIZE).set(before.max(size) as f64);
+        metrics::gauge!(crate::telemetry::AUDIT_LOG_SIZE).set(range.size() as f64);
         self.healthy
             .send_if_modified(|h| !std::mem::replace(h, true));
     }
@@ -275,7 +272,7 @@ impl AuditTail {
             .take(block)
     }
 
-    pub(crate) fn failed(&self) {
+    fn failed(&self) {
         self.healthy
             .send_if_modified(|h| std::mem::replace(h, false));
     }
@@ -321,7 +318,6 @@ impl AuditLog {
                 let log = Self::start(
                     Reader::Pg(pool.clone()),
                     WriterConn::Pg(pool.clone()),
-                    Durability::AtCommit,
                     FilterWriter::Pg(pool.clone()),
                     range,
                     latest,
@@ -369,11 +365,9 @@ impl AuditLog {
             SqliteConnection::connect_with(&crate::sqlite::options(&path, o.commit_timeout)?)
                 .await
                 .with_context(|| format!("opening {}", path.display()))?;
-        let durability = crate::sqlite::deferred_sync(&mut conn, &path).await?;
         Self::start(
             Reader::Sqlite(reader),
             WriterConn::Sqlite(conn),
-            durability,
             FilterWriter::Sqlite(filters),
             range,
             latest,
@@ -385,7 +379,6 @@ impl AuditLog {
     async fn start(
         reader: Reader,
         conn: WriterConn,
-        durability: Durability,
         filters: FilterWriter,
         range: CompactRange,
         latest: Option<(i64, String)>,
@@ -410,7 +403,6 @@ impl AuditLog {
         let (tx, rx) = mpsc::channel(16_384);
         let mut writer = Writer {
             conn,
-            durability,
             tail: log.tail.clone(),
             signer: o.signer,
             origin: o.origin,
@@ -711,7 +703,6 @@ enum WriterConn {
 
 struct Writer {
     conn: WriterConn,
-    durability: Durability,
     tail: AuditTail,
     signer: Signer,
     origin: String,
@@ -796,30 +787,14 @@ impl Writer {
         crate::telemetry::store_commit("audit", n, started.elapsed());
         match result {
             Ok(first) => {
-                // Noted now, under the lock, in order (see `durable`: a filter may be built
-                // from commits not yet durable); the size is raised and the callers answered
-                // once the commit is durable.
                 tail.note_subjects(first, &subjects);
-                let size = range.size();
+                tail.committed(&range);
                 drop(range);
-                let t = tail.clone();
-                self.durability.after_commit(move |durable| match durable {
-                    Ok(()) => {
-                        t.committed(size);
-                        for (i, done) in waiters.into_iter().enumerate() {
-                            if let Some(done) = done {
-                                let _ = done.send(Ok(first + i as u64));
-                            }
-                        }
+                for (i, done) in waiters.into_iter().enumerate() {
+                    if let Some(done) = done {
+                        let _ = done.send(Ok(first + i as u64));
                     }
-                    Err(e) => {
-                        error!(error = %e, entries = n, "audit records not durable; calls answer UNAVAILABLE");
-                        t.failed();
-                        for done in waiters.into_iter().flatten() {
-                            let _ = done.send(Err(AuditError::NotDurable(e.to_string())));
-                        }
-                    }
-                });
+                }
             }
             Err(e) => {
                 *range = before;
@@ -851,12 +826,6 @@ impl Writer {
         if size as i64 == self.checkpointed {
             return Ok(());
         }
-        // A checkpoint only ever covers durable entries: if it were lost in a crash, the same
-        // tree is still there to sign again — never a different one at the same size.
-        self.durability
-            .sync()
-            .await
-            .map_err(|e| anyhow::anyhow!("audit entries not durable: {e}"))?;
         let cp = Checkpoint {
             origin: self.origin.clone(),
             size,

@@ -1,9 +1,7 @@
 //! The journal: events per topic with gap-free sequences in commit order, idempotency on
 //! (producer, idempotency key), consumer-group offsets. One writer task assigns sequences and
-//! commits batches, so sequence order is commit order and a reader that stops at the published
-//! head can never skip an event that committed late. On SQLite a batch's receipts, heads and
-//! acks move once an fsync after its commit succeeded (`durable`); the writer does not wait
-//! for it before its next batch.
+//! commits batches (SQLite WAL, synchronous FULL), so sequence order is commit order and a
+//! reader that stops at the published head can never skip an event that committed late.
 
 use std::{
     collections::HashMap,
@@ -20,7 +18,6 @@ use tracing::error;
 
 use super::validate::{CIVIL_STATUS, POPULATION};
 use crate::audit::{AuditTail, Draft, merkle::CompactRange};
-use crate::durable::Durability;
 use crate::pb::v1::AuditRecord;
 use crate::store::{JOURNAL_CHANNEL, Reader, Store, with_reader};
 
@@ -143,22 +140,6 @@ enum Job {
 }
 
 impl Job {
-    /// Answers the job: its write is not durable, because of `why`.
-    fn fail(self, why: &str) {
-        let err = || JournalError::NotDurable(why.to_owned());
-        match self {
-            Job::Publish { done, .. } => {
-                let _ = done.send(Published {
-                    result: Err(err()),
-                    audit_index: None,
-                });
-            }
-            Job::Ack { done, .. } | Job::Reject { done, .. } => {
-                let _ = done.send(Err(err()));
-            }
-        }
-    }
-
     fn audit(&self) -> Option<&Draft> {
         match self {
             Job::Publish { audit, .. } | Job::Ack { audit, .. } | Job::Reject { audit, .. } => {
@@ -242,7 +223,6 @@ impl Journal {
                 let journal = Self::start(
                     Reader::Pg(pool.clone()),
                     WriterConn::Pg(pool.clone()),
-                    Durability::AtCommit,
                     last,
                     retention,
                     audit,
@@ -293,11 +273,9 @@ impl Journal {
             .await?;
             last.insert(t, max.unwrap_or(0) as u64);
         }
-        let durability = crate::sqlite::deferred_sync(&mut conn, &path).await?;
         Ok(Self::start(
             Reader::Sqlite(reader),
             WriterConn::Sqlite(conn),
-            durability,
             last,
             retention,
             audit,
@@ -308,7 +286,6 @@ impl Journal {
     fn start(
         reader: Reader,
         conn: WriterConn,
-        durability: Durability,
         last: HashMap<&'static str, u64>,
         retention: Option<Duration>,
         audit: Option<AuditTail>,
@@ -327,7 +304,6 @@ impl Journal {
         let (tx, rx) = mpsc::channel(8_192);
         let writer = Writer {
             conn,
-            durability,
             last,
             journal: journal.clone(),
             audit,
@@ -487,16 +463,6 @@ impl Journal {
             return Ok(None);
         };
         let seq = seq as u64;
-        // On SQLite an event can be read from its commit on, before it is durable; it is
-        // accepted (and its producer has a receipt) once its topic's head has passed it.
-        if matches!(self.reader, Reader::Sqlite(_))
-            && self
-                .heads
-                .get(topic.as_str())
-                .is_some_and(|h| *h.borrow() < seq)
-        {
-            return Ok(None);
-        }
         let mut groups: std::collections::BTreeMap<String, GroupState> =
             std::collections::BTreeMap::new();
         let acked_by: Vec<(String, i64)> = with_reader!(&self.reader, |pool| {
@@ -672,8 +638,6 @@ macro_rules! known_keys {
 
 struct Writer {
     conn: WriterConn,
-    /// When a commit's receipts may leave (see `durable`).
-    durability: Durability,
     last: HashMap<&'static str, u64>,
     journal: Journal,
     /// The audit log's right edge: publishes' records are committed with their events.
@@ -747,34 +711,51 @@ impl Writer {
         crate::telemetry::store_commit("journal", batch.len(), started.elapsed());
         match result {
             Ok((outcomes, audit_indexes)) => {
-                let mut audit_size = None;
                 if let (Some(t), Some(r)) = (&tail, range.as_deref())
                     && let Some(first) = audit_indexes.iter().flatten().next()
                 {
                     // The records are the drafted jobs', at consecutive indexes in batch order.
-                    // Noted now, under the lock, in order (see `durable`).
                     let subjects = batch
                         .iter()
                         .filter_map(Job::audit)
                         .map(|d| &d.facts.subjects);
                     t.note_subjects(*first, subjects);
-                    audit_size = Some(r.size());
+                    t.committed(r);
                 }
                 drop(range);
-                // Heads, acks and receipts move once the commit is durable.
-                let heads: Vec<(&'static str, u64)> =
-                    self.last.iter().map(|(t, s)| (*t, *s)).collect();
-                let done = Committed {
-                    journal: self.journal.clone(),
-                    tail,
-                    audit_size,
-                    heads,
-                    batch,
-                    outcomes,
-                    audit_indexes,
-                };
-                self.durability
-                    .after_commit(move |durable| done.finish(durable));
+                for (t, seq) in &self.last {
+                    self.journal.raise_head(t, *seq);
+                }
+                for ((job, outcome), audit_index) in
+                    batch.into_iter().zip(outcomes).zip(audit_indexes)
+                {
+                    match (job, outcome) {
+                        (Job::Publish { done, .. }, Outcome::Published(result)) => {
+                            let _ = done.send(Published {
+                                result,
+                                audit_index,
+                            });
+                        }
+                        (Job::Reject { done, .. }, Outcome::Acked) => {
+                            let _ = done.send(Ok(audit_index));
+                        }
+                        (
+                            Job::Ack {
+                                topic,
+                                group,
+                                seq,
+                                done,
+                                ..
+                            },
+                            Outcome::Acked,
+                        ) => {
+                            self.journal.raise_ack(&topic, &group, seq);
+                            let _ = done.send(Ok(audit_index));
+                        }
+                        // Each job yields the outcome of its own kind.
+                        _ => {}
+                    }
+                }
             }
             Err(e) => {
                 self.last = before;
@@ -784,7 +765,18 @@ impl Writer {
                 drop(range);
                 error!(error = %e, "journal commit failed");
                 for job in batch {
-                    job.fail(&e.to_string());
+                    let err = || JournalError::NotDurable(e.to_string());
+                    match job {
+                        Job::Publish { done, .. } => {
+                            let _ = done.send(Published {
+                                result: Err(err()),
+                                audit_index: None,
+                            });
+                        }
+                        Job::Ack { done, .. } | Job::Reject { done, .. } => {
+                            let _ = done.send(Err(err()));
+                        }
+                    }
                 }
             }
         }
@@ -887,79 +879,6 @@ impl Writer {
             self.last = before;
         }
         result
-    }
-}
-
-/// A committed batch, waiting to be durable.
-struct Committed {
-    journal: Journal,
-    tail: Option<AuditTail>,
-    /// The audit log's size after the batch, if it carried records.
-    audit_size: Option<u64>,
-    /// The topics' heads after the batch.
-    heads: Vec<(&'static str, u64)>,
-    batch: Vec<Job>,
-    outcomes: Vec<Outcome>,
-    audit_indexes: Vec<Option<u64>>,
-}
-
-impl Committed {
-    /// Once the batch is durable (or cannot be): the audit log's size, the topics' heads and the
-    /// groups' acks are raised, and every job gets its answer.
-    fn finish(self, durable: crate::durable::Durable) {
-        let Self {
-            journal,
-            tail,
-            audit_size,
-            heads,
-            batch,
-            outcomes,
-            audit_indexes,
-        } = self;
-        if let Err(e) = durable {
-            error!(error = %e, "journal commit not durable");
-            if let Some(t) = &tail {
-                t.failed();
-            }
-            for job in batch {
-                job.fail(&e);
-            }
-            return;
-        }
-        if let (Some(t), Some(size)) = (&tail, audit_size) {
-            t.committed(size);
-        }
-        for (t, seq) in heads {
-            journal.raise_head(t, seq);
-        }
-        for ((job, outcome), audit_index) in batch.into_iter().zip(outcomes).zip(audit_indexes) {
-            match (job, outcome) {
-                (Job::Publish { done, .. }, Outcome::Published(result)) => {
-                    let _ = done.send(Published {
-                        result,
-                        audit_index,
-                    });
-                }
-                (Job::Reject { done, .. }, Outcome::Acked) => {
-                    let _ = done.send(Ok(audit_index));
-                }
-                (
-                    Job::Ack {
-                        topic,
-                        group,
-                        seq,
-                        done,
-                        ..
-                    },
-                    Outcome::Acked,
-                ) => {
-                    journal.raise_ack(&topic, &group, seq);
-                    let _ = done.send(Ok(audit_index));
-                }
-                // Each job yields the outcome of its own kind.
-                _ => {}
-            }
-        }
     }
 }
 
