@@ -9,7 +9,10 @@
 #   (b) nginx   — nginx as a gRPC reverse proxy (mTLS in, limit_req far above the load,
 #                 access_log to a file, upstream keepalive, mTLS out) → the directory;
 #   (c) civgate — mTLS in, identity, policy, purpose filter, rate limit (far above the load),
-#                 durable audit record, mTLS out → the directory.
+#                 durable audit record, mTLS out → the directory; the shipped configuration
+#                 (worker_threads = 0: one thread per core);
+#   (d) civgate as (c) with worker_threads = 1 (a single-threaded runtime), the setting for a
+#                 small machine whose cores are shared with other services, as here.
 # For each: req/s, p50/p99/p99.9, errors, CPU µs per request of each server process (from
 # /proc/PID/stat over the measured window). Prints one table and the ratios c/b and c/a, and
 # writes everything as JSON. Installs nginx with apt-get if it is missing; leaves nothing running.
@@ -44,6 +47,8 @@ trap cleanup EXIT
 # Free loopback ports for the gateway, its admin port, the directory and nginx.
 GW=$(free_port)
 ADMIN=$(free_port)
+GW1=$(free_port)
+ADMIN1=$(free_port)
 DIR=$(free_port)
 NGX=$(free_port)
 
@@ -110,12 +115,19 @@ NGINX_WORKERS=$(pgrep -P "$(cat "$T/nginx.pid")" | tr '\n' ' ')
 GATEWAY=$!
 PIDS+=("$GATEWAY")
 wait_for "$T/gateway.log" "civgate serving"
+sed -e "s/^worker_threads = 0/worker_threads = 1/" "$T/civgate.toml" >"$T/civgate-1t.toml"
+grep -q "^worker_threads = 1" "$T/civgate-1t.toml"
+"$B" serve --config "$T/civgate-1t.toml" --listen "127.0.0.1:$GW1" --admin-listen "127.0.0.1:$ADMIN1" \
+    --data-dir "$T/data-1t" >"$T/gateway-1t.log" 2>&1 &
+GATEWAY1=$!
+PIDS+=("$GATEWAY1")
+wait_for "$T/gateway-1t.log" "civgate serving"
 
 common=(--certs "$T/certs" --connections 4 --concurrency 64 --warmup "$WARMUP" --duration "$DURATION" --json)
 wpids=()
 for w in $NGINX_WORKERS; do wpids+=(--server-pid "$w"); done
 # The machines are noisy (their speed drifts by ±20% within minutes): ROUNDS rounds of
-# (a), (b), (c) in turn, each ratio taken within its round, and the median round reported.
+# (a), (b), (c), (d) in turn, each ratio taken within its round, and the median round reported.
 for r in $(seq "$ROUNDS"); do
     echo "round $r/$ROUNDS: (a) direct: the directory over mTLS" >&2
     "$B" bench lookup --target directory --addr "127.0.0.1:$DIR" "${common[@]}" \
@@ -126,17 +138,21 @@ for r in $(seq "$ROUNDS"); do
     echo "round $r/$ROUNDS: (c) civgate → directory (durable audit)" >&2
     "$B" bench lookup --target gateway --addr "127.0.0.1:$GW" "${common[@]}" \
         --server-pid "$GATEWAY" --server-pid "$REFDB" >"$T/c$r.json"
+    echo "round $r/$ROUNDS: (d) civgate, worker_threads = 1 → directory (durable audit)" >&2
+    "$B" bench lookup --target gateway --addr "127.0.0.1:$GW1" "${common[@]}" \
+        --server-pid "$GATEWAY1" --server-pid "$REFDB" >"$T/d$r.json"
 done
 AUDITED=$(curl -s "http://127.0.0.1:$ADMIN/metrics" | awk '/^civgate_audit_log_size / {print $2}')
+AUDITED1=$(curl -s "http://127.0.0.1:$ADMIN1/metrics" | awk '/^civgate_audit_log_size / {print $2}')
 LOGGED=$(wc -l <"$T/nginx-access.log")
 
-python3 - "$T" "$OUT" "$REFDB" "$GATEWAY" "$NGINX_WORKERS" "$AUDITED" "$LOGGED" "$ROUNDS" <<'EOF'
+python3 - "$T" "$OUT" "$REFDB" "$GATEWAY" "$NGINX_WORKERS" "$AUDITED" "$LOGGED" "$ROUNDS" "$GATEWAY1" "$AUDITED1" <<'EOF'
 import json, os, platform, statistics, sys
-t, out, refdb, gateway, workers, audited, logged, nrounds = sys.argv[1:9]
-refdb, gateway, nrounds = int(refdb), int(gateway), int(nrounds)
+t, out, refdb, gateway, workers, audited, logged, nrounds, gateway1, audited1 = sys.argv[1:11]
+refdb, gateway, gateway1, nrounds = int(refdb), int(gateway), int(gateway1), int(nrounds)
 workers = [int(w) for w in workers.split()]
-names = {"a": "direct", "b": "nginx", "c": "civgate"}
-proxy = {"a": [], "b": workers, "c": [gateway]}
+names = {"a": "direct", "b": "nginx", "c": "civgate", "d": "civgate-1t"}
+proxy = {"a": [], "b": workers, "c": [gateway], "d": [gateway1]}
 
 def load(k, r):
     run = json.load(open(f"{t}/{k}{r}.json"))
@@ -147,48 +163,56 @@ def load(k, r):
     return run
 
 def ratios_of(runs):
-    a, b, c = runs["a"], runs["b"], runs["c"]
-    return {
-        "c_over_b_throughput": c["requests_per_second"] / b["requests_per_second"],
-        "c_over_a_throughput": c["requests_per_second"] / a["requests_per_second"],
-        "c_over_b_proxy_cpu": c["proxy_cpu_us_per_request"] / b["proxy_cpu_us_per_request"],
-        "c_p99_minus_b_p99_ms": c["p99_ms"] - b["p99_ms"],
-    }
+    a, b = runs["a"], runs["b"]
+    out = {}
+    for k in "cd":
+        c = runs[k]
+        out[f"{k}_over_b_throughput"] = c["requests_per_second"] / b["requests_per_second"]
+        out[f"{k}_over_a_throughput"] = c["requests_per_second"] / a["requests_per_second"]
+        out[f"{k}_over_b_proxy_cpu"] = c["proxy_cpu_us_per_request"] / b["proxy_cpu_us_per_request"]
+        out[f"{k}_p99_minus_b_p99_ms"] = c["p99_ms"] - b["p99_ms"]
+    return out
 
 rounds = []
 for r in range(1, nrounds + 1):
-    runs = {k: load(k, r) for k in "abc"}
+    runs = {k: load(k, r) for k in "abcd"}
     rounds.append({"runs": runs, "ratios": ratios_of(runs)})
 # The median round by c/b throughput; each ratio's median over the rounds as well.
 median_round = sorted(rounds, key=lambda x: x["ratios"]["c_over_b_throughput"])[(nrounds - 1) // 2]
 medians = {k: statistics.median(x["ratios"][k] for x in rounds) for k in rounds[0]["ratios"]}
 
-print(f"{'round':<6}{'path':<9}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'p99.9 ms':>10}{'errors':>8}"
+print(f"{'round':<6}{'path':<11}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'p99.9 ms':>10}{'errors':>8}"
       f"{'proxy CPU µs/req':>18}{'directory CPU µs/req':>22}")
 for i, rd in enumerate(rounds, 1):
     mark = "*" if rd is median_round else ""
-    for k in "abc":
+    for k in "abcd":
         r = rd["runs"][k]
         px = f"{r['proxy_cpu_us_per_request']:.1f}" if k != "a" else "-"
-        print(f"{str(i) + mark:<6}{r['name']:<9}{r['requests_per_second']:>9.0f}{r['p50_ms']:>9.2f}"
+        print(f"{str(i) + mark:<6}{r['name']:<11}{r['requests_per_second']:>9.0f}{r['p50_ms']:>9.2f}"
               f"{r['p99_ms']:>9.2f}{r['p999_ms']:>10.2f}{r['errors']:>8}{px:>18}"
               f"{r['directory_cpu_us_per_request']:>22.1f}")
 for i, rd in enumerate(rounds, 1):
     x = rd["ratios"]
-    print(f"round {i}: c/b {x['c_over_b_throughput']:.2f}  c/a {x['c_over_a_throughput']:.2f}  "
-          f"CPU c/b {x['c_over_b_proxy_cpu']:.2f}  p99 c-b {x['c_p99_minus_b_p99_ms']:+.2f} ms")
-print(f"median of {nrounds} rounds: c/b throughput {medians['c_over_b_throughput']:.2f} (target >= 1.3)   "
-      f"c/a throughput {medians['c_over_a_throughput']:.2f} (target >= 0.6)   "
-      f"c/b proxy CPU per request {medians['c_over_b_proxy_cpu']:.2f} (target <= 0.75)   "
-      f"p99 c - b {medians['c_p99_minus_b_p99_ms']:+.2f} ms (target <= 0)")
-print(f"audit log size after the run: {audited}; nginx access-log lines: {logged}")
+    print(f"round {i}: " + "   ".join(
+        f"{k}/b {x[k + '_over_b_throughput']:.2f}  {k}/a {x[k + '_over_a_throughput']:.2f}  "
+        f"CPU {k}/b {x[k + '_over_b_proxy_cpu']:.2f}  p99 {k}-b {x[k + '_p99_minus_b_p99_ms']:+.2f} ms"
+        for k in "cd"))
+for k in "cd":
+    print(f"median of {nrounds} rounds, ({k}) {names[k]}: "
+          f"{k}/b throughput {medians[k + '_over_b_throughput']:.2f} (target >= 1.3)   "
+          f"{k}/a throughput {medians[k + '_over_a_throughput']:.2f} (target >= 0.6)   "
+          f"{k}/b proxy CPU per request {medians[k + '_over_b_proxy_cpu']:.2f} (target <= 0.75)   "
+          f"p99 {k} - b {medians[k + '_p99_minus_b_p99_ms']:+.2f} ms (target <= 0)")
+print(f"audit log sizes after the run: (c) {audited}, (d) {audited1}; nginx access-log lines: {logged}")
 json.dump({
     "machine": {"cores": os.cpu_count(), "kernel": platform.release()},
-    "settings": {"connections": 4, "in_flight_per_connection": 64, "rounds": nrounds},
+    "settings": {"connections": 4, "in_flight_per_connection": 64, "rounds": nrounds,
+                 "civgate_worker_threads": {"c": 0, "d": 1}},
     "rounds": rounds, "median_ratios": medians,
     # The median round (by c/b throughput), in the shape of a one-round run.
     "runs": median_round["runs"], "ratios": median_round["ratios"],
-    "civgate_audit_log_size": int(float(audited or 0)), "nginx_access_log_lines": int(logged),
+    "civgate_audit_log_size": int(float(audited or 0)),
+    "civgate_1t_audit_log_size": int(float(audited1 or 0)), "nginx_access_log_lines": int(logged),
 }, open(out, "w"), indent=2)
 print(f"written: {out}")
 EOF

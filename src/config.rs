@@ -197,6 +197,10 @@ pub struct ServerSection {
     pub max_pending_handshakes: usize,
     /// How long SIGTERM waits for in-flight calls before closing anyway.
     pub shutdown_grace_ms: u64,
+    /// Threads that serve calls: 0 = one per core (a work-stealing runtime); 1 = a
+    /// single-threaded runtime, which spends less CPU per call (no wake-ups across threads) but
+    /// serves at most one core's worth; N = N work-stealing threads. Needs a restart.
+    pub worker_threads: usize,
 }
 
 impl Default for ServerSection {
@@ -208,6 +212,7 @@ impl Default for ServerSection {
             handshake_timeout_ms: 5_000,
             max_pending_handshakes: 1_024,
             shutdown_grace_ms: 10_000,
+            worker_threads: 0,
         }
     }
 }

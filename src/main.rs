@@ -148,10 +148,7 @@ fn main() -> ExitCode {
     tls::install_provider();
     let cli = Cli::parse();
     telemetry::init_logging(matches!(cli.log_format, LogFormat::Json));
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime(&cli.command).enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -163,6 +160,27 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// The async runtime: for `serve`, as `[server] worker_threads` asks (a config that does not
+/// load gets the default here; `serve` then reports its errors); one thread per core otherwise.
+fn runtime(command: &Command) -> tokio::runtime::Builder {
+    let threads = match command {
+        Command::Serve { config, .. } => config::Config::load(config)
+            .map(|c| c.file.server.worker_threads)
+            .unwrap_or(0),
+        _ => 0,
+    };
+    match threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            if n > 1 {
+                b.worker_threads(n);
+            }
+            b
         }
     }
 }

@@ -269,7 +269,11 @@ pub async fn start(source: ConfigSource, overrides: Overrides) -> Result<Running
         });
     }
     readiness.set(true);
-    info!(api = %api_addr, admin = %admin_addr, "civgate serving");
+    let runtime = match tokio::runtime::Handle::current().runtime_flavor() {
+        tokio::runtime::RuntimeFlavor::CurrentThread => "single-threaded",
+        _ => "work-stealing",
+    };
+    info!(api = %api_addr, admin = %admin_addr, runtime, "civgate serving");
     Ok(Running {
         api_addr,
         admin_addr,
@@ -300,10 +304,11 @@ impl Running {
                 if o.server.listen != n.server.listen
                     || o.server.admin_listen != n.server.admin_listen
                     || o.server.data_dir != n.server.data_dir
+                    || o.server.worker_threads != n.server.worker_threads
                     || format!("{:?}", o.limits) != format!("{:?}", n.limits)
                 {
                     warn!(
-                        "listen addresses, data_dir and [limits] take effect only after a restart"
+                        "listen addresses, data_dir, worker_threads and [limits] take effect only after a restart"
                     );
                 }
                 self.state.store(Arc::new(new));

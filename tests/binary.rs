@@ -123,6 +123,7 @@ async fn broken_config_on_reload_is_refused_and_the_old_one_keeps_serving() {
 async fn metrics_count_handshake_failures_by_reason_and_rpcs_by_code() {
     let env = Env::new();
     let gw = env.spawn_binary();
+    assert_eq!(gw.serving["runtime"], "work-stealing", "the shipped default");
     let certs = env.certs();
     for c in [Some("revoked"), Some("expired"), None] {
         assert!(client::probe_handshake(gw.api, &certs, c).await.is_err());
@@ -228,4 +229,67 @@ fn demo_runs_and_exits_zero() {
         "{stdout}"
     );
     assert!(!stdout.contains('✘'), "{stdout}");
+}
+
+/// `[server] worker_threads = 1`: the binary runs on a single-threaded runtime and still
+/// serves concurrent look-ups (forwarded to the directory, audited) and durable publishes.
+#[tokio::test]
+async fn a_single_threaded_gateway_serves_concurrent_lookups_and_publishes() {
+    use civgate::pb::v1::{
+        GetCitizenRequest, PublishRequest, citizens_client::CitizensClient,
+        exchange_client::ExchangeClient,
+    };
+    let env = Env::new();
+    let dir = env.start_directory().await;
+    let text =
+        common::with_upstream_port(&common::unthrottled_publishes(), dir.directory.addr.port())
+            .replace("worker_threads = 0", "worker_threads = 1");
+    assert!(
+        text.contains("worker_threads = 1"),
+        "the shipped config names the key"
+    );
+    env.write_config(&text);
+    let gw = env.spawn_binary();
+    assert_eq!(gw.serving["runtime"], "single-threaded", "{}", gw.serving);
+
+    let cfg = civgate::config::Config::parse(&text, "t".into(), ".".into()).unwrap();
+    let purpose = cfg.file.purposes.keys().next().unwrap().as_str().to_owned();
+    let lookups = CitizensClient::new(
+        client::connect(gw.api, &env.certs(), Some("registry-hp"))
+            .await
+            .unwrap(),
+    );
+    let publisher = ExchangeClient::new(
+        client::connect(gw.api, &env.certs(), Some("population"))
+            .await
+            .unwrap(),
+    );
+    let mut calls = tokio::task::JoinSet::new();
+    for (n, person) in dir.people.iter().take(64).enumerate() {
+        let (mut l, mut p) = (lookups.clone(), publisher.clone());
+        let (id, purpose) = (person.personal_id.to_string(), purpose.clone());
+        calls.spawn(async move {
+            let found = l
+                .get_citizen(GetCitizenRequest {
+                    personal_id: id.clone(),
+                    purpose,
+                })
+                .await
+                .expect("look-up")
+                .into_inner();
+            assert_eq!(found.citizen.expect("citizen").personal_id, id);
+            let receipt = p
+                .publish(PublishRequest {
+                    idempotency_key: format!("single-thread-{n}"),
+                    event: Some(common::death_event(n)),
+                })
+                .await
+                .expect("publish")
+                .into_inner();
+            assert!(receipt.sequence > 0);
+        });
+    }
+    while let Some(r) = calls.join_next().await {
+        r.expect("call task");
+    }
 }

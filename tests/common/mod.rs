@@ -123,10 +123,12 @@ impl Env {
             logs: rx,
             api: "0.0.0.0:0".parse().unwrap(),
             admin: "0.0.0.0:0".parse().unwrap(),
+            serving: serde_json::Value::Null,
         };
         let line = gw.wait_log("civgate serving");
         gw.api = line["api"].as_str().unwrap().parse().unwrap();
         gw.admin = line["admin"].as_str().unwrap().parse().unwrap();
+        gw.serving = line;
         gw
     }
 }
@@ -165,6 +167,8 @@ pub struct Gateway {
     pub logs: mpsc::Receiver<serde_json::Value>,
     pub api: SocketAddr,
     pub admin: SocketAddr,
+    /// The "civgate serving" log line.
+    pub serving: serde_json::Value,
 }
 
 impl Gateway {
