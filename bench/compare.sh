@@ -11,8 +11,9 @@
 #   (c) civgate — mTLS in, identity, policy, purpose filter, rate limit (far above the load),
 #                 durable audit record, mTLS out → the directory; the shipped configuration
 #                 (worker_threads = 0: one thread per core);
-#   (d) civgate as (c) with worker_threads = 1 (a single-threaded runtime), the setting for a
-#                 small machine whose cores are shared with other services, as here.
+#   (d) civgate as (c), set up for a small machine whose cores are shared with other services,
+#                 as here: worker_threads = 1 (a single-threaded runtime) and one upstream
+#                 connection (one thread drives one HTTP/2 connection to the directory).
 # For each: req/s, p50/p99/p99.9, errors, CPU µs per request of each server process (from
 # /proc/PID/stat over the measured window). Prints one table and the ratios c/b and c/a, and
 # writes everything as JSON. Installs nginx with apt-get if it is missing; leaves nothing running.
@@ -115,8 +116,10 @@ NGINX_WORKERS=$(pgrep -P "$(cat "$T/nginx.pid")" | tr '\n' ' ')
 GATEWAY=$!
 PIDS+=("$GATEWAY")
 wait_for "$T/gateway.log" "civgate serving"
-sed -e "s/^worker_threads = 0/worker_threads = 1/" "$T/civgate.toml" >"$T/civgate-1t.toml"
+sed -e "s/^worker_threads = 0/worker_threads = 1/" -e "s/^connections = 2/connections = 1/" \
+    "$T/civgate.toml" >"$T/civgate-1t.toml"
 grep -q "^worker_threads = 1" "$T/civgate-1t.toml"
+grep -q "^connections = 1" "$T/civgate-1t.toml"
 "$B" serve --config "$T/civgate-1t.toml" --listen "127.0.0.1:$GW1" --admin-listen "127.0.0.1:$ADMIN1" \
     --data-dir "$T/data-1t" >"$T/gateway-1t.log" 2>&1 &
 GATEWAY1=$!
@@ -207,7 +210,8 @@ print(f"audit log sizes after the run: (c) {audited}, (d) {audited1}; nginx acce
 json.dump({
     "machine": {"cores": os.cpu_count(), "kernel": platform.release()},
     "settings": {"connections": 4, "in_flight_per_connection": 64, "rounds": nrounds,
-                 "civgate_worker_threads": {"c": 0, "d": 1}},
+                 "civgate_worker_threads": {"c": 0, "d": 1},
+                 "civgate_upstream_connections": {"c": 2, "d": 1}},
     "rounds": rounds, "median_ratios": medians,
     # The median round (by c/b throughput), in the shape of a one-round run.
     "runs": median_round["runs"], "ratios": median_round["ratios"],

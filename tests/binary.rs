@@ -123,7 +123,10 @@ async fn broken_config_on_reload_is_refused_and_the_old_one_keeps_serving() {
 async fn metrics_count_handshake_failures_by_reason_and_rpcs_by_code() {
     let env = Env::new();
     let gw = env.spawn_binary();
-    assert_eq!(gw.serving["runtime"], "work-stealing", "the shipped default");
+    assert_eq!(
+        gw.serving["runtime"], "work-stealing",
+        "the shipped default"
+    );
     let certs = env.certs();
     for c in [Some("revoked"), Some("expired"), None] {
         assert!(client::probe_handshake(gw.api, &certs, c).await.is_err());
