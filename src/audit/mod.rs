@@ -61,9 +61,9 @@ impl Call {
                 .as_ref()
                 .map(|p| p.role.as_str().to_owned())
                 .unwrap_or_default(),
-            cert_fingerprint: self.peer.fingerprint.to_string(),
+            cert_fingerprint: self.peer.fingerprint.to_hex(),
             // Client-controlled for unknown paths: bounded.
-            method: self.path.chars().take(200).collect(),
+            method: first_chars(&self.path, 200).to_owned(),
             purpose: facts.purpose,
             subject_personal_ids: facts.subjects,
             fields_returned: facts.fields,
@@ -78,6 +78,15 @@ impl Call {
     /// calling a handler directly).
     pub fn of<T>(req: &tonic::Request<T>) -> Option<Arc<Call>> {
         req.extensions().get::<Arc<Call>>().cloned()
+    }
+}
+
+/// The first `n` characters of `s` (all of it if shorter), without copying character by
+/// character: every call's record takes its method name through here.
+fn first_chars(s: &str, n: usize) -> &str {
+    match s.char_indices().nth(n) {
+        Some((end, _)) => &s[..end],
+        None => s,
     }
 }
 
@@ -109,5 +118,29 @@ impl FactsSlot {
 
     pub fn take(&self) -> Facts {
         std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::first_chars;
+
+    #[test]
+    fn first_chars_counts_characters_not_bytes() {
+        assert_eq!(
+            first_chars("/civgate.v1.Citizens/GetCitizen", 200),
+            "/civgate.v1.Citizens/GetCitizen"
+        );
+        assert_eq!(first_chars("abc", 3), "abc");
+        assert_eq!(first_chars("abcd", 3), "abc");
+        assert_eq!(first_chars("", 3), "");
+        let vi = "Nguyễn Văn Ánh";
+        assert_eq!(first_chars(vi, 8), "Nguyễn V");
+        let long = "ệ".repeat(250);
+        assert_eq!(first_chars(&long, 200), "ệ".repeat(200));
+        assert_eq!(
+            first_chars(&long, 200),
+            long.chars().take(200).collect::<String>()
+        );
     }
 }

@@ -182,11 +182,21 @@ impl CertFingerprint {
         use sha2::{Digest, Sha256};
         Self(Sha256::digest(der).into())
     }
+
+    /// Lower-case hex, written into one buffer (every audit record carries it; `hex::encode`
+    /// collects it character by character).
+    pub fn to_hex(&self) -> String {
+        let mut buf = [0u8; 64];
+        match hex::encode_to_slice(self.0, &mut buf) {
+            Ok(()) => String::from_utf8_lossy(&buf).into_owned(),
+            Err(_) => hex::encode(self.0),
+        }
+    }
 }
 
 impl fmt::Display for CertFingerprint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&hex::encode(self.0))
+        f.write_str(&self.to_hex())
     }
 }
 
@@ -199,6 +209,14 @@ impl fmt::Debug for CertFingerprint {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fingerprint_hex_is_lower_case_and_matches_hex_encode() {
+        let f = CertFingerprint::of_der(b"certificate");
+        assert_eq!(f.to_hex(), hex::encode(f.0));
+        assert_eq!(f.to_string().len(), 64);
+        assert_eq!(CertFingerprint([0xab; 32]).to_hex(), "ab".repeat(32));
+    }
 
     #[test]
     fn agency_id_accepts_lowercase_digits_dashes() {
