@@ -15,9 +15,9 @@
 #                 as here: worker_threads = 1 (a single-threaded runtime) and one upstream
 #                 connection (one thread drives one HTTP/2 connection to the directory).
 # For each: req/s, p50/p99/p99.9, errors, CPU µs per request of each server process (from
-# /proc/PID/stat over the measured window). Prints one table and the ratios c/b and c/a, and
-# writes everything as JSON. Installs nginx with apt-get if it is missing; leaves nothing running.
-# ROUNDS (default 3) repeats (a), (b), (c) in turn; ratios are taken within each round and the
+# /proc/PID/stat over the measured window). Prints one table and the ratios c/b, c/a, d/b and
+# d/a, and writes everything as JSON. Installs nginx with apt-get if it is missing; leaves nothing running.
+# ROUNDS (default 3) repeats (a), (b), (c), (d) in turn; ratios are taken within each round and the
 # medians reported, since one 8 s window on a shared 2-core machine swings by ±20%.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -141,7 +141,7 @@ for r in $(seq "$ROUNDS"); do
     echo "round $r/$ROUNDS: (c) civgate → directory (durable audit)" >&2
     "$B" bench lookup --target gateway --addr "127.0.0.1:$GW" "${common[@]}" \
         --server-pid "$GATEWAY" --server-pid "$REFDB" >"$T/c$r.json"
-    echo "round $r/$ROUNDS: (d) civgate, worker_threads = 1 → directory (durable audit)" >&2
+    echo "round $r/$ROUNDS: (d) civgate, one thread, one upstream connection → directory (durable audit)" >&2
     "$B" bench lookup --target gateway --addr "127.0.0.1:$GW1" "${common[@]}" \
         --server-pid "$GATEWAY1" --server-pid "$REFDB" >"$T/d$r.json"
 done
