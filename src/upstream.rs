@@ -10,24 +10,27 @@ use std::{
 };
 
 use anyhow::{Context, Result};
+use bytes::Bytes;
 use tonic::{Code, Status};
 
 use crate::{
     api::convert::field_names,
     config::{Config, UpstreamSection},
     domain::{CitizenField, PersonalId},
-    link::Link,
+    link::UnaryLink,
     pb::{
         upstream::v1::{
-            GetCitizensRequest, SearchCitizensRequest,
-            population_directory_client::PopulationDirectoryClient,
+            GetCitizensRequest, GetCitizensResponse, SearchCitizensRequest, SearchCitizensResponse,
         },
         v1::Citizen,
     },
 };
 
+const GET_CITIZENS: &str = "/civgate.upstream.v1.PopulationDirectory/GetCitizens";
+const SEARCH_CITIZENS: &str = "/civgate.upstream.v1.PopulationDirectory/SearchCitizens";
+
 pub struct Upstream {
-    clients: Vec<PopulationDirectoryClient<Link>>,
+    links: Vec<UnaryLink>,
     next: AtomicUsize,
     timeout: Duration,
 }
@@ -54,24 +57,22 @@ impl Upstream {
             read(&section.key)?,
         );
         let timeout = Duration::from_millis(section.timeout_ms);
-        let clients = (0..section.connections.max(1))
+        let links = (0..section.connections.max(1))
             .map(|_| {
-                let l = Link::new(&ca, Some((&cert, &key)), host, host, port, timeout)
-                    .context("upstream.ca, upstream.cert, upstream.key")?;
-                let origin = l.origin();
-                Ok(PopulationDirectoryClient::with_origin(l, origin))
+                UnaryLink::new(&ca, Some((&cert, &key)), host, host, port, timeout)
+                    .context("upstream.ca, upstream.cert, upstream.key")
             })
             .collect::<Result<_>>()?;
         Ok(Self {
-            clients,
+            links,
             next: AtomicUsize::new(0),
             timeout,
         })
     }
 
-    fn client(&self) -> PopulationDirectoryClient<Link> {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.clients.len();
-        self.clients[i].clone()
+    fn link(&self) -> &UnaryLink {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.links.len();
+        &self.links[i]
     }
 
     /// The time this call may take: the caller's remaining deadline less a margin (so the
@@ -91,15 +92,23 @@ impl Upstream {
         fields: &BTreeSet<CitizenField>,
         caller_deadline: Option<Duration>,
     ) -> Result<Vec<Citizen>, Status> {
+        let raw = self.get_encoded(ids, fields, caller_deadline).await?;
+        decode::<GetCitizensResponse>(raw).map(|r| r.citizens)
+    }
+
+    /// As [`Upstream::get`], the directory's `GetCitizensResponse` as it was encoded.
+    pub async fn get_encoded(
+        &self,
+        ids: &[PersonalId],
+        fields: &BTreeSet<CitizenField>,
+        caller_deadline: Option<Duration>,
+    ) -> Result<Bytes, Status> {
         let budget = self.budget(caller_deadline);
-        let mut req = tonic::Request::new(GetCitizensRequest {
+        let req = GetCitizensRequest {
             personal_ids: ids.iter().map(ToString::to_string).collect(),
             fields: field_names(fields),
-        });
-        req.set_timeout(budget);
-        let mut client = self.client();
-        let call = client.get_citizens(req);
-        within(budget, call).await.map(|r| r.citizens)
+        };
+        within(budget, self.link().call(GET_CITIZENS, &req, budget)).await
     }
 
     pub async fn search(
@@ -112,33 +121,37 @@ impl Upstream {
         caller_deadline: Option<Duration>,
     ) -> Result<Vec<Citizen>, Status> {
         let budget = self.budget(caller_deadline);
-        let mut req = tonic::Request::new(SearchCitizensRequest {
+        let req = SearchCitizensRequest {
             folded_name: folded_name.to_owned(),
             date_of_birth: date_of_birth.to_owned(),
             province_code: province.unwrap_or_default().to_owned(),
             limit,
             fields: field_names(fields),
-        });
-        req.set_timeout(budget);
-        let mut client = self.client();
-        within(budget, client.search_citizens(req))
-            .await
-            .map(|r| r.citizens)
+        };
+        let raw = within(budget, self.link().call(SEARCH_CITIZENS, &req, budget)).await?;
+        decode::<SearchCitizensResponse>(raw).map(|r| r.citizens)
     }
 }
 
 /// One upstream call bounded by `budget`; failures mapped for the caller.
-async fn within<T>(
+async fn within(
     budget: Duration,
-    call: impl Future<Output = Result<tonic::Response<T>, Status>>,
-) -> Result<T, Status> {
+    call: impl Future<Output = Result<Bytes, Status>>,
+) -> Result<Bytes, Status> {
     match tokio::time::timeout(budget, call).await {
         Err(_) => Err(Status::deadline_exceeded(
             "population directory did not answer in time",
         )),
-        Ok(Err(s)) => Err(map_upstream_error(s)),
-        Ok(Ok(r)) => Ok(r.into_inner()),
+        Ok(r) => r.map_err(map_upstream_error),
     }
+}
+
+/// An answer of the directory, decoded (`INTERNAL` if it cannot be).
+pub fn decode<T: prost::Message + Default>(raw: Bytes) -> Result<T, Status> {
+    T::decode(raw).map_err(|e| {
+        tracing::error!(error = %e, "population directory sent an undecodable answer");
+        Status::internal("population directory sent an undecodable answer")
+    })
 }
 
 /// What the caller sees when the directory fails: its availability problems pass through,
