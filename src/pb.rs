@@ -5,6 +5,8 @@
 
 pub mod v1 {
     tonic::include_proto!("civgate.v1");
+    /// Hand-written (build.rs `extern_path`), so look-ups can be answered with checked bytes.
+    pub use crate::api::wire::GetCitizenResponse;
 }
 
 pub mod upstream {

@@ -15,6 +15,7 @@ use crate::{
     audit::FactsSlot,
     domain::{CitizenField, FullName, PersonalId, PurposeCode, fold, parse_date, personal_id},
     limits::Harvest,
+    pb::upstream::v1::GetCitizensResponse,
     pb::v1::{
         AttributeMatch, BatchError, BatchGetCitizensRequest, BatchGetCitizensResponse,
         BatchGetCitizensResult, Citizen, GetCitizenRequest, GetCitizenResponse, MaritalStatus,
@@ -24,10 +25,10 @@ use crate::{
     policy::Principal,
     state::Shared,
     telemetry,
-    upstream::{Upstream, caller_deadline},
+    upstream::{Upstream, caller_deadline, decode},
 };
 
-use super::principal;
+use super::{principal, wire};
 
 /// Largest `BatchGetCitizens` request.
 pub const MAX_BATCH: usize = 100;
@@ -143,11 +144,18 @@ fn parse_id(field: &str, s: &str) -> Result<PersonalId, FieldViolation> {
     PersonalId::parse(s).map_err(|e| FieldViolation::new(field, e.to_string()))
 }
 
-fn withheld(allowed: &BTreeSet<CitizenField>) -> Vec<String> {
+fn withheld_names(allowed: &BTreeSet<CitizenField>) -> Vec<&'static str> {
     CitizenField::ALL
         .iter()
         .filter(|f| !allowed.contains(f))
-        .map(|f| f.name().to_owned())
+        .map(|f| f.name())
+        .collect()
+}
+
+fn withheld(allowed: &BTreeSet<CitizenField>) -> Vec<String> {
+    withheld_names(allowed)
+        .into_iter()
+        .map(str::to_owned)
         .collect()
 }
 
@@ -172,10 +180,19 @@ impl Citizens for CitizensService {
             f.purpose = code.as_str().to_owned();
             f.subjects = vec![id.to_string()];
         });
-        let mut found = self
+        let raw = self
             .upstream()?
-            .get(std::slice::from_ref(&id), &fields, deadline)
+            .get_encoded(std::slice::from_ref(&id), &fields, deadline)
             .await?;
+        // The directory's bytes, if they hold exactly what may be returned (api/wire.rs).
+        let mask_bits = wire::allowed_mask(&fields);
+        if let Some((resp, names)) =
+            wire::forward(&raw, id.as_str(), mask_bits, &withheld_names(&fields))
+        {
+            facts.update(|f| f.fields = names.iter().map(|s| (*s).to_owned()).collect());
+            return Ok(Response::new(resp));
+        }
+        let mut found = decode::<GetCitizensResponse>(raw)?.citizens;
         let mut citizen = found
             .pop()
             .filter(|c| c.personal_id == id.as_str())
@@ -190,6 +207,7 @@ impl Citizens for CitizensService {
         Ok(Response::new(GetCitizenResponse {
             citizen: Some(citizen),
             withheld_fields: withheld(&fields),
+            encoded: None,
         }))
     }
 

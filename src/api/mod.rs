@@ -4,6 +4,7 @@ pub mod audit;
 pub mod citizens;
 pub mod convert;
 pub mod exchange;
+pub mod wire;
 
 use crate::policy::Principal;
 
