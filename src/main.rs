@@ -167,19 +167,19 @@ fn main() -> ExitCode {
 /// The async runtime: for `serve`, as `[server] worker_threads` asks (a config that does not
 /// load gets the default here; `serve` then reports its errors); one thread per core otherwise.
 fn runtime(command: &Command) -> tokio::runtime::Builder {
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     let threads = match command {
         Command::Serve { config, .. } => config::Config::load(config)
-            .map(|c| c.file.server.worker_threads)
-            .unwrap_or(0),
-        _ => 0,
+            .map(|c| c.file.server)
+            .unwrap_or_default()
+            .serving_threads(cores),
+        _ => cores,
     };
     match threads {
         1 => tokio::runtime::Builder::new_current_thread(),
         n => {
             let mut b = tokio::runtime::Builder::new_multi_thread();
-            if n > 1 {
-                b.worker_threads(n);
-            }
+            b.worker_threads(n.max(1));
             b
         }
     }

@@ -57,7 +57,9 @@ impl Upstream {
             read(&section.key)?,
         );
         let timeout = Duration::from_millis(section.timeout_ms);
-        let links = (0..section.connections.max(1))
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        let serving = config.file.server.serving_threads(cores);
+        let links = (0..section.links(serving))
             .map(|_| {
                 UnaryLink::new(&ca, Some((&cert, &key)), host, host, port, timeout)
                     .context("upstream.ca, upstream.cert, upstream.key")
