@@ -384,9 +384,61 @@ pub async fn drop_test_schema(url: &str) {
     }
 }
 
+/// Group commit, shared by the journal's and the audit log's writers: what is already queued
+/// goes into the next commit, up to `max`.
+pub fn drain<T>(rx: &mut tokio::sync::mpsc::Receiver<T>, batch: &mut Vec<T>, max: usize) {
+    while batch.len() < max {
+        match rx.try_recv() {
+            Ok(x) => batch.push(x),
+            Err(_) => break,
+        }
+    }
+}
+
+/// How long a writer waits for more work before a commit when it is busy.
+pub const LINGER: Duration = Duration::from_micros(500);
+/// A previous commit of at least this many rows means the writer is busy.
+pub const LINGER_ABOVE: usize = 8;
+
+/// Whether the audit log's next commit first waits [`LINGER`] (tokio's timer makes it about a
+/// millisecond) for the records about to arrive: only when the previous commit shows that
+/// calls arrive faster than commits complete, so an idle gateway never waits. Measured on 2
+/// cores, alternating with the build before it: at 256 look-ups in flight 39–49 instead of
+/// 21–27 records per commit, 2–20% less gateway CPU per look-up, more look-ups/s and a lower
+/// p99; at 16 in flight the same look-ups/s and p50 (+0.05–0.35 ms), 14–31% less CPU. The
+/// journal does not linger: its producers wait for receipts, and at 64 publishes in flight a
+/// wait only delayed the next wave (fewer publishes/s).
+pub fn linger(last_batch: usize) -> Option<Duration> {
+    (last_batch >= LINGER_ABOVE).then_some(LINGER)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_busy_writer_lingers() {
+        assert_eq!(linger(0), None);
+        assert_eq!(linger(1), None);
+        assert_eq!(linger(LINGER_ABOVE - 1), None);
+        assert_eq!(linger(LINGER_ABOVE), Some(LINGER));
+        assert_eq!(linger(1_000), Some(LINGER));
+    }
+
+    #[tokio::test]
+    async fn drain_takes_what_is_queued_up_to_the_limit() {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        for i in 0..5 {
+            tx.send(i).await.unwrap();
+        }
+        let mut batch = vec![];
+        drain(&mut rx, &mut batch, 3);
+        assert_eq!(batch, [0, 1, 2]);
+        drain(&mut rx, &mut batch, 10);
+        assert_eq!(batch, [0, 1, 2, 3, 4]);
+        drain(&mut rx, &mut batch, 10);
+        assert_eq!(batch.len(), 5);
+    }
 
     #[test]
     fn notifications_of_other_schemas_are_not_ours() {

@@ -27,7 +27,7 @@ use super::{
     subjects::{BLOCK, FilterWriter, Indexer, Notes, leaf_names, may_contain},
 };
 use crate::pb::v1::AuditRecord;
-use crate::store::{AUDIT_CHANNEL, Reader, Store, with_reader};
+use crate::store::{AUDIT_CHANNEL, Reader, Store, drain, linger, with_reader};
 
 /// Hashes of the given nodes, in the given order; a missing node is an error. `$conn` is a
 /// SQLite or PostgreSQL connection (a pool connection or a transaction).
@@ -726,18 +726,21 @@ impl Writer {
         // Records received and not yet committed, in arrival order. Committed as soon as one
         // has a waiting caller (or the batch is full), else at the next flush tick.
         let mut pending: Vec<Pending> = Vec::new();
+        let mut last_batch = 0;
         loop {
             tokio::select! {
                 first = rx.recv() => {
                     let Some(first) = first else { break };
                     pending.push(first);
-                    while pending.len() < MAX_BATCH {
-                        match rx.try_recv() {
-                            Ok(p) => pending.push(p),
-                            Err(_) => break,
-                        }
+                    drain(&mut rx, &mut pending, MAX_BATCH);
+                    let waited_for = pending.iter().any(|p| p.done.is_some());
+                    if waited_for && pending.len() < MAX_BATCH && let Some(wait) = linger(last_batch) {
+                        // Under load: gather the calls about to arrive too (group commit).
+                        tokio::time::sleep(wait).await;
+                        drain(&mut rx, &mut pending, MAX_BATCH);
                     }
-                    if pending.len() >= MAX_BATCH || pending.iter().any(|p| p.done.is_some()) {
+                    if pending.len() >= MAX_BATCH || waited_for {
+                        last_batch = pending.len();
                         self.commit(std::mem::take(&mut pending)).await;
                     }
                 }

@@ -19,7 +19,7 @@ use tracing::error;
 use super::validate::{CIVIL_STATUS, POPULATION};
 use crate::audit::{AuditTail, Draft, merkle::CompactRange};
 use crate::pb::v1::AuditRecord;
-use crate::store::{JOURNAL_CHANNEL, Reader, Store, with_reader};
+use crate::store::{JOURNAL_CHANNEL, Reader, Store, drain, with_reader};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS journal_events (
@@ -653,12 +653,10 @@ impl Writer {
                 first = rx.recv() => {
                     let Some(first) = first else { break };
                     let mut batch = vec![first];
-                    while batch.len() < MAX_BATCH {
-                        match rx.try_recv() {
-                            Ok(j) => batch.push(j),
-                            Err(_) => break,
-                        }
-                    }
+                    // No linger here (store::linger): producers wait for their receipts, so
+                    // at 64 publishes in flight a wait before the commit only delays the
+                    // next wave (measured: fewer publishes/s, not more).
+                    drain(&mut rx, &mut batch, MAX_BATCH);
                     self.commit(batch).await;
                 }
                 _ = prune.tick(), if retention.is_some() => {
