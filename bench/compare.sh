@@ -11,7 +11,7 @@
 #   (c) civgate — mTLS in, identity, policy, purpose filter, rate limit (far above the load),
 #                 durable audit record, mTLS out → the directory; the shipped configuration
 #                 (worker_threads = 0: on up to 2 cores, as here, a single-threaded runtime;
-#                 2 upstream connections);
+#                 upstream.connections = 0: one directory connection per serving thread);
 #   (d) civgate as (c) on a work-stealing runtime of 2 threads (worker_threads = 2, what the
 #                 shipped configuration picks on bigger machines: one thread per core).
 # For each: req/s, p50/p99/p99.9, errors, CPU µs per request of each server process (from
@@ -215,7 +215,8 @@ json.dump({
     "settings": {"connections": 4, "in_flight_per_connection": 64, "rounds": nrounds,
                  "civgate_worker_threads": {"c": 0, "d": 2},
                  "civgate_runtime": {"c": runtime_c, "d": runtime_d},
-                 "civgate_upstream_connections": {"c": 2, "d": 2}},
+                 # upstream.connections = 0 (shipped): one per serving thread.
+                 "civgate_upstream_connections": {"c": 0, "d": 0}},
     "rounds": rounds, "median_ratios": medians,
     # The median round (by c/b throughput), in the shape of a one-round run.
     "runs": median_round["runs"], "ratios": median_round["ratios"],
