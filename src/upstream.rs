@@ -57,8 +57,9 @@ impl Upstream {
             read(&section.key)?,
         );
         let timeout = Duration::from_millis(section.timeout_ms);
-        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
-        let serving = config.file.server.serving_threads(cores);
+        // One per thread of the runtime actually serving (main.rs chose it from the config).
+        let serving =
+            tokio::runtime::Handle::try_current().map_or(1, |h| h.metrics().num_workers());
         let links = (0..section.links(serving))
             .map(|_| {
                 UnaryLink::new(&ca, Some((&cert, &key)), host, host, port, timeout)

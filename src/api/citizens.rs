@@ -185,10 +185,9 @@ impl Citizens for CitizensService {
             .get_encoded(std::slice::from_ref(&id), &fields, deadline)
             .await?;
         // The directory's bytes, if they hold exactly what may be returned (api/wire.rs).
-        let mask_bits = wire::allowed_mask(&fields);
-        if let Some((resp, names)) =
-            wire::forward(&raw, id.as_str(), mask_bits, &withheld_names(&fields))
-        {
+        let withheld_fields = withheld_names(&fields);
+        let allowed = wire::allowed_mask(&fields);
+        if let Some((resp, names)) = wire::forward(&raw, id.as_str(), allowed, &withheld_fields) {
             facts.update(|f| f.fields = names.iter().map(|s| (*s).to_owned()).collect());
             return Ok(Response::new(resp));
         }
@@ -206,7 +205,7 @@ impl Citizens for CitizensService {
         });
         Ok(Response::new(GetCitizenResponse {
             citizen: Some(citizen),
-            withheld_fields: withheld(&fields),
+            withheld_fields: withheld_fields.into_iter().map(str::to_owned).collect(),
             encoded: None,
         }))
     }
