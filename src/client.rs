@@ -31,17 +31,44 @@ pub async fn link(
     certs_dir: &Path,
     client: Option<&str>,
 ) -> Result<crate::link::Link> {
+    let link = dialer(crate::link::Link::new, addr, certs_dir, client)?;
+    link.connect().await?;
+    Ok(link)
+}
+
+/// Like [`link`], as a [`UnaryLink`](crate::link::UnaryLink): unary calls straight on the
+/// HTTP/2 connection, with none of tonic's client layers (for load generators, whose own CPU
+/// shares the machine with the server they measure). Dials before returning.
+pub async fn unary_link(
+    addr: SocketAddr,
+    certs_dir: &Path,
+    client: Option<&str>,
+) -> Result<crate::link::UnaryLink> {
+    let link = dialer(crate::link::UnaryLink::new, addr, certs_dir, client)?;
+    link.connect().await?;
+    Ok(link)
+}
+
+/// The constructor shared by [`crate::link::Link`] and [`crate::link::UnaryLink`]: CA,
+/// identity, server name, host, port, connect timeout.
+type NewLink<T> = fn(&[u8], Option<(&[u8], &[u8])>, &str, &str, u16, Duration) -> Result<T>;
+
+/// A link of kind `T` to `addr` (server name `localhost`), not dialled yet.
+fn dialer<T>(
+    new: NewLink<T>,
+    addr: SocketAddr,
+    certs_dir: &Path,
+    client: Option<&str>,
+) -> Result<T> {
     let (ca, identity) = pem_files(certs_dir, client)?;
-    let link = crate::link::Link::new(
+    new(
         &ca,
         identity.as_ref().map(|(c, k)| (c.as_slice(), k.as_slice())),
         "localhost",
         &addr.ip().to_string(),
         addr.port(),
         Duration::from_secs(5),
-    )?;
-    link.connect().await?;
-    Ok(link)
+    )
 }
 
 /// `ca.pem` from `certs_dir`, and `clients/<name>.{pem,key}` if `client` is given.

@@ -322,6 +322,11 @@ impl UnaryLink {
         })
     }
 
+    /// Dials now if there is no live connection (`UNAVAILABLE` if that fails).
+    pub async fn connect(&self) -> Result<(), Status> {
+        self.dialer.handle().await.map(drop)
+    }
+
     /// Calls `path` (`/package.Service/Method`) with `request`, telling the server it has
     /// `timeout` (`grpc-timeout`); returns the answer's message bytes. The caller bounds the
     /// wait; dropping the returned future resets the stream. Transport failures are

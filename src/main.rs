@@ -165,7 +165,8 @@ fn main() -> ExitCode {
 }
 
 /// The async runtime: for `serve`, as `[server] worker_threads` asks (a config that does not
-/// load gets the default here; `serve` then reports its errors); one thread per core otherwise.
+/// load gets the default here; `serve` then reports its errors); for `bench publish` and `bench
+/// subscribe`, their `--threads`; one thread per core otherwise.
 fn runtime(command: &Command) -> tokio::runtime::Builder {
     let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     let threads = match command {
@@ -173,6 +174,9 @@ fn runtime(command: &Command) -> tokio::runtime::Builder {
             .map(|c| c.file.server)
             .unwrap_or_default()
             .serving_threads(cores),
+        Command::Bench {
+            command: bench::BenchCommand::Publish(a) | bench::BenchCommand::Subscribe(a),
+        } => a.threads,
         _ => cores,
     };
     match threads {
