@@ -21,6 +21,14 @@ use crate::audit::{AuditTail, Draft, merkle::CompactRange};
 use crate::pb::v1::AuditRecord;
 use crate::store::{JOURNAL_CHANNEL, Reader, Store, drain, with_reader};
 
+/// The query of a page of events, one row each: topic `$1`, sequences `$2..=$3`, at most `$4`.
+macro_rules! page_rows {
+    () => {
+        "SELECT seq, event_id, producer, payload, recorded_at_ms FROM journal_events \
+         WHERE topic = $1 AND seq >= $2 AND seq <= $3 ORDER BY seq LIMIT $4"
+    };
+}
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS journal_events (
     topic TEXT NOT NULL,
@@ -566,7 +574,7 @@ impl Journal {
                 // thread to this task on its own, and a 1,000,000-event catch-up spent about a
                 // third of the gateway's CPU on those hand-overs. SQLite builds the page as a
                 // JSON array (payloads in hex) that is parsed here in one go.
-                let page: Option<String> = sqlx::query_scalar(SQLITE_PAGE)
+                let page: String = sqlx::query_scalar(SQLITE_PAGE)
                     .bind(topic)
                     .bind(from as i64)
                     .bind(to as i64)
@@ -574,19 +582,16 @@ impl Journal {
                     .fetch_one(pool)
                     .await
                     .map_err(read_err)?;
-                parse_page(page.as_deref().unwrap_or("[]"))?
+                parse_page(&page)?
             }
-            Reader::Pg(pool) => sqlx::query_as(
-                "SELECT seq, event_id, producer, payload, recorded_at_ms FROM journal_events \
-                 WHERE topic = $1 AND seq >= $2 AND seq <= $3 ORDER BY seq LIMIT $4",
-            )
-            .bind(topic)
-            .bind(from as i64)
-            .bind(to as i64)
-            .bind(i64::from(limit))
-            .fetch_all(pool)
-            .await
-            .map_err(read_err)?,
+            Reader::Pg(pool) => sqlx::query_as(page_rows!())
+                .bind(topic)
+                .bind(from as i64)
+                .bind(to as i64)
+                .bind(i64::from(limit))
+                .fetch_all(pool)
+                .await
+                .map_err(read_err)?,
         };
         Ok(rows
             .into_iter()
@@ -606,11 +611,13 @@ impl Journal {
 /// An event as read: sequence, event id, producer, payload, recording time.
 type EventRow = (i64, String, String, Vec<u8>, i64);
 
-/// SQLite: a page of events as one JSON array of `[seq, event_id, producer, hex(payload),
-/// recorded_at_ms]` (NULL for an empty page).
-const SQLITE_PAGE: &str = "SELECT json_group_array(json_array(seq, event_id, producer, hex(payload), recorded_at_ms)) \
-     FROM (SELECT seq, event_id, producer, payload, recorded_at_ms FROM journal_events \
-     WHERE topic = $1 AND seq >= $2 AND seq <= $3 ORDER BY seq LIMIT $4)";
+/// SQLite: the same page as one JSON array of `[seq, event_id, producer, hex(payload),
+/// recorded_at_ms]` (`[]` for an empty page).
+const SQLITE_PAGE: &str = concat!(
+    "SELECT json_group_array(json_array(seq, event_id, producer, hex(payload), recorded_at_ms)) FROM (",
+    page_rows!(),
+    ")"
+);
 
 /// The rows of a [`SQLITE_PAGE`], in sequence order (an aggregate's input order is not
 /// promised, so it is restored here).
