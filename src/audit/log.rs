@@ -1110,7 +1110,7 @@ pub(crate) fn stage_sqlite(
 
 fn stage_rows(b: &mut crate::sqlite::Batch, rows: &[LeafRow], new_size: u64) -> Result<()> {
     b.insert_rows(
-        "INSERT INTO audit_leaves (idx, leaf, time_ms, agency, method, outcome)",
+        "audit_leaves (idx, leaf, time_ms, agency, method, outcome)",
         6,
         rows,
         |b, r| {
@@ -1125,7 +1125,7 @@ fn stage_rows(b: &mut crate::sqlite::Batch, rows: &[LeafRow], new_size: u64) -> 
     )?;
     let nodes: Vec<_> = rows.iter().flat_map(|r| r.nodes.iter()).collect();
     b.insert_rows(
-        "INSERT INTO audit_tree (leaf_end, level, hash)",
+        "audit_tree (leaf_end, level, hash)",
         3,
         &nodes,
         |b, (id, hash)| {

@@ -199,10 +199,11 @@ fn raise(w: &watch::Sender<u64>, seq: u64) {
     });
 }
 
-/// The writer's connection: one SQLite connection (the only writer of the file), or a pool of
+/// The writer's connection: one SQLite connection (with the checkpoints of its file, which it
+/// leaves to another connection: `sqlite::Checkpoints`), or a pool of
 /// the shared PostgreSQL database (other replicas write too; an advisory lock orders them).
 enum WriterConn {
-    Sqlite(SqliteConnection),
+    Sqlite(SqliteConnection, crate::sqlite::Checkpoints),
     Pg(PgPool),
 }
 
@@ -255,10 +256,13 @@ impl Journal {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         crate::sqlite::adopt_legacy_audit(dir).await?;
         let path = crate::sqlite::store_path(dir);
-        let mut conn =
-            SqliteConnection::connect_with(&crate::sqlite::options(&path, Duration::from_secs(2))?)
-                .await
-                .with_context(|| format!("opening {}", path.display()))?;
+        let mut conn = SqliteConnection::connect_with(&crate::sqlite::writer_options(
+            &path,
+            Duration::from_secs(2),
+        )?)
+        .await
+        .with_context(|| format!("opening {}", path.display()))?;
+        let checkpoints = crate::sqlite::Checkpoints::start(&path).await?;
         {
             // The audit log's writer may be writing this file already.
             let _writing = AuditTail::lock_if(audit.as_ref()).await;
@@ -283,7 +287,7 @@ impl Journal {
         }
         Ok(Self::start(
             Reader::Sqlite(reader),
-            WriterConn::Sqlite(conn),
+            WriterConn::Sqlite(conn, checkpoints),
             last,
             retention,
             audit,
@@ -726,11 +730,7 @@ impl Writer {
         let tail = self.audit.clone();
         let _writing = AuditTail::lock_if(tail.as_ref()).await;
         let done = match &mut self.conn {
-            WriterConn::Sqlite(conn) => sqlx::query(PRUNE)
-                .bind(cutoff)
-                .execute(conn)
-                .await?
-                .rows_affected(),
+            WriterConn::Sqlite(conn, _) => prune_sqlite(conn, cutoff).await?,
             WriterConn::Pg(pool) => sqlx::query(PRUNE)
                 .bind(cutoff)
                 .execute(&*pool)
@@ -772,6 +772,9 @@ impl Writer {
                 drop(range);
                 for (t, seq) in &self.last {
                     self.journal.raise_head(t, *seq);
+                }
+                if let WriterConn::Sqlite(_, checkpoints) = &mut self.conn {
+                    checkpoints.wrote(wal_bytes(&batch));
                 }
                 for ((job, outcome), audit_index) in
                     batch.into_iter().zip(outcomes).zip(audit_indexes)
@@ -838,7 +841,7 @@ impl Writer {
     ) -> Result<(Vec<Outcome>, Vec<Option<u64>>)> {
         let now = crate::audit::log::now_ms();
         match &mut self.conn {
-            WriterConn::Sqlite(_) => self.write_sqlite(batch, now, range).await,
+            WriterConn::Sqlite(..) => self.write_sqlite(batch, now, range).await,
             WriterConn::Pg(pool) => {
                 let pool = pool.clone();
                 self.write_pg(&pool, batch, now, range).await
@@ -856,7 +859,7 @@ impl Writer {
         now: i64,
         mut range: Option<&mut CompactRange>,
     ) -> Result<(Vec<Outcome>, Vec<Option<u64>>)> {
-        let WriterConn::Sqlite(conn) = &mut self.conn else {
+        let WriterConn::Sqlite(conn, _) = &mut self.conn else {
             anyhow::bail!("not a SQLite journal");
         };
         let before = self.last.clone();
@@ -927,6 +930,41 @@ impl Writer {
         }
         result
     }
+}
+
+/// About how many bytes a committed batch added to the WAL (`sqlite::WAL_BYTES_PER_ROW`).
+fn wal_bytes(batch: &[Job]) -> u64 {
+    batch
+        .iter()
+        .map(|job| {
+            let payload = match job {
+                Job::Publish { payload, .. } => payload.len() as u64,
+                Job::Ack { .. } | Job::Reject { .. } => 0,
+            };
+            crate::sqlite::WAL_BYTES_PER_ROW + payload
+        })
+        .sum()
+}
+
+/// SQLite retention: records each topic's head in `journal_heads`, then deletes what `PRUNE`
+/// selects, in one transaction. A commit writes no head row (its events are the head), so the
+/// row must be there before retention can delete a topic's last events.
+async fn prune_sqlite(conn: &mut SqliteConnection, cutoff: i64) -> Result<u64, sqlx::Error> {
+    let mut tx = conn.begin().await?;
+    sqlx::query(
+        "INSERT INTO journal_heads (topic, head) SELECT topic, max(seq) FROM journal_events \
+         WHERE true GROUP BY topic \
+         ON CONFLICT (topic) DO UPDATE SET head = max(head, excluded.head)",
+    )
+    .execute(&mut *tx)
+    .await?;
+    let deleted = sqlx::query(PRUNE)
+        .bind(cutoff)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    tx.commit().await?;
+    Ok(deleted)
 }
 
 /// The audit records of the batch's jobs that carry a draft, finished with their outcomes,
@@ -1106,8 +1144,6 @@ const ACK_SQL: &str = "INSERT INTO journal_groups (topic, grp, acked) VALUES ($1
      THEN excluded.acked ELSE journal_groups.acked END";
 const REJECT_SQL: &str = "INSERT INTO journal_rejections (topic, grp, seq, reason, at_ms) VALUES ($1, $2, $3, $4, $5) \
      ON CONFLICT (topic, seq, grp) DO UPDATE SET reason = excluded.reason, at_ms = excluded.at_ms";
-const HEAD_SQL: &str = "INSERT INTO journal_heads (topic, head) VALUES ($1, $2) \
-     ON CONFLICT (topic) DO UPDATE SET head = excluded.head";
 
 impl Plan<'_> {
     /// The `INSERT` of `n` events with placeholders numbered from 1.
@@ -1151,7 +1187,7 @@ impl Plan<'_> {
                 .bind(self.now)?;
         }
         b.insert_rows(
-            "INSERT INTO journal_events (topic, seq, event_id, producer, idempotency_key, payload, payload_hash, recorded_at_ms)",
+            "journal_events (topic, seq, event_id, producer, idempotency_key, payload, payload_hash, recorded_at_ms)",
             8,
             &self.rows,
             |b, (topic, seq, event_id, producer, key, payload, hash)| {
@@ -1166,10 +1202,8 @@ impl Plan<'_> {
                 Ok(())
             },
         )?;
-        for (topic, seq) in self.heads() {
-            b.statement(&q(HEAD_SQL));
-            b.bind(topic)?.bind(seq as i64)?;
-        }
+        // No `journal_heads` row: on SQLite a topic's head is its highest stored sequence, and
+        // retention records the heads before it deletes (`prune_sqlite`).
         Ok(b)
     }
 
@@ -1520,12 +1554,7 @@ mod tests {
         .await
         .unwrap();
         // Everything is old enough; only what both groups acknowledged goes.
-        let deleted = sqlx::query(PRUNE)
-            .bind(i64::MAX)
-            .execute(&mut conn)
-            .await
-            .unwrap()
-            .rows_affected();
+        let deleted = prune_sqlite(&mut conn, i64::MAX).await.unwrap();
         assert_eq!(deleted, 2);
         let left: Vec<i64> = sqlx::query_scalar("SELECT seq FROM journal_events ORDER BY seq")
             .fetch_all(&mut conn)
@@ -1533,15 +1562,7 @@ mod tests {
             .unwrap();
         assert_eq!(left, vec![3, 4, 5]);
         // Nothing is deleted before it is old enough.
-        assert_eq!(
-            sqlx::query(PRUNE)
-                .bind(0i64)
-                .execute(&mut conn)
-                .await
-                .unwrap()
-                .rows_affected(),
-            0
-        );
+        assert_eq!(prune_sqlite(&mut conn, 0).await.unwrap(), 0);
         // New events continue the sequence.
         assert_eq!(
             j.publish("population", "k9", POPULATION, vec![9])
@@ -1551,10 +1572,14 @@ mod tests {
             6
         );
         // ...also after retention removed every event and a restart.
-        sqlx::query("DELETE FROM journal_events")
-            .execute(&mut conn)
+        j.ack(POPULATION, "a", 6).await.unwrap();
+        j.ack(POPULATION, "b", 6).await.unwrap();
+        assert_eq!(prune_sqlite(&mut conn, i64::MAX).await.unwrap(), 4);
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM journal_events")
+            .fetch_one(&mut conn)
             .await
             .unwrap();
+        assert_eq!(left, 0);
         drop(j);
         let j = Journal::open(&Store::Sqlite(dir.path().into()), None, None)
             .await
