@@ -21,13 +21,25 @@ use crate::audit::{AuditTail, Draft, merkle::CompactRange};
 use crate::pb::v1::AuditRecord;
 use crate::store::{JOURNAL_CHANNEL, Reader, Store, drain, with_reader};
 
-/// The query of a page of events, one row each: topic `$1`, sequences `$2..=$3`, at most `$4`.
+/// The query of a page of events, one row each: topic `$1`, sequences `$2..=$3`, at most `$4`
+/// events, and none that starts past `$5` bytes of payloads (so the first always comes): a
+/// running sum of the payloads' sizes (`octet_length` reads a size, not the bytes) over the
+/// page, in one pass.
 macro_rules! page_rows {
     () => {
-        "SELECT seq, event_id, producer, payload, recorded_at_ms FROM journal_events \
-         WHERE topic = $1 AND seq >= $2 AND seq <= $3 ORDER BY seq LIMIT $4"
+        "SELECT seq, event_id, producer, payload, recorded_at_ms FROM ( \
+           SELECT seq, event_id, producer, payload, recorded_at_ms, \
+             sum(octet_length(payload)) OVER (ORDER BY seq ROWS UNBOUNDED PRECEDING) \
+               - octet_length(payload) AS before \
+           FROM journal_events WHERE topic = $1 AND seq >= $2 AND seq <= $3 ORDER BY seq LIMIT $4 \
+         ) AS page WHERE before < $5 ORDER BY seq"
     };
 }
+
+/// Most payload bytes a page of [`Journal::read`] starts with: a page holds at most this plus
+/// one payload (a message is at most `limits.max_message_bytes`, 4 MiB by default), instead
+/// of up to 256 such payloads.
+pub const PAGE_BYTES: i64 = 4 << 20;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS journal_events (
@@ -563,7 +575,8 @@ impl Journal {
         Ok(tx.subscribe())
     }
 
-    /// Events `from..=to` of a topic, at most `limit`, in sequence order.
+    /// Events `from..=to` of a topic, at most `limit`, in sequence order; fewer (never none,
+    /// if there is one) when their payloads pass [`PAGE_BYTES`].
     pub async fn read(
         &self,
         topic: &str,
@@ -583,6 +596,7 @@ impl Journal {
                     .bind(from as i64)
                     .bind(to as i64)
                     .bind(i64::from(limit))
+                    .bind(PAGE_BYTES)
                     .fetch_one(pool)
                     .await
                     .map_err(read_err)?;
@@ -593,6 +607,7 @@ impl Journal {
                 .bind(from as i64)
                 .bind(to as i64)
                 .bind(i64::from(limit))
+                .bind(PAGE_BYTES)
                 .fetch_all(pool)
                 .await
                 .map_err(read_err)?,
@@ -1504,6 +1519,51 @@ mod tests {
         );
         assert!(j.read(POPULATION, 301, 400, 256).await.unwrap().is_empty());
         assert!(j.read(CIVIL_STATUS, 1, 10, 256).await.unwrap().is_empty());
+    }
+
+    /// A page stops before the event that would start past `PAGE_BYTES` of payloads — the
+    /// first event always comes, however large — and the next read goes on from there.
+    async fn pages_are_bounded_by_bytes(store: Store) {
+        let j = Journal::open(&store, None, None).await.unwrap();
+        let mib = 1 << 20;
+        // Sizes in MiB; sequences 1..=7.
+        let sizes = [1, 2, 1, 5, 0, 3, 2];
+        for (i, n) in sizes.iter().enumerate() {
+            let payload = vec![i as u8; n * mib + 1];
+            j.publish("population", &format!("big{i}"), POPULATION, payload)
+                .await
+                .unwrap();
+        }
+        let mut pages = Vec::new();
+        let mut next = 1;
+        while next <= 7 {
+            let page = j.read(POPULATION, next, 7, 256).await.unwrap();
+            for (e, want) in page.iter().zip(next..) {
+                assert_eq!(e.seq, want);
+                let i = (want - 1) as usize;
+                assert_eq!(e.payload, vec![i as u8; sizes[i] * mib + 1]);
+            }
+            next += page.len() as u64;
+            pages.push(page.iter().map(|e| e.seq).collect::<Vec<_>>());
+        }
+        // 1+2+1 MiB (and 3 bytes) pass 4 MiB only with the third; 5 MiB alone; 0+3 MiB, then 2.
+        assert_eq!(pages, [vec![1, 2, 3], vec![4], vec![5, 6, 7]]);
+        // The event count still limits.
+        assert_eq!(j.read(POPULATION, 5, 7, 2).await.unwrap().len(), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pages_are_bounded_by_bytes_on_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        pages_are_bounded_by_bytes(Store::Sqlite(dir.path().into())).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pages_are_bounded_by_bytes_on_postgres() {
+        let Some(url) = crate::store::test_schema("journal_page_bytes").await else {
+            return;
+        };
+        pages_are_bounded_by_bytes(Store::Postgres { url, pool_max: 4 }).await;
     }
 
     #[test]
