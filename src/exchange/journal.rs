@@ -21,25 +21,25 @@ use crate::audit::{AuditTail, Draft, merkle::CompactRange};
 use crate::pb::v1::AuditRecord;
 use crate::store::{JOURNAL_CHANNEL, Reader, Store, drain, with_reader};
 
-/// The query of a page of events, one row each: topic `$1`, sequences `$2..=$3`, at most `$4`
-/// events, and none that starts past `$5` bytes of payloads (so the first always comes): a
-/// running sum of the payloads' sizes (`octet_length` reads a size, not the bytes) over the
-/// page, in one pass.
+/// The query of a page of events, one row each: topic `$1`, sequences `$2..=$3`, at most `$4`;
+/// a payload larger than `$5` bytes comes as NULL (`octet_length` reads a size, not the bytes)
+/// and is read on its own ([`Journal::read`]).
 macro_rules! page_rows {
     () => {
-        "SELECT seq, event_id, producer, payload, recorded_at_ms FROM ( \
-           SELECT seq, event_id, producer, payload, recorded_at_ms, \
-             sum(octet_length(payload)) OVER (ORDER BY seq ROWS UNBOUNDED PRECEDING) \
-               - octet_length(payload) AS before \
-           FROM journal_events WHERE topic = $1 AND seq >= $2 AND seq <= $3 ORDER BY seq LIMIT $4 \
-         ) AS page WHERE before < $5 ORDER BY seq"
+        "SELECT seq, event_id, producer, \
+           CASE WHEN octet_length(payload) <= $5 THEN payload END AS payload, recorded_at_ms \
+         FROM journal_events WHERE topic = $1 AND seq >= $2 AND seq <= $3 ORDER BY seq LIMIT $4"
     };
 }
 
 /// Most payload bytes a page of [`Journal::read`] starts with: a page holds at most this plus
 /// one payload (a message is at most `limits.max_message_bytes`, 4 MiB by default), instead
 /// of up to 256 such payloads.
-pub const PAGE_BYTES: i64 = 4 << 20;
+pub const PAGE_BYTES: usize = 4 << 20;
+
+/// Payloads up to this size come with their page's query (256 of them make 16 MiB at most); a
+/// larger one is read on its own, only while the page is below [`PAGE_BYTES`].
+const INLINE_PAYLOAD: i64 = 64 << 10;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS journal_events (
@@ -576,7 +576,8 @@ impl Journal {
     }
 
     /// Events `from..=to` of a topic, at most `limit`, in sequence order; fewer (never none,
-    /// if there is one) when their payloads pass [`PAGE_BYTES`].
+    /// if there is one) when their payloads pass [`PAGE_BYTES`]: the page ends before the
+    /// event that would start past it.
     pub async fn read(
         &self,
         topic: &str,
@@ -596,7 +597,7 @@ impl Journal {
                     .bind(from as i64)
                     .bind(to as i64)
                     .bind(i64::from(limit))
-                    .bind(PAGE_BYTES)
+                    .bind(INLINE_PAYLOAD)
                     .fetch_one(pool)
                     .await
                     .map_err(read_err)?;
@@ -607,33 +608,69 @@ impl Journal {
                 .bind(from as i64)
                 .bind(to as i64)
                 .bind(i64::from(limit))
-                .bind(PAGE_BYTES)
+                .bind(INLINE_PAYLOAD)
                 .fetch_all(pool)
                 .await
                 .map_err(read_err)?,
         };
-        Ok(rows
-            .into_iter()
-            .map(
-                |(seq, event_id, producer, payload, recorded_at_ms)| Stored {
-                    seq: seq as u64,
-                    event_id,
-                    producer,
-                    payload,
-                    recorded_at_ms,
+        let mut page = Vec::with_capacity(rows.len());
+        let mut bytes = 0;
+        for (seq, event_id, producer, payload, recorded_at_ms) in rows {
+            if bytes >= PAGE_BYTES {
+                break;
+            }
+            let payload = match payload {
+                Some(p) => p,
+                None => match self.payload(topic, seq).await? {
+                    Some(p) => p,
+                    // Deleted since the page was read: retention, so every group has
+                    // acknowledged it.
+                    None => continue,
                 },
-            )
-            .collect())
+            };
+            bytes += payload.len();
+            page.push(Stored {
+                seq: seq as u64,
+                event_id,
+                producer,
+                payload,
+                recorded_at_ms,
+            });
+        }
+        Ok(page)
+    }
+
+    /// One stored event's payload.
+    async fn payload(&self, topic: &str, seq: i64) -> Result<Option<Vec<u8>>, JournalError> {
+        const SQL: &str = "SELECT payload FROM journal_events WHERE topic = $1 AND seq = $2";
+        let read_err = |e: sqlx::Error| JournalError::Read(e.to_string());
+        match &self.reader {
+            Reader::Sqlite(pool) => sqlx::query_scalar(SQL)
+                .bind(topic)
+                .bind(seq)
+                .fetch_optional(pool)
+                .await
+                .map_err(read_err),
+            Reader::Pg(pool) => sqlx::query_scalar(SQL)
+                .bind(topic)
+                .bind(seq)
+                .fetch_optional(pool)
+                .await
+                .map_err(read_err),
+        }
     }
 }
 
-/// An event as read: sequence, event id, producer, payload, recording time.
-type EventRow = (i64, String, String, Vec<u8>, i64);
+/// An event as read: sequence, event id, producer, payload (`None`: too large to come with its
+/// page), recording time.
+type EventRow = (i64, String, String, Option<Vec<u8>>, i64);
 
-/// SQLite: the same page as one JSON array of `[seq, event_id, producer, hex(payload),
+/// SQLite: the same page as one JSON array of `[seq, event_id, producer, hex(payload) or null,
 /// recorded_at_ms]` (`[]` for an empty page).
 const SQLITE_PAGE: &str = concat!(
-    "SELECT json_group_array(json_array(seq, event_id, producer, hex(payload), recorded_at_ms)) FROM (",
+    // hex(NULL) is '', so a NULL payload (too large for the page) is kept NULL.
+    "SELECT json_group_array(json_array(seq, event_id, producer, \
+       CASE WHEN payload IS NULL THEN NULL ELSE hex(payload) END, recorded_at_ms)) FROM (",
     page_rows!(),
     ")"
 );
@@ -642,12 +679,14 @@ const SQLITE_PAGE: &str = concat!(
 /// promised, so it is restored here).
 fn parse_page(page: &str) -> Result<Vec<EventRow>, JournalError> {
     let bad = |what: &dyn std::fmt::Display| JournalError::Read(format!("journal page: {what}"));
-    let rows: Vec<(i64, String, String, String, i64)> =
+    let rows: Vec<(i64, String, String, Option<String>, i64)> =
         serde_json::from_str(page).map_err(|e| bad(&e))?;
     let mut out = rows
         .into_iter()
         .map(|(seq, id, producer, payload, at)| {
-            let payload = hex::decode(payload).map_err(|e| bad(&e))?;
+            let payload = payload
+                .map(|p| hex::decode(p).map_err(|e| bad(&e)))
+                .transpose()?;
             Ok((seq, id, producer, payload, at))
         })
         .collect::<Result<Vec<_>, JournalError>>()?;
@@ -1541,7 +1580,14 @@ mod tests {
             for (e, want) in page.iter().zip(next..) {
                 assert_eq!(e.seq, want);
                 let i = (want - 1) as usize;
-                assert_eq!(e.payload, vec![i as u8; sizes[i] * mib + 1]);
+                let want = vec![i as u8; sizes[i] * mib + 1];
+                // Not assert_eq!: a failure would print megabytes.
+                assert!(
+                    e.payload == want,
+                    "event {}: {} bytes",
+                    e.seq,
+                    e.payload.len()
+                );
             }
             next += page.len() as u64;
             pages.push(page.iter().map(|e| e.seq).collect::<Vec<_>>());
@@ -1568,14 +1614,18 @@ mod tests {
 
     #[test]
     fn a_page_is_put_back_in_sequence_order_and_bad_pages_are_errors() {
-        let rows =
-            parse_page(r#"[[3,"c","p","0aff",30],[1,"a","p","",10],[2,"b","q","00",20]]"#).unwrap();
+        let rows = parse_page(
+            r#"[[3,"c","p","0aff",30],[1,"a","p","",10],[4,"d","p",null,40],[2,"b","q","00",20]]"#,
+        )
+        .unwrap();
         assert_eq!(
             rows,
             [
-                (1, "a".into(), "p".into(), vec![], 10),
-                (2, "b".into(), "q".into(), vec![0], 20),
-                (3, "c".into(), "p".into(), vec![0x0a, 0xff], 30),
+                (1, "a".into(), "p".into(), Some(vec![]), 10),
+                (2, "b".into(), "q".into(), Some(vec![0]), 20),
+                (3, "c".into(), "p".into(), Some(vec![0x0a, 0xff]), 30),
+                // Too large to come with the page.
+                (4, "d".into(), "p".into(), None, 40),
             ]
         );
         assert!(parse_page("[]").unwrap().is_empty());
