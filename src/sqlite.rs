@@ -87,70 +87,6 @@ pub fn options(path: &Path, busy: Duration) -> Result<SqliteConnectOptions, sqlx
     )
 }
 
-/// Checkpoints of a store file, run on a connection of their own for a writer whose connection
-/// has `wal_autocheckpoint` off ([`writer_options`]).
-///
-/// Why: with SQLite's automatic checkpoints, the commit that takes the WAL past 1,000 pages
-/// also copies those pages into the database file and fsyncs it before it returns, so every
-/// ~30th group commit of the journal stalled its writer for a checkpoint. Here the writer only
-/// says how much it wrote ([`Checkpoints::wrote`]); a task folds the WAL in meanwhile, and a
-/// `PASSIVE` checkpoint never blocks the writer or readers. (Measured with `bench publish`
-/// against the same build checkpointing in the writer: 1.05–1.16x durable publishes/s in
-/// three pairs.) The audit log's own writer keeps SQLite's automatic checkpoints: it commits
-/// far less, and either one's checkpoint folds in the other's pages.
-pub struct Checkpoints {
-    wake: tokio::sync::mpsc::Sender<()>,
-    written: u64,
-}
-
-/// WAL bytes after which a writer asks for a checkpoint: SQLite's default threshold (1,000
-/// pages of 4 KiB).
-const CHECKPOINT_BYTES: u64 = 4_000 * 1_024;
-
-/// WAL bytes a journal event or audit record costs besides its payload, measured: a group
-/// commit rewrites whole 4 KiB pages of the ~10 B-trees a publish touches, ~1.2 pages per event
-/// at 20–30 events per commit.
-pub const WAL_BYTES_PER_ROW: u64 = 5 * 1_024;
-
-impl Checkpoints {
-    /// Opens a connection to `path` and spawns (on the current runtime) the task that runs the
-    /// checkpoints; it ends when this is dropped.
-    pub async fn start(path: &Path) -> anyhow::Result<Self> {
-        let mut conn =
-            sqlx::SqliteConnection::connect_with(&options(path, Duration::from_secs(2))?)
-                .await
-                .with_context(|| format!("opening {} for checkpoints", path.display()))?;
-        let (wake, mut asked) = tokio::sync::mpsc::channel::<()>(1);
-        tokio::spawn(async move {
-            while asked.recv().await.is_some() {
-                if let Err(e) = sqlx::raw_sql("PRAGMA wal_checkpoint(PASSIVE)")
-                    .execute(&mut conn)
-                    .await
-                {
-                    // The next one folds in what this one left; the WAL only grows meanwhile.
-                    tracing::warn!(error = %e, "store checkpoint failed");
-                }
-            }
-        });
-        Ok(Self { wake, written: 0 })
-    }
-
-    /// A commit wrote about `bytes` to the WAL: asks for a checkpoint once enough has piled up
-    /// (never waits; a checkpoint already asked for covers this one too).
-    pub fn wrote(&mut self, bytes: u64) {
-        self.written += bytes;
-        if self.written >= CHECKPOINT_BYTES {
-            self.written = 0;
-            let _ = self.wake.try_send(());
-        }
-    }
-}
-
-/// [`options`] for a writer whose checkpoints [`Checkpoints`] runs.
-pub fn writer_options(path: &Path, busy: Duration) -> Result<SqliteConnectOptions, sqlx::Error> {
-    Ok(options(path, busy)?.pragma("wal_autocheckpoint", "0"))
-}
-
 /// A write transaction sent to SQLite as one multi-statement query — `BEGIN IMMEDIATE`, the
 /// statements, `COMMIT` — which sqlx's worker thread runs in one go, binding the `?`
 /// parameters in order across the statements.
@@ -385,58 +321,6 @@ mod tests {
             .await
             .expect("bad");
         assert_eq!(bad_rows, 0);
-    }
-
-    /// A writer opened with `writer_options` leaves its pages in the WAL however much it
-    /// writes; `Checkpoints` folds them into the database file once told enough was written.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_writer_never_checkpoints_and_checkpoints_fold_the_wal_in_when_asked() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("t.sqlite");
-        let mut conn = sqlx::SqliteConnection::connect_with(
-            &writer_options(&path, Duration::from_secs(1)).expect("options"),
-        )
-        .await
-        .expect("open");
-        let mut checkpoints = Checkpoints::start(&path).await.expect("checkpoints");
-        // ~8 MiB in two commits, each past SQLite's automatic threshold of 1,000 pages.
-        sqlx::raw_sql("CREATE TABLE t (k INTEGER PRIMARY KEY, v BLOB NOT NULL)")
-            .execute(&mut conn)
-            .await
-            .expect("schema");
-        for _ in 0..2 {
-            sqlx::raw_sql(
-                "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 1000) \
-                 INSERT INTO t (v) SELECT randomblob(4000) FROM c",
-            )
-            .execute(&mut conn)
-            .await
-            .expect("insert");
-        }
-        let file = || std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-        assert!(
-            file() < 1 << 20,
-            "the writer checkpointed: {} bytes",
-            file()
-        );
-
-        checkpoints.wrote(CHECKPOINT_BYTES / 2);
-        checkpoints.wrote(CHECKPOINT_BYTES / 2);
-        // The checkpoint runs on its own connection, in its own time: wait for it (bounded).
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while file() < 8_000_000 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no checkpoint: {} bytes",
-                file()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM t")
-            .fetch_one(&mut conn)
-            .await
-            .expect("count");
-        assert_eq!(rows, 2_000);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -211,11 +211,10 @@ fn raise(w: &watch::Sender<u64>, seq: u64) {
     });
 }
 
-/// The writer's connection: one SQLite connection (with the checkpoints of its file, which it
-/// leaves to another connection: `sqlite::Checkpoints`), or a pool of
+/// The writer's connection: one SQLite connection (the only writer of the file), or a pool of
 /// the shared PostgreSQL database (other replicas write too; an advisory lock orders them).
 enum WriterConn {
-    Sqlite(SqliteConnection, crate::sqlite::Checkpoints),
+    Sqlite(SqliteConnection),
     Pg(PgPool),
 }
 
@@ -268,13 +267,10 @@ impl Journal {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         crate::sqlite::adopt_legacy_audit(dir).await?;
         let path = crate::sqlite::store_path(dir);
-        let mut conn = SqliteConnection::connect_with(&crate::sqlite::writer_options(
-            &path,
-            Duration::from_secs(2),
-        )?)
-        .await
-        .with_context(|| format!("opening {}", path.display()))?;
-        let checkpoints = crate::sqlite::Checkpoints::start(&path).await?;
+        let mut conn =
+            SqliteConnection::connect_with(&crate::sqlite::options(&path, Duration::from_secs(2))?)
+                .await
+                .with_context(|| format!("opening {}", path.display()))?;
         {
             // The audit log's writer may be writing this file already.
             let _writing = AuditTail::lock_if(audit.as_ref()).await;
@@ -299,7 +295,7 @@ impl Journal {
         }
         Ok(Self::start(
             Reader::Sqlite(reader),
-            WriterConn::Sqlite(conn, checkpoints),
+            WriterConn::Sqlite(conn),
             last,
             retention,
             audit,
@@ -784,7 +780,7 @@ impl Writer {
         let tail = self.audit.clone();
         let _writing = AuditTail::lock_if(tail.as_ref()).await;
         let done = match &mut self.conn {
-            WriterConn::Sqlite(conn, _) => prune_sqlite(conn, cutoff).await?,
+            WriterConn::Sqlite(conn) => prune_sqlite(conn, cutoff).await?,
             WriterConn::Pg(pool) => sqlx::query(PRUNE)
                 .bind(cutoff)
                 .execute(&*pool)
@@ -826,9 +822,6 @@ impl Writer {
                 drop(range);
                 for (t, seq) in &self.last {
                     self.journal.raise_head(t, *seq);
-                }
-                if let WriterConn::Sqlite(_, checkpoints) = &mut self.conn {
-                    checkpoints.wrote(wal_bytes(&batch));
                 }
                 for ((job, outcome), audit_index) in
                     batch.into_iter().zip(outcomes).zip(audit_indexes)
@@ -895,7 +888,7 @@ impl Writer {
     ) -> Result<(Vec<Outcome>, Vec<Option<u64>>)> {
         let now = crate::audit::log::now_ms();
         match &mut self.conn {
-            WriterConn::Sqlite(..) => self.write_sqlite(batch, now, range).await,
+            WriterConn::Sqlite(_) => self.write_sqlite(batch, now, range).await,
             WriterConn::Pg(pool) => {
                 let pool = pool.clone();
                 self.write_pg(&pool, batch, now, range).await
@@ -913,7 +906,7 @@ impl Writer {
         now: i64,
         mut range: Option<&mut CompactRange>,
     ) -> Result<(Vec<Outcome>, Vec<Option<u64>>)> {
-        let WriterConn::Sqlite(conn, _) = &mut self.conn else {
+        let WriterConn::Sqlite(conn) = &mut self.conn else {
             anyhow::bail!("not a SQLite journal");
         };
         let before = self.last.clone();
@@ -984,20 +977,6 @@ impl Writer {
         }
         result
     }
-}
-
-/// About how many bytes a committed batch added to the WAL (`sqlite::WAL_BYTES_PER_ROW`).
-fn wal_bytes(batch: &[Job]) -> u64 {
-    batch
-        .iter()
-        .map(|job| {
-            let payload = match job {
-                Job::Publish { payload, .. } => payload.len() as u64,
-                Job::Ack { .. } | Job::Reject { .. } => 0,
-            };
-            crate::sqlite::WAL_BYTES_PER_ROW + payload
-        })
-        .sum()
 }
 
 /// SQLite retention: records each topic's head in `journal_heads`, then deletes what `PRUNE`
