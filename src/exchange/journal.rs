@@ -638,22 +638,14 @@ impl Journal {
 
     /// One stored event's payload.
     async fn payload(&self, topic: &str, seq: i64) -> Result<Option<Vec<u8>>, JournalError> {
-        const SQL: &str = "SELECT payload FROM journal_events WHERE topic = $1 AND seq = $2";
-        let read_err = |e: sqlx::Error| JournalError::Read(e.to_string());
-        match &self.reader {
-            Reader::Sqlite(pool) => sqlx::query_scalar(SQL)
+        with_reader!(&self.reader, |pool| {
+            sqlx::query_scalar("SELECT payload FROM journal_events WHERE topic = $1 AND seq = $2")
                 .bind(topic)
                 .bind(seq)
                 .fetch_optional(pool)
                 .await
-                .map_err(read_err),
-            Reader::Pg(pool) => sqlx::query_scalar(SQL)
-                .bind(topic)
-                .bind(seq)
-                .fetch_optional(pool)
-                .await
-                .map_err(read_err),
-        }
+        })
+        .map_err(|e| JournalError::Read(e.to_string()))
     }
 }
 
