@@ -24,7 +24,7 @@ use super::{
         leaf_hash,
     },
     note::{Checkpoint, Signer},
-    subjects::{BLOCK, FilterWriter, Indexer, Notes, leaf_names, may_contain},
+    subjects::{BLOCK, BlockEntry, FilterWriter, Indexer, Notes, Summary, Wanted, leaf_names},
 };
 use crate::pb::v1::AuditRecord;
 use crate::store::{AUDIT_CHANNEL, Reader, Store, drain, linger, with_reader};
@@ -117,11 +117,12 @@ CREATE TABLE IF NOT EXISTS audit_leaves (
     method TEXT NOT NULL,
     outcome TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS audit_leaves_agency ON audit_leaves (agency, idx);
-CREATE INDEX IF NOT EXISTS audit_leaves_time ON audit_leaves (time_ms);
 CREATE TABLE IF NOT EXISTS audit_subject_blocks (
     block INTEGER PRIMARY KEY,
-    filter BLOB NOT NULL
+    filter BLOB NOT NULL,
+    agencies TEXT,
+    first_time_ms INTEGER,
+    last_time_ms INTEGER
 );
 CREATE TABLE IF NOT EXISTS audit_tree (
     leaf_end INTEGER NOT NULL,
@@ -213,9 +214,9 @@ pub struct AuditTail {
     size: Arc<AtomicU64>,
     /// Turns false while commits fail, true again when they succeed.
     healthy: watch::Sender<bool>,
-    /// Woken when a commit completes a block of the log (its subject filter can be built).
+    /// Woken when a commit completes a block of the log (its summary can be built).
     blocks: Arc<tokio::sync::Notify>,
-    /// The subjects of the entries this process committed into the open block.
+    /// What this process committed into the open block, for its summary.
     notes: Arc<std::sync::Mutex<Notes>>,
 }
 
@@ -252,20 +253,17 @@ impl AuditTail {
             .send_if_modified(|h| !std::mem::replace(h, true));
     }
 
-    /// After a commit of entries from `first` on, in order, with their subjects: notes them
-    /// for the open block's filter. Call before [`committed`](Self::committed), under the lock.
-    pub fn note_subjects<'a, I>(&self, first: u64, subjects: impl IntoIterator<Item = I>)
-    where
-        I: IntoIterator<Item = &'a String>,
-    {
+    /// After a commit of entries from `first` on, in order: notes them for the open block's
+    /// summary. Call before [`committed`](Self::committed), under the lock.
+    pub fn note(&self, first: u64, entries: &[BlockEntry]) {
         self.notes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .note(first, subjects);
+            .note(first, entries);
     }
 
-    /// The filter of `block`, if this process noted all of its entries.
-    pub(super) fn noted_filter(&self, block: u64) -> Option<Vec<u8>> {
+    /// The summary of `block`, if this process noted all of its entries.
+    pub(super) fn noted_summary(&self, block: u64) -> Option<Summary> {
         self.notes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -341,6 +339,7 @@ impl AuditLog {
         sqlx::raw_sql(SCHEMA).execute(&mut conn).await?;
         migrate_sqlite_nodes(&mut conn).await?;
         drop_subjects_index(&mut conn).await?;
+        summarise_blocks(&mut conn).await?;
         let reader = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(crate::sqlite::options(&path, Duration::from_secs(5))?.read_only(true))
@@ -583,9 +582,16 @@ impl AuditLog {
     pub async fn search(&self, f: &Filter) -> Result<Vec<(u64, Vec<u8>)>, AuditError> {
         let size = self.size();
         let limit = f.limit.clamp(1, 1_000) as usize;
-        match &f.subject {
-            None => self.scan(f, f.after, size, limit, None).await,
-            Some(id) => self.search_subject(f, id, size, limit).await,
+        let wanted = Wanted {
+            subject: f.subject.as_deref(),
+            agency: f.agency.as_deref(),
+            from_ms: f.from_ms,
+            to_ms: f.to_ms,
+        };
+        if wanted.selective() {
+            self.search_blocks(f, &wanted, size, limit).await
+        } else {
+            self.scan(f, f.after, size, limit, None).await
         }
     }
 
@@ -642,43 +648,39 @@ impl AuditLog {
         Ok(rows.into_iter().map(|(i, l)| (i as u64, l)).collect())
     }
 
-    /// Entries naming `id` (and matching the rest of `f`), from `f.after`: blocks whose filter
-    /// rules the ID out are skipped; the others, and blocks without a filter yet, are scanned.
-    async fn search_subject(
+    /// Entries matching `f`, from `f.after`: blocks whose summary rules out what `w` wants are
+    /// skipped; the others, and blocks without a summary yet, are scanned.
+    async fn search_blocks(
         &self,
         f: &Filter,
-        id: &str,
+        w: &Wanted<'_>,
         size: u64,
         limit: usize,
     ) -> Result<Vec<(u64, Vec<u8>)>, AuditError> {
-        /// Filters read per query (~6 KiB each at a full block).
-        const WINDOW: u64 = 256;
+        // Summaries read per query: ~6 KiB each with a full block's subject filter, which is
+        // read only when searching by subject.
+        let window: u64 = if w.subject.is_some() { 256 } else { 4_096 };
         let mut out = Vec::new();
         let mut block = f.after / BLOCK;
         let blocks = size.div_ceil(BLOCK);
         while block < blocks {
-            let end = (block + WINDOW).min(blocks);
-            let filters: Vec<(i64, Vec<u8>)> = with_reader!(&self.reader, |pool| {
-                sqlx::query_as(
-                    "SELECT block, filter FROM audit_subject_blocks \
-                     WHERE block >= $1 AND block < $2",
-                )
-                .bind(block as i64)
-                .bind(end as i64)
-                .fetch_all(pool)
-                .await
-            })
-            .map_err(|e| AuditError::Read(e.to_string()))?;
-            let filters: std::collections::HashMap<u64, Vec<u8>> =
-                filters.into_iter().map(|(b, fl)| (b as u64, fl)).collect();
+            let end = (block + window).min(blocks);
+            let summaries = self.summaries(block, end, w.subject.is_some()).await?;
             for b in block..end {
-                if filters.get(&b).is_some_and(|fl| !may_contain(fl, id)) {
+                if summaries.get(&b).is_some_and(|s| !s.may_match(w)) {
                     continue;
                 }
                 let (from, to) = ((b * BLOCK).max(f.after), ((b + 1) * BLOCK).min(size));
                 if from >= to {
                     continue;
                 }
+                let Some(id) = w.subject else {
+                    out.extend(self.scan(f, from, to, limit - out.len(), None).await?);
+                    if out.len() == limit {
+                        return Ok(out);
+                    }
+                    continue;
+                };
                 for (i, leaf) in self.scan(f, from, to, BLOCK as usize, Some(id)).await? {
                     if leaf_names(&leaf, id) {
                         out.push((i, leaf));
@@ -691,6 +693,52 @@ impl AuditLog {
             block = end;
         }
         Ok(out)
+    }
+
+    /// The stored summaries of blocks `[from, to)`, with their subject filters if `filters`
+    /// (else an empty filter, which a search that names no subject never looks at).
+    async fn summaries(
+        &self,
+        from: u64,
+        to: u64,
+        filters: bool,
+    ) -> Result<std::collections::HashMap<u64, Summary>, AuditError> {
+        type Row = (
+            i64,
+            Option<Vec<u8>>,
+            Option<String>,
+            Option<i64>,
+            Option<i64>,
+        );
+        let sql = if filters {
+            "SELECT block, filter, agencies, first_time_ms, last_time_ms \
+             FROM audit_subject_blocks WHERE block >= $1 AND block < $2"
+        } else {
+            "SELECT block, NULL, agencies, first_time_ms, last_time_ms \
+             FROM audit_subject_blocks WHERE block >= $1 AND block < $2"
+        };
+        let rows: Vec<Row> = with_reader!(&self.reader, |pool| {
+            sqlx::query_as(sql)
+                .bind(from as i64)
+                .bind(to as i64)
+                .fetch_all(pool)
+                .await
+        })
+        .map_err(|e| AuditError::Read(e.to_string()))?;
+        Ok(rows
+            .into_iter()
+            .map(|(b, filter, agencies, first, last)| {
+                (
+                    b as u64,
+                    Summary::from_columns(
+                        filter.unwrap_or_default(),
+                        agencies.as_deref(),
+                        first,
+                        last,
+                    ),
+                )
+            })
+            .collect())
     }
 }
 
@@ -768,10 +816,7 @@ impl Writer {
         let before = range.clone();
         let (records, waiters): (Vec<AuditRecord>, Vec<_>) =
             batch.into_iter().map(|p| (p.record, p.done)).unzip();
-        let subjects: Vec<Vec<String>> = records
-            .iter()
-            .map(|r| r.subject_personal_ids.clone())
-            .collect();
+        let entries: Vec<BlockEntry> = records.iter().map(BlockEntry::of).collect();
         let n = records.len();
         let started = std::time::Instant::now();
         let result = match &mut self.conn {
@@ -790,7 +835,7 @@ impl Writer {
         crate::telemetry::store_commit("audit", n, started.elapsed());
         match result {
             Ok(first) => {
-                tail.note_subjects(first, &subjects);
+                tail.note(first, &entries);
                 tail.committed(&range);
                 drop(range);
                 for (i, done) in waiters.into_iter().enumerate() {
@@ -1094,6 +1139,41 @@ async fn drop_subjects_index(conn: &mut SqliteConnection) -> Result<()> {
     Ok(())
 }
 
+/// SQLite, a store of an earlier release: the indexes `(agency, idx)` and `(time_ms)` give way
+/// to the agencies and time range of each block's summary (the summaries of blocks already
+/// built are completed in the background, `Indexer::backfill`).
+async fn summarise_blocks(conn: &mut SqliteConnection) -> Result<()> {
+    let columns: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pragma_table_info('audit_subject_blocks') WHERE name = 'agencies'",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    if columns == 0 {
+        sqlx::raw_sql(
+            "ALTER TABLE audit_subject_blocks ADD COLUMN agencies TEXT; \
+             ALTER TABLE audit_subject_blocks ADD COLUMN first_time_ms INTEGER; \
+             ALTER TABLE audit_subject_blocks ADD COLUMN last_time_ms INTEGER;",
+        )
+        .execute(&mut *conn)
+        .await?;
+    }
+    let indexes: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'index' \
+         AND name IN ('audit_leaves_agency', 'audit_leaves_time')",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    if indexes > 0 {
+        sqlx::raw_sql(
+            "DROP INDEX IF EXISTS audit_leaves_agency; DROP INDEX IF EXISTS audit_leaves_time;",
+        )
+        .execute(&mut *conn)
+        .await?;
+        info!("audit store: agency and time indexes dropped; block summaries replace them");
+    }
+    Ok(())
+}
+
 /// SQLite: gives `records` the next indexes, extends `range`, and adds to `b` their leaves,
 /// the subtree hashes they complete and the new size — committed with whatever
 /// else `b` holds, in one transaction. Returns the first index.
@@ -1145,6 +1225,7 @@ fn stage_rows(b: &mut crate::sqlite::Batch, rows: &[LeafRow], new_size: u64) -> 
 
 #[cfg(test)]
 mod tests {
+    use super::super::subjects::may_contain;
     use super::*;
 
     async fn open(dir: &Path) -> AuditLog {
@@ -1333,6 +1414,228 @@ mod tests {
         })
         .await;
         crate::store::drop_test_schema(&url).await;
+    }
+
+    /// Searches by agency and by time find exactly what a full scan finds — with the block
+    /// summaries built or not, through pages, combined with each other and with a method.
+    async fn agency_and_time_searches_match_a_full_scan(store: Store) {
+        let log = open_store(&store).await;
+        let n = 3 * BLOCK + 200;
+        const T0: i64 = 1_700_000_000_000;
+        append_all(
+            &log,
+            (0..n).map(|i| {
+                let mut r = record(i % 500);
+                // Times grow with the index, except a few stamped far earlier (a slow call).
+                r.time_unix_ms = T0 + i as i64 * 10 - if i % 1_000 == 999 { 25_000 } else { 0 };
+                if i % 5 == 0 {
+                    r.agency_id = "registry-hn".into();
+                }
+                // A rare agency: a few calls in block 1 and in the open block only.
+                if i % 1_500 == 7 && (i / BLOCK == 1 || i / BLOCK == 3) {
+                    r.agency_id = "registry-rare".into();
+                    r.method = "/civgate.v1.Exchange/Publish".into();
+                }
+                r
+            }),
+        )
+        .await;
+        let truth = all_records(&log).await;
+        let check = |label: &'static str| {
+            let (log, truth) = (log.clone(), &truth);
+            async move {
+                let t = |k: u64| T0 + k as i64 * 10;
+                for (agency, from_ms, to_ms, method, page) in [
+                    (Some("registry-rare"), None, None, None, 1),
+                    (Some("registry-rare"), None, None, None, 1_000),
+                    (Some("nobody"), None, None, None, 10),
+                    (None, Some(t(BLOCK + 10)), Some(t(BLOCK + 20)), None, 3),
+                    (
+                        None,
+                        Some(t(2 * BLOCK - 5)),
+                        Some(t(2 * BLOCK + 5)),
+                        None,
+                        1_000,
+                    ),
+                    (None, Some(t(3 * BLOCK + 150)), None, None, 7),
+                    // Entry 4,999 (block 1) was stamped with the time of entry 2,499.
+                    (None, Some(t(2_499)), Some(t(2_500)), None, 1),
+                    (None, None, Some(t(40)), None, 1_000),
+                    (
+                        Some("registry-hn"),
+                        Some(t(BLOCK)),
+                        Some(t(2 * BLOCK)),
+                        None,
+                        1_000,
+                    ),
+                    (
+                        Some("registry-rare"),
+                        None,
+                        None,
+                        Some("/civgate.v1.Exchange/Publish"),
+                        2,
+                    ),
+                ] {
+                    let expect: Vec<u64> = truth
+                        .iter()
+                        .filter(|r| agency.is_none_or(|a| r.agency_id == a))
+                        .filter(|r| from_ms.is_none_or(|f| r.time_unix_ms >= f))
+                        .filter(|r| to_ms.is_none_or(|e| r.time_unix_ms < e))
+                        .filter(|r| method.is_none_or(|m| r.method == m))
+                        .map(|r| r.index)
+                        .collect();
+                    let mut found = Vec::new();
+                    let mut after = 0;
+                    loop {
+                        let f = Filter {
+                            agency: agency.map(Into::into),
+                            method: method.map(Into::into),
+                            from_ms,
+                            to_ms,
+                            after,
+                            limit: page,
+                            ..Default::default()
+                        };
+                        let rows = log.search(&f).await.unwrap();
+                        found.extend(rows.iter().map(|(i, _)| *i));
+                        match rows.last() {
+                            Some((i, _)) if rows.len() == page as usize => after = i + 1,
+                            _ => break,
+                        }
+                    }
+                    assert_eq!(
+                        found, expect,
+                        "{label}: {agency:?} [{from_ms:?}, {to_ms:?}) {method:?} page {page}"
+                    );
+                }
+            }
+        };
+        check("while summaries are built").await;
+        filters_built(&log, 3).await;
+        check("with summaries").await;
+        // Each complete block's summary holds its agencies and its time range.
+        type Row = (i64, Option<String>, Option<i64>, Option<i64>);
+        let rows: Vec<Row> = with_reader!(&log.reader, |pool| {
+            sqlx::query_as(
+                "SELECT block, agencies, first_time_ms, last_time_ms \
+                     FROM audit_subject_blocks ORDER BY block",
+            )
+            .fetch_all(pool)
+            .await
+        })
+        .unwrap();
+        assert_eq!(rows.len(), 3);
+        for (b, agencies, first, last) in rows {
+            let block = &truth[b as usize * BLOCK as usize..(b as usize + 1) * BLOCK as usize];
+            let mut names: Vec<&str> = block.iter().map(|r| r.agency_id.as_str()).collect();
+            names.sort_unstable();
+            names.dedup();
+            let stored: Vec<String> = serde_json::from_str(&agencies.unwrap()).unwrap();
+            assert_eq!(stored, names, "block {b}");
+            assert_eq!(first, block.iter().map(|r| r.time_unix_ms).min());
+            assert_eq!(last, block.iter().map(|r| r.time_unix_ms).max());
+        }
+    }
+
+    #[tokio::test]
+    async fn agency_and_time_searches_match_a_full_scan_on_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        agency_and_time_searches_match_a_full_scan(Store::Sqlite(dir.path().to_path_buf())).await;
+    }
+
+    #[tokio::test]
+    async fn agency_and_time_searches_match_a_full_scan_on_postgres() {
+        let Some(url) = crate::store::test_schema("audit_summaries").await else {
+            return;
+        };
+        agency_and_time_searches_match_a_full_scan(Store::Postgres {
+            url: url.clone(),
+            pool_max: 4,
+        })
+        .await;
+        crate::store::drop_test_schema(&url).await;
+    }
+
+    /// A store of an earlier release — the agency and time indexes, block summaries with a
+    /// subjects filter only — loses the indexes when it opens, and its summaries are completed
+    /// from the leaves in the background; searches answer the same throughout.
+    #[tokio::test]
+    async fn summaries_of_an_earlier_release_are_completed() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path()).await;
+        append_all(
+            &log,
+            (0..2 * BLOCK + 10).map(|i| {
+                let mut r = record(i);
+                if i == BLOCK + 3 {
+                    r.agency_id = "registry-rare".into();
+                }
+                r
+            }),
+        )
+        .await;
+        filters_built(&log, 2).await;
+        drop(log);
+
+        let path = crate::sqlite::store_path(dir.path());
+        let mut c = store_conn(&path).await;
+        sqlx::raw_sql(
+            "BEGIN IMMEDIATE;
+             CREATE INDEX audit_leaves_agency ON audit_leaves (agency, idx);
+             CREATE INDEX audit_leaves_time ON audit_leaves (time_ms);
+             CREATE TABLE old_blocks (block INTEGER PRIMARY KEY, filter BLOB NOT NULL);
+             INSERT INTO old_blocks SELECT block, filter FROM audit_subject_blocks;
+             DROP TABLE audit_subject_blocks;
+             ALTER TABLE old_blocks RENAME TO audit_subject_blocks;
+             COMMIT;",
+        )
+        .execute(&mut c)
+        .await
+        .unwrap();
+
+        let log = open(dir.path()).await;
+        let rare = Filter {
+            agency: Some("registry-rare".into()),
+            limit: 10,
+            ..Default::default()
+        };
+        let found =
+            |rows: Vec<(u64, Vec<u8>)>| rows.into_iter().map(|(i, _)| i).collect::<Vec<_>>();
+        assert_eq!(found(log.search(&rare).await.unwrap()), vec![BLOCK + 3]);
+        let indexes: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM sqlite_master WHERE name LIKE 'audit_leaves_%'",
+        )
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+        assert_eq!(indexes, 0);
+        // Completed in the background: wait until no summary lacks its agencies.
+        tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                let missing: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM audit_subject_blocks WHERE agencies IS NULL",
+                )
+                .fetch_one(&mut c)
+                .await
+                .unwrap();
+                if missing == 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the summaries of an earlier release are completed");
+        let agencies: Vec<String> =
+            sqlx::query_scalar("SELECT agencies FROM audit_subject_blocks ORDER BY block")
+                .fetch_all(&mut c)
+                .await
+                .unwrap();
+        assert_eq!(
+            agencies,
+            [r#"["registry-hp"]"#, r#"["registry-hp","registry-rare"]"#]
+        );
+        assert_eq!(found(log.search(&rare).await.unwrap()), vec![BLOCK + 3]);
     }
 
     /// A block with a leaf that does not decode gets a filter that matches everyone (searches

@@ -1,18 +1,22 @@
-//! Finding a citizen's entries in the audit log without an index written per record.
+//! Block summaries: finding entries in the audit log without an index written per record.
 //!
 //! The log is cut into blocks of [`BLOCK`] consecutive entries. When a block is complete, a
-//! background task stores a Bloom filter of the personal IDs its entries name
-//! (`audit_subject_blocks`), built from what the writers noted as they committed ([`Notes`]),
-//! or, where their notes do not cover the whole block, from the block's leaves read back. A search by subject reads the filters and scans only the
-//! blocks whose filter may hold the ID, plus the blocks that have none yet (the open block at
-//! the end, or blocks the task has not reached). The filters are derived from the leaves and
-//! can always be rebuilt from them; a search never depends on one being there.
+//! background task stores its [`Summary`] in `audit_subject_blocks`: a Bloom filter of the
+//! personal IDs its entries name, the agencies they name and the range of their times. It is
+//! built from what the writers noted as they committed ([`Notes`]), or, where their notes do
+//! not cover the whole block, from the block's leaves read back. A search (by subject, agency
+//! or time) reads the summaries and scans only the blocks that may hold a match, plus the
+//! blocks that have no summary yet (the open block at the end, or blocks the task has not
+//! reached). Summaries are derived from the leaves and can always be rebuilt from them; a
+//! search never depends on one being there, and an unknown part of a summary (a block
+//! summarised by an older build has no agencies or times) means "scan".
 //!
-//! Why not an index `(personal_id, idx)` written with each record: every commit then writes a
-//! random page of that index per record — on SQLite the largest share of the write-ahead log's
-//! pages and of the audit commit's CPU, and at hundreds of millions of records a random read
-//! per record as well. A filter is written once per 4,096 records, appended.
-
+//! Why not indexes `(personal_id, idx)`, `(agency, idx)`, `(time_ms)` written with each
+//! record: every commit then rewrites pages of each of them — on SQLite, index B-trees that
+//! grow at their right edge rebalance three leaves at a time, and the two indexes on agency
+//! and time alone were ~5 of the ~30 write-ahead-log pages of a 25-publish commit (a
+//! subjects index was worse: a random page per record). A summary is written once per 4,096
+//! records, appended.
 use std::time::Duration;
 
 use anyhow::Result;
@@ -52,9 +56,11 @@ pub struct Notes {
     /// Whether every entry of the open block so far was noted.
     whole: bool,
     hashes: Vec<(u64, u64)>,
-    /// Filters of complete blocks, waiting for the indexer (a few; older ones are dropped and
-    /// their blocks read back instead).
-    ready: std::collections::VecDeque<(u64, Vec<u8>)>,
+    agencies: std::collections::BTreeSet<String>,
+    time: Option<(i64, i64)>,
+    /// Summaries of complete blocks, waiting for the indexer (a few; older ones are dropped
+    /// and their blocks read back instead).
+    ready: std::collections::VecDeque<(u64, Summary)>,
 }
 
 impl Notes {
@@ -68,16 +74,13 @@ impl Notes {
         }
     }
 
-    /// Entries committed from `first` on, in order, each with its subjects.
-    pub fn note<'a, I>(&mut self, first: u64, subjects: impl IntoIterator<Item = I>)
-    where
-        I: IntoIterator<Item = &'a String>,
-    {
-        for (k, ids) in subjects.into_iter().enumerate() {
+    /// Entries committed from `first` on, in order.
+    pub fn note(&mut self, first: u64, entries: &[BlockEntry]) {
+        for (k, e) in entries.iter().enumerate() {
             let index = first + k as u64;
             if index.is_multiple_of(BLOCK) {
                 self.whole = true;
-                self.hashes.clear();
+                self.clear();
             } else if index != self.next {
                 self.whole = false;
             }
@@ -85,26 +88,170 @@ impl Notes {
             if !self.whole {
                 continue;
             }
-            self.hashes.extend(ids.into_iter().map(|id| hashes(id)));
+            self.hashes.extend(e.subjects.iter().map(|id| hashes(id)));
+            if !self.agencies.contains(&e.agency) {
+                self.agencies.insert(e.agency.clone());
+            }
+            self.time = Some(widen(self.time, e.time_ms));
             if self.next.is_multiple_of(BLOCK) {
-                let filter = filter_of_hashes(&mut self.hashes);
+                let summary = Summary {
+                    filter: filter_of_hashes(&mut self.hashes),
+                    agencies: Some(std::mem::take(&mut self.agencies).into_iter().collect()),
+                    time: self.time,
+                };
                 if self.ready.len() == 8 {
                     self.ready.pop_front();
                 }
-                self.ready.push_back((index / BLOCK, filter));
-                self.hashes.clear();
+                self.ready.push_back((index / BLOCK, summary));
+                self.clear();
             }
         }
     }
 
-    /// The filter of `block` if it was built from notes.
-    pub fn take(&mut self, block: u64) -> Option<Vec<u8>> {
+    fn clear(&mut self) {
+        self.hashes.clear();
+        self.agencies.clear();
+        self.time = None;
+    }
+
+    /// The summary of `block` if it was built from notes.
+    pub fn take(&mut self, block: u64) -> Option<Summary> {
         self.ready.retain(|(b, _)| *b >= block);
         match self.ready.front() {
             Some((b, _)) if *b == block => self.ready.pop_front().map(|(_, f)| f),
             _ => None,
         }
     }
+}
+
+/// One committed entry, as its block's summary sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BlockEntry {
+    pub subjects: Vec<String>,
+    pub agency: String,
+    pub time_ms: i64,
+}
+
+impl BlockEntry {
+    pub fn of(r: &AuditRecord) -> Self {
+        Self {
+            subjects: r.subject_personal_ids.clone(),
+            agency: r.agency_id.clone(),
+            time_ms: r.time_unix_ms,
+        }
+    }
+}
+
+/// What a complete block holds, as far as a search needs to know to skip it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Summary {
+    /// Bloom filter of the personal IDs its entries name ([`may_contain`]).
+    pub filter: Vec<u8>,
+    /// The agencies its entries name, sorted and distinct; `None`: unknown.
+    pub agencies: Option<Vec<String>>,
+    /// The earliest and the latest time of its entries (ms since the epoch); `None`: unknown.
+    pub time: Option<(i64, i64)>,
+}
+
+/// What a search asks of a block's entries (`None`: anything).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Wanted<'a> {
+    pub subject: Option<&'a str>,
+    pub agency: Option<&'a str>,
+    pub from_ms: Option<i64>,
+    pub to_ms: Option<i64>,
+}
+
+impl Wanted<'_> {
+    /// Whether a summary can rule a block out at all (else every block is scanned).
+    pub fn selective(&self) -> bool {
+        self.subject.is_some()
+            || self.agency.is_some()
+            || self.from_ms.is_some()
+            || self.to_ms.is_some()
+    }
+}
+
+impl Summary {
+    /// For a block whose entries could not all be read (a leaf that does not decode, a
+    /// missing leaf): matches everything, so that a search scans it rather than miss an entry.
+    pub fn unknown() -> Self {
+        Self {
+            filter: MATCH_ALL.to_vec(),
+            agencies: None,
+            time: None,
+        }
+    }
+
+    /// The summary of a block of these entries.
+    pub fn of<'a>(entries: impl IntoIterator<Item = &'a AuditRecord>) -> Self {
+        let mut hashed = Vec::new();
+        let mut agencies = std::collections::BTreeSet::new();
+        let mut time = None;
+        for r in entries {
+            hashed.extend(r.subject_personal_ids.iter().map(|id| hashes(id)));
+            agencies.insert(r.agency_id.as_str());
+            time = Some(widen(time, r.time_unix_ms));
+        }
+        Self {
+            filter: filter_of_hashes(&mut hashed),
+            agencies: Some(agencies.into_iter().map(str::to_owned).collect()),
+            time,
+        }
+    }
+
+    /// Whether the block may hold an entry `w` wants: false only when it certainly does not.
+    pub fn may_match(&self, w: &Wanted<'_>) -> bool {
+        if let Some(id) = w.subject
+            && !may_contain(&self.filter, id)
+        {
+            return false;
+        }
+        if let (Some(a), Some(agencies)) = (w.agency, &self.agencies)
+            && agencies.binary_search_by(|x| x.as_str().cmp(a)).is_err()
+        {
+            return false;
+        }
+        if let Some((first, last)) = self.time
+            && (w.from_ms.is_some_and(|from| last < from) || w.to_ms.is_some_and(|to| first >= to))
+        {
+            return false;
+        }
+        true
+    }
+
+    /// The stored `agencies` column: a JSON array, or NULL when unknown.
+    pub fn agencies_column(&self) -> Option<String> {
+        self.agencies
+            .as_ref()
+            .and_then(|a| serde_json::to_string(a).ok())
+    }
+
+    /// A summary from its stored columns; a column that does not parse is unknown.
+    pub fn from_columns(
+        filter: Vec<u8>,
+        agencies: Option<&str>,
+        first_ms: Option<i64>,
+        last_ms: Option<i64>,
+    ) -> Self {
+        let agencies = agencies
+            .and_then(|a| serde_json::from_str::<Vec<String>>(a).ok())
+            .map(|mut a| {
+                a.sort_unstable();
+                a.dedup();
+                a
+            });
+        Self {
+            filter,
+            agencies,
+            time: first_ms.zip(last_ms),
+        }
+    }
+}
+
+/// `range` extended to hold `t`.
+fn widen(range: Option<(i64, i64)>, t: i64) -> (i64, i64) {
+    range.map_or((t, t), |(a, b)| (a.min(t), b.max(t)))
 }
 
 /// Two 64-bit hashes of `id` (double hashing gives the filter's `k` positions). SHA-256, so
@@ -171,7 +318,7 @@ pub fn leaf_names(leaf: &[u8], id: &str) -> bool {
     AuditRecord::decode(leaf).is_ok_and(|r| r.subject_personal_ids.iter().any(|s| s == id))
 }
 
-/// The connection the indexer stores filters through.
+/// The connection the indexer stores summaries through.
 pub(super) enum FilterWriter {
     /// Its own connection to the store file; it writes only under the tail's lock, so it never
     /// makes the log's or the journal's writer wait inside SQLite.
@@ -179,17 +326,17 @@ pub(super) enum FilterWriter {
     Pg(PgPool),
 }
 
-/// Builds the filters of complete blocks, in block order.
+/// Builds the summaries of complete blocks, in block order.
 pub(super) struct Indexer {
     pub reader: Reader,
     pub writer: FilterWriter,
     pub tail: AuditTail,
-    /// Blocks `[0, n)` have their filter.
+    /// Blocks `[0, n)` have their summary.
     pub built: watch::Sender<u64>,
 }
 
 impl Indexer {
-    /// The first block without a filter.
+    /// The first block without a summary.
     async fn next_block(&self) -> Result<u64> {
         let next: Option<i64> = with_reader!(&self.reader, |pool| {
             sqlx::query_scalar("SELECT max(block) + 1 FROM audit_subject_blocks")
@@ -199,18 +346,18 @@ impl Indexer {
         Ok(next.map_or(0, |n| n.max(0) as u64))
     }
 
-    /// Builds and stores the filter of every complete block that has none yet, up to the
+    /// Builds and stores the summary of every complete block that has none yet, up to the
     /// committed size; returns how many it stored.
     pub async fn catch_up(&mut self) -> Result<u64> {
         let mut built = 0;
         let mut block = self.next_block().await?;
         self.built.send_replace(block);
         while (block + 1) * BLOCK <= self.tail.size() {
-            let filter = match self.tail.noted_filter(block) {
-                Some(f) => f,
+            let summary = match self.tail.noted_summary(block) {
+                Some(s) => s,
                 None => self.build(block).await?,
             };
-            self.store(block, &filter).await?;
+            self.store(block, &summary).await?;
             built += 1;
             block += 1;
             self.built.send_replace(block);
@@ -218,8 +365,33 @@ impl Indexer {
         Ok(built)
     }
 
-    /// The filter of `block` (complete), from its leaves.
-    async fn build(&self, block: u64) -> Result<Vec<u8>> {
+    /// Completes the summaries of blocks summarised by an older build (a subjects filter
+    /// only), from their leaves, four blocks per call, from block `from` on; returns the
+    /// block to go on from, or `None` when none is left.
+    pub async fn backfill(&mut self, from: u64) -> Result<Option<u64>> {
+        let blocks: Vec<i64> = with_reader!(&self.reader, |pool| {
+            sqlx::query_scalar(
+                "SELECT block FROM audit_subject_blocks \
+                 WHERE block >= $1 AND agencies IS NULL ORDER BY block LIMIT 4",
+            )
+            .bind(from as i64)
+            .fetch_all(pool)
+            .await
+        })?;
+        let Some(last) = blocks.last().map(|b| *b as u64) else {
+            return Ok(None);
+        };
+        for block in blocks {
+            let summary = self.build(block as u64).await?;
+            if summary.agencies.is_some() {
+                self.update(block as u64, &summary).await?;
+            }
+        }
+        Ok(Some(last + 1))
+    }
+
+    /// The summary of `block` (complete), from its leaves.
+    async fn build(&self, block: u64) -> Result<Summary> {
         let (start, end) = (block * BLOCK, (block + 1) * BLOCK);
         let leaves: Vec<Vec<u8>> = with_reader!(&self.reader, |pool| {
             sqlx::query_scalar("SELECT leaf FROM audit_leaves WHERE idx >= $1 AND idx < $2")
@@ -233,45 +405,59 @@ impl Indexer {
             .map(|l| AuditRecord::decode(l.as_slice()))
             .collect();
         match records {
-            Ok(records) if records.len() as u64 == BLOCK => {
-                Ok(filter_of(records.iter().flat_map(|r| {
-                    r.subject_personal_ids.iter().map(String::as_str)
-                })))
-            }
+            Ok(records) if records.len() as u64 == BLOCK => Ok(Summary::of(&records)),
             Ok(records) => {
                 warn!(
                     block,
                     found = records.len(),
                     "audit block is missing leaves; searches will scan it whole"
                 );
-                Ok(MATCH_ALL.to_vec())
+                Ok(Summary::unknown())
             }
             Err(e) => {
                 warn!(block, error = %e, "an audit leaf does not decode; searches will scan its block whole");
-                Ok(MATCH_ALL.to_vec())
+                Ok(Summary::unknown())
             }
         }
     }
 
-    async fn store(&mut self, block: u64, filter: &[u8]) -> Result<()> {
-        let sql = "INSERT INTO audit_subject_blocks (block, filter) VALUES ($1, $2) \
-                   ON CONFLICT (block) DO NOTHING";
+    async fn store(&mut self, block: u64, s: &Summary) -> Result<()> {
+        let sql = "INSERT INTO audit_subject_blocks \
+                   (block, filter, agencies, first_time_ms, last_time_ms) \
+                   VALUES ($1, $2, $3, $4, $5) ON CONFLICT (block) DO NOTHING";
+        self.write(sql, block, s).await
+    }
+
+    async fn update(&mut self, block: u64, s: &Summary) -> Result<()> {
+        let sql = "UPDATE audit_subject_blocks \
+                   SET filter = $2, agencies = $3, first_time_ms = $4, last_time_ms = $5 \
+                   WHERE block = $1 AND agencies IS NULL";
+        self.write(sql, block, s).await
+    }
+
+    /// Runs `sql` with the block's number and summary as `$1`…`$5`.
+    async fn write(&mut self, sql: &'static str, block: u64, s: &Summary) -> Result<()> {
+        let (first, last) = (s.time.map(|t| t.0), s.time.map(|t| t.1));
+        let agencies = s.agencies_column();
+        // One statement, bound for either backend.
+        macro_rules! bound {
+            () => {
+                sqlx::query(sql)
+                    .bind(block as i64)
+                    .bind(s.filter.as_slice())
+                    .bind(agencies.as_deref())
+                    .bind(first)
+                    .bind(last)
+            };
+        }
         match &mut self.writer {
             FilterWriter::Sqlite(conn) => {
                 let _turn = self.tail.lock().await;
-                sqlx::query(sql)
-                    .bind(block as i64)
-                    .bind(filter)
-                    .execute(&mut *conn)
-                    .await?;
+                bound!().execute(&mut *conn).await?;
             }
+            // Replicas may race for a block; the summary is the same either way.
             FilterWriter::Pg(pool) => {
-                // Replicas may race for a block; the filter is the same either way.
-                sqlx::query(sql)
-                    .bind(block as i64)
-                    .bind(filter)
-                    .execute(&*pool)
-                    .await?;
+                bound!().execute(&*pool).await?;
             }
         }
         Ok(())
@@ -280,19 +466,34 @@ impl Indexer {
     /// Runs until the log is dropped: catches up when a commit completes a block (`wake`), and
     /// every 10 s (blocks other replicas completed; a failed attempt).
     pub async fn run<T>(mut self, wake: std::sync::Arc<Notify>, alive: mpsc::WeakSender<T>) {
-        let mut backfill = true;
+        let mut first = true;
+        // Where completing older builds' summaries goes on from (`None`: done).
+        let mut backfill = Some(0);
         while alive.upgrade().is_some() {
             match self.catch_up().await {
-                Ok(n) if backfill && n > 0 => {
+                Ok(n) if first && n > 0 => {
                     info!(
                         blocks = n,
-                        "audit subject filters built for earlier entries"
+                        "audit block summaries built for earlier entries"
                     );
                 }
                 Ok(_) => {}
-                Err(e) => warn!(error = %e, "could not build audit subject filters; retrying"),
+                Err(e) => warn!(error = %e, "could not build audit block summaries; retrying"),
             }
-            backfill = false;
+            first = false;
+            if let Some(from) = backfill {
+                match self.backfill(from).await {
+                    Ok(next) => backfill = next,
+                    Err(e) => {
+                        warn!(error = %e, "could not complete older audit block summaries; retrying")
+                    }
+                }
+                if backfill.is_some() {
+                    // More to do: go on as soon as the writers allow, not in 10 s.
+                    tokio::task::yield_now().await;
+                    continue;
+                }
+            }
             let _ = tokio::time::timeout(Duration::from_secs(10), wake.notified()).await;
         }
     }
@@ -342,37 +543,103 @@ mod tests {
         assert!(!leaf_names(b"\xff\xff not a record 031000000007", &id(7)));
     }
 
-    /// Notes give the same filter as reading the block back — only for blocks every entry of
-    /// which they saw, in order.
+    /// Notes give the same summary as reading the block back — only for blocks every entry
+    /// of which they saw, in order.
     #[test]
-    fn notes_build_a_blocks_filter_only_when_they_saw_all_of_it() {
-        let subjects = |range: std::ops::Range<u64>| -> Vec<Vec<String>> {
-            range.map(|i| vec![id(i % 1_000), id(7)]).collect()
+    fn notes_build_a_blocks_summary_only_when_they_saw_all_of_it() {
+        let records = |range: std::ops::Range<u64>| -> Vec<AuditRecord> {
+            range
+                .map(|i| AuditRecord {
+                    subject_personal_ids: vec![id(i % 1_000), id(7)],
+                    agency_id: format!("agency-{}", i % 3 + i / BLOCK),
+                    time_unix_ms: 1_000_000 + ((i * 7919) % 10_007) as i64,
+                    ..Default::default()
+                })
+                .collect()
         };
-        let expected = |block: u64| {
-            let ids = subjects(block * BLOCK..(block + 1) * BLOCK);
-            filter_of(ids.iter().flatten().map(String::as_str))
-        };
+        let entries =
+            |range| -> Vec<BlockEntry> { records(range).iter().map(BlockEntry::of).collect() };
+        let expected = |block: u64| Summary::of(&records(block * BLOCK..(block + 1) * BLOCK));
         // A log that opened at 100 entries: block 0 began before, so it is read back.
         let mut n = Notes::at(100);
-        n.note(100, &subjects(100..BLOCK));
+        n.note(100, &entries(100..BLOCK));
         assert_eq!(n.take(0), None);
         // Block 1 in uneven batches: built from the notes.
-        n.note(BLOCK, &subjects(BLOCK..BLOCK + 5));
-        n.note(BLOCK + 5, &subjects(BLOCK + 5..2 * BLOCK));
+        n.note(BLOCK, &entries(BLOCK..BLOCK + 5));
+        n.note(BLOCK + 5, &entries(BLOCK + 5..2 * BLOCK));
         // Block 2 with an entry noted by nobody (another replica's): read back.
-        n.note(2 * BLOCK, &subjects(2 * BLOCK..2 * BLOCK + 10));
-        n.note(2 * BLOCK + 11, &subjects(2 * BLOCK + 11..3 * BLOCK));
+        n.note(2 * BLOCK, &entries(2 * BLOCK..2 * BLOCK + 10));
+        n.note(2 * BLOCK + 11, &entries(2 * BLOCK + 11..3 * BLOCK));
         // Block 3 whole again.
-        n.note(3 * BLOCK, &subjects(3 * BLOCK..4 * BLOCK));
-        assert_eq!(n.take(1), Some(expected(1)));
+        n.note(3 * BLOCK, &entries(3 * BLOCK..4 * BLOCK));
+        let one = n.take(1).unwrap();
+        assert_eq!(one, expected(1));
+        assert_eq!(
+            one.agencies.as_deref(),
+            Some(&["agency-1".to_string(), "agency-2".into(), "agency-3".into()][..])
+        );
         assert_eq!(n.take(2), None);
         assert_eq!(n.take(3), Some(expected(3)));
         assert_eq!(n.take(3), None, "taken once");
         // A log that opened at a block boundary notes its first block.
         let mut n = Notes::at(BLOCK);
-        n.note(BLOCK, &subjects(BLOCK..2 * BLOCK));
+        n.note(BLOCK, &entries(BLOCK..2 * BLOCK));
         assert_eq!(n.take(1), Some(expected(1)));
+    }
+
+    /// A summary rules a block out only when it knows: an unknown part, or an unknown
+    /// summary, always matches.
+    #[test]
+    fn summaries_rule_out_only_what_they_know() {
+        let rec = |agency: &str, t: i64, who: u64| AuditRecord {
+            agency_id: agency.into(),
+            time_unix_ms: t,
+            subject_personal_ids: vec![id(who)],
+            ..Default::default()
+        };
+        let s = Summary::of(&[rec("b", 200, 1), rec("a", 100, 2), rec("b", 300, 3)]);
+        assert_eq!(
+            s.agencies.as_deref(),
+            Some(&["a".to_string(), "b".into()][..])
+        );
+        assert_eq!(s.time, Some((100, 300)));
+        let w = |agency, from_ms, to_ms, subject| Wanted {
+            subject,
+            agency,
+            from_ms,
+            to_ms,
+        };
+        let one = id(1);
+        let nobody = id(999);
+        for (wanted, expect) in [
+            (w(Some("a"), None, None, None), true),
+            (w(Some("c"), None, None, None), false),
+            (w(None, Some(300), None, None), true),
+            (w(None, Some(301), None, None), false),
+            (w(None, None, Some(100), None), false), // [from, to): 100 is not before 100
+            (w(None, None, Some(101), None), true),
+            (w(None, Some(150), Some(160), None), true), // inside the range: may be there
+            (w(Some("b"), Some(0), Some(1_000), Some(&one)), true),
+            (w(Some("b"), Some(0), Some(1_000), Some(&nobody)), false),
+        ] {
+            assert_eq!(s.may_match(&wanted), expect, "{wanted:?}");
+        }
+        // Stored and read back, it says the same; unreadable or missing columns are unknown.
+        let back = Summary::from_columns(
+            s.filter.clone(),
+            s.agencies_column().as_deref(),
+            Some(100),
+            Some(300),
+        );
+        assert_eq!(back, s);
+        for unknown in [
+            Summary::unknown(),
+            Summary::from_columns(s.filter.clone(), None, None, None),
+            Summary::from_columns(s.filter.clone(), Some("not json"), Some(100), None),
+        ] {
+            assert!(unknown.may_match(&w(Some("c"), Some(301), None, None)));
+        }
+        assert!(!w(None, None, None, None).selective());
     }
 
     proptest! {

@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::error;
 
 use super::validate::{CIVIL_STATUS, POPULATION};
-use crate::audit::{AuditTail, Draft, merkle::CompactRange};
+use crate::audit::{AuditTail, Draft, merkle::CompactRange, subjects::BlockEntry};
 use crate::pb::v1::AuditRecord;
 use crate::store::{JOURNAL_CHANNEL, Reader, Store, drain, with_reader};
 
@@ -799,16 +799,12 @@ impl Writer {
         let result = self.write(&batch, range.as_deref_mut()).await;
         crate::telemetry::store_commit("journal", batch.len(), started.elapsed());
         match result {
-            Ok((outcomes, audit_indexes)) => {
+            Ok((outcomes, audit_indexes, entries)) => {
                 if let (Some(t), Some(r)) = (&tail, range.as_deref())
                     && let Some(first) = audit_indexes.iter().flatten().next()
                 {
                     // The records are the drafted jobs', at consecutive indexes in batch order.
-                    let subjects = batch
-                        .iter()
-                        .filter_map(Job::audit)
-                        .map(|d| &d.facts.subjects);
-                    t.note_subjects(*first, subjects);
+                    t.note(*first, &entries);
                     t.committed(r);
                 }
                 drop(range);
@@ -873,11 +869,7 @@ impl Writer {
 
     /// Commits one batch — with the audit records of its publishes when `range` (the audit
     /// log's right edge, locked) is given. Returns each job's outcome and audit index.
-    async fn write(
-        &mut self,
-        batch: &[Job],
-        range: Option<&mut CompactRange>,
-    ) -> Result<(Vec<Outcome>, Vec<Option<u64>>)> {
+    async fn write(&mut self, batch: &[Job], range: Option<&mut CompactRange>) -> Result<Written> {
         let now = crate::audit::log::now_ms();
         match &mut self.conn {
             WriterConn::Sqlite(_) => self.write_sqlite(batch, now, range).await,
@@ -897,7 +889,7 @@ impl Writer {
         batch: &[Job],
         now: i64,
         mut range: Option<&mut CompactRange>,
-    ) -> Result<(Vec<Outcome>, Vec<Option<u64>>)> {
+    ) -> Result<Written> {
         let WriterConn::Sqlite(conn) = &mut self.conn else {
             anyhow::bail!("not a SQLite journal");
         };
@@ -905,9 +897,10 @@ impl Writer {
         let range_before = range.as_deref().cloned();
         let first = plan(&mut self.last, batch, Known::new(), now);
         let mut b = first.sqlite()?;
-        let indexes = stage_audit_sqlite(&mut b, batch, &first.outcomes, range.as_deref_mut())?;
+        let (indexes, entries) =
+            stage_audit_sqlite(&mut b, batch, &first.outcomes, range.as_deref_mut())?;
         match b.commit(conn).await {
-            Ok(()) => return Ok((first.outcomes, indexes)),
+            Ok(()) => return Ok((first.outcomes, indexes, entries)),
             Err(e) if crate::sqlite::is_unique_violation(&e) => {
                 self.last = before;
                 if let (Some(r), Some(b)) = (range.as_deref_mut(), range_before) {
@@ -919,9 +912,9 @@ impl Writer {
         let known = known_keys!(conn, batch).await?;
         let second = plan(&mut self.last, batch, known, now);
         let mut b = second.sqlite()?;
-        let indexes = stage_audit_sqlite(&mut b, batch, &second.outcomes, range)?;
+        let (indexes, entries) = stage_audit_sqlite(&mut b, batch, &second.outcomes, range)?;
         b.commit(conn).await?;
-        Ok((second.outcomes, indexes))
+        Ok((second.outcomes, indexes, entries))
     }
 
     /// PostgreSQL, shared by replicas, one transaction: lock the heads rows and read them (one
@@ -935,7 +928,7 @@ impl Writer {
         batch: &[Job],
         now: i64,
         range: Option<&mut CompactRange>,
-    ) -> Result<(Vec<Outcome>, Vec<Option<u64>>)> {
+    ) -> Result<Written> {
         let mut tx = pool.begin().await?;
         let before = self.last.clone();
         let result = async {
@@ -953,6 +946,7 @@ impl Writer {
             planned.write_pg(&mut tx).await?;
             // The audit log's size row is locked after the heads rows, by every replica.
             let (records, at) = audit_records(batch, &planned.outcomes);
+            let entries: Vec<BlockEntry> = records.iter().map(BlockEntry::of).collect();
             let mut indexes = vec![None; batch.len()];
             if let Some(range) = range
                 && !records.is_empty()
@@ -961,7 +955,7 @@ impl Writer {
                 indexes = placed(batch.len(), first, at);
             }
             tx.commit().await?;
-            Ok::<_, anyhow::Error>((planned.outcomes, indexes))
+            Ok::<_, anyhow::Error>((planned.outcomes, indexes, entries))
         }
         .await;
         if result.is_err() {
@@ -1009,21 +1003,26 @@ fn audit_records(batch: &[Job], outcomes: &[Outcome]) -> (Vec<AuditRecord>, Vec<
     (records, at)
 }
 
+/// What a commit did: each job's outcome and audit index, and the audit entries it appended
+/// (in index order, for the block summaries).
+type Written = (Vec<Outcome>, Vec<Option<u64>>, Vec<BlockEntry>);
+
 /// SQLite: adds the audit records of the batch's publishes to `b` (given the audit log's right
-/// edge); each job's audit index.
+/// edge); each job's audit index, and the entries staged.
 fn stage_audit_sqlite(
     b: &mut crate::sqlite::Batch,
     batch: &[Job],
     outcomes: &[Outcome],
     range: Option<&mut CompactRange>,
-) -> Result<Vec<Option<u64>>> {
+) -> Result<(Vec<Option<u64>>, Vec<BlockEntry>)> {
     let (records, at) = audit_records(batch, outcomes);
     match range {
         Some(range) if !records.is_empty() => {
+            let entries = records.iter().map(BlockEntry::of).collect();
             let first = crate::audit::log::stage_sqlite(b, range, records)?;
-            Ok(placed(batch.len(), first, at))
+            Ok((placed(batch.len(), first, at), entries))
         }
-        _ => Ok(vec![None; batch.len()]),
+        _ => Ok((vec![None; batch.len()], Vec::new())),
     }
 }
 
