@@ -29,6 +29,71 @@ use super::{
 use crate::pb::v1::AuditRecord;
 use crate::store::{AUDIT_CHANNEL, Reader, Store, drain, linger, with_reader};
 
+/// How a backend stores the subtree hashes. PostgreSQL: `audit_tree`, keyed by `(leaf_end,
+/// level)`. SQLite: `audit_subtrees`, a rowid table keyed by `node = leaf_end << 6 | level`
+/// (levels stay below 64; leaf ends below 2^57), so that the hashes each append completes go at
+/// the end of the table's B-tree, which SQLite appends to without rebalancing (a key of two
+/// columns makes an index B-tree, which rebalanced three leaves in most commits).
+struct TreeSql {
+    /// Selects `(level, leaf_end, hash)` of `n` nodes bound as `(leaf_end, level)` pairs.
+    select: fn(n: usize) -> String,
+    /// Deletes the nodes of leaves from `$1` on (a leaf end past the log's size `$1`).
+    delete_after: &'static str,
+}
+
+/// `n` pairs of numbered placeholders, each written by `pair` from its two numbers.
+fn pairs(n: usize, pair: fn(usize, usize) -> String) -> String {
+    (0..n)
+        .map(|i| pair(2 * i + 1, 2 * i + 2))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+const PG_TREE: TreeSql = TreeSql {
+    select: |n| {
+        format!(
+            "SELECT level, leaf_end, hash FROM audit_tree WHERE (leaf_end, level) IN (VALUES {})",
+            pairs(n, |a, b| format!("(${a}, ${b})"))
+        )
+    },
+    delete_after: "DELETE FROM audit_tree WHERE leaf_end > $1",
+};
+
+const SQLITE_TREE: TreeSql = TreeSql {
+    select: |n| {
+        format!(
+            "SELECT node & 63, node >> 6, hash FROM audit_subtrees WHERE node IN ({})",
+            pairs(n, |a, b| format!("((${a} << 6) | ${b})"))
+        )
+    },
+    delete_after: "DELETE FROM audit_subtrees WHERE node >= (($1 + 1) << 6)",
+};
+
+/// The subtree SQL of the backend whose connection this is.
+fn tree_sql<C: sqlx::Connection>(_: &C) -> &'static TreeSql
+where
+    C::Database: HasTree,
+{
+    <C::Database as HasTree>::TREE
+}
+
+trait HasTree {
+    const TREE: &'static TreeSql;
+}
+
+impl HasTree for sqlx::Sqlite {
+    const TREE: &'static TreeSql = &SQLITE_TREE;
+}
+
+impl HasTree for sqlx::Postgres {
+    const TREE: &'static TreeSql = &PG_TREE;
+}
+
+/// The SQLite key of a subtree hash (see [`TreeSql`]).
+fn node_key(id: &NodeId) -> i64 {
+    ((id.leaf_end() << 6) | u64::from(id.level)) as i64
+}
+
 /// Hashes of the given nodes, in the given order; a missing node is an error. `$conn` is a
 /// SQLite or PostgreSQL connection (a pool connection or a transaction).
 macro_rules! fetch_nodes {
@@ -37,13 +102,7 @@ macro_rules! fetch_nodes {
             let ids: &[NodeId] = $ids;
             let mut out: Vec<Hash> = Vec::with_capacity(ids.len());
             for chunk in ids.chunks(400) {
-                let values: Vec<String> = (0..chunk.len())
-                    .map(|i| format!("(${}, ${})", 2 * i + 1, 2 * i + 2))
-                    .collect();
-                let sql = format!(
-                    "SELECT level, leaf_end, hash FROM audit_tree WHERE (leaf_end, level) IN (VALUES {})",
-                    values.join(",")
-                );
+                let sql = (tree_sql(&*$conn).select)(chunk.len());
                 // Built only from constants and numbered placeholders.
                 let mut q = sqlx::query_as::<_, (i64, i64, Vec<u8>)>(sqlx::AssertSqlSafe(sql));
                 for id in chunk {
@@ -80,7 +139,7 @@ macro_rules! remove_stale {
     ($conn:expr, $size:expr) => {
         async {
             let size: u64 = $size;
-            let stale = sqlx::query("DELETE FROM audit_tree WHERE leaf_end > $1")
+            let stale = sqlx::query(tree_sql(&*$conn).delete_after)
                 .bind(size as i64)
                 .execute(&mut *$conn)
                 .await?
@@ -124,12 +183,7 @@ CREATE TABLE IF NOT EXISTS audit_subject_blocks (
     first_time_ms INTEGER,
     last_time_ms INTEGER
 );
-CREATE TABLE IF NOT EXISTS audit_tree (
-    leaf_end INTEGER NOT NULL,
-    level INTEGER NOT NULL,
-    hash BLOB NOT NULL,
-    PRIMARY KEY (leaf_end, level)
-) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS audit_subtrees (node INTEGER PRIMARY KEY, hash BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS audit_checkpoints (
     size INTEGER PRIMARY KEY,
     note TEXT NOT NULL,
@@ -1099,25 +1153,37 @@ pub fn now_ms() -> i64 {
 }
 
 /// Logs written before 2026-11-26 kept subtree hashes in `audit_nodes`, keyed by `(level,
-/// idx)`: each append dirtied the last page of every level. They move, in one transaction, to
-/// `audit_tree`, keyed by `(leaf_end, level)`, where one append's hashes are adjacent.
+/// idx)`: each append dirtied the last page of every level. Later ones kept them in
+/// `audit_tree`, keyed by `(leaf_end, level)`: adjacent, but in an index B-tree. Both move, in
+/// one transaction, to `audit_subtrees` (see [`TreeSql`]).
 async fn migrate_sqlite_nodes(conn: &mut SqliteConnection) -> Result<()> {
-    let old: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'audit_nodes'",
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT name FROM sqlite_master WHERE type = 'table' \
+         AND name IN ('audit_nodes', 'audit_tree')",
     )
-    .fetch_one(&mut *conn)
+    .fetch_all(&mut *conn)
     .await?;
-    if old == 0 {
+    if tables.is_empty() {
         return Ok(());
     }
     let mut b = crate::sqlite::Batch::new();
-    b.statement(
-        "INSERT INTO audit_tree (leaf_end, level, hash) \
-         SELECT (idx + 1) << level, level, hash FROM audit_nodes",
-    );
-    b.statement("DROP TABLE audit_nodes");
+    for t in &tables {
+        let (copy, drop) = match t.as_str() {
+            "audit_nodes" => (
+                "INSERT INTO audit_subtrees (node, hash) \
+                 SELECT (((idx + 1) << level) << 6) | level, hash FROM audit_nodes",
+                "DROP TABLE audit_nodes",
+            ),
+            _ => (
+                "INSERT INTO audit_subtrees (node, hash) \
+                 SELECT (leaf_end << 6) | level, hash FROM audit_tree",
+                "DROP TABLE audit_tree",
+            ),
+        };
+        b.statement(copy).statement(drop);
+    }
     b.commit(conn).await?;
-    info!("audit store: subtree hashes moved to audit_tree (append-ordered)");
+    info!(from = ?tables, "audit store: subtree hashes moved to audit_subtrees");
     Ok(())
 }
 
@@ -1204,17 +1270,10 @@ fn stage_rows(b: &mut crate::sqlite::Batch, rows: &[LeafRow], new_size: u64) -> 
         },
     )?;
     let nodes: Vec<_> = rows.iter().flat_map(|r| r.nodes.iter()).collect();
-    b.insert_rows(
-        "audit_tree (leaf_end, level, hash)",
-        3,
-        &nodes,
-        |b, (id, hash)| {
-            b.bind(id.leaf_end() as i64)?
-                .bind(i64::from(id.level))?
-                .bind(hash.as_slice())?;
-            Ok(())
-        },
-    )?;
+    b.insert_rows("audit_subtrees (node, hash)", 2, &nodes, |b, (id, hash)| {
+        b.bind(node_key(id))?.bind(hash.as_slice())?;
+        Ok(())
+    })?;
     b.statement(
         "INSERT INTO audit_meta (key, value) VALUES ('size', ?) \
          ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -1705,11 +1764,11 @@ mod tests {
         }
     }
 
-    /// A log written with the old `audit_nodes` layout, in the old `audit.sqlite` file, opens,
-    /// becomes the store file, moves its hashes to `audit_tree`, keeps growing, and proves
-    /// every entry against the root recomputed from its leaves.
-    #[tokio::test]
-    async fn a_log_in_the_old_node_layout_is_migrated_and_still_proves() {
+    /// A log written with an old layout of its subtree hashes (`audit_nodes` in the old
+    /// `audit.sqlite` file, or `audit_tree` keyed by two columns) opens, moves its hashes to
+    /// `audit_subtrees`, keeps growing, and proves every entry against the root recomputed
+    /// from its leaves.
+    async fn a_log_in_an_old_node_layout_is_migrated_and_still_proves(old: &str) {
         let dir = tempfile::tempdir().unwrap();
         let log = open(dir.path()).await;
         for n in 0..37 {
@@ -1720,21 +1779,31 @@ mod tests {
         // Rewrite the store the way builds before the migration left it.
         let path = crate::sqlite::store_path(dir.path());
         let mut c = store_conn(&path).await;
-        sqlx::raw_sql(
-            "BEGIN IMMEDIATE;
-             CREATE TABLE audit_nodes (level INTEGER NOT NULL, idx INTEGER NOT NULL,
-                 hash BLOB NOT NULL, PRIMARY KEY (level, idx)) WITHOUT ROWID;
-             INSERT INTO audit_nodes SELECT level, (leaf_end >> level) - 1, hash FROM audit_tree;
-             DROP TABLE audit_tree;
-             COMMIT;",
-        )
+        let layout = match old {
+            "audit_nodes" => {
+                "CREATE TABLE audit_nodes (level INTEGER NOT NULL, idx INTEGER NOT NULL,
+                     hash BLOB NOT NULL, PRIMARY KEY (level, idx)) WITHOUT ROWID;
+                 INSERT INTO audit_nodes
+                     SELECT node & 63, ((node >> 6) >> (node & 63)) - 1, hash FROM audit_subtrees;"
+            }
+            _ => {
+                "CREATE TABLE audit_tree (leaf_end INTEGER NOT NULL, level INTEGER NOT NULL,
+                     hash BLOB NOT NULL, PRIMARY KEY (leaf_end, level)) WITHOUT ROWID;
+                 INSERT INTO audit_tree SELECT node >> 6, node & 63, hash FROM audit_subtrees;"
+            }
+        };
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "BEGIN IMMEDIATE; {layout} DROP TABLE audit_subtrees; COMMIT;"
+        )))
         .execute(&mut c)
         .await
         .unwrap();
         c.close().await.unwrap();
-        // …and in the file builds before the shared store file used.
-        crate::sqlite::settle(&path).await.unwrap();
-        std::fs::rename(&path, dir.path().join("audit.sqlite")).unwrap();
+        if old == "audit_nodes" {
+            // …and in the file builds before the shared store file used.
+            crate::sqlite::settle(&path).await.unwrap();
+            std::fs::rename(&path, dir.path().join("audit.sqlite")).unwrap();
+        }
 
         let log = open(dir.path()).await;
         assert!(path.exists() && !dir.path().join("audit.sqlite").exists());
@@ -1744,11 +1813,21 @@ mod tests {
         }
         log.assert_every_entry_proves(42).await;
         let mut c = store_conn(&path).await;
-        let old: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM sqlite_master WHERE name = 'audit_nodes'")
-                .fetch_one(&mut c)
-                .await
-                .unwrap();
-        assert_eq!(old, 0);
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM sqlite_master WHERE name = $1")
+            .bind(old)
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(left, 0);
+    }
+
+    #[tokio::test]
+    async fn a_log_with_audit_nodes_is_migrated_and_still_proves() {
+        a_log_in_an_old_node_layout_is_migrated_and_still_proves("audit_nodes").await;
+    }
+
+    #[tokio::test]
+    async fn a_log_with_a_two_column_audit_tree_is_migrated_and_still_proves() {
+        a_log_in_an_old_node_layout_is_migrated_and_still_proves("audit_tree").await;
     }
 }
