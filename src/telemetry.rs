@@ -38,9 +38,11 @@ pub fn init_logging(json: bool) {
     };
 }
 
+/// The process-wide Prometheus recorder, once [`prometheus`] installed it.
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
 /// The process-wide Prometheus recorder (installed on first use).
 pub fn prometheus() -> &'static PrometheusHandle {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
         let builder = PrometheusBuilder::new()
             .set_buckets_for_metric(
@@ -65,10 +67,31 @@ pub fn handshake_failed(reason: &'static str) {
 }
 
 pub fn rpc_finished(method: &'static str, code: tonic::Code, elapsed: Duration) {
+    type Handles = (metrics::Counter, metrics::Histogram);
+    thread_local! {
+        /// Each thread's handles per (method, code): a call then updates its two metrics
+        /// without building their labelled keys and looking them up in the registry (~2,800
+        /// instructions per call). Methods and codes are fixed sets, so this stays small.
+        static RPC: std::cell::RefCell<std::collections::HashMap<(&'static str, &'static str), Handles>> =
+            std::cell::RefCell::default();
+    }
     let code = code_name(code);
-    metrics::counter!(RPC_REQUESTS, "method" => method, "code" => code).increment(1);
-    metrics::histogram!(RPC_DURATION, "method" => method, "code" => code)
-        .record(elapsed.as_secs_f64());
+    let handles = || -> Handles {
+        (
+            metrics::counter!(RPC_REQUESTS, "method" => method, "code" => code),
+            metrics::histogram!(RPC_DURATION, "method" => method, "code" => code),
+        )
+    };
+    let record = |(n, d): &Handles| {
+        n.increment(1);
+        d.record(elapsed.as_secs_f64());
+    };
+    if HANDLE.get().is_none() {
+        // Our recorder is not installed yet: handles taken now would record nowhere for good.
+        record(&handles());
+        return;
+    }
+    RPC.with(|c| record(c.borrow_mut().entry((method, code)).or_insert_with(handles)));
 }
 
 pub fn rpc_denied(method: &'static str, reason: &'static str) {
@@ -175,4 +198,33 @@ pub async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
 pub fn store_commit(store: &'static str, rows: usize, took: std::time::Duration) {
     metrics::histogram!(STORE_COMMIT, "store" => store).record(took.as_secs_f64());
     metrics::histogram!(STORE_COMMIT_ROWS, "store" => store).record(rows as f64);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Calls count through the cached handles: every call, on every thread, shows in /metrics.
+    #[test]
+    fn finished_calls_are_counted_through_cached_handles() {
+        let method = "/civgate.test.Telemetry/Count";
+        let line = |code: &str| format!("{RPC_REQUESTS}{{method=\"{method}\",code=\"{code}\"}}");
+        let count = |code: &str| -> Option<u64> {
+            let text = prometheus().render();
+            let wanted = line(code);
+            text.lines()
+                .find_map(|l| l.strip_prefix(wanted.as_str()))
+                .and_then(|v| v.trim().parse().ok())
+        };
+        let _ = prometheus();
+        for _ in 0..3 {
+            rpc_finished(method, tonic::Code::Ok, Duration::from_micros(5));
+        }
+        std::thread::spawn(move || rpc_finished(method, tonic::Code::Ok, Duration::ZERO))
+            .join()
+            .unwrap();
+        rpc_finished(method, tonic::Code::NotFound, Duration::ZERO);
+        assert_eq!(count("OK"), Some(4));
+        assert_eq!(count("NOT_FOUND"), Some(1));
+    }
 }
