@@ -678,7 +678,12 @@ async fn audit_proofs(a: &AuditProofArgs) -> Result<()> {
                     }
                     let rec = crate::pb::v1::AuditRecord {
                         time_unix_ms: crate::audit::log::now_ms(),
-                        agency_id: "registry-hp".into(),
+                        // One entry in 1,000 from a rare agency (searched for below).
+                        agency_id: if n % 1_000 == 0 {
+                            "registry-rare".into()
+                        } else {
+                            "registry-hp".into()
+                        },
                         role: "civil_registry".into(),
                         cert_fingerprint: "ab".repeat(32),
                         method: "/civgate.v1.Citizens/GetCitizen".into(),
@@ -769,7 +774,46 @@ async fn audit_proofs(a: &AuditProofArgs) -> Result<()> {
             "search for {present:?} subject wrong"
         );
     }
-    for (name, h) in [("subject found", &found), ("subject absent", &absent)] {
+    // Searches by agency and by time, from a random entry on: the next 10 entries of the rare
+    // agency, an agency that never called, and the entries of one millisecond.
+    let mut rare = found.clone();
+    rare.reset();
+    let (mut nobody, mut moment) = (rare.clone(), rare.clone());
+    for _ in 0..(a.queries / 20).max(10) {
+        let after = rng.random_range(0..size);
+        let leaf = log.entries(after, after + 1).await?;
+        let time = <crate::pb::v1::AuditRecord as prost::Message>::decode(leaf[0].as_slice())?
+            .time_unix_ms;
+        for (h, agency, window) in [
+            (&mut rare, Some("registry-rare"), None),
+            (&mut nobody, Some("registry-none"), None),
+            (&mut moment, None, Some((time, time + 1))),
+        ] {
+            let t = Instant::now();
+            let rows = log
+                .search(&crate::audit::Filter {
+                    agency: agency.map(Into::into),
+                    from_ms: window.map(|w| w.0),
+                    to_ms: window.map(|w| w.1),
+                    after: if window.is_some() { 0 } else { after },
+                    limit: 10,
+                    ..Default::default()
+                })
+                .await?;
+            let _ = h.record(t.elapsed().as_micros().max(1) as u64);
+            anyhow::ensure!(
+                window.is_none() || !rows.is_empty(),
+                "search by time missed entry {after}"
+            );
+        }
+    }
+    for (name, h) in [
+        ("subject found", &found),
+        ("subject absent", &absent),
+        ("agency rare", &rare),
+        ("agency absent", &nobody),
+        ("one ms", &moment),
+    ] {
         println!(
             "{name:<14} searches on {size} entries: p50 {} µs, p99 {} µs, max {} µs ({} queries)",
             h.value_at_quantile(0.5),

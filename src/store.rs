@@ -499,7 +499,7 @@ mod tests {
         .unwrap();
         tx.commit().await.unwrap();
 
-        assert_eq!(migrate(&pool).await.unwrap(), 4);
+        assert_eq!(migrate(&pool).await.unwrap(), MIGRATIONS.len() as i64);
         let rows: Vec<(i64, i64, Vec<u8>)> =
             sqlx::query_as("SELECT leaf_end, level, hash FROM audit_tree ORDER BY leaf_end, level")
                 .fetch_all(&pool)
