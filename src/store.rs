@@ -373,6 +373,24 @@ pub async fn test_schema(label: &str) -> Option<String> {
     }
 }
 
+/// For tests: runs `test` on a store in a fresh [`test_schema`] (or not at all, as that says),
+/// then drops the schema.
+pub async fn with_test_postgres<F, Fut>(label: &str, test: F)
+where
+    F: FnOnce(Store) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let Some(url) = test_schema(label).await else {
+        return;
+    };
+    test(Store::Postgres {
+        url: url.clone(),
+        pool_max: 4,
+    })
+    .await;
+    drop_test_schema(&url).await;
+}
+
 /// For tests: drops the schema a [`test_schema`] URL points at (best effort).
 pub async fn drop_test_schema(url: &str) {
     use sqlx::Connection;

@@ -1464,15 +1464,8 @@ mod tests {
 
     #[tokio::test]
     async fn subject_searches_match_a_full_scan_on_postgres() {
-        let Some(url) = crate::store::test_schema("audit_subjects").await else {
-            return;
-        };
-        subject_searches_match_a_full_scan(Store::Postgres {
-            url: url.clone(),
-            pool_max: 4,
-        })
-        .await;
-        crate::store::drop_test_schema(&url).await;
+        crate::store::with_test_postgres("audit_subjects", subject_searches_match_a_full_scan)
+            .await;
     }
 
     /// Searches by agency and by time find exactly what a full scan finds — with the block
@@ -1604,15 +1597,11 @@ mod tests {
 
     #[tokio::test]
     async fn agency_and_time_searches_match_a_full_scan_on_postgres() {
-        let Some(url) = crate::store::test_schema("audit_summaries").await else {
-            return;
-        };
-        agency_and_time_searches_match_a_full_scan(Store::Postgres {
-            url: url.clone(),
-            pool_max: 4,
-        })
+        crate::store::with_test_postgres(
+            "audit_summaries",
+            agency_and_time_searches_match_a_full_scan,
+        )
         .await;
-        crate::store::drop_test_schema(&url).await;
     }
 
     /// A store of an earlier release — the agency and time indexes, block summaries with a

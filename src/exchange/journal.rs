@@ -1576,10 +1576,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn pages_are_bounded_by_bytes_on_postgres() {
-        let Some(url) = crate::store::test_schema("journal_page_bytes").await else {
-            return;
-        };
-        pages_are_bounded_by_bytes(Store::Postgres { url, pool_max: 4 }).await;
+        crate::store::with_test_postgres("journal_page_bytes", pages_are_bounded_by_bytes).await;
     }
 
     #[test]
@@ -1889,10 +1886,11 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn publishes_and_their_records_commit_together_on_postgres() {
-        let Some(url) = crate::store::test_schema("journal_audited").await else {
-            return;
-        };
-        publishes_and_their_records_commit_together(Store::Postgres { url, pool_max: 4 }).await;
+        crate::store::with_test_postgres(
+            "journal_audited",
+            publishes_and_their_records_commit_together,
+        )
+        .await;
     }
 
     /// A data directory of an earlier release — the journal in `journal.sqlite` — opens with its
