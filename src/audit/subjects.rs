@@ -391,8 +391,8 @@ impl Indexer {
 
     /// Completes the summaries of blocks summarised by an older build (a subjects filter
     /// only), from their leaves, four blocks per call, from block `from` on; returns the
-    /// block to go on from, or `None` when none is left.
-    pub async fn backfill(&mut self, from: u64) -> Result<Option<u64>> {
+    /// number of blocks it completed and the block to go on from, or `None` when none is left.
+    pub async fn backfill(&mut self, from: u64) -> Result<(u64, Option<u64>)> {
         let blocks: Vec<i64> = with_reader!(&self.reader, |pool| {
             sqlx::query_scalar(
                 "SELECT block FROM audit_subject_blocks \
@@ -403,15 +403,17 @@ impl Indexer {
             .await
         })?;
         let Some(last) = blocks.last().map(|b| *b as u64) else {
-            return Ok(None);
+            return Ok((0, None));
         };
+        let mut completed = 0;
         for block in blocks {
             let summary = self.build(block as u64).await?;
             if summary.agencies.is_some() {
                 self.update(block as u64, &summary).await?;
+                completed += 1;
             }
         }
-        Ok(Some(last + 1))
+        Ok((completed, Some(last + 1)))
     }
 
     /// The summary of `block` (complete), from its leaves.
@@ -474,11 +476,16 @@ impl Indexer {
     }
 
     /// Runs until the log is dropped: catches up when a commit completes a block (`wake`), and
-    /// every 10 s (blocks other replicas completed; a failed attempt).
+    /// every 10 s (blocks other replicas completed; a failed attempt). Completing an earlier
+    /// release's summaries ([`Indexer::backfill`]) goes on in between, paced by
+    /// [`backfill_pause`] so that it never takes more than a share of the store's time.
     pub async fn run<T>(mut self, wake: std::sync::Arc<Notify>, alive: mpsc::WeakSender<T>) {
         let mut first = true;
-        // Where completing older builds' summaries goes on from (`None`: done).
+        // Where completing older builds' summaries goes on from (`None`: done), when it may
+        // go on next, and how many blocks it has completed.
         let mut backfill = Some(0);
+        let mut backfill_at = tokio::time::Instant::now();
+        let mut backfilled = 0u64;
         while alive.upgrade().is_some() {
             match self.catch_up().await {
                 Ok(n) if first && n > 0 => {
@@ -491,22 +498,52 @@ impl Indexer {
                 Err(e) => warn!(error = %e, "could not build audit block summaries; retrying"),
             }
             first = false;
-            if let Some(from) = backfill {
+            if let Some(from) = backfill
+                && tokio::time::Instant::now() >= backfill_at
+            {
+                let started = tokio::time::Instant::now();
                 match self.backfill(from).await {
-                    Ok(next) => backfill = next,
+                    Ok((completed, next)) => {
+                        backfilled += completed;
+                        backfill = next;
+                        if next.is_none() && backfilled > 0 {
+                            info!(
+                                blocks = backfilled,
+                                "audit block summaries of an earlier release completed"
+                            );
+                        }
+                    }
                     Err(e) => {
                         warn!(error = %e, "could not complete older audit block summaries; retrying")
                     }
                 }
-                if backfill.is_some() {
-                    // More to do: go on as soon as the writers allow, not in 10 s.
-                    tokio::task::yield_now().await;
-                    continue;
-                }
+                backfill_at = tokio::time::Instant::now() + backfill_pause(started.elapsed());
             }
-            let _ = tokio::time::timeout(Duration::from_secs(10), wake.notified()).await;
+            let wait = match backfill {
+                Some(_) => backfill_at
+                    .saturating_duration_since(tokio::time::Instant::now())
+                    .min(IDLE_WAKE),
+                None => IDLE_WAKE,
+            };
+            let _ = tokio::time::timeout(wait, wake.notified()).await;
         }
     }
+}
+
+/// How often the summary task looks for work when nothing wakes it.
+const IDLE_WAKE: Duration = Duration::from_secs(10);
+
+/// The share of its time the background completion of an earlier release's summaries may
+/// take: it reads every old block's 4,096 leaves back (on a log of 100 million entries, ~25 GB)
+/// and decodes them, so back to back it would compete with the live traffic for the disk, the
+/// store and a core for as long as that takes.
+pub const BACKFILL_SHARE: u32 = 4;
+
+/// The pause after a backfill pass that took `worked`: `BACKFILL_SHARE - 1` times as long, so
+/// the passes take at most 1 / `BACKFILL_SHARE` of the time, and at most a second, so a slow
+/// pass (a store under load) does not stall the completion for long.
+pub fn backfill_pause(worked: Duration) -> Duration {
+    (worked * (BACKFILL_SHARE - 1)).min(Duration::from_secs(1))
 }
 
 #[cfg(test)]
@@ -516,6 +553,20 @@ mod tests {
 
     fn id(n: u64) -> String {
         format!("031{n:09}")
+    }
+
+    #[test]
+    fn backfill_passes_take_at_most_their_share_of_the_time() {
+        let ms = Duration::from_millis;
+        assert_eq!(backfill_pause(Duration::ZERO), Duration::ZERO);
+        assert_eq!(backfill_pause(ms(10)), ms(30));
+        let share = |worked: Duration| {
+            worked.as_secs_f64() / (worked + backfill_pause(worked)).as_secs_f64()
+        };
+        assert!((share(ms(40)) - 1.0 / f64::from(BACKFILL_SHARE)).abs() < 1e-9);
+        // A slow pass still leaves the store most of the time, and waits no more than a second.
+        assert_eq!(backfill_pause(ms(900)), Duration::from_secs(1));
+        assert!(share(ms(900)) < 0.5);
     }
 
     #[test]
