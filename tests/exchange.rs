@@ -53,6 +53,33 @@ fn publish(key: &str, event: Event) -> PublishRequest {
     }
 }
 
+/// The civil-status stream of a consumer group, from after its last ack.
+async fn civil_status(
+    client: &mut ExchangeClient<Channel>,
+    group: &str,
+) -> tonic::Streaming<civgate::pb::v1::SubscribedEvent> {
+    client
+        .subscribe(SubscribeRequest {
+            topic: "civil-status".into(),
+            consumer_group: group.into(),
+            from_sequence: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn auditor(
+    env: &Env,
+    addr: std::net::SocketAddr,
+) -> civgate::pb::v1::audit_client::AuditClient<Channel> {
+    civgate::pb::v1::audit_client::AuditClient::new(
+        client::connect(addr, &env.certs(), Some("auditor"))
+            .await
+            .unwrap(),
+    )
+}
+
 async fn as_agency(env: &Env, addr: std::net::SocketAddr, who: &str) -> ExchangeClient<Channel> {
     ExchangeClient::new(
         client::connect(addr, &env.certs(), Some(who))
@@ -260,15 +287,7 @@ async fn a_rejected_event_and_its_reason_are_visible_to_the_producer(env: Env) {
         .into_inner();
     assert!(st.groups.is_empty(), "accepted, no consumer yet: {st:?}");
 
-    let mut s = pop
-        .subscribe(SubscribeRequest {
-            topic: "civil-status".into(),
-            consumer_group: "population-db".into(),
-            from_sequence: None,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut s = civil_status(&mut pop, "population-db").await;
     assert_eq!(next(&mut s).await, a.sequence);
     assert_eq!(next(&mut s).await, b.sequence);
     let st = reg
@@ -336,11 +355,7 @@ async fn a_rejected_event_and_its_reason_are_visible_to_the_producer(env: Env) {
 
     // Each Ack and Reject call has exactly one record: the accepted ones committed with the
     // journal's write, the refused one by the gate.
-    let mut audit = civgate::pb::v1::audit_client::AuditClient::new(
-        client::connect(gw.api_addr, &env.certs(), Some("auditor"))
-            .await
-            .unwrap(),
-    );
+    let mut audit = auditor(&env, gw.api_addr).await;
     let mut outcomes = Vec::new();
     for method in ["/civgate.v1.Exchange/Reject", "/civgate.v1.Exchange/Ack"] {
         let found = common::search_records(
@@ -370,15 +385,7 @@ async fn a_rejected_event_and_its_reason_are_visible_to_the_producer(env: Env) {
 async fn graceful_shutdown_ends_subscriptions_with_unavailable(env: Env) {
     let gw = env.start().await;
     let mut pop = as_agency(&env, gw.api_addr, "population").await;
-    let mut s = pop
-        .subscribe(SubscribeRequest {
-            topic: "civil-status".into(),
-            consumer_group: "g".into(),
-            from_sequence: None,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut s = civil_status(&mut pop, "g").await;
     let stopping = tokio::spawn(gw.shutdown());
     let end = tokio::time::timeout(Duration::from_secs(10), s.message())
         .await
@@ -387,10 +394,79 @@ async fn graceful_shutdown_ends_subscriptions_with_unavailable(env: Env) {
     stopping.await.unwrap().unwrap();
 }
 
+/// What a subscriber receives is a read of the citizens it concerns: each batch a stream
+/// delivers has its audit record (the consumer's agency, the citizens, the event types, the
+/// sequences), durable before the events leave, so an auditor asking "who read citizen X"
+/// finds the consumer too — even when it asks the moment the event arrives.
+async fn deliveries_are_audited_as_reads_before_they_are_sent(env: Env) {
+    let gw = env.start().await;
+    let mut reg = as_agency(&env, gw.api_addr, "registry-hp").await;
+    let mut pop = as_agency(&env, gw.api_addr, "population").await;
+    let mut audit = auditor(&env, gw.api_addr).await;
+    let mother = "031195000002";
+    let reads_of = |subject: &str| civgate::pb::v1::SearchEntriesRequest {
+        subject_personal_id: subject.into(),
+        method: "/civgate.v1.Exchange/Subscribe".into(),
+        page_size: 100,
+        ..Default::default()
+    };
+    reg.publish(publish("d-1", birth("HP-LECHAN", "Nguyễn Thị An")))
+        .await
+        .unwrap();
+    // Opening the stream is one record; nothing was delivered yet, so it names no citizen.
+    let mut s = civil_status(&mut pop, "population-db").await;
+    let first = s.message().await.unwrap().unwrap();
+    assert_eq!(first.sequence, 1);
+    let found = common::search_records(&mut audit, reads_of(mother)).await;
+    assert_eq!(found.len(), 1, "{found:?}");
+    let r = &found[0];
+    assert_eq!(r.agency_id, "population");
+    assert_eq!(r.role, "population_db");
+    assert_eq!(r.outcome, "OK");
+    assert_eq!(r.subject_personal_ids, [mother]);
+    assert_eq!(r.fields_returned, ["event:birth"]);
+    assert_eq!(r.detail, "delivered:civil-status:population-db:1-1");
+
+    // A later event, delivered on the open stream, has its own record.
+    let mut second = birth("HP-LECHAN", "Nguyễn Văn Bình");
+    if let Some(Payload::Birth(b)) = &mut second.payload {
+        b.mother.as_mut().unwrap().personal_id = Some("031190000004".into());
+    }
+    reg.publish(publish("d-2", second)).await.unwrap();
+    assert_eq!(s.message().await.unwrap().unwrap().sequence, 2);
+    let found = common::search_records(&mut audit, reads_of("031190000004")).await;
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].detail, "delivered:civil-status:population-db:2-2");
+    // The first mother was not read again.
+    assert_eq!(
+        common::search_records(&mut audit, reads_of(mother))
+            .await
+            .len(),
+        1
+    );
+    // The stream's opening: one record, no citizens.
+    let opened = common::search_records(
+        &mut audit,
+        civgate::pb::v1::SearchEntriesRequest {
+            method: "/civgate.v1.Exchange/Subscribe".into(),
+            page_size: 100,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(opened.len(), 3, "{opened:?}");
+    assert_eq!(
+        opened.iter().filter(|r| r.detail.is_empty()).count(),
+        1,
+        "{opened:?}"
+    );
+}
+
 on_both_backends!(
     publish_is_idempotent_and_conflicting_reuse_is_already_exists,
     producers_publish_only_their_side_and_offices_and_bad_events_are_named,
     subscribe_delivers_in_order_resumes_after_ack_and_applies_back_pressure,
     a_rejected_event_and_its_reason_are_visible_to_the_producer,
     graceful_shutdown_ends_subscriptions_with_unavailable,
+    deliveries_are_audited_as_reads_before_they_are_sent,
 );

@@ -16,7 +16,7 @@ use tonic_types::FieldViolation;
 
 use super::{citizens::invalid, principal};
 use crate::{
-    audit::{Call, Draft, Facts, FactsSlot},
+    audit::{AuditError, AuditLog, Call, Draft, Facts, FactsSlot},
     exchange::{
         journal::Journal,
         validate::{Refusal, is_topic, subjects, topic_of, validate},
@@ -30,6 +30,8 @@ pub const WINDOW: u64 = 1_024;
 #[derive(Clone)]
 pub struct ExchangeService {
     journal: Option<Journal>,
+    /// Where the deliveries of a subscription are audited (`None`: audit off).
+    audit: Option<AuditLog>,
     /// Turns true at graceful shutdown: open subscriptions end with UNAVAILABLE.
     shutdown: tokio::sync::watch::Receiver<bool>,
     window: u64,
@@ -38,11 +40,13 @@ pub struct ExchangeService {
 impl ExchangeService {
     pub fn new(
         journal: Option<Journal>,
+        audit: Option<AuditLog>,
         shutdown: tokio::sync::watch::Receiver<bool>,
         window: u64,
     ) -> Self {
         Self {
             journal,
+            audit,
             shutdown,
             window: window.max(1),
         }
@@ -91,6 +95,41 @@ fn group_of(topic: &str, group: &str) -> Result<(), Status> {
     } else {
         Err(invalid(v))
     }
+}
+
+/// The facts of the audit record that releases a batch of events to a subscriber: the
+/// citizens the events concern (each once, sorted) and their types as `event:<type>`, like
+/// the records of their publishes. Events that do not decode add nothing.
+fn delivery_facts(batch: &[SubscribedEvent]) -> Facts {
+    let mut ids = std::collections::BTreeSet::new();
+    let mut fields = std::collections::BTreeSet::new();
+    for p in batch
+        .iter()
+        .filter_map(|e| e.event.as_ref()?.payload.as_ref())
+    {
+        ids.extend(subjects(p));
+        fields.insert(format!("event:{}", topic_of(p).1));
+    }
+    Facts {
+        purpose: String::new(),
+        subjects: ids.into_iter().collect(),
+        fields: fields.into_iter().collect(),
+        recorded: None,
+    }
+}
+
+/// The detail of a delivery record: `delivered:<topic>:<group>:<first>-<last>` (sequences).
+fn delivery_detail(topic: &str, group: &str, batch: &[SubscribedEvent]) -> String {
+    let first = batch.first().map_or(0, |e| e.sequence);
+    let last = batch.last().map_or(0, |e| e.sequence);
+    format!("delivered:{topic}:{group}:{first}-{last}")
+}
+
+/// A batch of events read for a subscriber, and the commit of its audit record (`None`: audit
+/// off). The batch goes out only once that record is durable.
+struct Released {
+    batch: Vec<SubscribedEvent>,
+    audited: Option<tokio::task::JoinHandle<Result<u64, AuditError>>>,
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<SubscribedEvent, Status>> + Send>>;
@@ -166,6 +205,10 @@ impl Exchange for ExchangeService {
         req: Request<SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         principal(&req)?;
+        // Every batch of events this stream delivers is audited as a read of the citizens
+        // they concern, and sent only once that record is durable (fail closed, as for
+        // look-ups); the record of the call itself says the stream opened.
+        let release = self.audit.clone().zip(Call::of(&req));
         let r = req.into_inner();
         group_of(&r.topic, &r.consumer_group)?;
         let journal = self.journal()?.clone();
@@ -182,6 +225,38 @@ impl Exchange for ExchangeService {
         let mut shutdown = self.shutdown.clone();
         let window = self.window;
         tokio::spawn(async move {
+            // Sends a released batch once its record is durable; false: the stream is over.
+            let send = |released: Released| {
+                let (tx, journal, topic, group) = (&tx, &journal, &topic, &group);
+                async move {
+                    if let Some(audited) = released.audited {
+                        let why = match audited.await {
+                            Ok(Ok(_)) => None,
+                            Ok(Err(e)) => Some(e.to_string()),
+                            Err(e) => Some(e.to_string()),
+                        };
+                        if let Some(why) = why {
+                            tracing::error!(error = %why, "not delivering events whose audit record is not durable");
+                            let status = Status::unavailable(
+                                "audit log unavailable: events not delivered; resubscribe",
+                            );
+                            let _ = tx.send(Err(status)).await;
+                            return false;
+                        }
+                    }
+                    for msg in released.batch {
+                        let seq = msg.sequence;
+                        if tx.send(Ok(msg)).await.is_err() {
+                            return false;
+                        }
+                        journal.delivered(topic, group, seq);
+                    }
+                    true
+                }
+            };
+            // The batch read and audited while the one before it is being sent: the record's
+            // commit overlaps the sending, so a catch-up does not wait on each in turn.
+            let mut ready: Option<Released> = None;
             let mut next = start;
             loop {
                 let limit = (*head.borrow_and_update())
@@ -190,31 +265,50 @@ impl Exchange for ExchangeService {
                     let events = match journal.read(&topic, next, limit, 256).await {
                         Ok(e) => e,
                         Err(e) => {
+                            if let Some(r) = ready.take() {
+                                send(r).await;
+                            }
                             let _ = tx.send(Err(Status::from(e))).await;
                             return;
                         }
                     };
-                    let got = !events.is_empty();
-                    for e in events {
-                        let event = crate::pb::v1::Event::decode(e.payload.as_slice()).ok();
-                        let msg = SubscribedEvent {
-                            event_id: e.event_id,
-                            sequence: e.seq,
-                            event,
-                            producer_agency_id: e.producer,
-                            recorded_at_unix_ms: e.recorded_at_ms,
-                        };
-                        if tx.send(Ok(msg)).await.is_err() {
+                    if let Some(last) = events.last() {
+                        next = last.seq + 1;
+                        let batch: Vec<SubscribedEvent> = events
+                            .into_iter()
+                            .map(|e| SubscribedEvent {
+                                event: crate::pb::v1::Event::decode(e.payload.as_slice()).ok(),
+                                event_id: e.event_id,
+                                sequence: e.seq,
+                                producer_agency_id: e.producer,
+                                recorded_at_unix_ms: e.recorded_at_ms,
+                            })
+                            .collect();
+                        let audited = release.as_ref().map(|(log, call)| {
+                            let record = call.record(
+                                delivery_facts(&batch),
+                                tonic::Code::Ok,
+                                &delivery_detail(&topic, &group, &batch),
+                            );
+                            let log = log.clone();
+                            tokio::spawn(async move { log.append(record).await })
+                        });
+                        if let Some(r) = ready.replace(Released { batch, audited })
+                            && !send(r).await
+                        {
                             return;
                         }
-                        journal.delivered(&topic, &group, e.seq);
-                        next = e.seq + 1;
-                    }
-                    if got {
                         continue;
                     }
                     // Nothing stored up to the head we were told of (it cannot happen with a
                     // correct head): wait for news instead of asking again at once.
+                }
+                // Caught up with what may be sent: send what was read before waiting.
+                if let Some(r) = ready.take() {
+                    if !send(r).await {
+                        return;
+                    }
+                    continue;
                 }
                 tokio::select! {
                     r = head.changed() => if r.is_err() { return },
@@ -336,5 +430,72 @@ impl Exchange for ExchangeService {
             sequence: status.seq,
             groups,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pb::v1::{DeathRecorded, Event, Marriage, PersonalIdReissued, event::Payload};
+
+    fn delivered(sequence: u64, payload: Option<Payload>) -> SubscribedEvent {
+        SubscribedEvent {
+            sequence,
+            event: payload.map(|p| Event {
+                occurred_at_unix_ms: 0,
+                payload: Some(p),
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_delivery_record_names_each_citizen_once_and_the_event_types() {
+        let batch = [
+            delivered(
+                7,
+                Some(Payload::DeathRecorded(DeathRecorded {
+                    personal_id: "031095000001".into(),
+                    ..Default::default()
+                })),
+            ),
+            delivered(
+                8,
+                Some(Payload::PersonalIdReissued(PersonalIdReissued {
+                    old_personal_id: "031095000001".into(),
+                    new_personal_id: "001195000123".into(),
+                    ..Default::default()
+                })),
+            ),
+            // Does not decode: delivered as is, adds nothing to the record.
+            delivered(9, None),
+            delivered(
+                10,
+                Some(Payload::Marriage(Marriage {
+                    spouse1_personal_id: "not an id".into(),
+                    spouse2_personal_id: "031195000002".into(),
+                    ..Default::default()
+                })),
+            ),
+        ];
+        let facts = delivery_facts(&batch);
+        assert_eq!(
+            facts.subjects,
+            ["001195000123", "031095000001", "031195000002"]
+        );
+        assert_eq!(
+            facts.fields,
+            [
+                "event:death_recorded",
+                "event:marriage",
+                "event:personal_id_reissued"
+            ]
+        );
+        assert!(facts.purpose.is_empty() && facts.recorded.is_none());
+        assert_eq!(
+            delivery_detail("population", "civil-registry-hp", &batch),
+            "delivered:population:civil-registry-hp:7-10"
+        );
+        assert_eq!(delivery_facts(&[]), Facts::default());
     }
 }
