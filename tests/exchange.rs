@@ -46,6 +46,41 @@ fn birth(office: &str, name: &str) -> Event {
     }
 }
 
+/// [`birth`] with another mother.
+fn birth_to(mother: &str, name: &str) -> Event {
+    let mut event = birth("HP-LECHAN", name);
+    if let Some(Payload::Birth(b)) = &mut event.payload
+        && let Some(m) = &mut b.mother
+    {
+        m.personal_id = Some(mother.into());
+    }
+    event
+}
+
+/// Runs `sql` on the env's store: the SQLite file, or the PostgreSQL schema.
+async fn on_store(env: &Env, sqlite: &str, postgres: &str) {
+    use sqlx::Connection;
+    match &env.store_url {
+        None => {
+            let path = env.dir.path().join("data/civgate.sqlite");
+            let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+                .await
+                .unwrap();
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sqlite))
+                .execute(&mut c)
+                .await
+                .unwrap();
+        }
+        Some(url) => {
+            let mut c = sqlx::PgConnection::connect(url).await.unwrap();
+            sqlx::raw_sql(sqlx::AssertSqlSafe(postgres))
+                .execute(&mut c)
+                .await
+                .unwrap();
+        }
+    }
+}
+
 fn publish(key: &str, event: Event) -> PublishRequest {
     PublishRequest {
         idempotency_key: key.into(),
@@ -428,11 +463,9 @@ async fn deliveries_are_audited_as_reads_before_they_are_sent(env: Env) {
     assert_eq!(r.detail, "delivered:civil-status:population-db:1-1");
 
     // A later event, delivered on the open stream, has its own record.
-    let mut second = birth("HP-LECHAN", "Nguyễn Văn Bình");
-    if let Some(Payload::Birth(b)) = &mut second.payload {
-        b.mother.as_mut().unwrap().personal_id = Some("031190000004".into());
-    }
-    reg.publish(publish("d-2", second)).await.unwrap();
+    reg.publish(publish("d-2", birth_to("031190000004", "Nguyễn Văn Bình")))
+        .await
+        .unwrap();
     assert_eq!(s.message().await.unwrap().unwrap().sequence, 2);
     let found = common::search_records(&mut audit, reads_of("031190000004")).await;
     assert_eq!(found.len(), 1, "{found:?}");
@@ -462,6 +495,70 @@ async fn deliveries_are_audited_as_reads_before_they_are_sent(env: Env) {
     );
 }
 
+/// Fail closed: when a batch's audit record cannot be committed, the batch does not leave; the
+/// stream ends with UNAVAILABLE and, once the store accepts records again, a new stream
+/// delivers the batch with its record.
+async fn a_delivery_whose_record_cannot_commit_is_not_sent(env: Env) {
+    let gw = env.start().await;
+    let mut reg = as_agency(&env, gw.api_addr, "registry-hp").await;
+    let mut pop = as_agency(&env, gw.api_addr, "population").await;
+    let mut audit = auditor(&env, gw.api_addr).await;
+    reg.publish(publish("f-1", birth("HP-LECHAN", "Nguyễn Thị An")))
+        .await
+        .unwrap();
+    let mut s = civil_status(&mut pop, "population-db").await;
+    assert_eq!(s.message().await.unwrap().unwrap().sequence, 1);
+
+    // From now on the store refuses every audit record of the population agency (a real
+    // failed commit, injected with a trigger); the registry's publishes still commit.
+    on_store(
+        &env,
+        "CREATE TRIGGER refuse_population BEFORE INSERT ON audit_leaves \
+         WHEN NEW.agency = 'population' BEGIN SELECT RAISE(ABORT, 'injected'); END;",
+        "CREATE FUNCTION refuse_population() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN IF NEW.agency = 'population' THEN RAISE EXCEPTION 'injected'; END IF; \
+         RETURN NEW; END $$; \
+         CREATE TRIGGER refuse_population BEFORE INSERT ON audit_leaves \
+         FOR EACH ROW EXECUTE FUNCTION refuse_population();",
+    )
+    .await;
+    let mother = "031190000004";
+    reg.publish(publish("f-2", birth_to(mother, "Nguyễn Văn Bình")))
+        .await
+        .unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(20), s.message())
+        .await
+        .expect("the stream ends instead of waiting");
+    let err = end.expect_err("event 2 must not leave without its record");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("audit"), "{err:?}");
+    let reads = civgate::pb::v1::SearchEntriesRequest {
+        subject_personal_id: mother.into(),
+        method: "/civgate.v1.Exchange/Subscribe".into(),
+        page_size: 100,
+        ..Default::default()
+    };
+    assert!(
+        common::search_records(&mut audit, reads.clone())
+            .await
+            .is_empty()
+    );
+
+    on_store(
+        &env,
+        "DROP TRIGGER refuse_population;",
+        "DROP TRIGGER refuse_population ON audit_leaves; DROP FUNCTION refuse_population();",
+    )
+    .await;
+    // The group never acknowledged: a new stream starts again at 1.
+    let mut s = civil_status(&mut pop, "population-db").await;
+    assert_eq!(s.message().await.unwrap().unwrap().sequence, 1);
+    assert_eq!(s.message().await.unwrap().unwrap().sequence, 2);
+    let found = common::search_records(&mut audit, reads).await;
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].agency_id, "population");
+}
+
 on_both_backends!(
     publish_is_idempotent_and_conflicting_reuse_is_already_exists,
     producers_publish_only_their_side_and_offices_and_bad_events_are_named,
@@ -469,4 +566,5 @@ on_both_backends!(
     a_rejected_event_and_its_reason_are_visible_to_the_producer,
     graceful_shutdown_ends_subscriptions_with_unavailable,
     deliveries_are_audited_as_reads_before_they_are_sent,
+    a_delivery_whose_record_cannot_commit_is_not_sent,
 );
