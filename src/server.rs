@@ -197,7 +197,6 @@ pub async fn start(source: ConfigSource, overrides: Overrides) -> Result<Running
         .add_service(
             ExchangeServer::new(api::exchange::ExchangeService::new(
                 Some(journal),
-                audit.clone(),
                 shutdown_rx.clone(),
                 state.load().config.file.exchange.max_unacked,
             ))

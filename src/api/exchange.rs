@@ -16,9 +16,9 @@ use tonic_types::FieldViolation;
 
 use super::{citizens::invalid, principal};
 use crate::{
-    audit::{AuditError, AuditLog, Call, Draft, Facts, FactsSlot},
+    audit::{Call, Draft, Facts, FactsSlot},
     exchange::{
-        journal::Journal,
+        journal::{Journal, JournalError},
         validate::{Refusal, is_topic, subjects, topic_of, validate},
     },
 };
@@ -30,8 +30,6 @@ pub const WINDOW: u64 = 1_024;
 #[derive(Clone)]
 pub struct ExchangeService {
     journal: Option<Journal>,
-    /// Where the deliveries of a subscription are audited (`None`: audit off).
-    audit: Option<AuditLog>,
     /// Turns true at graceful shutdown: open subscriptions end with UNAVAILABLE.
     shutdown: tokio::sync::watch::Receiver<bool>,
     window: u64,
@@ -40,13 +38,11 @@ pub struct ExchangeService {
 impl ExchangeService {
     pub fn new(
         journal: Option<Journal>,
-        audit: Option<AuditLog>,
         shutdown: tokio::sync::watch::Receiver<bool>,
         window: u64,
     ) -> Self {
         Self {
             journal,
-            audit,
             shutdown,
             window: window.max(1),
         }
@@ -129,7 +125,7 @@ fn delivery_detail(topic: &str, group: &str, batch: &[SubscribedEvent]) -> Strin
 /// off). The batch goes out only once that record is durable.
 struct Released {
     batch: Vec<SubscribedEvent>,
-    audited: Option<tokio::task::JoinHandle<Result<u64, AuditError>>>,
+    audited: Option<tokio::task::JoinHandle<Result<Option<u64>, JournalError>>>,
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<SubscribedEvent, Status>> + Send>>;
@@ -205,10 +201,10 @@ impl Exchange for ExchangeService {
         req: Request<SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         principal(&req)?;
-        // Every batch of events this stream delivers is audited as a read of the citizens
-        // they concern, and sent only once that record is durable (fail closed, as for
-        // look-ups); the record of the call itself says the stream opened.
-        let release = self.audit.clone().zip(Call::of(&req));
+        // With the audit on, every batch of events this stream delivers is audited as a read
+        // of the citizens they concern, and sent only once that record is durable (fail
+        // closed, as for look-ups); the record of the call itself says the stream opened.
+        let call = Call::of(&req);
         let r = req.into_inner();
         group_of(&r.topic, &r.consumer_group)?;
         let journal = self.journal()?.clone();
@@ -231,7 +227,8 @@ impl Exchange for ExchangeService {
                 async move {
                     if let Some(audited) = released.audited {
                         let why = match audited.await {
-                            Ok(Ok(_)) => None,
+                            Ok(Ok(Some(_))) => None,
+                            Ok(Ok(None)) => Some("the journal has no audit log".to_owned()),
                             Ok(Err(e)) => Some(e.to_string()),
                             Err(e) => Some(e.to_string()),
                         };
@@ -284,14 +281,15 @@ impl Exchange for ExchangeService {
                                 recorded_at_unix_ms: e.recorded_at_ms,
                             })
                             .collect();
-                        let audited = release.as_ref().map(|(log, call)| {
-                            let record = call.record(
-                                delivery_facts(&batch),
-                                tonic::Code::Ok,
-                                &delivery_detail(&topic, &group, &batch),
-                            );
-                            let log = log.clone();
-                            tokio::spawn(async move { log.append(record).await })
+                        // Committed by the journal's writer, in its next transaction.
+                        let audited = call.as_ref().map(|call| {
+                            let draft = Draft {
+                                call: call.clone(),
+                                facts: delivery_facts(&batch),
+                            };
+                            let detail = delivery_detail(&topic, &group, &batch);
+                            let journal = journal.clone();
+                            tokio::spawn(async move { journal.record(draft, detail).await })
                         });
                         if let Some(r) = ready.replace(Released { batch, audited })
                             && !send(r).await

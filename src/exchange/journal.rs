@@ -157,6 +157,14 @@ enum Job {
         audit: Option<Draft>,
         done: oneshot::Sender<Result<Option<u64>, JournalError>>,
     },
+    /// An audit record and nothing else (what a subscription delivers): committed by this
+    /// writer so that it shares the journal's transaction instead of taking turns with it on
+    /// the store.
+    Record {
+        audit: Draft,
+        detail: String,
+        done: oneshot::Sender<Result<Option<u64>, JournalError>>,
+    },
 }
 
 impl Job {
@@ -165,6 +173,15 @@ impl Job {
             Job::Publish { audit, .. } | Job::Ack { audit, .. } | Job::Reject { audit, .. } => {
                 audit.as_ref()
             }
+            Job::Record { audit, .. } => Some(audit),
+        }
+    }
+
+    /// The detail of the job's audit record.
+    fn detail(&self) -> &str {
+        match self {
+            Job::Record { detail, .. } => detail,
+            _ => "",
         }
     }
 }
@@ -443,6 +460,18 @@ impl Journal {
             seq,
             reason: reason.into(),
             audit,
+            done,
+        })
+        .await
+    }
+
+    /// Commits an audit record that goes with no journal write (a subscription's delivery),
+    /// in the writer's next transaction; returns its index once it is durable. `None` when
+    /// the journal has no audit log to write to.
+    pub async fn record(&self, audit: Draft, detail: String) -> Result<Option<u64>, JournalError> {
+        self.request(|done| Job::Record {
+            audit,
+            detail,
             done,
         })
         .await
@@ -821,7 +850,7 @@ impl Writer {
                                 audit_index,
                             });
                         }
-                        (Job::Reject { done, .. }, Outcome::Acked) => {
+                        (Job::Reject { done, .. } | Job::Record { done, .. }, Outcome::Acked) => {
                             let _ = done.send(Ok(audit_index));
                         }
                         (
@@ -858,7 +887,9 @@ impl Writer {
                                 audit_index: None,
                             });
                         }
-                        Job::Ack { done, .. } | Job::Reject { done, .. } => {
+                        Job::Ack { done, .. }
+                        | Job::Reject { done, .. }
+                        | Job::Record { done, .. } => {
                             let _ = done.send(Err(err()));
                         }
                     }
@@ -997,7 +1028,7 @@ fn audit_records(batch: &[Job], outcomes: &[Outcome]) -> (Vec<AuditRecord>, Vec<
             Outcome::Published(Err(e)) => e.code(),
             Outcome::Published(Ok(_)) | Outcome::Acked => tonic::Code::Ok,
         };
-        records.push(draft.call.record(draft.facts.clone(), code, ""));
+        records.push(draft.call.record(draft.facts.clone(), code, job.detail()));
         at.push(i);
     }
     (records, at)
@@ -1158,6 +1189,8 @@ fn plan<'a>(
                 p.rejects.push((topic, group, *seq, reason));
                 p.outcomes.push(Outcome::Acked);
             }
+            // Its record is all it writes.
+            Job::Record { .. } => p.outcomes.push(Outcome::Acked),
         }
     }
     p
@@ -1810,6 +1843,32 @@ mod tests {
             );
             assert!(rec.subject_personal_ids.is_empty());
         }
+        // A record alone (a subscription's delivery) commits with its detail, and nothing of
+        // the journal changes.
+        let heads = journal.head(POPULATION).map(|h| *h.borrow());
+        let delivered = journal
+            .record(
+                draft_at("r6", "/civgate.v1.Exchange/Subscribe"),
+                "delivered:population:g:1-2".into(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(delivered, Some(start + 5));
+        let rec = record_at(&log, start + 5).await;
+        assert_eq!(
+            (
+                rec.method.as_str(),
+                rec.outcome.as_str(),
+                rec.detail.as_str()
+            ),
+            (
+                "/civgate.v1.Exchange/Subscribe",
+                "OK",
+                "delivered:population:g:1-2"
+            )
+        );
+        assert_eq!(rec.subject_personal_ids, ["031200000001"]);
+        assert_eq!(journal.head(POPULATION).map(|h| *h.borrow()), heads);
         let groups = journal
             .status(&receipt.event_id)
             .await
@@ -1825,7 +1884,7 @@ mod tests {
             .ack(POPULATION, "g", receipt.sequence)
             .await
             .unwrap();
-        assert_eq!(log.size(), start + 5);
+        assert_eq!(log.size(), start + 6);
 
         // Both writers at once: every index once, one tree.
         let mut tasks = Vec::new();
@@ -1857,7 +1916,7 @@ mod tests {
         }
         all.sort_unstable();
         let size = log.size();
-        assert_eq!(all, (start + 5..size).collect::<Vec<u64>>());
+        assert_eq!(all, (start + 6..size).collect::<Vec<u64>>());
         log.assert_every_entry_proves(size).await;
         for i in 0..size {
             assert_eq!(
