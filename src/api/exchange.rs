@@ -98,18 +98,18 @@ fn group_of(topic: &str, group: &str) -> Result<(), Status> {
 /// the records of their publishes. Events that do not decode add nothing.
 fn delivery_facts(batch: &[SubscribedEvent]) -> Facts {
     let mut ids = std::collections::BTreeSet::new();
-    let mut fields = std::collections::BTreeSet::new();
+    let mut types = std::collections::BTreeSet::new();
     for p in batch
         .iter()
         .filter_map(|e| e.event.as_ref()?.payload.as_ref())
     {
         ids.extend(subjects(p));
-        fields.insert(format!("event:{}", topic_of(p).1));
+        types.insert(topic_of(p).1);
     }
     Facts {
         purpose: String::new(),
         subjects: ids.into_iter().collect(),
-        fields: fields.into_iter().collect(),
+        fields: types.into_iter().map(|t| format!("event:{t}")).collect(),
         recorded: None,
     }
 }
@@ -241,14 +241,22 @@ impl Exchange for ExchangeService {
                             return false;
                         }
                     }
+                    // "Delivered" (for `GetEventStatus`) is noted once per batch, up to the
+                    // last event handed over, not once per event.
+                    let mut sent = None;
+                    let mut open = true;
                     for msg in released.batch {
                         let seq = msg.sequence;
                         if tx.send(Ok(msg)).await.is_err() {
-                            return false;
+                            open = false;
+                            break;
                         }
+                        sent = Some(seq);
+                    }
+                    if let Some(seq) = sent {
                         journal.delivered(topic, group, seq);
                     }
-                    true
+                    open
                 }
             };
             // The batch read and audited while the one before it is being sent: the record's
