@@ -460,11 +460,12 @@ pub async fn prove(
     Ok((cp, rec))
 }
 
-/// A readable table of audit records.
+/// A readable table of audit records. The detail (why a call was refused; which events of
+/// which consumer group a delivery record covers) ends the line, in brackets, when there is one.
 pub fn table(records: &[AuditRecord]) -> String {
     let mut out = format!(
         "{:>7}  {:<24} {:<14} {:<36} {:<22} {:<18} {}\n",
-        "index", "time (UTC)", "agency", "method", "purpose", "outcome", "fields"
+        "index", "time (UTC)", "agency", "method", "purpose", "outcome", "fields [detail]"
     );
     for r in records {
         let t =
@@ -491,16 +492,58 @@ pub fn table(records: &[AuditRecord]) -> String {
             .collect::<Vec<_>>()
             .join("/");
         let method = method.trim_start_matches("civgate.v1.");
+        let detail = if r.detail.is_empty() {
+            String::new()
+        } else {
+            format!(" [{}]", r.detail)
+        };
         out.push_str(&format!(
-            "{:>7}  {:<24} {:<14} {:<36} {:<22} {:<18} {}\n",
+            "{:>7}  {:<24} {:<14} {:<36} {:<22} {:<18} {}{}\n",
             r.index,
             t,
             r.agency_id,
             method,
             r.purpose,
             r.outcome,
-            r.fields_returned.join(",")
+            r.fields_returned.join(","),
+            detail
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_names_a_records_detail_when_it_has_one() {
+        let delivery = AuditRecord {
+            index: 12,
+            time_unix_ms: 1_795_000_000_000,
+            agency_id: "population".into(),
+            method: "/civgate.v1.Exchange/Subscribe".into(),
+            outcome: "OK".into(),
+            fields_returned: vec!["event:birth".into(), "event:death".into()],
+            detail: "delivered:civil-status:population-db:1-2".into(),
+            ..AuditRecord::default()
+        };
+        let read = AuditRecord {
+            index: 13,
+            method: "/civgate.v1.Citizens/GetCitizen".into(),
+            fields_returned: vec!["full_name".into()],
+            ..AuditRecord::default()
+        };
+        let t = table(&[delivery, read]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(lines[0].ends_with("fields [detail]"), "{t}");
+        assert!(lines[1].contains("Exchange/Subscribe"), "{t}");
+        assert!(
+            lines[1]
+                .ends_with("event:birth,event:death [delivered:civil-status:population-db:1-2]"),
+            "{t}"
+        );
+        assert!(lines[2].ends_with("full_name"), "{t}");
+    }
 }
