@@ -18,7 +18,7 @@ use civgate::{
 };
 use common::{Env, http_get};
 use prost::Message;
-use sqlx::{Connection, SqliteConnection};
+use sqlx::Connection;
 use tonic::Code;
 
 /// Test config: checkpoints every 50 ms, commits give up after 300 ms.
@@ -61,13 +61,6 @@ async fn checkpoint_at_least(online: &mut Online, v: &Verifier, n: u64) {
         assert!(Instant::now() < deadline, "no checkpoint reached size {n}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-async fn sqlite(env: &Env) -> SqliteConnection {
-    let path = env.dir.path().join("data/civgate.sqlite");
-    SqliteConnection::connect(&format!("sqlite://{}", path.display()))
-        .await
-        .unwrap()
 }
 
 async fn every_call_is_audited_with_identifiers_and_field_names_only(env: Env) {
@@ -214,7 +207,7 @@ async fn unwritable_audit_store_fails_closed() {
     reg.get_citizen(get(&id)).await.unwrap();
 
     // Another process holds the database's write lock: no audit commit can complete.
-    let mut blocker = sqlite(&env).await;
+    let mut blocker = env.sqlite().await;
     sqlx::raw_sql("BEGIN IMMEDIATE")
         .execute(&mut blocker)
         .await
@@ -323,7 +316,7 @@ async fn tampered(env: Env, kind: Tamper) -> String {
 
     match &env.store_url {
         None => {
-            let mut db = sqlite(&env).await;
+            let mut db = env.sqlite().await;
             tamper!(db, kind);
             db.close().await.unwrap();
         }

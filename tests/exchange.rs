@@ -62,10 +62,7 @@ async fn on_store(env: &Env, sqlite: &str, postgres: &str) {
     use sqlx::Connection;
     match &env.store_url {
         None => {
-            let path = env.dir.path().join("data/civgate.sqlite");
-            let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
-                .await
-                .unwrap();
+            let mut c = env.sqlite().await;
             sqlx::raw_sql(sqlx::AssertSqlSafe(sqlite))
                 .execute(&mut c)
                 .await

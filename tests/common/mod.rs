@@ -56,6 +56,15 @@ impl Env {
         }
     }
 
+    /// A connection of its own to the gateway's SQLite store (`data/civgate.sqlite`).
+    pub async fn sqlite(&self) -> sqlx::SqliteConnection {
+        use sqlx::Connection;
+        let path = self.dir.path().join("data/civgate.sqlite");
+        sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+            .await
+            .unwrap()
+    }
+
     pub fn certs(&self) -> PathBuf {
         self.dir.path().join("certs")
     }
