@@ -55,9 +55,8 @@ pub struct Notes {
     next: u64,
     /// Whether every entry of the open block so far was noted.
     whole: bool,
-    hashes: Vec<(u64, u64)>,
-    agencies: std::collections::BTreeSet<String>,
-    time: Option<(i64, i64)>,
+    /// The open block's summary so far.
+    open: Accumulator,
     /// Summaries of complete blocks, waiting for the indexer (a few; older ones are dropped
     /// and their blocks read back instead).
     ready: std::collections::VecDeque<(u64, Summary)>,
@@ -80,7 +79,7 @@ impl Notes {
             let index = first + k as u64;
             if index.is_multiple_of(BLOCK) {
                 self.whole = true;
-                self.clear();
+                self.open.clear();
             } else if index != self.next {
                 self.whole = false;
             }
@@ -88,30 +87,15 @@ impl Notes {
             if !self.whole {
                 continue;
             }
-            self.hashes.extend(e.subjects.iter().map(|id| hashes(id)));
-            if !self.agencies.contains(&e.agency) {
-                self.agencies.insert(e.agency.clone());
-            }
-            self.time = Some(widen(self.time, e.time_ms));
+            self.open.add(&e.subjects, &e.agency, e.time_ms);
             if self.next.is_multiple_of(BLOCK) {
-                let summary = Summary {
-                    filter: filter_of_hashes(&mut self.hashes),
-                    agencies: Some(std::mem::take(&mut self.agencies).into_iter().collect()),
-                    time: self.time,
-                };
+                let summary = self.open.finish();
                 if self.ready.len() == 8 {
                     self.ready.pop_front();
                 }
                 self.ready.push_back((index / BLOCK, summary));
-                self.clear();
             }
         }
-    }
-
-    fn clear(&mut self) {
-        self.hashes.clear();
-        self.agencies.clear();
-        self.time = None;
     }
 
     /// The summary of `block` if it was built from notes.
@@ -185,19 +169,11 @@ impl Summary {
 
     /// The summary of a block of these entries.
     pub fn of<'a>(entries: impl IntoIterator<Item = &'a AuditRecord>) -> Self {
-        let mut hashed = Vec::new();
-        let mut agencies = std::collections::BTreeSet::new();
-        let mut time = None;
+        let mut acc = Accumulator::default();
         for r in entries {
-            hashed.extend(r.subject_personal_ids.iter().map(|id| hashes(id)));
-            agencies.insert(r.agency_id.as_str());
-            time = Some(widen(time, r.time_unix_ms));
+            acc.add(&r.subject_personal_ids, &r.agency_id, r.time_unix_ms);
         }
-        Self {
-            filter: filter_of_hashes(&mut hashed),
-            agencies: Some(agencies.into_iter().map(str::to_owned).collect()),
-            time,
-        }
+        acc.finish()
     }
 
     /// Whether the block may hold an entry `w` wants: false only when it certainly does not.
@@ -249,9 +225,42 @@ impl Summary {
     }
 }
 
-/// `range` extended to hold `t`.
-fn widen(range: Option<(i64, i64)>, t: i64) -> (i64, i64) {
-    range.map_or((t, t), |(a, b)| (a.min(t), b.max(t)))
+/// A block's summary as its entries are added, one by one: from the writers' notes
+/// ([`Notes`]) or from the leaves read back ([`Summary::of`]), the same way.
+#[derive(Default)]
+struct Accumulator {
+    hashes: Vec<(u64, u64)>,
+    agencies: std::collections::BTreeSet<String>,
+    time: Option<(i64, i64)>,
+}
+
+impl Accumulator {
+    fn add(&mut self, subjects: &[String], agency: &str, time_ms: i64) {
+        self.hashes.extend(subjects.iter().map(|id| hashes(id)));
+        if !self.agencies.contains(agency) {
+            self.agencies.insert(agency.to_owned());
+        }
+        self.time = Some(self.time.map_or((time_ms, time_ms), |(a, b)| {
+            (a.min(time_ms), b.max(time_ms))
+        }));
+    }
+
+    /// The summary of what was added; starts over empty.
+    fn finish(&mut self) -> Summary {
+        let summary = Summary {
+            filter: filter_of_hashes(&mut self.hashes),
+            agencies: Some(std::mem::take(&mut self.agencies).into_iter().collect()),
+            time: self.time,
+        };
+        self.clear();
+        summary
+    }
+
+    fn clear(&mut self) {
+        self.hashes.clear();
+        self.agencies.clear();
+        self.time = None;
+    }
 }
 
 /// Two 64-bit hashes of `id` (double hashing gives the filter's `k` positions). SHA-256, so
