@@ -1,7 +1,7 @@
 //! CPU cost of the per-call limit decisions (quota check, in-flight admission, harvesting
 //! guard), and the memory they hold with 100,000 agencies.
 
-use std::{hint::black_box, sync::Arc, time::Instant};
+use std::{hint::black_box, time::Instant};
 
 use civgate::{
     domain::{AgencyId, Role},
@@ -16,10 +16,7 @@ fn policy(n: usize) -> Policy {
     for i in 0..n {
         p.agencies.insert(
             format!("agency-{i}").parse().unwrap(),
-            Agency {
-                role: Role::CivilRegistry,
-                registry_offices: Arc::from(vec![]),
-            },
+            Agency::of_role(Role::CivilRegistry),
         );
     }
     p

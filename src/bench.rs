@@ -80,6 +80,7 @@ fn bench_event(n: u64) -> crate::pb::v1::Event {
     use crate::pb::v1::{DeathRecorded, Event, event::Payload};
     Event {
         occurred_at_unix_ms: 0,
+        in_reply_to: String::new(),
         payload: Some(Payload::DeathRecorded(DeathRecorded {
             personal_id: format!("031050{:06}", n % 1_000_000),
             date_of_death: "2026-01-01".into(),

@@ -24,6 +24,7 @@ use crate::domain::AgencyId;
 /// validity period or the issuer is what gets them refused.
 pub const CLIENTS: &[(&str, &str, ClientKind)] = &[
     ("registry-hp", "registry-hp", ClientKind::Valid),
+    ("registry-hn", "registry-hn", ClientKind::Valid),
     ("population", "population", ClientKind::Valid),
     ("auditor", "auditor", ClientKind::Valid),
     ("revoked", "registry-hp", ClientKind::Revoked),

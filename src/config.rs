@@ -13,7 +13,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::{
-    domain::{AgencyId, CitizenField, PurposeCode, RegistryOfficeCode, Role},
+    domain::{AgencyId, CitizenField, ProvinceCode, PurposeCode, RegistryOfficeCode, Role},
     policy::{Agency, Policy},
 };
 
@@ -301,6 +301,15 @@ pub struct AgencySection {
     /// Registry offices a civil registry may publish events for.
     #[serde(default)]
     pub registry_offices: Option<Spanned<Vec<RegistryOfficeCode>>>,
+    /// A civil registry's jurisdiction: the population events about citizens registered at
+    /// birth, or residing, in these provinces are delivered to it.
+    #[serde(default)]
+    pub provinces: Option<Spanned<Vec<ProvinceCode>>>,
+    /// The consumer groups this agency uses. A group belongs to the agency that uses it; this
+    /// list assigns the groups of a store written by an earlier release (which did not record
+    /// owners) to their agency when the store is opened.
+    #[serde(default)]
+    pub consumer_groups: Option<Spanned<Vec<String>>>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -419,6 +428,32 @@ impl Config {
                     ),
                 ));
             }
+            if let Some(provinces) = &agency.provinces
+                && agency.role != Role::CivilRegistry
+                && !provinces.get_ref().is_empty()
+            {
+                errors.push(self.error_at(
+                    provinces.span().start,
+                    format!("agencies.{id}.provinces"),
+                    format!(
+                        "only a civil_registry has a jurisdiction of provinces; {id} is {}",
+                        agency.role
+                    ),
+                ));
+            }
+            if let Some(groups) = &agency.consumer_groups {
+                for g in groups.get_ref() {
+                    if !crate::policy::is_group_name(g) {
+                        errors.push(self.error_at(
+                            groups.span().start,
+                            format!("agencies.{id}.consumer_groups"),
+                            format!(
+                                "{g:?} is not a consumer group name: 1-64 characters of A-Z, a-z, 0-9, '-', '_', '.'"
+                            ),
+                        ));
+                    }
+                }
+            }
         }
         for (code, purpose) in &self.file.purposes {
             if purpose.fields.is_empty() {
@@ -498,11 +533,23 @@ impl Config {
                     .as_ref()
                     .map(|o| o.get_ref().clone())
                     .unwrap_or_default();
+                let provinces = a
+                    .provinces
+                    .as_ref()
+                    .map(|o| o.get_ref().clone())
+                    .unwrap_or_default();
+                let groups = a
+                    .consumer_groups
+                    .as_ref()
+                    .map(|o| o.get_ref().clone())
+                    .unwrap_or_default();
                 (
                     id.clone(),
                     Agency {
                         role: a.role,
                         registry_offices: Arc::from(offices),
+                        provinces: Arc::from(provinces),
+                        consumer_groups: Arc::from(groups),
                     },
                 )
             })
@@ -653,6 +700,28 @@ client_ca = "certs/ca.pem"
         let src = format!("{MINIMAL}\n[agencies.Bad_Id]\nrole = \"auditor\"\n");
         let err = parse(&src).unwrap_err();
         assert!(err.to_string().contains("Bad_Id"), "{err}");
+    }
+
+    #[test]
+    fn provinces_only_for_civil_registries_and_only_known_ones() {
+        let err = parse(&format!(
+            "{MINIMAL}\n[agencies.population]\nrole = \"population_db\"\nprovinces = [\"031\"]\n"
+        ))
+        .unwrap_err();
+        assert_eq!(err.0[0].key, "agencies.population.provinces");
+        let err = parse(&format!(
+            "{MINIMAL}\n[agencies.registry-x]\nrole = \"civil_registry\"\nprovinces = [\"003\"]\n"
+        ))
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("not a known province code"),
+            "{err}"
+        );
+        let err = parse(&format!(
+            "{MINIMAL}\n[agencies.population]\nrole = \"population_db\"\nconsumer_groups = [\"a b\"]\n"
+        ))
+        .unwrap_err();
+        assert_eq!(err.0[0].key, "agencies.population.consumer_groups");
     }
 
     #[test]

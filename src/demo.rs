@@ -382,6 +382,7 @@ async fn sync_steps(
     let dob = today - time::Duration::days(2);
     let birth = Event {
         occurred_at_unix_ms: crate::audit::log::now_ms(),
+        in_reply_to: String::new(),
         payload: Some(Payload::Birth(Birth {
             registration: Some(registration("101")),
             full_name: child.clone(),
@@ -418,11 +419,13 @@ async fn sync_steps(
 
     // 2. The directory answers with the new personal ID.
     let answer = next_population().await?;
-    let new_id = match answer.event.and_then(|e| e.payload) {
-        Some(Payload::PersonalIdAssigned(a)) if a.birth_event_id == receipt.event_id => {
-            a.personal_id
-        }
-        other => anyhow::bail!("expected personal_id_assigned, got {other:?}"),
+    let new_id = match answer.event {
+        Some(crate::pb::v1::Event {
+            in_reply_to,
+            payload: Some(Payload::PersonalIdAssigned(a)),
+            ..
+        }) if in_reply_to == receipt.event_id => a.personal_id,
+        other => anyhow::bail!("expected personal_id_assigned answering the birth, got {other:?}"),
     };
     reg.ack(AckRequest {
         topic: "population".into(),
@@ -478,6 +481,7 @@ async fn sync_steps(
     }
     let marriage = Event {
         occurred_at_unix_ms: crate::audit::log::now_ms(),
+        in_reply_to: String::new(),
         payload: Some(Payload::Marriage(Marriage {
             registration: Some(registration("102")),
             spouse1_personal_id: groom.personal_id.to_string(),
@@ -515,13 +519,16 @@ async fn sync_steps(
         ),
     ));
 
-    // 4. A death recorded by the police reaches the civil-status side.
+    // 4. A death recorded by the police reaches the civil-status side: the registry whose
+    // province the citizen's ID names (registry-hp: 031, Hải Phòng).
     let deceased = people
         .iter()
-        .find(|p| p.date_of_death.is_none() && p.date_of_birth.year() < 1950)
+        .filter(|p| p.date_of_death.is_none() && p.personal_id.province_code() == "031")
+        .min_by_key(|p| p.date_of_birth)
         .unwrap_or(groom);
     let recorded = Event {
         occurred_at_unix_ms: crate::audit::log::now_ms(),
+        in_reply_to: String::new(),
         payload: Some(Payload::DeathRecorded(DeathRecorded {
             personal_id: deceased.personal_id.to_string(),
             date_of_death: format_date(today - time::Duration::days(1)),
@@ -554,6 +561,7 @@ async fn sync_steps(
         .context("no dead citizen in the synthetic population")?;
     let death = Event {
         occurred_at_unix_ms: crate::audit::log::now_ms(),
+        in_reply_to: String::new(),
         payload: Some(Payload::Death(Death {
             registration: Some(registration("103")),
             personal_id: dead.personal_id.to_string(),
@@ -576,6 +584,27 @@ async fn sync_steps(
         "death of an already-dead citizen is rejected".to_owned(),
         format!("GetEventStatus: REJECTED — {reason}"),
     ));
+
+    // 6. Another registry can neither read the civil-status topic nor act for the
+    // directory's consumer group (certificates made before registry-hn existed skip this).
+    if certs_dir.join("clients/registry-hn.pem").exists() {
+        let mut hn =
+            ExchangeClient::new(client::connect(addr, certs_dir, Some("registry-hn")).await?);
+        let denied = hn
+            .subscribe(SubscribeRequest {
+                topic: "civil-status".into(),
+                consumer_group: refdb::sync::GROUP.into(),
+                from_sequence: None,
+            })
+            .await
+            .err()
+            .map(|e| e.code());
+        out.push((
+            denied == Some(tonic::Code::PermissionDenied),
+            "registry-hn → Subscribe civil-status as \"population-db\"".to_owned(),
+            format!("{denied:?}: the topic is the population database's"),
+        ));
+    }
     Ok(out)
 }
 
@@ -594,8 +623,9 @@ async fn wait_state(
             .await?
             .into_inner();
         // Rejected events are acknowledged too; the rejection is what the producer must see.
+        // The directory's group: the producer sees its agency, not its name.
         if let Some(g) = st.groups.iter().find(|g| {
-            g.consumer_group == refdb::sync::GROUP
+            g.consumer_agency_id == "population"
                 && (g.state == DeliveryState::Rejected as i32
                     || g.state == DeliveryState::Acknowledged as i32)
         }) {

@@ -173,7 +173,8 @@ where
             })
             .and_then(|principal| match limit(&snapshot, &principal, &path) {
                 Ok(permit) => Ok((principal, permit)),
-                Err((status, detail)) => Err((status, detail, Some(principal))),
+                // Boxed: the refusal path is the rare one.
+                Err((status, detail)) => Err((status, detail, Some(Box::new(principal)))),
             });
         match admitted {
             Err((mut status, detail, principal)) => Box::pin(async move {
@@ -182,7 +183,7 @@ where
                 if let Some(log) = audit {
                     let call = Call {
                         peer: conn.peer,
-                        principal,
+                        principal: principal.map(|p| *p),
                         path,
                         request_id: rid.clone(),
                         started: start,
@@ -223,7 +224,8 @@ where
                     let code = grpc_status(resp.headers());
                     let facts = facts.take();
                     if let (Some(log), Some(call), None) = (audit, call, facts.recorded) {
-                        let rec = call.record(facts, code.unwrap_or(tonic::Code::Ok), "");
+                        let refusal = facts.refusal;
+                        let rec = call.record(facts, code.unwrap_or(tonic::Code::Ok), refusal);
                         if let Err(e) = log.append(rec).await {
                             drop(resp);
                             let status = audit_unavailable(&e);

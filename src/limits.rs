@@ -360,6 +360,23 @@ impl HarvestGuard {
         Harvest::Allow { distinct }
     }
 
+    /// Records that `agency` received `ids` at `now` through a subscription: they count in its
+    /// window like reads, but a delivery addressed to it is never refused (the look-ups of
+    /// further citizens that follow are). `WouldDeny` says the window is past the threshold.
+    pub fn note(
+        &self,
+        s: &HarvestSection,
+        agency: &AgencyId,
+        ids: &[String],
+        now: Instant,
+    ) -> Harvest {
+        let never_deny = HarvestSection {
+            shadow: true,
+            ..s.clone()
+        };
+        self.check(&never_deny, agency, ids, now)
+    }
+
     /// Agencies tracked (for the memory metric).
     pub fn agencies(&self) -> usize {
         self.agencies.lock().map(|m| m.len()).unwrap_or(0)
@@ -394,13 +411,8 @@ mod tests {
     fn policy(ids: &[&str]) -> Policy {
         let mut p = Policy::default();
         for id in ids {
-            p.agencies.insert(
-                id.parse().unwrap(),
-                Agency {
-                    role: Role::CivilRegistry,
-                    registry_offices: Arc::from(vec![]),
-                },
-            );
+            p.agencies
+                .insert(id.parse().unwrap(), Agency::of_role(Role::CivilRegistry));
         }
         p
     }
@@ -601,6 +613,33 @@ mod tests {
         );
         g.retain_recent(&s, later + Duration::from_secs(61));
         assert_eq!(g.agencies(), 0);
+    }
+
+    #[test]
+    fn deliveries_count_in_the_window_and_are_never_refused() {
+        let g = HarvestGuard::default();
+        let s = HarvestSection {
+            window_secs: 60,
+            warn_distinct: 100,
+            deny_distinct: 2,
+            shadow: false,
+        };
+        let a: AgencyId = "a".parse().unwrap();
+        let now = Instant::now();
+        let ids: Vec<String> = (0..3).map(|i| format!("id{i}")).collect();
+        assert_eq!(
+            g.note(&s, &a, &ids, now),
+            Harvest::WouldDeny { distinct: 3 }
+        );
+        // The look-up of a further citizen is refused; of one delivered, not.
+        assert_eq!(
+            g.check(&s, &a, &["id9".to_owned()], now),
+            Harvest::Deny { distinct: 4 }
+        );
+        assert!(matches!(
+            g.check(&s, &a, &["id1".to_owned()], now),
+            Harvest::Allow { .. }
+        ));
     }
 
     #[test]

@@ -4,9 +4,17 @@
 use std::{collections::BTreeMap, sync::Arc};
 
 use crate::{
-    domain::{AgencyId, CertFingerprint, RegistryOfficeCode, Role},
+    domain::{AgencyId, CertFingerprint, ProvinceCode, RegistryOfficeCode, Role},
+    exchange::validate::{CIVIL_STATUS, POPULATION},
     identity::{IdentityError, PeerIdentity},
 };
+
+/// Which role consumes which topic (`Subscribe`, `Ack`, `Reject`): each topic is read by the
+/// other side only. A topic not here is read by nobody.
+pub const TOPIC_READERS: &[(&str, Role)] = &[
+    (CIVIL_STATUS, Role::PopulationDb),
+    (POPULATION, Role::CivilRegistry),
+];
 
 /// Methods every known agency may call: health checks and reflection.
 const COMMON: &[&str] = &[
@@ -70,6 +78,23 @@ pub struct Agency {
     pub role: Role,
     /// Registry offices a civil registry may publish for (empty for other roles).
     pub registry_offices: Arc<[RegistryOfficeCode]>,
+    /// A civil registry's jurisdiction (empty for other roles).
+    pub provinces: Arc<[ProvinceCode]>,
+    /// Consumer group names the config assigns to this agency (for stores of an earlier
+    /// release, whose groups had no recorded owner).
+    pub consumer_groups: Arc<[String]>,
+}
+
+impl Agency {
+    /// An agency of `role` with no offices, provinces or declared groups.
+    pub fn of_role(role: Role) -> Self {
+        Self {
+            role,
+            registry_offices: Arc::from([]),
+            provinces: Arc::from([]),
+            consumer_groups: Arc::from([]),
+        }
+    }
 }
 
 /// The agencies the gateway knows, from the config. Replaced whole on reload.
@@ -85,6 +110,7 @@ pub struct Principal {
     pub role: Role,
     pub fingerprint: CertFingerprint,
     pub registry_offices: Arc<[RegistryOfficeCode]>,
+    pub provinces: Arc<[ProvinceCode]>,
 }
 
 /// Why a call was refused before any work.
@@ -96,15 +122,21 @@ pub enum Denial {
     UnknownAgency(AgencyId),
     #[error("role {role} may not call {method}")]
     MethodNotGranted { role: Role, method: String },
+    #[error("role {role} may not consume topic {topic}: it is read by {readers}")]
+    TopicNotGranted {
+        role: Role,
+        topic: String,
+        readers: &'static str,
+    },
 }
 
 impl Denial {
     pub fn to_status(&self) -> tonic::Status {
         match self {
             Denial::NoIdentity(_) => tonic::Status::unauthenticated(self.to_string()),
-            Denial::UnknownAgency(_) | Denial::MethodNotGranted { .. } => {
-                tonic::Status::permission_denied(self.to_string())
-            }
+            Denial::UnknownAgency(_)
+            | Denial::MethodNotGranted { .. }
+            | Denial::TopicNotGranted { .. } => tonic::Status::permission_denied(self.to_string()),
         }
     }
 
@@ -114,6 +146,7 @@ impl Denial {
             Denial::NoIdentity(_) => "no_identity",
             Denial::UnknownAgency(_) => "unknown_agency",
             Denial::MethodNotGranted { .. } => "method_not_granted",
+            Denial::TopicNotGranted { .. } => "topic_not_granted",
         }
     }
 }
@@ -140,7 +173,75 @@ pub fn authorize(policy: &Policy, peer: &PeerIdentity, method: &str) -> Result<P
         role: agency.role,
         fingerprint: peer.fingerprint,
         registry_offices: agency.registry_offices.clone(),
+        provinces: agency.provinces.clone(),
     })
+}
+
+/// The role that consumes `topic`, if any.
+pub fn reader_of(topic: &str) -> Option<Role> {
+    TOPIC_READERS
+        .iter()
+        .find(|(t, _)| *t == topic)
+        .map(|(_, r)| *r)
+}
+
+/// May this role consume (subscribe to, acknowledge, reject events of) this topic? Checked
+/// before any work on a `Subscribe`, `Ack` or `Reject` whose topic is well formed.
+pub fn may_consume(role: Role, topic: &str) -> Result<(), Denial> {
+    match reader_of(topic) {
+        Some(r) if r == role => Ok(()),
+        r => Err(Denial::TopicNotGranted {
+            role,
+            topic: topic.to_owned(),
+            readers: match r {
+                Some(Role::CivilRegistry) => "civil_registry agencies",
+                Some(Role::PopulationDb) => "population_db agencies",
+                Some(Role::Auditor) => "auditor agencies",
+                None => "nobody",
+            },
+        }),
+    }
+}
+
+/// A consumer group name: 1-64 characters of A-Z, a-z, 0-9, '-', '_', '.'. A group is
+/// identified by (agency, name): the agency is the caller's, from its certificate.
+pub fn is_group_name(group: &str) -> bool {
+    !group.is_empty()
+        && group.len() <= 64
+        && group
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
+/// The agency a consumer group of `topic` named `group`, stored by an earlier release without
+/// an owner, belongs to: the one agency that consumes the topic and lists the group in its
+/// `consumer_groups`. Otherwise what the operator must add to the config.
+pub fn owner_of_legacy_group(
+    policy: &Policy,
+    topic: &str,
+    group: &str,
+) -> Result<AgencyId, String> {
+    let reader = reader_of(topic);
+    let owners: Vec<&AgencyId> = policy
+        .agencies
+        .iter()
+        .filter(|(_, a)| Some(a.role) == reader && a.consumer_groups.iter().any(|g| g == group))
+        .map(|(id, _)| id)
+        .collect();
+    let role = reader.map_or_else(|| "nobody".to_owned(), |r| r.to_string());
+    match owners.as_slice() {
+        [one] => Ok((*one).clone()),
+        [] => Err(format!(
+            "consumer group {group:?} of topic {topic} was created by an earlier release, which did not record its owner, and no {role} agency lists it: add consumer_groups = [\"{group}\"] to the [agencies.<id>] section of the {role} agency that uses it"
+        )),
+        many => Err(format!(
+            "consumer group {group:?} of topic {topic} was created by an earlier release, which did not record its owner, and several {role} agencies list it ({}): keep it in the consumer_groups of the one that uses it",
+            many.iter()
+                .map(|a| a.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
 }
 
 #[cfg(test)]
@@ -154,13 +255,7 @@ mod tests {
             ("population", Role::PopulationDb),
             ("auditor", Role::Auditor),
         ] {
-            agencies.insert(
-                id.parse().unwrap(),
-                Agency {
-                    role,
-                    registry_offices: Arc::from(vec![]),
-                },
-            );
+            agencies.insert(id.parse().unwrap(), Agency::of_role(role));
         }
         Policy { agencies }
     }
@@ -256,6 +351,81 @@ mod tests {
             for m in COMMON {
                 assert!(authorize(&policy(), &peer(a), m).is_ok(), "{a} {m}");
             }
+        }
+    }
+
+    /// Every (role, topic) pair: only the other side consumes a topic; unknown topics nobody.
+    #[test]
+    fn each_topic_is_consumed_by_one_role() {
+        let table = [
+            (Role::CivilRegistry, "civil-status", false),
+            (Role::CivilRegistry, "population", true),
+            (Role::PopulationDb, "civil-status", true),
+            (Role::PopulationDb, "population", false),
+            (Role::Auditor, "civil-status", false),
+            (Role::Auditor, "population", false),
+            (Role::PopulationDb, "other", false),
+        ];
+        for (role, topic, ok) in table {
+            let got = may_consume(role, topic);
+            assert_eq!(got.is_ok(), ok, "{role} {topic}");
+            if let Err(e) = got {
+                assert_eq!(e.to_status().code(), tonic::Code::PermissionDenied);
+                assert_eq!(e.reason(), "topic_not_granted");
+            }
+        }
+    }
+
+    #[test]
+    fn legacy_groups_go_to_the_one_consuming_agency_that_lists_them() {
+        let mut p = policy();
+        let with = |role, groups: &[&str]| Agency {
+            consumer_groups: groups.iter().map(|g| (*g).to_owned()).collect(),
+            ..Agency::of_role(role)
+        };
+        p.agencies.insert(
+            "population".parse().unwrap(),
+            with(Role::PopulationDb, &["population-db", "shared"]),
+        );
+        p.agencies.insert(
+            "registry-hp".parse().unwrap(),
+            with(
+                Role::CivilRegistry,
+                &["registry-hp", "shared", "population-db"],
+            ),
+        );
+        p.agencies.insert(
+            "registry-hn".parse().unwrap(),
+            with(Role::CivilRegistry, &["shared"]),
+        );
+        let owner = |t, g| owner_of_legacy_group(&p, t, g);
+        assert_eq!(
+            owner("civil-status", "population-db").unwrap().as_str(),
+            "population"
+        );
+        assert_eq!(
+            owner("population", "registry-hp").unwrap().as_str(),
+            "registry-hp"
+        );
+        // Only a consumer of the topic can own its group.
+        assert!(owner("population", "population-db").unwrap().as_str() == "registry-hp");
+        assert_eq!(
+            owner("civil-status", "shared").unwrap().as_str(),
+            "population"
+        );
+        let err = owner("population", "shared").unwrap_err();
+        assert!(err.contains("registry-hn, registry-hp"), "{err}");
+        let err = owner("civil-status", "unknown").unwrap_err();
+        assert!(err.contains("consumer_groups = [\"unknown\"]"), "{err}");
+    }
+
+    #[test]
+    fn group_names() {
+        for ok in ["population-db", "a", "A.b_c-1", &"x".repeat(64)] {
+            assert!(is_group_name(ok), "{ok}");
+        }
+        for bad in ["", "a b", "a/b", "a:b", &"x".repeat(65), "é"] {
+            assert!(!is_group_name(bad), "{bad}");
         }
     }
 

@@ -153,7 +153,13 @@ pub async fn start(source: ConfigSource, overrides: Overrides) -> Result<Running
     let (shutdown, shutdown_rx) = watch::channel(false);
     let shutdown_rx_for_tasks = shutdown_rx.clone();
     let readiness = Readiness::default();
-    let admin = telemetry::spawn_admin(admin_listener, readiness.clone(), shutdown_rx.clone());
+    let scrape = telemetry::ScrapeSlot::default();
+    let admin = telemetry::spawn_admin(
+        admin_listener,
+        readiness.clone(),
+        scrape.clone(),
+        shutdown_rx.clone(),
+    );
 
     let (health, health_service) = tonic_health::server::health_reporter();
     for s in SERVICES.iter().chain(&[""]) {
@@ -178,8 +184,13 @@ pub async fn start(source: ConfigSource, overrides: Overrides) -> Result<Running
         &state.load().config.store(),
         (retention > 0).then(|| Duration::from_secs(retention)),
         audit.as_ref().map(AuditLog::tail),
+        &state.load().policy,
     )
     .await?;
+    let _ = scrape.set(crate::exchange::lag::scrape_hook(
+        journal.clone(),
+        state.clone(),
+    ));
     let max_msg = limits.max_message_bytes;
     let router = tonic::transport::Server::builder()
         .max_concurrent_streams(limits.max_concurrent_streams)
@@ -199,6 +210,7 @@ pub async fn start(source: ConfigSource, overrides: Overrides) -> Result<Running
                 Some(journal),
                 shutdown_rx.clone(),
                 state.load().config.file.exchange.max_unacked,
+                state.clone(),
             ))
             .max_decoding_message_size(max_msg),
         )

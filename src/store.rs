@@ -51,6 +51,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (3, SCHEMA_V3),
     (4, SCHEMA_V4),
     (5, SCHEMA_V5),
+    (6, SCHEMA_V6),
 ];
 
 /// Where the applied schema versions are recorded.
@@ -251,6 +252,20 @@ ALTER TABLE audit_subject_blocks
     ADD COLUMN last_time_ms BIGINT;
 DROP INDEX IF EXISTS audit_leaves_agency;
 DROP INDEX IF EXISTS audit_leaves_time;
+";
+
+/// Consumer groups belong to agencies: `agency` joins the keys of groups and dead letters
+/// (`''` until the journal's open assigns an earlier release's groups from the config), and
+/// events record who they are addressed to (`audience`; NULL: every consumer of the topic).
+const SCHEMA_V6: &str = "
+ALTER TABLE journal_events ADD COLUMN IF NOT EXISTS audience TEXT;
+CREATE INDEX IF NOT EXISTS journal_unaddressed ON journal_events (seq) WHERE topic = 'population' AND audience IS NULL;
+ALTER TABLE journal_groups ADD COLUMN IF NOT EXISTS agency TEXT NOT NULL DEFAULT '';
+ALTER TABLE journal_groups DROP CONSTRAINT IF EXISTS journal_groups_pkey;
+ALTER TABLE journal_groups ADD PRIMARY KEY (topic, agency, grp);
+ALTER TABLE journal_rejections ADD COLUMN IF NOT EXISTS agency TEXT NOT NULL DEFAULT '';
+ALTER TABLE journal_rejections DROP CONSTRAINT IF EXISTS journal_rejections_pkey;
+ALTER TABLE journal_rejections ADD PRIMARY KEY (topic, seq, agency, grp);
 ";
 
 /// Connection options for `url`: synchronous_commit on (a commit is durable when it returns),

@@ -25,6 +25,33 @@ pub const HARVEST: &str = "civgate_harvest_guard_total";
 pub const AUDIT_LOG_SIZE: &str = "civgate_audit_log_size";
 pub const STORE_COMMIT: &str = "civgate_store_commit_seconds";
 pub const STORE_COMMIT_ROWS: &str = "civgate_store_commit_rows";
+pub const EXCHANGE_BACKLOG: &str = "civgate_exchange_backlog_events";
+pub const EXCHANGE_BACKLOG_AGE: &str = "civgate_exchange_backlog_oldest_seconds";
+pub const EXCHANGE_DEAD_LETTERS: &str = "civgate_exchange_dead_letters";
+
+/// Runs before `/metrics` renders (at most 2 s): gauges measured on demand.
+pub type ScrapeHook =
+    Arc<dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send + Sync>;
+
+/// Where the server puts its [`ScrapeHook`] once the stores are open.
+pub type ScrapeSlot = Arc<OnceLock<ScrapeHook>>;
+
+/// A consumer group's backlog: events addressed to it after its acknowledgement, and the age
+/// of the oldest (0 when there is none).
+pub fn exchange_backlog(topic: &str, agency: &str, group: &str, events: u64, oldest_secs: f64) {
+    let labels = [
+        ("topic", topic.to_owned()),
+        ("agency", agency.to_owned()),
+        ("group", group.to_owned()),
+    ];
+    metrics::gauge!(EXCHANGE_BACKLOG, &labels).set(events as f64);
+    metrics::gauge!(EXCHANGE_BACKLOG_AGE, &labels).set(oldest_secs);
+}
+
+/// Dead letters (rejected events) of a topic.
+pub fn dead_letters(topic: &str, n: u64) {
+    metrics::gauge!(EXCHANGE_DEAD_LETTERS, "topic" => topic.to_owned()).set(n as f64);
+}
 
 /// Installs the tracing subscriber: human-readable or JSON lines, to stderr.
 pub fn init_logging(json: bool) {
@@ -155,15 +182,25 @@ impl Readiness {
     }
 }
 
-/// Serves `/metrics` and `/healthz` until `shutdown` turns true.
+/// Serves `/metrics` and `/healthz` until `shutdown` turns true. `/metrics` first runs the
+/// hook in `scrape`, once there is one.
 pub fn spawn_admin(
     listener: TcpListener,
     readiness: Readiness,
+    scrape: ScrapeSlot,
     mut shutdown: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     let handle = prometheus();
     let app = Router::new()
-        .route("/metrics", get(move || async move { handle.render() }))
+        .route(
+            "/metrics",
+            get(move || async move {
+                if let Some(hook) = scrape.get() {
+                    let _ = tokio::time::timeout(Duration::from_secs(2), hook()).await;
+                }
+                handle.render()
+            }),
+        )
         .route(
             "/healthz",
             get(move || async move {

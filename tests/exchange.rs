@@ -20,6 +20,7 @@ use tonic::{Code, transport::Channel};
 fn birth(office: &str, name: &str) -> Event {
     Event {
         occurred_at_unix_ms: 0,
+        in_reply_to: String::new(),
         payload: Some(Payload::Birth(Birth {
             registration: Some(Registration {
                 registry_office_code: office.into(),
@@ -164,6 +165,7 @@ async fn producers_publish_only_their_side_and_offices_and_bad_events_are_named(
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     let death = Event {
         occurred_at_unix_ms: 0,
+        in_reply_to: String::new(),
         payload: Some(Payload::DeathRecorded(DeathRecorded {
             personal_id: "031095000001".into(),
             date_of_death: "2026-01-01".into(),

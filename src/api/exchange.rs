@@ -1,4 +1,6 @@
-//! `civgate.v1.Exchange`: two-way event sync (issue #4).
+//! `civgate.v1.Exchange`: two-way event sync. Who consumes which topic is the policy's
+//! (`policy::may_consume`, checked before any work); a consumer group is (the caller's
+//! agency, its name); who receives which event is `exchange::address`.
 
 use std::pin::Pin;
 
@@ -17,10 +19,14 @@ use tonic_types::FieldViolation;
 use super::{citizens::invalid, principal};
 use crate::{
     audit::{Call, Draft, Facts, FactsSlot},
+    domain::Role,
     exchange::{
-        journal::{Journal, JournalError},
+        address,
+        journal::{Group, Journal, JournalError},
         validate::{Refusal, is_topic, subjects, topic_of, validate},
     },
+    policy::{self, Principal},
+    state::Shared,
 };
 
 /// Unacknowledged events a subscription may have outstanding before delivery pauses (the
@@ -33,6 +39,8 @@ pub struct ExchangeService {
     /// Turns true at graceful shutdown: open subscriptions end with UNAVAILABLE.
     shutdown: tokio::sync::watch::Receiver<bool>,
     window: u64,
+    /// The policy (who consumes what, jurisdictions) and the harvesting guard.
+    state: Shared,
 }
 
 impl ExchangeService {
@@ -40,11 +48,13 @@ impl ExchangeService {
         journal: Option<Journal>,
         shutdown: tokio::sync::watch::Receiver<bool>,
         window: u64,
+        state: Shared,
     ) -> Self {
         Self {
             journal,
             shutdown,
             window: window.max(1),
+            state,
         }
     }
 
@@ -66,31 +76,42 @@ fn draft_of<T>(req: &Request<T>) -> (FactsSlot, Option<Draft>) {
     (FactsSlot::of(req), draft)
 }
 
-/// Topic and consumer group of a Subscribe/Ack/Reject, validated.
-fn group_of(topic: &str, group: &str) -> Result<(), Status> {
+/// The consumer group of a Subscribe/Ack/Reject: the topic must be well formed and one the
+/// caller's role consumes (`PERMISSION_DENIED` otherwise, before any work), the name well
+/// formed; the group is the caller's own (agency from the certificate, never the request).
+fn group_of(who: &Principal, facts: &FactsSlot, topic: &str, group: &str) -> Result<Group, Status> {
     let mut v = Vec::new();
     if !is_topic(topic) {
         v.push(FieldViolation::new(
             "topic",
             "must be civil-status or population",
         ));
+    } else if let Err(denial) = policy::may_consume(who.role, topic) {
+        tracing::warn!(
+            agency = who.agency.as_str(),
+            topic,
+            reason = denial.reason(),
+            "denied: {denial}"
+        );
+        facts.update(|f| f.refusal = denial.reason());
+        return Err(denial.to_status());
     }
-    let ok = !group.is_empty()
-        && group.len() <= 64
-        && group
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
-    if !ok {
+    if !policy::is_group_name(group) {
         v.push(FieldViolation::new(
             "consumer_group",
             "1-64 characters of A-Z, a-z, 0-9, '-', '_', '.'",
         ));
     }
     if v.is_empty() {
-        Ok(())
+        Ok(Group::new(who.agency.as_str(), group))
     } else {
         Err(invalid(v))
     }
+}
+
+/// The scope a consumer reads a topic with (`address::scope_of`).
+fn scope_for(who: &Principal, topic: &str) -> Option<Vec<String>> {
+    address::scope_of(topic, &who.agency, &who.provinces)
 }
 
 /// The facts of the audit record that releases a batch of events to a subscriber: the
@@ -111,6 +132,7 @@ fn delivery_facts(batch: &[SubscribedEvent]) -> Facts {
         subjects: ids.into_iter().collect(),
         fields: types.into_iter().map(|t| format!("event:{t}")).collect(),
         recorded: None,
+        refusal: "",
     }
 }
 
@@ -129,6 +151,78 @@ struct Released {
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<SubscribedEvent, Status>> + Send>>;
+
+impl ExchangeService {
+    /// The audience of an event `who` publishes on `topic` (`address::audience_of`), after
+    /// checking the event it answers, if any: it must exist, be on the other topic, and be
+    /// addressed to `who`; a `personal_id_assigned` must answer a birth. The same refusal for
+    /// an event that does not exist and one that is not `who`'s to answer.
+    async fn address(
+        &self,
+        who: &Principal,
+        event: &crate::pb::v1::Event,
+        topic: &str,
+    ) -> Result<Option<String>, Status> {
+        let Some(payload) = &event.payload else {
+            return Ok(None);
+        };
+        if event.in_reply_to.is_empty() {
+            return Ok(address::audience_of(payload, None));
+        }
+        let refused = |why: &str| {
+            invalid(vec![FieldViolation::new(
+                "event.in_reply_to",
+                format!(
+                    "{why} (the event_id of an event of the other topic addressed to agency {})",
+                    who.agency
+                ),
+            )])
+        };
+        let id = &event.in_reply_to;
+        if id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+            return Err(refused("not an event id"));
+        }
+        let found = self.journal()?.find(id).await?;
+        let Some(found) = found.filter(|f| {
+            f.topic != topic
+                && policy::may_consume(who.role, &f.topic).is_ok()
+                && address::matches(f.audience.as_deref(), scope_for(who, &f.topic).as_deref())
+        }) else {
+            return Err(refused("no such event"));
+        };
+        if let crate::pb::v1::event::Payload::PersonalIdAssigned(_) = payload {
+            let answered = crate::pb::v1::Event::decode(found.payload.as_slice()).ok();
+            if !matches!(
+                answered.and_then(|e| e.payload),
+                Some(crate::pb::v1::event::Payload::Birth(_))
+            ) {
+                return Err(refused("a personal_id_assigned answers a birth event"));
+            }
+        }
+        Ok(address::audience_of(payload, Some(&found.producer)))
+    }
+}
+
+/// Is an event of `topic` with this audience addressed to `group` under `policy` (its agency
+/// configured, consuming the topic, and in scope)?
+fn addressed_to(
+    policy: &policy::Policy,
+    topic: &str,
+    audience: Option<&str>,
+    group: &Group,
+) -> bool {
+    let Ok(id) = group.agency.parse::<crate::domain::AgencyId>() else {
+        return false;
+    };
+    let Some(agency) = policy.agencies.get(&id) else {
+        return false;
+    };
+    policy::may_consume(agency.role, topic).is_ok()
+        && address::matches(
+            audience,
+            address::scope_of(topic, &id, &agency.provinces).as_deref(),
+        )
+}
 
 #[tonic::async_trait]
 impl Exchange for ExchangeService {
@@ -163,6 +257,7 @@ impl Exchange for ExchangeService {
             Ok(t) => t,
         };
         let event = r.event.unwrap_or_default();
+        let audience = self.address(&who, &event, topic).await?;
         let mut told = Facts::default();
         if let Some(p) = &event.payload {
             // The citizens the event concerns are the record's subjects; values stay out.
@@ -179,6 +274,7 @@ impl Exchange for ExchangeService {
                 &r.idempotency_key,
                 topic,
                 event.encode_to_vec(),
+                audience,
                 draft,
             )
             .await;
@@ -200,26 +296,28 @@ impl Exchange for ExchangeService {
         &self,
         req: Request<SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        principal(&req)?;
+        let who = principal(&req)?;
         // With the audit on, every batch of events this stream delivers is audited as a read
         // of the citizens they concern, and sent only once that record is durable (fail
         // closed, as for look-ups); the record of the call itself says the stream opened.
         let call = Call::of(&req);
+        let facts = FactsSlot::of(&req);
         let r = req.into_inner();
-        group_of(&r.topic, &r.consumer_group)?;
+        let group = group_of(&who, &facts, &r.topic, &r.consumer_group)?;
+        let scope = scope_for(&who, &r.topic);
         let journal = self.journal()?.clone();
         let mut head = journal
             .head(&r.topic)
             .ok_or_else(|| Status::invalid_argument("unknown topic"))?;
-        let mut acked = journal.acked(&r.topic, &r.consumer_group).await?;
+        let mut acked = journal.acked(&r.topic, &group).await?;
         let start = r.from_sequence.unwrap_or(*acked.borrow() + 1).max(1);
-        // Outstanding = sent and not acknowledged; counted from the later of the last ack and
-        // where this subscription starts.
-        let base = start - 1;
         let (tx, rx) = tokio::sync::mpsc::channel(64);
-        let (topic, group) = (r.topic, r.consumer_group);
+        let topic = r.topic;
         let mut shutdown = self.shutdown.clone();
         let window = self.window;
+        // What a civil registry receives counts in its harvesting window like its look-ups.
+        let harvest =
+            (who.role == Role::CivilRegistry).then(|| (self.state.clone(), who.agency.clone()));
         tokio::spawn(async move {
             // Sends a released batch once its record is durable; false: the stream is over.
             let send = |released: Released| {
@@ -263,12 +361,29 @@ impl Exchange for ExchangeService {
             // commit overlaps the sending, so a catch-up does not wait on each in turn.
             let mut ready: Option<Released> = None;
             let mut next = start;
+            // Sequences read for this stream and not yet acknowledged: at most `window`. The
+            // stream sees the subset of the topic addressed to the group, so the window counts
+            // events, not sequence numbers.
+            let mut outstanding = std::collections::VecDeque::new();
             loop {
-                let limit = (*head.borrow_and_update())
-                    .min((*acked.borrow_and_update()).max(base) + window);
-                if next <= limit {
-                    let events = match journal.read(&topic, next, limit, 256).await {
-                        Ok(e) => e,
+                let acked_now = *acked.borrow_and_update();
+                while outstanding.front().is_some_and(|s| *s <= acked_now) {
+                    outstanding.pop_front();
+                }
+                let head_now = *head.borrow_and_update();
+                let room = window.saturating_sub(outstanding.len() as u64);
+                if next <= head_now && room > 0 {
+                    let page = match journal
+                        .read(
+                            &topic,
+                            next,
+                            head_now,
+                            room.min(256) as u32,
+                            scope.as_deref(),
+                        )
+                        .await
+                    {
+                        Ok(p) => p,
                         Err(e) => {
                             if let Some(r) = ready.take() {
                                 send(r).await;
@@ -277,37 +392,42 @@ impl Exchange for ExchangeService {
                             return;
                         }
                     };
-                    if let Some(last) = events.last() {
-                        next = last.seq + 1;
-                        let batch: Vec<SubscribedEvent> = events
-                            .into_iter()
-                            .map(|e| SubscribedEvent {
-                                event: crate::pb::v1::Event::decode(e.payload.as_slice()).ok(),
-                                event_id: e.event_id,
-                                sequence: e.seq,
-                                producer_agency_id: e.producer,
-                                recorded_at_unix_ms: e.recorded_at_ms,
-                            })
-                            .collect();
-                        // Committed by the journal's writer, in its next transaction.
-                        let audited = call.as_ref().map(|call| {
-                            let draft = Draft {
-                                call: call.clone(),
-                                facts: delivery_facts(&batch),
-                            };
-                            let detail = delivery_detail(&topic, &group, &batch);
-                            let journal = journal.clone();
-                            tokio::spawn(async move { journal.record(draft, detail).await })
-                        });
-                        if let Some(r) = ready.replace(Released { batch, audited })
-                            && !send(r).await
-                        {
-                            return;
-                        }
+                    next = next.max(page.scanned_to.saturating_add(1));
+                    if page.events.is_empty() {
                         continue;
                     }
-                    // Nothing stored up to the head we were told of (it cannot happen with a
-                    // correct head): wait for news instead of asking again at once.
+                    let batch: Vec<SubscribedEvent> = page
+                        .events
+                        .into_iter()
+                        .map(|e| SubscribedEvent {
+                            event: crate::pb::v1::Event::decode(e.payload.as_slice()).ok(),
+                            event_id: e.event_id,
+                            sequence: e.seq,
+                            producer_agency_id: e.producer,
+                            recorded_at_unix_ms: e.recorded_at_ms,
+                        })
+                        .collect();
+                    outstanding.extend(batch.iter().map(|e| e.sequence).filter(|s| *s > acked_now));
+                    let facts = delivery_facts(&batch);
+                    if let Some((state, agency)) = &harvest {
+                        note_delivery(state, agency, &facts.subjects);
+                    }
+                    // Committed by the journal's writer, in its next transaction.
+                    let audited = call.as_ref().map(|call| {
+                        let draft = Draft {
+                            call: call.clone(),
+                            facts,
+                        };
+                        let detail = delivery_detail(&topic, &group.name, &batch);
+                        let journal = journal.clone();
+                        tokio::spawn(async move { journal.record(draft, detail).await })
+                    });
+                    if let Some(r) = ready.replace(Released { batch, audited })
+                        && !send(r).await
+                    {
+                        return;
+                    }
+                    continue;
                 }
                 // Caught up with what may be sent: send what was read before waiting.
                 if let Some(r) = ready.take() {
@@ -334,10 +454,10 @@ impl Exchange for ExchangeService {
     }
 
     async fn ack(&self, req: Request<AckRequest>) -> Result<Response<AckResponse>, Status> {
-        principal(&req)?;
+        let who = principal(&req)?;
         let (facts, draft) = draft_of(&req);
         let r = req.into_inner();
-        group_of(&r.topic, &r.consumer_group)?;
+        let group = group_of(&who, &facts, &r.topic, &r.consumer_group)?;
         let journal = self.journal()?;
         let head = journal.head(&r.topic).map(|h| *h.borrow()).unwrap_or(0);
         if r.sequence == 0 || r.sequence > head {
@@ -348,7 +468,7 @@ impl Exchange for ExchangeService {
         }
         // The call's audit record is committed with the acknowledgement.
         let index = journal
-            .ack_audited(&r.topic, &r.consumer_group, r.sequence, draft)
+            .ack_audited(&r.topic, &group, r.sequence, draft)
             .await?;
         facts.update(|f| f.recorded = index);
         Ok(Response::new(AckResponse {}))
@@ -358,10 +478,10 @@ impl Exchange for ExchangeService {
         &self,
         req: Request<RejectRequest>,
     ) -> Result<Response<RejectResponse>, Status> {
-        principal(&req)?;
+        let who = principal(&req)?;
         let (facts, draft) = draft_of(&req);
         let r = req.into_inner();
-        group_of(&r.topic, &r.consumer_group)?;
+        let group = group_of(&who, &facts, &r.topic, &r.consumer_group)?;
         let journal = self.journal()?;
         let head = journal.head(&r.topic).map(|h| *h.borrow()).unwrap_or(0);
         let mut v = Vec::new();
@@ -380,15 +500,30 @@ impl Exchange for ExchangeService {
         if !v.is_empty() {
             return Err(invalid(v));
         }
+        // Only an event addressed to the group can be its dead letter.
+        let audience = journal.audience_at(&r.topic, r.sequence).await?;
+        let scope = scope_for(&who, &r.topic);
+        match audience {
+            None => {
+                return Err(Status::not_found(format!(
+                    "no event at sequence {} of {} (removed by retention once every group acknowledged it)",
+                    r.sequence, r.topic
+                )));
+            }
+            Some(a) if !address::matches(a.as_deref(), scope.as_deref()) => {
+                return Err(invalid(vec![FieldViolation::new(
+                    "sequence",
+                    format!(
+                        "event {} of {} is not addressed to agency {}",
+                        r.sequence, r.topic, who.agency
+                    ),
+                )]));
+            }
+            Some(_) => {}
+        }
         // The call's audit record is committed with the rejection.
         let index = journal
-            .reject_audited(
-                &r.topic,
-                &r.consumer_group,
-                r.sequence,
-                r.reason.trim(),
-                draft,
-            )
+            .reject_audited(&r.topic, &group, r.sequence, r.reason.trim(), draft)
             .await?;
         facts.update(|f| f.recorded = index);
         Ok(Response::new(RejectResponse {}))
@@ -406,16 +541,28 @@ impl Exchange for ExchangeService {
             .await?
             .ok_or_else(|| Status::not_found(format!("no event {:?}", r.event_id)))?;
         // The producer and auditors may see an event's fate; nobody else learns it exists.
-        if status.producer != who.agency.as_str() && who.role != crate::domain::Role::Auditor {
+        let auditor = who.role == Role::Auditor;
+        if status.producer != who.agency.as_str() && !auditor {
             return Err(Status::not_found(format!("no event {:?}", r.event_id)));
         }
         use crate::{
             exchange::journal::GroupState,
             pb::v1::{ConsumerGroupStatus, DeliveryState},
         };
+        let snapshot = self.state.load();
         let groups = status
             .groups
             .into_iter()
+            // A producer sees the groups its event is addressed to; auditors every group.
+            .filter(|(g, _)| {
+                auditor
+                    || addressed_to(
+                        &snapshot.policy,
+                        &status.topic,
+                        status.audience.as_deref(),
+                        g,
+                    )
+            })
             .map(|(g, s)| {
                 let (state, reason) = match s {
                     GroupState::Accepted => (DeliveryState::Accepted, String::new()),
@@ -423,10 +570,13 @@ impl Exchange for ExchangeService {
                     GroupState::Acknowledged => (DeliveryState::Acknowledged, String::new()),
                     GroupState::Rejected(r) => (DeliveryState::Rejected, r),
                 };
+                // Another agency's group names are its own business (and the auditors').
+                let named = auditor || g.agency == who.agency.as_str();
                 ConsumerGroupStatus {
-                    consumer_group: g,
+                    consumer_group: if named { g.name } else { String::new() },
                     state: state as i32,
                     reason,
+                    consumer_agency_id: g.agency,
                 }
             })
             .collect();
@@ -436,6 +586,29 @@ impl Exchange for ExchangeService {
             sequence: status.seq,
             groups,
         }))
+    }
+}
+
+/// Counts the citizens of a delivered batch in the receiving registry's harvesting window.
+fn note_delivery(state: &Shared, agency: &crate::domain::AgencyId, subjects: &[String]) {
+    use crate::limits::Harvest;
+    if subjects.is_empty() {
+        return;
+    }
+    let snapshot = state.load();
+    let s = &snapshot.config.file.harvest;
+    if let Harvest::Warn { distinct } =
+        snapshot
+            .harvest
+            .note(s, agency, subjects, std::time::Instant::now())
+    {
+        tracing::warn!(
+            agency = agency.as_str(),
+            distinct,
+            window_secs = s.window_secs,
+            "harvesting guard: agency crossed the warning threshold of distinct citizens read (deliveries included)"
+        );
+        crate::telemetry::harvest(agency.as_str(), "warn");
     }
 }
 
@@ -449,6 +622,7 @@ mod tests {
             sequence,
             event: payload.map(|p| Event {
                 occurred_at_unix_ms: 0,
+                in_reply_to: String::new(),
                 payload: Some(p),
             }),
             ..Default::default()

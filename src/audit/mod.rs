@@ -27,6 +27,9 @@ pub struct Facts {
     /// The index of the call's record when the handler's own write already committed it, in
     /// the same transaction as its data (`Publish`): the gate then appends nothing.
     pub recorded: Option<u64>,
+    /// Why the handler refused the call, as a short machine reason (e.g. `topic_not_granted`):
+    /// the record's detail.
+    pub refusal: &'static str,
 }
 
 /// What the gate knows of a call when it arrives: who (the verified peer and, once

@@ -9,7 +9,7 @@ use std::{fmt, str::FromStr};
 use serde::Deserialize;
 
 pub use names::{FullName, NameError, fold};
-pub use personal_id::{PersonalId, PersonalIdError};
+pub use personal_id::{PersonalId, PersonalIdError, ProvinceCode};
 
 /// Sex as recorded in the population database (and encoded in digit 4 of a personal ID).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -58,6 +58,40 @@ pub fn is_known_province(code: &str) -> bool {
     provinces().iter().any(|p| p.code == code)
 }
 
+/// A province code of the table (3 digits): a civil registry's jurisdiction, the first digits
+/// of a personal ID.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Deserialize)]
+#[serde(try_from = "String")]
+pub struct ProvinceCode(String);
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{0:?} is not a known province code (3 digits, e.g. \"031\" for Hải Phòng)")]
+pub struct UnknownProvinceCode(pub String);
+
+impl ProvinceCode {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for ProvinceCode {
+    type Err = UnknownProvinceCode;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if is_known_province(s) {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err(UnknownProvinceCode(s.to_owned()))
+        }
+    }
+}
+
+impl TryFrom<String> for ProvinceCode {
+    type Error = UnknownProvinceCode;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
 impl PersonalId {
     /// Syntax and province only (12 digits, known province code).
     pub fn parse(s: &str) -> Result<Self, PersonalIdError> {
@@ -179,6 +213,14 @@ impl fmt::Debug for PersonalId {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn province_codes_are_those_of_the_table() {
+        assert_eq!("031".parse::<ProvinceCode>().unwrap().as_str(), "031");
+        for bad in ["003", "31", "0310", "", "abc"] {
+            assert!(bad.parse::<ProvinceCode>().is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn table_has_the_63_provinces() {

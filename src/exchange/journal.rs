@@ -16,20 +16,40 @@ use sqlx::{Connection, PgPool, SqliteConnection, sqlite::SqlitePoolOptions};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::error;
 
-use super::validate::{CIVIL_STATUS, POPULATION};
+use super::{
+    address,
+    validate::{CIVIL_STATUS, POPULATION},
+};
 use crate::audit::{AuditTail, Draft, merkle::CompactRange, subjects::BlockEntry};
 use crate::pb::v1::AuditRecord;
+use crate::policy::Policy;
 use crate::store::{JOURNAL_CHANNEL, Reader, Store, drain, with_reader};
 
 /// The query of a page of events, one row each: topic `$1`, sequences `$2..=$3`, at most `$4`;
 /// a payload larger than `$5` bytes comes as NULL (`octet_length` reads a size, not the bytes)
-/// and is read on its own ([`Journal::read`]).
-macro_rules! page_rows {
-    () => {
+/// and is read on its own ([`Journal::read`]). With `scope` tokens (`$6`…), only the events
+/// whose audience holds one of them ([`address::matches`], in SQL: `instr` on SQLite, `strpos`
+/// on PostgreSQL). Built only from constants and numbered placeholders.
+fn page_rows(pg: bool, scope: usize) -> String {
+    format!(
         "SELECT seq, event_id, producer, \
            CASE WHEN octet_length(payload) <= $5 THEN payload END AS payload, recorded_at_ms \
-         FROM journal_events WHERE topic = $1 AND seq >= $2 AND seq <= $3 ORDER BY seq LIMIT $4"
-    };
+         FROM journal_events WHERE topic = $1 AND seq >= $2 AND seq <= $3{} ORDER BY seq LIMIT $4",
+        scope_filter(pg, scope, 6)
+    )
+}
+
+/// ` AND (audience holds $first or $first+1 …)` for `n` scope tokens; empty for none (every
+/// event of the topic).
+fn scope_filter(pg: bool, n: usize, first: usize) -> String {
+    if n == 0 {
+        return String::new();
+    }
+    let f = if pg { "strpos" } else { "instr" };
+    let any: Vec<String> = (0..n)
+        .map(|i| format!("{f}(audience, ${}) > 0", first + i))
+        .collect();
+    format!(" AND ({})", any.join(" OR "))
 }
 
 /// Most payload bytes a page of [`Journal::read`] starts with: a page holds at most this plus
@@ -51,16 +71,18 @@ CREATE TABLE IF NOT EXISTS journal_events (
     payload BLOB NOT NULL,
     payload_hash BLOB NOT NULL,
     recorded_at_ms INTEGER NOT NULL,
+    audience TEXT,
     PRIMARY KEY (topic, seq)
 ) WITHOUT ROWID;
 CREATE UNIQUE INDEX IF NOT EXISTS journal_idempotency ON journal_events (producer, idempotency_key);
 CREATE TABLE IF NOT EXISTS journal_rejections (
     topic TEXT NOT NULL,
+    agency TEXT NOT NULL,
     grp TEXT NOT NULL,
     seq INTEGER NOT NULL,
     reason TEXT NOT NULL,
     at_ms INTEGER NOT NULL,
-    PRIMARY KEY (topic, seq, grp)
+    PRIMARY KEY (topic, seq, agency, grp)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS journal_heads (
     topic TEXT PRIMARY KEY,
@@ -68,11 +90,131 @@ CREATE TABLE IF NOT EXISTS journal_heads (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS journal_groups (
     topic TEXT NOT NULL,
+    agency TEXT NOT NULL,
     grp TEXT NOT NULL,
     acked INTEGER NOT NULL,
-    PRIMARY KEY (topic, grp)
+    PRIMARY KEY (topic, agency, grp)
 ) WITHOUT ROWID;
 ";
+
+/// Population events stored by an earlier release, without an audience (empty once they have
+/// been given one at open: new population events always have one).
+const UNADDRESSED_INDEX: &str = "CREATE INDEX IF NOT EXISTS journal_unaddressed ON journal_events (seq) \
+     WHERE topic = 'population' AND audience IS NULL";
+
+/// SQLite: a store of the release before consumer groups had owners. Groups and rejections get
+/// an `agency` column ('' until [`adopt_legacy`] assigns them) in their key; events an
+/// `audience`.
+const SQLITE_OWNED_GROUPS: &str = "
+CREATE TABLE journal_groups_owned (
+    topic TEXT NOT NULL,
+    agency TEXT NOT NULL,
+    grp TEXT NOT NULL,
+    acked INTEGER NOT NULL,
+    PRIMARY KEY (topic, agency, grp)
+) WITHOUT ROWID;
+INSERT INTO journal_groups_owned (topic, agency, grp, acked) SELECT topic, '', grp, acked FROM journal_groups;
+DROP TABLE journal_groups;
+ALTER TABLE journal_groups_owned RENAME TO journal_groups;
+";
+const SQLITE_OWNED_REJECTIONS: &str = "
+CREATE TABLE journal_rejections_owned (
+    topic TEXT NOT NULL,
+    agency TEXT NOT NULL,
+    grp TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    at_ms INTEGER NOT NULL,
+    PRIMARY KEY (topic, seq, agency, grp)
+) WITHOUT ROWID;
+INSERT INTO journal_rejections_owned (topic, agency, grp, seq, reason, at_ms) SELECT topic, '', grp, seq, reason, at_ms FROM journal_rejections;
+DROP TABLE journal_rejections;
+ALTER TABLE journal_rejections_owned RENAME TO journal_rejections;
+";
+
+/// Brings what an earlier release wrote up to this release's rules, in the caller's
+/// transaction (`$conn`: a `&mut` SQLite or PostgreSQL connection):
+/// - consumer groups and rejections without an owner (`agency = ''`) are given the agency the
+///   policy names for them ([`crate::policy::owner_of_legacy_group`]); if any cannot be, the
+///   open fails with what to add to the config, and nothing is changed;
+/// - population events without an audience are given theirs ([`address::audience_of`]; an
+///   answer goes to the producer of the event it answers, found through `in_reply_to` or the
+///   old `birth_event_id`, or by province when that event is gone).
+macro_rules! adopt_legacy {
+    ($conn:expr, $policy:expr) => {
+        async {
+            let policy: &Policy = $policy;
+            let legacy: Vec<(String, String)> = sqlx::query_as(
+                "SELECT topic, grp FROM journal_groups WHERE agency = '' \
+                 UNION SELECT topic, grp FROM journal_rejections WHERE agency = ''",
+            )
+            .fetch_all(&mut *$conn)
+            .await?;
+            let mut problems = Vec::new();
+            let mut owners = Vec::new();
+            for (topic, grp) in legacy {
+                match crate::policy::owner_of_legacy_group(policy, &topic, &grp) {
+                    Ok(a) => owners.push((topic, grp, a)),
+                    Err(e) => problems.push(e),
+                }
+            }
+            anyhow::ensure!(
+                problems.is_empty(),
+                "the journal cannot be opened until its consumer groups have owners:\n  {}",
+                problems.join("\n  ")
+            );
+            for (topic, grp, agency) in &owners {
+                sqlx::query("UPDATE journal_groups SET agency = $1 WHERE topic = $2 AND grp = $3 AND agency = ''")
+                    .bind(agency.as_str())
+                    .bind(topic)
+                    .bind(grp)
+                    .execute(&mut *$conn)
+                    .await?;
+                sqlx::query("UPDATE journal_rejections SET agency = $1 WHERE topic = $2 AND grp = $3 AND agency = ''")
+                    .bind(agency.as_str())
+                    .bind(topic)
+                    .bind(grp)
+                    .execute(&mut *$conn)
+                    .await?;
+                tracing::info!(topic, group = grp.as_str(), agency = agency.as_str(), "consumer group of an earlier release assigned to its agency");
+            }
+            let unaddressed: Vec<(i64, Vec<u8>)> = sqlx::query_as(
+                "SELECT seq, payload FROM journal_events \
+                 WHERE topic = 'population' AND audience IS NULL ORDER BY seq",
+            )
+            .fetch_all(&mut *$conn)
+            .await?;
+            let n = unaddressed.len();
+            for (seq, payload) in unaddressed {
+                let event = <crate::pb::v1::Event as prost::Message>::decode(payload.as_slice()).ok();
+                let mut answered_producer = None;
+                if let Some(id) = event.as_ref().and_then(address::answered) {
+                    answered_producer = sqlx::query_scalar::<_, String>(
+                        "SELECT producer FROM journal_events WHERE event_id = $1",
+                    )
+                    .bind(id)
+                    .fetch_optional(&mut *$conn)
+                    .await?;
+                }
+                // An event that does not decode is kept from everyone.
+                let audience = event
+                    .as_ref()
+                    .and_then(|e| e.payload.as_ref())
+                    .and_then(|p| address::audience_of(p, answered_producer.as_deref()))
+                    .unwrap_or_else(|| " ".to_owned());
+                sqlx::query("UPDATE journal_events SET audience = $1 WHERE topic = 'population' AND seq = $2")
+                    .bind(audience)
+                    .bind(seq)
+                    .execute(&mut *$conn)
+                    .await?;
+            }
+            if n > 0 {
+                tracing::info!(events = n, "population events of an earlier release addressed");
+            }
+            Ok::<_, anyhow::Error>(())
+        }
+    };
+}
 
 const TOPICS: [&str; 2] = [CIVIL_STATUS, POPULATION];
 
@@ -122,6 +264,47 @@ impl From<JournalError> for tonic::Status {
     }
 }
 
+/// A consumer group: the agency that owns it (the caller's, from its certificate) and its name.
+/// Two agencies' groups of the same name are two groups.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Group {
+    pub agency: String,
+    pub name: String,
+}
+
+impl Group {
+    pub fn new(agency: &str, name: &str) -> Self {
+        Self {
+            agency: agency.to_owned(),
+            name: name.to_owned(),
+        }
+    }
+}
+
+impl std::fmt::Display for Group {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.agency, self.name)
+    }
+}
+
+/// A page of events read for a subscriber, and how far it looked: every event up to
+/// `scanned_to` that the scope selects is in `events` (or was before it).
+#[derive(Clone, Debug, Default)]
+pub struct Page {
+    pub events: Vec<Stored>,
+    pub scanned_to: u64,
+}
+
+/// One stored event found by its id.
+#[derive(Clone, Debug)]
+pub struct Found {
+    pub topic: String,
+    pub seq: u64,
+    pub producer: String,
+    pub audience: Option<String>,
+    pub payload: Vec<u8>,
+}
+
 /// One stored event.
 #[derive(Clone, Debug)]
 pub struct Stored {
@@ -138,20 +321,22 @@ enum Job {
         key: String,
         topic: &'static str,
         payload: Vec<u8>,
+        /// Who it is addressed to (`address::audience_of`); `None`: every consumer.
+        audience: Option<String>,
         /// The call's audit record, to be finished with the outcome and committed with it.
         audit: Option<Draft>,
         done: oneshot::Sender<Published>,
     },
     Ack {
         topic: String,
-        group: String,
+        group: Group,
         seq: u64,
         audit: Option<Draft>,
         done: oneshot::Sender<Result<Option<u64>, JournalError>>,
     },
     Reject {
         topic: String,
-        group: String,
+        group: Group,
         seq: u64,
         reason: String,
         audit: Option<Draft>,
@@ -195,14 +380,16 @@ pub enum GroupState {
     Rejected(String),
 }
 
-/// An event's status: (topic, sequence, producer) and its state per consumer group.
+/// An event's status: (topic, sequence, producer, audience) and its state per consumer group
+/// of the topic (every group: which of them it is addressed to is the caller's to decide).
 #[derive(Clone, Debug)]
 pub struct EventStatus {
     pub event_id: String,
     pub topic: String,
     pub seq: u64,
     pub producer: String,
-    pub groups: Vec<(String, GroupState)>,
+    pub audience: Option<String>,
+    pub groups: Vec<(Group, GroupState)>,
 }
 
 #[derive(Clone)]
@@ -213,11 +400,11 @@ pub struct Journal {
     acks: Arc<Mutex<AckWatches>>,
     /// Highest sequence handed to each (topic, group) by a subscription since start
     /// (in memory: after a restart, "delivered" shows again once redelivered).
-    delivered: Arc<Mutex<HashMap<(String, String), u64>>>,
+    delivered: Arc<Mutex<HashMap<(String, Group), u64>>>,
 }
 
 /// Per (topic, consumer group): the acknowledged sequence, watched by its subscriptions.
-type AckWatches = HashMap<(String, String), watch::Sender<u64>>;
+type AckWatches = HashMap<(String, Group), watch::Sender<u64>>;
 
 /// Raises a watched sequence to `seq` (never lowers it); watchers wake only if it grew.
 fn raise(w: &watch::Sender<u64>, seq: u64) {
@@ -243,16 +430,33 @@ impl Journal {
     /// With `audit` (the audit log's right edge), a publish that carries its call's audit draft
     /// is committed together with that record, in one transaction, and every journal write
     /// holds the tail's lock (on SQLite both write the one file).
+    ///
+    /// A store written by an earlier release is brought up to date first ([`adopt_legacy`]):
+    /// its consumer groups are assigned to the agencies `policy` names for them (the open
+    /// fails, saying what to add to the config, when one cannot be), and its population
+    /// events are given their audiences.
     pub async fn open(
         store: &Store,
         retention: Option<Duration>,
         audit: Option<AuditTail>,
+        policy: &Policy,
     ) -> Result<Self> {
         match store {
-            Store::Sqlite(dir) => Self::open_sqlite(dir, retention, audit).await,
+            Store::Sqlite(dir) => Self::open_sqlite(dir, retention, audit, policy).await,
             Store::Postgres { url, pool_max } => {
                 let pool = crate::store::pg_pool(url, *pool_max, Duration::from_secs(2)).await?;
                 crate::store::migrate(&pool).await?;
+                {
+                    let mut tx = pool.begin().await?;
+                    // One replica of this schema at a time; the others find nothing left.
+                    sqlx::query(
+                        "SELECT pg_advisory_xact_lock(hashtext(current_schema() || ' civgate adopt'))",
+                    )
+                    .execute(&mut *tx)
+                    .await?;
+                    adopt_legacy!(&mut *tx, policy).await?;
+                    tx.commit().await?;
+                }
                 let mut last = HashMap::new();
                 for t in TOPICS {
                     last.insert(t, pg_head(&pool, t).await?);
@@ -280,6 +484,7 @@ impl Journal {
         dir: &Path,
         retention: Option<Duration>,
         audit: Option<AuditTail>,
+        policy: &Policy,
     ) -> Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         crate::sqlite::adopt_legacy_audit(dir).await?;
@@ -293,6 +498,10 @@ impl Journal {
             let _writing = AuditTail::lock_if(audit.as_ref()).await;
             sqlx::raw_sql(SCHEMA).execute(&mut conn).await?;
             adopt_legacy_journal(dir, &mut conn).await?;
+            let mut tx = conn.begin().await?;
+            upgrade_sqlite(&mut tx).await?;
+            adopt_legacy!(&mut *tx, policy).await?;
+            tx.commit().await?;
         }
         let reader = SqlitePoolOptions::new()
             .max_connections(4)
@@ -357,9 +566,9 @@ impl Journal {
     }
 
     /// Raises a group's acknowledged sequence as seen by its subscriptions here.
-    fn raise_ack(&self, topic: &str, group: &str, seq: u64) {
+    fn raise_ack(&self, topic: &str, group: &Group, seq: u64) {
         let map = self.acks.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(tx) = map.get(&(topic.to_owned(), group.to_owned())) {
+        if let Some(tx) = map.get(&(topic.to_owned(), group.clone())) {
             raise(tx, seq);
         }
     }
@@ -373,7 +582,7 @@ impl Journal {
         topic: &'static str,
         payload: Vec<u8>,
     ) -> Result<Receipt, JournalError> {
-        self.publish_audited(producer, key, topic, payload, None)
+        self.publish_audited(producer, key, topic, payload, None, None)
             .await
             .result
     }
@@ -387,6 +596,7 @@ impl Journal {
         key: &str,
         topic: &'static str,
         payload: Vec<u8>,
+        audience: Option<String>,
         audit: Option<Draft>,
     ) -> Published {
         let stopped = || Published {
@@ -399,6 +609,7 @@ impl Journal {
             key: key.into(),
             topic,
             payload,
+            audience,
             audit,
             done,
         };
@@ -409,7 +620,7 @@ impl Journal {
     }
 
     /// Cumulative acknowledgement, durable when this returns.
-    pub async fn ack(&self, topic: &str, group: &str, seq: u64) -> Result<(), JournalError> {
+    pub async fn ack(&self, topic: &str, group: &Group, seq: u64) -> Result<(), JournalError> {
         self.ack_audited(topic, group, seq, None).await.map(drop)
     }
 
@@ -418,13 +629,13 @@ impl Journal {
     pub async fn ack_audited(
         &self,
         topic: &str,
-        group: &str,
+        group: &Group,
         seq: u64,
         audit: Option<Draft>,
     ) -> Result<Option<u64>, JournalError> {
         self.request(|done| Job::Ack {
             topic: topic.into(),
-            group: group.into(),
+            group: group.clone(),
             seq,
             audit,
             done,
@@ -436,7 +647,7 @@ impl Journal {
     pub async fn reject(
         &self,
         topic: &str,
-        group: &str,
+        group: &Group,
         seq: u64,
         reason: &str,
     ) -> Result<(), JournalError> {
@@ -449,14 +660,14 @@ impl Journal {
     pub async fn reject_audited(
         &self,
         topic: &str,
-        group: &str,
+        group: &Group,
         seq: u64,
         reason: &str,
         audit: Option<Draft>,
     ) -> Result<Option<u64>, JournalError> {
         self.request(|done| Job::Reject {
             topic: topic.into(),
-            group: group.into(),
+            group: group.clone(),
             seq,
             reason: reason.into(),
             audit,
@@ -490,18 +701,18 @@ impl Journal {
     }
 
     /// Notes that a subscription handed `seq` to `group`.
-    pub fn delivered(&self, topic: &str, group: &str, seq: u64) {
+    pub fn delivered(&self, topic: &str, group: &Group, seq: u64) {
         let mut map = self.delivered.lock().unwrap_or_else(|p| p.into_inner());
-        let v = map.entry((topic.to_owned(), group.to_owned())).or_insert(0);
+        let v = map.entry((topic.to_owned(), group.clone())).or_insert(0);
         *v = (*v).max(seq);
     }
 
     /// Accepted / delivered / acknowledged / rejected, per consumer group known for the topic.
     pub async fn status(&self, event_id: &str) -> Result<Option<EventStatus>, JournalError> {
         let read = |e: sqlx::Error| JournalError::Read(e.to_string());
-        let Some((topic, seq, producer)) = with_reader!(&self.reader, |pool| {
-            sqlx::query_as::<_, (String, i64, String)>(
-                "SELECT topic, seq, producer FROM journal_events WHERE event_id = $1",
+        let Some((topic, seq, producer, audience)) = with_reader!(&self.reader, |pool| {
+            sqlx::query_as::<_, (String, i64, String, Option<String>)>(
+                "SELECT topic, seq, producer, audience FROM journal_events WHERE event_id = $1",
             )
             .bind(event_id)
             .fetch_optional(pool)
@@ -512,23 +723,23 @@ impl Journal {
             return Ok(None);
         };
         let seq = seq as u64;
-        let mut groups: std::collections::BTreeMap<String, GroupState> =
+        let mut groups: std::collections::BTreeMap<Group, GroupState> =
             std::collections::BTreeMap::new();
-        let acked_by: Vec<(String, i64)> = with_reader!(&self.reader, |pool| {
-            sqlx::query_as("SELECT grp, acked FROM journal_groups WHERE topic = $1")
+        let acked_by: Vec<(String, String, i64)> = with_reader!(&self.reader, |pool| {
+            sqlx::query_as("SELECT agency, grp, acked FROM journal_groups WHERE topic = $1")
                 .bind(&topic)
                 .fetch_all(pool)
                 .await
         })
         .map_err(read)?;
-        for (grp, acked) in acked_by {
+        for (agency, name, acked) in acked_by {
             let acked = acked as u64;
             let state = if acked >= seq {
                 GroupState::Acknowledged
             } else {
                 GroupState::Accepted
             };
-            groups.insert(grp, state);
+            groups.insert(Group { agency, name }, state);
         }
         for ((t, g), d) in self
             .delivered
@@ -543,9 +754,9 @@ impl Journal {
                 }
             }
         }
-        let rejected: Vec<(String, String)> = with_reader!(&self.reader, |pool| {
+        let rejected: Vec<(String, String, String)> = with_reader!(&self.reader, |pool| {
             sqlx::query_as(
-                "SELECT grp, reason FROM journal_rejections WHERE topic = $1 AND seq = $2",
+                "SELECT agency, grp, reason FROM journal_rejections WHERE topic = $1 AND seq = $2",
             )
             .bind(&topic)
             .bind(seq as i64)
@@ -553,16 +764,122 @@ impl Journal {
             .await
         })
         .map_err(read)?;
-        for (grp, reason) in rejected {
-            groups.insert(grp, GroupState::Rejected(reason));
+        for (agency, name, reason) in rejected {
+            groups.insert(Group { agency, name }, GroupState::Rejected(reason));
         }
         Ok(Some(EventStatus {
             event_id: event_id.to_owned(),
             topic,
             seq,
             producer,
+            audience,
             groups: groups.into_iter().collect(),
         }))
+    }
+
+    /// One stored event by its id: where it is, who published it, who it is addressed to.
+    pub async fn find(&self, event_id: &str) -> Result<Option<Found>, JournalError> {
+        type Row = (String, i64, String, Option<String>, Vec<u8>);
+        let row: Option<Row> =
+            with_reader!(&self.reader, |pool| {
+                sqlx::query_as(
+                    "SELECT topic, seq, producer, audience, payload FROM journal_events WHERE event_id = $1",
+                )
+                .bind(event_id)
+                .fetch_optional(pool)
+                .await
+            })
+            .map_err(|e| JournalError::Read(e.to_string()))?;
+        Ok(row.map(|(topic, seq, producer, audience, payload)| Found {
+            topic,
+            seq: seq as u64,
+            producer,
+            audience,
+            payload,
+        }))
+    }
+
+    /// The audience of the event at `seq` of `topic`: `None` when no event is stored there.
+    pub async fn audience_at(
+        &self,
+        topic: &str,
+        seq: u64,
+    ) -> Result<Option<Option<String>>, JournalError> {
+        with_reader!(&self.reader, |pool| {
+            sqlx::query_scalar("SELECT audience FROM journal_events WHERE topic = $1 AND seq = $2")
+                .bind(topic)
+                .bind(seq as i64)
+                .fetch_optional(pool)
+                .await
+        })
+        .map_err(|e| JournalError::Read(e.to_string()))
+    }
+
+    /// Every consumer group stored, with its acknowledged sequence: (topic, group, acked).
+    pub async fn groups(&self) -> Result<Vec<(String, Group, u64)>, JournalError> {
+        let rows: Vec<(String, String, String, i64)> = with_reader!(&self.reader, |pool| {
+            sqlx::query_as("SELECT topic, agency, grp, acked FROM journal_groups ORDER BY 1, 2, 3")
+                .fetch_all(pool)
+                .await
+        })
+        .map_err(|e| JournalError::Read(e.to_string()))?;
+        Ok(rows
+            .into_iter()
+            .map(|(t, agency, name, a)| (t, Group { agency, name }, a as u64))
+            .collect())
+    }
+
+    /// Events of `topic` after `acked` that `scope` selects: how many, and when the oldest was
+    /// recorded (Unix ms).
+    pub async fn backlog(
+        &self,
+        topic: &str,
+        acked: u64,
+        scope: Option<&[String]>,
+    ) -> Result<(u64, Option<i64>), JournalError> {
+        let tokens = scope.unwrap_or_default();
+        let sql = |pg| {
+            format!(
+                "SELECT count(*), min(recorded_at_ms) FROM journal_events WHERE topic = $1 AND seq > $2{}",
+                scope_filter(pg, tokens.len(), 3)
+            )
+        };
+        let read_err = |e: sqlx::Error| JournalError::Read(e.to_string());
+        let (n, oldest): (i64, Option<i64>) = match &self.reader {
+            Reader::Sqlite(pool) => {
+                let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql(false)))
+                    .bind(topic)
+                    .bind(acked as i64);
+                for t in tokens {
+                    q = q.bind(t.as_str());
+                }
+                q.fetch_one(pool).await.map_err(read_err)?
+            }
+            Reader::Pg(pool) => {
+                let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql(true)))
+                    .bind(topic)
+                    .bind(acked as i64);
+                for t in tokens {
+                    q = q.bind(t.as_str());
+                }
+                q.fetch_one(pool).await.map_err(read_err)?
+            }
+        };
+        Ok((n.max(0) as u64, oldest))
+    }
+
+    /// Dead letters (rejected events) per topic.
+    pub async fn dead_letters(&self) -> Result<Vec<(String, u64)>, JournalError> {
+        let rows: Vec<(String, i64)> = with_reader!(&self.reader, |pool| {
+            sqlx::query_as("SELECT topic, count(*) FROM journal_rejections GROUP BY topic")
+                .fetch_all(pool)
+                .await
+        })
+        .map_err(|e| JournalError::Read(e.to_string()))?;
+        Ok(rows
+            .into_iter()
+            .map(|(t, n)| (t, n.max(0) as u64))
+            .collect())
     }
 
     /// The highest committed sequence of a topic, as it changes.
@@ -574,9 +891,9 @@ impl Journal {
     pub async fn acked(
         &self,
         topic: &str,
-        group: &str,
+        group: &Group,
     ) -> Result<watch::Receiver<u64>, JournalError> {
-        let key = (topic.to_owned(), group.to_owned());
+        let key = (topic.to_owned(), group.clone());
         if let Some(tx) = self
             .acks
             .lock()
@@ -586,11 +903,14 @@ impl Journal {
             return Ok(tx.subscribe());
         }
         let stored: Option<i64> = with_reader!(&self.reader, |pool| {
-            sqlx::query_scalar("SELECT acked FROM journal_groups WHERE topic = $1 AND grp = $2")
-                .bind(topic)
-                .bind(group)
-                .fetch_optional(pool)
-                .await
+            sqlx::query_scalar(
+                "SELECT acked FROM journal_groups WHERE topic = $1 AND agency = $2 AND grp = $3",
+            )
+            .bind(topic)
+            .bind(&group.agency)
+            .bind(&group.name)
+            .fetch_optional(pool)
+            .await
         })
         .map_err(|e| JournalError::Read(e.to_string()))?;
         let mut map = self.acks.lock().unwrap_or_else(|p| p.into_inner());
@@ -600,48 +920,65 @@ impl Journal {
         Ok(tx.subscribe())
     }
 
-    /// Events `from..=to` of a topic, at most `limit`, in sequence order; fewer (never none,
-    /// if there is one) when their payloads pass [`PAGE_BYTES`]: the page ends before the
-    /// event that would start past it.
+    /// Events `from..=to` of a topic that `scope` selects (`None`: all), at most `limit`, in
+    /// sequence order; fewer (never none, if there is one) when their payloads pass
+    /// [`PAGE_BYTES`]: the page ends before the event that would start past it. The page
+    /// says how far it looked.
     pub async fn read(
         &self,
         topic: &str,
         from: u64,
         to: u64,
         limit: u32,
-    ) -> Result<Vec<Stored>, JournalError> {
+        scope: Option<&[String]>,
+    ) -> Result<Page, JournalError> {
         let read_err = |e: sqlx::Error| JournalError::Read(e.to_string());
+        let tokens = scope.unwrap_or_default();
         let rows: Vec<EventRow> = match &self.reader {
             Reader::Sqlite(pool) => {
                 // One row for the whole page: sqlx hands each result row from its worker
                 // thread to this task on its own, and a 1,000,000-event catch-up spent about a
                 // third of the gateway's CPU on those hand-overs. SQLite builds the page as a
                 // JSON array (payloads in hex) that is parsed here in one go.
-                let page: String = sqlx::query_scalar(SQLITE_PAGE)
+                let sql = sqlite_page(tokens.len());
+                let mut q = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
                     .bind(topic)
                     .bind(from as i64)
                     .bind(to as i64)
                     .bind(i64::from(limit))
-                    .bind(INLINE_PAYLOAD)
-                    .fetch_one(pool)
-                    .await
-                    .map_err(read_err)?;
+                    .bind(INLINE_PAYLOAD);
+                for t in tokens {
+                    q = q.bind(t.as_str());
+                }
+                let page: String = q.fetch_one(pool).await.map_err(read_err)?;
                 parse_page(&page)?
             }
-            Reader::Pg(pool) => sqlx::query_as(page_rows!())
-                .bind(topic)
-                .bind(from as i64)
-                .bind(to as i64)
-                .bind(i64::from(limit))
-                .bind(INLINE_PAYLOAD)
-                .fetch_all(pool)
-                .await
-                .map_err(read_err)?,
+            Reader::Pg(pool) => {
+                let mut q = sqlx::query_as(sqlx::AssertSqlSafe(page_rows(true, tokens.len())))
+                    .bind(topic)
+                    .bind(from as i64)
+                    .bind(to as i64)
+                    .bind(i64::from(limit))
+                    .bind(INLINE_PAYLOAD);
+                for t in tokens {
+                    q = q.bind(t.as_str());
+                }
+                q.fetch_all(pool).await.map_err(read_err)?
+            }
+        };
+        // Fewer rows than asked for: nothing else up to `to` is selected.
+        let full = rows.len() >= limit as usize;
+        let mut scanned_to = if full {
+            rows.last().map_or(to, |r| r.0 as u64)
+        } else {
+            to
         };
         let mut page = Vec::with_capacity(rows.len());
         let mut bytes = 0;
         for (seq, event_id, producer, payload, recorded_at_ms) in rows {
             if bytes >= PAGE_BYTES {
+                // The rest is for the next page.
+                scanned_to = seq as u64 - 1;
                 break;
             }
             let payload = match payload {
@@ -662,7 +999,10 @@ impl Journal {
                 recorded_at_ms,
             });
         }
-        Ok(page)
+        Ok(Page {
+            events: page,
+            scanned_to,
+        })
     }
 
     /// One stored event's payload.
@@ -684,15 +1024,16 @@ type EventRow = (i64, String, String, Option<Vec<u8>>, i64);
 
 /// SQLite: the same page as one JSON array of `[seq, event_id, producer, hex(payload) or null,
 /// recorded_at_ms]` (`[]` for an empty page).
-const SQLITE_PAGE: &str = concat!(
+fn sqlite_page(scope: usize) -> String {
     // hex(NULL) is '', so a NULL payload (too large for the page) is kept NULL.
-    "SELECT json_group_array(json_array(seq, event_id, producer, \
-       CASE WHEN payload IS NULL THEN NULL ELSE hex(payload) END, recorded_at_ms)) FROM (",
-    page_rows!(),
-    ")"
-);
+    format!(
+        "SELECT json_group_array(json_array(seq, event_id, producer, \
+           CASE WHEN payload IS NULL THEN NULL ELSE hex(payload) END, recorded_at_ms)) FROM ({})",
+        page_rows(false, scope)
+    )
+}
 
-/// The rows of a [`SQLITE_PAGE`], in sequence order (an aggregate's input order is not
+/// The rows of a [`sqlite_page`], in sequence order (an aggregate's input order is not
 /// promised, so it is restored here).
 fn parse_page(page: &str) -> Result<Vec<EventRow>, JournalError> {
     let bad = |what: &dyn std::fmt::Display| JournalError::Read(format!("journal page: {what}"));
@@ -1067,6 +1408,38 @@ fn placed(jobs: usize, first: u64, at: Vec<usize>) -> Vec<Option<u64>> {
     indexes
 }
 
+/// SQLite: adds what this release stores to an earlier release's tables (in the caller's
+/// transaction): events' `audience`, groups' and rejections' owning `agency` (`''` until
+/// [`adopt_legacy`] assigns it), and the index of events still without an audience.
+async fn upgrade_sqlite(conn: &mut SqliteConnection) -> Result<()> {
+    async fn has(conn: &mut SqliteConnection, table: &str, column: &str) -> Result<bool> {
+        let n: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM pragma_table_info($1) WHERE name = $2")
+                .bind(table)
+                .bind(column)
+                .fetch_one(&mut *conn)
+                .await?;
+        Ok(n > 0)
+    }
+    if !has(conn, "journal_events", "audience").await? {
+        sqlx::raw_sql("ALTER TABLE journal_events ADD COLUMN audience TEXT")
+            .execute(&mut *conn)
+            .await?;
+    }
+    if !has(conn, "journal_groups", "agency").await? {
+        sqlx::raw_sql(SQLITE_OWNED_GROUPS)
+            .execute(&mut *conn)
+            .await?;
+    }
+    if !has(conn, "journal_rejections", "agency").await? {
+        sqlx::raw_sql(SQLITE_OWNED_REJECTIONS)
+            .execute(&mut *conn)
+            .await?;
+    }
+    sqlx::raw_sql(UNADDRESSED_INDEX).execute(&mut *conn).await?;
+    Ok(())
+}
+
 /// Before the journal and the audit log shared `civgate.sqlite`, the journal lived in
 /// `journal.sqlite`. Its rows are copied into the store file in one transaction (a copy cut
 /// short by a crash is simply done again: every insert skips what is there), then the old file
@@ -1088,16 +1461,17 @@ async fn adopt_legacy_journal(dir: &Path, conn: &mut SqliteConnection) -> Result
          SELECT topic, seq, event_id, producer, idempotency_key, payload, payload_hash, recorded_at_ms FROM legacy.journal_events",
     )
     .statement(
-        "INSERT OR IGNORE INTO journal_rejections (topic, grp, seq, reason, at_ms) \
-         SELECT topic, grp, seq, reason, at_ms FROM legacy.journal_rejections",
+        // Without owners, like every group of that release (`adopt_legacy` assigns them).
+        "INSERT OR IGNORE INTO journal_rejections (topic, agency, grp, seq, reason, at_ms) \
+         SELECT topic, '', grp, seq, reason, at_ms FROM legacy.journal_rejections",
     )
     .statement(
         "INSERT INTO journal_heads (topic, head) SELECT topic, head FROM legacy.journal_heads WHERE true \
          ON CONFLICT (topic) DO UPDATE SET head = max(head, excluded.head)",
     )
     .statement(
-        "INSERT INTO journal_groups (topic, grp, acked) SELECT topic, grp, acked FROM legacy.journal_groups WHERE true \
-         ON CONFLICT (topic, grp) DO UPDATE SET acked = max(acked, excluded.acked)",
+        "INSERT INTO journal_groups (topic, agency, grp, acked) SELECT topic, '', grp, acked FROM legacy.journal_groups WHERE true \
+         ON CONFLICT (topic, agency, grp) DO UPDATE SET acked = max(acked, excluded.acked)",
     );
     // One transaction, rolled back whole if any statement fails.
     let copied = copy.commit(&mut *conn).await;
@@ -1117,8 +1491,8 @@ async fn adopt_legacy_journal(dir: &Path, conn: &mut SqliteConnection) -> Result
 /// each job's outcome.
 struct Plan<'a> {
     rows: Vec<NewRow<'a>>,
-    acks: Vec<(&'a str, &'a str, u64)>,
-    rejects: Vec<(&'a str, &'a str, u64, &'a str)>,
+    acks: Vec<(&'a str, &'a Group, u64)>,
+    rejects: Vec<(&'a str, &'a Group, u64, &'a str)>,
     outcomes: Vec<Outcome>,
     now: i64,
 }
@@ -1145,6 +1519,7 @@ fn plan<'a>(
                 key,
                 topic,
                 payload,
+                audience,
                 ..
             } => {
                 let hash: Vec<u8> = Sha256::digest(payload).to_vec();
@@ -1169,8 +1544,16 @@ fn plan<'a>(
                     recorded_at_ms: now,
                 };
                 known.insert(k, (hash.clone(), receipt.clone()));
-                p.rows
-                    .push((topic, seq, event_id, producer, key, payload, hash));
+                p.rows.push(NewRow {
+                    topic,
+                    seq,
+                    event_id,
+                    producer,
+                    key,
+                    payload,
+                    hash,
+                    audience: audience.as_deref(),
+                });
                 p.outcomes.push(Outcome::Published(Ok(receipt)));
             }
             Job::Ack {
@@ -1196,35 +1579,25 @@ fn plan<'a>(
     p
 }
 
-const ACK_SQL: &str = "INSERT INTO journal_groups (topic, grp, acked) VALUES ($1, $2, $3) \
-     ON CONFLICT (topic, grp) DO UPDATE SET acked = CASE WHEN excluded.acked > journal_groups.acked \
+const ACK_SQL: &str = "INSERT INTO journal_groups (topic, agency, grp, acked) VALUES ($1, $2, $3, $4) \
+     ON CONFLICT (topic, agency, grp) DO UPDATE SET acked = CASE WHEN excluded.acked > journal_groups.acked \
      THEN excluded.acked ELSE journal_groups.acked END";
-const REJECT_SQL: &str = "INSERT INTO journal_rejections (topic, grp, seq, reason, at_ms) VALUES ($1, $2, $3, $4, $5) \
-     ON CONFLICT (topic, seq, grp) DO UPDATE SET reason = excluded.reason, at_ms = excluded.at_ms";
+const REJECT_SQL: &str = "INSERT INTO journal_rejections (topic, agency, grp, seq, reason, at_ms) VALUES ($1, $2, $3, $4, $5, $6) \
+     ON CONFLICT (topic, seq, agency, grp) DO UPDATE SET reason = excluded.reason, at_ms = excluded.at_ms";
+/// The columns of a new event, in the order of [`Plan::insert_sql`] and `insert_rows`.
+const EVENT_COLUMNS: &str = "journal_events (topic, seq, event_id, producer, idempotency_key, payload, payload_hash, recorded_at_ms, audience)";
 
 impl Plan<'_> {
     /// The `INSERT` of `n` events with placeholders numbered from 1.
     fn insert_sql(n: usize) -> String {
         let values: Vec<String> = (0..n)
             .map(|i| {
-                let b = i * 8;
-                format!(
-                    "(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${})",
-                    b + 1,
-                    b + 2,
-                    b + 3,
-                    b + 4,
-                    b + 5,
-                    b + 6,
-                    b + 7,
-                    b + 8
-                )
+                let b = i * 9;
+                let p: Vec<String> = (1..=9).map(|k| format!("${}", b + k)).collect();
+                format!("({})", p.join(", "))
             })
             .collect();
-        format!(
-            "INSERT INTO journal_events (topic, seq, event_id, producer, idempotency_key, payload, payload_hash, recorded_at_ms) VALUES {}",
-            values.join(",")
-        )
+        format!("INSERT INTO {EVENT_COLUMNS} VALUES {}", values.join(","))
     }
 
     /// The batch as one SQLite script (`?` placeholders, bound in order across statements).
@@ -1233,32 +1606,32 @@ impl Plan<'_> {
         let mut b = crate::sqlite::Batch::new();
         for (topic, group, seq) in &self.acks {
             b.statement(&q(ACK_SQL));
-            b.bind(*topic)?.bind(*group)?.bind(*seq as i64)?;
+            b.bind(*topic)?
+                .bind(group.agency.as_str())?
+                .bind(group.name.as_str())?
+                .bind(*seq as i64)?;
         }
         for (topic, group, seq, reason) in &self.rejects {
             b.statement(&q(REJECT_SQL));
             b.bind(*topic)?
-                .bind(*group)?
+                .bind(group.agency.as_str())?
+                .bind(group.name.as_str())?
                 .bind(*seq as i64)?
                 .bind(*reason)?
                 .bind(self.now)?;
         }
-        b.insert_rows(
-            "journal_events (topic, seq, event_id, producer, idempotency_key, payload, payload_hash, recorded_at_ms)",
-            8,
-            &self.rows,
-            |b, (topic, seq, event_id, producer, key, payload, hash)| {
-                b.bind(*topic)?
-                    .bind(*seq as i64)?
-                    .bind(event_id.as_str())?
-                    .bind(*producer)?
-                    .bind(*key)?
-                    .bind(*payload)?
-                    .bind(hash.as_slice())?
-                    .bind(self.now)?;
-                Ok(())
-            },
-        )?;
+        b.insert_rows(EVENT_COLUMNS, 9, &self.rows, |b, r| {
+            b.bind(r.topic)?
+                .bind(r.seq as i64)?
+                .bind(r.event_id.as_str())?
+                .bind(r.producer)?
+                .bind(r.key)?
+                .bind(r.payload)?
+                .bind(r.hash.as_slice())?
+                .bind(self.now)?
+                .bind(r.audience)?;
+            Ok(())
+        })?;
         // No `journal_heads` row: on SQLite a topic's head is its highest stored sequence, and
         // retention records the heads before it deletes (`prune_sqlite`).
         Ok(b)
@@ -1268,9 +1641,9 @@ impl Plan<'_> {
     fn heads(&self) -> Vec<(&'static str, u64)> {
         let mut heads: Vec<(&'static str, u64)> = Vec::new();
         for r in &self.rows {
-            match heads.iter_mut().find(|(t, _)| *t == r.0) {
-                Some(h) => h.1 = h.1.max(r.1),
-                None => heads.push((r.0, r.1)),
+            match heads.iter_mut().find(|(t, _)| *t == r.topic) {
+                Some(h) => h.1 = h.1.max(r.seq),
+                None => heads.push((r.topic, r.seq)),
             }
         }
         heads
@@ -1282,20 +1655,22 @@ impl Plan<'_> {
         for (topic, group, seq) in &self.acks {
             sqlx::query(ACK_SQL)
                 .bind(*topic)
-                .bind(*group)
+                .bind(&group.agency)
+                .bind(&group.name)
                 .bind(*seq as i64)
                 .execute(&mut *tx)
                 .await?;
             sqlx::query("SELECT pg_notify($1, current_schema() || ' ' || $2)")
                 .bind(JOURNAL_CHANNEL)
-                .bind(format!("a {topic} {seq} {group}"))
+                .bind(format!("a {topic} {seq} {} {}", group.agency, group.name))
                 .execute(&mut *tx)
                 .await?;
         }
         for (topic, group, seq, reason) in &self.rejects {
             sqlx::query(REJECT_SQL)
                 .bind(*topic)
-                .bind(*group)
+                .bind(&group.agency)
+                .bind(&group.name)
                 .bind(*seq as i64)
                 .bind(*reason)
                 .bind(self.now)
@@ -1307,7 +1682,7 @@ impl Plan<'_> {
         }
         // One statement: the events, the new heads, and the NOTIFYs sent at commit.
         let heads = self.heads();
-        let n = self.rows.len() * 8;
+        let n = self.rows.len() * 9;
         let head_values: Vec<String> = (0..heads.len())
             .map(|i| format!("(${}, ${})", n + 2 * i + 1, n + 2 * i + 2))
             .collect();
@@ -1330,16 +1705,17 @@ impl Plan<'_> {
         );
         // Built only from constants and numbered placeholders.
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for (topic, seq, event_id, producer, key, payload, hash) in &self.rows {
+        for r in &self.rows {
             q = q
-                .bind(*topic)
-                .bind(*seq as i64)
-                .bind(event_id.as_str())
-                .bind(*producer)
-                .bind(*key)
-                .bind(*payload)
-                .bind(hash.as_slice())
-                .bind(self.now);
+                .bind(r.topic)
+                .bind(r.seq as i64)
+                .bind(r.event_id.as_str())
+                .bind(r.producer)
+                .bind(r.key)
+                .bind(r.payload)
+                .bind(r.hash.as_slice())
+                .bind(self.now)
+                .bind(r.audience);
         }
         for (topic, seq) in &heads {
             q = q.bind(*topic).bind(*seq as i64);
@@ -1380,15 +1756,18 @@ async fn listen(pool: PgPool, journal: Journal, alive: mpsc::WeakSender<Job>) {
 }
 
 fn apply_notification(journal: &Journal, payload: &str) {
-    let mut f = payload.splitn(4, ' ');
+    let mut f = payload.splitn(5, ' ');
     match (
         f.next(),
         f.next(),
         f.next().and_then(|s| s.parse::<u64>().ok()),
         f.next(),
+        f.next(),
     ) {
-        (Some("h"), Some(topic), Some(seq), None) => journal.raise_head(topic, seq),
-        (Some("a"), Some(topic), Some(seq), Some(group)) => journal.raise_ack(topic, group, seq),
+        (Some("h"), Some(topic), Some(seq), None, None) => journal.raise_head(topic, seq),
+        (Some("a"), Some(topic), Some(seq), Some(agency), Some(group)) => {
+            journal.raise_ack(topic, &Group::new(agency, group), seq)
+        }
         _ => tracing::warn!(payload, "journal: unexpected notification"),
     }
 }
@@ -1404,16 +1783,17 @@ async fn resync(pool: &PgPool, journal: &Journal) {
 /// (producer, idempotency key) → (payload hash, receipt) of events already stored.
 type Known = HashMap<(String, String), (Vec<u8>, Receipt)>;
 
-/// An event to insert: topic, sequence, event id, producer, key, payload, payload hash.
-type NewRow<'a> = (
-    &'static str,
-    u64,
-    String,
-    &'a str,
-    &'a str,
-    &'a [u8],
-    Vec<u8>,
-);
+/// An event to insert.
+struct NewRow<'a> {
+    topic: &'static str,
+    seq: u64,
+    event_id: String,
+    producer: &'a str,
+    key: &'a str,
+    payload: &'a [u8],
+    hash: Vec<u8>,
+    audience: Option<&'a str>,
+}
 
 enum Outcome {
     Published(Result<Receipt, JournalError>),
@@ -1435,7 +1815,11 @@ mod tests {
         let store = Store::Postgres { url, pool_max: 4 };
         let mut replicas = Vec::new();
         for _ in 0..3 {
-            replicas.push(Journal::open(&store, None, None).await.unwrap());
+            replicas.push(
+                Journal::open(&store, None, None, &Policy::default())
+                    .await
+                    .unwrap(),
+            );
         }
         let mut head_on_c = replicas[2].head(POPULATION).unwrap();
         let mut tasks = Vec::new();
@@ -1471,7 +1855,11 @@ mod tests {
             .await
             .expect("head on the third replica within 5 s")
             .unwrap();
-        let read = replicas[2].read(POPULATION, 1, 400, 1000).await.unwrap();
+        let read = replicas[2]
+            .read(POPULATION, 1, 400, 1000, None)
+            .await
+            .unwrap()
+            .events;
         assert_eq!(read.len(), 400);
         assert!(read.windows(2).all(|w| w[1].seq == w[0].seq + 1));
         // A retry through another replica gets the original receipt; another payload conflicts.
@@ -1495,8 +1883,14 @@ mod tests {
             Err(JournalError::Conflict(_))
         ));
         // Acks through one replica reach another's watchers.
-        let mut acked_on_a = replicas[0].acked(POPULATION, "g").await.unwrap();
-        replicas[1].ack(POPULATION, "g", 17).await.unwrap();
+        let mut acked_on_a = replicas[0]
+            .acked(POPULATION, &Group::new("a", "g"))
+            .await
+            .unwrap();
+        replicas[1]
+            .ack(POPULATION, &Group::new("a", "g"), 17)
+            .await
+            .unwrap();
         tokio::time::timeout(Duration::from_secs(5), acked_on_a.wait_for(|a| *a >= 17))
             .await
             .expect("ack seen on the other replica")
@@ -1508,7 +1902,7 @@ mod tests {
             .unwrap();
         assert_eq!(
             status.groups,
-            vec![("g".to_owned(), GroupState::Acknowledged)]
+            vec![(Group::new("a", "g"), GroupState::Acknowledged)]
         );
         drop(replicas);
         if let Store::Postgres { url, .. } = &store {
@@ -1519,12 +1913,81 @@ mod tests {
     /// Pages come back from SQLite as one JSON row: every payload byte survives, pages hold
     /// the range asked for in sequence order and no more than the limit, and an empty range
     /// is an empty page.
+    /// A subscriber's scope selects the events whose audience holds one of its tokens; a page
+    /// says how far it looked, also when it found nothing or filled up.
+    async fn scoped_pages_select_by_audience(store: Store) {
+        let j = Journal::open(&store, None, None, &Policy::default())
+            .await
+            .unwrap();
+        let audiences = [
+            Some(" p:031 "),
+            Some(" a:registry-hn "),
+            Some(" p:001 p:031 "),
+            Some(" p:001 "),
+            None,
+            Some(" a:registry-hp "),
+            Some(" p:048 "),
+        ];
+        for (i, a) in audiences.iter().enumerate() {
+            j.publish_audited(
+                "population",
+                &format!("k{i}"),
+                POPULATION,
+                vec![i as u8],
+                a.map(str::to_owned),
+                None,
+            )
+            .await
+            .result
+            .unwrap();
+        }
+        let hp: Vec<String> = vec![" a:registry-hp ".into(), " p:031 ".into()];
+        let hn: Vec<String> = vec![" a:registry-hn ".into(), " p:001 ".into()];
+        let seqs = |p: &Page| p.events.iter().map(|e| e.seq).collect::<Vec<_>>();
+        let all = j.read(POPULATION, 1, 7, 256, Some(&hp)).await.unwrap();
+        assert_eq!((seqs(&all), all.scanned_to), (vec![1, 3, 6], 7));
+        let all = j.read(POPULATION, 1, 7, 256, Some(&hn)).await.unwrap();
+        assert_eq!((seqs(&all), all.scanned_to), (vec![2, 3, 4], 7));
+        // Full at two: looked as far as the second.
+        let two = j.read(POPULATION, 1, 7, 2, Some(&hp)).await.unwrap();
+        assert_eq!((seqs(&two), two.scanned_to), (vec![1, 3], 3));
+        let rest = j.read(POPULATION, 4, 7, 2, Some(&hp)).await.unwrap();
+        assert_eq!((seqs(&rest), rest.scanned_to), (vec![6], 7));
+        let none = j.read(POPULATION, 7, 7, 2, Some(&hp)).await.unwrap();
+        assert_eq!((seqs(&none), none.scanned_to), (vec![], 7));
+        // The backlog counts what the scope selects after the acknowledged sequence.
+        assert_eq!(j.backlog(POPULATION, 1, Some(&hp)).await.unwrap().0, 2);
+        assert_eq!(j.backlog(POPULATION, 0, None).await.unwrap().0, 7);
+        // Stored audiences come back with the event.
+        let id = &all.events[0].event_id;
+        let found = j.find(id).await.unwrap().unwrap();
+        assert_eq!(found.audience.as_deref(), Some(" a:registry-hn "));
+        assert_eq!(j.audience_at(POPULATION, 5).await.unwrap(), Some(None));
+        assert_eq!(j.audience_at(POPULATION, 9).await.unwrap(), None);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn scoped_pages_select_by_audience_on_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        scoped_pages_select_by_audience(Store::Sqlite(dir.path().into())).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn scoped_pages_select_by_audience_on_postgres() {
+        crate::store::with_test_postgres("scoped_pages", scoped_pages_select_by_audience).await;
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn sqlite_pages_return_exact_payloads_in_order() {
         let dir = tempfile::tempdir().unwrap();
-        let j = Journal::open(&Store::Sqlite(dir.path().into()), None, None)
-            .await
-            .unwrap();
+        let j = Journal::open(
+            &Store::Sqlite(dir.path().into()),
+            None,
+            None,
+            &Policy::default(),
+        )
+        .await
+        .unwrap();
         // Every byte value, an empty-ish and a 64 KiB payload among them.
         let payloads: Vec<Vec<u8>> = (0..300u32)
             .map(|i| match i {
@@ -1542,9 +2005,9 @@ mod tests {
                     .unwrap(),
             );
         }
-        let page = j.read(POPULATION, 1, 300, 256).await.unwrap();
-        assert_eq!(page.len(), 256);
-        for (e, (p, r)) in page.iter().zip(payloads.iter().zip(&receipts)) {
+        let page = j.read(POPULATION, 1, 300, 256, None).await.unwrap();
+        assert_eq!((page.events.len(), page.scanned_to), (256, 256));
+        for (e, (p, r)) in page.events.iter().zip(payloads.iter().zip(&receipts)) {
             assert_eq!(
                 (e.seq, &e.event_id, &e.payload),
                 (r.sequence, &r.event_id, p)
@@ -1554,19 +2017,29 @@ mod tests {
                 ("population", r.recorded_at_ms)
             );
         }
-        let rest = j.read(POPULATION, 257, 280, 256).await.unwrap();
+        let rest = j.read(POPULATION, 257, 280, 256, None).await.unwrap();
         assert_eq!(
-            rest.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            rest.events.iter().map(|e| e.seq).collect::<Vec<_>>(),
             (257..=280).collect::<Vec<_>>()
         );
-        assert!(j.read(POPULATION, 301, 400, 256).await.unwrap().is_empty());
-        assert!(j.read(CIVIL_STATUS, 1, 10, 256).await.unwrap().is_empty());
+        assert_eq!(rest.scanned_to, 280);
+        let none = j.read(POPULATION, 301, 400, 256, None).await.unwrap();
+        assert!(none.events.is_empty() && none.scanned_to == 400);
+        assert!(
+            j.read(CIVIL_STATUS, 1, 10, 256, None)
+                .await
+                .unwrap()
+                .events
+                .is_empty()
+        );
     }
 
     /// A page stops before the event that would start past `PAGE_BYTES` of payloads — the
     /// first event always comes, however large — and the next read goes on from there.
     async fn pages_are_bounded_by_bytes(store: Store) {
-        let j = Journal::open(&store, None, None).await.unwrap();
+        let j = Journal::open(&store, None, None, &Policy::default())
+            .await
+            .unwrap();
         let mib = 1 << 20;
         // Sizes in MiB; sequences 1..=7.
         let sizes = [1, 2, 1, 5, 0, 3, 2];
@@ -1579,8 +2052,8 @@ mod tests {
         let mut pages = Vec::new();
         let mut next = 1;
         while next <= 7 {
-            let page = j.read(POPULATION, next, 7, 256).await.unwrap();
-            for (e, want) in page.iter().zip(next..) {
+            let page = j.read(POPULATION, next, 7, 256, None).await.unwrap();
+            for (e, want) in page.events.iter().zip(next..) {
                 assert_eq!(e.seq, want);
                 let i = (want - 1) as usize;
                 let want = vec![i as u8; sizes[i] * mib + 1];
@@ -1592,13 +2065,20 @@ mod tests {
                     e.payload.len()
                 );
             }
-            next += page.len() as u64;
-            pages.push(page.iter().map(|e| e.seq).collect::<Vec<_>>());
+            next += page.events.len() as u64;
+            pages.push(page.events.iter().map(|e| e.seq).collect::<Vec<_>>());
         }
         // 1+2+1 MiB (and 3 bytes) pass 4 MiB only with the third; 5 MiB alone; 0+3 MiB, then 2.
         assert_eq!(pages, [vec![1, 2, 3], vec![4], vec![5, 6, 7]]);
         // The event count still limits.
-        assert_eq!(j.read(POPULATION, 5, 7, 2).await.unwrap().len(), 2);
+        assert_eq!(
+            j.read(POPULATION, 5, 7, 2, None)
+                .await
+                .unwrap()
+                .events
+                .len(),
+            2
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1645,9 +2125,14 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn publish_ack_and_retention_keep_what_a_group_still_needs() {
         let dir = tempfile::tempdir().unwrap();
-        let j = Journal::open(&Store::Sqlite(dir.path().into()), None, None)
-            .await
-            .unwrap();
+        let j = Journal::open(
+            &Store::Sqlite(dir.path().into()),
+            None,
+            None,
+            &Policy::default(),
+        )
+        .await
+        .unwrap();
         for i in 0..5 {
             let r = j
                 .publish("population", &format!("k{i}"), POPULATION, vec![i])
@@ -1655,8 +2140,8 @@ mod tests {
                 .unwrap();
             assert_eq!(r.sequence, u64::from(i) + 1);
         }
-        j.ack(POPULATION, "a", 4).await.unwrap();
-        j.ack(POPULATION, "b", 2).await.unwrap();
+        j.ack(POPULATION, &Group::new("a", "a"), 4).await.unwrap();
+        j.ack(POPULATION, &Group::new("a", "b"), 2).await.unwrap();
         let mut conn = SqliteConnection::connect(&format!(
             "sqlite://{}",
             crate::sqlite::store_path(dir.path()).display()
@@ -1682,8 +2167,8 @@ mod tests {
             6
         );
         // ...also after retention removed every event and a restart.
-        j.ack(POPULATION, "a", 6).await.unwrap();
-        j.ack(POPULATION, "b", 6).await.unwrap();
+        j.ack(POPULATION, &Group::new("a", "a"), 6).await.unwrap();
+        j.ack(POPULATION, &Group::new("a", "b"), 6).await.unwrap();
         assert_eq!(prune_sqlite(&mut conn, i64::MAX).await.unwrap(), 4);
         let left: i64 = sqlx::query_scalar("SELECT count(*) FROM journal_events")
             .fetch_one(&mut conn)
@@ -1691,9 +2176,14 @@ mod tests {
             .unwrap();
         assert_eq!(left, 0);
         drop(j);
-        let j = Journal::open(&Store::Sqlite(dir.path().into()), None, None)
-            .await
-            .unwrap();
+        let j = Journal::open(
+            &Store::Sqlite(dir.path().into()),
+            None,
+            None,
+            &Policy::default(),
+        )
+        .await
+        .unwrap();
         let r = j
             .publish("population", "k10", POPULATION, vec![10])
             .await
@@ -1722,7 +2212,9 @@ mod tests {
             .unwrap()
         };
         let log = open_log().await;
-        let journal = Journal::open(&store, None, Some(log.tail())).await.unwrap();
+        let journal = Journal::open(&store, None, Some(log.tail()), &Policy::default())
+            .await
+            .unwrap();
         let agency: crate::domain::AgencyId = "population".parse().unwrap();
         let fingerprint = crate::domain::CertFingerprint([7; 32]);
         let draft_at = |rid: &str, path: &str| Draft {
@@ -1736,6 +2228,7 @@ mod tests {
                     role: crate::domain::Role::PopulationDb,
                     fingerprint,
                     registry_offices: Arc::from([]),
+                    provinces: Arc::from([]),
                 }),
                 path: path.into(),
                 request_id: rid.into(),
@@ -1758,7 +2251,14 @@ mod tests {
 
         let start = log.size();
         let first = journal
-            .publish_audited("population", "k1", POPULATION, vec![1], Some(draft("r1")))
+            .publish_audited(
+                "population",
+                "k1",
+                POPULATION,
+                vec![1],
+                None,
+                Some(draft("r1")),
+            )
             .await;
         let receipt = first.result.unwrap();
         assert_eq!(first.audit_index, Some(start));
@@ -1778,7 +2278,14 @@ mod tests {
         assert_eq!(rec.fields_returned, ["event:personal_id_assigned"]);
 
         let retry = journal
-            .publish_audited("population", "k1", POPULATION, vec![1], Some(draft("r2")))
+            .publish_audited(
+                "population",
+                "k1",
+                POPULATION,
+                vec![1],
+                None,
+                Some(draft("r2")),
+            )
             .await;
         assert_eq!(retry.result.unwrap(), receipt);
         assert_eq!(
@@ -1786,7 +2293,14 @@ mod tests {
             "OK"
         );
         let clash = journal
-            .publish_audited("population", "k1", POPULATION, vec![2], Some(draft("r3")))
+            .publish_audited(
+                "population",
+                "k1",
+                POPULATION,
+                vec![2],
+                None,
+                Some(draft("r3")),
+            )
             .await;
         assert!(matches!(clash.result, Err(JournalError::Conflict(_))));
         let rec = record_at(&log, clash.audit_index.unwrap()).await;
@@ -1796,7 +2310,7 @@ mod tests {
         );
         // Without a draft nothing is recorded by the journal.
         let plain = journal
-            .publish_audited("population", "k2", POPULATION, vec![3], None)
+            .publish_audited("population", "k2", POPULATION, vec![3], None, None)
             .await;
         assert_eq!(plain.audit_index, None);
         assert_eq!(plain.result.unwrap().sequence, receipt.sequence + 1);
@@ -1809,7 +2323,7 @@ mod tests {
         let acked = journal
             .ack_audited(
                 POPULATION,
-                "g",
+                &Group::new("a", "g"),
                 receipt.sequence,
                 Some(bare("r4", "/civgate.v1.Exchange/Ack")),
             )
@@ -1819,7 +2333,7 @@ mod tests {
         let rejected = journal
             .reject_audited(
                 POPULATION,
-                "g",
+                &Group::new("a", "g"),
                 receipt.sequence + 1,
                 "no such citizen",
                 Some(bare("r5", "/civgate.v1.Exchange/Reject")),
@@ -1876,12 +2390,12 @@ mod tests {
             .unwrap()
             .groups;
         assert!(
-            groups.contains(&("g".to_owned(), GroupState::Acknowledged)),
+            groups.contains(&(Group::new("a", "g"), GroupState::Acknowledged)),
             "{groups:?}"
         );
         // Without a draft, nothing.
         journal
-            .ack(POPULATION, "g", receipt.sequence)
+            .ack(POPULATION, &Group::new("a", "g"), receipt.sequence)
             .await
             .unwrap();
         assert_eq!(log.size(), start + 6);
@@ -1896,7 +2410,14 @@ mod tests {
                 for (i, d) in drafts.into_iter().enumerate() {
                     let key = format!("c{t}-{i}");
                     let p = journal
-                        .publish_audited("population", &key, POPULATION, vec![t, i as u8], Some(d))
+                        .publish_audited(
+                            "population",
+                            &key,
+                            POPULATION,
+                            vec![t, i as u8],
+                            None,
+                            Some(d),
+                        )
                         .await;
                     p.result.unwrap();
                     indexes.push(p.audit_index.unwrap());
@@ -1930,7 +2451,9 @@ mod tests {
         // Reopened: the same log, the same heads.
         let log = open_log().await;
         assert_eq!(log.size(), size);
-        let journal = Journal::open(&store, None, Some(log.tail())).await.unwrap();
+        let journal = Journal::open(&store, None, Some(log.tail()), &Policy::default())
+            .await
+            .unwrap();
         assert_eq!(
             *journal.head(POPULATION).unwrap().borrow(),
             receipt.sequence + 101
@@ -1963,7 +2486,21 @@ mod tests {
         )
         .await
         .unwrap();
-        sqlx::raw_sql(SCHEMA).execute(&mut c).await.unwrap();
+        // That release's tables: groups without owners, events without audiences.
+        sqlx::raw_sql(
+            "CREATE TABLE journal_events (topic TEXT NOT NULL, seq INTEGER NOT NULL, \
+               event_id TEXT NOT NULL UNIQUE, producer TEXT NOT NULL, idempotency_key TEXT NOT NULL, \
+               payload BLOB NOT NULL, payload_hash BLOB NOT NULL, recorded_at_ms INTEGER NOT NULL, \
+               PRIMARY KEY (topic, seq)) WITHOUT ROWID;
+             CREATE TABLE journal_rejections (topic TEXT NOT NULL, grp TEXT NOT NULL, seq INTEGER NOT NULL, \
+               reason TEXT NOT NULL, at_ms INTEGER NOT NULL, PRIMARY KEY (topic, seq, grp)) WITHOUT ROWID;
+             CREATE TABLE journal_heads (topic TEXT PRIMARY KEY, head INTEGER NOT NULL) WITHOUT ROWID;
+             CREATE TABLE journal_groups (topic TEXT NOT NULL, grp TEXT NOT NULL, acked INTEGER NOT NULL, \
+               PRIMARY KEY (topic, grp)) WITHOUT ROWID;",
+        )
+        .execute(&mut c)
+        .await
+        .unwrap();
         for seq in 1..=3i64 {
             sqlx::query(
                 "INSERT INTO journal_events (topic, seq, event_id, producer, idempotency_key, \
@@ -1989,11 +2526,19 @@ mod tests {
         .unwrap();
         c.close().await.unwrap();
 
-        let j = Journal::open(&Store::Sqlite(dir.path().into()), None, None)
+        let mut policy = Policy::default();
+        policy.agencies.insert(
+            "registry-hp".parse().unwrap(),
+            crate::policy::Agency {
+                consumer_groups: Arc::from(["g".to_owned()]),
+                ..crate::policy::Agency::of_role(crate::domain::Role::CivilRegistry)
+            },
+        );
+        let j = Journal::open(&Store::Sqlite(dir.path().into()), None, None, &policy)
             .await
             .unwrap();
         assert!(!old.exists() && dir.path().join("journal.sqlite.migrated").exists());
-        let events = j.read(POPULATION, 1, 3, 10).await.unwrap();
+        let events = j.read(POPULATION, 1, 3, 10, None).await.unwrap().events;
         assert_eq!(
             events
                 .iter()
@@ -2001,12 +2546,18 @@ mod tests {
                 .collect::<Vec<_>>(),
             ["e1", "e2", "e3"]
         );
-        assert_eq!(*j.acked(POPULATION, "g").await.unwrap().borrow(), 2);
+        assert_eq!(
+            *j.acked(POPULATION, &Group::new("registry-hp", "g"))
+                .await
+                .unwrap()
+                .borrow(),
+            2
+        );
         let status = j.status("e3").await.unwrap().unwrap();
         assert_eq!(
             status.groups,
             [(
-                "g".to_owned(),
+                Group::new("registry-hp", "g"),
                 GroupState::Rejected("no such citizen".into())
             )]
         );

@@ -1,4 +1,6 @@
-//! Two-way sync: event validation and (as issue #4 lands) the journal and delivery.
+//! Two-way sync: event validation, who receives which event, the journal, and consumer lag.
 
+pub mod address;
 pub mod journal;
+pub mod lag;
 pub mod validate;

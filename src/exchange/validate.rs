@@ -275,7 +275,19 @@ pub fn validate(event: Option<&Event>, producer: &Principal) -> Result<&'static 
         }
         Payload::PersonalIdAssigned(x) => {
             c.id("personal_id", &x.personal_id);
-            c.required("birth_event_id", &x.birth_event_id);
+            #[allow(deprecated)]
+            if !x.birth_event_id.is_empty() {
+                c.bad(
+                    "birth_event_id",
+                    "replaced by event.in_reply_to: set that to the birth's event_id instead",
+                );
+            }
+            if event.in_reply_to.is_empty() {
+                c.v.push(FieldViolation::new(
+                    "event.in_reply_to",
+                    "required: the event_id of the birth this personal ID answers",
+                ));
+            }
             None
         }
         Payload::ResidenceChanged(x) => {
@@ -338,6 +350,7 @@ mod tests {
             role: Role::CivilRegistry,
             fingerprint: CertFingerprint([0; 32]),
             registry_offices: Arc::from(vec!["HP-LECHAN".parse().unwrap()]),
+            provinces: Arc::from([]),
         }
     }
 
@@ -345,6 +358,7 @@ mod tests {
         Principal {
             role: Role::PopulationDb,
             registry_offices: Arc::from(vec![]),
+            provinces: Arc::from([]),
             ..registry()
         }
     }
@@ -361,6 +375,7 @@ mod tests {
 
     pub fn birth(office: &str) -> Event {
         Event {
+            in_reply_to: String::new(),
             occurred_at_unix_ms: 0,
             payload: Some(Payload::Birth(Birth {
                 registration: reg(office),
@@ -401,6 +416,7 @@ mod tests {
             Err(Refusal::NotAllowed(_))
         ));
         let death = Event {
+            in_reply_to: String::new(),
             occurred_at_unix_ms: 0,
             payload: Some(Payload::DeathRecorded(DeathRecorded {
                 personal_id: "031095000001".into(),
@@ -439,6 +455,7 @@ mod tests {
             ]
         );
         let m = Event {
+            in_reply_to: String::new(),
             occurred_at_unix_ms: 0,
             payload: Some(Payload::Marriage(Marriage {
                 registration: reg("HP-LECHAN"),

@@ -90,12 +90,13 @@ pub async fn apply(store: &DirectoryStore, e: &SubscribedEvent) -> Result<Applie
             let reg = b.registration.clone().unwrap_or_default();
             Ok(Applied::Done(Some(Box::new(Event {
                 occurred_at_unix_ms: crate::audit::log::now_ms(),
+                in_reply_to: e.event_id.clone(),
                 payload: Some(Payload::PersonalIdAssigned(PersonalIdAssigned {
                     personal_id: id.to_string(),
-                    birth_event_id: e.event_id.clone(),
                     registry_office_code: reg.registry_office_code,
                     book_number: reg.book_number,
                     entry_number: reg.entry_number,
+                    ..Default::default()
                 })),
             }))))
         }

@@ -341,6 +341,7 @@ pub fn death_event(n: usize) -> civgate::pb::v1::Event {
     use civgate::pb::v1::{DeathRecorded, Event, event::Payload};
     Event {
         occurred_at_unix_ms: n as i64,
+        in_reply_to: String::new(),
         payload: Some(Payload::DeathRecorded(DeathRecorded {
             personal_id: format!("031050{:06}", n % 1_000_000),
             date_of_death: "2026-01-01".into(),

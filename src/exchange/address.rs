@@ -1,0 +1,177 @@
+//! Who receives which event: the audience an event is addressed to (decided once, when it is
+//! published, and stored with it) and the scope a subscriber reads with. Plain functions; the
+//! journal's page query applies the same rule in SQL ([`matches`] is its reference).
+//!
+//! - `civil-status` events go to every consumer of the topic (the population database): no
+//!   audience is stored.
+//! - A `population` event that answers another (`Event.in_reply_to`) goes to the agency that
+//!   published the answered event: `a:<agency>`.
+//! - Any other `population` event goes to the civil registries whose jurisdiction covers a
+//!   citizen it concerns: `p:<province>` for the province of each personal ID it names (the
+//!   province of the birth registration) and of the new residence, where it has one.
+//!
+//! An audience is stored as its tokens, each with a space on both sides
+//! (`" p:001 p:031 "`), so that a token is found by a plain substring search.
+
+use std::collections::BTreeSet;
+
+use crate::{
+    domain::{AgencyId, PersonalId, ProvinceCode},
+    pb::v1::{Event, event::Payload},
+};
+
+#[cfg(test)]
+use super::validate::CIVIL_STATUS;
+use super::validate::{POPULATION, subjects, topic_of};
+
+fn agency_token(agency: &str) -> String {
+    format!(" a:{agency} ")
+}
+
+fn province_token(code: &str) -> String {
+    format!(" p:{code} ")
+}
+
+/// The stored audience of an event on `topic`, or `None`: every consumer of the topic.
+/// `answered_producer` is the producer of the event this one answers (`in_reply_to`).
+pub fn audience_of(payload: &Payload, answered_producer: Option<&str>) -> Option<String> {
+    let (topic, _) = topic_of(payload);
+    if topic != POPULATION {
+        return None;
+    }
+    if let Some(agency) = answered_producer {
+        return Some(agency_token(agency));
+    }
+    let mut provinces = BTreeSet::new();
+    for id in subjects(payload) {
+        if let Ok(id) = PersonalId::parse(&id) {
+            provinces.insert(id.province_code().to_owned());
+        }
+    }
+    if let Payload::ResidenceChanged(r) = payload
+        && let Some(res) = &r.new_residence
+        && crate::domain::personal_id::is_known_province(&res.province_code)
+    {
+        provinces.insert(res.province_code.clone());
+    }
+    // Addressed to nobody when it names no province (validation makes that impossible for
+    // a new event; an undecodable stored one is kept from everyone).
+    let mut s = String::from(" ");
+    for p in provinces {
+        s.push_str("p:");
+        s.push_str(&p);
+        s.push(' ');
+    }
+    Some(s)
+}
+
+/// What a subscriber of a topic reads: `None` — everything (the topic is not addressed), or
+/// the tokens an event's audience must contain one of.
+pub fn scope_of(topic: &str, agency: &AgencyId, provinces: &[ProvinceCode]) -> Option<Vec<String>> {
+    if topic != POPULATION {
+        return None;
+    }
+    let mut tokens = vec![agency_token(agency.as_str())];
+    tokens.extend(provinces.iter().map(|p| province_token(p.as_str())));
+    Some(tokens)
+}
+
+/// Is an event with this stored audience addressed to a subscriber with this scope?
+pub fn matches(audience: Option<&str>, scope: Option<&[String]>) -> bool {
+    match scope {
+        None => true,
+        Some(tokens) => audience.is_some_and(|a| tokens.iter().any(|t| a.contains(t.as_str()))),
+    }
+}
+
+/// The event_id an event answers: `in_reply_to`, or — in events stored by an earlier release —
+/// a `personal_id_assigned`'s `birth_event_id`.
+#[allow(deprecated)]
+pub fn answered(event: &Event) -> Option<&str> {
+    if !event.in_reply_to.is_empty() {
+        return Some(&event.in_reply_to);
+    }
+    match &event.payload {
+        Some(Payload::PersonalIdAssigned(a)) if !a.birth_event_id.is_empty() => {
+            Some(&a.birth_event_id)
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pb::v1::{DeathRecorded, PersonalIdAssigned, Residence, ResidenceChanged};
+    use proptest::prelude::*;
+
+    fn scope(agency: &str, provinces: &[&str]) -> Vec<String> {
+        let provinces: Vec<ProvinceCode> = provinces.iter().map(|p| p.parse().unwrap()).collect();
+        scope_of(POPULATION, &agency.parse().unwrap(), &provinces).unwrap()
+    }
+
+    #[test]
+    fn answers_go_to_the_answered_producer_only() {
+        let p = Payload::PersonalIdAssigned(PersonalIdAssigned {
+            personal_id: "031326000001".into(),
+            ..Default::default()
+        });
+        let a = audience_of(&p, Some("registry-hp")).unwrap();
+        assert!(matches(Some(&a), Some(&scope("registry-hp", &[]))));
+        // Not to the registry of the child's province, nor to a prefix of the agency's id.
+        assert!(!matches(Some(&a), Some(&scope("registry-hn", &["031"]))));
+        assert!(!matches(Some(&a), Some(&scope("registry", &[]))));
+        assert!(!matches(Some(&a), Some(&scope("registry-hp-2", &[]))));
+    }
+
+    #[test]
+    fn other_population_events_go_by_the_provinces_of_ids_and_residence() {
+        let moved = Payload::ResidenceChanged(ResidenceChanged {
+            personal_id: "001195000007".into(),
+            new_residence: Some(Residence {
+                province_code: "031".into(),
+                address: String::new(),
+            }),
+            effective_date: String::new(),
+        });
+        let a = audience_of(&moved, None).unwrap();
+        assert_eq!(a, " p:001 p:031 ");
+        assert!(matches(Some(&a), Some(&scope("registry-hp", &["031"]))));
+        assert!(matches(Some(&a), Some(&scope("registry-hn", &["001"]))));
+        assert!(!matches(Some(&a), Some(&scope("registry-dn", &["048"]))));
+        let died = Payload::DeathRecorded(DeathRecorded {
+            personal_id: "031095000001".into(),
+            ..Default::default()
+        });
+        let a = audience_of(&died, None).unwrap();
+        assert!(!matches(Some(&a), Some(&scope("registry-hn", &["001"]))));
+        // Civil-status events go to every consumer of their topic.
+        let birth = Payload::Birth(Default::default());
+        assert_eq!(audience_of(&birth, Some("x")), None);
+        assert!(matches(None, None));
+        // A population event without an audience reaches nobody.
+        assert!(!matches(None, Some(&scope("registry-hp", &["031"]))));
+        assert_eq!(
+            scope_of(CIVIL_STATUS, &"population".parse().unwrap(), &[]),
+            None
+        );
+    }
+
+    proptest! {
+        /// A registry receives a death exactly when the dead citizen's ID province is one of
+        /// its provinces.
+        #[test]
+        fn a_death_reaches_exactly_the_registries_of_its_province(
+            id_province in prop::sample::select(vec!["001", "031", "048", "079", "092"]),
+            mine in prop::collection::vec(prop::sample::select(vec!["001", "031", "048", "079", "092"]), 0..4),
+        ) {
+            let died = Payload::DeathRecorded(DeathRecorded {
+                personal_id: format!("{id_province}095000001"),
+                ..Default::default()
+            });
+            let a = audience_of(&died, None).unwrap();
+            let got = matches(Some(&a), Some(&scope("registry-x", &mine)));
+            prop_assert_eq!(got, mine.contains(&id_province));
+        }
+    }
+}
