@@ -553,15 +553,15 @@ impl Exchange for ExchangeService {
         let groups = status
             .groups
             .into_iter()
-            // A producer sees the groups its event is addressed to; auditors every group.
+            // The groups the event is addressed to: another group's cumulative ack says
+            // nothing about this event.
             .filter(|(g, _)| {
-                auditor
-                    || addressed_to(
-                        &snapshot.policy,
-                        &status.topic,
-                        status.audience.as_deref(),
-                        g,
-                    )
+                addressed_to(
+                    &snapshot.policy,
+                    &status.topic,
+                    status.audience.as_deref(),
+                    g,
+                )
             })
             .map(|(g, s)| {
                 let (state, reason) = match s {
