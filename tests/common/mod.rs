@@ -336,19 +336,38 @@ pub fn unthrottled_publishes() -> String {
 /// Receipts by idempotency key: (event_id, sequence).
 pub type Receipts = std::collections::HashMap<String, (String, u64)>;
 
-/// A population-side death event, distinct per `n`.
+/// A population-side death event of a Hải Phòng citizen (registry-hp's), distinct per `n`.
 pub fn death_event(n: usize) -> civgate::pb::v1::Event {
+    death_in("031", n)
+}
+
+/// A population-side death event of a citizen of `province`, distinct per `n`.
+pub fn death_in(province: &str, n: usize) -> civgate::pb::v1::Event {
     use civgate::pb::v1::{DeathRecorded, Event, event::Payload};
     Event {
         occurred_at_unix_ms: n as i64,
         in_reply_to: String::new(),
         payload: Some(Payload::DeathRecorded(DeathRecorded {
-            personal_id: format!("031050{:06}", n % 1_000_000),
+            personal_id: format!("{province}050{:06}", n % 1_000_000),
             date_of_death: "2026-01-01".into(),
             recording_unit: format!("unit {n}"),
         })),
     }
 }
+
+/// The registry a [`Producers`] key's events are addressed to: producer `p` publishes deaths
+/// in Hải Phòng (registry-hp) when `p` is even, in Hà Nội (registry-hn) when odd.
+pub fn registry_of_key(key: &str) -> &'static str {
+    let p: usize = key
+        .strip_prefix('p')
+        .and_then(|k| k.split('-').next())
+        .and_then(|n| n.parse().ok())
+        .expect("a Producers key");
+    REGISTRIES[p % 2].0
+}
+
+/// The two registries of the default config and their provinces.
+pub const REGISTRIES: [(&str, &str); 2] = [("registry-hp", "031"), ("registry-hn", "001")];
 
 /// Producers publishing as the population database, each retrying every event with its
 /// idempotency key until it gets a receipt; producer `p` starts on gateway `p % addrs.len()`
@@ -386,7 +405,7 @@ impl Producers {
                         match c
                             .publish(PublishRequest {
                                 idempotency_key: key.clone(),
-                                event: Some(death_event(p * each + i)),
+                                event: Some(death_in(REGISTRIES[p % 2].1, p * each + i)),
                             })
                             .await
                         {
@@ -424,68 +443,138 @@ impl Producers {
     }
 }
 
-/// A consumer reading `population` from sequence 1 through `addr` gets every receipted event
-/// as receipted, in sequence order, with no gap, and — de-duplicated by event id — exactly once.
+/// Each registry reading `population` from sequence 1 through `addr` gets every receipted
+/// event addressed to it ([`registry_of_key`]) as receipted, in sequence order, exactly once,
+/// and nothing else.
 pub async fn check_delivery(addr: SocketAddr, certs: &Path, receipts: &Receipts) {
-    use civgate::pb::v1::{AckRequest, SubscribeRequest, exchange_client::ExchangeClient};
-    let mut ex = ExchangeClient::new(
-        civgate::client::connect(addr, certs, Some("registry-hp"))
-            .await
-            .unwrap(),
-    );
-    let mut stream = ex
-        .subscribe(SubscribeRequest {
-            topic: "population".into(),
-            consumer_group: "crash-check".into(),
-            from_sequence: Some(1),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let max = receipts.values().map(|(_, s)| *s).max().unwrap();
-    let mut by_id: std::collections::HashMap<String, u64> = Default::default();
-    let mut expected = 1;
-    let mut acked = 0;
-    while expected <= max {
-        let m = tokio::time::timeout(Duration::from_secs(20), stream.message())
-            .await
-            .expect("delivery")
-            .unwrap()
-            .unwrap();
-        assert_eq!(m.sequence, expected, "gap or reorder");
-        assert!(
-            by_id.insert(m.event_id.clone(), m.sequence).is_none(),
-            "event {} delivered twice",
-            m.event_id
-        );
-        expected += 1;
-        // Keep the window open.
-        if m.sequence - acked >= 128 {
-            ex.ack(AckRequest {
-                topic: "population".into(),
-                consumer_group: "crash-check".into(),
-                sequence: m.sequence,
-            })
-            .await
-            .unwrap();
-            acked = m.sequence;
+    for (registry, _) in REGISTRIES {
+        let mine: Receipts = receipts
+            .iter()
+            .filter(|(k, _)| registry_of_key(k) == registry)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut got = Delivered::default();
+        let mut stream = Subscriber::open(addr, certs, registry, "crash-check", Some(1)).await;
+        while got.by_id.len() < mine.len() {
+            let m = stream.next().await.expect("delivery");
+            got.take(&m);
+            stream.ack_every(128, m.sequence).await;
+        }
+        got.check(&mine);
+    }
+}
+
+/// What a consumer received: each event id once, with its sequence.
+#[derive(Default)]
+pub struct Delivered {
+    pub by_id: std::collections::HashMap<String, u64>,
+    /// Events seen again (after a resume), de-duplicated by event id.
+    pub duplicates: usize,
+}
+
+impl Delivered {
+    pub fn take(&mut self, m: &civgate::pb::v1::SubscribedEvent) {
+        if let Some(seq) = self.by_id.insert(m.event_id.clone(), m.sequence) {
+            assert_eq!(seq, m.sequence, "event {} at two sequences", m.event_id);
+            self.duplicates += 1;
         }
     }
-    for (key, (id, seq)) in receipts {
+
+    /// Exactly the receipted events, at their receipted sequences, and nothing else.
+    pub fn check(&self, receipts: &Receipts) {
+        for (key, (id, seq)) in receipts {
+            assert_eq!(
+                self.by_id.get(id),
+                Some(seq),
+                "receipted {key} ({id}, #{seq}) not delivered as receipted"
+            );
+        }
         assert_eq!(
-            by_id.get(id),
-            Some(seq),
-            "receipted {key} ({id}, #{seq}) not delivered as receipted"
+            self.by_id.len(),
+            receipts.len(),
+            "{} events delivered for {} addressed",
+            self.by_id.len(),
+            receipts.len()
         );
     }
-    // One event per idempotency key: exactly once after de-duplication by event_id.
-    assert_eq!(
-        by_id.len(),
-        receipts.len(),
-        "{} events for {} keys",
-        by_id.len(),
-        receipts.len()
-    );
+}
+
+/// One registry's subscription to `population`, checking that sequences only rise.
+pub struct Subscriber {
+    pub client: civgate::pb::v1::exchange_client::ExchangeClient<tonic::transport::Channel>,
+    stream: tonic::Streaming<civgate::pb::v1::SubscribedEvent>,
+    group: String,
+    last: u64,
+    pub acked: u64,
+}
+
+impl Subscriber {
+    pub async fn open(
+        addr: SocketAddr,
+        certs: &Path,
+        agency: &str,
+        group: &str,
+        from: Option<u64>,
+    ) -> Self {
+        use civgate::pb::v1::{SubscribeRequest, exchange_client::ExchangeClient};
+        let mut client = ExchangeClient::new(
+            civgate::client::connect(addr, certs, Some(agency))
+                .await
+                .unwrap(),
+        );
+        let stream = client
+            .subscribe(SubscribeRequest {
+                topic: "population".into(),
+                consumer_group: group.into(),
+                from_sequence: from,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        Self {
+            client,
+            stream,
+            group: group.into(),
+            last: 0,
+            acked: 0,
+        }
+    }
+
+    /// The next event (`Err`: the stream ended with that status), its sequence above the last.
+    pub async fn next(&mut self) -> Result<civgate::pb::v1::SubscribedEvent, tonic::Status> {
+        let m = tokio::time::timeout(Duration::from_secs(20), self.stream.message())
+            .await
+            .expect("an event within 20 s")?
+            .ok_or_else(|| tonic::Status::unavailable("stream ended"))?;
+        assert!(
+            m.sequence > self.last,
+            "reorder: {} after {}",
+            m.sequence,
+            self.last
+        );
+        self.last = m.sequence;
+        Ok(m)
+    }
+
+    /// Acknowledges up to `seq` once `every` sequences have passed since the last ack (keeps
+    /// the window open).
+    pub async fn ack_every(&mut self, every: u64, seq: u64) {
+        if seq - self.acked >= every {
+            self.ack(seq).await.unwrap();
+        }
+    }
+
+    pub async fn ack(&mut self, seq: u64) -> Result<(), tonic::Status> {
+        self.client
+            .ack(civgate::pb::v1::AckRequest {
+                topic: "population".into(),
+                consumer_group: self.group.clone(),
+                sequence: seq,
+            })
+            .await?;
+        self.acked = seq;
+        Ok(())
+    }
 }
 
 /// The records of one page of `SearchEntries`, decoded.
