@@ -79,7 +79,13 @@ fn draft_of<T>(req: &Request<T>) -> (FactsSlot, Option<Draft>) {
 /// The consumer group of a Subscribe/Ack/Reject: the topic must be well formed and one the
 /// caller's role consumes (`PERMISSION_DENIED` otherwise, before any work), the name well
 /// formed; the group is the caller's own (agency from the certificate, never the request).
-fn group_of(who: &Principal, facts: &FactsSlot, topic: &str, group: &str) -> Result<Group, Status> {
+fn group_of(
+    who: &Principal,
+    facts: &FactsSlot,
+    method: &'static str,
+    topic: &str,
+    group: &str,
+) -> Result<Group, Status> {
     let mut v = Vec::new();
     if !is_topic(topic) {
         v.push(FieldViolation::new(
@@ -93,6 +99,7 @@ fn group_of(who: &Principal, facts: &FactsSlot, topic: &str, group: &str) -> Res
             reason = denial.reason(),
             "denied: {denial}"
         );
+        crate::telemetry::rpc_denied(method, denial.reason());
         facts.update(|f| f.refusal = denial.reason());
         return Err(denial.to_status());
     }
@@ -303,7 +310,13 @@ impl Exchange for ExchangeService {
         let call = Call::of(&req);
         let facts = FactsSlot::of(&req);
         let r = req.into_inner();
-        let group = group_of(&who, &facts, &r.topic, &r.consumer_group)?;
+        let group = group_of(
+            &who,
+            &facts,
+            "/civgate.v1.Exchange/Subscribe",
+            &r.topic,
+            &r.consumer_group,
+        )?;
         let scope = scope_for(&who, &r.topic);
         let journal = self.journal()?.clone();
         let mut head = journal
@@ -457,7 +470,13 @@ impl Exchange for ExchangeService {
         let who = principal(&req)?;
         let (facts, draft) = draft_of(&req);
         let r = req.into_inner();
-        let group = group_of(&who, &facts, &r.topic, &r.consumer_group)?;
+        let group = group_of(
+            &who,
+            &facts,
+            "/civgate.v1.Exchange/Ack",
+            &r.topic,
+            &r.consumer_group,
+        )?;
         let journal = self.journal()?;
         let head = journal.head(&r.topic).map(|h| *h.borrow()).unwrap_or(0);
         if r.sequence == 0 || r.sequence > head {
@@ -481,7 +500,13 @@ impl Exchange for ExchangeService {
         let who = principal(&req)?;
         let (facts, draft) = draft_of(&req);
         let r = req.into_inner();
-        let group = group_of(&who, &facts, &r.topic, &r.consumer_group)?;
+        let group = group_of(
+            &who,
+            &facts,
+            "/civgate.v1.Exchange/Reject",
+            &r.topic,
+            &r.consumer_group,
+        )?;
         let journal = self.journal()?;
         let head = journal.head(&r.topic).map(|h| *h.borrow()).unwrap_or(0);
         let mut v = Vec::new();
