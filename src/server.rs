@@ -187,6 +187,13 @@ pub async fn start(source: ConfigSource, overrides: Overrides) -> Result<Running
         &state.load().policy,
     )
     .await?;
+    // Retention waits for the groups the configuration in force declares (read at each pass).
+    {
+        let state = state.clone();
+        journal.retain_for(Arc::new(move || {
+            crate::exchange::address::holders(&state.load().policy)
+        }));
+    }
     let _ = scrape.set(crate::exchange::lag::scrape_hook(
         journal.clone(),
         state.clone(),

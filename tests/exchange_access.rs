@@ -433,15 +433,24 @@ async fn each_registry_receives_what_is_addressed_to_it(env: Env) {
     let mut pop = as_agency(&env, gw.api_addr, "population").await;
     let b_hp = publish(&mut hp, "b-hp", birth("HP-LECHAN", "031", "031195000002")).await;
     let b_hn = publish(&mut hn, "b-hn", birth("HN-BADINH", "001", "001195000004")).await;
-    // #1: answer to registry-hp.  #2: answer to registry-hn, though the child's ID is of 031.
-    // #3: a 031 death.  #4: a 001 death.  #5: a move from 001 to 031: both.
-    // #6: a reissue in 048 (Đà Nẵng): neither.
+    // A child of Hà Nội registered in Hải Phòng: its ID names province 001.
+    let b_hp_001 = publish(
+        &mut hp,
+        "b-hp-001",
+        birth("HP-LECHAN", "001", "001195000006"),
+    )
+    .await;
+    // #1: answer to registry-hp.  #2: answer to registry-hn.  #3: answer to registry-hp, though
+    // the child's ID is of 001 (registry-hn's province).  #4: a 031 death.  #5: a 001 death.
+    // #6: a move from 001 to 031: both.  #7: a reissue in 048 (Đà Nẵng): neither.
     let mut expected_hp = vec![];
     let mut expected_hn = vec![];
     let r = publish(&mut pop, "a1", assigned("031326000001", &b_hp)).await;
     expected_hp.push(r.sequence);
-    let r = publish(&mut pop, "a2", assigned("031326000002", &b_hn)).await;
+    let r = publish(&mut pop, "a2", assigned("001326000002", &b_hn)).await;
     expected_hn.push(r.sequence);
+    let r = publish(&mut pop, "a3", assigned("001326000003", &b_hp_001)).await;
+    expected_hp.push(r.sequence);
     let r = publish(&mut pop, "d3", death("031095000001")).await;
     expected_hp.push(r.sequence);
     let r = publish(&mut pop, "d4", death("001095000003")).await;
@@ -475,7 +484,7 @@ async fn each_registry_receives_what_is_addressed_to_it(env: Env) {
     .await;
     let mut s_hp = subscribe(&mut hp, POP, "registry-hp", None).await.unwrap();
     let mut s_hn = subscribe(&mut hn, POP, "registry-hn", None).await.unwrap();
-    assert_eq!(take(&mut s_hp, 3).await, expected_hp);
+    assert_eq!(take(&mut s_hp, 4).await, expected_hp);
     assert_eq!(take(&mut s_hn, 3).await, expected_hn);
     // Then one for each, pushed as it commits; nothing in between leaks.
     let r_hn = publish(&mut pop, "d7", death("001095000009")).await;
@@ -485,12 +494,12 @@ async fn each_registry_receives_what_is_addressed_to_it(env: Env) {
 
     // Resume after an ack: from the next addressed event.
     assert_eq!(
-        ack(&mut hp, POP, "registry-hp", expected_hp[1]).await,
+        ack(&mut hp, POP, "registry-hp", expected_hp[2]).await,
         Code::Ok
     );
     drop(s_hp);
     let mut s_hp = subscribe(&mut hp, POP, "registry-hp", None).await.unwrap();
-    assert_eq!(take(&mut s_hp, 2).await, [expected_hp[2], r_hp.sequence]);
+    assert_eq!(take(&mut s_hp, 2).await, [expected_hp[3], r_hp.sequence]);
     // A registry can reject only what is addressed to it.
     assert_eq!(
         reject(&mut hp, POP, "registry-hp", expected_hn[0]).await,
@@ -590,6 +599,15 @@ async fn answers_are_checked_against_what_they_answer(env: Env) {
         m.contains("in_reply_to") && m.contains("birth_event_id"),
         "{m}"
     );
+    // The ID must fit the birth: its province, the child's sex and year.
+    for (id, why) in [
+        ("001326000001", "province 001 differs"),
+        ("031226000001", "says male"),
+        ("031190000001", "1990"),
+    ] {
+        let m = bad(refuse(&mut pop, id, assigned(id, &b)).await);
+        assert!(m.contains(why), "{id}: {m}");
+    }
     // A registry answers only a population event addressed to it.
     let mut reply = birth("HN-BADINH", "001", "001195000004");
     reply.in_reply_to = d.event_id.clone();
@@ -690,6 +708,49 @@ async fn consumer_lag_is_visible(env: Env) {
     );
 }
 
+/// A reload applies to open streams at their next page: a registry given a province receives
+/// its events from then on; an agency whose right to the topic is gone is cut off with
+/// PERMISSION_DENIED.
+async fn a_reload_applies_to_open_streams(env: Env) {
+    use civgate::config::DEFAULT_CONFIG;
+    env.write_config(DEFAULT_CONFIG);
+    let gw = civgate::server::start(
+        civgate::server::ConfigSource::File(env.config_path()),
+        env.overrides(),
+    )
+    .await
+    .unwrap();
+    let mut hp = as_agency(&env, gw.api_addr, "registry-hp").await;
+    let mut hn = as_agency(&env, gw.api_addr, "registry-hn").await;
+    let mut pop = as_agency(&env, gw.api_addr, "population").await;
+    let mut s_hn = subscribe(&mut hn, POP, "registry-hn", None).await.unwrap();
+    let mut s_hp = subscribe(&mut hp, POP, "registry-hp", None).await.unwrap();
+    let d1 = publish(&mut pop, "d1", death("001095000001")).await;
+    let d2 = publish(&mut pop, "d2", death("031095000002")).await;
+    assert_eq!(next(&mut s_hn).await.sequence, d1.sequence);
+    assert_eq!(next(&mut s_hp).await.sequence, d2.sequence);
+
+    let hp_section = DEFAULT_CONFIG
+        .split("[agencies.registry-hp]")
+        .nth(1)
+        .and_then(|rest| rest.split("\n\n").next())
+        .unwrap();
+    let reloaded = DEFAULT_CONFIG
+        .replace(&format!("[agencies.registry-hp]{hp_section}\n\n"), "")
+        .replace("provinces = [\"001\"]", "provinces = [\"001\", \"048\"]");
+    assert!(!reloaded.contains("[agencies.registry-hp]") && reloaded.contains("\"048\"]"));
+    env.write_config(&reloaded);
+    gw.reload().unwrap();
+
+    let d3 = publish(&mut pop, "d3", death("048095000003")).await;
+    assert_eq!(next(&mut s_hn).await.sequence, d3.sequence);
+    publish(&mut pop, "d4", death("031095000004")).await;
+    let end = tokio::time::timeout(Duration::from_secs(10), s_hp.message())
+        .await
+        .expect("the stream ends");
+    assert_eq!(end.unwrap_err().code(), Code::PermissionDenied);
+}
+
 fn rand_group() -> String {
     format!("{:08x}", rand::random::<u32>())
 }
@@ -701,4 +762,5 @@ on_both_backends!(
     answers_are_checked_against_what_they_answer,
     deliveries_count_as_reads,
     consumer_lag_is_visible,
+    a_reload_applies_to_open_streams,
 );

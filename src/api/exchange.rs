@@ -116,6 +116,23 @@ fn group_of(
     }
 }
 
+/// The scope an open subscription of `agency` reads `topic` with, and the agency's role, under
+/// the policy in force; `Err` when the agency may no longer consume the topic.
+fn stream_scope(
+    state: &Shared,
+    agency: &crate::domain::AgencyId,
+    topic: &str,
+) -> Result<(Option<Vec<String>>, Role), policy::Denial> {
+    let snapshot = state.load();
+    let a = snapshot
+        .policy
+        .agencies
+        .get(agency)
+        .ok_or_else(|| policy::Denial::UnknownAgency(agency.clone()))?;
+    policy::may_consume(a.role, topic)?;
+    Ok((address::scope_of(topic, agency, &a.provinces), a.role))
+}
+
 /// The scope a consumer reads a topic with (`address::scope_of`).
 fn scope_for(who: &Principal, topic: &str) -> Option<Vec<String>> {
     address::scope_of(topic, &who.agency, &who.provinces)
@@ -186,7 +203,7 @@ impl ExchangeService {
             )])
         };
         let id = &event.in_reply_to;
-        if id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        if !is_event_id(id) {
             return Err(refused("not an event id"));
         }
         let found = self.journal()?.find(id).await?;
@@ -197,17 +214,50 @@ impl ExchangeService {
         }) else {
             return Err(refused("no such event"));
         };
-        if let crate::pb::v1::event::Payload::PersonalIdAssigned(_) = payload {
+        if let crate::pb::v1::event::Payload::PersonalIdAssigned(assigned) = payload {
             let answered = crate::pb::v1::Event::decode(found.payload.as_slice()).ok();
-            if !matches!(
-                answered.and_then(|e| e.payload),
-                Some(crate::pb::v1::event::Payload::Birth(_))
-            ) {
+            let Some(crate::pb::v1::event::Payload::Birth(birth)) =
+                answered.and_then(|e| e.payload)
+            else {
                 return Err(refused("a personal_id_assigned answers a birth event"));
+            };
+            if let Some(why) = id_fits_birth(&assigned.personal_id, &birth) {
+                return Err(invalid(vec![FieldViolation::new(
+                    "event.personal_id_assigned.personal_id",
+                    why,
+                )]));
             }
         }
         Ok(address::audience_of(payload, Some(&found.producer)))
     }
+}
+
+/// An event id as the journal makes them (32 hex digits; accepted: 1-64 of A-Z, a-z, 0-9, '-').
+fn is_event_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+/// Why the personal ID assigned to a newborn does not fit its birth registration (`None`: it
+/// does): its digits must name the province of the birth registration, the child's sex and
+/// year of birth (Circular 59/2021 art. 4).
+fn id_fits_birth(id: &str, birth: &crate::pb::v1::Birth) -> Option<String> {
+    let id = crate::domain::PersonalId::parse(id).ok()?;
+    if id.province_code() != birth.birth_registration_province_code {
+        return Some(format!(
+            "province {} differs from the birth registration's ({})",
+            id.province_code(),
+            birth.birth_registration_province_code
+        ));
+    }
+    let sex = crate::api::convert::sex_from_pb(
+        crate::pb::v1::Sex::try_from(birth.sex).unwrap_or(crate::pb::v1::Sex::Unspecified),
+    );
+    let year = crate::domain::parse_date(&birth.date_of_birth)
+        .ok()
+        .map(|d| d.year());
+    id.check_consistency(sex, year)
+        .err()
+        .map(|e| format!("{e} (the birth answered)"))
 }
 
 /// Is an event of `topic` with this audience addressed to `group` under `policy` (its agency
@@ -317,7 +367,6 @@ impl Exchange for ExchangeService {
             &r.topic,
             &r.consumer_group,
         )?;
-        let scope = scope_for(&who, &r.topic);
         let journal = self.journal()?.clone();
         let mut head = journal
             .head(&r.topic)
@@ -328,9 +377,7 @@ impl Exchange for ExchangeService {
         let topic = r.topic;
         let mut shutdown = self.shutdown.clone();
         let window = self.window;
-        // What a civil registry receives counts in its harvesting window like its look-ups.
-        let harvest =
-            (who.role == Role::CivilRegistry).then(|| (self.state.clone(), who.agency.clone()));
+        let (state, agency) = (self.state.clone(), who.agency.clone());
         tokio::spawn(async move {
             // Sends a released batch once its record is durable; false: the stream is over.
             let send = |released: Released| {
@@ -386,6 +433,17 @@ impl Exchange for ExchangeService {
                 let head_now = *head.borrow_and_update();
                 let room = window.saturating_sub(outstanding.len() as u64);
                 if next <= head_now && room > 0 {
+                    // Each page is read under the policy in force: a reload that takes the
+                    // topic from the agency ends the stream, one that changes its provinces
+                    // changes what it reads from here on.
+                    let Ok((scope, role)) = stream_scope(&state, &agency, &topic) else {
+                        let _ = tx
+                            .send(Err(Status::permission_denied(format!(
+                                "agency {agency} may no longer consume {topic}"
+                            ))))
+                            .await;
+                        return;
+                    };
                     let page = match journal
                         .read(
                             &topic,
@@ -422,8 +480,10 @@ impl Exchange for ExchangeService {
                         .collect();
                     outstanding.extend(batch.iter().map(|e| e.sequence).filter(|s| *s > acked_now));
                     let facts = delivery_facts(&batch);
-                    if let Some((state, agency)) = &harvest {
-                        note_delivery(state, agency, &facts.subjects);
+                    // What a civil registry receives counts in its harvesting window like its
+                    // look-ups.
+                    if role == Role::CivilRegistry {
+                        note_delivery(&state, &agency, &facts.subjects);
                     }
                     // Committed by the journal's writer, in its next transaction.
                     let audited = call.as_ref().map(|call| {
@@ -560,6 +620,12 @@ impl Exchange for ExchangeService {
     ) -> Result<Response<GetEventStatusResponse>, Status> {
         let who = principal(&req)?;
         let r = req.into_inner();
+        if !is_event_id(&r.event_id) {
+            return Err(invalid(vec![FieldViolation::new(
+                "event_id",
+                "1-64 characters of A-Z, a-z, 0-9, '-' (the event_id of a receipt)",
+            )]));
+        }
         let status = self
             .journal()?
             .status(&r.event_id)

@@ -20,9 +20,8 @@ use crate::{
     pb::v1::{Event, event::Payload},
 };
 
-#[cfg(test)]
-use super::validate::CIVIL_STATUS;
-use super::validate::{POPULATION, subjects, topic_of};
+use super::validate::{CIVIL_STATUS, POPULATION, subjects, topic_of};
+use crate::policy::Policy;
 
 fn agency_token(agency: &str) -> String {
     format!(" a:{agency} ")
@@ -74,6 +73,60 @@ pub fn scope_of(topic: &str, agency: &AgencyId, provinces: &[ProvinceCode]) -> O
     let mut tokens = vec![agency_token(agency.as_str())];
     tokens.extend(provinces.iter().map(|p| province_token(p.as_str())));
     Some(tokens)
+}
+
+/// A consumer group: the agency that owns it (the caller's, from its certificate) and its name.
+/// Two agencies' groups of the same name are two groups.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Group {
+    pub agency: String,
+    pub name: String,
+}
+
+impl Group {
+    pub fn new(agency: &str, name: &str) -> Self {
+        Self {
+            agency: agency.to_owned(),
+            name: name.to_owned(),
+        }
+    }
+}
+
+impl std::fmt::Display for Group {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.agency, self.name)
+    }
+}
+
+/// A consumer group whose acknowledgement retention waits for, and the scope it reads with:
+/// retention deletes an event only once every holder it is addressed to has acknowledged it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Holder {
+    pub topic: &'static str,
+    pub group: Group,
+    pub scope: Option<Vec<String>>,
+}
+
+/// The holders under `policy`: every group each agency that consumes a topic lists in its
+/// `consumer_groups`. Groups not listed there (a bench's, a test's) hold nothing back; a topic
+/// with no holder keeps everything.
+pub fn holders(policy: &Policy) -> Vec<Holder> {
+    let mut v = Vec::new();
+    for topic in [CIVIL_STATUS, POPULATION] {
+        for (id, agency) in &policy.agencies {
+            if crate::policy::may_consume(agency.role, topic).is_err() {
+                continue;
+            }
+            for name in agency.consumer_groups.iter() {
+                v.push(Holder {
+                    topic,
+                    group: Group::new(id.as_str(), name),
+                    scope: scope_of(topic, id, &agency.provinces),
+                });
+            }
+        }
+    }
+    v
 }
 
 /// Is an event with this stored audience addressed to a subscriber with this scope?
@@ -154,6 +207,49 @@ mod tests {
         assert_eq!(
             scope_of(CIVIL_STATUS, &"population".parse().unwrap(), &[]),
             None
+        );
+    }
+
+    #[test]
+    fn retention_holders_are_the_declared_groups_of_each_topics_consumers() {
+        use crate::{domain::Role, policy::Agency};
+        let mut policy = Policy::default();
+        let with = |role, provinces: &[&str], groups: &[&str]| Agency {
+            provinces: provinces.iter().map(|p| p.parse().unwrap()).collect(),
+            consumer_groups: groups.iter().map(|g| (*g).to_owned()).collect(),
+            ..Agency::of_role(role)
+        };
+        policy.agencies.insert(
+            "registry-hp".parse().unwrap(),
+            with(Role::CivilRegistry, &["031"], &["registry-hp", "archive"]),
+        );
+        policy.agencies.insert(
+            "population".parse().unwrap(),
+            with(Role::PopulationDb, &[], &["population-db"]),
+        );
+        policy
+            .agencies
+            .insert("auditor".parse().unwrap(), with(Role::Auditor, &[], &["x"]));
+        let got: Vec<(String, String, Option<Vec<String>>)> = holders(&policy)
+            .into_iter()
+            .map(|h| (h.topic.to_owned(), h.group.to_string(), h.scope))
+            .collect();
+        let hp_scope = Some(vec![" a:registry-hp ".to_owned(), " p:031 ".to_owned()]);
+        assert_eq!(
+            got,
+            [
+                (
+                    "civil-status".into(),
+                    "population/population-db".into(),
+                    None
+                ),
+                (
+                    "population".into(),
+                    "registry-hp/registry-hp".into(),
+                    hp_scope.clone()
+                ),
+                ("population".into(), "registry-hp/archive".into(), hp_scope),
+            ]
         );
     }
 

@@ -16,6 +16,7 @@ use sqlx::{Connection, PgPool, SqliteConnection, sqlite::SqlitePoolOptions};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::error;
 
+pub use super::address::{Group, Holder};
 use super::{
     address,
     validate::{CIVIL_STATUS, POPULATION},
@@ -45,11 +46,16 @@ fn scope_filter(pg: bool, n: usize, first: usize) -> String {
     if n == 0 {
         return String::new();
     }
+    format!(" AND {}", scope_expr(pg, n, first))
+}
+
+/// `(audience holds $first or $first+1 …)`, `n` ≥ 1 tokens.
+fn scope_expr(pg: bool, n: usize, first: usize) -> String {
     let f = if pg { "strpos" } else { "instr" };
     let any: Vec<String> = (0..n)
         .map(|i| format!("{f}(audience, ${}) > 0", first + i))
         .collect();
-    format!(" AND ({})", any.join(" OR "))
+    format!("({})", any.join(" OR "))
 }
 
 /// Most payload bytes a page of [`Journal::read`] starts with: a page holds at most this plus
@@ -218,9 +224,74 @@ macro_rules! adopt_legacy {
 
 const TOPICS: [&str; 2] = [CIVIL_STATUS, POPULATION];
 
-/// Retention: events recorded before ?1 that every group of their topic has acknowledged.
-const PRUNE: &str = "DELETE FROM journal_events WHERE recorded_at_ms < $1 AND seq <= \
-     (SELECT min(acked) FROM journal_groups g WHERE g.topic = journal_events.topic)";
+/// Retention of one topic: events recorded before `$2` that no holder still needs. Holder `i`
+/// binds its acknowledged sequence and then its scope's tokens (`scopes[i]` of them; none: it
+/// reads every event of the topic); it needs an event after its acknowledgement that is
+/// addressed to it. A population event without an audience is never deleted (`instr` of NULL).
+fn prune_sql(pg: bool, scopes: &[usize]) -> String {
+    let mut n = 3;
+    let mut needed = Vec::with_capacity(scopes.len());
+    for &k in scopes {
+        let addressed = if k == 0 {
+            "TRUE".to_owned()
+        } else {
+            scope_expr(pg, k, n + 1)
+        };
+        needed.push(format!("(seq > ${n} AND {addressed})"));
+        n += 1 + k;
+    }
+    format!(
+        "DELETE FROM journal_events WHERE topic = $1 AND recorded_at_ms < $2 AND NOT ({})",
+        needed.join(" OR ")
+    )
+}
+
+/// Deletes, per topic, what [`prune_sql`] selects for the holders of that topic (a topic with
+/// none keeps everything), in the caller's transaction (`$conn`: a `&mut` SQLite or
+/// PostgreSQL connection; `$pg`: which). The holders' acknowledgements are read in it.
+macro_rules! prune_topics {
+    ($conn:expr, $pg:expr, $cutoff:expr, $holders:expr) => {
+        async {
+            let holders: &[Holder] = $holders;
+            let mut deleted = 0u64;
+            for topic in TOPICS {
+                let mine: Vec<&Holder> = holders.iter().filter(|h| h.topic == topic).collect();
+                if mine.is_empty() {
+                    continue;
+                }
+                let mut acked = Vec::with_capacity(mine.len());
+                for h in &mine {
+                    let a: Option<i64> = sqlx::query_scalar(
+                        "SELECT acked FROM journal_groups WHERE topic = $1 AND agency = $2 AND grp = $3",
+                    )
+                    .bind(topic)
+                    .bind(&h.group.agency)
+                    .bind(&h.group.name)
+                    .fetch_optional(&mut *$conn)
+                    .await?;
+                    // A group that never acknowledged needs everything addressed to it.
+                    acked.push(a.unwrap_or(0));
+                }
+                let scopes: Vec<usize> = mine
+                    .iter()
+                    .map(|h| h.scope.as_ref().map_or(0, Vec::len))
+                    .collect();
+                // Built only from constants and numbered placeholders.
+                let mut q = sqlx::query(sqlx::AssertSqlSafe(prune_sql($pg, &scopes)))
+                    .bind(topic)
+                    .bind($cutoff);
+                for (h, a) in mine.iter().zip(&acked) {
+                    q = q.bind(*a);
+                    for t in h.scope.iter().flatten() {
+                        q = q.bind(t.as_str());
+                    }
+                }
+                deleted += q.execute(&mut *$conn).await?.rows_affected();
+            }
+            Ok::<u64, sqlx::Error>(deleted)
+        }
+    };
+}
 const MAX_BATCH: usize = 1_024;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -261,29 +332,6 @@ impl JournalError {
 impl From<JournalError> for tonic::Status {
     fn from(e: JournalError) -> Self {
         tonic::Status::new(e.code(), e.to_string())
-    }
-}
-
-/// A consumer group: the agency that owns it (the caller's, from its certificate) and its name.
-/// Two agencies' groups of the same name are two groups.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Group {
-    pub agency: String,
-    pub name: String,
-}
-
-impl Group {
-    pub fn new(agency: &str, name: &str) -> Self {
-        Self {
-            agency: agency.to_owned(),
-            name: name.to_owned(),
-        }
-    }
-}
-
-impl std::fmt::Display for Group {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.agency, self.name)
     }
 }
 
@@ -401,7 +449,13 @@ pub struct Journal {
     /// Highest sequence handed to each (topic, group) by a subscription since start
     /// (in memory: after a restart, "delivered" shows again once redelivered).
     delivered: Arc<Mutex<HashMap<(String, Group), u64>>>,
+    /// Whose acknowledgements retention waits for, asked at each pass (none set: nobody's,
+    /// so retention keeps everything).
+    holders: Arc<Mutex<Option<HoldersFn>>>,
 }
+
+/// The holders under the configuration in force ([`address::holders`] of the current policy).
+pub type HoldersFn = Arc<dyn Fn() -> Vec<Holder> + Send + Sync>;
 
 /// Per (topic, consumer group): the acknowledged sequence, watched by its subscriptions.
 type AckWatches = HashMap<(String, Group), watch::Sender<u64>>;
@@ -546,6 +600,7 @@ impl Journal {
             heads: Arc::new(heads),
             acks: Arc::new(Mutex::new(HashMap::new())),
             delivered: Arc::new(Mutex::new(HashMap::new())),
+            holders: Arc::new(Mutex::new(None)),
         };
         let (tx, rx) = mpsc::channel(8_192);
         let writer = Writer {
@@ -556,6 +611,21 @@ impl Journal {
         };
         tokio::spawn(writer.run(rx, retention));
         Self { tx, ..journal }
+    }
+
+    /// Tells retention whose acknowledgements to wait for: `holders` is asked at each pass.
+    pub fn retain_for(&self, holders: HoldersFn) {
+        *self.holders.lock().unwrap_or_else(|p| p.into_inner()) = Some(holders);
+    }
+
+    /// The holders retention waits for now.
+    pub fn holders(&self) -> Vec<Holder> {
+        let f = self
+            .holders
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        f.map(|f| f()).unwrap_or_default()
     }
 
     /// Raises a topic's published head (never lowers it).
@@ -1135,19 +1205,22 @@ impl Writer {
         }
     }
 
-    /// Deletes events older than `retention` that every group of their topic acknowledged.
-    /// A topic nobody consumes keeps everything.
+    /// Deletes events older than `retention` that every holder they are addressed to (under
+    /// the configuration in force: [`Journal::retain_for`]) has acknowledged. A topic without
+    /// holders keeps everything.
     async fn prune(&mut self, retention: Duration) -> Result<u64> {
         let cutoff = crate::audit::log::now_ms() - retention.as_millis() as i64;
+        let holders = self.journal.holders();
         let tail = self.audit.clone();
         let _writing = AuditTail::lock_if(tail.as_ref()).await;
         let done = match &mut self.conn {
-            WriterConn::Sqlite(conn) => prune_sqlite(conn, cutoff).await?,
-            WriterConn::Pg(pool) => sqlx::query(PRUNE)
-                .bind(cutoff)
-                .execute(&*pool)
-                .await?
-                .rows_affected(),
+            WriterConn::Sqlite(conn) => prune_sqlite(conn, cutoff, &holders).await?,
+            WriterConn::Pg(pool) => {
+                let mut tx = pool.begin().await?;
+                let n = prune_topics!(&mut *tx, true, cutoff, &holders).await?;
+                tx.commit().await?;
+                n
+            }
         };
         if done > 0 {
             tracing::info!(
@@ -1337,10 +1410,14 @@ impl Writer {
     }
 }
 
-/// SQLite retention: records each topic's head in `journal_heads`, then deletes what `PRUNE`
-/// selects, in one transaction. A commit writes no head row (its events are the head), so the
-/// row must be there before retention can delete a topic's last events.
-async fn prune_sqlite(conn: &mut SqliteConnection, cutoff: i64) -> Result<u64, sqlx::Error> {
+/// SQLite retention: records each topic's head in `journal_heads`, then deletes what no
+/// holder needs ([`prune_topics`]), in one transaction. A commit writes no head row (its events
+/// are the head), so the row must be there before retention can delete a topic's last events.
+async fn prune_sqlite(
+    conn: &mut SqliteConnection,
+    cutoff: i64,
+    holders: &[Holder],
+) -> Result<u64, sqlx::Error> {
     let mut tx = conn.begin().await?;
     sqlx::query(
         "INSERT INTO journal_heads (topic, head) SELECT topic, max(seq) FROM journal_events \
@@ -1349,11 +1426,7 @@ async fn prune_sqlite(conn: &mut SqliteConnection, cutoff: i64) -> Result<u64, s
     )
     .execute(&mut *tx)
     .await?;
-    let deleted = sqlx::query(PRUNE)
-        .bind(cutoff)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+    let deleted = prune_topics!(&mut *tx, false, cutoff, holders).await?;
     tx.commit().await?;
     Ok(deleted)
 }
@@ -1977,6 +2050,106 @@ mod tests {
         crate::store::with_test_postgres("scoped_pages", scoped_pages_select_by_audience).await;
     }
 
+    /// Retention deletes an event only once every holder it is addressed to acknowledged it:
+    /// a holder that never acknowledged keeps what is addressed to it, another's ack does not
+    /// stand in for it, and an event addressed to no holder goes once old enough.
+    async fn retention_waits_for_every_holder_an_event_is_addressed_to(store: Store) {
+        let j = Journal::open(&store, None, None, &Policy::default())
+            .await
+            .unwrap();
+        for (i, a) in [
+            " p:031 ",
+            " p:001 ",
+            " a:registry-hp ",
+            " p:001 p:031 ",
+            " p:048 ",
+        ]
+        .iter()
+        .enumerate()
+        {
+            j.publish_audited(
+                "population",
+                &format!("k{i}"),
+                POPULATION,
+                vec![i as u8],
+                Some((*a).to_owned()),
+                None,
+            )
+            .await
+            .result
+            .unwrap();
+        }
+        let holder = |agency: &str, province: &str| Holder {
+            topic: POPULATION,
+            group: Group::new(agency, agency),
+            scope: Some(vec![format!(" a:{agency} "), format!(" p:{province} ")]),
+        };
+        let holders = [holder("registry-hp", "031"), holder("registry-hn", "001")];
+        j.ack(POPULATION, &Group::new("registry-hp", "registry-hp"), 4)
+            .await
+            .unwrap();
+        // Another agency's group of the same name holds nothing back.
+        j.ack(POPULATION, &Group::new("registry-hp", "registry-hn"), 5)
+            .await
+            .unwrap();
+        let prune = async |holders: &[Holder]| -> u64 {
+            match &store {
+                Store::Sqlite(dir) => {
+                    let mut conn = SqliteConnection::connect(&format!(
+                        "sqlite://{}",
+                        crate::sqlite::store_path(dir).display()
+                    ))
+                    .await
+                    .unwrap();
+                    prune_sqlite(&mut conn, i64::MAX, holders).await.unwrap()
+                }
+                Store::Postgres { url, .. } => {
+                    let pool = crate::store::pg_pool(url, 1, Duration::from_secs(5))
+                        .await
+                        .unwrap();
+                    let mut tx = pool.begin().await.unwrap();
+                    let n = prune_topics!(&mut *tx, true, i64::MAX, holders)
+                        .await
+                        .unwrap();
+                    tx.commit().await.unwrap();
+                    n
+                }
+            }
+        };
+        let stored = async || -> Vec<u64> {
+            let mut v = Vec::new();
+            for seq in 1..=5 {
+                if j.audience_at(POPULATION, seq).await.unwrap().is_some() {
+                    v.push(seq);
+                }
+            }
+            v
+        };
+        assert_eq!(prune(&holders).await, 3);
+        assert_eq!(stored().await, [2, 4], "registry-hn never acknowledged");
+        j.ack(POPULATION, &Group::new("registry-hn", "registry-hn"), 2)
+            .await
+            .unwrap();
+        assert_eq!(prune(&holders).await, 1);
+        assert_eq!(stored().await, [4]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn retention_waits_for_every_holder_on_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        retention_waits_for_every_holder_an_event_is_addressed_to(Store::Sqlite(dir.path().into()))
+            .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn retention_waits_for_every_holder_on_postgres() {
+        crate::store::with_test_postgres(
+            "retention_holders",
+            retention_waits_for_every_holder_an_event_is_addressed_to,
+        )
+        .await;
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn sqlite_pages_return_exact_payloads_in_order() {
         let dir = tempfile::tempdir().unwrap();
@@ -2148,8 +2321,19 @@ mod tests {
         ))
         .await
         .unwrap();
+        // Both groups read every event of the topic; retention waits for both.
+        let holders: Vec<Holder> = ["a", "b"]
+            .iter()
+            .map(|g| Holder {
+                topic: POPULATION,
+                group: Group::new("a", g),
+                scope: None,
+            })
+            .collect();
+        // Without holders, a topic keeps everything.
+        assert_eq!(prune_sqlite(&mut conn, i64::MAX, &[]).await.unwrap(), 0);
         // Everything is old enough; only what both groups acknowledged goes.
-        let deleted = prune_sqlite(&mut conn, i64::MAX).await.unwrap();
+        let deleted = prune_sqlite(&mut conn, i64::MAX, &holders).await.unwrap();
         assert_eq!(deleted, 2);
         let left: Vec<i64> = sqlx::query_scalar("SELECT seq FROM journal_events ORDER BY seq")
             .fetch_all(&mut conn)
@@ -2157,7 +2341,7 @@ mod tests {
             .unwrap();
         assert_eq!(left, vec![3, 4, 5]);
         // Nothing is deleted before it is old enough.
-        assert_eq!(prune_sqlite(&mut conn, 0).await.unwrap(), 0);
+        assert_eq!(prune_sqlite(&mut conn, 0, &holders).await.unwrap(), 0);
         // New events continue the sequence.
         assert_eq!(
             j.publish("population", "k9", POPULATION, vec![9])
@@ -2169,7 +2353,10 @@ mod tests {
         // ...also after retention removed every event and a restart.
         j.ack(POPULATION, &Group::new("a", "a"), 6).await.unwrap();
         j.ack(POPULATION, &Group::new("a", "b"), 6).await.unwrap();
-        assert_eq!(prune_sqlite(&mut conn, i64::MAX).await.unwrap(), 4);
+        assert_eq!(
+            prune_sqlite(&mut conn, i64::MAX, &holders).await.unwrap(),
+            4
+        );
         let left: i64 = sqlx::query_scalar("SELECT count(*) FROM journal_events")
             .fetch_one(&mut conn)
             .await

@@ -1,6 +1,7 @@
-//! Consumer lag and dead letters, measured when `/metrics` is scraped: per consumer group, the
-//! events addressed to it after its acknowledgement and the age of the oldest of them; per
-//! topic, the events rejected into dead letters.
+//! Consumer lag and dead letters, measured when `/metrics` is scraped: per consumer group
+//! (stored, or declared in `consumer_groups`), the events addressed to it after its
+//! acknowledgement and the age of the oldest of them; per topic, the events rejected into dead
+//! letters.
 
 use std::sync::Arc;
 
@@ -11,13 +12,19 @@ use crate::{policy::Policy, telemetry};
 /// longer configured is measured against the whole topic.
 pub async fn observe(journal: &Journal, policy: &Policy) {
     let now = crate::audit::log::now_ms();
-    let groups = match journal.groups().await {
+    let mut groups = match journal.groups().await {
         Ok(g) => g,
         Err(e) => {
             tracing::warn!(error = %e, "consumer lag: cannot read the groups");
             return;
         }
     };
+    // A declared group that never acknowledged lags by everything addressed to it.
+    for h in address::holders(policy) {
+        if !groups.iter().any(|(t, g, _)| t == h.topic && *g == h.group) {
+            groups.push((h.topic.to_owned(), h.group, 0));
+        }
+    }
     for (topic, group, acked) in groups {
         let scope = group
             .agency
