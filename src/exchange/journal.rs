@@ -908,33 +908,22 @@ impl Journal {
         scope: Option<&[String]>,
     ) -> Result<(u64, Option<i64>), JournalError> {
         let tokens = scope.unwrap_or_default();
-        let sql = |pg| {
-            format!(
-                "SELECT count(*), min(recorded_at_ms) FROM journal_events WHERE topic = $1 AND seq > $2{}",
-                scope_filter(pg, tokens.len(), 3)
-            )
-        };
-        let read_err = |e: sqlx::Error| JournalError::Read(e.to_string());
-        let (n, oldest): (i64, Option<i64>) = match &self.reader {
-            Reader::Sqlite(pool) => {
-                let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql(false)))
-                    .bind(topic)
-                    .bind(acked as i64);
-                for t in tokens {
-                    q = q.bind(t.as_str());
-                }
-                q.fetch_one(pool).await.map_err(read_err)?
+        let pg = matches!(self.reader, Reader::Pg(_));
+        // Built only from constants and numbered placeholders.
+        let sql = format!(
+            "SELECT count(*), min(recorded_at_ms) FROM journal_events WHERE topic = $1 AND seq > $2{}",
+            scope_filter(pg, tokens.len(), 3)
+        );
+        let (n, oldest): (i64, Option<i64>) = with_reader!(&self.reader, |pool| {
+            let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql.as_str()))
+                .bind(topic)
+                .bind(acked as i64);
+            for t in tokens {
+                q = q.bind(t.as_str());
             }
-            Reader::Pg(pool) => {
-                let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql(true)))
-                    .bind(topic)
-                    .bind(acked as i64);
-                for t in tokens {
-                    q = q.bind(t.as_str());
-                }
-                q.fetch_one(pool).await.map_err(read_err)?
-            }
-        };
+            q.fetch_one(pool).await
+        })
+        .map_err(|e| JournalError::Read(e.to_string()))?;
         Ok((n.max(0) as u64, oldest))
     }
 
@@ -1877,6 +1866,13 @@ enum Outcome {
 mod tests {
     use super::*;
 
+    /// A journal in `dir` without an audit log, policy or retention.
+    async fn open_sqlite_at(dir: &Path) -> Journal {
+        Journal::open(&Store::Sqlite(dir.into()), None, None, &Policy::default())
+            .await
+            .unwrap()
+    }
+
     /// Three journals on one PostgreSQL schema — three replicas — publishing concurrently:
     /// each topic's sequences are gap-free, every receipt is readable, a subscriber-side head
     /// on one replica follows what the others commit, and retries return the original receipt.
@@ -2153,14 +2149,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn sqlite_pages_return_exact_payloads_in_order() {
         let dir = tempfile::tempdir().unwrap();
-        let j = Journal::open(
-            &Store::Sqlite(dir.path().into()),
-            None,
-            None,
-            &Policy::default(),
-        )
-        .await
-        .unwrap();
+        let j = open_sqlite_at(dir.path()).await;
         // Every byte value, an empty-ish and a 64 KiB payload among them.
         let payloads: Vec<Vec<u8>> = (0..300u32)
             .map(|i| match i {
@@ -2298,14 +2287,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn publish_ack_and_retention_keep_what_a_group_still_needs() {
         let dir = tempfile::tempdir().unwrap();
-        let j = Journal::open(
-            &Store::Sqlite(dir.path().into()),
-            None,
-            None,
-            &Policy::default(),
-        )
-        .await
-        .unwrap();
+        let j = open_sqlite_at(dir.path()).await;
         for i in 0..5 {
             let r = j
                 .publish("population", &format!("k{i}"), POPULATION, vec![i])
@@ -2363,14 +2345,7 @@ mod tests {
             .unwrap();
         assert_eq!(left, 0);
         drop(j);
-        let j = Journal::open(
-            &Store::Sqlite(dir.path().into()),
-            None,
-            None,
-            &Policy::default(),
-        )
-        .await
-        .unwrap();
+        let j = open_sqlite_at(dir.path()).await;
         let r = j
             .publish("population", "k10", POPULATION, vec![10])
             .await
