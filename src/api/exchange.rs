@@ -591,7 +591,7 @@ impl Exchange for ExchangeService {
         match audience {
             None => {
                 return Err(Status::not_found(format!(
-                    "no event at sequence {} of {} (removed by retention once every group acknowledged it)",
+                    "no event at sequence {} of {} (removed by retention)",
                     r.sequence, r.topic
                 )));
             }

@@ -224,13 +224,16 @@ macro_rules! adopt_legacy {
 
 const TOPICS: [&str; 2] = [CIVIL_STATUS, POPULATION];
 
-/// Retention of one topic: events recorded before `$2` that no holder still needs. Holder `i`
-/// binds its acknowledged sequence and then its scope's tokens (`scopes[i]` of them; none: it
-/// reads every event of the topic); it needs an event after its acknowledgement that is
-/// addressed to it. A population event without an audience is never deleted (`instr` of NULL).
+/// Retention of one topic: events recorded before `$2`, addressed to at least one holder, that
+/// no holder still needs. Holder `i` binds its acknowledged sequence and then its scope's
+/// tokens (`scopes[i]` of them; none: it reads every event of the topic); it needs an event
+/// after its acknowledgement that is addressed to it. An event addressed to no holder (a
+/// province no registry covers now, say while an agency is out of the config) is kept, and so
+/// is a population event without an audience (`instr` of NULL).
 fn prune_sql(pg: bool, scopes: &[usize]) -> String {
     let mut n = 3;
     let mut needed = Vec::with_capacity(scopes.len());
+    let mut addressed_any = Vec::with_capacity(scopes.len());
     for &k in scopes {
         let addressed = if k == 0 {
             "TRUE".to_owned()
@@ -238,10 +241,12 @@ fn prune_sql(pg: bool, scopes: &[usize]) -> String {
             scope_expr(pg, k, n + 1)
         };
         needed.push(format!("(seq > ${n} AND {addressed})"));
+        addressed_any.push(addressed);
         n += 1 + k;
     }
     format!(
-        "DELETE FROM journal_events WHERE topic = $1 AND recorded_at_ms < $2 AND NOT ({})",
+        "DELETE FROM journal_events WHERE topic = $1 AND recorded_at_ms < $2 AND ({}) AND NOT ({})",
+        addressed_any.join(" OR "),
         needed.join(" OR ")
     )
 }
@@ -2048,7 +2053,7 @@ mod tests {
 
     /// Retention deletes an event only once every holder it is addressed to acknowledged it:
     /// a holder that never acknowledged keeps what is addressed to it, another's ack does not
-    /// stand in for it, and an event addressed to no holder goes once old enough.
+    /// stand in for it, and an event addressed to no holder is kept.
     async fn retention_waits_for_every_holder_an_event_is_addressed_to(store: Store) {
         let j = Journal::open(&store, None, None, &Policy::default())
             .await
@@ -2121,13 +2126,17 @@ mod tests {
             }
             v
         };
-        assert_eq!(prune(&holders).await, 3);
-        assert_eq!(stored().await, [2, 4], "registry-hn never acknowledged");
+        assert_eq!(prune(&holders).await, 2);
+        assert_eq!(
+            stored().await,
+            [2, 4, 5],
+            "registry-hn never acknowledged; nobody covers 048"
+        );
         j.ack(POPULATION, &Group::new("registry-hn", "registry-hn"), 2)
             .await
             .unwrap();
         assert_eq!(prune(&holders).await, 1);
-        assert_eq!(stored().await, [4]);
+        assert_eq!(stored().await, [4, 5]);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
