@@ -33,6 +33,9 @@ use crate::{
 /// default of `[exchange] max_unacked`).
 pub const WINDOW: u64 = 1_024;
 
+/// How long an idle subscription waits at most before it checks the policy in force again.
+const POLICY_RECHECK: std::time::Duration = std::time::Duration::from_secs(2);
+
 #[derive(Clone)]
 pub struct ExchangeService {
     journal: Option<Journal>,
@@ -426,6 +429,18 @@ impl Exchange for ExchangeService {
             // events, not sequence numbers.
             let mut outstanding = std::collections::VecDeque::new();
             loop {
+                // Every turn runs under the policy in force — each page read, each wake-up,
+                // and at least every `POLICY_RECHECK` while idle: a reload that takes the topic
+                // from the agency ends the stream, one that changes its provinces changes what
+                // it reads from here on.
+                let Ok((scope, role)) = stream_scope(&state, &agency, &topic) else {
+                    let _ = tx
+                        .send(Err(Status::permission_denied(format!(
+                            "agency {agency} may no longer consume {topic}"
+                        ))))
+                        .await;
+                    return;
+                };
                 let acked_now = *acked.borrow_and_update();
                 while outstanding.front().is_some_and(|s| *s <= acked_now) {
                     outstanding.pop_front();
@@ -433,17 +448,6 @@ impl Exchange for ExchangeService {
                 let head_now = *head.borrow_and_update();
                 let room = window.saturating_sub(outstanding.len() as u64);
                 if next <= head_now && room > 0 {
-                    // Each page is read under the policy in force: a reload that takes the
-                    // topic from the agency ends the stream, one that changes its provinces
-                    // changes what it reads from here on.
-                    let Ok((scope, role)) = stream_scope(&state, &agency, &topic) else {
-                        let _ = tx
-                            .send(Err(Status::permission_denied(format!(
-                                "agency {agency} may no longer consume {topic}"
-                            ))))
-                            .await;
-                        return;
-                    };
                     let page = match journal
                         .read(
                             &topic,
@@ -512,6 +516,8 @@ impl Exchange for ExchangeService {
                 tokio::select! {
                     r = head.changed() => if r.is_err() { return },
                     r = acked.changed() => if r.is_err() { return },
+                    // An idle stream, too, is held to a reloaded policy.
+                    () = tokio::time::sleep(POLICY_RECHECK) => {}
                     () = tx.closed() => return,
                     () = crate::listener::wait_true(&mut shutdown) => {
                         // Resume after the last ack on another gateway or after the restart.
