@@ -135,6 +135,8 @@ pub struct Running {
     readiness: Readiness,
     task: JoinHandle<Result<()>>,
     admin: JoinHandle<()>,
+    /// The data directory's lock (SQLite store), released when the gateway is dropped.
+    _dir_lock: Option<crate::sqlite::DirLock>,
 }
 
 /// Validates the config and everything it names, binds both ports and starts serving.
@@ -144,6 +146,12 @@ pub async fn start(source: ConfigSource, overrides: Overrides) -> Result<Running
     let server_cfg = snapshot.config.file.server.clone();
     let limits = snapshot.config.file.limits.clone();
     let state: Shared = Arc::new(ArcSwap::from_pointee(snapshot));
+    // One gateway per SQLite store: a second one on the same directory is refused here, before
+    // it opens or writes anything.
+    let dir_lock = match state.load().config.store() {
+        crate::store::Store::Sqlite(dir) => Some(crate::sqlite::lock_dir(&dir)?),
+        crate::store::Store::Postgres { .. } => None,
+    };
 
     let api_listener = telemetry::bind(server_cfg.listen, "API").await?;
     let admin_listener = telemetry::bind(server_cfg.admin_listen, "admin").await?;
@@ -304,6 +312,7 @@ pub async fn start(source: ConfigSource, overrides: Overrides) -> Result<Running
         readiness,
         task,
         admin,
+        _dir_lock: dir_lock,
     })
 }
 

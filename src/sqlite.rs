@@ -19,6 +19,35 @@ pub fn store_path(dir: &Path) -> PathBuf {
     dir.join("civgate.sqlite")
 }
 
+/// The exclusive lock on a data directory, held for as long as the process that took it runs
+/// (the kernel drops it when the process ends, kill -9 included). Two gateways writing one
+/// store file would each assign the same sequences and audit indexes.
+#[derive(Debug)]
+pub struct DirLock(#[allow(dead_code)] std::fs::File);
+
+/// Takes `dir/civgate.lock`, or says which directory is in use.
+pub fn lock_dir(dir: &Path) -> anyhow::Result<DirLock> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join("civgate.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(DirLock(file)),
+        Err(std::fs::TryLockError::WouldBlock) => bail!(
+            "data directory {} is in use by another civgate process (it holds {}): stop that one, or give this one another --data-dir",
+            dir.display(),
+            path.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("locking {}", path.display()))
+        }
+    }
+}
+
 /// Earlier releases kept the audit log in `audit.sqlite` and the journal in `journal.sqlite`.
 /// If the store file does not exist yet, the audit file becomes it (its WAL folded in first,
 /// then renamed: the audit log is the larger of the two and is never copied). The journal's
@@ -226,6 +255,16 @@ pub fn is_unique_violation(e: &sqlx::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_data_directory_is_locked_by_one_holder_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = lock_dir(dir.path()).unwrap();
+        let err = lock_dir(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("in use by another civgate process"), "{err}");
+        drop(held);
+        lock_dir(dir.path()).unwrap();
+    }
     use sqlx::Connection;
 
     #[test]

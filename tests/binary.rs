@@ -300,3 +300,51 @@ async fn a_single_threaded_gateway_serves_concurrent_lookups_and_publishes() {
         r.expect("call task");
     }
 }
+
+/// A second `civgate serve` on the data directory of a running one refuses to start, saying
+/// why, and the first keeps serving.
+#[tokio::test]
+async fn a_second_gateway_on_the_same_data_directory_refuses_to_start() {
+    let env = Env::new();
+    let gw = env.spawn_binary();
+    let mut second = Command::new(env!("CARGO_BIN_EXE_civgate"))
+        .args(["serve", "--config"])
+        .arg(env.config_path())
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(env.dir.path().join("data"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run civgate");
+    // It must exit on its own; one that keeps running has started.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let exited = loop {
+        if let Some(status) = second.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            second.kill().unwrap();
+            panic!("a second gateway started on a data directory in use");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert!(!exited.success());
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(
+        stderr.contains("is in use by another civgate process"),
+        "{stderr}"
+    );
+    let mut health = HealthClient::new(
+        client::connect(gw.api, &env.certs(), Some("population"))
+            .await
+            .unwrap(),
+    );
+    let status = health
+        .check(HealthCheckRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.status(), ServingStatus::Serving);
+}
