@@ -20,8 +20,9 @@ use time::{Duration, OffsetDateTime};
 use crate::domain::AgencyId;
 
 /// The client certificates `certs init` writes under `clients/`, and the agency each names.
-/// `revoked`, `expired` and `rogue` name a configured agency on purpose: only the CRL, the
-/// validity period or the issuer is what gets them refused.
+/// `revoked`, `expired`, `rogue`, `no-client-auth` and `no-digital-signature` name a
+/// configured agency on purpose: only the CRL, the validity period, the issuer or the key's
+/// permitted uses is what gets them refused.
 pub const CLIENTS: &[(&str, &str, ClientKind)] = &[
     ("registry-hp", "registry-hp", ClientKind::Valid),
     ("registry-hn", "registry-hn", ClientKind::Valid),
@@ -30,6 +31,8 @@ pub const CLIENTS: &[(&str, &str, ClientKind)] = &[
     ("revoked", "registry-hp", ClientKind::Revoked),
     ("expired", "registry-hp", ClientKind::Expired),
     ("rogue", "registry-hp", ClientKind::Rogue),
+    ("no-client-auth", "registry-hp", ClientKind::NoClientAuth),
+    ("no-digital-signature", "registry-hp", ClientKind::NoDigitalSignature),
     ("unknown", "unknown-agency", ClientKind::Valid),
     // The gateway's own client certificate for the population directory (outbound mTLS).
     ("gateway", "civgate-gateway", ClientKind::Valid),
@@ -41,6 +44,10 @@ pub enum ClientKind {
     Revoked,
     Expired,
     Rogue,
+    /// No extended key usage extension (so no clientAuth).
+    NoClientAuth,
+    /// A key usage extension without digitalSignature.
+    NoDigitalSignature,
 }
 
 /// The name of the development audit signing key (= the default checkpoint origin).
@@ -83,8 +90,18 @@ pub fn init(dir: &Path, force: bool) -> Result<Vec<PathBuf>> {
             );
         }
     }
-    fs::create_dir_all(dir.join("clients"))
-        .with_context(|| format!("creating {}", dir.join("clients").display()))?;
+    // Modes are set explicitly, whatever the umask: directories 0755, certificates 0644,
+    // keys 0600.
+    for d in [dir.to_owned(), dir.join("clients")] {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(&d)
+            .with_context(|| format!("creating {}", d.display()))?;
+        fs::set_permissions(&d, fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("setting the mode of {}", d.display()))?;
+    }
 
     let now = OffsetDateTime::now_utc();
     let (ca_params, ca_key) = ca("civgate development CA", now)?;
@@ -116,6 +133,11 @@ pub fn init(dir: &Path, force: bool) -> Result<Vec<PathBuf>> {
         let mut p = leaf_params(name, now)?;
         p.subject_alt_names = vec![SanType::URI(agency.to_uri().try_into()?)];
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        match kind {
+            ClientKind::NoClientAuth => p.extended_key_usages = vec![],
+            ClientKind::NoDigitalSignature => p.key_usages = vec![KeyUsagePurpose::KeyAgreement],
+            _ => {}
+        }
         if *kind == ClientKind::Expired {
             p.not_before = now - Duration::days(30);
             p.not_after = now - Duration::days(1);
@@ -293,14 +315,17 @@ fn write_file(
     written: &mut Vec<PathBuf>,
 ) -> Result<()> {
     let path = dir.join(rel);
+    let mode = if secret { 0o600 } else { 0o644 };
     let mut opts = fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    if secret {
-        opts.mode(0o600);
-    }
+    opts.write(true).create(true).truncate(true).mode(mode);
     let mut f = opts
         .open(&path)
         .with_context(|| format!("writing {}", path.display()))?;
+    // An existing file (--force) keeps its mode unless told.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        f.set_permissions(fs::Permissions::from_mode(mode))?;
+    }
     f.write_all(contents.as_bytes())?;
     f.sync_all()?;
     written.push(path);

@@ -205,6 +205,15 @@ pub struct ServerSection {
     pub handshake_timeout_ms: u64,
     /// At most this many handshakes in progress; further connections are closed at once.
     pub max_pending_handshakes: usize,
+    /// At most this many of them from one source address (an IPv6 /64 counts as one), so one
+    /// host cannot take the whole pool.
+    pub max_pending_handshakes_per_source: usize,
+    /// Open connections in all (handshaking or serving). At the cap the gateway stops
+    /// accepting until one closes: new clients wait in the kernel's queue instead of failing.
+    pub max_connections: usize,
+    /// Open connections per agency (per certificate for one that names no known agency);
+    /// a further one is closed right after its handshake.
+    pub max_connections_per_agency: usize,
     /// How long SIGTERM waits for in-flight calls before closing anyway.
     pub shutdown_grace_ms: u64,
     /// Threads that serve calls: 0 = automatic ([`ServerSection::serving_threads`]); 1 = a
@@ -237,6 +246,9 @@ impl Default for ServerSection {
             data_dir: PathBuf::from("./data"),
             handshake_timeout_ms: 5_000,
             max_pending_handshakes: 1_024,
+            max_pending_handshakes_per_source: 64,
+            max_connections: 8_192,
+            max_connections_per_agency: 1_024,
             shutdown_grace_ms: 10_000,
             worker_threads: 0,
         }
@@ -278,6 +290,12 @@ pub struct LimitsSection {
     pub max_frame_size: u32,
     /// Largest decoded request message.
     pub max_message_bytes: usize,
+    /// A request whose body has not fully arrived this long after its headers is answered
+    /// DEADLINE_EXCEEDED and its bytes released.
+    pub request_body_timeout_ms: u64,
+    /// Request bytes the gateway holds, in all, for messages not yet complete; past it a call
+    /// is answered RESOURCE_EXHAUSTED (the bound on memory an unfinished body can take).
+    pub max_buffered_request_bytes: usize,
 }
 
 impl Default for LimitsSection {
@@ -287,6 +305,8 @@ impl Default for LimitsSection {
             max_header_list_size: 16 * 1024,
             max_frame_size: 16 * 1024,
             max_message_bytes: 4 * 1024 * 1024,
+            request_body_timeout_ms: 10_000,
+            max_buffered_request_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -481,6 +501,121 @@ impl Config {
                 key: "store.pool_max".into(),
                 message: "must be at least 1".into(),
             });
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+
+    /// What `serve` would refuse at start beyond the TLS files (checked by `config check`,
+    /// `serve` and every reload alike): the audit signing key, the upstream, the two ports,
+    /// and private keys others can read.
+    pub fn check_runtime(&self) -> Result<(), ConfigErrors> {
+        let mut errors = Vec::new();
+        let f = &self.file;
+        let plain = |key: &str, message: String| ConfigError {
+            file: self.origin.clone(),
+            line: None,
+            key: key.into(),
+            message,
+        };
+        if f.server.listen == f.server.admin_listen && f.server.listen.port() != 0 {
+            errors.push(plain(
+                "server.admin_listen",
+                format!("is the API's address too ({})", f.server.listen),
+            ));
+        }
+        // Private keys: owner-only, like ssh and PostgreSQL require.
+        let mut keys: Vec<(&str, &Spanned<PathBuf>)> = vec![("tls.key", &f.tls.key)];
+        if f.audit.enabled {
+            match &f.audit.signing_key {
+                None => errors.push(plain(
+                    "audit.signing_key",
+                    "is required when the audit log is enabled".into(),
+                )),
+                Some(k) => {
+                    keys.push(("audit.signing_key", k));
+                    let path = self.resolve(k.get_ref());
+                    let parsed = std::fs::read_to_string(&path)
+                        .map_err(|e| e.to_string())
+                        .and_then(|t| {
+                            crate::audit::note::Signer::parse(&t)
+                                .map(|_| ())
+                                .map_err(|e| format!("not a signing key: {e}"))
+                        });
+                    if let Err(e) = parsed {
+                        errors.push(self.error_at(
+                            k.span().start,
+                            "audit.signing_key".into(),
+                            format!("{}: {e}", path.display()),
+                        ));
+                    }
+                }
+            }
+        }
+        if let Some(u) = &f.upstream {
+            keys.push(("upstream.key", &u.key));
+            let url = u.url.get_ref();
+            let https = url
+                .parse::<http::Uri>()
+                .ok()
+                .filter(|o| o.scheme_str() == Some("https") && o.host().is_some_and(|h| !h.is_empty()));
+            if https.is_none() {
+                errors.push(self.error_at(
+                    u.url.span().start,
+                    "upstream.url".into(),
+                    format!("{url:?} must be https://host:port (the directory is reached over mutual TLS only)"),
+                ));
+            }
+            if u.timeout_ms == 0 {
+                errors.push(plain("upstream.timeout_ms", "must be at least 1".into()));
+            }
+            let read = |p: &Spanned<PathBuf>| std::fs::read(self.resolve(p.get_ref()));
+            match (read(&u.ca), read(&u.cert), read(&u.key)) {
+                (Ok(ca), Ok(cert), Ok(key)) => {
+                    if let Err(e) = crate::tls::client_config(&ca, Some((&cert, &key))) {
+                        errors.push(self.error_at(
+                            u.cert.span().start,
+                            "upstream.ca, upstream.cert, upstream.key".into(),
+                            format!("{e:#}"),
+                        ));
+                    }
+                }
+                (ca, cert, key) => {
+                    for (name, span, r) in [
+                        ("upstream.ca", &u.ca, ca),
+                        ("upstream.cert", &u.cert, cert),
+                        ("upstream.key", &u.key, key),
+                    ] {
+                        if let Err(e) = r {
+                            errors.push(self.error_at(
+                                span.span().start,
+                                name.into(),
+                                format!("{}: {e}", self.resolve(span.get_ref()).display()),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        for (name, key) in keys {
+            use std::os::unix::fs::PermissionsExt;
+            let path = self.resolve(key.get_ref());
+            if let Ok(m) = std::fs::metadata(&path)
+                && m.permissions().mode() & 0o077 != 0
+            {
+                errors.push(self.error_at(
+                    key.span().start,
+                    name.into(),
+                    format!(
+                        "{} is readable by other users (mode {:o}); chmod 600 it",
+                        path.display(),
+                        m.permissions().mode() & 0o777
+                    ),
+                ));
+            }
         }
         if errors.is_empty() {
             Ok(())

@@ -3,9 +3,12 @@
 
 use std::{
     pin::Pin,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     task::{Context, Poll, ready},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -25,11 +28,16 @@ use crate::{
 pub struct GateLayer {
     state: Shared,
     audit: Option<AuditLog>,
+    bodies: BodyLimits,
 }
 
 impl GateLayer {
-    pub fn new(state: Shared, audit: Option<AuditLog>) -> Self {
-        Self { state, audit }
+    pub fn new(state: Shared, audit: Option<AuditLog>, bodies: BodyLimits) -> Self {
+        Self {
+            state,
+            audit,
+            bodies,
+        }
     }
 }
 
@@ -40,6 +48,7 @@ impl<S> Layer<S> for GateLayer {
             inner,
             state: self.state.clone(),
             audit: self.audit.clone(),
+            bodies: self.bodies.clone(),
         }
     }
 }
@@ -49,6 +58,89 @@ pub struct Gate<S> {
     inner: S,
     state: Shared,
     audit: Option<AuditLog>,
+    bodies: BodyLimits,
+}
+
+/// Bounds on request bodies: how long one may take to arrive, and how many bytes of
+/// unfinished bodies the gateway holds in all.
+#[derive(Clone, Debug)]
+pub struct BodyLimits {
+    pub timeout: Duration,
+    pub budget: Arc<ByteBudget>,
+}
+
+impl BodyLimits {
+    pub fn new(limits: &crate::config::LimitsSection) -> Self {
+        Self {
+            timeout: Duration::from_millis(limits.request_body_timeout_ms.max(1)),
+            budget: Arc::new(ByteBudget::new(limits.max_buffered_request_bytes)),
+        }
+    }
+}
+
+/// Request bytes held for bodies not yet complete, against a fixed budget.
+#[derive(Debug)]
+pub struct ByteBudget {
+    held: AtomicUsize,
+    max: usize,
+}
+
+impl ByteBudget {
+    pub fn new(max: usize) -> Self {
+        Self {
+            held: AtomicUsize::new(0),
+            max: max.max(1),
+        }
+    }
+
+    /// Takes `n` bytes, or nothing if that would pass the budget.
+    pub fn take(&self, n: usize) -> bool {
+        self.held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| {
+                h.checked_add(n).filter(|t| *t <= self.max)
+            })
+            .is_ok()
+    }
+
+    pub fn give_back(&self, n: usize) {
+        self.held.fetch_sub(n, Ordering::AcqRel);
+    }
+
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Acquire)
+    }
+}
+
+/// Longest method path kept in logs, audit records and messages; a longer one is cut.
+const MAX_PATH: usize = 200;
+
+/// The request path, cut to [`MAX_PATH`] bytes (paths are ASCII: `http::Uri` allows no more).
+fn bounded_path(path: &str) -> String {
+    if path.len() <= MAX_PATH {
+        return path.to_owned();
+    }
+    let mut end = MAX_PATH;
+    while !path.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &path[..end])
+}
+
+/// gRPC is POST with an `application/grpc*` content type; anything else is answered with the
+/// HTTP status gRPC servers use (405, 415) before identity or policy is looked at.
+pub fn http_refusal(method: &http::Method, headers: &http::HeaderMap) -> Option<http::StatusCode> {
+    if method != http::Method::POST {
+        return Some(http::StatusCode::METHOD_NOT_ALLOWED);
+    }
+    let grpc = headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v == "application/grpc"
+                || v.starts_with("application/grpc+")
+                || v.starts_with("application/grpc;")
+        });
+    (!grpc).then_some(http::StatusCode::UNSUPPORTED_MEDIA_TYPE)
 }
 
 /// The `x-request-id` a caller sent (1–128 visible ASCII characters), or a fresh one.
@@ -102,7 +194,7 @@ fn limit(
 }
 
 /// RESOURCE_EXHAUSTED with `retry-after` (whole seconds) and a `google.rpc.RetryInfo`.
-fn rate_limited(
+pub fn rate_limited(
     agency: &crate::domain::AgencyId,
     what: &str,
     retry_after_secs: u64,
@@ -134,14 +226,13 @@ fn audit_unavailable(e: &crate::audit::AuditError) -> tonic::Status {
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
-impl<S, B> Service<http::Request<B>> for Gate<S>
+impl<S> Service<http::Request<tonic::body::Body>> for Gate<S>
 where
-    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
+    S: Service<http::Request<tonic::body::Body>, Response = http::Response<tonic::body::Body>>
         + Clone
         + Send
         + 'static,
     S::Future: Send,
-    B: Send + 'static,
 {
     type Response = http::Response<tonic::body::Body>;
     type Error = S::Error;
@@ -151,10 +242,31 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
         let start = Instant::now();
-        let path = req.uri().path().to_owned();
+        if let Some(refused) = http_refusal(req.method(), req.headers()) {
+            telemetry::http_refused(refused.as_u16());
+            let mut resp = http::Response::new(tonic::body::Body::empty());
+            *resp.status_mut() = refused;
+            if refused == http::StatusCode::METHOD_NOT_ALLOWED {
+                resp.headers_mut()
+                    .insert(http::header::ALLOW, http::HeaderValue::from_static("POST"));
+            }
+            return Box::pin(async move { Ok(resp) });
+        }
+        let path = bounded_path(req.uri().path());
         let method = policy::known_method(&path).unwrap_or("unknown");
+        // Every request body is bounded in time and counted against the byte budget.
+        let deadline = (method != REFLECTION).then(|| start + self.bodies.timeout);
+        let budget = self.bodies.budget.clone();
+        let mut req = req.map(|inner| {
+            tonic::body::Body::new(LimitedBody {
+                inner,
+                budget,
+                held: 0,
+                deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d.into()))),
+            })
+        });
         let rid = request_id(req.headers());
         let Some(conn) = req.extensions().get::<ConnInfo>().cloned() else {
             // Only connections from our own listener reach here; anything else is a bug.
@@ -167,7 +279,6 @@ where
         // Identity → policy → admission (in-flight caps) → quota.
         let admitted = policy::authorize(&snapshot.policy, &conn.peer, &path)
             .map_err(|denial| {
-                tracing::warn!(remote = %conn.remote, method = path, reason = denial.reason(), "denied: {denial}");
                 telemetry::rpc_denied(method, denial.reason());
                 (denial.to_status(), denial.reason().to_owned(), None)
             })
@@ -178,6 +289,25 @@ where
             });
         match admitted {
             Err((mut status, detail, principal)) => Box::pin(async move {
+                // Refusals are metered per certificate: past the meter they are answered
+                // and counted, without a record or a log line each (a flood of them would
+                // otherwise fill the audit log and the logs).
+                if !snapshot.refusals.record(&conn.peer.fingerprint) {
+                    telemetry::refusal_unrecorded(method);
+                    let status = tonic::Status::resource_exhausted(
+                        "too many refused calls from this certificate; slow down",
+                    );
+                    telemetry::rpc_finished(method, status.code(), start.elapsed());
+                    return Ok(with_request_id(status.into_http(), &rid));
+                }
+                tracing::warn!(
+                    remote = %conn.remote,
+                    method = path,
+                    agency = principal.as_ref().map(|p| p.agency.as_str()),
+                    "refused: {}: {}",
+                    detail,
+                    status.message()
+                );
                 // A refusal returns no data: its record is appended without waiting for the
                 // commit, so a flood of refusals cannot make others wait on the log.
                 if let Some(log) = audit {
@@ -216,12 +346,20 @@ where
                 let clone = self.inner.clone();
                 let mut inner = std::mem::replace(&mut self.inner, clone);
                 Box::pin(async move {
-                    let resp = inner.call(req).await?;
+                    let mut resp = inner.call(req).await?;
                     // In flight until the response head exists (streams do not hold a slot).
                     drop(permit);
                     // Trailers-only responses (errors) carry grpc-status in the headers; any
                     // other response is a success (unary) or an opened stream.
-                    let code = grpc_status(resp.headers());
+                    let mut code = grpc_status(resp.headers());
+                    if code == Some(tonic::Code::OutOfRange) {
+                        // tonic's "decoded message length too large": by gRPC's convention a
+                        // message over the limit is RESOURCE_EXHAUSTED (no handler of ours
+                        // answers OUT_OF_RANGE).
+                        resp.headers_mut()
+                            .insert("grpc-status", http::HeaderValue::from_static("8"));
+                        code = Some(tonic::Code::ResourceExhausted);
+                    }
                     let facts = facts.take();
                     if let (Some(log), Some(call), None) = (audit, call, facts.recorded) {
                         let refusal = facts.refusal;
@@ -305,6 +443,83 @@ impl Body for MeteredBody {
                 *this.done = true;
                 telemetry::rpc_finished(this.method, code, this.start.elapsed());
             }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The reflection stream is bidirectional and long-lived: its body has no overall deadline.
+const REFLECTION: &str = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo";
+
+pin_project! {
+    /// A request body that must end by its deadline and whose bytes count against the
+    /// gateway's budget until it ends (or is dropped).
+    struct LimitedBody {
+        #[pin]
+        inner: tonic::body::Body,
+        budget: Arc<ByteBudget>,
+        held: usize,
+        deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    }
+
+    impl PinnedDrop for LimitedBody {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            this.budget.give_back(std::mem::take(this.held));
+        }
+    }
+}
+
+impl Body for LimitedBody {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let mut this = self.project();
+        let frame = match this.inner.as_mut().poll_frame(cx) {
+            Poll::Ready(f) => f,
+            Poll::Pending => {
+                if let Some(d) = this.deadline.as_mut()
+                    && d.as_mut().poll(cx).is_ready()
+                {
+                    telemetry::body_refused("timeout");
+                    this.budget.give_back(std::mem::take(this.held));
+                    return Poll::Ready(Some(Err(tonic::Status::deadline_exceeded(
+                        "the request body did not arrive in time",
+                    ))));
+                }
+                return Poll::Pending;
+            }
+        };
+        match &frame {
+            Some(Ok(f)) => {
+                if let Some(data) = f.data_ref() {
+                    if !this.budget.take(data.len()) {
+                        telemetry::body_refused("budget");
+                        this.budget.give_back(std::mem::take(this.held));
+                        return Poll::Ready(Some(Err(tonic::Status::resource_exhausted(
+                            "the gateway is holding too many unfinished requests; retry shortly",
+                        ))));
+                    }
+                    *this.held += data.len();
+                }
+            }
+            // The body is over: tonic decodes it now, the bytes are no longer ours to count.
+            None | Some(Err(_)) => this.budget.give_back(std::mem::take(this.held)),
+        }
+        if this.inner.is_end_stream() {
+            this.budget.give_back(std::mem::take(this.held));
         }
         Poll::Ready(frame)
     }

@@ -20,7 +20,7 @@ use serde::Deserialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::{
-    domain::{AgencyId, Role},
+    domain::{AgencyId, CertFingerprint, Role},
     policy::Policy,
 };
 
@@ -33,6 +33,8 @@ pub enum Bucket {
     Reads,
     /// `Exchange.Publish`
     Publishes,
+    /// Health checks and reflection: cheap, but each is audited.
+    Probes,
 }
 
 impl Bucket {
@@ -41,6 +43,10 @@ impl Bucket {
             Some(Bucket::Reads)
         } else if path == "/civgate.v1.Exchange/Publish" {
             Some(Bucket::Publishes)
+        } else if path.starts_with("/grpc.health.v1.Health/")
+            || path.starts_with("/grpc.reflection.")
+        {
+            Some(Bucket::Probes)
         } else {
             None
         }
@@ -50,6 +56,7 @@ impl Bucket {
         match self {
             Bucket::Reads => "reads",
             Bucket::Publishes => "publishes",
+            Bucket::Probes => "probes",
         }
     }
 }
@@ -67,6 +74,7 @@ pub struct Rate {
 pub struct RateSet {
     pub reads: Option<Rate>,
     pub publishes: Option<Rate>,
+    pub probes: Option<Rate>,
 }
 
 /// `[quotas]`.
@@ -75,8 +83,11 @@ pub struct RateSet {
 pub struct QuotasSection {
     /// Count and log what would be refused, refuse nothing.
     pub shadow: bool,
+    /// Citizens read per second: a batch costs one per distinct valid ID it asks for.
     pub reads: Rate,
     pub publishes: Rate,
+    /// Health checks and reflection calls.
+    pub probes: Rate,
     /// Per-role defaults.
     pub roles: HashMap<Role, RateSet>,
     /// Per-agency overrides.
@@ -85,6 +96,10 @@ pub struct QuotasSection {
     pub max_in_flight_per_agency: u32,
     /// Calls in flight in all; beyond it UNAVAILABLE at once (load shedding).
     pub max_in_flight_total: u32,
+    /// Refusals before any quota applies (a certificate naming no agency or an unknown one,
+    /// a method not granted), per client certificate. Past it a refusal is answered
+    /// RESOURCE_EXHAUSTED without an audit record or a log line of its own, and counted.
+    pub refusals: Rate,
 }
 
 impl Default for QuotasSection {
@@ -97,10 +112,12 @@ impl Default for QuotasSection {
             shadow: false,
             reads: rate(500, 1_000),
             publishes: rate(500, 1_000),
+            probes: rate(20, 40),
             roles: HashMap::new(),
             agencies: HashMap::new(),
             max_in_flight_per_agency: 256,
             max_in_flight_total: 4_096,
+            refusals: rate(5, 20),
         }
     }
 }
@@ -111,6 +128,7 @@ impl QuotasSection {
         let pick = |s: &RateSet| match bucket {
             Bucket::Reads => s.reads,
             Bucket::Publishes => s.publishes,
+            Bucket::Probes => s.probes,
         };
         self.agencies
             .get(agency)
@@ -119,6 +137,7 @@ impl QuotasSection {
             .unwrap_or(match bucket {
                 Bucket::Reads => self.reads,
                 Bucket::Publishes => self.publishes,
+                Bucket::Probes => self.probes,
             })
     }
 }
@@ -158,7 +177,7 @@ impl<C: Clock + Clone> Quotas<C> {
     ) -> Self {
         let mut buckets = HashMap::new();
         for (id, agency) in &policy.agencies {
-            for bucket in [Bucket::Reads, Bucket::Publishes] {
+            for bucket in [Bucket::Reads, Bucket::Publishes, Bucket::Probes] {
                 let rate = section.rate(id, agency.role, bucket);
                 let key = (id.clone(), bucket);
                 let limiter = previous
@@ -181,23 +200,68 @@ impl<C: Clock + Clone> Quotas<C> {
 
     /// Takes one call from the agency's bucket.
     pub fn check(&self, agency: &AgencyId, bucket: Bucket) -> Decision {
-        let Some((_, limiter)) = self.buckets.get(&(agency.clone(), bucket)) else {
+        self.check_n(agency, bucket, NonZeroU32::MIN)
+    }
+
+    /// Takes `n` units at once (a batch asking for `n` citizens): all or none. A batch
+    /// larger than the bucket's burst can never pass and is refused as over quota.
+    pub fn check_n(&self, agency: &AgencyId, bucket: Bucket, n: NonZeroU32) -> Decision {
+        let Some((rate, limiter)) = self.buckets.get(&(agency.clone(), bucket)) else {
             // Unknown agencies never get here (policy denies them first).
             return Decision::Allow;
         };
-        match limiter.check() {
-            Ok(()) => Decision::Allow,
-            Err(not_until) => {
-                let wait = not_until.wait_time_from(self.clock.now());
-                let retry_after_secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-                let retry_after_secs = retry_after_secs.max(1);
-                if self.shadow {
-                    Decision::WouldRefuse { retry_after_secs }
-                } else {
-                    Decision::Refuse { retry_after_secs }
-                }
-            }
+        let wait = match limiter.check_n(n) {
+            Ok(Ok(())) => return Decision::Allow,
+            Ok(Err(not_until)) => not_until.wait_time_from(self.clock.now()),
+            // More than the burst: say when a full bucket is back, the best the caller can do.
+            Err(_) => Duration::from_secs_f64(
+                f64::from(rate.burst.get()) / f64::from(rate.per_second.get()),
+            ),
+        };
+        let retry_after_secs = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
+        if self.shadow {
+            Decision::WouldRefuse { retry_after_secs }
+        } else {
+            Decision::Refuse { retry_after_secs }
         }
+    }
+}
+
+/// Meters refusals per client certificate (see [`QuotasSection::refusals`]).
+pub struct RefusalMeter {
+    rate: Rate,
+    limiter: governor::DefaultKeyedRateLimiter<CertFingerprint>,
+}
+
+impl RefusalMeter {
+    pub fn new(rate: Rate) -> Self {
+        Self {
+            rate,
+            limiter: RateLimiter::keyed(Quota::per_second(rate.per_second).allow_burst(rate.burst)),
+        }
+    }
+
+    /// The meter for `rate`: `previous` when its rate is the same (a reload keeps the state).
+    pub fn rebuild(rate: Rate, previous: Option<&Arc<Self>>) -> Arc<Self> {
+        match previous {
+            Some(p) if p.rate == rate => p.clone(),
+            _ => Arc::new(Self::new(rate)),
+        }
+    }
+
+    /// May this refusal be recorded and logged on its own?
+    pub fn record(&self, peer: &CertFingerprint) -> bool {
+        self.limiter.check_key(peer).is_ok()
+    }
+
+    /// Forgets certificates whose bucket is full again (bounded memory).
+    pub fn retain_recent(&self) {
+        self.limiter.retain_recent();
+        self.limiter.shrink_to_fit();
+    }
+
+    pub fn tracked(&self) -> usize {
+        self.limiter.len()
     }
 }
 
@@ -503,6 +567,7 @@ mod tests {
             RateSet {
                 reads: Some(rate(50, 50)),
                 publishes: None,
+                probes: None,
             },
         );
         s.agencies.insert(
@@ -510,6 +575,7 @@ mod tests {
             RateSet {
                 reads: Some(rate(7, 7)),
                 publishes: None,
+                probes: None,
             },
         );
         assert_eq!(

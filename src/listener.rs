@@ -1,22 +1,25 @@
-//! The API port's accept loop: TCP accept, then each TLS handshake in its own task with a
-//! timeout and a cap on handshakes in flight, so a client that connects and sends nothing
-//! delays nobody. A finished handshake becomes a [`TlsConn`] carrying the caller's
-//! [`PeerIdentity`], read once from the verified certificate.
+//! The API port's accept loop: TCP accept (paused while the gateway is at its connection cap
+//! or out of file descriptors), then each TLS handshake in its own task with a timeout and
+//! caps on handshakes in flight, in all and per source address, so neither a client that
+//! connects and sends nothing nor one host opening many connections delays anybody else. A
+//! finished handshake becomes a [`TlsConn`] carrying the caller's [`PeerIdentity`], read
+//! once from the verified certificate, and holding its places under the connection caps.
 
 use std::{
+    collections::HashMap,
     io,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, Mutex},
     task::{Context, Poll},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use pin_project_lite::pin_project;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
-    sync::{Semaphore, mpsc, watch},
+    sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch},
 };
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tonic::transport::server::Connected;
@@ -37,6 +40,9 @@ pin_project! {
         #[pin]
         inner: Coalesced<TlsStream<TcpStream>>,
         info: ConnInfo,
+        // Places under the caps, given back when the connection closes.
+        _open: OwnedSemaphorePermit,
+        _agency: Counted,
     }
 }
 
@@ -88,6 +94,77 @@ pub struct AcceptSettings {
     pub tls: Arc<rustls::ServerConfig>,
     pub handshake_timeout: Duration,
     pub max_pending: usize,
+    pub max_pending_per_source: usize,
+    pub max_per_agency: usize,
+}
+
+/// Counts by key (a source address, an agency) under a cap; a [`Counted`] holds one place.
+#[derive(Clone, Default)]
+pub struct Counter {
+    counts: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl Counter {
+    /// A place for `key` if fewer than `cap` are held.
+    pub fn try_hold(&self, key: String, cap: usize) -> Option<Counted> {
+        let mut map = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(key.clone()).or_insert(0);
+        if *n >= cap.max(1) {
+            return None;
+        }
+        *n += 1;
+        Some(Counted {
+            counter: self.clone(),
+            key,
+        })
+    }
+
+    pub fn held(&self, key: &str) -> usize {
+        let map = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(key).copied().unwrap_or(0)
+    }
+}
+
+/// One place held in a [`Counter`], given back on drop.
+pub struct Counted {
+    counter: Counter,
+    key: String,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        let mut map = self.counter.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// The key a source address is counted under: the address, or its /64 for IPv6 (one host
+/// gets a whole /64).
+pub fn source_key(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None => {
+                let s = v6.segments();
+                format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+            }
+        },
+    }
+}
+
+/// The key a verified connection is counted under: its agency, or its certificate when it
+/// names none.
+fn agency_key(peer: &PeerIdentity) -> String {
+    match &peer.agency {
+        Ok(a) => format!("agency:{a}"),
+        Err(_) => format!("cert:{}", peer.fingerprint.to_hex()),
+    }
 }
 
 impl AcceptSettings {
@@ -99,29 +176,52 @@ impl AcceptSettings {
             tls: snapshot.tls.clone(),
             handshake_timeout: Duration::from_millis(server.handshake_timeout_ms),
             max_pending: server.max_pending_handshakes,
+            max_pending_per_source: server.max_pending_handshakes_per_source,
+            max_per_agency: server.max_connections_per_agency,
         }
     }
 }
 
 /// Accepts until `shutdown` turns true; verified connections go to the returned channel.
+/// At most `max_connections` are open at once (read at start: it needs a restart).
 pub fn spawn(
     listener: TcpListener,
     settings: impl Fn() -> AcceptSettings + Send + 'static,
+    max_connections: usize,
     mut shutdown: watch::Receiver<bool>,
 ) -> mpsc::Receiver<Result<TlsConn, io::Error>> {
     let (tx, rx) = mpsc::channel(64);
+    let open = Arc::new(Semaphore::new(max_connections.max(1)));
+    let sources = Counter::default();
+    let agencies = Counter::default();
     tokio::spawn(async move {
         // Resized (replaced) when a reload changes max_pending_handshakes.
         let mut pending: Option<(usize, Arc<Semaphore>)> = None;
+        let mut last_warned: Option<Instant> = None;
         loop {
+            // At the connection cap: stop accepting until a connection closes.
+            let place = tokio::select! {
+                () = wait_true(&mut shutdown) => break,
+                p = open.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            };
+            telemetry::connections_open(max_connections - open.available_permits());
             let (tcp, remote) = tokio::select! {
                 () = wait_true(&mut shutdown) => break,
                 accepted = listener.accept() => match accepted {
                     Ok(a) => a,
                     Err(e) => {
-                        // EMFILE and friends: back off instead of spinning.
-                        warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        // EMFILE and friends: pause accepting (clients wait in the kernel's
+                        // queue) until a connection closes or a moment has passed.
+                        if last_warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                            warn!(error = %e, open = max_connections - open.available_permits() - 1,
+                                "accept failed; pausing accepts until a connection closes (raise the file limit or lower server.max_connections)");
+                            last_warned = Some(Instant::now());
+                        }
+                        drop(place);
+                        tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
                     }
                 },
@@ -130,6 +230,8 @@ pub fn spawn(
                 tls,
                 handshake_timeout: timeout,
                 max_pending,
+                max_pending_per_source,
+                max_per_agency,
             } = settings();
             let size = max_pending.max(1);
             let limit = match &pending {
@@ -140,16 +242,25 @@ pub fn spawn(
                     s
                 }
             };
+            // One source may hold only its share of the pending handshakes.
+            let Some(from_source) = sources.try_hold(source_key(remote.ip()), max_pending_per_source)
+            else {
+                telemetry::connection_refused("per_source");
+                continue; // dropping `tcp` closes it
+            };
             let Ok(permit) = limit.try_acquire_owned() else {
                 telemetry::handshake_failed("too_many_pending");
-                continue; // dropping `tcp` closes it
+                telemetry::connection_refused("pending");
+                continue;
             };
             let _ = tcp.set_nodelay(true);
             let acceptor = TlsAcceptor::from(tls);
             let tx = tx.clone();
+            let agencies = agencies.clone();
             tokio::spawn(async move {
                 let result = tokio::time::timeout(timeout, acceptor.accept(tcp)).await;
                 drop(permit);
+                drop(from_source);
                 let stream = match result {
                     Err(_) => {
                         telemetry::handshake_failed("timeout");
@@ -175,14 +286,22 @@ pub fn spawn(
                     telemetry::handshake_failed("no_client_certificate");
                     return;
                 };
+                let peer = PeerIdentity::from_der(leaf);
+                let Some(counted) = agencies.try_hold(agency_key(&peer), max_per_agency) else {
+                    telemetry::connection_refused("agency");
+                    debug!(%remote, "connection cap of the agency reached; closing");
+                    return;
+                };
                 let info = ConnInfo {
                     remote,
-                    peer: Arc::new(PeerIdentity::from_der(leaf)),
+                    peer: Arc::new(peer),
                 };
                 let _ = tx
                     .send(Ok(TlsConn {
                         inner: Coalesced::new(stream),
                         info,
+                        _open: place,
+                        _agency: counted,
                     }))
                     .await;
             });

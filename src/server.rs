@@ -116,6 +116,62 @@ fn snapshot_upstream(state: &Shared) -> Option<crate::config::UpstreamSection> {
     state.load().config.file.upstream.clone()
 }
 
+/// The settings a reload does not apply (they shape listeners, pools or open stores), named
+/// when a reload changes them.
+pub fn restart_only_changes(
+    o: &crate::config::ConfigFile,
+    n: &crate::config::ConfigFile,
+) -> Vec<&'static str> {
+    let differs = |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
+    let (os, ns) = (&o.server, &n.server);
+    let mut out = Vec::new();
+    for (name, changed) in [
+        ("server.listen", os.listen != ns.listen),
+        ("server.admin_listen", os.admin_listen != ns.admin_listen),
+        ("server.data_dir", os.data_dir != ns.data_dir),
+        ("server.worker_threads", os.worker_threads != ns.worker_threads),
+        ("server.max_connections", os.max_connections != ns.max_connections),
+        ("[limits]", differs(&o.limits, &n.limits)),
+        ("[upstream]", differs(&upstream_values(o), &upstream_values(n))),
+        ("[audit]", differs(&audit_values(o), &audit_values(n))),
+        ("[store]", differs(&o.store, &n.store)),
+        ("[exchange]", differs(&o.exchange, &n.exchange)),
+    ] {
+        if changed {
+            out.push(name);
+        }
+    }
+    out
+}
+
+/// `[upstream]`'s values without their places in the file (a moved line is no change).
+fn upstream_values(f: &crate::config::ConfigFile) -> Option<(String, PathBuf, PathBuf, PathBuf, u64, usize)> {
+    f.upstream.as_ref().map(|u| {
+        (
+            u.url.get_ref().clone(),
+            u.ca.get_ref().clone(),
+            u.cert.get_ref().clone(),
+            u.key.get_ref().clone(),
+            u.timeout_ms,
+            u.connections,
+        )
+    })
+}
+
+fn audit_values(f: &crate::config::ConfigFile) -> (bool, String, Option<PathBuf>, u64, u64) {
+    let a = &f.audit;
+    (
+        a.enabled,
+        a.origin.clone(),
+        a.signing_key.as_ref().map(|k| k.get_ref().clone()),
+        a.checkpoint_interval_ms,
+        a.commit_timeout_ms,
+    )
+}
+
+/// The largest health or reflection request read.
+const SMALL_MESSAGE: usize = 16 * 1024;
+
 /// The service names health reports on.
 const SERVICES: &[&str] = &[
     "civgate.v1.Citizens",
@@ -213,9 +269,14 @@ pub async fn start(source: ConfigSource, overrides: Overrides) -> Result<Running
         .max_frame_size(limits.max_frame_size)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .layer(GateLayer::new(state.clone(), audit.clone()))
-        .add_service(health_service)
-        .add_service(reflection)
+        .layer(GateLayer::new(
+            state.clone(),
+            audit.clone(),
+            crate::gate::BodyLimits::new(&limits),
+        ))
+        // Health and reflection requests are a few bytes; nothing larger is read.
+        .add_service(health_service.max_decoding_message_size(SMALL_MESSAGE))
+        .add_service(reflection.max_decoding_message_size(SMALL_MESSAGE))
         .add_service(
             CitizensServer::new(api::citizens::CitizensService::new(state.clone(), upstream))
                 .max_decoding_message_size(max_msg),
@@ -238,6 +299,7 @@ pub async fn start(source: ConfigSource, overrides: Overrides) -> Result<Running
     let incoming = listener::spawn(
         api_listener,
         move || listener::AcceptSettings::of(&accept_state),
+        server_cfg.max_connections,
         shutdown_rx.clone(),
     );
     let grace = Duration::from_millis(server_cfg.shutdown_grace_ms);
@@ -288,6 +350,7 @@ pub async fn start(source: ConfigSource, overrides: Overrides) -> Result<Running
                     _ = tick.tick() => {
                         let snap = state.load();
                         snap.harvest.retain_recent(&snap.config.file.harvest, std::time::Instant::now());
+                        snap.refusals.retain_recent();
                         metrics::gauge!("civgate_harvest_tracked_agencies").set(snap.harvest.agencies() as f64);
                     }
                     () = listener::wait_true(&mut stop) => break,
@@ -328,15 +391,11 @@ impl Running {
         match result {
             Ok(new) => {
                 let old = self.state.load();
-                let (o, n) = (&old.config.file, &new.config.file);
-                if o.server.listen != n.server.listen
-                    || o.server.admin_listen != n.server.admin_listen
-                    || o.server.data_dir != n.server.data_dir
-                    || o.server.worker_threads != n.server.worker_threads
-                    || format!("{:?}", o.limits) != format!("{:?}", n.limits)
-                {
+                let pending = restart_only_changes(&old.config.file, &new.config.file);
+                if !pending.is_empty() {
                     warn!(
-                        "listen addresses, data_dir, worker_threads and [limits] take effect only after a restart"
+                        sections = pending.join(", "),
+                        "these settings changed but take effect only after a restart; the running values stay in force"
                     );
                 }
                 self.state.store(Arc::new(new));

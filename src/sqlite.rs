@@ -19,6 +19,43 @@ pub fn store_path(dir: &Path) -> PathBuf {
     dir.join("civgate.sqlite")
 }
 
+/// Creates the data directory owner-only (0700) if missing and makes the store file and its
+/// WAL owner-only (0600), whatever the umask: they hold event payloads with names and IDs.
+/// An existing directory others can read is left as the operator made it, with a warning.
+pub fn prepare_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("restricting {}", dir.display()))?;
+    } else if let Ok(m) = std::fs::metadata(dir)
+        && m.permissions().mode() & 0o007 != 0
+    {
+        tracing::warn!(dir = %dir.display(), mode = format!("{:o}", m.permissions().mode() & 0o777),
+            "the data directory is open to other users; chmod 700 it");
+    }
+    let store = store_path(dir);
+    // SQLite gives its -wal and -shm files the main file's mode: create it owner-only first.
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(&store)
+        .with_context(|| format!("creating {}", store.display()))?;
+    for suffix in ["", "-wal", "-shm"] {
+        let f = PathBuf::from(format!("{}{suffix}", store.display()));
+        if f.exists() {
+            std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600))
+                .with_context(|| format!("restricting {}", f.display()))?;
+        }
+    }
+    Ok(())
+}
+
 /// The exclusive lock on a data directory, held for as long as the process that took it runs
 /// (the kernel drops it when the process ends, kill -9 included). Two gateways writing one
 /// store file would each assign the same sequences and audit indexes.
@@ -27,12 +64,16 @@ pub struct DirLock(#[allow(dead_code)] std::fs::File);
 
 /// Takes `dir/civgate.lock`, or says which directory is in use.
 pub fn lock_dir(dir: &Path) -> anyhow::Result<DirLock> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    use std::os::unix::fs::OpenOptionsExt;
+    if !dir.exists() {
+        prepare_dir(dir)?;
+    }
     let path = dir.join("civgate.lock");
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
         .open(&path)
         .with_context(|| format!("opening {}", path.display()))?;
     match file.try_lock() {

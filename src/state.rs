@@ -24,13 +24,25 @@ pub struct Snapshot {
     pub in_flight: Arc<InFlight>,
     /// Carried over across reloads: the window of citizens read is not forgotten.
     pub harvest: Arc<HarvestGuard>,
+    /// Refusals recorded per client certificate; carried over while its rate is unchanged.
+    pub refusals: Arc<crate::limits::RefusalMeter>,
 }
 
 impl Snapshot {
     /// Validates everything a config refers to (files, PEM, keys) before it can go live.
     /// Quota buckets and the harvesting window carry over from `previous`.
     pub fn build(config: Config, previous: Option<&Snapshot>) -> Result<Self, ConfigErrors> {
-        let tls = tls::server_config(&config)?;
+        // Every problem at once: the TLS files and what else serve would refuse.
+        let tls = tls::server_config(&config);
+        let runtime = config.check_runtime();
+        let tls = match (tls, runtime) {
+            (Ok(t), Ok(())) => t,
+            (Err(mut a), Err(b)) => {
+                a.0.extend(b.0);
+                return Err(a);
+            }
+            (Err(e), Ok(())) | (Ok(_), Err(e)) => return Err(e),
+        };
         let policy = Arc::new(config.policy());
         let quotas = Arc::new(Quotas::build(
             DefaultClock::default(),
@@ -43,6 +55,10 @@ impl Snapshot {
             _ => Arc::new(InFlight::new(&config.file.quotas)),
         };
         let harvest = previous.map_or_else(Default::default, |p| p.harvest.clone());
+        let refusals = crate::limits::RefusalMeter::rebuild(
+            config.file.quotas.refusals,
+            previous.map(|p| &p.refusals),
+        );
         Ok(Self {
             config: Arc::new(config),
             tls,
@@ -50,6 +66,7 @@ impl Snapshot {
             quotas,
             in_flight,
             harvest,
+            refusals,
         })
     }
 }

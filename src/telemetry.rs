@@ -28,6 +28,13 @@ pub const STORE_COMMIT_ROWS: &str = "civgate_store_commit_rows";
 pub const EXCHANGE_BACKLOG: &str = "civgate_exchange_backlog_events";
 pub const EXCHANGE_BACKLOG_AGE: &str = "civgate_exchange_backlog_oldest_seconds";
 pub const EXCHANGE_DEAD_LETTERS: &str = "civgate_exchange_dead_letters";
+pub const HTTP_REFUSED: &str = "civgate_http_refused_total";
+pub const REFUSALS_UNRECORDED: &str = "civgate_refusals_unrecorded_total";
+pub const REQUEST_BODIES_REFUSED: &str = "civgate_request_bodies_refused_total";
+pub const CONNECTIONS_REFUSED: &str = "civgate_connections_refused_total";
+pub const CONNECTIONS_OPEN: &str = "civgate_connections_open";
+pub const CRL_NEXT_UPDATE: &str = "civgate_crl_next_update_timestamp_seconds";
+pub const STORE_STALLED: &str = "civgate_store_stalled";
 
 /// Runs before `/metrics` renders (at most 2 s): gauges measured on demand.
 pub type ScrapeHook =
@@ -119,6 +126,37 @@ pub fn rpc_finished(method: &'static str, code: tonic::Code, elapsed: Duration) 
         return;
     }
     RPC.with(|c| record(c.borrow_mut().entry((method, code)).or_insert_with(handles)));
+}
+
+/// A request that is not gRPC (not POST, or not `application/grpc*`), by HTTP status.
+pub fn http_refused(status: u16) {
+    let status = match status {
+        405 => "405",
+        415 => "415",
+        _ => "other",
+    };
+    metrics::counter!(HTTP_REFUSED, "status" => status).increment(1);
+}
+
+/// A refusal past its certificate's meter: answered, not recorded or logged on its own.
+pub fn refusal_unrecorded(method: &'static str) {
+    metrics::counter!(REFUSALS_UNRECORDED, "method" => method).increment(1);
+}
+
+/// A request body cut off: `timeout` (not complete in time) or `budget` (the gateway holds
+/// too many unfinished bodies).
+pub fn body_refused(reason: &'static str) {
+    metrics::counter!(REQUEST_BODIES_REFUSED, "reason" => reason).increment(1);
+}
+
+/// A connection closed before serving: `per_source` (too many handshakes from its address),
+/// `pending` (too many handshakes in all), `agency` (its agency is at its connection cap).
+pub fn connection_refused(reason: &'static str) {
+    metrics::counter!(CONNECTIONS_REFUSED, "reason" => reason).increment(1);
+}
+
+pub fn connections_open(n: usize) {
+    metrics::gauge!(CONNECTIONS_OPEN).set(n as f64);
 }
 
 pub fn rpc_denied(method: &'static str, reason: &'static str) {

@@ -103,6 +103,21 @@ pub fn server_config(config: &Config) -> Result<Arc<ServerConfig>, ConfigErrors>
             if list.is_empty() {
                 return Err("no X509 CRL block".into());
             }
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            for der in &list {
+                match crl_next_update(der) {
+                    Some(next) if next <= now => {
+                        return Err(format!(
+                            "this CRL's nextUpdate ({}) has passed: every client certificate it covers would be refused; publish a fresh CRL",
+                            time::OffsetDateTime::from_unix_timestamp(next)
+                                .map_or_else(|_| next.to_string(), |t| t.to_string())
+                        ));
+                    }
+                    _ => {}
+                }
+            }
             Ok(list)
         }) {
             crls.append(&mut list);
@@ -123,8 +138,15 @@ pub fn server_config(config: &Config) -> Result<Arc<ServerConfig>, ConfigErrors>
         )])
     };
 
+    let crl_dates = crls
+        .iter()
+        .zip(crl_paths(config))
+        .filter_map(|(der, path)| Some((path, crl_next_update(der)?)))
+        .collect::<Vec<_>>();
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
         .with_crls(crls)
+        // A CRL past its nextUpdate no longer says who is revoked: refuse rather than trust it.
+        .enforce_revocation_expiration()
         .build()
         .map_err(|e| {
             at(
@@ -140,11 +162,105 @@ pub fn server_config(config: &Config) -> Result<Arc<ServerConfig>, ConfigErrors>
     let mut cfg = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(versions)
         .map_err(|e| at(&tls.cert, "tls.min_version", e.to_string()))?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(Arc::new(ClientUse(verifier)))
         .with_single_cert(chain, key)
         .map_err(|e| at(&tls.key, "tls.key", format!("does not match tls.cert: {e}")))?;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
+    for (path, next) in crl_dates {
+        metrics::gauge!(crate::telemetry::CRL_NEXT_UPDATE, "crl" => path).set(next as f64);
+    }
     Ok(Arc::new(cfg))
+}
+
+/// The configured CRL files, one label per CRL they hold (a file may hold several).
+fn crl_paths(config: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    for crl in &config.file.tls.crls {
+        let path = config.resolve(crl.get_ref());
+        let n = CertificateRevocationListDer::pem_file_iter(&path)
+            .map(|i| i.count())
+            .unwrap_or(0);
+        out.extend(std::iter::repeat_n(path.display().to_string(), n));
+    }
+    out
+}
+
+/// A CRL's nextUpdate, in Unix seconds.
+pub fn crl_next_update(der: &[u8]) -> Option<i64> {
+    use x509_parser::prelude::FromDer;
+    let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(der).ok()?;
+    Some(crl.next_update()?.timestamp())
+}
+
+/// Why a verified client certificate may still not be used to authenticate a client: what
+/// its extensions permit. webpki accepts a certificate with no extended key usage at all and
+/// does not look at the key usage; civgate requires clientAuth and, when a key usage is
+/// present, digitalSignature (RFC 5280 §4.2.1.3, §4.2.1.12).
+pub fn client_use_error(der: &[u8]) -> Option<&'static str> {
+    use x509_parser::prelude::FromDer;
+    let Ok((_, cert)) = x509_parser::certificate::X509Certificate::from_der(der) else {
+        return Some("the certificate cannot be parsed");
+    };
+    match cert.extended_key_usage() {
+        Ok(Some(eku)) if eku.value.client_auth => {}
+        Ok(_) => return Some("the certificate's extended key usage does not include clientAuth"),
+        Err(_) => return Some("the certificate's extended key usage cannot be parsed"),
+    }
+    match cert.key_usage() {
+        Ok(None) => None,
+        Ok(Some(ku)) if ku.value.digital_signature() => None,
+        Ok(Some(_)) => Some("the certificate's key usage does not include digitalSignature"),
+        Err(_) => Some("the certificate's key usage cannot be parsed"),
+    }
+}
+
+/// webpki's client verifier, then [`client_use_error`].
+#[derive(Debug)]
+struct ClientUse(Arc<dyn rustls::server::danger::ClientCertVerifier>);
+
+impl rustls::server::danger::ClientCertVerifier for ClientUse {
+    fn offer_client_auth(&self) -> bool {
+        self.0.offer_client_auth()
+    }
+    fn client_auth_mandatory(&self) -> bool {
+        self.0.client_auth_mandatory()
+    }
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.0.root_hint_subjects()
+    }
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        let verified = self.0.verify_client_cert(end_entity, intermediates, now)?;
+        match client_use_error(end_entity) {
+            None => Ok(verified),
+            Some(_) => Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::InvalidPurpose,
+            )),
+        }
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
 }
 
 fn load<T>(
@@ -188,6 +304,7 @@ pub fn failure_reason(err: &std::io::Error) -> &'static str {
             C::BadSignature => "bad_signature",
             C::InvalidPurpose | C::InvalidPurposeContext { .. } => "wrong_key_usage",
             C::UnknownRevocationStatus => "unknown_revocation_status",
+            C::ExpiredRevocationList | C::ExpiredRevocationListContext { .. } => "crl_expired",
             _ => "invalid_certificate",
         },
         E::NoApplicationProtocol => "no_alpn_h2",

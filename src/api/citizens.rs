@@ -89,6 +89,29 @@ impl CitizensService {
 }
 
 impl CitizensService {
+    /// Takes `n` more citizens from the agency's read quota.
+    fn take_reads(&self, who: &Principal, n: std::num::NonZeroU32) -> Result<(), Status> {
+        use crate::limits::{Bucket, Decision};
+        let snapshot = self.state.load();
+        let agency = who.agency.as_str();
+        match snapshot.quotas.check_n(&who.agency, Bucket::Reads, n) {
+            Decision::Allow => Ok(()),
+            Decision::WouldRefuse { retry_after_secs } => {
+                telemetry::rate_limited(agency, Bucket::Reads.as_str(), true);
+                tracing::info!(agency, citizens = n.get() + 1, retry_after_secs, "shadow mode: would refuse a batch (over quota)");
+                Ok(())
+            }
+            Decision::Refuse { retry_after_secs } => {
+                telemetry::rate_limited(agency, Bucket::Reads.as_str(), false);
+                Err(crate::gate::rate_limited(
+                    &who.agency,
+                    "citizens read",
+                    retry_after_secs,
+                ))
+            }
+        }
+    }
+
     /// The harvesting guard: may this agency read these citizens now?
     fn harvest(&self, who: &Principal, ids: &[String]) -> Result<(), Status> {
         let snapshot = self.state.load();
@@ -250,6 +273,16 @@ impl Citizens for CitizensService {
             .into_iter()
             .collect();
         let subjects: Vec<String> = valid.iter().map(ToString::to_string).collect();
+        // The quota counts citizens: the gate took one unit for the call, the rest of the
+        // batch is taken here, all or nothing, before anyone is looked up.
+        if let Some(more) = u32::try_from(valid.len().saturating_sub(1))
+            .ok()
+            .and_then(std::num::NonZeroU32::new)
+            && let Err(status) = self.take_reads(&who, more)
+        {
+            facts.update(|f| f.refusal = "rate_limited:reads");
+            return Err(status);
+        }
         self.harvest(&who, &subjects)?;
         facts.update(|f| {
             f.purpose = code.as_str().to_owned();

@@ -582,10 +582,13 @@ impl Exchange for ExchangeService {
                 format!("must be 1..={head} (the topic's head)"),
             ));
         }
-        if r.reason.trim().is_empty() || r.reason.chars().count() > 500 {
+        if r.reason.trim().is_empty()
+            || r.reason.chars().count() > 500
+            || r.reason.chars().any(char::is_control)
+        {
             v.push(FieldViolation::new(
                 "reason",
-                "1-500 characters: why the event is refused",
+                "1-500 characters, no control characters: why the event is refused",
             ));
         }
         if !v.is_empty() {

@@ -209,14 +209,21 @@ pub enum AuditError {
 }
 
 impl From<AuditError> for tonic::Status {
+    /// A store's own words are logged, never sent: the caller learns what happened, not how
+    /// the store is laid out.
     fn from(e: AuditError) -> Self {
-        match &e {
-            AuditError::NotDurable(_) | AuditError::Read(_) => {
-                tonic::Status::unavailable(e.to_string())
+        let status = match &e {
+            AuditError::BadRange(_) => return tonic::Status::invalid_argument(e.to_string()),
+            AuditError::NotDurable(_) => {
+                tonic::Status::unavailable("the audit log cannot commit now; retry")
             }
-            AuditError::BadRange(_) => tonic::Status::invalid_argument(e.to_string()),
-            AuditError::Damaged(_) => tonic::Status::data_loss(e.to_string()),
-        }
+            AuditError::Read(_) => tonic::Status::unavailable("the audit log cannot be read now; retry"),
+            AuditError::Damaged(_) => tonic::Status::data_loss(
+                "the audit log is damaged; the operator has been told (see the gateway's log)",
+            ),
+        };
+        tracing::error!(error = %e, "audit log error answered {:?}", status.code());
+        status
     }
 }
 
@@ -383,8 +390,8 @@ impl AuditLog {
     }
 
     async fn open_sqlite(dir: &Path, o: Options<'_>) -> Result<Self> {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         crate::sqlite::adopt_legacy_audit(dir).await?;
+        crate::sqlite::prepare_dir(dir)?;
         let path = crate::sqlite::store_path(dir);
         let mut conn =
             SqliteConnection::connect_with(&crate::sqlite::options(&path, o.commit_timeout)?)

@@ -335,8 +335,15 @@ impl JournalError {
 }
 
 impl From<JournalError> for tonic::Status {
+    /// A store's own words (table names, constraint names, paths) are logged, never sent.
     fn from(e: JournalError) -> Self {
-        tonic::Status::new(e.code(), e.to_string())
+        let said = match &e {
+            JournalError::Conflict(_) => return tonic::Status::new(e.code(), e.to_string()),
+            JournalError::NotDurable(_) => "the journal cannot commit now; retry",
+            JournalError::Read(_) => "the journal cannot be read now; retry",
+        };
+        tracing::error!(error = %e, "journal error answered UNAVAILABLE");
+        tonic::Status::new(e.code(), said)
     }
 }
 
@@ -545,8 +552,8 @@ impl Journal {
         audit: Option<AuditTail>,
         policy: &Policy,
     ) -> Result<Self> {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         crate::sqlite::adopt_legacy_audit(dir).await?;
+        crate::sqlite::prepare_dir(dir)?;
         let path = crate::sqlite::store_path(dir);
         let mut conn =
             SqliteConnection::connect_with(&crate::sqlite::options(&path, Duration::from_secs(2))?)

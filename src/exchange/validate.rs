@@ -152,6 +152,161 @@ impl Check {
     }
 }
 
+/// The largest event accepted, encoded: real civil-status events are a few hundred bytes.
+pub const MAX_EVENT_BYTES: usize = 16 * 1024;
+/// The longest free-text field (a reason, an address, a value before and after a change).
+pub const MAX_TEXT_BYTES: usize = 1024;
+/// Adoption is by one person or a married couple.
+pub const MAX_ADOPTIVE_PARENTS: usize = 2;
+/// `occurred_at_unix_ms`, when set: after 1900-01-01 and at most a day past the gateway's clock.
+const EARLIEST_OCCURRED_MS: i64 = -2_208_988_800_000;
+const OCCURRED_LEEWAY_MS: i64 = 24 * 3_600_000;
+
+/// Every free-text field of an event, by its name under `event.`.
+fn texts(event: &Event) -> Vec<(String, &str)> {
+    fn reg<'a>(out: &mut Vec<(String, &'a str)>, p: &str, r: Option<&'a Registration>) {
+        if let Some(r) = r {
+            for (f, v) in [
+                ("registry_office_code", &r.registry_office_code),
+                ("book_number", &r.book_number),
+                ("entry_number", &r.entry_number),
+                ("registering_official", &r.registering_official),
+            ] {
+                out.push((format!("{p}.registration.{f}"), v.as_str()));
+            }
+        }
+    }
+    let mut out: Vec<(String, &str)> = vec![("event.in_reply_to".into(), &event.in_reply_to)];
+    let Some(payload) = &event.payload else {
+        return out;
+    };
+    let p = format!("event.{}", topic_of(payload).1);
+    match payload {
+        Payload::Birth(b) => {
+            reg(&mut out, &p, b.registration.as_ref());
+            for (f, v) in [
+                ("place_of_birth", &b.place_of_birth),
+                ("hometown", &b.hometown),
+                ("ethnicity", &b.ethnicity),
+                ("nationality", &b.nationality),
+            ] {
+                out.push((format!("{p}.{f}"), v.as_str()));
+            }
+            for (who, parent) in [("father", &b.father), ("mother", &b.mother)] {
+                if let Some(x) = parent {
+                    for (f, v) in [
+                        ("ethnicity", &x.ethnicity),
+                        ("nationality", &x.nationality),
+                        ("residence", &x.residence),
+                    ] {
+                        out.push((format!("{p}.{who}.{f}"), v.as_str()));
+                    }
+                }
+            }
+        }
+        Payload::Death(d) => {
+            reg(&mut out, &p, d.registration.as_ref());
+            out.push((format!("{p}.place_of_death"), &d.place_of_death));
+            out.push((format!("{p}.cause_category"), &d.cause_category));
+        }
+        Payload::Marriage(m) => reg(&mut out, &p, m.registration.as_ref()),
+        Payload::Divorce(d) => {
+            reg(&mut out, &p, d.registration.as_ref());
+            out.push((format!("{p}.court_decision_number"), &d.court_decision_number));
+        }
+        Payload::CivilStatusChange(x) => {
+            reg(&mut out, &p, x.registration.as_ref());
+            for (f, v) in [
+                ("field", &x.field),
+                ("old_value", &x.old_value),
+                ("new_value", &x.new_value),
+                ("reason", &x.reason),
+            ] {
+                out.push((format!("{p}.{f}"), v.as_str()));
+            }
+        }
+        Payload::ParentChildRecognition(x) => reg(&mut out, &p, x.registration.as_ref()),
+        Payload::Adoption(x) => reg(&mut out, &p, x.registration.as_ref()),
+        Payload::Guardianship(x) => reg(&mut out, &p, x.registration.as_ref()),
+        Payload::PersonalIdAssigned(x) => {
+            for (f, v) in [
+                ("registry_office_code", &x.registry_office_code),
+                ("book_number", &x.book_number),
+                ("entry_number", &x.entry_number),
+            ] {
+                out.push((format!("{p}.{f}"), v.as_str()));
+            }
+        }
+        Payload::ResidenceChanged(x) => {
+            if let Some(r) = &x.new_residence {
+                out.push((format!("{p}.new_residence.address"), &r.address));
+            }
+        }
+        Payload::DeathRecorded(x) => out.push((format!("{p}.recording_unit"), &x.recording_unit)),
+        Payload::PersonalIdReissued(x) => out.push((format!("{p}.reason"), &x.reason)),
+        Payload::CitizenDataCorrected(x) => {
+            for (f, v) in [
+                ("field", &x.field),
+                ("new_value", &x.new_value),
+                ("reason", &x.reason),
+            ] {
+                out.push((format!("{p}.{f}"), v.as_str()));
+            }
+        }
+    }
+    out
+}
+
+/// Bounds that hold for every event whatever its type: its encoded size, each free-text
+/// field's length and characters, and its occurrence time.
+fn bounds(event: &Event, now_ms: i64) -> Vec<FieldViolation> {
+    use prost::Message;
+    let mut v = Vec::new();
+    let size = event.encoded_len();
+    if size > MAX_EVENT_BYTES {
+        v.push(FieldViolation::new(
+            "event",
+            format!("at most {MAX_EVENT_BYTES} bytes encoded, got {size}"),
+        ));
+        return v;
+    }
+    for (field, text) in texts(event) {
+        if text.len() > MAX_TEXT_BYTES {
+            v.push(FieldViolation::new(
+                field,
+                format!("at most {MAX_TEXT_BYTES} bytes, got {}", text.len()),
+            ));
+        } else if text.chars().any(char::is_control) {
+            v.push(FieldViolation::new(
+                field,
+                "must not contain control characters (NUL, line breaks, escapes)",
+            ));
+        }
+    }
+    if let Some(Payload::Adoption(a)) = &event.payload
+        && a.adoptive_parent_personal_ids.len() > MAX_ADOPTIVE_PARENTS
+    {
+        v.push(FieldViolation::new(
+            "event.adoption.adoptive_parent_personal_ids",
+            format!("at most {MAX_ADOPTIVE_PARENTS} adoptive parents (one person or a couple)"),
+        ));
+    }
+    let t = event.occurred_at_unix_ms;
+    if t != 0 && !(EARLIEST_OCCURRED_MS..=now_ms.saturating_add(OCCURRED_LEEWAY_MS)).contains(&t) {
+        v.push(FieldViolation::new(
+            "event.occurred_at_unix_ms",
+            "must be after 1900-01-01 and not more than a day ahead of the gateway's clock",
+        ));
+    }
+    v
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
 /// Validates `event` for `producer`; returns its topic.
 pub fn validate(event: Option<&Event>, producer: &Principal) -> Result<&'static str, Refusal> {
     let Some(event) = event else {
@@ -159,6 +314,10 @@ pub fn validate(event: Option<&Event>, producer: &Principal) -> Result<&'static 
             "event", "required",
         )]));
     };
+    let out_of_bounds = bounds(event, now_ms());
+    if !out_of_bounds.is_empty() {
+        return Err(Refusal::Invalid(out_of_bounds));
+    }
     let Some(payload) = &event.payload else {
         return Err(Refusal::Invalid(vec![FieldViolation::new(
             "event.payload",

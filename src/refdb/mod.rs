@@ -170,7 +170,10 @@ pub async fn start(config: &Config, o: RefdbOverrides) -> Result<RunningRefdb> {
             tls: tls_config.clone(),
             handshake_timeout,
             max_pending,
+            max_pending_per_source: max_pending,
+            max_per_agency: usize::MAX,
         },
+        usize::MAX >> 4,
         rx.clone(),
     );
     let allowed = OnlyAllowed(Arc::new(section.allowed_agencies.clone()));
