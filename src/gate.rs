@@ -289,14 +289,11 @@ where
             });
         match admitted {
             Err((mut status, detail, principal)) => Box::pin(async move {
-                // Refusals are metered per certificate: past the meter they are answered
-                // and counted, without a record or a log line each (a flood of them would
-                // otherwise fill the audit log and the logs).
+                // Refusals are metered per certificate: past the meter they get the same
+                // answer, counted, without a record or a log line each (a flood of them
+                // would otherwise fill the audit log and the logs).
                 if !snapshot.refusals.record(&conn.peer.fingerprint) {
                     telemetry::refusal_unrecorded(method);
-                    let status = tonic::Status::resource_exhausted(
-                        "too many refused calls from this certificate; slow down",
-                    );
                     telemetry::rpc_finished(method, status.code(), start.elapsed());
                     return Ok(with_request_id(status.into_http(), &rid));
                 }

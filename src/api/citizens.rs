@@ -98,7 +98,7 @@ impl CitizensService {
             Decision::Allow => Ok(()),
             Decision::WouldRefuse { retry_after_secs } => {
                 telemetry::rate_limited(agency, Bucket::Reads.as_str(), true);
-                tracing::info!(agency, citizens = n.get() + 1, retry_after_secs, "shadow mode: would refuse a batch (over quota)");
+                tracing::info!(agency, citizens = n.get(), retry_after_secs, "shadow mode: would refuse a batch (over quota)");
                 Ok(())
             }
             Decision::Refuse { retry_after_secs } => {
@@ -258,6 +258,8 @@ impl Citizens for CitizensService {
             ));
         }
         let Some((code, fields)) = purpose.filter(|_| violations.is_empty()) else {
+            // A malformed batch costs one unit, like any call.
+            self.take_reads(&who, std::num::NonZeroU32::MIN)?;
             return Err(invalid(violations));
         };
         let parsed: Vec<_> = r
@@ -273,13 +275,14 @@ impl Citizens for CitizensService {
             .into_iter()
             .collect();
         let subjects: Vec<String> = valid.iter().map(ToString::to_string).collect();
-        // The quota counts citizens: the gate took one unit for the call, the rest of the
-        // batch is taken here, all or nothing, before anyone is looked up.
-        if let Some(more) = u32::try_from(valid.len().saturating_sub(1))
+        // The quota counts citizens: the gate leaves a batch to this handler, which takes
+        // one unit per distinct valid ID (at least one), all or nothing, before anyone is
+        // looked up. A refused batch costs nothing, so honouring retry-after works.
+        let cost = u32::try_from(valid.len().max(1))
             .ok()
             .and_then(std::num::NonZeroU32::new)
-            && let Err(status) = self.take_reads(&who, more)
-        {
+            .unwrap_or(std::num::NonZeroU32::MIN);
+        if let Err(status) = self.take_reads(&who, cost) {
             facts.update(|f| f.refusal = "rate_limited:reads");
             return Err(status);
         }

@@ -218,9 +218,8 @@ impl From<AuditError> for tonic::Status {
                 tonic::Status::unavailable("the audit log cannot commit now; retry")
             }
             AuditError::Read(_) => tonic::Status::unavailable("the audit log cannot be read now; retry"),
-            AuditError::Damaged(_) => tonic::Status::data_loss(
-                "the audit log is damaged; the operator has been told (see the gateway's log)",
-            ),
+            // Our own words (which entry is missing or altered): what an auditor must hear.
+            AuditError::Damaged(_) => tonic::Status::data_loss(e.to_string()),
         };
         tracing::error!(error = %e, "audit log error answered {:?}", status.code());
         status

@@ -594,3 +594,74 @@ pub async fn search_records(
         })
         .collect()
 }
+
+/// A raw HTTP/2 connection over mutual TLS as `client` (from `source`, another loopback
+/// address, when given): for requests a gRPC client would never send.
+pub async fn raw_h2(
+    addr: SocketAddr,
+    certs: &Path,
+    client: &str,
+    source: Option<std::net::IpAddr>,
+) -> std::io::Result<h2::client::SendRequest<bytes::Bytes>> {
+    let tcp = tcp_from(addr, source).await?;
+    let read = |p: PathBuf| std::fs::read(p).expect("read pem");
+    let cfg = civgate::tls::client_config(
+        &read(certs.join("ca.pem")),
+        Some((
+            &read(certs.join(format!("clients/{client}.pem"))),
+            &read(certs.join(format!("clients/{client}.key"))),
+        )),
+    )
+    .expect("client config");
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await?;
+    let (send, conn) = h2::client::handshake(tls)
+        .await
+        .map_err(std::io::Error::other)?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(send)
+}
+
+/// A TCP connection to `addr` from `source` (any port), or from the default address.
+pub async fn tcp_from(
+    addr: SocketAddr,
+    source: Option<std::net::IpAddr>,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let s = tokio::net::TcpSocket::new_v4()?;
+    if let Some(ip) = source {
+        s.bind(SocketAddr::new(ip, 0))?;
+    }
+    s.connect(addr).await
+}
+
+/// A gRPC request head for `path` (POST, application/grpc).
+pub fn grpc_head(path: &str) -> http::Request<()> {
+    http::Request::builder()
+        .method("POST")
+        .uri(format!("https://localhost{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap()
+}
+
+/// The value of an unlabelled (or first-labelled) metric in a Prometheus text page.
+pub fn metric(text: &str, name_and_labels: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name_and_labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The gateway process's resident set size, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap()
+}

@@ -1,0 +1,449 @@
+//! Attacks and abuse against the real binary on loopback: handshake floods from one host,
+//! request bodies that never finish, batch floods, floods of refusals and health checks,
+//! overlong paths, too many connections, and requests that are not gRPC. Each is bounded
+//! (seconds) and asserts what a legitimate client still gets, with generous bounds.
+
+mod common;
+
+use std::{
+    net::IpAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use civgate::{
+    client,
+    config::DEFAULT_CONFIG,
+    pb::v1::{BatchGetCitizensRequest, GetCitizenRequest, citizens_client::CitizensClient},
+};
+use common::{Env, grpc_head, http_get, metric, raw_h2, rss_kib};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::Code;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+const ATTACKER: &str = "127.0.0.2";
+
+fn attacker() -> Option<IpAddr> {
+    Some(ATTACKER.parse().unwrap())
+}
+
+/// The repository config with `extra` lines put at the start of the sections they name.
+fn config(replacements: &[(&str, &str)]) -> String {
+    let mut text = DEFAULT_CONFIG.to_owned();
+    for (from, to) in replacements {
+        assert!(text.contains(from), "{from:?} not in the config");
+        text = text.replacen(from, to, 1);
+    }
+    text
+}
+
+async fn health(ch: tonic::transport::Channel) -> Result<(), tonic::Status> {
+    HealthClient::new(ch)
+        .check(HealthCheckRequest::default())
+        .await
+        .map(|_| ())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_flood_from_one_host_does_not_keep_other_clients_out() {
+    let env = Env::new();
+    env.write_config(&config(&[(
+        "probes = { per_second = 20, burst = 40 }",
+        "probes = { per_second = 1000, burst = 1000 }",
+    )]));
+    let gw = env.spawn_binary();
+    let api = gw.api;
+    // 1,100 connections from one host, each sending 3 bytes of a ClientHello and nothing more,
+    // reopened as soon as the gateway closes them.
+    let stop = Arc::new(AtomicBool::new(false));
+    let opened = Arc::new(AtomicUsize::new(0));
+    let mut flood = Vec::new();
+    for _ in 0..1_100 {
+        let (stop, opened) = (stop.clone(), opened.clone());
+        flood.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let Ok(mut s) = common::tcp_from(api, attacker()).await else {
+                    tokio::task::yield_now().await;
+                    continue;
+                };
+                opened.fetch_add(1, Ordering::Relaxed);
+                if s.write_all(&[0x16, 0x03, 0x01]).await.is_err() {
+                    continue;
+                }
+                let mut buf = [0u8; 64];
+                // Held until the gateway closes it (or the test ends).
+                tokio::select! {
+                    _ = s.read(&mut buf) => {}
+                    () = async { while !stop.load(Ordering::Relaxed) { tokio::time::sleep(Duration::from_millis(100)).await } } => {}
+                }
+            }
+        }));
+    }
+    while opened.load(Ordering::Relaxed) < 1_100 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // 49 legitimate clients from another host, one after another.
+    let mut ok = 0;
+    let mut worst = Duration::ZERO;
+    for _ in 0..49 {
+        let started = Instant::now();
+        let result = async {
+            let ch = client::connect(api, &env.certs(), Some("registry-hp"))
+                .await
+                .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+            health(ch).await
+        };
+        if tokio::time::timeout(Duration::from_secs(5), result)
+            .await
+            .is_ok_and(|r| r.is_ok())
+        {
+            ok += 1;
+        }
+        worst = worst.max(started.elapsed());
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (_, metrics) = http_get(gw.admin, "/metrics");
+    let refused = metric(
+        &metrics,
+        "civgate_connections_refused_total{reason=\"per_source\"}",
+    );
+    println!(
+        "handshake flood: {ok}/49 legitimate clients served, slowest {worst:?}, {} attacker connections opened, {refused} refused at once",
+        opened.load(Ordering::Relaxed)
+    );
+    assert!(ok >= 47, "only {ok} of 49 legitimate clients were served");
+    assert!(refused > 0.0, "the flood was never refused per source");
+    for f in flood {
+        f.abort();
+    }
+}
+
+/// A gRPC message prefix announcing `len` bytes.
+fn prefix(len: u32) -> Bytes {
+    let mut b = vec![0u8];
+    b.extend_from_slice(&len.to_be_bytes());
+    Bytes::from(b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bodies_that_never_finish_are_cut_off_and_their_memory_is_bounded() {
+    let env = Env::new();
+    env.write_config(&config(&[
+        ("request_body_timeout_ms = 10000", "request_body_timeout_ms = 3000"),
+        (
+            "max_buffered_request_bytes = 268435456",
+            "max_buffered_request_bytes = 33554432",
+        ),
+    ]));
+    let gw = env.spawn_binary();
+    let before = rss_kib(gw.child.id());
+    // 64 streams, each announcing a message just under 4 MiB and sending all but its last
+    // byte: 256 MiB held if nothing bounds it.
+    let len: u32 = 4 * 1024 * 1024 - 64;
+    let started = Instant::now();
+    let mut answers = Vec::new();
+    let mut conns = Vec::new();
+    for c in 0..4 {
+        let send = raw_h2(gw.api, &env.certs(), "registry-hp", None)
+            .await
+            .unwrap();
+        let mut send = send.ready().await.unwrap();
+        for _ in 0..16 {
+            let (resp, mut body) = send
+                .send_request(grpc_head("/civgate.v1.Citizens/GetCitizen"), false)
+                .unwrap();
+            body.send_data(prefix(len), false).unwrap();
+            body.send_data(Bytes::from(vec![b'0'; len as usize - 1]), false)
+                .unwrap();
+            answers.push(tokio::spawn(async move {
+                let _keep = body;
+                let r = tokio::time::timeout(Duration::from_secs(20), resp).await;
+                let code = match r {
+                    Err(_) => None,
+                    Ok(Err(_)) => Some(-1),
+                    Ok(Ok(resp)) => resp
+                        .headers()
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok()?.parse::<i32>().ok()),
+                };
+                (code, started.elapsed())
+            }));
+            send = send.ready().await.unwrap();
+        }
+        conns.push((c, send));
+    }
+    let mut peak = 0;
+    let mut codes = Vec::new();
+    let mut slowest = Duration::ZERO;
+    for a in answers {
+        let (code, took) = a.await.unwrap();
+        peak = peak.max(rss_kib(gw.child.id()));
+        codes.push(code);
+        slowest = slowest.max(took);
+    }
+    // Still serving others.
+    let ch = client::connect(gw.api, &env.certs(), Some("registry-hn"))
+        .await
+        .unwrap();
+    health(ch).await.unwrap();
+    let grown_mib = peak.saturating_sub(before) / 1024;
+    let deadline = codes.iter().filter(|c| **c == Some(4)).count();
+    let budget = codes.iter().filter(|c| **c == Some(8)).count();
+    println!(
+        "unfinished bodies: {deadline} DEADLINE_EXCEEDED, {budget} RESOURCE_EXHAUSTED, slowest answer {slowest:?}, RSS grew {grown_mib} MiB"
+    );
+    assert!(
+        codes.iter().all(|c| *c == Some(4) || *c == Some(8)),
+        "every stream answered DEADLINE_EXCEEDED or RESOURCE_EXHAUSTED: {codes:?}"
+    );
+    assert!(budget > 0, "the byte budget never refused a body");
+    assert!(slowest < Duration::from_secs(15), "slowest answer {slowest:?}");
+    assert!(grown_mib < 160, "the gateway grew by {grown_mib} MiB");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_costs_the_citizens_it_asks_for() {
+    let env = Env::new();
+    let dir = env.start_directory().await;
+    let text = common::with_upstream_port(DEFAULT_CONFIG, dir.directory.addr.port()).replace(
+        "[quotas.roles.civil_registry]\nreads = { per_second = 500, burst = 1000 }",
+        "[quotas.roles.civil_registry]\nreads = { per_second = 200, burst = 400 }",
+    );
+    env.write_config(&text);
+    let gw = env.spawn_binary();
+    let mut c = CitizensClient::new(
+        client::connect(gw.api, &env.certs(), Some("registry-hp"))
+            .await
+            .unwrap(),
+    );
+    let ids: Vec<String> = dir
+        .people
+        .iter()
+        .take(100)
+        .map(|p| p.personal_id.to_string())
+        .collect();
+    assert_eq!(ids.len(), 100);
+    let started = Instant::now();
+    let (mut records, mut refused) = (0usize, 0usize);
+    while started.elapsed() < Duration::from_secs(3) {
+        match c
+            .batch_get_citizens(BatchGetCitizensRequest {
+                personal_ids: ids.clone(),
+                purpose: "IDENTITY_VERIFICATION".into(),
+            })
+            .await
+        {
+            Ok(r) => records += r.into_inner().results.len(),
+            Err(e) => {
+                assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+                assert!(e.metadata().get("retry-after").is_some());
+                refused += 1;
+            }
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let allowed = 400.0 + 200.0 * secs;
+    println!(
+        "batch flood: {records} citizens returned in {secs:.1} s (quota allows {allowed:.0}), {refused} batches refused"
+    );
+    assert!(refused > 0);
+    assert!(
+        (records as f64) <= allowed * 1.1,
+        "{records} citizens returned, quota allows {allowed:.0}"
+    );
+    assert!(
+        (records as f64) >= (allowed - 100.0) * 0.9,
+        "{records} citizens returned, quota allows {allowed:.0}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_and_health_checks_are_metered_and_long_paths_are_cut_in_logs() {
+    let env = Env::new();
+    let mut gw = env.spawn_binary();
+    let began = Instant::now();
+    // A certificate naming an agency the gateway does not know.
+    let mut unknown = CitizensClient::new(
+        client::connect(gw.api, &env.certs(), Some("unknown"))
+            .await
+            .unwrap(),
+    );
+    for _ in 0..300 {
+        let e = unknown
+            .get_citizen(GetCitizenRequest {
+                personal_id: "031203000001".into(),
+                purpose: "IDENTITY_VERIFICATION".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    }
+    // Health checks: 40 at once, then 20/s.
+    let ch = client::connect(gw.api, &env.certs(), Some("registry-hp"))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let (mut served, mut limited) = (0usize, 0usize);
+    for _ in 0..300 {
+        match health(ch.clone()).await {
+            Ok(()) => served += 1,
+            Err(e) if e.code() == Code::ResourceExhausted => limited += 1,
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    let served_at_most = 40.0 + 20.0 * started.elapsed().as_secs_f64() + 1.0;
+    // An 8 KB path (from a certificate not refused yet): refused, and the log line names it cut.
+    let mut send = raw_h2(gw.api, &env.certs(), "registry-hn", None)
+        .await
+        .unwrap()
+        .ready()
+        .await
+        .unwrap();
+    let long = format!("/civgate.v1.Citizens/{}", "x".repeat(8_000));
+    let (resp, mut body) = send.send_request(grpc_head(&long), false).unwrap();
+    body.send_data(prefix(0), true).unwrap();
+    let resp = resp.await.unwrap();
+    assert_eq!(resp.headers()["grpc-status"], "7", "{resp:?}");
+    let line = gw.wait_log("method_not_granted");
+    let width = line.to_string().len();
+    let (_, metrics) = http_get(gw.admin, "/metrics");
+    let unrecorded = metric(&metrics, "civgate_refusals_unrecorded_total");
+    // Every refusal is answered; those recorded have a log line each.
+    let logged = std::iter::from_fn(|| gw.logs.try_recv().ok())
+        .chain(std::iter::once(line.clone()))
+        .filter(|l| l["message"].as_str().is_some_and(|m| m.starts_with("refused:")))
+        .count();
+    // Two certificates refused: each gets 20 records at once, then 5/s.
+    let recorded = (300 + limited + 1) as f64 - unrecorded;
+    let recorded_at_most = 2.0 * (20.0 + 5.0 * began.elapsed().as_secs_f64()) + 1.0;
+    println!(
+        "refusal flood: {} refusals, {recorded} recorded (at most {recorded_at_most:.0} allowed), {unrecorded} only counted, {logged} log lines; health: {served} served, {limited} limited; 8 KB path logged in {width} bytes",
+        300 + limited + 1
+    );
+    assert!(recorded <= recorded_at_most, "{recorded} refusals recorded");
+    assert!(logged as f64 <= recorded + 1.0, "{logged} log lines");
+    assert!(unrecorded >= 400.0, "{unrecorded}");
+    assert!(
+        (served as f64) <= served_at_most,
+        "{served} health checks served, at most {served_at_most:.0} expected"
+    );
+    assert!(limited >= 200, "{limited}");
+    assert!(width < 1_500, "a log line of {width} bytes: {line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_capped_per_agency_and_in_all_and_accepting_pauses_at_the_cap() {
+    let env = Env::new();
+    let gw = env
+        .start_with(&config(&[
+            ("max_connections = 8192", "max_connections = 4"),
+            (
+                "max_connections_per_agency = 1024",
+                "max_connections_per_agency = 2",
+            ),
+        ]))
+        .await;
+    let certs = env.certs();
+    let api = gw.api_addr;
+    let open = |who: &'static str| {
+        let certs = certs.clone();
+        async move {
+            let ch = client::connect(api, &certs, Some(who))
+                .await
+                .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+            health(ch.clone()).await.map(|()| ch)
+        }
+    };
+    let a1 = open("registry-hp").await.unwrap();
+    let _a2 = open("registry-hp").await.unwrap();
+    let third = open("registry-hp").await;
+    assert!(third.is_err(), "a third connection of one agency was served");
+    drop(a1);
+    // Its place is given back when the connection closes.
+    let mut again = None;
+    for _ in 0..50 {
+        if let Ok(ch) = open("registry-hp").await {
+            again = Some(ch);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(again.is_some(), "the agency's place was not given back");
+    // Four open in all: a fifth waits (not refused) until one closes.
+    let b1 = open("registry-hn").await.unwrap();
+    let _b2 = open("registry-hn").await.unwrap();
+    let mut fifth = tokio::spawn(open("population"));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(700), &mut fifth)
+            .await
+            .is_err(),
+        "a fifth connection was served past the cap"
+    );
+    drop(b1);
+    let served = tokio::time::timeout(Duration::from_secs(5), fifth)
+        .await
+        .expect("the waiting connection was served once another closed")
+        .unwrap();
+    assert!(served.is_ok(), "{served:?}");
+    gw.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_post_with_a_grpc_content_type_is_served() {
+    let env = Env::new();
+    let gw = env.start().await;
+    let mut send = raw_h2(gw.api_addr, &env.certs(), "registry-hp", None)
+        .await
+        .unwrap()
+        .ready()
+        .await
+        .unwrap();
+    let path = "https://localhost/grpc.health.v1.Health/Check";
+    for (method, content_type, want) in [
+        ("GET", "application/grpc", 405),
+        ("PUT", "application/grpc", 405),
+        ("POST", "text/plain", 415),
+        ("POST", "application/grpcx", 415),
+        ("POST", "application/grpc+proto", 200),
+        ("POST", "application/grpc", 200),
+    ] {
+        let req = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("content-type", content_type)
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        let (resp, mut body) = send.send_request(req, false).unwrap();
+        body.send_data(prefix(0), true).unwrap();
+        let resp = resp.await.unwrap();
+        assert_eq!(resp.status().as_u16(), want, "{method} {content_type}");
+        send = send.ready().await.unwrap();
+    }
+    gw.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_over_the_limit_is_resource_exhausted() {
+    let env = Env::new();
+    let gw = env.start().await;
+    let mut c = CitizensClient::new(
+        client::connect(gw.api_addr, &env.certs(), Some("registry-hp"))
+            .await
+            .unwrap(),
+    )
+    .max_encoding_message_size(8 * 1024 * 1024);
+    let err = c
+        .get_citizen(GetCitizenRequest {
+            personal_id: "0".repeat(5 * 1024 * 1024),
+            purpose: "IDENTITY_VERIFICATION".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    gw.shutdown().await.unwrap();
+}
