@@ -32,7 +32,11 @@ pub const CLIENTS: &[(&str, &str, ClientKind)] = &[
     ("expired", "registry-hp", ClientKind::Expired),
     ("rogue", "registry-hp", ClientKind::Rogue),
     ("no-client-auth", "registry-hp", ClientKind::NoClientAuth),
-    ("no-digital-signature", "registry-hp", ClientKind::NoDigitalSignature),
+    (
+        "no-digital-signature",
+        "registry-hp",
+        ClientKind::NoDigitalSignature,
+    ),
     ("unknown", "unknown-agency", ClientKind::Valid),
     // The gateway's own client certificate for the population directory (outbound mTLS).
     ("gateway", "civgate-gateway", ClientKind::Valid),

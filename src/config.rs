@@ -558,10 +558,9 @@ impl Config {
         if let Some(u) = &f.upstream {
             keys.push(("upstream.key", &u.key));
             let url = u.url.get_ref();
-            let https = url
-                .parse::<http::Uri>()
-                .ok()
-                .filter(|o| o.scheme_str() == Some("https") && o.host().is_some_and(|h| !h.is_empty()));
+            let https = url.parse::<http::Uri>().ok().filter(|o| {
+                o.scheme_str() == Some("https") && o.host().is_some_and(|h| !h.is_empty())
+            });
             if https.is_none() {
                 errors.push(self.error_at(
                     u.url.span().start,

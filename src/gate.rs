@@ -529,3 +529,57 @@ impl Body for LimitedBody {
         self.inner.size_hint()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_post_with_a_grpc_content_type_passes() {
+        let headers = |ct: &str| {
+            let mut h = http::HeaderMap::new();
+            h.insert(http::header::CONTENT_TYPE, ct.parse().unwrap());
+            h
+        };
+        let post = http::Method::POST;
+        for (method, ct, want) in [
+            (&post, "application/grpc", None),
+            (&post, "application/grpc+proto", None),
+            (&post, "application/grpc;charset=utf-8", None),
+            (&post, "application/grpc-web", Some(415)),
+            (&post, "application/json", Some(415)),
+            (&http::Method::GET, "application/grpc", Some(405)),
+        ] {
+            assert_eq!(
+                http_refusal(method, &headers(ct)).map(|s| s.as_u16()),
+                want,
+                "{method} {ct}"
+            );
+        }
+        assert_eq!(
+            http_refusal(&post, &http::HeaderMap::new()).map(|s| s.as_u16()),
+            Some(415)
+        );
+    }
+
+    #[test]
+    fn long_paths_are_cut() {
+        assert_eq!(bounded_path("/a/b"), "/a/b");
+        let long = format!("/{}", "x".repeat(10_000));
+        let cut = bounded_path(&long);
+        assert_eq!(cut.len(), MAX_PATH + "…".len());
+        assert!(cut.ends_with('…'));
+    }
+
+    #[test]
+    fn the_byte_budget_is_all_or_nothing() {
+        let b = ByteBudget::new(10);
+        assert!(b.take(6));
+        assert!(!b.take(5));
+        assert_eq!(b.held(), 6);
+        assert!(b.take(4));
+        b.give_back(10);
+        assert_eq!(b.held(), 0);
+        assert!(!b.take(11));
+    }
+}

@@ -533,6 +533,50 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_takes_all_its_units_or_none() {
+        let clock = FakeRelativeClock::default();
+        let a: AgencyId = "registry-hp".parse().unwrap();
+        let q = Quotas::build(
+            clock.clone(),
+            &section(100, 200),
+            &policy(&["registry-hp"]),
+            None,
+        );
+        let n = |k| NonZeroU32::new(k).unwrap();
+        assert_eq!(q.check_n(&a, Bucket::Reads, n(150)), Decision::Allow);
+        // 50 left: a batch of 100 is refused whole and takes nothing.
+        assert!(matches!(
+            q.check_n(&a, Bucket::Reads, n(100)),
+            Decision::Refuse {
+                retry_after_secs: 1
+            }
+        ));
+        assert_eq!(q.check_n(&a, Bucket::Reads, n(50)), Decision::Allow);
+        // More than the burst can never pass; it says when a full bucket is back.
+        clock.advance(Duration::from_secs(10));
+        assert!(matches!(
+            q.check_n(&a, Bucket::Reads, n(201)),
+            Decision::Refuse {
+                retry_after_secs: 2
+            }
+        ));
+        assert!(Bucket::of_method("/civgate.v1.Citizens/BatchGetCitizens").is_none());
+        assert_eq!(
+            Bucket::of_method("/grpc.health.v1.Health/Check"),
+            Some(Bucket::Probes)
+        );
+    }
+
+    #[test]
+    fn refusals_are_metered_per_certificate() {
+        let m = RefusalMeter::new(rate(1, 3));
+        let (a, b) = (CertFingerprint([1; 32]), CertFingerprint([2; 32]));
+        assert_eq!((0..10).filter(|_| m.record(&a)).count(), 3);
+        assert!(m.record(&b));
+        assert_eq!(m.tracked(), 2);
+    }
+
+    #[test]
     fn retry_after_is_whole_seconds_and_honourable() {
         let clock = FakeRelativeClock::default();
         let a: AgencyId = "registry-hp".parse().unwrap();

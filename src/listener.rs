@@ -133,7 +133,11 @@ pub struct Counted {
 
 impl Drop for Counted {
     fn drop(&mut self) {
-        let mut map = self.counter.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self
+            .counter
+            .counts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if let Some(n) = map.get_mut(&self.key) {
             *n -= 1;
             if *n == 0 {
@@ -243,7 +247,8 @@ pub fn spawn(
                 }
             };
             // One source may hold only its share of the pending handshakes.
-            let Some(from_source) = sources.try_hold(source_key(remote.ip()), max_pending_per_source)
+            let Some(from_source) =
+                sources.try_hold(source_key(remote.ip()), max_pending_per_source)
             else {
                 telemetry::connection_refused("per_source");
                 continue; // dropping `tcp` closes it
@@ -313,4 +318,35 @@ pub fn spawn(
 /// Resolves once the watch holds `true` (or its sender is gone).
 pub async fn wait_true(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sources_are_addresses_and_ipv6_slash_64s() {
+        assert_eq!(source_key("10.0.0.1".parse().unwrap()), "10.0.0.1");
+        assert_eq!(source_key("::ffff:10.0.0.1".parse().unwrap()), "10.0.0.1");
+        assert_eq!(
+            source_key("2001:db8:1:2:3:4:5:6".parse().unwrap()),
+            source_key("2001:db8:1:2:ffff::1".parse().unwrap())
+        );
+        assert_ne!(
+            source_key("2001:db8:1:2::1".parse().unwrap()),
+            source_key("2001:db8:1:3::1".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn a_counter_holds_at_most_its_cap_per_key_and_gives_places_back() {
+        let c = Counter::default();
+        let a = c.try_hold("a".into(), 2).unwrap();
+        let _b = c.try_hold("a".into(), 2).unwrap();
+        assert!(c.try_hold("a".into(), 2).is_none());
+        assert!(c.try_hold("b".into(), 2).is_some());
+        drop(a);
+        assert_eq!(c.held("a"), 1);
+        assert!(c.try_hold("a".into(), 2).is_some());
+    }
 }

@@ -122,17 +122,27 @@ pub fn restart_only_changes(
     o: &crate::config::ConfigFile,
     n: &crate::config::ConfigFile,
 ) -> Vec<&'static str> {
-    let differs = |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
+    let differs =
+        |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
     let (os, ns) = (&o.server, &n.server);
     let mut out = Vec::new();
     for (name, changed) in [
         ("server.listen", os.listen != ns.listen),
         ("server.admin_listen", os.admin_listen != ns.admin_listen),
         ("server.data_dir", os.data_dir != ns.data_dir),
-        ("server.worker_threads", os.worker_threads != ns.worker_threads),
-        ("server.max_connections", os.max_connections != ns.max_connections),
+        (
+            "server.worker_threads",
+            os.worker_threads != ns.worker_threads,
+        ),
+        (
+            "server.max_connections",
+            os.max_connections != ns.max_connections,
+        ),
         ("[limits]", differs(&o.limits, &n.limits)),
-        ("[upstream]", differs(&upstream_values(o), &upstream_values(n))),
+        (
+            "[upstream]",
+            differs(&upstream_values(o), &upstream_values(n)),
+        ),
         ("[audit]", differs(&audit_values(o), &audit_values(n))),
         ("[store]", differs(&o.store, &n.store)),
         ("[exchange]", differs(&o.exchange, &n.exchange)),
@@ -145,7 +155,9 @@ pub fn restart_only_changes(
 }
 
 /// `[upstream]`'s values without their places in the file (a moved line is no change).
-fn upstream_values(f: &crate::config::ConfigFile) -> Option<(String, PathBuf, PathBuf, PathBuf, u64, usize)> {
+fn upstream_values(
+    f: &crate::config::ConfigFile,
+) -> Option<(String, PathBuf, PathBuf, PathBuf, u64, usize)> {
     f.upstream.as_ref().map(|u| {
         (
             u.url.get_ref().clone(),
@@ -450,5 +462,41 @@ impl Running {
             }
         }
         self.shutdown().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reload_names_each_section_it_cannot_apply() {
+        let base = Config::parse(
+            crate::config::DEFAULT_CONFIG,
+            "civgate.toml".into(),
+            ".".into(),
+        )
+        .unwrap();
+        assert!(restart_only_changes(&base.file, &base.file).is_empty());
+        let changed = crate::config::DEFAULT_CONFIG
+            .replace(
+                "url = \"https://localhost:7444\"",
+                "url = \"https://directory:7444\"",
+            )
+            .replace(
+                "checkpoint_interval_ms = 1000",
+                "checkpoint_interval_ms = 500",
+            )
+            .replace("max_message_bytes = 4194304", "max_message_bytes = 1048576")
+            .replace("[quotas]\nshadow = false", "[quotas]\nshadow = true");
+        let new = Config::parse(&changed, "civgate.toml".into(), ".".into()).unwrap();
+        assert_eq!(
+            restart_only_changes(&base.file, &new.file),
+            ["[limits]", "[upstream]", "[audit]"]
+        );
+        // A section moved in the file, same values: no change.
+        let moved = format!("\n\n{}", crate::config::DEFAULT_CONFIG);
+        let moved = Config::parse(&moved, "civgate.toml".into(), ".".into()).unwrap();
+        assert!(restart_only_changes(&base.file, &moved.file).is_empty());
     }
 }

@@ -133,7 +133,10 @@ fn prefix(len: u32) -> Bytes {
 async fn request_bodies_that_never_finish_are_cut_off_and_their_memory_is_bounded() {
     let env = Env::new();
     env.write_config(&config(&[
-        ("request_body_timeout_ms = 10000", "request_body_timeout_ms = 3000"),
+        (
+            "request_body_timeout_ms = 10000",
+            "request_body_timeout_ms = 3000",
+        ),
         (
             "max_buffered_request_bytes = 268435456",
             "max_buffered_request_bytes = 33554432",
@@ -201,7 +204,10 @@ async fn request_bodies_that_never_finish_are_cut_off_and_their_memory_is_bounde
         "every stream answered DEADLINE_EXCEEDED or RESOURCE_EXHAUSTED: {codes:?}"
     );
     assert!(budget > 0, "the byte budget never refused a body");
-    assert!(slowest < Duration::from_secs(15), "slowest answer {slowest:?}");
+    assert!(
+        slowest < Duration::from_secs(15),
+        "slowest answer {slowest:?}"
+    );
     assert!(grown_mib < 160, "the gateway grew by {grown_mib} MiB");
 }
 
@@ -315,7 +321,11 @@ async fn refusals_and_health_checks_are_metered_and_long_paths_are_cut_in_logs()
     // Every refusal is answered; those recorded have a log line each.
     let logged = std::iter::from_fn(|| gw.logs.try_recv().ok())
         .chain(std::iter::once(line.clone()))
-        .filter(|l| l["message"].as_str().is_some_and(|m| m.starts_with("refused:")))
+        .filter(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("refused:"))
+        })
         .count();
     // Two certificates refused: each gets 20 records at once, then 5/s.
     let recorded = (300 + limited + 1) as f64 - unrecorded;
@@ -361,7 +371,10 @@ async fn connections_are_capped_per_agency_and_in_all_and_accepting_pauses_at_th
     let a1 = open("registry-hp").await.unwrap();
     let _a2 = open("registry-hp").await.unwrap();
     let third = open("registry-hp").await;
-    assert!(third.is_err(), "a third connection of one agency was served");
+    assert!(
+        third.is_err(),
+        "a third connection of one agency was served"
+    );
     drop(a1);
     // Its place is given back when the connection closes.
     let mut again = None;

@@ -348,3 +348,173 @@ async fn a_second_gateway_on_the_same_data_directory_refuses_to_start() {
         .into_inner();
     assert_eq!(status.status(), ServingStatus::Serving);
 }
+
+/// `config check` refuses everything `serve` would refuse, each named with its key.
+#[test]
+fn config_check_runs_every_check_serve_runs() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    let good = std::fs::read_to_string(env.config_path()).unwrap();
+    let check = |text: &str| {
+        std::fs::write(env.dir.path().join("probe.toml"), text).unwrap();
+        let out = civgate(
+            &["config", "check", "--config", "probe.toml"],
+            env.dir.path(),
+        );
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    assert!(check(&good).0);
+    for (what, text, key) in [
+        (
+            "the API's address as the admin address",
+            good.replace(
+                "admin_listen = \"127.0.0.1:9095\"",
+                "admin_listen = \"127.0.0.1:7443\"",
+            ),
+            "server.admin_listen",
+        ),
+        (
+            "a plain-HTTP upstream",
+            good.replace(
+                "url = \"https://localhost:7444\"",
+                "url = \"http://localhost:7444\"",
+            ),
+            "upstream.url",
+        ),
+        (
+            "an upstream timeout of 0",
+            good.replace("timeout_ms = 2000", "timeout_ms = 0"),
+            "upstream.timeout_ms",
+        ),
+        (
+            "a signing key that is not one",
+            good.replace(
+                "signing_key = \"certs/audit.key\"",
+                "signing_key = \"certs/ca.pem\"",
+            ),
+            "audit.signing_key",
+        ),
+    ] {
+        let (ok, err) = check(&text);
+        assert!(!ok, "{what} passed config check");
+        assert!(err.contains(key), "{what}: {err}");
+    }
+    // A private key others can read.
+    let key = env.certs().join("server.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (ok, err) = check(&good);
+    assert!(
+        !ok && err.contains("tls.key") && err.contains("chmod 600"),
+        "{err}"
+    );
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // A CRL past its nextUpdate: every client would be refused.
+    let stale = stale_crl(&env.certs());
+    std::fs::write(env.certs().join("crl.pem"), stale).unwrap();
+    let (ok, err) = check(&good);
+    assert!(
+        !ok && err.contains("tls.crls[0]") && err.contains("nextUpdate"),
+        "{err}"
+    );
+}
+
+/// A CRL signed by the development CA whose nextUpdate passed a day ago.
+fn stale_crl(certs: &std::path::Path) -> String {
+    use rcgen::{CertificateRevocationListParams, Issuer, KeyIdMethod, KeyPair, SerialNumber};
+    let key = KeyPair::from_pem(&std::fs::read_to_string(certs.join("ca.key")).unwrap()).unwrap();
+    let ca = std::fs::read_to_string(certs.join("ca.pem")).unwrap();
+    let issuer = Issuer::from_ca_cert_pem(&ca, key).unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    CertificateRevocationListParams {
+        this_update: now - time::Duration::days(30),
+        next_update: now - time::Duration::days(1),
+        crl_number: SerialNumber::from_slice(&[1]),
+        issuing_distribution_point: None,
+        revoked_certs: vec![],
+        key_identifier_method: KeyIdMethod::Sha256,
+    }
+    .signed_by(&issuer)
+    .unwrap()
+    .pem()
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_reload_refuses_a_garbage_signing_key_and_names_sections_that_need_a_restart() {
+    let env = Env::new();
+    let mut gw = env.spawn_binary();
+    let good = std::fs::read_to_string(env.config_path()).unwrap();
+    std::fs::write(env.certs().join("garbage.key"), "PRIVATE+KEY+nonsense\n").unwrap();
+    env.write_config(&good.replace("certs/audit.key", "certs/garbage.key"));
+    gw.signal("HUP");
+    let line = gw.wait_log("reload refused");
+    assert!(
+        line["message"]
+            .as_str()
+            .unwrap()
+            .contains("audit.signing_key"),
+        "{line}"
+    );
+    env.write_config(
+        &good
+            .replace("timeout_ms = 2000", "timeout_ms = 3000")
+            .replace("commit_timeout_ms = 2000", "commit_timeout_ms = 2500"),
+    );
+    gw.signal("HUP");
+    let line = gw.wait_log("take effect only after a restart");
+    let sections = line["sections"].as_str().unwrap();
+    assert!(
+        sections.contains("[upstream]") && sections.contains("[audit]"),
+        "{line}"
+    );
+}
+
+#[test]
+fn keys_data_and_certificates_get_owner_only_modes_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "umask 000 && exec {} certs init --dir certs",
+            env!("CARGO_BIN_EXE_civgate")
+        ))
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let mode = |p: &str| {
+        std::fs::metadata(dir.path().join(p))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode("certs"), 0o755);
+    assert_eq!(mode("certs/clients"), 0o755);
+    assert_eq!(mode("certs/ca.pem"), 0o644);
+    assert_eq!(mode("certs/server.key"), 0o600);
+    assert_eq!(mode("certs/audit.key"), 0o600);
+    assert_eq!(mode("certs/clients/registry-hp.key"), 0o600);
+}
+
+#[tokio::test]
+async fn the_store_is_readable_by_its_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    let gw = env.start().await;
+    let mode = |p: &str| {
+        std::fs::metadata(env.dir.path().join(p))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode("data"), 0o700);
+    assert_eq!(mode("data/civgate.sqlite"), 0o600);
+    assert_eq!(mode("data/civgate.sqlite-wal"), 0o600);
+    gw.shutdown().await.unwrap();
+}

@@ -36,6 +36,9 @@ async fn handshake_refuses_missing_foreign_expired_and_revoked_certificates() {
         (Some("rogue"), "DecryptError"),
         (Some("expired"), "CertificateExpired"),
         (Some("revoked"), "CertificateRevoked"),
+        // Issued by the right CA, but not for client authentication.
+        (Some("no-client-auth"), "UnsupportedCertificate"),
+        (Some("no-digital-signature"), "UnsupportedCertificate"),
     ] {
         let err = client::probe_handshake(gw.api_addr, &certs, client)
             .await

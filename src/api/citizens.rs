@@ -98,7 +98,12 @@ impl CitizensService {
             Decision::Allow => Ok(()),
             Decision::WouldRefuse { retry_after_secs } => {
                 telemetry::rate_limited(agency, Bucket::Reads.as_str(), true);
-                tracing::info!(agency, citizens = n.get(), retry_after_secs, "shadow mode: would refuse a batch (over quota)");
+                tracing::info!(
+                    agency,
+                    citizens = n.get(),
+                    retry_after_secs,
+                    "shadow mode: would refuse a batch (over quota)"
+                );
                 Ok(())
             }
             Decision::Refuse { retry_after_secs } => {

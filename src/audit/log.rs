@@ -217,7 +217,9 @@ impl From<AuditError> for tonic::Status {
             AuditError::NotDurable(_) => {
                 tonic::Status::unavailable("the audit log cannot commit now; retry")
             }
-            AuditError::Read(_) => tonic::Status::unavailable("the audit log cannot be read now; retry"),
+            AuditError::Read(_) => {
+                tonic::Status::unavailable("the audit log cannot be read now; retry")
+            }
             // Our own words (which entry is missing or altered): what an auditor must hear.
             AuditError::Damaged(_) => tonic::Status::data_loss(e.to_string()),
         };

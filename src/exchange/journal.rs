@@ -1876,6 +1876,21 @@ enum Outcome {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn store_errors_are_logged_not_sent() {
+        let inner = "permission denied for table journal_events";
+        for e in [
+            JournalError::NotDurable(inner.into()),
+            JournalError::Read(inner.into()),
+        ] {
+            let status = tonic::Status::from(e);
+            assert_eq!(status.code(), tonic::Code::Unavailable);
+            assert!(!status.message().contains("journal_events"), "{status:?}");
+        }
+        let conflict = tonic::Status::from(JournalError::Conflict("e-1".into()));
+        assert!(conflict.message().contains("e-1"));
+    }
     use super::*;
 
     /// A journal in `dir` without an audit log, policy or retention.

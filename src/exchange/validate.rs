@@ -212,7 +212,10 @@ fn texts(event: &Event) -> Vec<(String, &str)> {
         Payload::Marriage(m) => reg(&mut out, &p, m.registration.as_ref()),
         Payload::Divorce(d) => {
             reg(&mut out, &p, d.registration.as_ref());
-            out.push((format!("{p}.court_decision_number"), &d.court_decision_number));
+            out.push((
+                format!("{p}.court_decision_number"),
+                &d.court_decision_number,
+            ));
         }
         Payload::CivilStatusChange(x) => {
             reg(&mut out, &p, x.registration.as_ref());
@@ -633,5 +636,54 @@ mod tests {
             validate(None, &registry()),
             Err(Refusal::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn free_text_size_characters_and_occurrence_time_are_bounded() {
+        let field_of = |e: &Event| match validate(Some(e), &registry()) {
+            Err(Refusal::Invalid(v)) => v.iter().map(|f| f.field.clone()).collect::<Vec<_>>(),
+            other => panic!("{other:?}"),
+        };
+        // A 3.9 MB place of birth: refused by the event's size before anything else.
+        let mut e = birth("HP-LECHAN");
+        if let Some(Payload::Birth(b)) = &mut e.payload {
+            b.place_of_birth = "x".repeat(3_900_000);
+        }
+        assert_eq!(field_of(&e), ["event"]);
+        // Just over a field's limit; a NUL byte; a line break.
+        for (text, why) in [
+            ("x".repeat(MAX_TEXT_BYTES + 1), "at most"),
+            ("Hải\0Phòng".to_owned(), "control"),
+            ("Hải\nPhòng".to_owned(), "control"),
+        ] {
+            let mut e = birth("HP-LECHAN");
+            if let Some(Payload::Birth(b)) = &mut e.payload {
+                b.place_of_birth = text;
+            }
+            let Err(Refusal::Invalid(v)) = validate(Some(&e), &registry()) else {
+                panic!()
+            };
+            assert_eq!(v[0].field, "event.birth.place_of_birth");
+            assert!(v[0].description.contains(why), "{v:?}");
+        }
+        // Exactly at the limit passes.
+        let mut e = birth("HP-LECHAN");
+        if let Some(Payload::Birth(b)) = &mut e.payload {
+            b.place_of_birth = "x".repeat(MAX_TEXT_BYTES);
+        }
+        assert!(validate(Some(&e), &registry()).is_ok());
+        // Occurrence time: unset or 1900..now+1 day.
+        for (t, ok) in [
+            (0, true),
+            (now_ms(), true),
+            (-2_208_988_800_001, false),
+            (now_ms() + 2 * OCCURRED_LEEWAY_MS, false),
+            (i64::MAX, false),
+            (i64::MIN, false),
+        ] {
+            let mut e = birth("HP-LECHAN");
+            e.occurred_at_unix_ms = t;
+            assert_eq!(validate(Some(&e), &registry()).is_ok(), ok, "{t}");
+        }
     }
 }
