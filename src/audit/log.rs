@@ -280,6 +280,8 @@ pub struct AuditTail {
     blocks: Arc<tokio::sync::Notify>,
     /// What this process committed into the open block, for its summary.
     notes: Arc<std::sync::Mutex<Notes>>,
+    /// How long a caller waits for a commit before the store counts as stalled.
+    commit_timeout: Duration,
 }
 
 impl AuditTail {
@@ -311,6 +313,7 @@ impl AuditTail {
             self.blocks.notify_one();
         }
         metrics::gauge!(crate::telemetry::AUDIT_LOG_SIZE).set(range.size() as f64);
+        metrics::gauge!(crate::telemetry::STORE_STALLED).set(0.0);
         self.healthy
             .send_if_modified(|h| !std::mem::replace(h, true));
     }
@@ -335,6 +338,31 @@ impl AuditTail {
     fn failed(&self) {
         self.healthy
             .send_if_modified(|h| std::mem::replace(h, false));
+    }
+
+    /// Waits for a commit's answer at most the commit timeout, on either store (SQLite's own
+    /// timeout covers only waiting for its lock, not a disk that stops answering). Past it the
+    /// caller is answered UNAVAILABLE and the gateway reports NOT_SERVING until a commit
+    /// completes again. The commit itself may still complete later: the call's record then
+    /// says it was served although its caller was told to retry (never the reverse).
+    pub async fn bounded<T>(&self, answer: impl Future<Output = T>) -> Result<T, AuditError> {
+        match tokio::time::timeout(self.commit_timeout, answer).await {
+            Ok(v) => Ok(v),
+            Err(_) => {
+                if *self.healthy.borrow() {
+                    error!(
+                        timeout_ms = self.commit_timeout.as_millis() as u64,
+                        "the store did not complete a commit in time: stalled; calls answer UNAVAILABLE and health is NOT_SERVING until it does"
+                    );
+                }
+                metrics::gauge!(crate::telemetry::STORE_STALLED).set(1.0);
+                self.failed();
+                Err(AuditError::NotDurable(format!(
+                    "the store did not complete a commit within {} ms",
+                    self.commit_timeout.as_millis()
+                )))
+            }
+        }
     }
 }
 
@@ -455,6 +483,7 @@ impl AuditLog {
                 healthy: o.healthy,
                 blocks: Arc::new(tokio::sync::Notify::new()),
                 notes: Arc::new(std::sync::Mutex::new(Notes::at(size))),
+                commit_timeout: o.commit_timeout,
             },
             latest: Arc::new(RwLock::new(
                 latest.as_ref().map(|(_, n)| n.clone()).unwrap_or_default(),
@@ -492,24 +521,28 @@ impl AuditLog {
     /// Appends one record; returns its index once it is durable.
     pub async fn append(&self, record: AuditRecord) -> Result<u64, AuditError> {
         let (done, wait) = oneshot::channel();
-        self.tx
-            .send(Pending {
-                record,
-                done: Some(done),
+        self.tail
+            .bounded(async {
+                self.tx
+                    .send(Pending {
+                        record,
+                        done: Some(done),
+                    })
+                    .await
+                    .map_err(|_| AuditError::NotDurable("audit writer stopped".into()))?;
+                wait.await
+                    .map_err(|_| AuditError::NotDurable("audit writer stopped".into()))?
             })
-            .await
-            .map_err(|_| AuditError::NotDurable("audit writer stopped".into()))?;
-        wait.await
-            .map_err(|_| AuditError::NotDurable("audit writer stopped".into()))?
+            .await?
     }
 
     /// Appends the record of a refused call (no data left, nothing to fail closed on) without
     /// waiting: it is committed with the next batch someone waits for, or within 50 ms. A
     /// caller flooding refusals therefore cannot make the log commit on its behalf.
     pub async fn append_deferred(&self, record: AuditRecord) -> Result<(), AuditError> {
-        self.tx
-            .send(Pending { record, done: None })
-            .await
+        self.tail
+            .bounded(self.tx.send(Pending { record, done: None }))
+            .await?
             .map_err(|_| AuditError::NotDurable("audit writer stopped".into()))
     }
 

@@ -464,6 +464,9 @@ pub struct Journal {
     /// Whose acknowledgements retention waits for, asked at each pass (none set: nobody's,
     /// so retention keeps everything).
     holders: Arc<Mutex<Option<HoldersFn>>>,
+    /// The audit log's tail, whose commit timeout bounds every wait for a commit here (the
+    /// journal and the audit log commit to one store).
+    bound: Option<AuditTail>,
 }
 
 /// The holders under the configuration in force ([`address::holders`] of the current policy).
@@ -613,6 +616,7 @@ impl Journal {
             acks: Arc::new(Mutex::new(HashMap::new())),
             delivered: Arc::new(Mutex::new(HashMap::new())),
             holders: Arc::new(Mutex::new(None)),
+            bound: audit.clone(),
         };
         let (tx, rx) = mpsc::channel(8_192);
         let writer = Writer {
@@ -695,10 +699,28 @@ impl Journal {
             audit,
             done,
         };
-        if self.tx.send(job).await.is_err() {
-            return stopped();
+        let answered = self.bounded(async {
+            if self.tx.send(job).await.is_err() {
+                return stopped();
+            }
+            wait.await.unwrap_or_else(|_| stopped())
+        });
+        answered.await.unwrap_or_else(|stalled| Published {
+            result: Err(stalled),
+            audit_index: None,
+        })
+    }
+
+    /// Waits for a commit's answer at most the store's commit timeout (when an audit log
+    /// gives one); past it the store is taken as stalled (see [`AuditTail::bounded`]).
+    async fn bounded<T>(&self, answer: impl Future<Output = T>) -> Result<T, JournalError> {
+        match &self.bound {
+            None => Ok(answer.await),
+            Some(tail) => tail
+                .bounded(answer)
+                .await
+                .map_err(|e| JournalError::NotDurable(e.to_string())),
         }
-        wait.await.unwrap_or_else(|_| stopped())
     }
 
     /// Cumulative acknowledgement, durable when this returns.
@@ -778,8 +800,11 @@ impl Journal {
     ) -> Result<T, JournalError> {
         let stopped = || JournalError::NotDurable("journal writer stopped".into());
         let (done, wait) = oneshot::channel();
-        self.tx.send(make(done)).await.map_err(|_| stopped())?;
-        wait.await.map_err(|_| stopped())?
+        self.bounded(async {
+            self.tx.send(make(done)).await.map_err(|_| stopped())?;
+            wait.await.map_err(|_| stopped())?
+        })
+        .await?
     }
 
     /// Notes that a subscription handed `seq` to `group`.
