@@ -59,7 +59,12 @@ fn limiter(c: &mut Criterion) {
     c.bench_function("in-flight admit + release", |b| {
         b.iter(|| {
             i = (i + 1) % agencies.len();
-            black_box(in_flight.admit(&agencies[i]).ok())
+            black_box(
+                in_flight
+                    .admit_total()
+                    .and_then(|t| in_flight.admit(&agencies[i], t))
+                    .ok(),
+            )
         })
     });
     let ids: Vec<String> = (0..100_000).map(|n| format!("031203{n:06}")).collect();
@@ -85,7 +90,7 @@ fn limiter(c: &mut Criterion) {
     let g = HarvestGuard::default();
     for (n, a) in big.agencies.keys().enumerate() {
         let _ = q.check(a, Bucket::Reads);
-        drop(f.admit(a));
+        drop(f.admit_total().and_then(|t| f.admit(a, t)));
         let _ = g.check(&harvest, a, std::slice::from_ref(&ids[n % ids.len()]), now);
     }
     let after = rss_kib();

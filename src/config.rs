@@ -52,6 +52,9 @@ pub struct ConfigFile {
     /// `url` names a PostgreSQL database (shared by several replicas).
     #[serde(default)]
     pub store: StoreSection,
+    /// Quotas, in-flight caps and harvesting windows shared by replicas (Redis).
+    #[serde(default)]
+    pub shared_limits: crate::shared::SharedLimitsSection,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -492,6 +495,18 @@ impl Config {
                 line: None,
                 key: "store.url".into(),
                 message: "must be a postgres:// (or postgresql://) URL, or empty for SQLite".into(),
+            });
+        }
+        let shared = &self.file.shared_limits;
+        if !shared.url.is_empty()
+            && (!shared.url.starts_with("redis://")
+                || redis::Client::open(shared.url.as_str()).is_err())
+        {
+            errors.push(ConfigError {
+                file: self.origin.clone(),
+                line: None,
+                key: "shared_limits.url".into(),
+                message: "must be a redis://host:port[/db] URL, or empty for limits of this replica alone".into(),
             });
         }
         if self.file.store.pool_max == 0 {

@@ -152,45 +152,92 @@ fn request_id(headers: &http::HeaderMap) -> String {
         .map_or_else(|| format!("{:032x}", rand::random::<u128>()), str::to_owned)
 }
 
-/// Admission and quota for an authorized call: the in-flight permit, or the refusal and its
-/// audit detail.
-fn limit(
+/// What an admitted call holds until its response head exists: its places under the
+/// in-flight caps (this replica's, and its agency's across replicas when they share limits).
+pub struct Held {
+    _local: crate::limits::Admitted,
+    _shared: Option<crate::shared::Lease>,
+}
+
+/// Admission and quota for an authorized call: its places under the caps, or the refusal
+/// and its audit detail. With shared limits the agency's cap and quota are decided across
+/// replicas; when Redis cannot decide in time, by this replica alone.
+async fn limit(
     snapshot: &crate::state::Snapshot,
     principal: &Principal,
     path: &str,
-) -> Result<Option<crate::limits::Admitted>, (tonic::Status, String)> {
-    use crate::limits::{Bucket, Busy, Decision};
-    let agency = &principal.agency;
-    let permit = match snapshot.in_flight.admit(agency) {
-        Ok(p) => p,
-        Err(Busy::Overloaded) => {
-            telemetry::load_shed("total");
-            return Err((
-                tonic::Status::unavailable("gateway overloaded; retry shortly"),
-                "load_shed".into(),
-            ));
-        }
-        Err(Busy::AgencyAtCap) => {
-            telemetry::load_shed("agency");
-            let status = rate_limited(agency, "in-flight calls", 1);
-            return Err((status, "in_flight_cap".into()));
-        }
+) -> Result<Held, (tonic::Status, String)> {
+    use crate::{
+        limits::{Bucket, Busy, Decision},
+        shared::Admission,
     };
-    if let Some(bucket) = Bucket::of_method(path) {
-        match snapshot.quotas.check(agency, bucket) {
-            Decision::Allow => {}
+    let agency = &principal.agency;
+    let quotas = &snapshot.config.file.quotas;
+    let bucket = Bucket::of_method(path);
+    let at_cap = || {
+        telemetry::load_shed("agency");
+        let status = rate_limited(agency, "in-flight calls", 1);
+        (status, "in_flight_cap".to_owned())
+    };
+    let over = |bucket: Bucket, d: Decision| -> Result<(), (tonic::Status, String)> {
+        match d {
+            Decision::Allow => Ok(()),
             Decision::Refuse { retry_after_secs } => {
                 telemetry::rate_limited(agency.as_str(), bucket.as_str(), false);
                 let status = rate_limited(agency, bucket.as_str(), retry_after_secs);
-                return Err((status, format!("rate_limited:{}", bucket.as_str())));
+                Err((status, format!("rate_limited:{}", bucket.as_str())))
             }
             Decision::WouldRefuse { retry_after_secs } => {
                 telemetry::rate_limited(agency.as_str(), bucket.as_str(), true);
                 tracing::info!(%agency, bucket = bucket.as_str(), retry_after_secs, "shadow mode: would refuse (over quota)");
+                Ok(())
             }
         }
+    };
+    // The process's own cap protects the process: always this replica's.
+    let total = snapshot.in_flight.admit_total().map_err(|_| {
+        telemetry::load_shed("total");
+        (
+            tonic::Status::unavailable("gateway overloaded; retry shortly"),
+            "load_shed".to_owned(),
+        )
+    })?;
+    if let Some(shared) = &snapshot.shared {
+        let quota = bucket.map(|b| (b, quotas.rate(agency, principal.role, b), quotas.shadow));
+        match shared
+            .admit(agency, quotas.max_in_flight_per_agency.max(1), quota)
+            .await
+        {
+            Ok(Admission::Admitted(lease, d)) => {
+                if let Some(b) = bucket {
+                    over(b, d)?;
+                }
+                return Ok(Held {
+                    _local: total,
+                    _shared: Some(lease),
+                });
+            }
+            Ok(Admission::AtCap) => return Err(at_cap()),
+            Ok(Admission::Refused(d)) => {
+                over(bucket.unwrap_or(Bucket::Reads), d)?;
+            }
+            // Redis did not decide: this replica's own limits do.
+            Err(crate::shared::Unavailable) => {}
+        }
     }
-    Ok(Some(permit))
+    let local = snapshot
+        .in_flight
+        .admit(agency, total)
+        .map_err(|busy| match busy {
+            Busy::AgencyAtCap | Busy::Overloaded => at_cap(),
+        })?;
+    if let Some(b) = bucket {
+        over(b, snapshot.quotas.check(agency, b))?;
+    }
+    Ok(Held {
+        _local: local,
+        _shared: None,
+    })
 }
 
 /// RESOURCE_EXHAUSTED with `retry-after` (whole seconds) and a `google.rpc.RetryInfo`.
@@ -276,115 +323,147 @@ where
         };
         let audit = self.audit.clone();
         let snapshot = self.state.load_full();
-        // Identity → policy → admission (in-flight caps) → quota.
-        let admitted = policy::authorize(&snapshot.policy, &conn.peer, &path)
-            .map_err(|denial| {
+        // Identity → policy, here; admission (in-flight caps) → quota, in the future (a
+        // shared decision asks Redis).
+        let principal = match policy::authorize(&snapshot.policy, &conn.peer, &path) {
+            Ok(p) => p,
+            Err(denial) => {
                 telemetry::rpc_denied(method, denial.reason());
-                (denial.to_status(), denial.reason().to_owned(), None)
-            })
-            .and_then(|principal| match limit(&snapshot, &principal, &path) {
-                Ok(permit) => Ok((principal, permit)),
-                // Boxed: the refusal path is the rare one.
-                Err((status, detail)) => Err((status, detail, Some(Box::new(principal)))),
+                let refusal = Refusal {
+                    status: denial.to_status(),
+                    detail: denial.reason().to_owned(),
+                    principal: None,
+                };
+                return Box::pin(refuse(refusal, snapshot, audit, conn, path, rid, start));
+            }
+        };
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(async move {
+            let permit = match limit(&snapshot, &principal, &path).await {
+                Ok(p) => p,
+                Err((status, detail)) => {
+                    let refusal = Refusal {
+                        status,
+                        detail,
+                        principal: Some(principal),
+                    };
+                    return refuse(refusal, snapshot, audit, conn, path, rid, start).await;
+                }
+            };
+            let facts = FactsSlot::default();
+            req.extensions_mut().insert(facts.clone());
+            req.extensions_mut().insert(principal.clone());
+            // With the audit on, the handler may commit the call's record itself, together
+            // with its own write (Publish); it needs what the gate knows.
+            let call = audit.is_some().then(|| {
+                let call = Arc::new(Call {
+                    peer: conn.peer,
+                    principal: Some(principal),
+                    path,
+                    request_id: rid.clone(),
+                    started: start,
+                });
+                req.extensions_mut().insert(call.clone());
+                call
             });
-        match admitted {
-            Err((mut status, detail, principal)) => Box::pin(async move {
-                // Refusals are metered per certificate: past the meter they get the same
-                // answer, counted, without a record or a log line each (a flood of them
-                // would otherwise fill the audit log and the logs).
-                if !snapshot.refusals.record(&conn.peer.fingerprint) {
-                    telemetry::refusal_unrecorded(method);
+            let mut resp = inner.call(req).await?;
+            // In flight until the response head exists (streams do not hold a slot).
+            drop(permit);
+            // Trailers-only responses (errors) carry grpc-status in the headers; any other
+            // response is a success (unary) or an opened stream.
+            let mut code = grpc_status(resp.headers());
+            if code == Some(tonic::Code::OutOfRange) {
+                // tonic's "decoded message length too large": by gRPC's convention a message
+                // over the limit is RESOURCE_EXHAUSTED (no handler of ours answers
+                // OUT_OF_RANGE).
+                resp.headers_mut()
+                    .insert("grpc-status", http::HeaderValue::from_static("8"));
+                code = Some(tonic::Code::ResourceExhausted);
+            }
+            let facts = facts.take();
+            if let (Some(log), Some(call), None) = (audit, call, facts.recorded) {
+                let refusal = facts.refusal;
+                let rec = call.record(facts, code.unwrap_or(tonic::Code::Ok), refusal);
+                if let Err(e) = log.append(rec).await {
+                    drop(resp);
+                    let status = audit_unavailable(&e);
                     telemetry::rpc_finished(method, status.code(), start.elapsed());
                     return Ok(with_request_id(status.into_http(), &rid));
                 }
-                tracing::warn!(
-                    remote = %conn.remote,
-                    method = path,
-                    agency = principal.as_ref().map(|p| p.agency.as_str()),
-                    "refused: {}: {}",
-                    detail,
-                    status.message()
-                );
-                // A refusal returns no data: its record is appended without waiting for the
-                // commit, so a flood of refusals cannot make others wait on the log.
-                if let Some(log) = audit {
-                    let call = Call {
-                        peer: conn.peer,
-                        principal: principal.map(|p| *p),
-                        path,
-                        request_id: rid.clone(),
-                        started: start,
-                    };
-                    let rec = call.record(Facts::default(), status.code(), &detail);
-                    if let Err(e) = log.append_deferred(rec).await {
-                        status = audit_unavailable(&e);
-                    }
-                }
-                telemetry::rpc_finished(method, status.code(), start.elapsed());
-                Ok(with_request_id(status.into_http(), &rid))
-            }),
-            Ok((principal, permit)) => {
-                let facts = FactsSlot::default();
-                req.extensions_mut().insert(facts.clone());
-                req.extensions_mut().insert(principal.clone());
-                // With the audit on, the handler may commit the call's record itself,
-                // together with its own write (Publish); it needs what the gate knows.
-                let call = audit.is_some().then(|| {
-                    let call = Arc::new(Call {
-                        peer: conn.peer,
-                        principal: Some(principal),
-                        path,
-                        request_id: rid.clone(),
-                        started: start,
-                    });
-                    req.extensions_mut().insert(call.clone());
-                    call
-                });
-                let clone = self.inner.clone();
-                let mut inner = std::mem::replace(&mut self.inner, clone);
-                Box::pin(async move {
-                    let mut resp = inner.call(req).await?;
-                    // In flight until the response head exists (streams do not hold a slot).
-                    drop(permit);
-                    // Trailers-only responses (errors) carry grpc-status in the headers; any
-                    // other response is a success (unary) or an opened stream.
-                    let mut code = grpc_status(resp.headers());
-                    if code == Some(tonic::Code::OutOfRange) {
-                        // tonic's "decoded message length too large": by gRPC's convention a
-                        // message over the limit is RESOURCE_EXHAUSTED (no handler of ours
-                        // answers OUT_OF_RANGE).
-                        resp.headers_mut()
-                            .insert("grpc-status", http::HeaderValue::from_static("8"));
-                        code = Some(tonic::Code::ResourceExhausted);
-                    }
-                    let facts = facts.take();
-                    if let (Some(log), Some(call), None) = (audit, call, facts.recorded) {
-                        let refusal = facts.refusal;
-                        let rec = call.record(facts, code.unwrap_or(tonic::Code::Ok), refusal);
-                        if let Err(e) = log.append(rec).await {
-                            drop(resp);
-                            let status = audit_unavailable(&e);
-                            telemetry::rpc_finished(method, status.code(), start.elapsed());
-                            return Ok(with_request_id(status.into_http(), &rid));
-                        }
-                    }
-                    if let Some(code) = code {
-                        telemetry::rpc_finished(method, code, start.elapsed());
-                        return Ok(with_request_id(resp, &rid));
-                    }
-                    let resp = resp.map(|body| {
-                        tonic::body::Body::new(MeteredBody {
-                            inner: body,
-                            method,
-                            start,
-                            done: false,
-                        })
-                    });
-                    Ok(with_request_id(resp, &rid))
-                })
             }
+            if let Some(code) = code {
+                telemetry::rpc_finished(method, code, start.elapsed());
+                return Ok(with_request_id(resp, &rid));
+            }
+            let resp = resp.map(|body| {
+                tonic::body::Body::new(MeteredBody {
+                    inner: body,
+                    method,
+                    start,
+                    done: false,
+                })
+            });
+            Ok(with_request_id(resp, &rid))
+        })
+    }
+}
+
+/// A call refused before its handler: the answer, the audit detail, and who (once known).
+struct Refusal {
+    status: tonic::Status,
+    detail: String,
+    principal: Option<Principal>,
+}
+
+/// Answers a refused call. Refusals are metered per certificate: past the meter they get the
+/// same answer, counted, without a record or a log line each (a flood of them would
+/// otherwise fill the audit log and the logs).
+async fn refuse<E>(
+    refusal: Refusal,
+    snapshot: Arc<crate::state::Snapshot>,
+    audit: Option<AuditLog>,
+    conn: ConnInfo,
+    path: String,
+    rid: String,
+    start: Instant,
+) -> Result<http::Response<tonic::body::Body>, E> {
+    let Refusal {
+        mut status,
+        detail,
+        principal,
+    } = refusal;
+    let method = policy::known_method(&path).unwrap_or("unknown");
+    if !snapshot.refusals.record(&conn.peer.fingerprint) {
+        telemetry::refusal_unrecorded(method);
+        telemetry::rpc_finished(method, status.code(), start.elapsed());
+        return Ok(with_request_id(status.into_http(), &rid));
+    }
+    tracing::warn!(
+        remote = %conn.remote,
+        method = path,
+        agency = principal.as_ref().map(|p| p.agency.as_str()),
+        "refused: {}: {}",
+        detail,
+        status.message()
+    );
+    // A refusal returns no data: its record is appended without waiting for the commit, so
+    // a flood of refusals cannot make others wait on the log.
+    if let Some(log) = audit {
+        let call = Call {
+            peer: conn.peer,
+            principal,
+            path,
+            request_id: rid.clone(),
+            started: start,
+        };
+        let rec = call.record(Facts::default(), status.code(), &detail);
+        if let Err(e) = log.append_deferred(rec).await {
+            status = audit_unavailable(&e);
         }
     }
+    telemetry::rpc_finished(method, status.code(), start.elapsed());
+    Ok(with_request_id(status.into_http(), &rid))
 }
 
 fn grpc_status(headers: &http::HeaderMap) -> Option<tonic::Code> {

@@ -20,6 +20,7 @@ pub mod pb;
 pub mod policy;
 pub mod refdb;
 pub mod server;
+pub mod shared;
 pub mod sqlite;
 pub mod state;
 pub mod store;

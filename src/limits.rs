@@ -291,7 +291,7 @@ pub enum Busy {
 /// Held while a call is in flight.
 pub struct Admitted {
     _total: OwnedSemaphorePermit,
-    _agency: OwnedSemaphorePermit,
+    _agency: Option<OwnedSemaphorePermit>,
 }
 
 impl InFlight {
@@ -303,12 +303,21 @@ impl InFlight {
         }
     }
 
-    pub fn admit(&self, agency: &AgencyId) -> Result<Admitted, Busy> {
+    /// A place under the process's total cap only (the agency's is decided elsewhere).
+    pub fn admit_total(&self) -> Result<Admitted, Busy> {
         let total = self
             .total
             .clone()
             .try_acquire_owned()
             .map_err(|_| Busy::Overloaded)?;
+        Ok(Admitted {
+            _total: total,
+            _agency: None,
+        })
+    }
+
+    /// Adds a place under the agency's cap to one under the total cap.
+    pub fn admit(&self, agency: &AgencyId, total: Admitted) -> Result<Admitted, Busy> {
         let sem = {
             let mut map = self.per_agency.lock().unwrap_or_else(|p| p.into_inner());
             map.entry(agency.clone())
@@ -317,8 +326,8 @@ impl InFlight {
         };
         let agency = sem.try_acquire_owned().map_err(|_| Busy::AgencyAtCap)?;
         Ok(Admitted {
-            _total: total,
-            _agency: agency,
+            _total: total._total,
+            _agency: Some(agency),
         })
     }
 }
@@ -693,13 +702,14 @@ mod tests {
         };
         let f = InFlight::new(&s);
         let (a, b): (AgencyId, AgencyId) = ("a".parse().unwrap(), "b".parse().unwrap());
-        let p1 = f.admit(&a).unwrap();
-        let _p2 = f.admit(&a).unwrap();
-        assert_eq!(f.admit(&a).err(), Some(Busy::AgencyAtCap));
-        let _p3 = f.admit(&b).unwrap();
-        assert_eq!(f.admit(&b).err(), Some(Busy::Overloaded));
+        let admit = |x: &AgencyId| f.admit(x, f.admit_total()?);
+        let p1 = admit(&a).unwrap();
+        let _p2 = admit(&a).unwrap();
+        assert_eq!(admit(&a).err(), Some(Busy::AgencyAtCap));
+        let _p3 = admit(&b).unwrap();
+        assert_eq!(admit(&b).err(), Some(Busy::Overloaded));
         drop(p1);
-        assert!(f.admit(&b).is_ok());
+        assert!(admit(&b).is_ok());
     }
 
     #[test]

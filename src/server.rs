@@ -146,6 +146,7 @@ pub fn restart_only_changes(
         ("[audit]", differs(&audit_values(o), &audit_values(n))),
         ("[store]", differs(&o.store, &n.store)),
         ("[exchange]", differs(&o.exchange, &n.exchange)),
+        ("[shared_limits]", o.shared_limits != n.shared_limits),
     ] {
         if changed {
             out.push(name);
@@ -181,6 +182,32 @@ fn audit_values(f: &crate::config::ConfigFile) -> (bool, String, Option<PathBuf>
     )
 }
 
+/// `[shared_limits]`: the connection to Redis (dialled at the first decision), or `None`.
+fn shared_limits(config: &Config) -> Result<Option<Arc<crate::shared::SharedLimits>>> {
+    let section = &config.file.shared_limits;
+    if section.url.is_empty() {
+        return Ok(None);
+    }
+    let a = &config.file.audit;
+    let signing_key = a
+        .signing_key
+        .as_ref()
+        .filter(|_| a.enabled)
+        .and_then(|k| std::fs::read(config.resolve(k.get_ref())).ok());
+    if signing_key.is_none() {
+        warn!(
+            "[shared_limits] without an audit signing key: harvesting windows are not shared (each replica hashes citizens under its own key)"
+        );
+    }
+    let shared =
+        crate::shared::SharedLimits::new(section, crate::shared::hash_key(signing_key.as_deref()))?;
+    info!(
+        prefix = section.prefix,
+        "quotas, in-flight caps and harvesting windows are shared by replicas (Redis)"
+    );
+    Ok(Some(shared))
+}
+
 /// The largest health or reflection request read.
 const SMALL_MESSAGE: usize = 16 * 1024;
 
@@ -210,7 +237,8 @@ pub struct Running {
 /// Validates the config and everything it names, binds both ports and starts serving.
 pub async fn start(source: ConfigSource, overrides: Overrides) -> Result<Running> {
     let config = source.read(&overrides)?;
-    let snapshot = Snapshot::build(config, None)?;
+    let mut snapshot = Snapshot::build(config, None)?;
+    snapshot.shared = shared_limits(&snapshot.config)?;
     let server_cfg = snapshot.config.file.server.clone();
     let limits = snapshot.config.file.limits.clone();
     let state: Shared = Arc::new(ArcSwap::from_pointee(snapshot));
@@ -427,6 +455,11 @@ impl Running {
                 Err(errors)
             }
         }
+    }
+
+    /// Whether limits are shared with other replicas right now (`None`: not configured).
+    pub fn shared_limits_up(&self) -> Option<bool> {
+        self.state.load().shared.as_ref().map(|s| s.is_up())
     }
 
     /// Stops accepting, reports NOT_SERVING, drains in-flight calls (up to the grace period).

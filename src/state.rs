@@ -26,6 +26,9 @@ pub struct Snapshot {
     pub harvest: Arc<HarvestGuard>,
     /// Refusals recorded per client certificate; carried over while its rate is unchanged.
     pub refusals: Arc<crate::limits::RefusalMeter>,
+    /// Limits shared by replicas (`[shared_limits]`), set once by `serve` and kept across
+    /// reloads; `None`: this replica's own limits only.
+    pub shared: Option<Arc<crate::shared::SharedLimits>>,
 }
 
 impl Snapshot {
@@ -67,6 +70,7 @@ impl Snapshot {
             in_flight,
             harvest,
             refusals,
+            shared: previous.and_then(|p| p.shared.clone()),
         })
     }
 }

@@ -35,6 +35,8 @@ pub const CONNECTIONS_REFUSED: &str = "civgate_connections_refused_total";
 pub const CONNECTIONS_OPEN: &str = "civgate_connections_open";
 pub const CRL_NEXT_UPDATE: &str = "civgate_crl_next_update_timestamp_seconds";
 pub const STORE_STALLED: &str = "civgate_store_stalled";
+pub const SHARED_LIMITS_UP: &str = "civgate_shared_limits_up";
+pub const SHARED_LIMITS_FALLBACKS: &str = "civgate_shared_limits_fallbacks_total";
 
 /// Runs before `/metrics` renders (at most 2 s): gauges measured on demand.
 pub type ScrapeHook =

@@ -90,11 +90,28 @@ impl CitizensService {
 
 impl CitizensService {
     /// Takes `n` more citizens from the agency's read quota.
-    fn take_reads(&self, who: &Principal, n: std::num::NonZeroU32) -> Result<(), Status> {
+    /// Across replicas when they share limits (this replica's own when Redis cannot say).
+    async fn take_reads(&self, who: &Principal, n: std::num::NonZeroU32) -> Result<(), Status> {
         use crate::limits::{Bucket, Decision};
-        let snapshot = self.state.load();
+        let snapshot = self.state.load_full();
         let agency = who.agency.as_str();
-        match snapshot.quotas.check_n(&who.agency, Bucket::Reads, n) {
+        let q = &snapshot.config.file.quotas;
+        let shared = match &snapshot.shared {
+            Some(shared) => shared
+                .quota(
+                    &who.agency,
+                    Bucket::Reads,
+                    q.rate(&who.agency, who.role, Bucket::Reads),
+                    n.get(),
+                    q.shadow,
+                )
+                .await
+                .ok(),
+            None => None,
+        };
+        let decision =
+            shared.unwrap_or_else(|| snapshot.quotas.check_n(&who.agency, Bucket::Reads, n));
+        match decision {
             Decision::Allow => Ok(()),
             Decision::WouldRefuse { retry_after_secs } => {
                 telemetry::rate_limited(agency, Bucket::Reads.as_str(), true);
@@ -118,11 +135,19 @@ impl CitizensService {
     }
 
     /// The harvesting guard: may this agency read these citizens now?
-    fn harvest(&self, who: &Principal, ids: &[String]) -> Result<(), Status> {
-        let snapshot = self.state.load();
+    /// Across replicas when they share limits (this replica's own window when Redis cannot
+    /// say).
+    async fn harvest(&self, who: &Principal, ids: &[String]) -> Result<(), Status> {
+        let snapshot = self.state.load_full();
         let s = &snapshot.config.file.harvest;
         let agency = who.agency.as_str();
-        match snapshot.harvest.check(s, &who.agency, ids, Instant::now()) {
+        let shared = match &snapshot.shared {
+            Some(shared) => shared.harvest(s, &who.agency, ids, false).await.ok(),
+            None => None,
+        };
+        let outcome =
+            shared.unwrap_or_else(|| snapshot.harvest.check(s, &who.agency, ids, Instant::now()));
+        match outcome {
             Harvest::Allow { .. } => Ok(()),
             Harvest::Warn { distinct } => {
                 tracing::warn!(
@@ -203,7 +228,7 @@ impl Citizens for CitizensService {
             (Ok(i), Ok(p)) => (i, p),
             (i, p) => return Err(invalid([i.err(), p.err()].into_iter().flatten().collect())),
         };
-        self.harvest(&who, &[id.to_string()])?;
+        self.harvest(&who, &[id.to_string()]).await?;
         facts.update(|f| {
             f.purpose = code.as_str().to_owned();
             f.subjects = vec![id.to_string()];
@@ -264,7 +289,7 @@ impl Citizens for CitizensService {
         }
         let Some((code, fields)) = purpose.filter(|_| violations.is_empty()) else {
             // A malformed batch costs one unit, like any call.
-            self.take_reads(&who, std::num::NonZeroU32::MIN)?;
+            self.take_reads(&who, std::num::NonZeroU32::MIN).await?;
             return Err(invalid(violations));
         };
         let parsed: Vec<_> = r
@@ -287,11 +312,11 @@ impl Citizens for CitizensService {
             .ok()
             .and_then(std::num::NonZeroU32::new)
             .unwrap_or(std::num::NonZeroU32::MIN);
-        if let Err(status) = self.take_reads(&who, cost) {
+        if let Err(status) = self.take_reads(&who, cost).await {
             facts.update(|f| f.refusal = "rate_limited:reads");
             return Err(status);
         }
-        self.harvest(&who, &subjects)?;
+        self.harvest(&who, &subjects).await?;
         facts.update(|f| {
             f.purpose = code.as_str().to_owned();
             f.subjects = subjects;
@@ -474,7 +499,7 @@ impl Citizens for CitizensService {
         let (Some(id), true) = (id, violations.is_empty()) else {
             return Err(invalid(violations));
         };
-        self.harvest(&who, &[id.to_string()])?;
+        self.harvest(&who, &[id.to_string()]).await?;
         facts.update(|f| {
             f.purpose = purpose
                 .as_ref()
@@ -573,7 +598,7 @@ impl Citizens for CitizensService {
         // of birth) is personal data and is not recorded.
         let subjects: Vec<String> = citizens.iter().map(|c| c.personal_id.clone()).collect();
         if !subjects.is_empty() {
-            self.harvest(&who, &subjects)?;
+            self.harvest(&who, &subjects).await?;
         }
         facts.update(|f| {
             f.purpose = code.as_str().to_owned();

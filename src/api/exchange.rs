@@ -691,17 +691,39 @@ impl Exchange for ExchangeService {
 
 /// Counts the citizens of a delivered batch in the receiving registry's harvesting window.
 fn note_delivery(state: &Shared, agency: &crate::domain::AgencyId, subjects: &[String]) {
-    use crate::limits::Harvest;
     if subjects.is_empty() {
         return;
     }
-    let snapshot = state.load();
+    let snapshot = state.load_full();
+    if let Some(shared) = snapshot.shared.clone() {
+        // Across replicas: noted on the side (a delivery is never refused), in this replica's
+        // own window when Redis cannot take it.
+        let (agency, subjects) = (agency.clone(), subjects.to_vec());
+        tokio::spawn(async move {
+            let s = &snapshot.config.file.harvest;
+            let outcome = match shared.harvest(s, &agency, &subjects, true).await {
+                Ok(h) => h,
+                Err(_) => snapshot
+                    .harvest
+                    .note(s, &agency, &subjects, std::time::Instant::now()),
+            };
+            warn_on_delivery(s, &agency, outcome);
+        });
+        return;
+    }
     let s = &snapshot.config.file.harvest;
-    if let Harvest::Warn { distinct } =
-        snapshot
-            .harvest
-            .note(s, agency, subjects, std::time::Instant::now())
-    {
+    let outcome = snapshot
+        .harvest
+        .note(s, agency, subjects, std::time::Instant::now());
+    warn_on_delivery(s, agency, outcome);
+}
+
+fn warn_on_delivery(
+    s: &crate::limits::HarvestSection,
+    agency: &crate::domain::AgencyId,
+    outcome: crate::limits::Harvest,
+) {
+    if let crate::limits::Harvest::Warn { distinct } = outcome {
         tracing::warn!(
             agency = agency.as_str(),
             distinct,
