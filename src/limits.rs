@@ -272,9 +272,12 @@ impl RefusalMeter {
     }
 }
 
-/// In-flight caps: per agency and in all.
+/// In-flight caps: per agency and in all. Once the gateway is more than half full, each
+/// agency with calls in flight may hold at most an equal share of the total (its fair share
+/// of the serving capacity), whatever its own cap.
 pub struct InFlight {
     total: Arc<Semaphore>,
+    total_cap: usize,
     per_agency: Mutex<HashMap<AgencyId, Arc<Semaphore>>>,
     per_agency_cap: u32,
 }
@@ -296,8 +299,10 @@ pub struct Admitted {
 
 impl InFlight {
     pub fn new(section: &QuotasSection) -> Self {
+        let total_cap = section.max_in_flight_total.max(1) as usize;
         Self {
-            total: Arc::new(Semaphore::new(section.max_in_flight_total.max(1) as usize)),
+            total: Arc::new(Semaphore::new(total_cap)),
+            total_cap,
             per_agency: Mutex::new(HashMap::new()),
             per_agency_cap: section.max_in_flight_per_agency.max(1),
         }
@@ -318,11 +323,24 @@ impl InFlight {
 
     /// Adds a place under the agency's cap to one under the total cap.
     pub fn admit(&self, agency: &AgencyId, total: Admitted) -> Result<Admitted, Busy> {
+        let cap = self.per_agency_cap as usize;
         let sem = {
             let mut map = self.per_agency.lock().unwrap_or_else(|p| p.into_inner());
-            map.entry(agency.clone())
-                .or_insert_with(|| Arc::new(Semaphore::new(self.per_agency_cap as usize)))
-                .clone()
+            let sem = map
+                .entry(agency.clone())
+                .or_insert_with(|| Arc::new(Semaphore::new(cap)))
+                .clone();
+            // Over half full: an equal share each for the agencies with calls in flight.
+            let busy = self.total_cap - self.total.available_permits();
+            if busy * 2 > self.total_cap {
+                let held = |s: &Semaphore| cap - s.available_permits();
+                let active = map.values().filter(|s| held(s) > 0).count().max(1)
+                    + usize::from(held(&sem) == 0);
+                if held(&sem) >= self.total_cap.div_ceil(active) {
+                    return Err(Busy::AgencyAtCap);
+                }
+            }
+            sem
         };
         let agency = sem.try_acquire_owned().map_err(|_| Busy::AgencyAtCap)?;
         Ok(Admitted {
@@ -710,6 +728,27 @@ mod tests {
         assert_eq!(admit(&b).err(), Some(Busy::Overloaded));
         drop(p1);
         assert!(admit(&b).is_ok());
+    }
+
+    #[test]
+    fn past_half_full_each_agency_in_flight_gets_an_equal_share() {
+        let s = QuotasSection {
+            max_in_flight_per_agency: 100,
+            max_in_flight_total: 10,
+            ..Default::default()
+        };
+        let f = InFlight::new(&s);
+        let (a, b): (AgencyId, AgencyId) = ("a".parse().unwrap(), "b".parse().unwrap());
+        let admit = |x: &AgencyId| f.admit(x, f.admit_total()?);
+        // Alone, a may fill the gateway past half...
+        let mut held: Vec<_> = (0..6).map(|_| admit(&a).unwrap()).collect();
+        // ...but once b has calls in flight, a's share is 10 / 2 = 5: a is refused, b is not.
+        held.push(admit(&b).unwrap());
+        assert_eq!(admit(&a).err(), Some(Busy::AgencyAtCap));
+        held.push(admit(&b).unwrap());
+        assert!(admit(&b).is_ok());
+        held.clear();
+        assert!(admit(&a).is_ok());
     }
 
     #[test]
