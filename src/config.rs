@@ -206,6 +206,8 @@ pub struct ServerSection {
     pub data_dir: PathBuf,
     /// A client that has not finished its TLS handshake by then is dropped.
     pub handshake_timeout_ms: u64,
+    /// A client that has sent nothing by then is dropped (it holds a pending place).
+    pub first_bytes_timeout_ms: u64,
     /// At most this many handshakes in progress; further connections are closed at once.
     pub max_pending_handshakes: usize,
     /// At most this many of them from one source address (an IPv6 /64 counts as one), so one
@@ -248,6 +250,7 @@ impl Default for ServerSection {
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9095)),
             data_dir: PathBuf::from("./data"),
             handshake_timeout_ms: 5_000,
+            first_bytes_timeout_ms: 1_000,
             max_pending_handshakes: 1_024,
             max_pending_handshakes_per_source: 64,
             max_connections: 8_192,

@@ -67,6 +67,8 @@ pub struct Gate<S> {
 pub struct BodyLimits {
     pub timeout: Duration,
     pub budget: Arc<ByteBudget>,
+    /// The largest message decoded (a larger announced length is refused by the decoder).
+    pub max_message: usize,
 }
 
 impl BodyLimits {
@@ -74,6 +76,7 @@ impl BodyLimits {
         Self {
             timeout: Duration::from_millis(limits.request_body_timeout_ms.max(1)),
             budget: Arc::new(ByteBudget::new(limits.max_buffered_request_bytes)),
+            max_message: limits.max_message_bytes,
         }
     }
 }
@@ -306,11 +309,14 @@ where
         // Every request body is bounded in time and counted against the byte budget.
         let deadline = (method != REFLECTION).then(|| start + self.bodies.timeout);
         let budget = self.bodies.budget.clone();
+        let max_message = self.bodies.max_message;
         let mut req = req.map(|inner| {
             tonic::body::Body::new(LimitedBody {
                 inner,
                 budget,
                 held: 0,
+                framing: Framing::default(),
+                max_message,
                 deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d.into()))),
             })
         });
@@ -535,14 +541,57 @@ impl Body for MeteredBody {
 /// The reflection stream is bidirectional and long-lived: its body has no overall deadline.
 const REFLECTION: &str = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo";
 
+/// Where a request body stands in gRPC's framing (a 5-byte prefix, then that many bytes).
+#[derive(Debug, Default)]
+struct Framing {
+    prefix: [u8; 5],
+    prefix_len: usize,
+    /// Bytes of the current message still to come.
+    remaining: usize,
+}
+
+impl Framing {
+    /// Reads `data`; returns the length each message prefix completed in it announces.
+    fn read(&mut self, mut data: &[u8]) -> Vec<usize> {
+        let mut announced = Vec::new();
+        while !data.is_empty() {
+            if self.remaining > 0 {
+                let n = self.remaining.min(data.len());
+                self.remaining -= n;
+                data = &data[n..];
+                continue;
+            }
+            let n = (5 - self.prefix_len).min(data.len());
+            self.prefix[self.prefix_len..self.prefix_len + n].copy_from_slice(&data[..n]);
+            self.prefix_len += n;
+            data = &data[n..];
+            if self.prefix_len == 5 {
+                self.prefix_len = 0;
+                let len = u32::from_be_bytes([
+                    self.prefix[1],
+                    self.prefix[2],
+                    self.prefix[3],
+                    self.prefix[4],
+                ]) as usize;
+                self.remaining = len;
+                announced.push(len);
+            }
+        }
+        announced
+    }
+}
+
 pin_project! {
-    /// A request body that must end by its deadline and whose bytes count against the
-    /// gateway's budget until it ends (or is dropped).
+    /// A request body that must end by its deadline and whose messages count against the
+    /// gateway's byte budget by the length their prefix announces (the decoder makes room
+    /// for that much at once), until the next message starts or the body ends.
     struct LimitedBody {
         #[pin]
         inner: tonic::body::Body,
         budget: Arc<ByteBudget>,
         held: usize,
+        framing: Framing,
+        max_message: usize,
         deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     }
 
@@ -581,14 +630,19 @@ impl Body for LimitedBody {
         match &frame {
             Some(Ok(f)) => {
                 if let Some(data) = f.data_ref() {
-                    if !this.budget.take(data.len()) {
-                        telemetry::body_refused("budget");
+                    for len in this.framing.read(data) {
+                        // The message before this one has been decoded: its bytes are free.
                         this.budget.give_back(std::mem::take(this.held));
-                        return Poll::Ready(Some(Err(tonic::Status::resource_exhausted(
-                            "the gateway is holding too many unfinished requests; retry shortly",
-                        ))));
+                        // A length over the limit is refused by the decoder at once.
+                        let charge = len.min(*this.max_message) + 5;
+                        if !this.budget.take(charge) {
+                            telemetry::body_refused("budget");
+                            return Poll::Ready(Some(Err(tonic::Status::resource_exhausted(
+                                "the gateway is holding too many unfinished requests; retry shortly",
+                            ))));
+                        }
+                        *this.held = charge;
                     }
-                    *this.held += data.len();
                 }
             }
             // The body is over: tonic decodes it now, the bytes are no longer ours to count.
@@ -648,6 +702,29 @@ mod tests {
         let cut = bounded_path(&long);
         assert_eq!(cut.len(), MAX_PATH + "…".len());
         assert!(cut.ends_with('…'));
+    }
+
+    #[test]
+    fn framing_finds_each_announced_length_across_chunks() {
+        let mut f = Framing::default();
+        let msg = |len: u32| {
+            let mut v = vec![0u8];
+            v.extend_from_slice(&len.to_be_bytes());
+            v.extend(std::iter::repeat_n(7u8, len as usize));
+            v
+        };
+        let mut all = msg(3);
+        all.extend(msg(0));
+        all.extend(msg(70_000));
+        // Fed in awkward pieces: a prefix split across chunks, two messages in one chunk.
+        let mut seen = Vec::new();
+        for chunk in all.chunks(4) {
+            seen.extend(f.read(chunk));
+        }
+        assert_eq!(seen, [3, 0, 70_000]);
+        // Only a prefix: its length is known before any of the message arrives.
+        let mut f = Framing::default();
+        assert_eq!(f.read(&msg(4_190_000)[..5]), [4_190_000]);
     }
 
     #[test]

@@ -41,8 +41,35 @@ pin_project! {
         inner: Coalesced<TlsStream<TcpStream>>,
         info: ConnInfo,
         // Places under the caps, given back when the connection closes.
-        _open: OwnedSemaphorePermit,
+        _open: Place,
         _agency: Counted,
+        // Until the client's first bytes after the handshake (its HTTP/2 preface): a
+        // connection that sends nothing is closed then.
+        first_data: Option<Pin<Box<tokio::time::Sleep>>>,
+    }
+}
+
+/// A place under `server.max_connections`, given back (and counted) when dropped.
+pub struct Place {
+    _permit: OwnedSemaphorePermit,
+    open: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Place {
+    fn new(permit: OwnedSemaphorePermit, open: Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        let n = open.fetch_add(1, std::sync::atomic::Ordering::AcqRel) + 1;
+        telemetry::connections_open(n);
+        Self {
+            _permit: permit,
+            open,
+        }
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let n = self.open.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) - 1;
+        telemetry::connections_open(n);
     }
 }
 
@@ -59,7 +86,27 @@ impl AsyncRead for TlsConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        self.project().inner.poll_read(cx, buf)
+        let this = self.project();
+        let before = buf.filled().len();
+        let read = this.inner.poll_read(cx, buf);
+        if this.first_data.is_some() {
+            match &read {
+                Poll::Ready(Ok(())) if buf.filled().len() > before => *this.first_data = None,
+                Poll::Pending => {
+                    if let Some(d) = this.first_data.as_mut()
+                        && d.as_mut().poll(cx).is_ready()
+                    {
+                        telemetry::connection_refused("silent");
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "no request after the handshake",
+                        )));
+                    }
+                }
+                _ => {}
+            }
+        }
+        read
     }
 }
 
@@ -93,6 +140,7 @@ impl AsyncWrite for TlsConn {
 pub struct AcceptSettings {
     pub tls: Arc<rustls::ServerConfig>,
     pub handshake_timeout: Duration,
+    pub first_bytes_timeout: Duration,
     pub max_pending: usize,
     pub max_pending_per_source: usize,
     pub max_per_agency: usize,
@@ -179,6 +227,7 @@ impl AcceptSettings {
         Self {
             tls: snapshot.tls.clone(),
             handshake_timeout: Duration::from_millis(server.handshake_timeout_ms),
+            first_bytes_timeout: Duration::from_millis(server.first_bytes_timeout_ms.max(1)),
             max_pending: server.max_pending_handshakes,
             max_pending_per_source: server.max_pending_handshakes_per_source,
             max_per_agency: server.max_connections_per_agency,
@@ -196,7 +245,9 @@ pub fn spawn(
 ) -> mpsc::Receiver<Result<TlsConn, io::Error>> {
     let (tx, rx) = mpsc::channel(64);
     let open = Arc::new(Semaphore::new(max_connections.max(1)));
+    let open_count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let sources = Counter::default();
+    let evictable = Evictable::default();
     let agencies = Counter::default();
     tokio::spawn(async move {
         // Resized (replaced) when a reload changes max_pending_handshakes.
@@ -207,11 +258,10 @@ pub fn spawn(
             let place = tokio::select! {
                 () = wait_true(&mut shutdown) => break,
                 p = open.clone().acquire_owned() => match p {
-                    Ok(p) => p,
+                    Ok(p) => Place::new(p, open_count.clone()),
                     Err(_) => break,
                 },
             };
-            telemetry::connections_open(max_connections - open.available_permits());
             let (tcp, remote) = tokio::select! {
                 () = wait_true(&mut shutdown) => break,
                 accepted = listener.accept() => match accepted {
@@ -220,7 +270,7 @@ pub fn spawn(
                         // EMFILE and friends: pause accepting (clients wait in the kernel's
                         // queue) until a connection closes or a moment has passed.
                         if last_warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
-                            warn!(error = %e, open = max_connections - open.available_permits() - 1,
+                            warn!(error = %e, open = open_count.load(std::sync::atomic::Ordering::Acquire).saturating_sub(1),
                                 "accept failed; pausing accepts until a connection closes (raise the file limit or lower server.max_connections)");
                             last_warned = Some(Instant::now());
                         }
@@ -233,6 +283,7 @@ pub fn spawn(
             let AcceptSettings {
                 tls,
                 handshake_timeout: timeout,
+                first_bytes_timeout,
                 max_pending,
                 max_pending_per_source,
                 max_per_agency,
@@ -253,17 +304,52 @@ pub fn spawn(
                 telemetry::connection_refused("per_source");
                 continue; // dropping `tcp` closes it
             };
-            let Ok(permit) = limit.try_acquire_owned() else {
-                telemetry::handshake_failed("too_many_pending");
-                telemetry::connection_refused("pending");
-                continue;
-            };
             let _ = tcp.set_nodelay(true);
             let acceptor = TlsAcceptor::from(tls);
             let tx = tx.clone();
             let agencies = agencies.clone();
+            let evictable = evictable.clone();
             tokio::spawn(async move {
-                let result = tokio::time::timeout(timeout, acceptor.accept(tcp)).await;
+                // A full pool makes room: the oldest pending handshake is closed (a real
+                // client's takes milliseconds; the oldest is the one most likely stalling).
+                let permit = match limit.clone().try_acquire_owned() {
+                    Ok(p) => p,
+                    Err(_) => {
+                        evictable.evict_oldest();
+                        match tokio::time::timeout(EVICTION_WAIT, limit.acquire_owned()).await {
+                            Ok(Ok(p)) => p,
+                            _ => {
+                                telemetry::handshake_failed("too_many_pending");
+                                telemetry::connection_refused("pending");
+                                return;
+                            }
+                        }
+                    }
+                };
+                let (id, mut evicted) = evictable.enter();
+                let _leave = Leave(&evictable, id);
+                let handshake = async {
+                    // A client that sends nothing gives its pending place back early.
+                    if tokio::time::timeout(first_bytes_timeout, tcp.readable())
+                        .await
+                        .is_err()
+                    {
+                        return Err("no_first_bytes");
+                    }
+                    Ok(tokio::time::timeout(timeout, acceptor.accept(tcp)).await)
+                };
+                let result = tokio::select! {
+                    r = handshake => r,
+                    _ = &mut evicted => Err("evicted"),
+                };
+                let result = match result {
+                    Ok(r) => r,
+                    Err(reason) => {
+                        drop(permit);
+                        telemetry::handshake_failed(reason);
+                        return;
+                    }
+                };
                 drop(permit);
                 drop(from_source);
                 let stream = match result {
@@ -307,12 +393,87 @@ pub fn spawn(
                         info,
                         _open: place,
                         _agency: counted,
+                        first_data: Some(Box::pin(tokio::time::sleep(first_bytes_timeout))),
                     }))
                     .await;
             });
         }
     });
     rx
+}
+
+/// How long a newcomer waits for the place of the pending handshake it had closed.
+const EVICTION_WAIT: Duration = Duration::from_millis(250);
+
+/// The pending handshakes, oldest first (by a counter), each with the means to close it.
+#[derive(Clone, Default)]
+struct Evictable(Arc<Mutex<PendingSet>>);
+
+#[derive(Default)]
+struct PendingSet {
+    last: u64,
+    closers: std::collections::BTreeMap<u64, tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Evictable {
+    fn enter(&self) -> (u64, tokio::sync::oneshot::Receiver<()>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        g.last += 1;
+        let id = g.last;
+        g.closers.insert(id, tx);
+        (id, rx)
+    }
+
+    fn evict_oldest(&self) {
+        let oldest = {
+            let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            g.closers.pop_first()
+        };
+        if let Some((_, close)) = oldest {
+            telemetry::connection_refused("evicted");
+            let _ = close.send(());
+        }
+    }
+}
+
+/// Leaves the pending set when the handshake ends, however it ends.
+struct Leave<'a>(&'a Evictable, u64);
+
+impl Drop for Leave<'_> {
+    fn drop(&mut self) {
+        let mut g = self.0.0.lock().unwrap_or_else(|p| p.into_inner());
+        g.closers.remove(&self.1);
+    }
+}
+
+/// File descriptors kept free for everything but client connections (stores, pools, the
+/// directory's connections, the admin port).
+pub const FD_RESERVE: usize = 256;
+
+/// The connection cap to enforce: `configured`, lowered to the process's open-file limit less
+/// [`FD_RESERVE`] (read from `/proc/self/limits`) so that accepting never fails for lack of a
+/// descriptor. Returns the cap and, when lowered, the limit that lowered it.
+pub fn connection_cap(configured: usize) -> (usize, Option<usize>) {
+    let soft = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|t| open_files_limit(&t));
+    match soft {
+        Some(limit) if configured + FD_RESERVE > limit => {
+            (limit.saturating_sub(FD_RESERVE).max(16), Some(limit))
+        }
+        _ => (configured, None),
+    }
+}
+
+/// The soft "Max open files" of a `/proc/<pid>/limits` text.
+fn open_files_limit(text: &str) -> Option<usize> {
+    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+    line["Max open files".len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Resolves once the watch holds `true` (or its sender is gone).
@@ -348,5 +509,24 @@ mod tests {
         drop(a);
         assert_eq!(c.held("a"), 1);
         assert!(c.try_hold("a".into(), 2).is_some());
+    }
+}
+
+#[cfg(test)]
+mod limit_tests {
+    use super::*;
+
+    #[test]
+    fn the_open_file_limit_is_read_and_lowers_the_cap() {
+        let text = "Limit                     Soft Limit           Hard Limit           Units\n\
+                    Max cpu time              unlimited            unlimited            seconds\n\
+                    Max open files            1024                 524288               files\n";
+        assert_eq!(open_files_limit(text), Some(1024));
+        assert_eq!(
+            open_files_limit("Max open files unlimited unlimited files"),
+            None
+        );
+        let (cap, lowered) = connection_cap(usize::MAX / 4);
+        assert!(lowered.is_some() && cap < usize::MAX / 4);
     }
 }

@@ -236,6 +236,9 @@ pub struct Running {
 
 /// Validates the config and everything it names, binds both ports and starts serving.
 pub async fn start(source: ConfigSource, overrides: Overrides) -> Result<Running> {
+    // The metrics recorder first: building the snapshot already sets gauges (CRLs' next
+    // update, shared limits).
+    let _ = telemetry::prometheus();
     let config = source.read(&overrides)?;
     let mut snapshot = Snapshot::build(config, None)?;
     snapshot.shared = shared_limits(&snapshot.config)?;
@@ -335,11 +338,21 @@ pub async fn start(source: ConfigSource, overrides: Overrides) -> Result<Running
                 .max_decoding_message_size(max_msg),
         );
 
+    let (max_connections, lowered_by) = listener::connection_cap(server_cfg.max_connections);
+    if let Some(limit) = lowered_by {
+        warn!(
+            configured = server_cfg.max_connections,
+            enforced = max_connections,
+            open_files_limit = limit,
+            "server.max_connections lowered to the open-file limit less {} descriptors for the stores: raise the limit (ulimit -n, LimitNOFILE=) to allow more",
+            listener::FD_RESERVE
+        );
+    }
     let accept_state = state.clone();
     let incoming = listener::spawn(
         api_listener,
         move || listener::AcceptSettings::of(&accept_state),
-        server_cfg.max_connections,
+        max_connections,
         shutdown_rx.clone(),
     );
     let grace = Duration::from_millis(server_cfg.shutdown_grace_ms);
@@ -403,7 +416,7 @@ pub async fn start(source: ConfigSource, overrides: Overrides) -> Result<Running
         tokio::runtime::RuntimeFlavor::CurrentThread => "single-threaded",
         _ => "work-stealing",
     };
-    info!(api = %api_addr, admin = %admin_addr, runtime, "civgate serving");
+    info!(api = %api_addr, admin = %admin_addr, runtime, max_connections, "civgate serving");
     Ok(Running {
         api_addr,
         admin_addr,

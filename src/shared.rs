@@ -229,6 +229,7 @@ impl SharedLimits {
         let conn = ConnectionManager::new_lazy_with_config(client, config)
             .context("shared_limits: connection manager")?;
         metrics::gauge!(crate::telemetry::SHARED_LIMITS_UP).set(1.0);
+        metrics::counter!(crate::telemetry::SHARED_LIMITS_FALLBACKS).increment(0);
         Ok(Arc::new(Self {
             conn,
             prefix: section.prefix.clone(),

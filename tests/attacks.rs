@@ -57,16 +57,22 @@ async fn a_handshake_flood_from_one_host_does_not_keep_other_clients_out() {
     )]));
     let gw = env.spawn_binary();
     let api = gw.api;
-    // 1,100 connections from one host, each sending 3 bytes of a ClientHello and nothing more,
-    // reopened as soon as the gateway closes them.
+    // 1,100 connections from one host, then as many again from 20 hosts (55 each: within their
+    // per-source share, together past the pool of 1,024), each sending 3 bytes of a
+    // ClientHello and nothing more, reopened as soon as the gateway closes them.
     let stop = Arc::new(AtomicBool::new(false));
     let opened = Arc::new(AtomicUsize::new(0));
     let mut flood = Vec::new();
-    for _ in 0..1_100 {
+    for n in 0..2_200 {
         let (stop, opened) = (stop.clone(), opened.clone());
+        let source: Option<IpAddr> = if n < 1_100 {
+            attacker()
+        } else {
+            Some(format!("127.0.1.{}", n % 20 + 1).parse().unwrap())
+        };
         flood.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
-                let Ok(mut s) = common::tcp_from(api, attacker()).await else {
+                let Ok(mut s) = common::tcp_from(api, source).await else {
                     tokio::task::yield_now().await;
                     continue;
                 };
@@ -83,7 +89,7 @@ async fn a_handshake_flood_from_one_host_does_not_keep_other_clients_out() {
             }
         }));
     }
-    while opened.load(Ordering::Relaxed) < 1_100 {
+    while opened.load(Ordering::Relaxed) < 2_200 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // 49 legitimate clients from another host, one after another.
@@ -107,16 +113,24 @@ async fn a_handshake_flood_from_one_host_does_not_keep_other_clients_out() {
     }
     stop.store(true, Ordering::Relaxed);
     let (_, metrics) = http_get(gw.admin, "/metrics");
-    let refused = metric(
-        &metrics,
-        "civgate_connections_refused_total{reason=\"per_source\"}",
-    );
+    let refused = |reason: &str| {
+        metric(
+            &metrics,
+            &format!("civgate_connections_refused_total{{reason=\"{reason}\"}}"),
+        )
+    };
     println!(
-        "handshake flood: {ok}/49 legitimate clients served, slowest {worst:?}, {} attacker connections opened, {refused} refused at once",
-        opened.load(Ordering::Relaxed)
+        "handshake flood: {ok}/49 legitimate clients served, slowest {worst:?}, {} attacker connections opened, {} refused at once per source, {} pending handshakes evicted",
+        opened.load(Ordering::Relaxed),
+        refused("per_source"),
+        refused("evicted"),
     );
     assert!(ok >= 47, "only {ok} of 49 legitimate clients were served");
-    assert!(refused > 0.0, "the flood was never refused per source");
+    assert!(
+        refused("per_source") > 0.0,
+        "the flood was never refused per source"
+    );
+    assert!(refused("evicted") > 0.0, "the pool never made room");
     for f in flood {
         f.abort();
     }
@@ -188,6 +202,60 @@ async fn request_bodies_that_never_finish_are_cut_off_and_their_memory_is_bounde
         codes.push(code);
         slowest = slowest.max(took);
     }
+    // 64 more that send only the 5-byte prefix: the decoder would make room for 4 MiB each.
+    let before_prefixes = rss_kib(gw.child.id());
+    let mut answers = Vec::new();
+    for c in 0..4 {
+        let mut send = raw_h2(gw.api, &env.certs(), "population", None)
+            .await
+            .unwrap()
+            .ready()
+            .await
+            .unwrap();
+        for _ in 0..16 {
+            let (resp, mut body) = send
+                .send_request(grpc_head("/civgate.v1.Exchange/Publish"), false)
+                .unwrap();
+            body.send_data(prefix(len), false).unwrap();
+            answers.push(tokio::spawn(async move {
+                let _keep = body;
+                let r = tokio::time::timeout(Duration::from_secs(20), resp).await;
+                match r {
+                    Ok(Ok(resp)) => resp
+                        .headers()
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok()?.parse::<i32>().ok()),
+                    _ => None,
+                }
+            }));
+            send = send.ready().await.unwrap();
+        }
+        conns.push((c + 4, send));
+    }
+    let mut prefix_peak = 0;
+    let mut prefix_codes = Vec::new();
+    for a in answers {
+        prefix_codes.push(a.await.unwrap());
+        prefix_peak = prefix_peak.max(rss_kib(gw.child.id()));
+    }
+    let prefix_grown = prefix_peak.saturating_sub(before_prefixes) / 1024;
+    let prefix_refused = prefix_codes.iter().filter(|c| **c == Some(8)).count();
+    println!(
+        "prefix-only bodies: {prefix_refused} of 64 RESOURCE_EXHAUSTED at once, the rest {:?}; RSS grew {prefix_grown} MiB",
+        prefix_codes
+            .iter()
+            .filter(|c| **c != Some(8))
+            .collect::<Vec<_>>()
+    );
+    assert!(prefix_refused >= 48, "{prefix_codes:?}");
+    assert!(
+        prefix_codes.iter().all(|c| *c == Some(4) || *c == Some(8)),
+        "{prefix_codes:?}"
+    );
+    assert!(
+        prefix_grown < 160,
+        "prefixes alone grew the gateway by {prefix_grown} MiB"
+    );
     // Still serving others.
     let ch = client::connect(gw.api, &env.certs(), Some("registry-hn"))
         .await
@@ -458,5 +526,118 @@ async fn a_message_over_the_limit_is_resource_exhausted() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    gw.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_open_file_limit_accepting_pauses_and_a_waiting_client_is_served() {
+    let env = Env::new();
+    env.write_config(&config(&[
+        ("handshake_timeout_ms = 5000", "handshake_timeout_ms = 2000"),
+        (
+            "first_bytes_timeout_ms = 1000",
+            "first_bytes_timeout_ms = 2000",
+        ),
+    ]));
+    // 400 descriptors: the gateway caps itself at 400 - 256 = 144 connections.
+    let gw = env.spawn_binary_with_open_files(400);
+    assert_eq!(gw.serving["max_connections"], 144, "{}", gw.serving);
+    let api = gw.api;
+    // Four hosts keep 60 silent connections each open, reopened when closed: 240 > 144.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut holders = Vec::new();
+    for host in 3..7 {
+        for _ in 0..60 {
+            let stop = stop.clone();
+            let source: IpAddr = format!("127.0.0.{host}").parse().unwrap();
+            holders.push(tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(mut s) = common::tcp_from(api, Some(source)).await {
+                        let mut buf = [0u8; 16];
+                        let _ =
+                            tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await;
+                    } else {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            }));
+        }
+    }
+    // Wait until the gateway is at its cap.
+    let filling = Instant::now();
+    while metric(
+        &http_get(gw.admin, "/metrics").1,
+        "civgate_connections_open",
+    ) < 144.0
+    {
+        assert!(
+            filling.elapsed() < Duration::from_secs(10),
+            "the cap was never reached"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A legitimate client waits in the kernel's queue and is served once places free up.
+    let started = Instant::now();
+    let served = tokio::time::timeout(Duration::from_secs(15), async {
+        let ch = client::connect(api, &env.certs(), Some("registry-hp"))
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        health(ch).await
+    })
+    .await;
+    let took = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let (_, metrics) = http_get(gw.admin, "/metrics");
+    println!(
+        "file limit: a legitimate client served after {took:?}; {} connections open at the end",
+        metric(&metrics, "civgate_connections_open")
+    );
+    assert!(matches!(served, Ok(Ok(()))), "{served:?}");
+    let emfile = std::iter::from_fn(|| gw.logs.try_recv().ok()).any(|l| {
+        l["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("accept failed"))
+    });
+    assert!(!emfile, "accepting failed for lack of a descriptor");
+    for h in holders {
+        h.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_silent_after_its_handshake_is_closed() {
+    let env = Env::new();
+    let gw = env.start().await;
+    let certs = env.certs();
+    let read = |p: std::path::PathBuf| std::fs::read(p).unwrap();
+    let cfg = civgate::tls::client_config(
+        &read(certs.join("ca.pem")),
+        Some((
+            &read(certs.join("clients/unknown.pem")),
+            &read(certs.join("clients/unknown.key")),
+        )),
+    )
+    .unwrap();
+    let tcp = tokio::net::TcpStream::connect(gw.api_addr).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    // The handshake is done; no HTTP/2 preface follows.
+    let started = Instant::now();
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "a silent connection was held for 10 s");
+    let took = started.elapsed();
+    println!("silent connection closed after {took:?}");
+    assert!(took < Duration::from_secs(4), "{took:?}");
     gw.shutdown().await.unwrap();
 }

@@ -152,14 +152,19 @@ async fn three_replicas_enforce_one_quota_and_fall_back_to_their_own_when_redis_
     };
     let env = Env::new();
     let dir = env.start_directory().await;
-    let text = format!(
-        "{}\n[shared_limits]\nurl = \"{}\"\nprefix = \"quota-test\"\n",
-        common::with_upstream_port(DEFAULT_CONFIG, dir.directory.addr.port()).replace(
+    let text = common::with_upstream_port(DEFAULT_CONFIG, dir.directory.addr.port())
+        .replace(
             "[quotas.roles.civil_registry]\nreads = { per_second = 500, burst = 1000 }",
             "[quotas.roles.civil_registry]\nreads = { per_second = 20, burst = 40 }",
-        ),
-        redis.url()
-    );
+        )
+        .replace(
+            "[shared_limits]\nurl = \"\"\nprefix = \"civgate\"",
+            &format!(
+                "[shared_limits]\nurl = \"{}\"\nprefix = \"quota-test\"",
+                redis.url()
+            ),
+        );
+    assert!(text.contains("quota-test"));
     let mut replicas = Vec::new();
     for i in 0..3 {
         replicas.push(replica(&env, &text, i).await);

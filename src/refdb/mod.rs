@@ -169,6 +169,7 @@ pub async fn start(config: &Config, o: RefdbOverrides) -> Result<RunningRefdb> {
         move || AcceptSettings {
             tls: tls_config.clone(),
             handshake_timeout,
+            first_bytes_timeout: handshake_timeout,
             max_pending,
             max_pending_per_source: max_pending,
             max_per_agency: usize::MAX,

@@ -101,7 +101,20 @@ impl Env {
 
     /// Runs the real `civgate serve` binary with its API on `listen`.
     pub fn spawn_binary_on(&self, listen: &str) -> Gateway {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_civgate"))
+        self.spawn_command(Command::new(env!("CARGO_BIN_EXE_civgate")), listen)
+    }
+
+    /// Runs the real binary with at most `nofile` open files (`ulimit -n`).
+    pub fn spawn_binary_with_open_files(&self, nofile: u32) -> Gateway {
+        let mut sh = Command::new("sh");
+        sh.arg("-c")
+            .arg(format!("ulimit -n {nofile} && exec \"$0\" \"$@\"",))
+            .arg(env!("CARGO_BIN_EXE_civgate"));
+        self.spawn_command(sh, "127.0.0.1:0")
+    }
+
+    fn spawn_command(&self, mut command: Command, listen: &str) -> Gateway {
+        let mut child = command
             .args(["--log-format", "json", "serve", "--config"])
             .arg(self.config_path())
             .args(["--listen", listen, "--admin-listen", "127.0.0.1:0"])
