@@ -55,13 +55,7 @@ NGX=$(free_port)
 
 "$B" certs init --dir "$T/certs" >/dev/null
 # The shipped configuration, on these ports, with quotas far above the load.
-sed -e "s/127.0.0.1:7443/127.0.0.1:$GW/" \
-    -e "s/127.0.0.1:9095/127.0.0.1:$ADMIN/" \
-    -e "s/127.0.0.1:7444/127.0.0.1:$DIR/" \
-    -e "s#https://localhost:7444#https://localhost:$DIR#" \
-    -e "s#per_second = 500, burst = 1000#per_second = 10000000, burst = 10000000#" \
-    -e "s/max_in_flight_per_agency = 256/max_in_flight_per_agency = 4096/" \
-    civgate.toml >"$T/civgate.toml"
+shipped_config_on "$GW" "$ADMIN" "$DIR" >"$T/civgate.toml"
 "$B" config check --config "$T/civgate.toml" >/dev/null
 
 "$B" refdb serve --config "$T/civgate.toml" >"$T/refdb.log" 2>&1 &

@@ -24,13 +24,7 @@ cleanup() {
 trap cleanup EXIT
 GW=$(free_port); ADMIN=$(free_port); GW1=$(free_port); ADMIN1=$(free_port); DIR=$(free_port)
 "$B" certs init --dir "$T/certs" >/dev/null
-sed -e "s/127.0.0.1:7443/127.0.0.1:$GW/" \
-    -e "s/127.0.0.1:9095/127.0.0.1:$ADMIN/" \
-    -e "s/127.0.0.1:7444/127.0.0.1:$DIR/" \
-    -e "s#https://localhost:7444#https://localhost:$DIR#" \
-    -e "s#per_second = 500, burst = 1000#per_second = 10000000, burst = 10000000#" \
-    -e "s/max_in_flight_per_agency = 256/max_in_flight_per_agency = 4096/" \
-    civgate.toml >"$T/embedded.toml"
+shipped_config_on "$GW" "$ADMIN" "$DIR" >"$T/embedded.toml"
 PREFIX="bench-$$"
 sed -e "/^\[shared_limits\]/,/^\[/ s#^url = \"\"#url = \"$REDIS\"#" \
     -e "s#^prefix = \"civgate\"#prefix = \"$PREFIX\"#" "$T/embedded.toml" >"$T/shared.toml"
