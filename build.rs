@@ -23,10 +23,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let all = protox::compile(public.iter().chain(&upstream), ["proto"])?;
     tonic_prost_build::configure()
         // Hand-written, so a look-up can be answered with the directory's checked bytes
-        // (src/api/wire.rs).
+        // (src/pb/get_citizen_response.rs, checked by src/api/wire.rs).
         .extern_path(
             ".civgate.v1.GetCitizenResponse",
-            "crate::api::wire::GetCitizenResponse",
+            "crate::pb::v1::GetCitizenResponse",
         )
         .build_server(true)
         .build_client(true)

@@ -55,7 +55,7 @@ pub enum ClientKind {
 }
 
 /// The name of the development audit signing key (= the default checkpoint origin).
-pub const AUDIT_KEY_NAME: &str = "civgate.local/audit";
+pub const AUDIT_KEY_NAME: &str = crate::audit::note::DEFAULT_KEY_NAME;
 
 /// Every file `certs init` writes, relative to its directory.
 pub fn files() -> Vec<PathBuf> {

@@ -90,7 +90,7 @@ impl Default for ExchangeSection {
     fn default() -> Self {
         Self {
             retention_secs: 0,
-            max_unacked: crate::api::exchange::WINDOW,
+            max_unacked: crate::exchange::WINDOW,
         }
     }
 }

@@ -10,9 +10,9 @@ use tonic_health::pb::{
 };
 
 use crate::{
-    api::convert::present_fields,
     certs, client,
     config::{Config, DEFAULT_CONFIG},
+    convert::present_fields,
     domain::{Sex, fold, format_date},
     pb::v1::{
         GetCitizenRequest, MaritalStatus as PbMarital, Match, SearchCitizensRequest,

@@ -8,6 +8,7 @@ pub mod certs;
 pub mod client;
 pub mod coalesce;
 pub mod config;
+pub mod convert;
 pub mod demo;
 pub mod domain;
 pub mod exchange;

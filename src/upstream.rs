@@ -14,8 +14,8 @@ use bytes::Bytes;
 use tonic::{Code, Status};
 
 use crate::{
-    api::convert::field_names,
     config::{Config, UpstreamSection},
+    convert::field_names,
     domain::{CitizenField, PersonalId},
     link::UnaryLink,
     pb::{

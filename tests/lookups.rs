@@ -8,9 +8,9 @@ use std::{
 };
 
 use civgate::{
-    api::convert::{mask, record_to_pb},
     client,
     config::{Config, DEFAULT_CONFIG},
+    convert::{mask, record_to_pb},
     domain::{fold, format_date},
     pb::v1::{
         BatchGetCitizensRequest, GetCitizenRequest, Match, SearchCitizensRequest, Sex,

@@ -4,7 +4,7 @@ use tonic::{Request, Response, Status};
 use tonic_types::FieldViolation;
 
 use crate::{
-    api::citizens::invalid,
+    api::invalid,
     audit::{AuditLog, FactsSlot, Filter},
     domain::PersonalId,
     pb::v1::{

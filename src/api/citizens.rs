@@ -8,11 +8,11 @@ use std::{
 };
 
 use tonic::{Code, Request, Response, Status};
-use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
+use tonic_types::FieldViolation;
 
 use crate::{
-    api::convert::{mask, present_fields, sex_from_pb},
     audit::FactsSlot,
+    convert::{mask, present_fields, sex_from_pb},
     domain::{CitizenField, FullName, PersonalId, PurposeCode, fold, parse_date, personal_id},
     limits::Harvest,
     pb::upstream::v1::GetCitizensResponse,
@@ -28,7 +28,7 @@ use crate::{
     upstream::{Upstream, caller_deadline, decode},
 };
 
-use super::{principal, wire};
+use super::{invalid, principal, wire};
 
 /// Largest `BatchGetCitizens` request.
 pub const MAX_BATCH: usize = 100;
@@ -177,20 +177,6 @@ impl CitizensService {
             }
         }
     }
-}
-
-/// `INVALID_ARGUMENT` with a `google.rpc.BadRequest` naming each bad field.
-pub fn invalid(violations: Vec<FieldViolation>) -> Status {
-    let message = violations
-        .iter()
-        .map(|v| format!("{}: {}", v.field, v.description))
-        .collect::<Vec<_>>()
-        .join("; ");
-    Status::with_error_details(
-        Code::InvalidArgument,
-        message,
-        ErrorDetails::with_bad_request(violations),
-    )
 }
 
 fn parse_id(field: &str, s: &str) -> Result<PersonalId, FieldViolation> {

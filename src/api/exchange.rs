@@ -16,7 +16,8 @@ use crate::pb::v1::{
 use prost::Message;
 use tonic_types::FieldViolation;
 
-use super::{citizens::invalid, principal};
+use super::{invalid, principal};
+pub use crate::exchange::WINDOW;
 use crate::{
     audit::{Call, Draft, Facts, FactsSlot},
     domain::Role,
@@ -28,10 +29,6 @@ use crate::{
     policy::{self, Principal},
     state::Shared,
 };
-
-/// Unacknowledged events a subscription may have outstanding before delivery pauses (the
-/// default of `[exchange] max_unacked`).
-pub const WINDOW: u64 = 1_024;
 
 /// How long an idle subscription waits at most before it checks the policy in force again.
 const POLICY_RECHECK: std::time::Duration = std::time::Duration::from_secs(2);
@@ -252,7 +249,7 @@ fn id_fits_birth(id: &str, birth: &crate::pb::v1::Birth) -> Option<String> {
             birth.birth_registration_province_code
         ));
     }
-    let sex = crate::api::convert::sex_from_pb(
+    let sex = crate::convert::sex_from_pb(
         crate::pb::v1::Sex::try_from(birth.sex).unwrap_or(crate::pb::v1::Sex::Unspecified),
     );
     let year = crate::domain::parse_date(&birth.date_of_birth)

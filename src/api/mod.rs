@@ -1,12 +1,13 @@
-//! The gRPC services. Only this module (and `pb`) knows prost types.
+//! The gRPC services: each handler validates its request, does the work, and tells the gate
+//! what the call's audit record must say.
 
 pub mod audit;
 pub mod citizens;
-pub mod convert;
 pub mod exchange;
 pub mod wire;
 
 use crate::policy::Principal;
+use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 
 /// The caller, as the gate decided it. Every handler starts here.
 pub fn principal<T>(req: &tonic::Request<T>) -> Result<Principal, tonic::Status> {
@@ -14,4 +15,18 @@ pub fn principal<T>(req: &tonic::Request<T>) -> Result<Principal, tonic::Status>
         .get::<Principal>()
         .cloned()
         .ok_or_else(|| tonic::Status::internal("request reached a handler without a principal"))
+}
+
+/// `INVALID_ARGUMENT` with a `google.rpc.BadRequest` naming each bad field.
+pub fn invalid(violations: Vec<FieldViolation>) -> tonic::Status {
+    let summary = violations
+        .iter()
+        .map(|v| format!("{}: {}", v.field, v.description))
+        .collect::<Vec<_>>()
+        .join("; ");
+    tonic::Status::with_error_details(
+        tonic::Code::InvalidArgument,
+        summary,
+        ErrorDetails::with_bad_request(violations),
+    )
 }

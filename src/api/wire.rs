@@ -8,78 +8,10 @@
 //! `String`s, no masking, no re-encoding. Anything else goes the long way (decode, mask,
 //! encode), which drops what it does not know.
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
-use prost::{
-    DecodeError, Message,
-    encoding::{DecodeContext, WireType, decode_varint, encode_key, encode_varint},
-};
+use bytes::{BufMut, Bytes, BytesMut};
+use prost::encoding::{WireType, decode_varint, encode_key, encode_varint};
 
-use crate::{domain::CitizenField, pb::v1::Citizen};
-
-/// `civgate.v1.GetCitizenResponse` (build.rs maps the proto type here): the generated fields,
-/// and the whole encoding when the gateway already has it.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct GetCitizenResponse {
-    pub citizen: Option<Citizen>,
-    /// Names of the fields the purpose did not allow and that were left unset.
-    pub withheld_fields: Vec<String>,
-    /// When set, this is the message's encoding and the two fields above are not encoded.
-    /// Only [`forward`] sets it, from bytes it has checked. Never set by decoding.
-    pub encoded: Option<Bytes>,
-}
-
-impl Message for GetCitizenResponse {
-    fn encode_raw(&self, buf: &mut impl BufMut) {
-        if let Some(b) = &self.encoded {
-            buf.put_slice(b);
-            return;
-        }
-        if let Some(c) = &self.citizen {
-            prost::encoding::message::encode(1, c, buf);
-        }
-        prost::encoding::string::encode_repeated(2, &self.withheld_fields, buf);
-    }
-
-    fn merge_field(
-        &mut self,
-        tag: u32,
-        wire_type: WireType,
-        buf: &mut impl Buf,
-        ctx: DecodeContext,
-    ) -> Result<(), DecodeError> {
-        match tag {
-            1 => prost::encoding::message::merge(
-                wire_type,
-                self.citizen.get_or_insert_with(Citizen::default),
-                buf,
-                ctx,
-            ),
-            2 => prost::encoding::string::merge_repeated(
-                wire_type,
-                &mut self.withheld_fields,
-                buf,
-                ctx,
-            ),
-            _ => prost::encoding::skip_field(wire_type, tag, buf, ctx),
-        }
-    }
-
-    fn encoded_len(&self) -> usize {
-        match &self.encoded {
-            Some(b) => b.len(),
-            None => {
-                self.citizen
-                    .as_ref()
-                    .map_or(0, |c| prost::encoding::message::encoded_len(1, c))
-                    + prost::encoding::string::encoded_len_repeated(2, &self.withheld_fields)
-            }
-        }
-    }
-
-    fn clear(&mut self) {
-        *self = Self::default();
-    }
-}
+use crate::{domain::CitizenField, pb::v1::GetCitizenResponse};
 
 /// `Citizen`'s field number of a field (`personal_id` is 1; the rest follow in declaration
 /// order, as in the proto; `field_numbers_follow_the_proto` checks each against prost).
@@ -103,7 +35,7 @@ pub struct Scanned<'a> {
 }
 
 impl Scanned<'_> {
-    /// The names of the present fields, as [`crate::api::convert::present_fields`] gives them.
+    /// The names of the present fields, as [`crate::convert::present_fields`] gives them.
     pub fn field_names(&self) -> Vec<&'static str> {
         let mut v = vec!["personal_id"];
         v.extend(
@@ -234,10 +166,11 @@ mod tests {
 
     use super::*;
     use crate::{
-        api::convert::{mask, present_fields, record_to_pb},
-        pb::upstream::v1::GetCitizensResponse,
+        convert::{mask, present_fields, record_to_pb},
+        pb::{upstream::v1::GetCitizensResponse, v1::Citizen},
         synth::Population,
     };
+    use prost::Message;
 
     fn citizens(n: usize) -> Vec<Citizen> {
         Population::new(7, n).map(|r| record_to_pb(&r)).collect()

@@ -77,7 +77,7 @@ pub enum Command {
     /// Generate a checkpoint signing key (and print its verifier key).
     Keygen {
         /// Key name (conventionally the log's origin).
-        #[arg(long, default_value = crate::certs::AUDIT_KEY_NAME)]
+        #[arg(long, default_value = crate::audit::note::DEFAULT_KEY_NAME)]
         name: String,
         #[arg(long)]
         out: PathBuf,

@@ -36,6 +36,9 @@ fn valid_name(name: &str) -> bool {
     !name.is_empty() && !name.contains(['+', ' ', '\n']) && !name.chars().any(char::is_whitespace)
 }
 
+/// The default signing key name (= the default checkpoint origin, `civgate.local/audit`).
+pub const DEFAULT_KEY_NAME: &str = "civgate.local/audit";
+
 /// A signer: the log's Ed25519 key and its name.
 pub struct Signer {
     name: String,

@@ -4,3 +4,7 @@ pub mod address;
 pub mod journal;
 pub mod lag;
 pub mod validate;
+
+/// Unacknowledged events a subscription may have outstanding before delivery pauses (the
+/// default of `[exchange] max_unacked`).
+pub const WINDOW: u64 = 1_024;

@@ -5,7 +5,7 @@
 use tonic_types::FieldViolation;
 
 use crate::{
-    api::convert::sex_from_pb,
+    convert::sex_from_pb,
     domain::{FullName, PersonalId, Role, parse_date, today},
     pb::v1::{Event, Registration, Sex, event::Payload},
     policy::Principal,

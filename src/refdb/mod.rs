@@ -14,8 +14,8 @@ use tonic::{Request, Response, Status};
 use tracing::info;
 
 use crate::{
-    api::convert::{fields_from_names, mask, record_to_pb},
     config::Config,
+    convert::{fields_from_names, mask, record_to_pb},
     domain::{AgencyId, PersonalId, parse_date},
     listener::{self, AcceptSettings, ConnInfo},
     pb::upstream::v1::{

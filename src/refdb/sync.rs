@@ -11,8 +11,8 @@ use tracing::{info, warn};
 
 use super::store::DirectoryStore;
 use crate::{
-    api::convert::sex_from_pb,
     client,
+    convert::sex_from_pb,
     domain::{PersonalId, Sex, parse_date},
     pb::v1::{
         AckRequest, Event, PersonalIdAssigned, PublishRequest, RejectRequest, Sex as PbSex,

@@ -1,13 +1,15 @@
-//! Generated protobuf and gRPC code. Only `api`-facing modules use these types; the domain
-//! has its own validated types.
+//! Generated protobuf and gRPC code, and the one hand-written message
+//! ([`v1::GetCitizenResponse`]). The domain has its own validated types.
 
 #![allow(clippy::all, clippy::pedantic, missing_docs)]
 
 pub mod v1 {
     tonic::include_proto!("civgate.v1");
     /// Hand-written (build.rs `extern_path`), so look-ups can be answered with checked bytes.
-    pub use crate::api::wire::GetCitizenResponse;
+    pub use super::get_citizen_response::GetCitizenResponse;
 }
+
+mod get_citizen_response;
 
 pub mod upstream {
     pub mod v1 {
