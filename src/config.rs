@@ -706,7 +706,10 @@ impl Config {
                 )
             })
             .collect();
-        Policy { agencies }
+        Policy {
+            agencies,
+            ..Default::default()
+        }
     }
 }
 

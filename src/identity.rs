@@ -11,6 +11,29 @@ pub struct PeerIdentity {
     /// The agency named by the `urn:civgate:agency:<id>` URI SAN, or why there is none.
     pub agency: Result<AgencyId, IdentityError>,
     pub fingerprint: CertFingerprint,
+    /// How a CRL names the certificate (issuer and serial), for calls on a connection that
+    /// outlives a reload revoking it.
+    pub cert: Option<CertKey>,
+    /// The end of the certificate's validity (Unix seconds): a connection may outlive it.
+    pub not_after: Option<i64>,
+}
+
+/// A certificate as a CRL names it: its issuer's distinguished name (DER) and its serial
+/// number (big-endian, without leading zero bytes).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct CertKey {
+    pub issuer: Vec<u8>,
+    pub serial: Vec<u8>,
+}
+
+impl CertKey {
+    pub fn new(issuer: &[u8], serial: &[u8]) -> Self {
+        let start = serial.iter().position(|b| *b != 0).unwrap_or(serial.len());
+        Self {
+            issuer: issuer.to_vec(),
+            serial: serial[start..].to_vec(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -28,9 +51,29 @@ pub enum IdentityError {
 impl PeerIdentity {
     /// Reads the agency identity from a client certificate that TLS has already verified.
     pub fn from_der(der: &[u8]) -> Self {
+        let parsed = x509_parser::certificate::X509Certificate::from_der(der)
+            .ok()
+            .map(|(_, c)| {
+                (
+                    CertKey::new(c.issuer().as_raw(), c.raw_serial()),
+                    c.validity().not_after.timestamp(),
+                )
+            });
         Self {
             agency: agency_of(der),
             fingerprint: CertFingerprint::of_der(der),
+            cert: parsed.as_ref().map(|(k, _)| k.clone()),
+            not_after: parsed.map(|(_, t)| t),
+        }
+    }
+
+    /// A peer known only by its agency and fingerprint (tests, tools).
+    pub fn of(agency: Result<AgencyId, IdentityError>, fingerprint: CertFingerprint) -> Self {
+        Self {
+            agency,
+            fingerprint,
+            cert: None,
+            not_after: None,
         }
     }
 }

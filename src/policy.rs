@@ -97,10 +97,14 @@ impl Agency {
     }
 }
 
-/// The agencies the gateway knows, from the config. Replaced whole on reload.
+/// The agencies the gateway knows, from the config, and the certificates its CRLs revoke.
+/// Replaced whole on reload.
 #[derive(Clone, Debug, Default)]
 pub struct Policy {
     pub agencies: BTreeMap<AgencyId, Agency>,
+    /// Certificates the configured CRLs revoke: a connection made before a reload that revokes
+    /// its certificate stays open, but none of its further calls is served.
+    pub revoked: Arc<std::collections::HashSet<crate::identity::CertKey>>,
 }
 
 /// The caller of one request, after identity and policy: what handlers receive.
@@ -118,6 +122,10 @@ pub struct Principal {
 pub enum Denial {
     #[error("client certificate does not identify an agency: {0}")]
     NoIdentity(IdentityError),
+    #[error("this connection's client certificate has been revoked; reconnect with a valid one")]
+    CertificateRevoked,
+    #[error("this connection's client certificate has expired; reconnect with a valid one")]
+    CertificateExpired,
     #[error("agency {0} is not known to this gateway")]
     UnknownAgency(AgencyId),
     #[error("role {role} may not call {method}")]
@@ -133,7 +141,9 @@ pub enum Denial {
 impl Denial {
     pub fn to_status(&self) -> tonic::Status {
         match self {
-            Denial::NoIdentity(_) => tonic::Status::unauthenticated(self.to_string()),
+            Denial::NoIdentity(_) | Denial::CertificateRevoked | Denial::CertificateExpired => {
+                tonic::Status::unauthenticated(self.to_string())
+            }
             Denial::UnknownAgency(_)
             | Denial::MethodNotGranted { .. }
             | Denial::TopicNotGranted { .. } => tonic::Status::permission_denied(self.to_string()),
@@ -144,6 +154,8 @@ impl Denial {
     pub fn reason(&self) -> &'static str {
         match self {
             Denial::NoIdentity(_) => "no_identity",
+            Denial::CertificateRevoked => "certificate_revoked",
+            Denial::CertificateExpired => "certificate_expired",
             Denial::UnknownAgency(_) => "unknown_agency",
             Denial::MethodNotGranted { .. } => "method_not_granted",
             Denial::TopicNotGranted { .. } => "topic_not_granted",
@@ -151,8 +163,32 @@ impl Denial {
     }
 }
 
+/// Is the certificate this connection began with still good at `now` (Unix seconds)? The
+/// handshake checked it; a connection can outlive a reload that revokes it, or its expiry.
+pub fn standing(policy: &Policy, peer: &PeerIdentity, now: i64) -> Result<(), Denial> {
+    if peer
+        .cert
+        .as_ref()
+        .is_some_and(|k| policy.revoked.contains(k))
+    {
+        return Err(Denial::CertificateRevoked);
+    }
+    if peer.not_after.is_some_and(|t| t < now) {
+        return Err(Denial::CertificateExpired);
+    }
+    Ok(())
+}
+
+/// Now, in Unix seconds.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
 /// May this peer call this method? Returns the [`Principal`] handlers will see.
 pub fn authorize(policy: &Policy, peer: &PeerIdentity, method: &str) -> Result<Principal, Denial> {
+    standing(policy, peer, unix_now())?;
     let agency_id = peer
         .agency
         .as_ref()
@@ -257,14 +293,14 @@ mod tests {
         ] {
             agencies.insert(id.parse().unwrap(), Agency::of_role(role));
         }
-        Policy { agencies }
+        Policy {
+            agencies,
+            ..Default::default()
+        }
     }
 
     fn peer(agency: &str) -> PeerIdentity {
-        PeerIdentity {
-            agency: Ok(agency.parse().unwrap()),
-            fingerprint: CertFingerprint([7; 32]),
-        }
+        PeerIdentity::of(Ok(agency.parse().unwrap()), CertFingerprint([7; 32]))
     }
 
     #[test]
@@ -336,11 +372,38 @@ mod tests {
     }
 
     #[test]
-    fn certificate_without_agency_is_unauthenticated() {
-        let p = PeerIdentity {
-            agency: Err(IdentityError::NoAgencyUri),
-            fingerprint: CertFingerprint([0; 32]),
+    fn a_connection_outliving_its_certificate_is_refused() {
+        use crate::identity::CertKey;
+        let key = CertKey::new(b"issuer", &[0, 1, 2]);
+        let mut p = policy();
+        p.revoked = Arc::new([CertKey::new(b"issuer", &[1, 2])].into_iter().collect());
+        let peer = |cert: Option<CertKey>, not_after: Option<i64>| PeerIdentity {
+            cert,
+            not_after,
+            ..peer("registry-hp")
         };
+        let now = 1_000;
+        for (who, want) in [
+            (
+                peer(Some(key.clone()), None),
+                Err(Denial::CertificateRevoked),
+            ),
+            (peer(Some(CertKey::new(b"other", &[1, 2])), None), Ok(())),
+            (peer(Some(CertKey::new(b"issuer", &[1, 3])), None), Ok(())),
+            (peer(None, Some(now - 1)), Err(Denial::CertificateExpired)),
+            (peer(None, Some(now)), Ok(())),
+            (peer(None, None), Ok(())),
+        ] {
+            assert_eq!(standing(&p, &who, now), want, "{who:?}");
+        }
+        let err =
+            authorize(&p, &peer(Some(key), None), "/grpc.health.v1.Health/Check").unwrap_err();
+        assert_eq!(err.to_status().code(), tonic::Code::Unauthenticated);
+    }
+
+    #[test]
+    fn certificate_without_agency_is_unauthenticated() {
+        let p = PeerIdentity::of(Err(IdentityError::NoAgencyUri), CertFingerprint([0; 32]));
         let err = authorize(&policy(), &p, "/grpc.health.v1.Health/Check").unwrap_err();
         assert_eq!(err.to_status().code(), tonic::Code::Unauthenticated);
     }

@@ -46,7 +46,9 @@ impl Snapshot {
             }
             (Err(e), Ok(())) | (Ok(_), Err(e)) => return Err(e),
         };
-        let policy = Arc::new(config.policy());
+        let mut policy = config.policy();
+        policy.revoked = Arc::new(tls::revoked(&config));
+        let policy = Arc::new(policy);
         let quotas = Arc::new(Quotas::build(
             DefaultClock::default(),
             &config.file.quotas,

@@ -185,6 +185,30 @@ fn crl_paths(config: &Config) -> Vec<String> {
     out
 }
 
+/// The certificates the configured CRLs revoke (files `server_config` has already checked;
+/// one that cannot be read now contributes nothing).
+pub fn revoked(config: &Config) -> std::collections::HashSet<crate::identity::CertKey> {
+    use x509_parser::prelude::FromDer;
+    let mut out = std::collections::HashSet::new();
+    for crl in &config.file.tls.crls {
+        let path = config.resolve(crl.get_ref());
+        let Ok(iter) = CertificateRevocationListDer::pem_file_iter(&path) else {
+            continue;
+        };
+        for der in iter.flatten() {
+            if let Ok((_, list)) =
+                x509_parser::revocation_list::CertificateRevocationList::from_der(&der)
+            {
+                let issuer = list.issuer().as_raw();
+                for r in list.iter_revoked_certificates() {
+                    out.insert(crate::identity::CertKey::new(issuer, r.raw_serial()));
+                }
+            }
+        }
+    }
+    out
+}
+
 /// A CRL's nextUpdate, in Unix seconds.
 pub fn crl_next_update(der: &[u8]) -> Option<i64> {
     use x509_parser::prelude::FromDer;
@@ -365,6 +389,33 @@ mod tests {
         .unwrap();
         let tls = server_config(&cfg).unwrap();
         assert_eq!(tls.alpn_protocols, vec![b"h2".to_vec()]);
+    }
+
+    #[test]
+    fn a_revoked_certificate_is_named_alike_by_itself_and_by_the_crl() {
+        install_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let certs = dir.path().join("certs");
+        crate::certs::init(&certs, false).unwrap();
+        let cfg = Config::parse(
+            crate::config::DEFAULT_CONFIG,
+            "civgate.toml".into(),
+            dir.path().to_owned(),
+        )
+        .unwrap();
+        let key_of = |name: &str| {
+            let pem = std::fs::read(certs.join(format!("clients/{name}.pem"))).unwrap();
+            let der = CertificateDer::pem_slice_iter(&pem)
+                .next()
+                .unwrap()
+                .unwrap();
+            crate::identity::PeerIdentity::from_der(&der).cert.unwrap()
+        };
+        let revoked = revoked(&cfg);
+        assert!(revoked.contains(&key_of("revoked")));
+        assert!(!revoked.contains(&key_of("registry-hp")));
+        crate::certs::revoke(&certs, "registry-hp").unwrap();
+        assert!(super::revoked(&cfg).contains(&key_of("registry-hp")));
     }
 
     #[test]

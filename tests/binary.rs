@@ -20,16 +20,17 @@ fn civgate(args: &[&str], cwd: &std::path::Path) -> std::process::Output {
 }
 
 #[tokio::test]
-async fn revocation_on_sighup_refuses_new_connections_and_keeps_open_streams() {
+async fn revocation_on_sighup_refuses_new_connections_and_the_calls_of_open_ones() {
     let env = Env::new();
     let mut gw = env.spawn_binary();
     let certs = env.certs();
 
-    // An established connection with a server stream open before the reload.
+    // An established connection with a server stream open before the reload, and a
+    // subscription delivering personal data.
     let ch = client::connect(gw.api, &certs, Some("population"))
         .await
         .unwrap();
-    let mut health = HealthClient::new(ch);
+    let mut health = HealthClient::new(ch.clone());
     let mut watch = health
         .watch(HealthCheckRequest::default())
         .await
@@ -37,6 +38,15 @@ async fn revocation_on_sighup_refuses_new_connections_and_keeps_open_streams() {
         .into_inner();
     let first = watch.message().await.unwrap().unwrap();
     assert_eq!(first.status(), ServingStatus::Serving);
+    let mut events = civgate::pb::v1::exchange_client::ExchangeClient::new(ch)
+        .subscribe(civgate::pb::v1::SubscribeRequest {
+            topic: "civil-status".into(),
+            consumer_group: "population-db".into(),
+            from_sequence: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
 
     civgate::certs::revoke(&certs, "population").unwrap();
     gw.signal("HUP");
@@ -50,10 +60,20 @@ async fn revocation_on_sighup_refuses_new_connections_and_keeps_open_streams() {
         .await
         .expect("others still accepted");
 
-    // The old connection still serves unary calls...
-    let r = health.check(HealthCheckRequest::default()).await.unwrap();
-    assert_eq!(r.get_ref().status(), ServingStatus::Serving);
-    // ...and its stream is alive: SIGTERM's NOT_SERVING reaches it.
+    // The old connection stays open (a reload drops no connection), but its calls are refused…
+    let err = health
+        .check(HealthCheckRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+    assert!(err.message().contains("revoked"), "{err:?}");
+    // …its subscription ends within the policy re-check (2 s)…
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(10), events.message())
+        .await
+        .expect("the subscription of a revoked certificate did not end");
+    let err = ended.expect_err("ended with an error");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+    // …and the health stream opened before is alive: SIGTERM's NOT_SERVING reaches it.
     gw.signal("TERM");
     let next = watch.message().await.unwrap().unwrap();
     assert_eq!(next.status(), ServingStatus::NotServing);

@@ -359,6 +359,11 @@ impl Exchange for ExchangeService {
         // closed, as for look-ups); the record of the call itself says the stream opened.
         let call = Call::of(&req);
         let facts = FactsSlot::of(&req);
+        // The connection's certificate, checked again at every turn of the stream.
+        let peer = req
+            .extensions()
+            .get::<crate::listener::ConnInfo>()
+            .map(|c| c.peer.clone());
         let r = req.into_inner();
         let group = group_of(
             &who,
@@ -430,6 +435,13 @@ impl Exchange for ExchangeService {
                 // and at least every `POLICY_RECHECK` while idle: a reload that takes the topic
                 // from the agency ends the stream, one that changes its provinces changes what
                 // it reads from here on.
+                if let Some(peer) = &peer
+                    && let Err(denial) =
+                        policy::standing(&state.load().policy, peer, policy::unix_now())
+                {
+                    let _ = tx.send(Err(denial.to_status())).await;
+                    return;
+                }
                 let Ok((scope, role)) = stream_scope(&state, &agency, &topic) else {
                     let _ = tx
                         .send(Err(Status::permission_denied(format!(

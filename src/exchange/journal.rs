@@ -2437,10 +2437,10 @@ mod tests {
         let fingerprint = crate::domain::CertFingerprint([7; 32]);
         let draft_at = |rid: &str, path: &str| Draft {
             call: Arc::new(Call {
-                peer: Arc::new(crate::identity::PeerIdentity {
-                    agency: Ok(agency.clone()),
+                peer: Arc::new(crate::identity::PeerIdentity::of(
+                    Ok(agency.clone()),
                     fingerprint,
-                }),
+                )),
                 principal: Some(crate::policy::Principal {
                     agency: agency.clone(),
                     role: crate::domain::Role::PopulationDb,
