@@ -3,10 +3,7 @@
 
 use std::{
     pin::Pin,
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
+    sync::Arc,
     task::{Context, Poll, ready},
     time::{Duration, Instant},
 };
@@ -81,36 +78,109 @@ impl BodyLimits {
     }
 }
 
-/// Request bytes held for bodies not yet complete, against a fixed budget.
+/// Request bytes held for bodies not yet complete, against a fixed budget. One owner (agency)
+/// holds at most half of it, and once more than half is held, each owner holding bytes at
+/// most an equal share: one agency cannot take the budget from the others.
 #[derive(Debug)]
 pub struct ByteBudget {
-    held: AtomicUsize,
     max: usize,
+    held: std::sync::Mutex<BudgetHeld>,
+}
+
+#[derive(Debug, Default)]
+struct BudgetHeld {
+    total: usize,
+    by_owner: std::collections::HashMap<String, usize>,
 }
 
 impl ByteBudget {
     pub fn new(max: usize) -> Self {
         Self {
-            held: AtomicUsize::new(0),
             max: max.max(1),
+            held: Default::default(),
         }
     }
 
-    /// Takes `n` bytes, or nothing if that would pass the budget.
-    pub fn take(&self, n: usize) -> bool {
-        self.held
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| {
-                h.checked_add(n).filter(|t| *t <= self.max)
-            })
-            .is_ok()
+    /// Takes `n` bytes for `owner`, or nothing if that would pass the budget or, past half
+    /// of it, the owner's equal share.
+    pub fn take(&self, owner: &str, n: usize) -> bool {
+        let mut h = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let total = h.total.saturating_add(n);
+        if total > self.max {
+            return false;
+        }
+        let mine = h.by_owner.get(owner).copied().unwrap_or(0);
+        // Never more than half for one owner: the other half stays for everyone else.
+        if (mine + n) * 2 > self.max {
+            return false;
+        }
+        if total * 2 > self.max {
+            let owners = h.by_owner.len() + usize::from(mine == 0);
+            if mine + n > self.max.div_ceil(owners.max(1)) {
+                return false;
+            }
+        }
+        h.total = total;
+        *h.by_owner.entry(owner.to_owned()).or_insert(0) += n;
+        true
     }
 
-    pub fn give_back(&self, n: usize) {
-        self.held.fetch_sub(n, Ordering::AcqRel);
+    pub fn give_back(&self, owner: &str, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let mut h = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        h.total = h.total.saturating_sub(n);
+        if let Some(m) = h.by_owner.get_mut(owner) {
+            *m = m.saturating_sub(n);
+            if *m == 0 {
+                h.by_owner.remove(owner);
+            }
+        }
     }
 
     pub fn held(&self) -> usize {
-        self.held.load(Ordering::Acquire)
+        self.held.lock().map(|h| h.total).unwrap_or(0)
+    }
+}
+
+/// Whose share of the byte budget a body counts in: its agency, or its certificate.
+fn budget_owner(peer: &crate::identity::PeerIdentity) -> String {
+    match &peer.agency {
+        Ok(a) => a.as_str().to_owned(),
+        Err(_) => peer.fingerprint.to_hex(),
+    }
+}
+
+/// What a body is read against besides its own bounds: the connection's certificate under
+/// the policy in force (a reload may revoke it while the body arrives), and, for a
+/// bidirectional stream, the quota its further messages draw from.
+struct BodyWatch {
+    state: Shared,
+    peer: Arc<crate::identity::PeerIdentity>,
+    owner: String,
+    bucket: Option<crate::limits::Bucket>,
+}
+
+impl BodyWatch {
+    /// Refuses the rest of the body once the certificate no longer stands.
+    fn standing(&self) -> Result<(), tonic::Status> {
+        policy::standing(&self.state.load().policy, &self.peer, policy::unix_now())
+            .map_err(|d| d.to_status())
+    }
+
+    /// A further message of a stream: one more unit of its quota.
+    fn another_message(&self) -> Result<(), tonic::Status> {
+        let (Some(bucket), Ok(agency)) = (self.bucket, &self.peer.agency) else {
+            return Ok(());
+        };
+        match self.state.load().quotas.check(agency, bucket) {
+            crate::limits::Decision::Refuse { retry_after_secs } => {
+                telemetry::rate_limited(agency.as_str(), bucket.as_str(), false);
+                Err(rate_limited(agency, bucket.as_str(), retry_after_secs))
+            }
+            _ => Ok(()),
+        }
     }
 }
 
@@ -306,20 +376,6 @@ where
         }
         let path = bounded_path(req.uri().path());
         let method = policy::known_method(&path).unwrap_or("unknown");
-        // Every request body is bounded in time and counted against the byte budget.
-        let deadline = (method != REFLECTION).then(|| start + self.bodies.timeout);
-        let budget = self.bodies.budget.clone();
-        let max_message = self.bodies.max_message;
-        let mut req = req.map(|inner| {
-            tonic::body::Body::new(LimitedBody {
-                inner,
-                budget,
-                held: 0,
-                framing: Framing::default(),
-                max_message,
-                deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d.into()))),
-            })
-        });
         let rid = request_id(req.headers());
         let Some(conn) = req.extensions().get::<ConnInfo>().cloned() else {
             // Only connections from our own listener reach here; anything else is a bug.
@@ -327,6 +383,30 @@ where
             telemetry::rpc_finished(method, status.code(), start.elapsed());
             return Box::pin(async move { Ok(status.into_http()) });
         };
+        // Every request body is bounded in time, counted against the byte budget (with a fair
+        // share per agency), and read only while the connection's certificate stays good.
+        let deadline = (method != REFLECTION).then(|| start + self.bodies.timeout);
+        let budget = self.bodies.budget.clone();
+        let max_message = self.bodies.max_message;
+        let watch = BodyWatch {
+            state: self.state.clone(),
+            peer: conn.peer.clone(),
+            owner: budget_owner(&conn.peer),
+            // A bidirectional stream's further messages each cost a unit of its quota.
+            bucket: crate::limits::Bucket::of_method(&path).filter(|_| method == REFLECTION),
+        };
+        let mut req = req.map(|inner| {
+            tonic::body::Body::new(LimitedBody {
+                inner,
+                budget,
+                held: 0,
+                framing: Framing::default(),
+                messages: 0,
+                max_message,
+                watch,
+                deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d.into()))),
+            })
+        });
         let audit = self.audit.clone();
         let snapshot = self.state.load_full();
         // Identity → policy, here; admission (in-flight caps) → quota, in the future (a
@@ -591,14 +671,17 @@ pin_project! {
         budget: Arc<ByteBudget>,
         held: usize,
         framing: Framing,
+        // Messages whose prefix has arrived.
+        messages: u64,
         max_message: usize,
+        watch: BodyWatch,
         deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     }
 
     impl PinnedDrop for LimitedBody {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
-            this.budget.give_back(std::mem::take(this.held));
+            this.budget.give_back(&this.watch.owner, std::mem::take(this.held));
         }
     }
 }
@@ -619,7 +702,8 @@ impl Body for LimitedBody {
                     && d.as_mut().poll(cx).is_ready()
                 {
                     telemetry::body_refused("timeout");
-                    this.budget.give_back(std::mem::take(this.held));
+                    this.budget
+                        .give_back(&this.watch.owner, std::mem::take(this.held));
                     return Poll::Ready(Some(Err(tonic::Status::deadline_exceeded(
                         "the request body did not arrive in time",
                     ))));
@@ -627,29 +711,40 @@ impl Body for LimitedBody {
                 return Poll::Pending;
             }
         };
-        match &frame {
-            Some(Ok(f)) => {
-                if let Some(data) = f.data_ref() {
-                    for len in this.framing.read(data) {
-                        // The message before this one has been decoded: its bytes are free.
-                        this.budget.give_back(std::mem::take(this.held));
-                        // A length over the limit is refused by the decoder at once.
-                        let charge = len.min(*this.max_message) + 5;
-                        if !this.budget.take(charge) {
-                            telemetry::body_refused("budget");
-                            return Poll::Ready(Some(Err(tonic::Status::resource_exhausted(
-                                "the gateway is holding too many unfinished requests; retry shortly",
-                            ))));
-                        }
-                        *this.held = charge;
-                    }
-                }
+        let owner = this.watch.owner.as_str();
+        if let Some(Ok(f)) = &frame
+            && let Some(data) = f.data_ref()
+        {
+            // Read only while the certificate stands: a reload that revokes it stops calls
+            // whose body was still arriving.
+            if let Err(status) = this.watch.standing() {
+                this.budget.give_back(owner, std::mem::take(this.held));
+                return Poll::Ready(Some(Err(status)));
             }
-            // The body is over: tonic decodes it now, the bytes are no longer ours to count.
-            None | Some(Err(_)) => this.budget.give_back(std::mem::take(this.held)),
+            for len in this.framing.read(data) {
+                *this.messages += 1;
+                if *this.messages > 1
+                    && let Err(status) = this.watch.another_message()
+                {
+                    this.budget.give_back(owner, std::mem::take(this.held));
+                    return Poll::Ready(Some(Err(status)));
+                }
+                // The message before this one has been decoded: its bytes are free.
+                this.budget.give_back(owner, std::mem::take(this.held));
+                // A length over the limit is refused by the decoder at once.
+                let charge = len.min(*this.max_message) + 5;
+                if !this.budget.take(owner, charge) {
+                    telemetry::body_refused("budget");
+                    return Poll::Ready(Some(Err(tonic::Status::resource_exhausted(
+                        "the gateway is holding too many unfinished requests; retry shortly",
+                    ))));
+                }
+                *this.held = charge;
+            }
         }
-        if this.inner.is_end_stream() {
-            this.budget.give_back(std::mem::take(this.held));
+        // The body is over: tonic decodes it now, the bytes are no longer ours to count.
+        if frame.is_none() || matches!(frame, Some(Err(_))) || this.inner.is_end_stream() {
+            this.budget.give_back(owner, std::mem::take(this.held));
         }
         Poll::Ready(frame)
     }
@@ -728,14 +823,22 @@ mod tests {
     }
 
     #[test]
-    fn the_byte_budget_is_all_or_nothing() {
-        let b = ByteBudget::new(10);
-        assert!(b.take(6));
-        assert!(!b.take(5));
-        assert_eq!(b.held(), 6);
-        assert!(b.take(4));
-        b.give_back(10);
+    fn the_byte_budget_is_all_or_nothing_with_an_equal_share_past_half() {
+        let b = ByteBudget::new(12);
+        // One owner alone holds at most half.
+        assert!(b.take("a", 6));
+        assert!(!b.take("a", 1));
+        // Past half, three owners holding bytes: 4 each at most.
+        assert!(b.take("b", 3));
+        assert!(b.take("c", 1));
+        assert!(!b.take("b", 2));
+        assert!(b.take("b", 1));
+        assert!(!b.take("c", 4));
+        assert_eq!(b.held(), 11);
+        b.give_back("a", 6);
+        b.give_back("b", 4);
+        b.give_back("c", 1);
         assert_eq!(b.held(), 0);
-        assert!(!b.take(11));
+        assert!(!b.take("a", 13));
     }
 }

@@ -62,9 +62,11 @@ async fn a_handshake_flood_from_one_host_does_not_keep_other_clients_out() {
     // ClientHello and nothing more, reopened as soon as the gateway closes them.
     let stop = Arc::new(AtomicBool::new(false));
     let opened = Arc::new(AtomicUsize::new(0));
+    // Connections of the 20 hosts open at once (each counted while it is held).
+    let spread = Arc::new(AtomicUsize::new(0));
     let mut flood = Vec::new();
     for n in 0..2_200 {
-        let (stop, opened) = (stop.clone(), opened.clone());
+        let (stop, opened, spread) = (stop.clone(), opened.clone(), spread.clone());
         let source: Option<IpAddr> = if n < 1_100 {
             attacker()
         } else {
@@ -80,16 +82,29 @@ async fn a_handshake_flood_from_one_host_does_not_keep_other_clients_out() {
                 if s.write_all(&[0x16, 0x03, 0x01]).await.is_err() {
                     continue;
                 }
+                if n >= 1_100 {
+                    spread.fetch_add(1, Ordering::Relaxed);
+                }
                 let mut buf = [0u8; 64];
                 // Held until the gateway closes it (or the test ends).
                 tokio::select! {
                     _ = s.read(&mut buf) => {}
                     () = async { while !stop.load(Ordering::Relaxed) { tokio::time::sleep(Duration::from_millis(100)).await } } => {}
                 }
+                if n >= 1_100 {
+                    spread.fetch_sub(1, Ordering::Relaxed);
+                }
             }
         }));
     }
-    while opened.load(Ordering::Relaxed) < 2_200 {
+    // Until the 20 hosts hold most of their connections at once (past the pool of 1,024 with
+    // the first host's share).
+    let filling = Instant::now();
+    while spread.load(Ordering::Relaxed) < 1_000 {
+        assert!(
+            filling.elapsed() < Duration::from_secs(20),
+            "the flood never built up"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // 49 legitimate clients from another host, one after another.
@@ -640,4 +655,110 @@ async fn a_connection_silent_after_its_handshake_is_closed() {
     println!("silent connection closed after {took:?}");
     assert!(took < Duration::from_secs(4), "{took:?}");
     gw.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_message_of_a_reflection_stream_costs_a_probe() {
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest,
+    };
+    let env = Env::new();
+    let gw = env.start().await;
+    let ch = client::connect(gw.api_addr, &env.certs(), Some("registry-hp"))
+        .await
+        .unwrap();
+    let requests = (0..200).map(|_| ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    });
+    let mut stream = ServerReflectionClient::new(ch)
+        .server_reflection_info(tokio_stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut answered = 0;
+    let end = loop {
+        match stream.message().await {
+            Ok(Some(_)) => answered += 1,
+            Ok(None) => break None,
+            Err(e) => break Some(e),
+        }
+    };
+    println!("reflection: {answered} of 200 messages answered, then {end:?}");
+    // Refused once over the probes quota: the reflection service ends its answers when its
+    // request stream fails (with the error, or as a plain end).
+    assert!(
+        end.as_ref()
+            .is_none_or(|e| e.code() == Code::ResourceExhausted),
+        "{end:?}"
+    );
+    // 40 at once (the call took one), then 20/s; answers in flight may be dropped at the end.
+    assert!((20..=60).contains(&answered), "{answered}");
+    gw.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_agency_cannot_take_the_whole_body_budget() {
+    let env = Env::new();
+    env.write_config(&config(&[(
+        "max_buffered_request_bytes = 268435456",
+        "max_buffered_request_bytes = 33554432",
+    )]));
+    let gw = env.spawn_binary();
+    // registry-hp announces 16 messages of 4 MiB and sends nothing more: it may hold half.
+    let mut hog = raw_h2(gw.api, &env.certs(), "registry-hp", None)
+        .await
+        .unwrap()
+        .ready()
+        .await
+        .unwrap();
+    let mut held = Vec::new();
+    let mut refused = Vec::new();
+    for _ in 0..16 {
+        let (resp, mut body) = hog
+            .send_request(grpc_head("/civgate.v1.Citizens/GetCitizen"), false)
+            .unwrap();
+        body.send_data(prefix(4 * 1024 * 1024 - 64), false).unwrap();
+        held.push(body);
+        refused.push(resp);
+        hog = hog.ready().await.unwrap();
+    }
+    // Wait until the hog has been refused past its half.
+    let mut hog_refused = 0;
+    for r in refused {
+        if let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_millis(500), r).await
+            && resp.headers().get("grpc-status").is_some_and(|v| v == "8")
+        {
+            hog_refused += 1;
+        }
+    }
+    // Another agency's 1 MB requests still fit.
+    let mut other = CitizensClient::new(
+        client::connect(gw.api, &env.certs(), Some("registry-hn"))
+            .await
+            .unwrap(),
+    )
+    .max_encoding_message_size(2 * 1024 * 1024);
+    let mut exhausted = 0;
+    for _ in 0..10 {
+        let r = other
+            .get_citizen(GetCitizenRequest {
+                personal_id: "0".repeat(1024 * 1024),
+                purpose: "IDENTITY_VERIFICATION".into(),
+            })
+            .await;
+        if matches!(&r, Err(e) if e.code() == Code::ResourceExhausted) {
+            exhausted += 1;
+        }
+    }
+    println!(
+        "body budget: the hog refused {hog_refused} of 16 streams; the other agency refused {exhausted} of 10"
+    );
+    assert!(hog_refused >= 12, "{hog_refused}");
+    assert_eq!(
+        exhausted, 0,
+        "another agency was refused for the hog's bytes"
+    );
+    drop(held);
 }

@@ -48,9 +48,31 @@ async fn revocation_on_sighup_refuses_new_connections_and_the_calls_of_open_ones
         .unwrap()
         .into_inner();
 
+    // A call whose headers and first bytes arrived before the reload, its body after.
+    let mut raw = common::raw_h2(gw.api, &certs, "population", None)
+        .await
+        .unwrap()
+        .ready()
+        .await
+        .unwrap();
+    let (pending, mut body) = raw
+        .send_request(
+            common::grpc_head("/civgate.v1.Exchange/GetEventStatus"),
+            false,
+        )
+        .unwrap();
+    body.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 8, 0x0a, 6]), false)
+        .unwrap();
+
     civgate::certs::revoke(&certs, "population").unwrap();
     gw.signal("HUP");
     gw.wait_log("configuration reloaded");
+
+    // Its body completes after the reload: refused, not served.
+    body.send_data(bytes::Bytes::from_static(b"e-0001"), true)
+        .unwrap();
+    let resp = pending.await.unwrap();
+    assert_eq!(resp.headers()["grpc-status"], "16", "{resp:?}");
 
     let err = client::probe_handshake(gw.api, &certs, Some("population"))
         .await
