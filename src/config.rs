@@ -213,6 +213,9 @@ pub struct ServerSection {
     /// At most this many of them from one source address (an IPv6 /64 counts as one), so one
     /// host cannot take the whole pool.
     pub max_pending_handshakes_per_source: usize,
+    /// New connections per second one source address may open (twice that at once); past it
+    /// they are closed before their handshake costs anything. 0 = no limit. Needs a restart.
+    pub new_connections_per_source_per_second: u32,
     /// Open connections in all (handshaking or serving). At the cap the gateway stops
     /// accepting until one closes: new clients wait in the kernel's queue instead of failing.
     pub max_connections: usize,
@@ -253,6 +256,7 @@ impl Default for ServerSection {
             first_bytes_timeout_ms: 1_000,
             max_pending_handshakes: 1_024,
             max_pending_handshakes_per_source: 64,
+            new_connections_per_source_per_second: 200,
             max_connections: 8_192,
             max_connections_per_agency: 1_024,
             shutdown_grace_ms: 10_000,

@@ -241,8 +241,18 @@ pub fn spawn(
     listener: TcpListener,
     settings: impl Fn() -> AcceptSettings + Send + 'static,
     max_connections: usize,
+    new_per_source_per_second: u32,
     mut shutdown: watch::Receiver<bool>,
 ) -> mpsc::Receiver<Result<TlsConn, io::Error>> {
+    // New connections per source address: a host opening and closing verified connections
+    // in a loop makes the gateway pay a handshake each time; this caps it before that cost.
+    let churn = std::num::NonZeroU32::new(new_per_source_per_second).map(|rate| {
+        let burst = rate.saturating_mul(std::num::NonZeroU32::new(2).unwrap_or(rate));
+        Arc::new(governor::DefaultKeyedRateLimiter::<String>::keyed(
+            governor::Quota::per_second(rate).allow_burst(burst),
+        ))
+    });
+    let mut churn_pruned = Instant::now();
     let (tx, rx) = mpsc::channel(64);
     let open = Arc::new(Semaphore::new(max_connections.max(1)));
     let open_count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -297,10 +307,19 @@ pub fn spawn(
                     s
                 }
             };
+            let source = source_key(remote.ip());
+            if let Some(limiter) = &churn {
+                if churn_pruned.elapsed() >= Duration::from_secs(10) {
+                    limiter.retain_recent();
+                    churn_pruned = Instant::now();
+                }
+                if limiter.check_key(&source).is_err() {
+                    telemetry::connection_refused("rate");
+                    continue; // dropping `tcp` closes it
+                }
+            }
             // One source may hold only its share of the pending handshakes.
-            let Some(from_source) =
-                sources.try_hold(source_key(remote.ip()), max_pending_per_source)
-            else {
+            let Some(from_source) = sources.try_hold(source, max_pending_per_source) else {
                 telemetry::connection_refused("per_source");
                 continue; // dropping `tcp` closes it
             };

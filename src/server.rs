@@ -353,6 +353,7 @@ pub async fn start(source: ConfigSource, overrides: Overrides) -> Result<Running
         api_listener,
         move || listener::AcceptSettings::of(&accept_state),
         max_connections,
+        server_cfg.new_connections_per_source_per_second,
         shutdown_rx.clone(),
     );
     let grace = Duration::from_millis(server_cfg.shutdown_grace_ms);

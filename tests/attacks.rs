@@ -762,3 +762,86 @@ async fn one_agency_cannot_take_the_whole_body_budget() {
     );
     drop(held);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_churning_verified_connections_is_held_to_its_connection_rate() {
+    let env = Env::new();
+    env.write_config(&config(&[(
+        "probes = { per_second = 20, burst = 40 }",
+        "probes = { per_second = 1000, burst = 1000 }",
+    )]));
+    let gw = env.spawn_binary();
+    let api = gw.api;
+    // 100 loops on one host, each completing a handshake with a valid certificate and
+    // closing at once.
+    let stop = Arc::new(AtomicBool::new(false));
+    let completed = Arc::new(AtomicUsize::new(0));
+    let certs = env.certs();
+    let read = |p: std::path::PathBuf| std::fs::read(p).unwrap();
+    let cfg = Arc::new(
+        civgate::tls::client_config(
+            &read(certs.join("ca.pem")),
+            Some((
+                &read(certs.join("clients/registry-hp.pem")),
+                &read(certs.join("clients/registry-hp.key")),
+            )),
+        )
+        .unwrap(),
+    );
+    let mut churn = Vec::new();
+    for _ in 0..100 {
+        let (stop, completed, cfg) = (stop.clone(), completed.clone(), cfg.clone());
+        churn.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let Ok(tcp) = common::tcp_from(api, Some("127.0.0.5".parse().unwrap())).await
+                else {
+                    tokio::task::yield_now().await;
+                    continue;
+                };
+                let tls = tokio_rustls::TlsConnector::from(cfg.clone())
+                    .connect("localhost".try_into().unwrap(), tcp)
+                    .await;
+                if tls.is_ok() {
+                    completed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    // Meanwhile a legitimate client opens a new connection for each of 30 health checks.
+    let mut ok = 0;
+    let started = Instant::now();
+    for _ in 0..30 {
+        let r = tokio::time::timeout(Duration::from_secs(5), async {
+            let ch = client::connect(api, &env.certs(), Some("registry-hn"))
+                .await
+                .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+            health(ch).await
+        })
+        .await;
+        if matches!(r, Ok(Ok(()))) {
+            ok += 1;
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let (_, metrics) = http_get(gw.admin, "/metrics");
+    let rate_refused = metric(
+        &metrics,
+        "civgate_connections_refused_total{reason=\"rate\"}",
+    );
+    let done = completed.load(Ordering::Relaxed);
+    println!(
+        "churn: {ok}/30 legitimate connections served in {secs:.1} s; the churning host completed {done} handshakes ({:.0}/s), {rate_refused} connections refused by rate",
+        done as f64 / secs
+    );
+    assert!(ok >= 29, "{ok} of 30");
+    assert!(rate_refused > 0.0);
+    // 200/s after a burst of 400, plus slack for timing.
+    assert!(
+        (done as f64) <= 400.0 + 200.0 * secs * 1.2 + 50.0,
+        "{done} in {secs:.1} s"
+    );
+    for c in churn {
+        c.abort();
+    }
+}

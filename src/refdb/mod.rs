@@ -175,6 +175,7 @@ pub async fn start(config: &Config, o: RefdbOverrides) -> Result<RunningRefdb> {
             max_per_agency: usize::MAX,
         },
         usize::MAX >> 4,
+        0,
         rx.clone(),
     );
     let allowed = OnlyAllowed(Arc::new(section.allowed_agencies.clone()));
