@@ -1,0 +1,364 @@
+//! The journal on SQLite: its tables in the store file `civgate.sqlite` (beside the audit log),
+//! one writer connection (the only writer of the file), a read-only pool, and the upgrades of
+//! what earlier releases stored there.
+
+use std::{collections::HashMap, path::Path, time::Duration};
+
+use anyhow::{Context, Result};
+use sqlx::{Connection, SqliteConnection, sqlite::SqlitePoolOptions};
+
+use super::legacy::adopt_legacy;
+use super::read::{EventRow, page_rows};
+use super::writer::{
+    ACK_SQL, Dialect, EVENT_COLUMNS, Job, Known, Outcome, Plan, REJECT_SQL, Written, audit_records,
+    known_keys, placed, plan, prune_topics,
+};
+use super::{Holder, Journal, JournalError, TOPICS};
+use crate::audit::{AuditTail, merkle::CompactRange, subjects::BlockEntry};
+use crate::policy::Policy;
+use crate::store::Reader;
+
+/// The writer's end: the one connection that writes the store file.
+pub(super) struct Sqlite {
+    pub(super) conn: SqliteConnection,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS journal_events (
+    topic TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    event_id TEXT NOT NULL UNIQUE,
+    producer TEXT NOT NULL,
+    idempotency_key TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    payload_hash BLOB NOT NULL,
+    recorded_at_ms INTEGER NOT NULL,
+    audience TEXT,
+    PRIMARY KEY (topic, seq)
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX IF NOT EXISTS journal_idempotency ON journal_events (producer, idempotency_key);
+CREATE TABLE IF NOT EXISTS journal_rejections (
+    topic TEXT NOT NULL,
+    agency TEXT NOT NULL,
+    grp TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    at_ms INTEGER NOT NULL,
+    PRIMARY KEY (topic, seq, agency, grp)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS journal_heads (
+    topic TEXT PRIMARY KEY,
+    head INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS journal_groups (
+    topic TEXT NOT NULL,
+    agency TEXT NOT NULL,
+    grp TEXT NOT NULL,
+    acked INTEGER NOT NULL,
+    PRIMARY KEY (topic, agency, grp)
+) WITHOUT ROWID;
+";
+
+/// Population events stored by an earlier release, without an audience (empty once they have
+/// been given one at open: new population events always have one).
+const UNADDRESSED_INDEX: &str = "CREATE INDEX IF NOT EXISTS journal_unaddressed ON journal_events (seq) \
+     WHERE topic = 'population' AND audience IS NULL";
+
+/// SQLite: a store of the release before consumer groups had owners. Groups and rejections get
+/// an `agency` column ('' until [`adopt_legacy`] assigns them) in their key; events an
+/// `audience`.
+const SQLITE_OWNED_GROUPS: &str = "
+CREATE TABLE journal_groups_owned (
+    topic TEXT NOT NULL,
+    agency TEXT NOT NULL,
+    grp TEXT NOT NULL,
+    acked INTEGER NOT NULL,
+    PRIMARY KEY (topic, agency, grp)
+) WITHOUT ROWID;
+INSERT INTO journal_groups_owned (topic, agency, grp, acked) SELECT topic, '', grp, acked FROM journal_groups;
+DROP TABLE journal_groups;
+ALTER TABLE journal_groups_owned RENAME TO journal_groups;
+";
+const SQLITE_OWNED_REJECTIONS: &str = "
+CREATE TABLE journal_rejections_owned (
+    topic TEXT NOT NULL,
+    agency TEXT NOT NULL,
+    grp TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    at_ms INTEGER NOT NULL,
+    PRIMARY KEY (topic, seq, agency, grp)
+) WITHOUT ROWID;
+INSERT INTO journal_rejections_owned (topic, agency, grp, seq, reason, at_ms) SELECT topic, '', grp, seq, reason, at_ms FROM journal_rejections;
+DROP TABLE journal_rejections;
+ALTER TABLE journal_rejections_owned RENAME TO journal_rejections;
+";
+/// Opens the journal in `dir/civgate.sqlite` (see [`Journal::open`]).
+pub(super) async fn open(
+    dir: &Path,
+    retention: Option<Duration>,
+    audit: Option<AuditTail>,
+    policy: &Policy,
+) -> Result<Journal> {
+    crate::sqlite::adopt_legacy_audit(dir).await?;
+    crate::sqlite::prepare_dir(dir)?;
+    let path = crate::sqlite::store_path(dir);
+    let mut conn =
+        SqliteConnection::connect_with(&crate::sqlite::options(&path, Duration::from_secs(2))?)
+            .await
+            .with_context(|| format!("opening {}", path.display()))?;
+    {
+        // The audit log's writer may be writing this file already.
+        let _writing = AuditTail::lock_if(audit.as_ref()).await;
+        sqlx::raw_sql(SCHEMA).execute(&mut conn).await?;
+        adopt_legacy_journal(dir, &mut conn).await?;
+        let mut tx = conn.begin().await?;
+        upgrade_sqlite(&mut tx).await?;
+        adopt_legacy!(&mut *tx, policy).await?;
+        tx.commit().await?;
+    }
+    let reader = SqlitePoolOptions::new()
+        .max_connections(4)
+        .connect_with(crate::sqlite::options(&path, Duration::from_secs(2))?.read_only(true))
+        .await?;
+    let mut last = HashMap::new();
+    for t in TOPICS {
+        // The stored head survives retention deleting every event of a topic.
+        let max: Option<i64> = sqlx::query_scalar(
+            "SELECT max(h) FROM (SELECT max(seq) AS h FROM journal_events WHERE topic = $1 \
+                 UNION ALL SELECT head FROM journal_heads WHERE topic = $1)",
+        )
+        .bind(t)
+        .fetch_one(&mut conn)
+        .await?;
+        last.insert(t, max.unwrap_or(0) as u64);
+    }
+    Ok(Journal::start(
+        Reader::Sqlite(reader),
+        Sqlite { conn },
+        last,
+        retention,
+        audit,
+    ))
+}
+
+/// SQLite: the same page as one JSON array of `[seq, event_id, producer, hex(payload) or null,
+/// recorded_at_ms]` (`[]` for an empty page).
+pub(super) fn page(scope: usize) -> String {
+    // hex(NULL) is '', so a NULL payload (too large for the page) is kept NULL.
+    format!(
+        "SELECT json_group_array(json_array(seq, event_id, producer, \
+           CASE WHEN payload IS NULL THEN NULL ELSE hex(payload) END, recorded_at_ms)) FROM ({})",
+        page_rows(false, scope)
+    )
+}
+
+/// The rows of a [`sqlite_page`], in sequence order (an aggregate's input order is not
+/// promised, so it is restored here).
+pub(super) fn parse_page(page: &str) -> Result<Vec<EventRow>, JournalError> {
+    let bad = |what: &dyn std::fmt::Display| JournalError::Read(format!("journal page: {what}"));
+    let rows: Vec<(i64, String, String, Option<String>, i64)> =
+        serde_json::from_str(page).map_err(|e| bad(&e))?;
+    let mut out = rows
+        .into_iter()
+        .map(|(seq, id, producer, payload, at)| {
+            let payload = payload
+                .map(|p| hex::decode(p).map_err(|e| bad(&e)))
+                .transpose()?;
+            Ok((seq, id, producer, payload, at))
+        })
+        .collect::<Result<Vec<_>, JournalError>>()?;
+    out.sort_by_key(|r| r.0);
+    Ok(out)
+}
+impl Dialect for Sqlite {
+    /// The common case — no idempotency key of the batch has been seen before — is one
+    /// round trip: sequences are assigned and everything is written in one transaction. A
+    /// retried key makes that insert fail on the idempotency index; the batch is then rolled
+    /// back, the keys are looked up, and the batch is planned again knowing them.
+    async fn write(
+        &mut self,
+        last: &mut HashMap<&'static str, u64>,
+        batch: &[Job],
+        now: i64,
+        mut range: Option<&mut CompactRange>,
+    ) -> Result<Written> {
+        let conn = &mut self.conn;
+        let before = last.clone();
+        let range_before = range.as_deref().cloned();
+        let first = plan(last, batch, Known::new(), now);
+        let mut b = first.sqlite()?;
+        let (indexes, entries) =
+            stage_audit_sqlite(&mut b, batch, &first.outcomes, range.as_deref_mut())?;
+        match b.commit(conn).await {
+            Ok(()) => return Ok((first.outcomes, indexes, entries)),
+            Err(e) if crate::sqlite::is_unique_violation(&e) => {
+                *last = before;
+                if let (Some(r), Some(b)) = (range.as_deref_mut(), range_before) {
+                    *r = b;
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let known = known_keys!(conn, batch).await?;
+        let second = plan(last, batch, known, now);
+        let mut b = second.sqlite()?;
+        let (indexes, entries) = stage_audit_sqlite(&mut b, batch, &second.outcomes, range)?;
+        b.commit(conn).await?;
+        Ok((second.outcomes, indexes, entries))
+    }
+
+    /// Records each topic's head in `journal_heads`, then deletes what no holder needs
+    /// ([`prune_topics`]), in one transaction. A commit writes no head row (its events are
+    /// the head), so the row must be there before retention can delete a topic's last events.
+    async fn prune(&mut self, cutoff: i64, holders: &[Holder]) -> Result<u64> {
+        let mut tx = self.conn.begin().await?;
+        sqlx::query(
+            "INSERT INTO journal_heads (topic, head) SELECT topic, max(seq) FROM journal_events \
+         WHERE true GROUP BY topic \
+         ON CONFLICT (topic) DO UPDATE SET head = max(head, excluded.head)",
+        )
+        .execute(&mut *tx)
+        .await?;
+        let deleted = prune_topics!(&mut *tx, false, cutoff, holders).await?;
+        tx.commit().await?;
+        Ok(deleted)
+    }
+}
+
+/// SQLite: adds the audit records of the batch's publishes to `b` (given the audit log's right
+/// edge); each job's audit index, and the entries staged.
+fn stage_audit_sqlite(
+    b: &mut crate::sqlite::Batch,
+    batch: &[Job],
+    outcomes: &[Outcome],
+    range: Option<&mut CompactRange>,
+) -> Result<(Vec<Option<u64>>, Vec<BlockEntry>)> {
+    let (records, at) = audit_records(batch, outcomes);
+    match range {
+        Some(range) if !records.is_empty() => {
+            let entries = records.iter().map(BlockEntry::of).collect();
+            let first = crate::audit::log::stage_sqlite(b, range, records)?;
+            Ok((placed(batch.len(), first, at), entries))
+        }
+        _ => Ok((vec![None; batch.len()], Vec::new())),
+    }
+}
+
+/// SQLite: adds what this release stores to an earlier release's tables (in the caller's
+/// transaction): events' `audience`, groups' and rejections' owning `agency` (`''` until
+/// [`adopt_legacy`] assigns it), and the index of events still without an audience.
+async fn upgrade_sqlite(conn: &mut SqliteConnection) -> Result<()> {
+    async fn has(conn: &mut SqliteConnection, table: &str, column: &str) -> Result<bool> {
+        let n: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM pragma_table_info($1) WHERE name = $2")
+                .bind(table)
+                .bind(column)
+                .fetch_one(&mut *conn)
+                .await?;
+        Ok(n > 0)
+    }
+    if !has(conn, "journal_events", "audience").await? {
+        sqlx::raw_sql("ALTER TABLE journal_events ADD COLUMN audience TEXT")
+            .execute(&mut *conn)
+            .await?;
+    }
+    if !has(conn, "journal_groups", "agency").await? {
+        sqlx::raw_sql(SQLITE_OWNED_GROUPS)
+            .execute(&mut *conn)
+            .await?;
+    }
+    if !has(conn, "journal_rejections", "agency").await? {
+        sqlx::raw_sql(SQLITE_OWNED_REJECTIONS)
+            .execute(&mut *conn)
+            .await?;
+    }
+    sqlx::raw_sql(UNADDRESSED_INDEX).execute(&mut *conn).await?;
+    Ok(())
+}
+
+/// Before the journal and the audit log shared `civgate.sqlite`, the journal lived in
+/// `journal.sqlite`. Its rows are copied into the store file in one transaction (a copy cut
+/// short by a crash is simply done again: every insert skips what is there), then the old file
+/// is renamed `journal.sqlite.migrated`.
+async fn adopt_legacy_journal(dir: &Path, conn: &mut SqliteConnection) -> Result<()> {
+    let old = dir.join("journal.sqlite");
+    if !old.exists() {
+        return Ok(());
+    }
+    crate::sqlite::settle(&old).await?;
+    sqlx::query("ATTACH DATABASE $1 AS legacy")
+        .bind(old.to_string_lossy().into_owned())
+        .execute(&mut *conn)
+        .await
+        .with_context(|| format!("attaching {}", old.display()))?;
+    let mut copy = crate::sqlite::Batch::new();
+    copy.statement(
+        "INSERT OR IGNORE INTO journal_events (topic, seq, event_id, producer, idempotency_key, payload, payload_hash, recorded_at_ms) \
+         SELECT topic, seq, event_id, producer, idempotency_key, payload, payload_hash, recorded_at_ms FROM legacy.journal_events",
+    )
+    .statement(
+        // Without owners, like every group of that release (`adopt_legacy` assigns them).
+        "INSERT OR IGNORE INTO journal_rejections (topic, agency, grp, seq, reason, at_ms) \
+         SELECT topic, '', grp, seq, reason, at_ms FROM legacy.journal_rejections",
+    )
+    .statement(
+        "INSERT INTO journal_heads (topic, head) SELECT topic, head FROM legacy.journal_heads WHERE true \
+         ON CONFLICT (topic) DO UPDATE SET head = max(head, excluded.head)",
+    )
+    .statement(
+        "INSERT INTO journal_groups (topic, agency, grp, acked) SELECT topic, '', grp, acked FROM legacy.journal_groups WHERE true \
+         ON CONFLICT (topic, agency, grp) DO UPDATE SET acked = max(acked, excluded.acked)",
+    );
+    // One transaction, rolled back whole if any statement fails.
+    let copied = copy.commit(&mut *conn).await;
+    let detached = sqlx::raw_sql("DETACH DATABASE legacy")
+        .execute(&mut *conn)
+        .await;
+    copied.with_context(|| format!("copying the journal from {}", old.display()))?;
+    detached?;
+    let moved = dir.join("journal.sqlite.migrated");
+    std::fs::rename(&old, &moved)
+        .with_context(|| format!("renaming {} to {}", old.display(), moved.display()))?;
+    tracing::info!(from = %old.display(), "journal moved into the store file");
+    Ok(())
+}
+
+impl Plan<'_> {
+    /// The batch as one SQLite script (`?` placeholders, bound in order across statements).
+    fn sqlite(&self) -> Result<crate::sqlite::Batch, sqlx::Error> {
+        use crate::sqlite::anonymous as q;
+        let mut b = crate::sqlite::Batch::new();
+        for (topic, group, seq) in &self.acks {
+            b.statement(&q(ACK_SQL));
+            b.bind(*topic)?
+                .bind(group.agency.as_str())?
+                .bind(group.name.as_str())?
+                .bind(*seq as i64)?;
+        }
+        for (topic, group, seq, reason) in &self.rejects {
+            b.statement(&q(REJECT_SQL));
+            b.bind(*topic)?
+                .bind(group.agency.as_str())?
+                .bind(group.name.as_str())?
+                .bind(*seq as i64)?
+                .bind(*reason)?
+                .bind(self.now)?;
+        }
+        b.insert_rows(EVENT_COLUMNS, 9, &self.rows, |b, r| {
+            b.bind(r.topic)?
+                .bind(r.seq as i64)?
+                .bind(r.event_id.as_str())?
+                .bind(r.producer)?
+                .bind(r.key)?
+                .bind(r.payload)?
+                .bind(r.hash.as_slice())?
+                .bind(self.now)?
+                .bind(r.audience)?;
+            Ok(())
+        })?;
+        // No `journal_heads` row: on SQLite a topic's head is its highest stored sequence, and
+        // retention records the heads before it deletes (`prune_sqlite`).
+        Ok(b)
+    }
+}

@@ -1,0 +1,513 @@
+//! The journal's tests on both stores (PostgreSQL ones skip without a test database, unless
+//! `CIVGATE_REQUIRE_POSTGRES` is set).
+
+mod audited;
+
+#[test]
+fn store_errors_are_logged_not_sent() {
+    let inner = "permission denied for table journal_events";
+    for e in [
+        JournalError::NotDurable(inner.into()),
+        JournalError::Read(inner.into()),
+    ] {
+        let status = tonic::Status::from(e);
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert!(!status.message().contains("journal_events"), "{status:?}");
+    }
+    let conflict = tonic::Status::from(JournalError::Conflict("e-1".into()));
+    assert!(conflict.message().contains("e-1"));
+}
+use std::path::Path;
+
+use sqlx::{Connection, SqliteConnection};
+
+use super::sqlite::parse_page;
+use super::writer::Dialect;
+use super::*;
+
+/// A journal in `dir` without an audit log, policy or retention.
+async fn open_sqlite_at(dir: &Path) -> Journal {
+    Journal::open(&Store::Sqlite(dir.into()), None, None, &Policy::default())
+        .await
+        .unwrap()
+}
+
+/// Three journals on one PostgreSQL schema — three replicas — publishing concurrently:
+/// each topic's sequences are gap-free, every receipt is readable, a subscriber-side head
+/// on one replica follows what the others commit, and retries return the original receipt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_on_postgres_keep_one_gap_free_order() {
+    let Some(url) = crate::store::test_schema("journal_replicas").await else {
+        return;
+    };
+    let store = Store::Postgres { url, pool_max: 4 };
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        replicas.push(
+            Journal::open(&store, None, None, &Policy::default())
+                .await
+                .unwrap(),
+        );
+    }
+    let mut head_on_c = replicas[2].head(POPULATION).unwrap();
+    let mut tasks = Vec::new();
+    for (r, j) in replicas.iter().take(2).enumerate() {
+        for p in 0..4 {
+            let j = j.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut receipts = Vec::new();
+                for i in 0..50u8 {
+                    let key = format!("r{r}-p{p}-{i}");
+                    receipts.push(
+                        j.publish("population", &key, POPULATION, vec![r as u8, p, i])
+                            .await
+                            .unwrap(),
+                    );
+                }
+                receipts
+            }));
+        }
+    }
+    let mut seqs = Vec::new();
+    for t in tasks {
+        seqs.extend(t.await.unwrap().into_iter().map(|r| r.sequence));
+    }
+    seqs.sort_unstable();
+    assert_eq!(
+        seqs,
+        (1..=400).collect::<Vec<u64>>(),
+        "gap-free, no duplicates"
+    );
+    // Replica C published nothing, yet its head reaches 400 (NOTIFY, or the 1 s re-read).
+    tokio::time::timeout(Duration::from_secs(5), head_on_c.wait_for(|h| *h >= 400))
+        .await
+        .expect("head on the third replica within 5 s")
+        .unwrap();
+    let read = replicas[2]
+        .read(POPULATION, 1, 400, 1000, None)
+        .await
+        .unwrap()
+        .events;
+    assert_eq!(read.len(), 400);
+    assert!(read.windows(2).all(|w| w[1].seq == w[0].seq + 1));
+    // A retry through another replica gets the original receipt; another payload conflicts.
+    let first = &read[0];
+    let key = format!(
+        "r{}-p{}-{}",
+        first.payload[0], first.payload[1], first.payload[2]
+    );
+    let again = replicas[2]
+        .publish("population", &key, POPULATION, first.payload.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        (again.sequence, again.event_id.as_str()),
+        (1, first.event_id.as_str())
+    );
+    assert!(matches!(
+        replicas[1]
+            .publish("population", &key, POPULATION, vec![9, 9])
+            .await,
+        Err(JournalError::Conflict(_))
+    ));
+    // Acks through one replica reach another's watchers.
+    let mut acked_on_a = replicas[0]
+        .acked(POPULATION, &Group::new("a", "g"))
+        .await
+        .unwrap();
+    replicas[1]
+        .ack(POPULATION, &Group::new("a", "g"), 17)
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), acked_on_a.wait_for(|a| *a >= 17))
+        .await
+        .expect("ack seen on the other replica")
+        .unwrap();
+    let status = replicas[0]
+        .status(&read[5].event_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        status.groups,
+        vec![(Group::new("a", "g"), GroupState::Acknowledged)]
+    );
+    drop(replicas);
+    if let Store::Postgres { url, .. } = &store {
+        crate::store::drop_test_schema(url).await;
+    }
+}
+
+/// Pages come back from SQLite as one JSON row: every payload byte survives, pages hold
+/// the range asked for in sequence order and no more than the limit, and an empty range
+/// is an empty page.
+/// A subscriber's scope selects the events whose audience holds one of its tokens; a page
+/// says how far it looked, also when it found nothing or filled up.
+async fn scoped_pages_select_by_audience(store: Store) {
+    let j = Journal::open(&store, None, None, &Policy::default())
+        .await
+        .unwrap();
+    let audiences = [
+        Some(" p:031 "),
+        Some(" a:registry-hn "),
+        Some(" p:001 p:031 "),
+        Some(" p:001 "),
+        None,
+        Some(" a:registry-hp "),
+        Some(" p:048 "),
+    ];
+    for (i, a) in audiences.iter().enumerate() {
+        j.publish_audited(
+            "population",
+            &format!("k{i}"),
+            POPULATION,
+            vec![i as u8],
+            a.map(str::to_owned),
+            None,
+        )
+        .await
+        .result
+        .unwrap();
+    }
+    let hp: Vec<String> = vec![" a:registry-hp ".into(), " p:031 ".into()];
+    let hn: Vec<String> = vec![" a:registry-hn ".into(), " p:001 ".into()];
+    let seqs = |p: &Page| p.events.iter().map(|e| e.seq).collect::<Vec<_>>();
+    let all = j.read(POPULATION, 1, 7, 256, Some(&hp)).await.unwrap();
+    assert_eq!((seqs(&all), all.scanned_to), (vec![1, 3, 6], 7));
+    let all = j.read(POPULATION, 1, 7, 256, Some(&hn)).await.unwrap();
+    assert_eq!((seqs(&all), all.scanned_to), (vec![2, 3, 4], 7));
+    // Full at two: looked as far as the second.
+    let two = j.read(POPULATION, 1, 7, 2, Some(&hp)).await.unwrap();
+    assert_eq!((seqs(&two), two.scanned_to), (vec![1, 3], 3));
+    let rest = j.read(POPULATION, 4, 7, 2, Some(&hp)).await.unwrap();
+    assert_eq!((seqs(&rest), rest.scanned_to), (vec![6], 7));
+    let none = j.read(POPULATION, 7, 7, 2, Some(&hp)).await.unwrap();
+    assert_eq!((seqs(&none), none.scanned_to), (vec![], 7));
+    // The backlog counts what the scope selects after the acknowledged sequence.
+    assert_eq!(j.backlog(POPULATION, 1, Some(&hp)).await.unwrap().0, 2);
+    assert_eq!(j.backlog(POPULATION, 0, None).await.unwrap().0, 7);
+    // Stored audiences come back with the event.
+    let id = &all.events[0].event_id;
+    let found = j.find(id).await.unwrap().unwrap();
+    assert_eq!(found.audience.as_deref(), Some(" a:registry-hn "));
+    assert_eq!(j.audience_at(POPULATION, 5).await.unwrap(), Some(None));
+    assert_eq!(j.audience_at(POPULATION, 9).await.unwrap(), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scoped_pages_select_by_audience_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    scoped_pages_select_by_audience(Store::Sqlite(dir.path().into())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scoped_pages_select_by_audience_on_postgres() {
+    crate::store::with_test_postgres("scoped_pages", scoped_pages_select_by_audience).await;
+}
+
+/// Retention deletes an event only once every holder it is addressed to acknowledged it:
+/// a holder that never acknowledged keeps what is addressed to it, another's ack does not
+/// stand in for it, and an event addressed to no holder is kept.
+async fn retention_waits_for_every_holder_an_event_is_addressed_to(store: Store) {
+    let j = Journal::open(&store, None, None, &Policy::default())
+        .await
+        .unwrap();
+    for (i, a) in [
+        " p:031 ",
+        " p:001 ",
+        " a:registry-hp ",
+        " p:001 p:031 ",
+        " p:048 ",
+    ]
+    .iter()
+    .enumerate()
+    {
+        j.publish_audited(
+            "population",
+            &format!("k{i}"),
+            POPULATION,
+            vec![i as u8],
+            Some((*a).to_owned()),
+            None,
+        )
+        .await
+        .result
+        .unwrap();
+    }
+    let holder = |agency: &str, province: &str| Holder {
+        topic: POPULATION,
+        group: Group::new(agency, agency),
+        scope: Some(vec![format!(" a:{agency} "), format!(" p:{province} ")]),
+    };
+    let holders = [holder("registry-hp", "031"), holder("registry-hn", "001")];
+    j.ack(POPULATION, &Group::new("registry-hp", "registry-hp"), 4)
+        .await
+        .unwrap();
+    // Another agency's group of the same name holds nothing back.
+    j.ack(POPULATION, &Group::new("registry-hp", "registry-hn"), 5)
+        .await
+        .unwrap();
+    let prune = async |holders: &[Holder]| -> u64 {
+        match &store {
+            Store::Sqlite(dir) => {
+                let conn = SqliteConnection::connect(&format!(
+                    "sqlite://{}",
+                    crate::sqlite::store_path(dir).display()
+                ))
+                .await
+                .unwrap();
+                let mut w = super::sqlite::Sqlite { conn };
+                w.prune(i64::MAX, holders).await.unwrap()
+            }
+            Store::Postgres { url, .. } => {
+                let pool = crate::store::pg_pool(url, 1, Duration::from_secs(5))
+                    .await
+                    .unwrap();
+                let mut w = super::postgres::Pg { pool };
+                w.prune(i64::MAX, holders).await.unwrap()
+            }
+        }
+    };
+    let stored = async || -> Vec<u64> {
+        let mut v = Vec::new();
+        for seq in 1..=5 {
+            if j.audience_at(POPULATION, seq).await.unwrap().is_some() {
+                v.push(seq);
+            }
+        }
+        v
+    };
+    assert_eq!(prune(&holders).await, 2);
+    assert_eq!(
+        stored().await,
+        [2, 4, 5],
+        "registry-hn never acknowledged; nobody covers 048"
+    );
+    j.ack(POPULATION, &Group::new("registry-hn", "registry-hn"), 2)
+        .await
+        .unwrap();
+    assert_eq!(prune(&holders).await, 1);
+    assert_eq!(stored().await, [4, 5]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_waits_for_every_holder_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    retention_waits_for_every_holder_an_event_is_addressed_to(Store::Sqlite(dir.path().into()))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_waits_for_every_holder_on_postgres() {
+    crate::store::with_test_postgres(
+        "retention_holders",
+        retention_waits_for_every_holder_an_event_is_addressed_to,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_pages_return_exact_payloads_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = open_sqlite_at(dir.path()).await;
+    // Every byte value, an empty-ish and a 64 KiB payload among them.
+    let payloads: Vec<Vec<u8>> = (0..300u32)
+        .map(|i| match i {
+            0 => (0..=255).collect(),
+            1 => vec![0],
+            2 => vec![0xab; 64 << 10],
+            _ => i.to_be_bytes().to_vec(),
+        })
+        .collect();
+    let mut receipts = Vec::new();
+    for (i, p) in payloads.iter().enumerate() {
+        receipts.push(
+            j.publish("population", &format!("k{i}"), POPULATION, p.clone())
+                .await
+                .unwrap(),
+        );
+    }
+    let page = j.read(POPULATION, 1, 300, 256, None).await.unwrap();
+    assert_eq!((page.events.len(), page.scanned_to), (256, 256));
+    for (e, (p, r)) in page.events.iter().zip(payloads.iter().zip(&receipts)) {
+        assert_eq!(
+            (e.seq, &e.event_id, &e.payload),
+            (r.sequence, &r.event_id, p)
+        );
+        assert_eq!(
+            (e.producer.as_str(), e.recorded_at_ms),
+            ("population", r.recorded_at_ms)
+        );
+    }
+    let rest = j.read(POPULATION, 257, 280, 256, None).await.unwrap();
+    assert_eq!(
+        rest.events.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        (257..=280).collect::<Vec<_>>()
+    );
+    assert_eq!(rest.scanned_to, 280);
+    let none = j.read(POPULATION, 301, 400, 256, None).await.unwrap();
+    assert!(none.events.is_empty() && none.scanned_to == 400);
+    assert!(
+        j.read(CIVIL_STATUS, 1, 10, 256, None)
+            .await
+            .unwrap()
+            .events
+            .is_empty()
+    );
+}
+
+/// A page stops before the event that would start past `PAGE_BYTES` of payloads — the
+/// first event always comes, however large — and the next read goes on from there.
+async fn pages_are_bounded_by_bytes(store: Store) {
+    let j = Journal::open(&store, None, None, &Policy::default())
+        .await
+        .unwrap();
+    let mib = 1 << 20;
+    // Sizes in MiB; sequences 1..=7.
+    let sizes = [1, 2, 1, 5, 0, 3, 2];
+    for (i, n) in sizes.iter().enumerate() {
+        let payload = vec![i as u8; n * mib + 1];
+        j.publish("population", &format!("big{i}"), POPULATION, payload)
+            .await
+            .unwrap();
+    }
+    let mut pages = Vec::new();
+    let mut next = 1;
+    while next <= 7 {
+        let page = j.read(POPULATION, next, 7, 256, None).await.unwrap();
+        for (e, want) in page.events.iter().zip(next..) {
+            assert_eq!(e.seq, want);
+            let i = (want - 1) as usize;
+            let want = vec![i as u8; sizes[i] * mib + 1];
+            // Not assert_eq!: a failure would print megabytes.
+            assert!(
+                e.payload == want,
+                "event {}: {} bytes",
+                e.seq,
+                e.payload.len()
+            );
+        }
+        next += page.events.len() as u64;
+        pages.push(page.events.iter().map(|e| e.seq).collect::<Vec<_>>());
+    }
+    // 1+2+1 MiB (and 3 bytes) pass 4 MiB only with the third; 5 MiB alone; 0+3 MiB, then 2.
+    assert_eq!(pages, [vec![1, 2, 3], vec![4], vec![5, 6, 7]]);
+    // The event count still limits.
+    assert_eq!(
+        j.read(POPULATION, 5, 7, 2, None)
+            .await
+            .unwrap()
+            .events
+            .len(),
+        2
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_are_bounded_by_bytes_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    pages_are_bounded_by_bytes(Store::Sqlite(dir.path().into())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_are_bounded_by_bytes_on_postgres() {
+    crate::store::with_test_postgres("journal_page_bytes", pages_are_bounded_by_bytes).await;
+}
+
+#[test]
+fn a_page_is_put_back_in_sequence_order_and_bad_pages_are_errors() {
+    let rows = parse_page(
+        r#"[[3,"c","p","0aff",30],[1,"a","p","",10],[4,"d","p",null,40],[2,"b","q","00",20]]"#,
+    )
+    .unwrap();
+    assert_eq!(
+        rows,
+        [
+            (1, "a".into(), "p".into(), Some(vec![]), 10),
+            (2, "b".into(), "q".into(), Some(vec![0]), 20),
+            (3, "c".into(), "p".into(), Some(vec![0x0a, 0xff]), 30),
+            // Too large to come with the page.
+            (4, "d".into(), "p".into(), None, 40),
+        ]
+    );
+    assert!(parse_page("[]").unwrap().is_empty());
+    for bad in [
+        r#"[[1,"a","p","0g",1]]"#,
+        r#"[[1,"a","p"]]"#,
+        "{",
+        r#"[[1,"a","p","abc",1]]"#,
+    ] {
+        assert!(
+            matches!(parse_page(bad), Err(JournalError::Read(_))),
+            "{bad}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_ack_and_retention_keep_what_a_group_still_needs() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = open_sqlite_at(dir.path()).await;
+    for i in 0..5 {
+        let r = j
+            .publish("population", &format!("k{i}"), POPULATION, vec![i])
+            .await
+            .unwrap();
+        assert_eq!(r.sequence, u64::from(i) + 1);
+    }
+    j.ack(POPULATION, &Group::new("a", "a"), 4).await.unwrap();
+    j.ack(POPULATION, &Group::new("a", "b"), 2).await.unwrap();
+    let mut w = super::sqlite::Sqlite {
+        conn: SqliteConnection::connect(&format!(
+            "sqlite://{}",
+            crate::sqlite::store_path(dir.path()).display()
+        ))
+        .await
+        .unwrap(),
+    };
+    // Both groups read every event of the topic; retention waits for both.
+    let holders: Vec<Holder> = ["a", "b"]
+        .iter()
+        .map(|g| Holder {
+            topic: POPULATION,
+            group: Group::new("a", g),
+            scope: None,
+        })
+        .collect();
+    // Without holders, a topic keeps everything.
+    assert_eq!(w.prune(i64::MAX, &[]).await.unwrap(), 0);
+    // Everything is old enough; only what both groups acknowledged goes.
+    let deleted = w.prune(i64::MAX, &holders).await.unwrap();
+    assert_eq!(deleted, 2);
+    let left: Vec<i64> = sqlx::query_scalar("SELECT seq FROM journal_events ORDER BY seq")
+        .fetch_all(&mut w.conn)
+        .await
+        .unwrap();
+    assert_eq!(left, vec![3, 4, 5]);
+    // Nothing is deleted before it is old enough.
+    assert_eq!(w.prune(0, &holders).await.unwrap(), 0);
+    // New events continue the sequence.
+    assert_eq!(
+        j.publish("population", "k9", POPULATION, vec![9])
+            .await
+            .unwrap()
+            .sequence,
+        6
+    );
+    // ...also after retention removed every event and a restart.
+    j.ack(POPULATION, &Group::new("a", "a"), 6).await.unwrap();
+    j.ack(POPULATION, &Group::new("a", "b"), 6).await.unwrap();
+    assert_eq!(w.prune(i64::MAX, &holders).await.unwrap(), 4);
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM journal_events")
+        .fetch_one(&mut w.conn)
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+    drop(j);
+    let j = open_sqlite_at(dir.path()).await;
+    let r = j
+        .publish("population", "k10", POPULATION, vec![10])
+        .await
+        .unwrap();
+    assert_eq!(r.sequence, 7);
+}

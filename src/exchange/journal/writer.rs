@@ -1,0 +1,514 @@
+//! The writer task: one per journal, the only one to assign sequences. It takes the jobs
+//! waiting, plans them as one batch ([`plan`]: sequences, idempotent retries, conflicts) and
+//! has the store's [`Dialect`] commit the batch, with the audit records of the calls that
+//! carry one, in one transaction.
+
+use std::{collections::HashMap, time::Duration};
+
+use anyhow::Result;
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, oneshot};
+use tracing::error;
+
+use super::read::scope_expr;
+use super::{Group, Holder, Journal, JournalError, Published, Receipt};
+use crate::audit::{AuditTail, Draft, merkle::CompactRange, subjects::BlockEntry};
+use crate::pb::v1::AuditRecord;
+use crate::store::drain;
+
+/// What the writer needs of a store, one implementation per dialect (`sqlite.rs`,
+/// `postgres.rs`).
+pub(super) trait Dialect: Send + 'static {
+    /// Commits one batch in one transaction — with the audit records of its jobs that carry a
+    /// draft when `range` (the audit log's right edge, locked) is given — continuing the
+    /// sequences of `last` (the caller restores `last` and `range` if this fails). Returns
+    /// each job's outcome and audit index, and the audit entries appended.
+    fn write(
+        &mut self,
+        last: &mut HashMap<&'static str, u64>,
+        batch: &[Job],
+        now: i64,
+        range: Option<&mut CompactRange>,
+    ) -> impl Future<Output = Result<Written>> + Send;
+
+    /// Deletes, in one transaction, what retention may delete ([`prune_sql`]) for `holders`.
+    fn prune(
+        &mut self,
+        cutoff: i64,
+        holders: &[Holder],
+    ) -> impl Future<Output = Result<u64>> + Send;
+}
+
+/// Retention of one topic: events recorded before `$2`, addressed to at least one holder, that
+/// no holder still needs. Holder `i` binds its acknowledged sequence and then its scope's
+/// tokens (`scopes[i]` of them; none: it reads every event of the topic); it needs an event
+/// after its acknowledgement that is addressed to it. An event addressed to no holder (a
+/// province no registry covers now, say while an agency is out of the config) is kept, and so
+/// is a population event without an audience (`instr` of NULL).
+pub(super) fn prune_sql(pg: bool, scopes: &[usize]) -> String {
+    let mut n = 3;
+    let mut needed = Vec::with_capacity(scopes.len());
+    let mut addressed_any = Vec::with_capacity(scopes.len());
+    for &k in scopes {
+        let addressed = if k == 0 {
+            "TRUE".to_owned()
+        } else {
+            scope_expr(pg, k, n + 1)
+        };
+        needed.push(format!("(seq > ${n} AND {addressed})"));
+        addressed_any.push(addressed);
+        n += 1 + k;
+    }
+    format!(
+        "DELETE FROM journal_events WHERE topic = $1 AND recorded_at_ms < $2 AND ({}) AND NOT ({})",
+        addressed_any.join(" OR "),
+        needed.join(" OR ")
+    )
+}
+
+/// Deletes, per topic, what [`prune_sql`] selects for the holders of that topic (a topic with
+/// none keeps everything), in the caller's transaction (`$conn`: a `&mut` SQLite or
+/// PostgreSQL connection; `$pg`: which). The holders' acknowledgements are read in it.
+macro_rules! prune_topics {
+    ($conn:expr, $pg:expr, $cutoff:expr, $holders:expr) => {
+        async {
+            let holders: &[super::Holder] = $holders;
+            let mut deleted = 0u64;
+            for topic in super::TOPICS {
+                let mine: Vec<&super::Holder> = holders.iter().filter(|h| h.topic == topic).collect();
+                if mine.is_empty() {
+                    continue;
+                }
+                let mut acked = Vec::with_capacity(mine.len());
+                for h in &mine {
+                    let a: Option<i64> = sqlx::query_scalar(
+                        "SELECT acked FROM journal_groups WHERE topic = $1 AND agency = $2 AND grp = $3",
+                    )
+                    .bind(topic)
+                    .bind(&h.group.agency)
+                    .bind(&h.group.name)
+                    .fetch_optional(&mut *$conn)
+                    .await?;
+                    // A group that never acknowledged needs everything addressed to it.
+                    acked.push(a.unwrap_or(0));
+                }
+                let scopes: Vec<usize> = mine
+                    .iter()
+                    .map(|h| h.scope.as_ref().map_or(0, Vec::len))
+                    .collect();
+                // Built only from constants and numbered placeholders.
+                let mut q = sqlx::query(sqlx::AssertSqlSafe(super::writer::prune_sql($pg, &scopes)))
+                    .bind(topic)
+                    .bind($cutoff);
+                for (h, a) in mine.iter().zip(&acked) {
+                    q = q.bind(*a);
+                    for t in h.scope.iter().flatten() {
+                        q = q.bind(t.as_str());
+                    }
+                }
+                deleted += q.execute(&mut *$conn).await?.rows_affected();
+            }
+            Ok::<u64, sqlx::Error>(deleted)
+        }
+    };
+}
+pub(super) use prune_topics;
+
+pub(super) const MAX_BATCH: usize = 1_024;
+
+pub(super) enum Job {
+    Publish {
+        producer: String,
+        key: String,
+        topic: &'static str,
+        payload: Vec<u8>,
+        /// Who it is addressed to (`address::audience_of`); `None`: every consumer.
+        audience: Option<String>,
+        /// The call's audit record, to be finished with the outcome and committed with it.
+        audit: Option<Draft>,
+        done: oneshot::Sender<Published>,
+    },
+    Ack {
+        topic: String,
+        group: Group,
+        seq: u64,
+        audit: Option<Draft>,
+        done: oneshot::Sender<Result<Option<u64>, JournalError>>,
+    },
+    Reject {
+        topic: String,
+        group: Group,
+        seq: u64,
+        reason: String,
+        audit: Option<Draft>,
+        done: oneshot::Sender<Result<Option<u64>, JournalError>>,
+    },
+    /// An audit record and nothing else (what a subscription delivers): committed by this
+    /// writer so that it shares the journal's transaction instead of taking turns with it on
+    /// the store.
+    Record {
+        audit: Draft,
+        detail: String,
+        done: oneshot::Sender<Result<Option<u64>, JournalError>>,
+    },
+}
+
+impl Job {
+    pub(super) fn audit(&self) -> Option<&Draft> {
+        match self {
+            Job::Publish { audit, .. } | Job::Ack { audit, .. } | Job::Reject { audit, .. } => {
+                audit.as_ref()
+            }
+            Job::Record { audit, .. } => Some(audit),
+        }
+    }
+
+    /// The detail of the job's audit record.
+    pub(super) fn detail(&self) -> &str {
+        match self {
+            Job::Record { detail, .. } => detail,
+            _ => "",
+        }
+    }
+}
+
+/// The stored (payload hash, receipt) of each (producer, key) of the batch already in the
+/// journal: one query per 400 keys. `conn` is a `&mut` SQLite or PostgreSQL connection.
+macro_rules! known_keys {
+    ($conn:expr, $batch:expr) => {
+        async {
+            let keys: Vec<(&str, &str)> = $batch
+                .iter()
+                .filter_map(|j| match j {
+                    super::writer::Job::Publish { producer, key, .. } => Some((producer.as_str(), key.as_str())),
+                    _ => None,
+                })
+                .collect();
+            let mut known = super::writer::Known::new();
+            for chunk in keys.chunks(400) {
+                let values: Vec<String> = (0..chunk.len())
+                    .map(|i| format!("(${}, ${})", 2 * i + 1, 2 * i + 2))
+                    .collect();
+                let sql = format!(
+                    "SELECT producer, idempotency_key, payload_hash, event_id, topic, seq, recorded_at_ms \
+                     FROM journal_events WHERE (producer, idempotency_key) IN (VALUES {})",
+                    values.join(",")
+                );
+                // Built only from constants and numbered placeholders.
+                let mut q = sqlx::query_as::<_, (String, String, Vec<u8>, String, String, i64, i64)>(
+                    sqlx::AssertSqlSafe(sql),
+                );
+                for (p, k) in chunk {
+                    q = q.bind(*p).bind(*k);
+                }
+                for (producer, key, hash, event_id, topic, seq, at) in q.fetch_all(&mut *$conn).await? {
+                    known.insert(
+                        (producer, key),
+                        (
+                            hash,
+                            super::Receipt {
+                                event_id,
+                                topic,
+                                sequence: seq as u64,
+                                recorded_at_ms: at,
+                            },
+                        ),
+                    );
+                }
+            }
+            Ok::<_, anyhow::Error>(known)
+        }
+    };
+}
+pub(super) use known_keys;
+
+pub(super) struct Writer<D> {
+    pub(super) conn: D,
+    pub(super) last: HashMap<&'static str, u64>,
+    pub(super) journal: Journal,
+    /// The audit log's right edge: publishes' records are committed with their events.
+    pub(super) audit: Option<AuditTail>,
+}
+
+impl<D: Dialect> Writer<D> {
+    pub(super) async fn run(mut self, mut rx: mpsc::Receiver<Job>, retention: Option<Duration>) {
+        let mut prune = tokio::time::interval(Duration::from_secs(60));
+        prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                first = rx.recv() => {
+                    let Some(first) = first else { break };
+                    let mut batch = vec![first];
+                    // No linger here (store::linger): producers wait for their receipts, so
+                    // at 64 publishes in flight a wait before the commit only delays the
+                    // next wave (measured: fewer publishes/s, not more).
+                    drain(&mut rx, &mut batch, MAX_BATCH);
+                    self.commit(batch).await;
+                }
+                _ = prune.tick(), if retention.is_some() => {
+                    if let Some(r) = retention
+                        && let Err(e) = self.prune(r).await
+                    {
+                        error!(error = %e, "journal retention failed");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Deletes events older than `retention` that every holder they are addressed to (under
+    /// the configuration in force: [`Journal::retain_for`]) has acknowledged. A topic without
+    /// holders keeps everything.
+    async fn prune(&mut self, retention: Duration) -> Result<u64> {
+        let cutoff = crate::audit::log::now_ms() - retention.as_millis() as i64;
+        let holders = self.journal.holders();
+        let tail = self.audit.clone();
+        let _writing = AuditTail::lock_if(tail.as_ref()).await;
+        let done = self.conn.prune(cutoff, &holders).await?;
+        if done > 0 {
+            tracing::info!(
+                deleted = done,
+                "journal retention: acknowledged events removed"
+            );
+        }
+        Ok(done)
+    }
+
+    async fn commit(&mut self, batch: Vec<Job>) {
+        // Taken before any database lock (see `AuditTail`), for every commit: on SQLite the
+        // audit log's writer writes the same file.
+        let tail = self.audit.clone();
+        let mut range = AuditTail::lock_if(tail.as_ref()).await;
+        let range_before = range.as_deref().cloned();
+        let before = self.last.clone();
+        let started = std::time::Instant::now();
+        let result = self.write(&batch, range.as_deref_mut()).await;
+        crate::telemetry::store_commit("journal", batch.len(), started.elapsed());
+        match result {
+            Ok((outcomes, audit_indexes, entries)) => {
+                if let (Some(t), Some(r)) = (&tail, range.as_deref())
+                    && let Some(first) = audit_indexes.iter().flatten().next()
+                {
+                    // The records are the drafted jobs', at consecutive indexes in batch order.
+                    t.note(*first, &entries);
+                    t.committed(r);
+                }
+                drop(range);
+                for (t, seq) in &self.last {
+                    self.journal.raise_head(t, *seq);
+                }
+                for ((job, outcome), audit_index) in
+                    batch.into_iter().zip(outcomes).zip(audit_indexes)
+                {
+                    match (job, outcome) {
+                        (Job::Publish { done, .. }, Outcome::Published(result)) => {
+                            let _ = done.send(Published {
+                                result,
+                                audit_index,
+                            });
+                        }
+                        (Job::Reject { done, .. } | Job::Record { done, .. }, Outcome::Acked) => {
+                            let _ = done.send(Ok(audit_index));
+                        }
+                        (
+                            Job::Ack {
+                                topic,
+                                group,
+                                seq,
+                                done,
+                                ..
+                            },
+                            Outcome::Acked,
+                        ) => {
+                            self.journal.raise_ack(&topic, &group, seq);
+                            let _ = done.send(Ok(audit_index));
+                        }
+                        // Each job yields the outcome of its own kind.
+                        _ => {}
+                    }
+                }
+            }
+            Err(e) => {
+                self.last = before;
+                if let (Some(r), Some(b)) = (range.as_deref_mut(), range_before) {
+                    *r = b;
+                }
+                drop(range);
+                error!(error = %e, "journal commit failed");
+                for job in batch {
+                    let err = || JournalError::NotDurable(e.to_string());
+                    match job {
+                        Job::Publish { done, .. } => {
+                            let _ = done.send(Published {
+                                result: Err(err()),
+                                audit_index: None,
+                            });
+                        }
+                        Job::Ack { done, .. }
+                        | Job::Reject { done, .. }
+                        | Job::Record { done, .. } => {
+                            let _ = done.send(Err(err()));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Commits one batch — with the audit records of its publishes when `range` (the audit
+    /// log's right edge, locked) is given. Returns each job's outcome and audit index.
+    async fn write(&mut self, batch: &[Job], range: Option<&mut CompactRange>) -> Result<Written> {
+        let now = crate::audit::log::now_ms();
+        self.conn.write(&mut self.last, batch, now, range).await
+    }
+}
+
+/// The audit records of the batch's jobs that carry a draft, finished with their outcomes,
+/// and the position in the batch of each.
+pub(super) fn audit_records(batch: &[Job], outcomes: &[Outcome]) -> (Vec<AuditRecord>, Vec<usize>) {
+    let mut records = Vec::new();
+    let mut at = Vec::new();
+    for (i, (job, outcome)) in batch.iter().zip(outcomes).enumerate() {
+        let Some(draft) = job.audit() else { continue };
+        let code = match outcome {
+            Outcome::Published(Err(e)) => e.code(),
+            Outcome::Published(Ok(_)) | Outcome::Acked => tonic::Code::Ok,
+        };
+        records.push(draft.call.record(draft.facts.clone(), code, job.detail()));
+        at.push(i);
+    }
+    (records, at)
+}
+
+/// What a commit did: each job's outcome and audit index, and the audit entries it appended
+/// (in index order, for the block summaries).
+pub(super) type Written = (Vec<Outcome>, Vec<Option<u64>>, Vec<BlockEntry>);
+
+/// Each job's audit index: the records appended from `first` on belong, in order, to the jobs
+/// at positions `at`; the other jobs have none.
+pub(super) fn placed(jobs: usize, first: u64, at: Vec<usize>) -> Vec<Option<u64>> {
+    let mut indexes = vec![None; jobs];
+    for (k, i) in at.into_iter().enumerate() {
+        indexes[i] = Some(first + k as u64);
+    }
+    indexes
+}
+/// What one batch writes: new events with their sequences, acknowledgements, rejections, and
+/// each job's outcome.
+pub(super) struct Plan<'a> {
+    pub(super) rows: Vec<NewRow<'a>>,
+    pub(super) acks: Vec<(&'a str, &'a Group, u64)>,
+    pub(super) rejects: Vec<(&'a str, &'a Group, u64, &'a str)>,
+    pub(super) outcomes: Vec<Outcome>,
+    pub(super) now: i64,
+}
+
+/// Assigns sequences (continuing `last`) to the new events of `batch` — those whose key is not
+/// in `known`, nor earlier in the batch.
+pub(super) fn plan<'a>(
+    last: &mut HashMap<&'static str, u64>,
+    batch: &'a [Job],
+    mut known: Known,
+    now: i64,
+) -> Plan<'a> {
+    let mut p = Plan {
+        rows: Vec::new(),
+        acks: Vec::new(),
+        rejects: Vec::new(),
+        outcomes: Vec::with_capacity(batch.len()),
+        now,
+    };
+    for job in batch {
+        match job {
+            Job::Publish {
+                producer,
+                key,
+                topic,
+                payload,
+                audience,
+                ..
+            } => {
+                let hash: Vec<u8> = Sha256::digest(payload).to_vec();
+                let k = (producer.clone(), key.clone());
+                if let Some((h, receipt)) = known.get(&k) {
+                    p.outcomes.push(Outcome::Published(if *h == hash {
+                        Ok(receipt.clone())
+                    } else {
+                        Err(JournalError::Conflict(receipt.event_id.clone()))
+                    }));
+                    continue;
+                }
+                let seq = last.get(topic).copied().unwrap_or(0) + 1;
+                last.insert(topic, seq);
+                // Time-ordered (UUIDv7): new ids land at the right edge of the unique index
+                // instead of dirtying a random page of it per event.
+                let event_id = uuid::Uuid::now_v7().simple().to_string();
+                let receipt = Receipt {
+                    event_id: event_id.clone(),
+                    topic: (*topic).to_owned(),
+                    sequence: seq,
+                    recorded_at_ms: now,
+                };
+                known.insert(k, (hash.clone(), receipt.clone()));
+                p.rows.push(NewRow {
+                    topic,
+                    seq,
+                    event_id,
+                    producer,
+                    key,
+                    payload,
+                    hash,
+                    audience: audience.as_deref(),
+                });
+                p.outcomes.push(Outcome::Published(Ok(receipt)));
+            }
+            Job::Ack {
+                topic, group, seq, ..
+            } => {
+                p.acks.push((topic, group, *seq));
+                p.outcomes.push(Outcome::Acked);
+            }
+            Job::Reject {
+                topic,
+                group,
+                seq,
+                reason,
+                ..
+            } => {
+                p.rejects.push((topic, group, *seq, reason));
+                p.outcomes.push(Outcome::Acked);
+            }
+            // Its record is all it writes.
+            Job::Record { .. } => p.outcomes.push(Outcome::Acked),
+        }
+    }
+    p
+}
+
+pub(super) const ACK_SQL: &str = "INSERT INTO journal_groups (topic, agency, grp, acked) VALUES ($1, $2, $3, $4) \
+     ON CONFLICT (topic, agency, grp) DO UPDATE SET acked = CASE WHEN excluded.acked > journal_groups.acked \
+     THEN excluded.acked ELSE journal_groups.acked END";
+pub(super) const REJECT_SQL: &str = "INSERT INTO journal_rejections (topic, agency, grp, seq, reason, at_ms) VALUES ($1, $2, $3, $4, $5, $6) \
+     ON CONFLICT (topic, seq, agency, grp) DO UPDATE SET reason = excluded.reason, at_ms = excluded.at_ms";
+/// The columns of a new event, in the order of [`Plan::insert_sql`] and `insert_rows`.
+pub(super) const EVENT_COLUMNS: &str = "journal_events (topic, seq, event_id, producer, idempotency_key, payload, payload_hash, recorded_at_ms, audience)";
+
+/// (producer, idempotency key) → (payload hash, receipt) of events already stored.
+pub(super) type Known = HashMap<(String, String), (Vec<u8>, Receipt)>;
+
+/// An event to insert.
+pub(super) struct NewRow<'a> {
+    pub(super) topic: &'static str,
+    pub(super) seq: u64,
+    pub(super) event_id: String,
+    pub(super) producer: &'a str,
+    pub(super) key: &'a str,
+    pub(super) payload: &'a [u8],
+    pub(super) hash: Vec<u8>,
+    pub(super) audience: Option<&'a str>,
+}
+
+pub(super) enum Outcome {
+    Published(Result<Receipt, JournalError>),
+    Acked,
+}
