@@ -4,8 +4,7 @@
 pub mod auditor;
 pub mod cli;
 pub mod log;
-pub mod merkle;
-pub mod note;
+pub use civgate_tlog::{merkle, note};
 pub mod subjects;
 
 pub use log::{AuditError, AuditLog, AuditTail, Filter};

@@ -7,7 +7,7 @@ use base64::{Engine, engine::general_purpose::STANDARD};
 use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
 use sha2::{Digest, Sha256};
 
-use super::merkle::Hash;
+use crate::merkle::Hash;
 
 const ALG_ED25519: u8 = 0x01;
 
@@ -270,7 +270,7 @@ mod tests {
     fn fixture(name: &str) -> String {
         std::fs::read_to_string(
             Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("tests/fixtures/signed-note")
+                .join("../../tests/fixtures/signed-note")
                 .join(name),
         )
         .unwrap()

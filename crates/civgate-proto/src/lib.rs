@@ -1,6 +1,10 @@
 //! Generated protobuf and gRPC code, and the one hand-written message
 //! ([`v1::GetCitizenResponse`]). The domain has its own validated types.
 
+//!
+//! Everything with a protobuf shape lives here; the gateway converts to and from its domain
+//! types at the edge.
+
 #![allow(clippy::all, clippy::pedantic, missing_docs)]
 
 pub mod v1 {

@@ -438,7 +438,7 @@ mod tests {
 
     fn fixtures(kind: &str) -> Vec<(String, serde_json::Value)> {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/merkle/testdata")
+            .join("../../tests/fixtures/merkle/testdata")
             .join(kind);
         let mut out = Vec::new();
         let mut stack = vec![root];
