@@ -4,6 +4,8 @@
 //! PostgreSQL: one schema, applied under an advisory lock so replicas starting together do not
 //! race, and recorded in `civgate_schema`; `civgate migrate` applies it without serving.
 
+pub mod sqlite;
+
 use std::{path::PathBuf, str::FromStr, time::Duration};
 
 use anyhow::{Context, Result};
@@ -21,15 +23,15 @@ pub enum Reader {
 
 /// Runs `$body` with `$pool` bound to whichever pool `$reader` holds (the body is compiled
 /// once per backend).
+#[macro_export]
 macro_rules! with_reader {
     ($reader:expr, |$pool:ident| $body:expr) => {
         match $reader {
-            $crate::store::Reader::Sqlite($pool) => $body,
-            $crate::store::Reader::Pg($pool) => $body,
+            $crate::Reader::Sqlite($pool) => $body,
+            $crate::Reader::Pg($pool) => $body,
         }
     };
 }
-pub(crate) use with_reader;
 
 /// The store a gateway opens.
 #[derive(Clone, Debug)]
@@ -141,132 +143,38 @@ pub const AUDIT_CHANNEL: &str = "civgate_audit";
 /// `<schema> a <topic> <seq> <group>` when it stored an acknowledgement.
 pub const JOURNAL_CHANNEL: &str = "civgate_journal";
 
-const SCHEMA_V1: &str = "
-CREATE TABLE IF NOT EXISTS journal_events (
-    topic TEXT NOT NULL,
-    seq BIGINT NOT NULL,
-    event_id TEXT NOT NULL UNIQUE,
-    producer TEXT NOT NULL,
-    idempotency_key TEXT NOT NULL,
-    payload BYTEA NOT NULL,
-    payload_hash BYTEA NOT NULL,
-    recorded_at_ms BIGINT NOT NULL,
-    PRIMARY KEY (topic, seq)
-);
-CREATE UNIQUE INDEX IF NOT EXISTS journal_idempotency ON journal_events (producer, idempotency_key);
-CREATE TABLE IF NOT EXISTS journal_rejections (
-    topic TEXT NOT NULL,
-    grp TEXT NOT NULL,
-    seq BIGINT NOT NULL,
-    reason TEXT NOT NULL,
-    at_ms BIGINT NOT NULL,
-    PRIMARY KEY (topic, seq, grp)
-);
-CREATE TABLE IF NOT EXISTS journal_heads (
-    topic TEXT PRIMARY KEY,
-    head BIGINT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS journal_groups (
-    topic TEXT NOT NULL,
-    grp TEXT NOT NULL,
-    acked BIGINT NOT NULL,
-    PRIMARY KEY (topic, grp)
-);
-CREATE TABLE IF NOT EXISTS audit_meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL);
-CREATE TABLE IF NOT EXISTS audit_leaves (
-    idx BIGINT PRIMARY KEY,
-    leaf BYTEA NOT NULL,
-    time_ms BIGINT NOT NULL,
-    agency TEXT NOT NULL,
-    method TEXT NOT NULL,
-    outcome TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS audit_leaves_agency ON audit_leaves (agency, idx);
-CREATE INDEX IF NOT EXISTS audit_leaves_time ON audit_leaves (time_ms);
-CREATE TABLE IF NOT EXISTS audit_subjects (
-    personal_id TEXT NOT NULL,
-    idx BIGINT NOT NULL,
-    PRIMARY KEY (personal_id, idx)
-);
-CREATE TABLE IF NOT EXISTS audit_nodes (
-    level BIGINT NOT NULL,
-    idx BIGINT NOT NULL,
-    hash BYTEA NOT NULL,
-    PRIMARY KEY (level, idx)
-);
-CREATE TABLE IF NOT EXISTS audit_checkpoints (
-    size BIGINT PRIMARY KEY,
-    note TEXT NOT NULL,
-    time_ms BIGINT NOT NULL
-);
-";
+const SCHEMA_V1: &str = include_str!("../migrations/postgres/0001_journal_and_audit.sql");
 
 /// Version 2: the rows writers lock. A journal batch begins with `SELECT … FROM journal_heads
 /// … FOR UPDATE` and an audit batch with `SELECT … FROM audit_meta … FOR UPDATE`: one round trip
 /// that both serialises the replicas' writers (held until commit) and, under READ COMMITTED,
 /// returns the latest committed head / size even after waiting for another replica.
-const SCHEMA_V2: &str = "
-INSERT INTO journal_heads (topic, head) VALUES ('civil-status', 0), ('population', 0)
-    ON CONFLICT (topic) DO NOTHING;
-INSERT INTO audit_meta (key, value) VALUES ('size', 0) ON CONFLICT (key) DO NOTHING;
-";
+const SCHEMA_V2: &str = include_str!("../migrations/postgres/0002_rows_writers_lock.sql");
 
 /// Version 3: subtree hashes keyed by `(leaf_end, level)` — one past the last leaf a subtree
 /// covers — so the hashes an append completes are adjacent in the index rather than at the end
 /// of every level (`audit_nodes`, keyed by `(level, idx)`). Replicas of an older build stop
 /// writing (their inserts fail, their calls answer UNAVAILABLE) and refuse to start
 /// ("schema newer than this build"); upgrade them together.
-const SCHEMA_V3: &str = "
-CREATE TABLE audit_tree (
-    leaf_end BIGINT NOT NULL,
-    level BIGINT NOT NULL,
-    hash BYTEA NOT NULL,
-    PRIMARY KEY (leaf_end, level)
-);
-INSERT INTO audit_tree (leaf_end, level, hash)
-    SELECT (idx + 1) << (level::integer), level, hash FROM audit_nodes;
-DROP TABLE audit_nodes;
-";
+const SCHEMA_V3: &str = include_str!("../migrations/postgres/0003_subtrees_by_leaf_end.sql");
 
 /// Version 4: the audit log's subjects index `(personal_id, idx)` — a random index page per
 /// record in every commit — gives way to one Bloom filter per block of 4,096 entries, built from
 /// the leaves after the block is complete (`audit/subjects.rs`). Replicas of an older build
 /// stop writing (their inserts into `audit_subjects` fail); upgrade them together.
-const SCHEMA_V4: &str = "
-CREATE TABLE audit_subject_blocks (
-    block BIGINT PRIMARY KEY,
-    filter BYTEA NOT NULL
-);
-DROP TABLE audit_subjects;
-";
+const SCHEMA_V4: &str = include_str!("../migrations/postgres/0004_block_filters.sql");
 
 /// Version 5: the audit indexes `(agency, idx)` and `(time_ms)`, written with every record,
 /// give way to the agencies and time range in each block's summary (`audit/subjects.rs`).
 /// Replicas of an older build that are running keep working (they store summaries without
 /// these columns, which searches then scan until a newer replica completes them), but their
 /// searches by agency or time lose the index, and an older build refuses to start on it.
-const SCHEMA_V5: &str = "
-ALTER TABLE audit_subject_blocks
-    ADD COLUMN agencies TEXT,
-    ADD COLUMN first_time_ms BIGINT,
-    ADD COLUMN last_time_ms BIGINT;
-DROP INDEX IF EXISTS audit_leaves_agency;
-DROP INDEX IF EXISTS audit_leaves_time;
-";
+const SCHEMA_V5: &str = include_str!("../migrations/postgres/0005_block_summaries.sql");
 
 /// Consumer groups belong to agencies: `agency` joins the keys of groups and dead letters
 /// (`''` until the journal's open assigns an earlier release's groups from the config), and
 /// events record who they are addressed to (`audience`; NULL: every consumer of the topic).
-const SCHEMA_V6: &str = "
-ALTER TABLE journal_events ADD COLUMN IF NOT EXISTS audience TEXT;
-CREATE INDEX IF NOT EXISTS journal_unaddressed ON journal_events (seq) WHERE topic = 'population' AND audience IS NULL;
-ALTER TABLE journal_groups ADD COLUMN IF NOT EXISTS agency TEXT NOT NULL DEFAULT '';
-ALTER TABLE journal_groups DROP CONSTRAINT IF EXISTS journal_groups_pkey;
-ALTER TABLE journal_groups ADD PRIMARY KEY (topic, agency, grp);
-ALTER TABLE journal_rejections ADD COLUMN IF NOT EXISTS agency TEXT NOT NULL DEFAULT '';
-ALTER TABLE journal_rejections DROP CONSTRAINT IF EXISTS journal_rejections_pkey;
-ALTER TABLE journal_rejections ADD PRIMARY KEY (topic, seq, agency, grp);
-";
+const SCHEMA_V6: &str = include_str!("../migrations/postgres/0006_owned_groups_and_audiences.sql");
 
 /// Connection options for `url`: synchronous_commit on (a commit is durable when it returns),
 /// whatever the server's default; no statement or lock wait longer than `timeout` (a replica
@@ -338,6 +246,7 @@ pub async fn migrate(pool: &PgPool) -> Result<i64> {
     result
 }
 
+#[cfg(any(test, feature = "test-utils"))]
 /// For tests: a fresh, empty schema in the PostgreSQL test database (`CIVGATE_TEST_PG`, default
 /// `postgres://postgres@127.0.0.1:5432/test`) and a URL whose connections use it, so tests run in
 /// parallel without seeing each other. `None` (with one line on stderr saying why) when
@@ -388,6 +297,7 @@ pub async fn test_schema(label: &str) -> Option<String> {
     }
 }
 
+#[cfg(any(test, feature = "test-utils"))]
 /// For tests: runs `test` on a store in a fresh [`test_schema`] (or not at all, as that says),
 /// then drops the schema.
 pub async fn with_test_postgres<F, Fut>(label: &str, test: F)
@@ -406,6 +316,7 @@ where
     drop_test_schema(&url).await;
 }
 
+#[cfg(any(test, feature = "test-utils"))]
 /// For tests: drops the schema a [`test_schema`] URL points at (best effort).
 pub async fn drop_test_schema(url: &str) {
     use sqlx::Connection;
