@@ -11,10 +11,7 @@ use crate::{
     policy::Principal,
 };
 
-/// Civil-status events: produced by civil registries, consumed by the population database.
-pub const CIVIL_STATUS: &str = "civil-status";
-/// Population events: produced by the population database, consumed by civil registries.
-pub const POPULATION: &str = "population";
+pub use crate::domain::topics::{CIVIL_STATUS, POPULATION};
 
 pub fn is_topic(t: &str) -> bool {
     t == CIVIL_STATUS || t == POPULATION

@@ -9,6 +9,14 @@ use std::{fmt, str::FromStr};
 use serde::Deserialize;
 
 pub use names::{FullName, NameError, fold};
+
+/// The exchange's topics.
+pub mod topics {
+    /// Civil-status events: produced by civil registries, consumed by the population database.
+    pub const CIVIL_STATUS: &str = "civil-status";
+    /// Population events: produced by the population database, consumed by civil registries.
+    pub const POPULATION: &str = "population";
+}
 pub use personal_id::{PersonalId, PersonalIdError, ProvinceCode};
 
 /// Sex as recorded in the population database (and encoded in digit 4 of a personal ID).

@@ -3,11 +3,17 @@
 
 use std::{collections::BTreeMap, sync::Arc};
 
-use crate::{
-    domain::{AgencyId, CertFingerprint, ProvinceCode, RegistryOfficeCode, Role},
-    exchange::validate::{CIVIL_STATUS, POPULATION},
-    identity::{IdentityError, PeerIdentity},
+pub mod identity;
+pub mod limits;
+pub mod methods;
+
+pub use methods::{granted, known as known_method};
+
+use civgate_domain::{
+    AgencyId, CertFingerprint, ProvinceCode, RegistryOfficeCode, Role,
+    topics::{CIVIL_STATUS, POPULATION},
 };
+use identity::{IdentityError, PeerIdentity};
 
 /// Which role consumes which topic (`Subscribe`, `Ack`, `Reject`): each topic is read by the
 /// other side only. A topic not here is read by nobody.
@@ -15,62 +21,6 @@ pub const TOPIC_READERS: &[(&str, Role)] = &[
     (CIVIL_STATUS, Role::PopulationDb),
     (POPULATION, Role::CivilRegistry),
 ];
-
-/// Methods every known agency may call: health checks and reflection.
-const COMMON: &[&str] = &[
-    "/grpc.health.v1.Health/Check",
-    "/grpc.health.v1.Health/Watch",
-    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
-];
-
-const CIVIL_REGISTRY: &[&str] = &[
-    "/civgate.v1.Citizens/GetCitizen",
-    "/civgate.v1.Citizens/BatchGetCitizens",
-    "/civgate.v1.Citizens/VerifyCitizen",
-    "/civgate.v1.Citizens/SearchCitizens",
-    "/civgate.v1.Exchange/Publish",
-    "/civgate.v1.Exchange/Subscribe",
-    "/civgate.v1.Exchange/Ack",
-    "/civgate.v1.Exchange/Reject",
-    "/civgate.v1.Exchange/GetEventStatus",
-];
-
-const POPULATION_DB: &[&str] = &[
-    "/civgate.v1.Exchange/Publish",
-    "/civgate.v1.Exchange/Subscribe",
-    "/civgate.v1.Exchange/Ack",
-    "/civgate.v1.Exchange/Reject",
-    "/civgate.v1.Exchange/GetEventStatus",
-];
-
-const AUDITOR: &[&str] = &[
-    "/civgate.v1.Audit/GetCheckpoint",
-    "/civgate.v1.Audit/GetEntries",
-    "/civgate.v1.Audit/GetInclusionProof",
-    "/civgate.v1.Audit/GetConsistencyProof",
-    "/civgate.v1.Audit/SearchEntries",
-    "/civgate.v1.Exchange/GetEventStatus",
-];
-
-/// The methods granted to a role, besides [`COMMON`].
-pub fn granted(role: Role) -> &'static [&'static str] {
-    match role {
-        Role::CivilRegistry => CIVIL_REGISTRY,
-        Role::PopulationDb => POPULATION_DB,
-        Role::Auditor => AUDITOR,
-    }
-}
-
-/// Every method path the gateway serves, as a `&'static str` (used as a bounded metric label).
-pub fn known_method(path: &str) -> Option<&'static str> {
-    COMMON
-        .iter()
-        .chain(CIVIL_REGISTRY)
-        .chain(POPULATION_DB)
-        .chain(AUDITOR)
-        .find(|m| **m == path)
-        .copied()
-}
 
 /// One configured agency.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -104,7 +54,7 @@ pub struct Policy {
     pub agencies: BTreeMap<AgencyId, Agency>,
     /// Certificates the configured CRLs revoke: a connection made before a reload that revokes
     /// its certificate stays open, but none of its further calls is served.
-    pub revoked: Arc<std::collections::HashSet<crate::identity::CertKey>>,
+    pub revoked: Arc<std::collections::HashSet<identity::CertKey>>,
 }
 
 /// The caller of one request, after identity and policy: what handlers receive.
@@ -197,7 +147,7 @@ pub fn authorize(policy: &Policy, peer: &PeerIdentity, method: &str) -> Result<P
         .agencies
         .get(agency_id)
         .ok_or_else(|| Denial::UnknownAgency(agency_id.clone()))?;
-    let allowed = COMMON.contains(&method) || granted(agency.role).contains(&method);
+    let allowed = methods::find(method).is_some_and(|m| m.allows(agency.role));
     if !allowed {
         return Err(Denial::MethodNotGranted {
             role: agency.role,
@@ -373,7 +323,7 @@ mod tests {
 
     #[test]
     fn a_connection_outliving_its_certificate_is_refused() {
-        use crate::identity::CertKey;
+        use identity::CertKey;
         let key = CertKey::new(b"issuer", &[0, 1, 2]);
         let mut p = policy();
         p.revoked = Arc::new([CertKey::new(b"issuer", &[1, 2])].into_iter().collect());
@@ -411,7 +361,11 @@ mod tests {
     #[test]
     fn every_role_may_check_health_and_reflect() {
         for a in ["registry-hp", "population", "auditor"] {
-            for m in COMMON {
+            for m in [
+                "/grpc.health.v1.Health/Check",
+                "/grpc.health.v1.Health/Watch",
+                "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            ] {
                 assert!(authorize(&policy(), &peer(a), m).is_ok(), "{a} {m}");
             }
         }
@@ -496,7 +450,7 @@ mod tests {
     fn every_granted_method_is_a_known_method() {
         for role in [Role::CivilRegistry, Role::PopulationDb, Role::Auditor] {
             for m in granted(role) {
-                assert_eq!(known_method(m), Some(*m));
+                assert_eq!(known_method(m), Some(m));
             }
         }
     }

@@ -19,10 +19,8 @@ use governor::{
 use serde::Deserialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::{
-    domain::{AgencyId, CertFingerprint, Role},
-    policy::Policy,
-};
+use crate::Policy;
+use civgate_domain::{AgencyId, CertFingerprint, Role};
 
 type Limiter<C> = RateLimiter<NotKeyed, InMemoryState, C, NoOpMiddleware<<C as Clock>::Instant>>;
 
@@ -37,26 +35,11 @@ pub enum Bucket {
     Probes,
 }
 
-/// Calls whose handler takes their quota itself, by what they ask for (a batch costs the
-/// citizens it names): the gate takes nothing for them.
-pub const CHARGED_BY_HANDLER: &[&str] = &["/civgate.v1.Citizens/BatchGetCitizens"];
-
 impl Bucket {
-    /// The bucket the gate takes one unit from for a call to `path`, if any.
+    /// The bucket the gate takes one unit from for a call to `path`, if any (the method
+    /// table's; none for a method whose handler takes its quota itself).
     pub fn of_method(path: &str) -> Option<Self> {
-        if CHARGED_BY_HANDLER.contains(&path) {
-            None
-        } else if path.starts_with("/civgate.v1.Citizens/") {
-            Some(Bucket::Reads)
-        } else if path == "/civgate.v1.Exchange/Publish" {
-            Some(Bucket::Publishes)
-        } else if path.starts_with("/grpc.health.v1.Health/")
-            || path.starts_with("/grpc.reflection.")
-        {
-            Some(Bucket::Probes)
-        } else {
-            None
-        }
+        crate::methods::find(path).and_then(|m| m.bucket)
     }
 
     pub fn as_str(self) -> &'static str {
@@ -503,7 +486,7 @@ fn record(w: &mut Window, keys: &[u64], now: Instant, cap: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::Agency;
+    use crate::Agency;
     use governor::clock::FakeRelativeClock;
 
     fn policy(ids: &[&str]) -> Policy {

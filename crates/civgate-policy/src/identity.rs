@@ -3,7 +3,7 @@
 
 use x509_parser::{extensions::GeneralName, prelude::FromDer};
 
-use crate::domain::{AgencyId, CertFingerprint};
+use civgate_domain::{AgencyId, CertFingerprint};
 
 /// What the verified client certificate says about its holder.
 #[derive(Clone, Debug, PartialEq, Eq)]
