@@ -22,9 +22,8 @@ pub const CONFIG_RELOADS: &str = "civgate_config_reloads_total";
 pub const RATE_LIMITED: &str = "civgate_rate_limited_total";
 pub const LOAD_SHED: &str = "civgate_load_shed_total";
 pub const HARVEST: &str = "civgate_harvest_guard_total";
-pub const AUDIT_LOG_SIZE: &str = "civgate_audit_log_size";
-pub const STORE_COMMIT: &str = "civgate_store_commit_seconds";
-pub const STORE_COMMIT_ROWS: &str = "civgate_store_commit_rows";
+pub use civgate_audit::{AUDIT_LOG_SIZE, STORE_STALLED, code_name};
+pub use civgate_store::{STORE_COMMIT, STORE_COMMIT_ROWS, store_commit};
 pub const EXCHANGE_BACKLOG: &str = "civgate_exchange_backlog_events";
 pub const EXCHANGE_BACKLOG_AGE: &str = "civgate_exchange_backlog_oldest_seconds";
 pub const EXCHANGE_DEAD_LETTERS: &str = "civgate_exchange_dead_letters";
@@ -34,7 +33,6 @@ pub const REQUEST_BODIES_REFUSED: &str = "civgate_request_bodies_refused_total";
 pub const CONNECTIONS_REFUSED: &str = "civgate_connections_refused_total";
 pub const CONNECTIONS_OPEN: &str = "civgate_connections_open";
 pub const CRL_NEXT_UPDATE: &str = "civgate_crl_next_update_timestamp_seconds";
-pub const STORE_STALLED: &str = "civgate_store_stalled";
 pub const SHARED_LIMITS_UP: &str = "civgate_shared_limits_up";
 pub const SHARED_LIMITS_FALLBACKS: &str = "civgate_shared_limits_fallbacks_total";
 
@@ -185,30 +183,6 @@ pub fn config_reloaded(ok: bool) {
     metrics::counter!(CONFIG_RELOADS, "outcome" => outcome).increment(1);
 }
 
-/// gRPC code names as in the gRPC spec (`PERMISSION_DENIED`), for labels and logs.
-pub fn code_name(code: tonic::Code) -> &'static str {
-    use tonic::Code as C;
-    match code {
-        C::Ok => "OK",
-        C::Cancelled => "CANCELLED",
-        C::Unknown => "UNKNOWN",
-        C::InvalidArgument => "INVALID_ARGUMENT",
-        C::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        C::NotFound => "NOT_FOUND",
-        C::AlreadyExists => "ALREADY_EXISTS",
-        C::PermissionDenied => "PERMISSION_DENIED",
-        C::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        C::FailedPrecondition => "FAILED_PRECONDITION",
-        C::Aborted => "ABORTED",
-        C::OutOfRange => "OUT_OF_RANGE",
-        C::Unimplemented => "UNIMPLEMENTED",
-        C::Internal => "INTERNAL",
-        C::Unavailable => "UNAVAILABLE",
-        C::DataLoss => "DATA_LOSS",
-        C::Unauthenticated => "UNAUTHENTICATED",
-    }
-}
-
 /// Whether the gateway can serve; `/healthz` answers 200 or 503 from it.
 #[derive(Clone, Default)]
 pub struct Readiness(Arc<AtomicBool>);
@@ -269,12 +243,6 @@ pub async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr} ({what}): {e}"))
-}
-
-/// One group commit of a store (`journal`, `audit`): its duration and how many records it held.
-pub fn store_commit(store: &'static str, rows: usize, took: std::time::Duration) {
-    metrics::histogram!(STORE_COMMIT, "store" => store).record(took.as_secs_f64());
-    metrics::histogram!(STORE_COMMIT_ROWS, "store" => store).record(rows as f64);
 }
 
 #[cfg(test)]

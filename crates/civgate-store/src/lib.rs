@@ -371,6 +371,17 @@ pub fn linger(last_batch: usize) -> Option<Duration> {
     (last_batch >= LINGER_ABOVE).then_some(LINGER)
 }
 
+/// Seconds per group commit, a histogram labelled by store (`journal`, `audit`).
+pub const STORE_COMMIT: &str = "civgate_store_commit_seconds";
+/// Rows per group commit, a histogram labelled by store.
+pub const STORE_COMMIT_ROWS: &str = "civgate_store_commit_rows";
+
+/// One group commit of a store (`journal`, `audit`): its duration and how many records it held.
+pub fn store_commit(store: &'static str, rows: usize, took: Duration) {
+    metrics::histogram!(STORE_COMMIT, "store" => store).record(took.as_secs_f64());
+    metrics::histogram!(STORE_COMMIT_ROWS, "store" => store).record(rows as f64);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

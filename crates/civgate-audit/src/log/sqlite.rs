@@ -10,12 +10,12 @@ use tracing::info;
 use super::tree::{fetch_nodes, node_key, remove_stale};
 use super::writer::{CHECKPOINT_SQL, Dialect, LeafRow, assign, now_ms};
 use super::{AuditLog, Options};
-use crate::audit::{
+use crate::pb::v1::AuditRecord;
+use crate::store::Reader;
+use crate::{
     merkle::{CompactRange, decompose},
     subjects::FilterWriter,
 };
-use crate::pb::v1::AuditRecord;
-use crate::store::Reader;
 
 /// The writer's end: the one connection that writes the store file.
 pub(super) struct Sqlite {

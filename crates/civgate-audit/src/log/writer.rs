@@ -13,13 +13,13 @@ use tokio::sync::mpsc;
 use tracing::{error, warn};
 
 use super::{AuditError, AuditTail, DEFERRED_FLUSH, MAX_BATCH, Pending};
-use crate::audit::{
+use crate::pb::v1::AuditRecord;
+use crate::store::{drain, linger};
+use crate::{
     merkle::{CompactRange, Hash, NodeId, leaf_hash},
     note::{Checkpoint, Signer},
     subjects::BlockEntry,
 };
-use crate::pb::v1::AuditRecord;
-use crate::store::{drain, linger};
 
 /// What the writer needs of a store, one implementation per dialect (`sqlite.rs`,
 /// `postgres.rs`).
@@ -120,7 +120,7 @@ impl<D: Dialect> Writer<D> {
         let n = records.len();
         let started = std::time::Instant::now();
         let result = self.conn.append(&mut range, records).await;
-        crate::telemetry::store_commit("audit", n, started.elapsed());
+        crate::store::store_commit("audit", n, started.elapsed());
         match result {
             Ok(first) => {
                 tail.note(first, &entries);

@@ -1,7 +1,7 @@
 //! Where each store keeps the tree's subtree hashes, and the two queries both stores run on
 //! them (as macros: the same SQL on a SQLite or a PostgreSQL connection).
 
-use crate::audit::merkle::NodeId;
+use crate::merkle::NodeId;
 
 /// How a backend stores the subtree hashes. PostgreSQL: `audit_tree`, keyed by `(leaf_end,
 /// level)`. SQLite: `audit_subtrees`, a rowid table keyed by `node = leaf_end << 6 | level`
@@ -73,10 +73,10 @@ pub(super) fn node_key(id: &NodeId) -> i64 {
 macro_rules! fetch_nodes {
     ($conn:expr, $ids:expr) => {
         async {
-            let ids: &[$crate::audit::merkle::NodeId] = $ids;
-            let mut out: Vec<$crate::audit::merkle::Hash> = Vec::with_capacity(ids.len());
+            let ids: &[$crate::merkle::NodeId] = $ids;
+            let mut out: Vec<$crate::merkle::Hash> = Vec::with_capacity(ids.len());
             for chunk in ids.chunks(400) {
-                let sql = ($crate::audit::log::tree::tree_sql(&*$conn).select)(chunk.len());
+                let sql = ($crate::log::tree::tree_sql(&*$conn).select)(chunk.len());
                 // Built only from constants and numbered placeholders.
                 let mut q = sqlx::query_as::<_, (i64, i64, Vec<u8>)>(sqlx::AssertSqlSafe(sql));
                 for id in chunk {
@@ -85,7 +85,7 @@ macro_rules! fetch_nodes {
                 let rows = q.fetch_all(&mut *$conn).await?;
                 let mut found = std::collections::HashMap::with_capacity(rows.len());
                 for (level, leaf_end, hash) in rows {
-                    let hash: $crate::audit::merkle::Hash = hash.try_into().map_err(|_| {
+                    let hash: $crate::merkle::Hash = hash.try_into().map_err(|_| {
                         anyhow::anyhow!("node (level {level}, leaf end {leaf_end}) is not 32 bytes")
                     })?;
                     found.insert((level as u32, leaf_end as u64), hash);
@@ -113,7 +113,7 @@ macro_rules! remove_stale {
     ($conn:expr, $size:expr) => {
         async {
             let size: u64 = $size;
-            let stale = sqlx::query($crate::audit::log::tree::tree_sql(&*$conn).delete_after)
+            let stale = sqlx::query($crate::log::tree::tree_sql(&*$conn).delete_after)
                 .bind(size as i64)
                 .execute(&mut *$conn)
                 .await?
@@ -125,7 +125,7 @@ macro_rules! remove_stale {
                     .rows_affected();
             // A block's filter stands only for a complete block.
             sqlx::query("DELETE FROM audit_subject_blocks WHERE (block + 1) * $1 > $2")
-                .bind($crate::audit::subjects::BLOCK as i64)
+                .bind($crate::subjects::BLOCK as i64)
                 .bind(size as i64)
                 .execute(&mut *$conn)
                 .await?;

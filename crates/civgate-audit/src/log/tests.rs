@@ -1,7 +1,7 @@
 //! The audit log on both stores: searches against full scans, upgrades of earlier layouts,
 //! filters rebuilt after damage.
 
-use crate::audit::subjects::may_contain;
+use crate::subjects::may_contain;
 use std::path::Path;
 
 use prost::Message;

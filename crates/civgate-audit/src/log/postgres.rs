@@ -14,12 +14,12 @@ use tokio::sync::mpsc;
 use super::tree::{fetch_nodes, remove_stale};
 use super::writer::{CHECKPOINT_SQL, Dialect, LeafRow, assign, now_ms};
 use super::{AuditLog, Options, Pending};
-use crate::audit::{
+use crate::pb::v1::AuditRecord;
+use crate::store::{AUDIT_CHANNEL, Reader};
+use crate::{
     merkle::{CompactRange, decompose},
     subjects::FilterWriter,
 };
-use crate::pb::v1::AuditRecord;
-use crate::store::{AUDIT_CHANNEL, Reader};
 
 /// The writer's end: the shared database's pool (other replicas append too).
 pub(super) struct Pg {

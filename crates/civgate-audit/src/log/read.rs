@@ -5,11 +5,11 @@ use anyhow::Result;
 
 use super::tree::fetch_nodes;
 use super::{AuditError, AuditLog, Filter, MAX_ENTRIES};
-use crate::audit::{
+use crate::store::{Reader, with_reader};
+use crate::{
     merkle::{Hash, NodeId, consistency_ranges, decompose, fold_range, inclusion_ranges},
     subjects::{BLOCK, Summary, Wanted, leaf_names},
 };
-use crate::store::{Reader, with_reader};
 
 impl AuditLog {
     /// Leaf bytes for `[start, end)` (at most [`MAX_ENTRIES`]).
