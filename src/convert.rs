@@ -15,13 +15,7 @@ pub fn sex_to_pb(s: Sex) -> PbSex {
     }
 }
 
-pub fn sex_from_pb(s: PbSex) -> Option<Sex> {
-    match s {
-        PbSex::Male => Some(Sex::Male),
-        PbSex::Female => Some(Sex::Female),
-        PbSex::Unspecified => None,
-    }
-}
+pub use civgate_exchange::validate::sex_from_pb;
 
 pub fn marital_to_pb(m: MaritalStatus) -> PbMarital {
     match m {

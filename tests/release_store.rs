@@ -356,6 +356,8 @@ async fn write_release_fixture() {
                             || l.starts_with("SET ")
                             || l.starts_with("SELECT pg_catalog.set_config")
                             || l.starts_with("CREATE SCHEMA")
+                            || l.starts_with("\\restrict")
+                            || l.starts_with("\\unrestrict")
                             || l.is_empty())
                     })
                     .map(|l| l.replace(&format!("{schema}."), "__SCHEMA__."))
@@ -449,22 +451,52 @@ async fn run_exchange(env: &Env) -> Expected {
     .await
     .unwrap();
     drop((hp, pop, citizens));
+    // A signed checkpoint covers every call of the exchange before the gateway stops.
+    let verifier =
+        Verifier::parse(&std::fs::read_to_string(env.certs().join("audit.vkey")).unwrap()).unwrap();
+    let mut online = Online::new(
+        client::connect(addr, &env.certs(), Some("auditor"))
+            .await
+            .unwrap(),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, cp) = online.checkpoint(&verifier).await.unwrap();
+        // Look-ups, publishes, subscriptions' deliveries, acks and rejections: at least 12.
+        if cp.size >= 12 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint of the exchange"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(online);
     stack.gateway.shutdown().await.unwrap();
 
-    // The stopped gateway's last checkpoint covers everything.
-    const LAST: &str = "SELECT size, note FROM audit_checkpoints ORDER BY size DESC LIMIT 1";
-    let (audit_size, checkpoint): (i64, String) = match &env.store_url {
-        None => {
-            let mut c = env.sqlite().await;
-            sqlx::query_as(LAST).fetch_one(&mut c).await.unwrap()
+    // The stopped gateway's writer signs a last checkpoint of everything; wait for it.
+    const LAST: &str = "SELECT m.value, c.size, c.note FROM audit_meta m, audit_checkpoints c \
+                        WHERE m.key = 'size' ORDER BY c.size DESC LIMIT 1";
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let (audit_size, checkpoint) = loop {
+        let (size, covered, note): (i64, i64, String) = match &env.store_url {
+            None => {
+                let mut c = env.sqlite().await;
+                sqlx::query_as(LAST).fetch_one(&mut c).await.unwrap()
+            }
+            Some(url) => {
+                use sqlx::Connection;
+                let mut c = sqlx::PgConnection::connect(url).await.unwrap();
+                sqlx::query_as(LAST).fetch_one(&mut c).await.unwrap()
+            }
+        };
+        if covered == size {
+            break (size as u64, note);
         }
-        Some(url) => {
-            use sqlx::Connection;
-            let mut c = sqlx::PgConnection::connect(url).await.unwrap();
-            sqlx::query_as(LAST).fetch_one(&mut c).await.unwrap()
-        }
+        assert!(std::time::Instant::now() < deadline, "no last checkpoint");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    let audit_size = audit_size as u64;
     Expected {
         births: births_out,
         population: population_out,

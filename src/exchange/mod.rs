@@ -1,10 +1,6 @@
-//! Two-way sync: event validation, who receives which event, the journal, and consumer lag.
+//! Two-way sync (`civgate-exchange`: validation, addressing, the journal), and the consumer
+//! lag the gateway reports from it ([`lag`]).
 
-pub mod address;
-pub mod journal;
 pub mod lag;
-pub mod validate;
 
-/// Unacknowledged events a subscription may have outstanding before delivery pauses (the
-/// default of `[exchange] max_unacked`).
-pub const WINDOW: u64 = 1_024;
+pub use civgate_exchange::*;

@@ -5,13 +5,21 @@
 use tonic_types::FieldViolation;
 
 use crate::{
-    convert::sex_from_pb,
     domain::{FullName, PersonalId, Role, parse_date, today},
     pb::v1::{Event, Registration, Sex, event::Payload},
     policy::Principal,
 };
 
 pub use crate::domain::topics::{CIVIL_STATUS, POPULATION};
+
+/// The domain's sex of a wire one (`None`: unspecified).
+pub fn sex_from_pb(s: Sex) -> Option<crate::domain::Sex> {
+    match s {
+        Sex::Male => Some(crate::domain::Sex::Male),
+        Sex::Female => Some(crate::domain::Sex::Female),
+        Sex::Unspecified => None,
+    }
+}
 
 pub fn is_topic(t: &str) -> bool {
     t == CIVIL_STATUS || t == POPULATION

@@ -283,7 +283,7 @@ impl<D: Dialect> Writer<D> {
         let before = self.last.clone();
         let started = std::time::Instant::now();
         let result = self.write(&batch, range.as_deref_mut()).await;
-        crate::telemetry::store_commit("journal", batch.len(), started.elapsed());
+        crate::store::store_commit("journal", batch.len(), started.elapsed());
         match result {
             Ok((outcomes, audit_indexes, entries)) => {
                 if let (Some(t), Some(r)) = (&tail, range.as_deref())

@@ -6,7 +6,7 @@
 /// - consumer groups and rejections without an owner (`agency = ''`) are given the agency the
 ///   policy names for them ([`crate::policy::owner_of_legacy_group`]); if any cannot be, the
 ///   open fails with what to add to the config, and nothing is changed;
-/// - population events without an audience are given theirs ([`crate::exchange::address::audience_of`]; an
+/// - population events without an audience are given theirs ([`crate::address::audience_of`]; an
 ///   answer goes to the producer of the event it answers, found through `in_reply_to` or the
 ///   old `birth_event_id`, or by province when that event is gone).
 macro_rules! adopt_legacy {
@@ -57,7 +57,7 @@ macro_rules! adopt_legacy {
             for (seq, payload) in unaddressed {
                 let event = <crate::pb::v1::Event as prost::Message>::decode(payload.as_slice()).ok();
                 let mut answered_producer = None;
-                if let Some(id) = event.as_ref().and_then(crate::exchange::address::answered) {
+                if let Some(id) = event.as_ref().and_then(crate::address::answered) {
                     answered_producer = sqlx::query_scalar::<_, String>(
                         "SELECT producer FROM journal_events WHERE event_id = $1",
                     )
@@ -69,7 +69,7 @@ macro_rules! adopt_legacy {
                 let audience = event
                     .as_ref()
                     .and_then(|e| e.payload.as_ref())
-                    .and_then(|p| crate::exchange::address::audience_of(p, answered_producer.as_deref()))
+                    .and_then(|p| crate::address::audience_of(p, answered_producer.as_deref()))
                     .unwrap_or_else(|| " ".to_owned());
                 sqlx::query("UPDATE journal_events SET audience = $1 WHERE topic = 'population' AND seq = $2")
                     .bind(audience)

@@ -33,7 +33,7 @@ async fn publishes_and_their_records_commit_together(store: Store) {
     let fingerprint = crate::domain::CertFingerprint([7; 32]);
     let draft_at = |rid: &str, path: &str| Draft {
         call: Arc::new(Call {
-            peer: Arc::new(crate::identity::PeerIdentity::of(
+            peer: Arc::new(civgate_policy::identity::PeerIdentity::of(
                 Ok(agency.clone()),
                 fingerprint,
             )),
