@@ -4,7 +4,7 @@
 pub mod api;
 pub mod audit;
 pub mod bench;
-pub mod certs;
+pub use civgate_dev::certs;
 pub mod client;
 pub mod coalesce;
 pub mod config;
@@ -24,8 +24,8 @@ pub mod server;
 pub mod shared;
 pub use civgate_store::sqlite;
 pub mod state;
+pub use civgate_dev::synth;
 pub use civgate_store as store;
-pub mod synth;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;

@@ -236,6 +236,18 @@ async fn the_last_releases_store_opens_as_it_was(env: Env) {
             .await
             .unwrap(),
     );
+    // This env signs with a key of its own (the fixture's signing key is not kept): the
+    // gateway serves the stored checkpoint until the log grows (each call here is audited)
+    // and it signs the next one — a key rotation across the upgrade, which the auditor's
+    // state survives.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while online.checkpoint(&new_key).await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint by the new key"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let report = auditor::verify_online(&mut online, &new_key, &state)
         .await
         .expect("the upgraded log is consistent with the last release's checkpoint");

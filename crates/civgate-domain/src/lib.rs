@@ -3,6 +3,7 @@
 
 pub mod names;
 pub mod personal_id;
+pub mod record;
 
 use std::{fmt, str::FromStr};
 
