@@ -1,31 +1,22 @@
 //! civgate: the gRPC gateway between Vietnam's civil-status database and the National
 //! Population Database. See ARCHITECTURE.md for the map.
+//!
+//! This package is the `civgate` binary: `main` dispatches its subcommands. The library
+//! re-exports the workspace's crates under one name (for the binary, the integration tests and
+//! the benchmarks) and holds what only the binary runs: the auditor's tools ([`audit`]), the
+//! demo, the load generators ([`bench`]) and the reference population directory ([`refdb`]).
 
-pub mod api;
 pub mod audit;
 pub mod bench;
-pub use civgate_dev::certs;
-pub mod client;
-pub mod coalesce;
-pub mod config;
-pub mod convert;
 pub mod demo;
-pub use civgate_domain as domain;
-pub mod exchange;
-pub mod gate;
-pub use civgate_policy::identity;
-pub use civgate_policy::limits;
-pub mod link;
-pub mod listener;
-pub use civgate_policy as policy;
-pub use civgate_proto as pb;
 pub mod refdb;
-pub mod server;
-pub mod shared;
-pub use civgate_store::sqlite;
-pub mod state;
-pub use civgate_dev::synth;
-pub use civgate_store as store;
-pub mod telemetry;
-pub mod tls;
-pub mod upstream;
+
+pub use civgate_dev::{certs, synth};
+pub use civgate_domain as domain;
+pub use civgate_gateway::{
+    api, client, coalesce, config, convert, exchange, gate, link, listener, server, shared, state,
+    telemetry, tls, upstream,
+};
+pub use civgate_policy::{self as policy, identity, limits};
+pub use civgate_proto as pb;
+pub use civgate_store::{self as store, sqlite};

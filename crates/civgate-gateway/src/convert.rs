@@ -3,9 +3,11 @@
 use std::collections::BTreeSet;
 
 use crate::{
-    domain::{CitizenField, Sex, format_date},
+    domain::{
+        CitizenField, Sex, format_date,
+        record::{CitizenRecord, MaritalStatus},
+    },
     pb::v1::{Citizen, MaritalStatus as PbMarital, Residence, Sex as PbSex},
-    synth::{CitizenRecord, MaritalStatus},
 };
 
 pub fn sex_to_pb(s: Sex) -> PbSex {
@@ -145,7 +147,7 @@ pub fn field_names(fields: &BTreeSet<CitizenField>) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::synth::Population;
+    use civgate_dev::synth::Population;
 
     #[test]
     fn mask_leaves_exactly_the_allowed_fields() {

@@ -380,7 +380,7 @@ mod tests {
     fn repository_config_builds_with_dev_certificates() {
         install_provider();
         let dir = tempfile::tempdir().unwrap();
-        crate::certs::init(&dir.path().join("certs"), false).unwrap();
+        civgate_dev::certs::init(&dir.path().join("certs"), false).unwrap();
         let cfg = Config::parse(
             crate::config::DEFAULT_CONFIG,
             "civgate.toml".into(),
@@ -396,7 +396,7 @@ mod tests {
         install_provider();
         let dir = tempfile::tempdir().unwrap();
         let certs = dir.path().join("certs");
-        crate::certs::init(&certs, false).unwrap();
+        civgate_dev::certs::init(&certs, false).unwrap();
         let cfg = Config::parse(
             crate::config::DEFAULT_CONFIG,
             "civgate.toml".into(),
@@ -414,7 +414,7 @@ mod tests {
         let revoked = revoked(&cfg);
         assert!(revoked.contains(&key_of("revoked")));
         assert!(!revoked.contains(&key_of("registry-hp")));
-        crate::certs::revoke(&certs, "registry-hp").unwrap();
+        civgate_dev::certs::revoke(&certs, "registry-hp").unwrap();
         assert!(super::revoked(&cfg).contains(&key_of("registry-hp")));
     }
 
@@ -422,7 +422,7 @@ mod tests {
     fn missing_and_broken_files_are_each_reported_with_their_line() {
         install_provider();
         let dir = tempfile::tempdir().unwrap();
-        crate::certs::init(&dir.path().join("certs"), false).unwrap();
+        civgate_dev::certs::init(&dir.path().join("certs"), false).unwrap();
         std::fs::write(dir.path().join("certs/server.key"), "not a key").unwrap();
         std::fs::remove_file(dir.path().join("certs/crl.pem")).unwrap();
         let cfg = Config::parse(

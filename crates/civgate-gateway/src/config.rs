@@ -18,7 +18,7 @@ use crate::{
 };
 
 /// The repository's `civgate.toml`, also the embedded default used by `civgate demo`.
-pub const DEFAULT_CONFIG: &str = include_str!("../civgate.toml");
+pub const DEFAULT_CONFIG: &str = include_str!("../../../civgate.toml");
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

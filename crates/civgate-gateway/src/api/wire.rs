@@ -168,8 +168,8 @@ mod tests {
     use crate::{
         convert::{mask, present_fields, record_to_pb},
         pb::{upstream::v1::GetCitizensResponse, v1::Citizen},
-        synth::Population,
     };
+    use civgate_dev::synth::Population;
     use prost::Message;
 
     fn citizens(n: usize) -> Vec<Citizen> {
