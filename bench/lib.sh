@@ -24,3 +24,11 @@ shipped_config_on() {
         -e "s/max_in_flight_per_agency = 256/max_in_flight_per_agency = 4096/" \
         civgate.toml
 }
+
+# with_scratch: a temporary directory in T, and PIDS, the processes started into it; at exit
+# they are stopped and the directory removed.
+with_scratch() {
+    T=$(mktemp -d)
+    PIDS=()
+    trap 'for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$T"' EXIT
+}

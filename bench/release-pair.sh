@@ -19,21 +19,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
 BASE=${1:?usage: bench/release-pair.sh BASELINE_BIN [CANDIDATE_BIN] [OUT.json]}
-if [ -z "${2:-}" ]; then cargo build --release --locked --quiet; fi
-CAND=${2:-$PWD/target/release/civgate}
+CAND=${2:-}
 OUT=${3:-bench/release-pair.json}
+[ -n "$CAND" ] || { cargo build --release --locked --quiet && CAND=$PWD/target/release/civgate; }
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-8}
 WARMUP=${WARMUP:-2}
 
-T=$(mktemp -d)
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$T"
-}
-trap cleanup EXIT
+with_scratch
 
 DIR=$(free_port)
 "$CAND" certs init --dir "$T/certs" >/dev/null

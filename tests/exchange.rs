@@ -9,54 +9,12 @@ use civgate::{
     api::exchange::WINDOW,
     client,
     pb::v1::{
-        AckRequest, Birth, DeathRecorded, DeliveryState, Event, GetEventStatusRequest, Parent,
-        PublishRequest, Registration, RejectRequest, Sex, SubscribeRequest, event::Payload,
-        exchange_client::ExchangeClient,
+        AckRequest, DeathRecorded, DeliveryState, Event, GetEventStatusRequest, PublishRequest,
+        RejectRequest, SubscribeRequest, event::Payload, exchange_client::ExchangeClient,
     },
 };
-use common::Env;
+use common::{Env, birth, birth_to};
 use tonic::{Code, transport::Channel};
-
-fn birth(office: &str, name: &str) -> Event {
-    Event {
-        occurred_at_unix_ms: 0,
-        in_reply_to: String::new(),
-        payload: Some(Payload::Birth(Birth {
-            registration: Some(Registration {
-                registry_office_code: office.into(),
-                book_number: "01/2026".into(),
-                entry_number: "7".into(),
-                registration_date: "2026-03-02".into(),
-                registering_official: "Trần Văn Bình".into(),
-            }),
-            full_name: name.into(),
-            sex: Sex::Female as i32,
-            date_of_birth: "2026-02-27".into(),
-            place_of_birth: "Hải Phòng".into(),
-            hometown: "Hải Phòng".into(),
-            ethnicity: "Kinh".into(),
-            nationality: "Việt Nam".into(),
-            birth_registration_province_code: "031".into(),
-            father: None,
-            mother: Some(Parent {
-                personal_id: Some("031195000002".into()),
-                full_name: "Lê Thị Hoa".into(),
-                ..Default::default()
-            }),
-        })),
-    }
-}
-
-/// [`birth`] with another mother.
-fn birth_to(mother: &str, name: &str) -> Event {
-    let mut event = birth("HP-LECHAN", name);
-    if let Some(Payload::Birth(b)) = &mut event.payload
-        && let Some(m) = &mut b.mother
-    {
-        m.personal_id = Some(mother.into());
-    }
-    event
-}
 
 /// Runs `sql` on the env's store: the SQLite file, or the PostgreSQL schema.
 async fn on_store(env: &Env, sqlite: &str, postgres: &str) {

@@ -5,18 +5,16 @@
 
 mod common;
 
-use std::time::Duration;
-
 use civgate::{
     client,
     config::DEFAULT_CONFIG,
     pb::v1::{
-        DeathRecorded, Event, GetEventStatusRequest, PublishRequest, SubscribeRequest,
-        SubscribedEvent, event::Payload, exchange_client::ExchangeClient,
+        DeathRecorded, Event, GetEventStatusRequest, PublishRequest, event::Payload,
+        exchange_client::ExchangeClient,
     },
     server::{self, ConfigSource},
 };
-use common::Env;
+use common::{Env, seqs, stream, take};
 use tonic::transport::Channel;
 
 const FIXTURES: &str = concat!(
@@ -26,27 +24,11 @@ const FIXTURES: &str = concat!(
 
 /// Puts the previous release's store where the env's gateway will open it.
 async fn restore(env: &Env) {
-    match &env.store_url {
-        None => {
-            let data = env.dir.path().join("data");
-            std::fs::create_dir_all(&data).unwrap();
-            std::fs::copy(
-                format!("{FIXTURES}/civgate.sqlite"),
-                data.join("civgate.sqlite"),
-            )
-            .unwrap();
-        }
-        Some(url) => {
-            use sqlx::Connection;
-            let schema = url.rsplit("search_path%3D").next().unwrap();
-            let dump = std::fs::read_to_string(format!("{FIXTURES}/postgres.sql")).unwrap();
-            let mut c = sqlx::PgConnection::connect(url).await.unwrap();
-            sqlx::raw_sql(sqlx::AssertSqlSafe(dump.replace("__SCHEMA__", schema)))
-                .execute(&mut c)
-                .await
-                .unwrap();
-        }
-    }
+    env.restore(
+        &format!("{FIXTURES}/civgate.sqlite"),
+        &format!("{FIXTURES}/postgres.sql"),
+    )
+    .await
 }
 
 async fn as_agency(env: &Env, addr: std::net::SocketAddr, who: &str) -> ExchangeClient<Channel> {
@@ -55,40 +37,6 @@ async fn as_agency(env: &Env, addr: std::net::SocketAddr, who: &str) -> Exchange
             .await
             .unwrap(),
     )
-}
-
-async fn stream(
-    c: &mut ExchangeClient<Channel>,
-    topic: &str,
-    group: &str,
-    from: Option<u64>,
-) -> tonic::Streaming<SubscribedEvent> {
-    c.subscribe(SubscribeRequest {
-        topic: topic.into(),
-        consumer_group: group.into(),
-        from_sequence: from,
-    })
-    .await
-    .unwrap()
-    .into_inner()
-}
-
-async fn take(s: &mut tonic::Streaming<SubscribedEvent>, n: usize) -> Vec<SubscribedEvent> {
-    let mut v = Vec::new();
-    for _ in 0..n {
-        v.push(
-            tokio::time::timeout(Duration::from_secs(10), s.message())
-                .await
-                .expect("an event within 10 s")
-                .unwrap()
-                .unwrap(),
-        );
-    }
-    v
-}
-
-fn seqs(v: &[SubscribedEvent]) -> Vec<u64> {
-    v.iter().map(|e| e.sequence).collect()
 }
 
 async fn a_store_of_the_previous_release_is_adopted(env: Env) {

@@ -20,13 +20,12 @@ use civgate::{
     },
     client,
     pb::v1::{
-        Birth, DeathRecorded, Event, GetCitizenRequest, GetEventStatusRequest, Parent,
-        PersonalIdAssigned, PublishReceipt, PublishRequest, Registration, SearchEntriesRequest,
-        Sex, SubscribeRequest, SubscribedEvent, citizens_client::CitizensClient, event::Payload,
-        exchange_client::ExchangeClient,
+        DeathRecorded, Event, GetCitizenRequest, GetEventStatusRequest, PersonalIdAssigned,
+        PublishReceipt, PublishRequest, SearchEntriesRequest, citizens_client::CitizensClient,
+        event::Payload, exchange_client::ExchangeClient,
     },
 };
-use common::Env;
+use common::{Env, birth_to, seqs, stream, take};
 use serde::{Deserialize, Serialize};
 use tonic::transport::Channel;
 
@@ -49,41 +48,11 @@ struct Expected {
     checkpoint: String,
 }
 
-fn birth(name: &str, mother: &str) -> Event {
-    Event {
-        occurred_at_unix_ms: 0,
-        in_reply_to: String::new(),
-        payload: Some(Payload::Birth(Birth {
-            registration: Some(Registration {
-                registry_office_code: "HP-LECHAN".into(),
-                book_number: "01/2026".into(),
-                entry_number: "7".into(),
-                registration_date: "2026-03-02".into(),
-                registering_official: "Trần Văn Bình".into(),
-            }),
-            full_name: name.into(),
-            sex: Sex::Female as i32,
-            date_of_birth: "2026-02-27".into(),
-            place_of_birth: "Hải Phòng".into(),
-            hometown: "Hải Phòng".into(),
-            ethnicity: "Kinh".into(),
-            nationality: "Việt Nam".into(),
-            birth_registration_province_code: "031".into(),
-            father: None,
-            mother: Some(Parent {
-                personal_id: Some(mother.into()),
-                full_name: "Lê Thị Hoa".into(),
-                ..Default::default()
-            }),
-        })),
-    }
-}
-
 fn births() -> Vec<(&'static str, Event)> {
     vec![
-        ("b1", birth("Nguyễn Thị An", "031195000002")),
-        ("b2", birth("Nguyễn Thị Bình", "031195000004")),
-        ("b3", birth("Nguyễn Thị Chi", "031195000006")),
+        ("b1", birth_to("031195000002", "Nguyễn Thị An")),
+        ("b2", birth_to("031195000004", "Nguyễn Thị Bình")),
+        ("b3", birth_to("031195000006", "Nguyễn Thị Chi")),
     ]
 }
 
@@ -136,34 +105,6 @@ async fn publish(c: &mut ExchangeClient<Channel>, key: &str, event: Event) -> Pu
     .into_inner()
 }
 
-async fn stream(
-    c: &mut ExchangeClient<Channel>,
-    topic: &str,
-    group: &str,
-) -> tonic::Streaming<SubscribedEvent> {
-    c.subscribe(SubscribeRequest {
-        topic: topic.into(),
-        consumer_group: group.into(),
-        from_sequence: None,
-    })
-    .await
-    .unwrap()
-    .into_inner()
-}
-
-async fn take(s: &mut tonic::Streaming<SubscribedEvent>, n: usize) -> Vec<u64> {
-    let mut v = Vec::new();
-    for _ in 0..n {
-        let e = tokio::time::timeout(Duration::from_secs(10), s.message())
-            .await
-            .expect("an event within 10 s")
-            .unwrap()
-            .unwrap();
-        v.push(e.sequence);
-    }
-    v
-}
-
 fn fixture_file(store: &str, name: &str) -> String {
     format!("{FIXTURE}/{store}/{name}")
 }
@@ -178,27 +119,11 @@ fn store_name(env: &Env) -> &'static str {
 
 /// Puts the fixture's store where the env's gateway will open it.
 async fn restore(env: &Env) {
-    match &env.store_url {
-        None => {
-            let data = env.dir.path().join("data");
-            std::fs::create_dir_all(&data).unwrap();
-            std::fs::copy(
-                fixture_file("sqlite", "civgate.sqlite"),
-                data.join("civgate.sqlite"),
-            )
-            .unwrap();
-        }
-        Some(url) => {
-            use sqlx::Connection;
-            let schema = url.rsplit("search_path%3D").next().unwrap();
-            let dump = std::fs::read_to_string(fixture_file("postgres", "postgres.sql")).unwrap();
-            let mut c = sqlx::PgConnection::connect(url).await.unwrap();
-            sqlx::raw_sql(sqlx::AssertSqlSafe(dump.replace("__SCHEMA__", schema)))
-                .execute(&mut c)
-                .await
-                .unwrap();
-        }
-    }
+    env.restore(
+        &fixture_file("sqlite", "civgate.sqlite"),
+        &fixture_file("postgres", "postgres.sql"),
+    )
+    .await
 }
 
 async fn the_last_releases_store_opens_as_it_was(env: Env) {
@@ -271,8 +196,8 @@ async fn the_last_releases_store_opens_as_it_was(env: Env) {
     let mut hp = exchange(&env, gw.api_addr, "registry-hp").await;
     let mut pop = exchange(&env, gw.api_addr, "population").await;
     // The population database's group resumes after its acknowledgement (2).
-    let mut s = stream(&mut pop, "civil-status", "population-db").await;
-    assert_eq!(take(&mut s, 1).await, [3]);
+    let mut s = stream(&mut pop, "civil-status", "population-db", None).await;
+    assert_eq!(seqs(&take(&mut s, 1).await), [3]);
     // Its rejection of the third birth is still its own, and the producer sees it.
     let st = hp
         .get_event_status(GetEventStatusRequest {
@@ -285,8 +210,8 @@ async fn the_last_releases_store_opens_as_it_was(env: Env) {
     assert_eq!(st.groups[0].consumer_agency_id, "population");
     assert_eq!(st.groups[0].reason, "mother not found");
     // registry-hp's group resumes after the answer it acknowledged (1): the death (2).
-    let mut s = stream(&mut hp, "population", "registry-hp").await;
-    assert_eq!(take(&mut s, 1).await, [2]);
+    let mut s = stream(&mut hp, "population", "registry-hp", None).await;
+    assert_eq!(seqs(&take(&mut s, 1).await), [2]);
 
     // A retried publish gets its original receipt; the same key with another event is refused.
     let (key, event) = births().remove(0);
@@ -298,13 +223,13 @@ async fn the_last_releases_store_opens_as_it_was(env: Env) {
     let changed = hp
         .publish(PublishRequest {
             idempotency_key: key.into(),
-            event: Some(birth("Someone Else", "031195000002")),
+            event: Some(birth_to("031195000002", "Someone Else")),
         })
         .await
         .unwrap_err();
     assert_eq!(changed.code(), tonic::Code::AlreadyExists, "{changed:?}");
     // New events continue the sequences.
-    let next = publish(&mut hp, "b4", birth("Nguyễn Thị Dung", "031195000008")).await;
+    let next = publish(&mut hp, "b4", birth_to("031195000008", "Nguyễn Thị Dung")).await;
     assert_eq!(next.sequence, 4);
     let next = publish(&mut pop, "p3", population_events("").remove(1).1).await;
     // The same death under a new key is a new event.
@@ -429,8 +354,8 @@ async fn run_exchange(env: &Env) -> Expected {
         let r = publish(&mut hp, key, event).await;
         births_out.push((key.to_owned(), r.event_id, r.sequence));
     }
-    let mut s = stream(&mut pop, "civil-status", "population-db").await;
-    assert_eq!(take(&mut s, 3).await, [1, 2, 3]);
+    let mut s = stream(&mut pop, "civil-status", "population-db", None).await;
+    assert_eq!(seqs(&take(&mut s, 3).await), [1, 2, 3]);
     drop(s);
     pop.ack(civgate::pb::v1::AckRequest {
         topic: "civil-status".into(),
@@ -452,8 +377,8 @@ async fn run_exchange(env: &Env) -> Expected {
         let r = publish(&mut pop, key, event).await;
         population_out.push((key.to_owned(), r.event_id, r.sequence));
     }
-    let mut s = stream(&mut hp, "population", "registry-hp").await;
-    assert_eq!(take(&mut s, 2).await, [1, 2]);
+    let mut s = stream(&mut hp, "population", "registry-hp", None).await;
+    assert_eq!(seqs(&take(&mut s, 2).await), [1, 2]);
     drop(s);
     hp.ack(civgate::pb::v1::AckRequest {
         topic: "population".into(),

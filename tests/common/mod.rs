@@ -65,6 +65,29 @@ impl Env {
             .unwrap()
     }
 
+    /// Puts a stored store where this env's gateway will open it: the SQLite file
+    /// `sqlite_file` into the data directory, or the PostgreSQL dump `postgres_dump` (its
+    /// schema written `__SCHEMA__`) into this env's schema.
+    pub async fn restore(&self, sqlite_file: &str, postgres_dump: &str) {
+        match &self.store_url {
+            None => {
+                let data = self.dir.path().join("data");
+                std::fs::create_dir_all(&data).unwrap();
+                std::fs::copy(sqlite_file, data.join("civgate.sqlite")).unwrap();
+            }
+            Some(url) => {
+                use sqlx::Connection;
+                let schema = url.rsplit("search_path%3D").next().unwrap();
+                let dump = std::fs::read_to_string(postgres_dump).unwrap();
+                let mut c = sqlx::PgConnection::connect(url).await.unwrap();
+                sqlx::raw_sql(sqlx::AssertSqlSafe(dump.replace("__SCHEMA__", schema)))
+                    .execute(&mut c)
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+
     pub fn certs(&self) -> PathBuf {
         self.dir.path().join("certs")
     }
@@ -677,4 +700,88 @@ pub fn rss_kib(pid: u32) -> u64 {
         .find(|l| l.starts_with("VmRSS:"))
         .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         .unwrap()
+}
+
+/// A birth registered at `office` (a girl, mother `031195000002`), as a civil registry
+/// publishes it.
+pub fn birth(office: &str, name: &str) -> civgate::pb::v1::Event {
+    use civgate::pb::v1::{Birth, Event, Parent, Registration, Sex, event::Payload};
+    Event {
+        occurred_at_unix_ms: 0,
+        in_reply_to: String::new(),
+        payload: Some(Payload::Birth(Birth {
+            registration: Some(Registration {
+                registry_office_code: office.into(),
+                book_number: "01/2026".into(),
+                entry_number: "7".into(),
+                registration_date: "2026-03-02".into(),
+                registering_official: "Trần Văn Bình".into(),
+            }),
+            full_name: name.into(),
+            sex: Sex::Female as i32,
+            date_of_birth: "2026-02-27".into(),
+            place_of_birth: "Hải Phòng".into(),
+            hometown: "Hải Phòng".into(),
+            ethnicity: "Kinh".into(),
+            nationality: "Việt Nam".into(),
+            birth_registration_province_code: "031".into(),
+            father: None,
+            mother: Some(Parent {
+                personal_id: Some("031195000002".into()),
+                full_name: "Lê Thị Hoa".into(),
+                ..Default::default()
+            }),
+        })),
+    }
+}
+
+/// [`birth`] with another mother.
+pub fn birth_to(mother: &str, name: &str) -> civgate::pb::v1::Event {
+    let mut event = birth("HP-LECHAN", name);
+    if let Some(civgate::pb::v1::event::Payload::Birth(b)) = &mut event.payload
+        && let Some(m) = &mut b.mother
+    {
+        m.personal_id = Some(mother.into());
+    }
+    event
+}
+
+/// A subscription of `group` to `topic` (from `from`, or after its acknowledgement).
+pub async fn stream(
+    c: &mut civgate::pb::v1::exchange_client::ExchangeClient<tonic::transport::Channel>,
+    topic: &str,
+    group: &str,
+    from: Option<u64>,
+) -> tonic::Streaming<civgate::pb::v1::SubscribedEvent> {
+    c.subscribe(civgate::pb::v1::SubscribeRequest {
+        topic: topic.into(),
+        consumer_group: group.into(),
+        from_sequence: from,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+/// The next `n` events of a subscription, each within 10 s.
+pub async fn take(
+    s: &mut tonic::Streaming<civgate::pb::v1::SubscribedEvent>,
+    n: usize,
+) -> Vec<civgate::pb::v1::SubscribedEvent> {
+    let mut v = Vec::new();
+    for _ in 0..n {
+        v.push(
+            tokio::time::timeout(Duration::from_secs(10), s.message())
+                .await
+                .expect("an event within 10 s")
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    v
+}
+
+/// Their sequences.
+pub fn seqs(v: &[civgate::pb::v1::SubscribedEvent]) -> Vec<u64> {
+    v.iter().map(|e| e.sequence).collect()
 }
