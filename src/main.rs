@@ -209,25 +209,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
             running.run_until_signalled().await
         }
         Command::Migrate { config, store_url } => {
-            let mut cfg =
-                civgate::config::Config::load(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
-            if let Some(u) = store_url {
-                cfg.file.store.url = u;
-            }
-            match cfg.store() {
-                civgate::store::Store::Postgres { url, pool_max } => {
-                    let pool =
-                        civgate::store::pg_pool(&url, pool_max, std::time::Duration::from_secs(10))
-                            .await?;
-                    let version = civgate::store::migrate(&pool).await?;
-                    println!("schema at version {version}");
-                    Ok(())
-                }
-                civgate::store::Store::Sqlite(dir) => anyhow::bail!(
-                    "[store] url is empty: the SQLite stores in {} create their schema when the gateway starts",
-                    dir.display()
-                ),
-            }
+            let version = server::migrate(&config, store_url).await?;
+            println!("schema at version {version}");
+            Ok(())
         }
         Command::Certs {
             command: CertsCommand::Init { dir, force },

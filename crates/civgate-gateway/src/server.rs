@@ -512,6 +512,26 @@ impl Running {
     }
 }
 
+/// `civgate migrate`: applies the PostgreSQL schema of the store `config` names (or
+/// `store_url`) and returns its version, without serving. A SQLite store has nothing to apply:
+/// its schema is made when the gateway starts.
+pub async fn migrate(config: &std::path::Path, store_url: Option<String>) -> Result<i64> {
+    let mut cfg = Config::load(config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if let Some(u) = store_url {
+        cfg.file.store.url = u;
+    }
+    match cfg.store() {
+        crate::store::Store::Postgres { url, pool_max } => {
+            let pool = crate::store::pg_pool(&url, pool_max, Duration::from_secs(10)).await?;
+            crate::store::migrate(&pool).await
+        }
+        crate::store::Store::Sqlite(dir) => anyhow::bail!(
+            "[store] url is empty: the SQLite stores in {} create their schema when the gateway starts",
+            dir.display()
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,66 @@
+//! Unit tests of `exchange`.
+
+use super::*;
+use crate::pb::v1::{DeathRecorded, Event, Marriage, PersonalIdReissued, event::Payload};
+
+fn delivered(sequence: u64, payload: Option<Payload>) -> SubscribedEvent {
+    SubscribedEvent {
+        sequence,
+        event: payload.map(|p| Event {
+            occurred_at_unix_ms: 0,
+            in_reply_to: String::new(),
+            payload: Some(p),
+        }),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn a_delivery_record_names_each_citizen_once_and_the_event_types() {
+    let batch = [
+        delivered(
+            7,
+            Some(Payload::DeathRecorded(DeathRecorded {
+                personal_id: "031095000001".into(),
+                ..Default::default()
+            })),
+        ),
+        delivered(
+            8,
+            Some(Payload::PersonalIdReissued(PersonalIdReissued {
+                old_personal_id: "031095000001".into(),
+                new_personal_id: "001195000123".into(),
+                ..Default::default()
+            })),
+        ),
+        // Does not decode: delivered as is, adds nothing to the record.
+        delivered(9, None),
+        delivered(
+            10,
+            Some(Payload::Marriage(Marriage {
+                spouse1_personal_id: "not an id".into(),
+                spouse2_personal_id: "031195000002".into(),
+                ..Default::default()
+            })),
+        ),
+    ];
+    let facts = delivery_facts(&batch);
+    assert_eq!(
+        facts.subjects,
+        ["001195000123", "031095000001", "031195000002"]
+    );
+    assert_eq!(
+        facts.fields,
+        [
+            "event:death_recorded",
+            "event:marriage",
+            "event:personal_id_reissued"
+        ]
+    );
+    assert!(facts.purpose.is_empty() && facts.recorded.is_none());
+    assert_eq!(
+        delivery_detail("population", "civil-registry-hp", &batch),
+        "delivered:population:civil-registry-hp:7-10"
+    );
+    assert_eq!(delivery_facts(&[]), Facts::default());
+}

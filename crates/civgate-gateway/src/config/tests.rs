@@ -1,0 +1,154 @@
+//! Unit tests of `config`.
+
+use super::*;
+
+fn parse(s: &str) -> Result<Config, ConfigErrors> {
+    Config::parse(s, PathBuf::from("t.toml"), PathBuf::from("/etc/civgate"))
+}
+
+const MINIMAL: &str = r#"
+[tls]
+cert = "certs/server.pem"
+key = "certs/server.key"
+client_ca = "certs/ca.pem"
+"#;
+
+#[test]
+fn serving_threads_follow_the_setting_and_the_cores() {
+    let with = |worker_threads| ServerSection {
+        worker_threads,
+        ..ServerSection::default()
+    };
+    assert_eq!(with(0).serving_threads(1), 1);
+    assert_eq!(with(0).serving_threads(2), 1);
+    assert_eq!(with(0).serving_threads(3), 3);
+    assert_eq!(with(0).serving_threads(16), 16);
+    assert_eq!(with(1).serving_threads(16), 1);
+    assert_eq!(with(2).serving_threads(2), 2);
+    assert_eq!(with(4).serving_threads(2), 4);
+}
+
+#[test]
+fn upstream_connections_default_to_one_per_serving_thread() {
+    let c = Config::parse(DEFAULT_CONFIG, "civgate.toml".into(), ".".into()).unwrap();
+    let up = c.file.upstream.clone().unwrap();
+    assert_eq!(up.connections, 0);
+    assert_eq!(up.links(1), 1);
+    assert_eq!(up.links(8), 8);
+    let fixed = UpstreamSection {
+        connections: 3,
+        ..up
+    };
+    assert_eq!(fixed.links(1), 3);
+}
+
+#[test]
+fn repository_config_parses() {
+    let c = Config::parse(DEFAULT_CONFIG, "civgate.toml".into(), ".".into()).unwrap();
+    assert_eq!(c.file.server.listen, "127.0.0.1:7443".parse().unwrap());
+    assert_eq!(
+        c.file.server.admin_listen,
+        "127.0.0.1:9095".parse().unwrap()
+    );
+    let policy = c.policy();
+    assert_eq!(
+        policy.agencies[&"registry-hp".parse().unwrap()].role,
+        Role::CivilRegistry
+    );
+    assert!(c.file.purposes.len() >= 6);
+}
+
+#[test]
+fn defaults_apply_and_paths_resolve_against_the_file() {
+    let c = parse(MINIMAL).unwrap();
+    assert_eq!(c.file.server.handshake_timeout_ms, 5_000);
+    assert_eq!(c.file.limits.max_message_bytes, 4 * 1024 * 1024);
+    assert_eq!(
+        c.resolve(c.file.tls.cert.get_ref()),
+        PathBuf::from("/etc/civgate/certs/server.pem")
+    );
+}
+
+#[test]
+fn unknown_role_names_key_and_line() {
+    let src = format!("{MINIMAL}\n[agencies.registry-hp]\nrole = \"mayor\"\n");
+    let err = parse(&src).unwrap_err();
+    let e = &err.0[0];
+    assert_eq!(e.line, Some(8), "{err}");
+    assert_eq!(e.key, "agencies.registry-hp.role");
+    assert!(e.message.contains("mayor"), "{err}");
+    assert!(
+        err.to_string()
+            .starts_with("t.toml:8: agencies.registry-hp.role:")
+    );
+}
+
+#[test]
+fn syntax_error_names_the_line() {
+    let src = format!("{MINIMAL}\n[server]\nlisten = \n");
+    let err = parse(&src).unwrap_err();
+    assert_eq!(err.0[0].line, Some(8), "{err}");
+}
+
+#[test]
+fn unknown_key_is_refused() {
+    let src = format!("{MINIMAL}\n[server]\nlisen = \"127.0.0.1:1\"\n");
+    let err = parse(&src).unwrap_err();
+    assert_eq!(err.0[0].line, Some(8), "{err}");
+    assert!(err.0[0].message.contains("lisen"), "{err}");
+}
+
+#[test]
+fn invalid_agency_id_is_refused() {
+    let src = format!("{MINIMAL}\n[agencies.Bad_Id]\nrole = \"auditor\"\n");
+    let err = parse(&src).unwrap_err();
+    assert!(err.to_string().contains("Bad_Id"), "{err}");
+}
+
+#[test]
+fn provinces_only_for_civil_registries_and_only_known_ones() {
+    let err = parse(&format!(
+        "{MINIMAL}\n[agencies.population]\nrole = \"population_db\"\nprovinces = [\"031\"]\n"
+    ))
+    .unwrap_err();
+    assert_eq!(err.0[0].key, "agencies.population.provinces");
+    let err = parse(&format!(
+        "{MINIMAL}\n[agencies.registry-x]\nrole = \"civil_registry\"\nprovinces = [\"003\"]\n"
+    ))
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("not a known province code"),
+        "{err}"
+    );
+    let err = parse(&format!(
+        "{MINIMAL}\n[agencies.population]\nrole = \"population_db\"\nconsumer_groups = [\"a b\"]\n"
+    ))
+    .unwrap_err();
+    assert_eq!(err.0[0].key, "agencies.population.consumer_groups");
+}
+
+#[test]
+fn registry_offices_only_for_civil_registries() {
+    let src = format!(
+        "{MINIMAL}\n[agencies.population]\nrole = \"population_db\"\nregistry_offices = [\"HP-1\"]\n"
+    );
+    let err = parse(&src).unwrap_err();
+    assert_eq!(err.0[0].line, Some(9), "{err}");
+    assert_eq!(err.0[0].key, "agencies.population.registry_offices");
+}
+
+#[test]
+fn unknown_purpose_field_is_refused() {
+    let src = format!("{MINIMAL}\n[purposes.X]\nfields = [\"full_name\", \"shoe_size\"]\n");
+    let err = parse(&src).unwrap_err();
+    assert!(err.to_string().contains("shoe_size"), "{err}");
+    assert_eq!(err.0[0].line, Some(8));
+}
+
+#[test]
+fn tls_min_version_parses() {
+    let src = MINIMAL.replace("[tls]", "[tls]\nmin_version = \"1.3\"");
+    assert_eq!(parse(&src).unwrap().file.tls.min_version, TlsVersion::Tls13);
+    let src = MINIMAL.replace("[tls]", "[tls]\nmin_version = \"1.0\"");
+    assert!(parse(&src).is_err());
+}
