@@ -560,3 +560,32 @@ async fn the_store_is_readable_by_its_owner_only() {
     assert_eq!(mode("data/civgate.sqlite-wal"), 0o600);
     gw.shutdown().await.unwrap();
 }
+
+/// `civgate migrate` applies the PostgreSQL schema without serving (again: nothing to do), and
+/// says why a SQLite store has nothing to apply.
+#[tokio::test]
+async fn migrate_applies_the_postgres_schema_and_explains_sqlite() {
+    let env = Env::new();
+    let sqlite = civgate(&["migrate", "--config", "civgate.toml"], env.dir.path());
+    assert!(!sqlite.status.success(), "{sqlite:?}");
+    assert!(
+        String::from_utf8_lossy(&sqlite.stderr)
+            .contains("create their schema when the gateway starts"),
+        "{sqlite:?}"
+    );
+    let Some(url) = civgate::store::test_schema("migrate_cli").await else {
+        return;
+    };
+    for _ in 0..2 {
+        let out = civgate(
+            &["migrate", "--config", "civgate.toml", "--store-url", &url],
+            env.dir.path(),
+        );
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "schema at version 6"
+        );
+    }
+    civgate::store::drop_test_schema(&url).await;
+}

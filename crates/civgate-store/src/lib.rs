@@ -202,8 +202,21 @@ pub async fn pg_pool(url: &str, max: u32, timeout: Duration) -> Result<PgPool> {
 }
 
 /// Applies the schema migrations this build knows and returns the resulting version.
+///
+/// On a connection of its own, without the pool's statement and lock timeouts (the store's
+/// commit timeout, 2 s by default): an upgrade that copies a large table, or that waits for
+/// another replica's, takes as long as it takes. The connection is closed afterwards.
 pub async fn migrate(pool: &PgPool) -> Result<i64> {
-    let mut conn = pool.acquire().await?;
+    let mut conn = pool.acquire().await?.detach();
+    sqlx::raw_sql("SET statement_timeout = 0; SET lock_timeout = 0")
+        .execute(&mut conn)
+        .await?;
+    let result = migrate_on(&mut conn).await;
+    let _ = sqlx::Connection::close(conn).await;
+    result
+}
+
+async fn migrate_on(conn: &mut sqlx::PgConnection) -> Result<i64> {
     sqlx::query("SELECT pg_advisory_lock($1)")
         .bind(LOCK_MIGRATE)
         .execute(&mut *conn)
@@ -474,5 +487,39 @@ mod tests {
         assert!(is_postgres_url("postgresql://u@h/db"));
         assert!(!is_postgres_url("sqlite://x"));
         assert!(!is_postgres_url(""));
+    }
+
+    /// A migration is not bound by the store's commit timeout: with a pool whose statements
+    /// may wait 100 ms, it waits for a table another session holds locked for 600 ms, and
+    /// completes; the pool's own connections keep their timeout.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_migration_outlasts_the_commit_timeout() {
+        use sqlx::Connection;
+        let Some(url) = test_schema("migrate_timeout").await else {
+            return;
+        };
+        let pool = pg_pool(&url, 2, Duration::from_millis(100)).await.unwrap();
+        let version = migrate(&pool).await.unwrap();
+        let mut holder = sqlx::PgConnection::connect(&url).await.unwrap();
+        let mut tx = holder.begin().await.unwrap();
+        sqlx::raw_sql("LOCK TABLE civgate_schema IN ACCESS EXCLUSIVE MODE")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        let started = std::time::Instant::now();
+        let again = tokio::spawn({
+            let pool = pool.clone();
+            async move { migrate(&pool).await }
+        });
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        // Meanwhile a statement of the pool gives up after its 100 ms.
+        let pooled = sqlx::query("SELECT count(*) FROM civgate_schema")
+            .execute(&pool)
+            .await;
+        assert!(pooled.is_err(), "the pool's statements keep their timeout");
+        tx.commit().await.unwrap();
+        assert_eq!(again.await.unwrap().unwrap(), version);
+        assert!(started.elapsed() >= Duration::from_millis(600));
+        drop_test_schema(&url).await;
     }
 }
