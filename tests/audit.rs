@@ -16,7 +16,7 @@ use civgate::{
         SearchEntriesRequest, audit_client::AuditClient, citizens_client::CitizensClient,
     },
 };
-use common::{Env, http_get};
+use common::{Env, audit_online, http_get};
 use prost::Message;
 use sqlx::Connection;
 use tonic::Code;
@@ -40,14 +40,6 @@ fn get(id: &str) -> GetCitizenRequest {
 
 fn verifier(env: &Env) -> Verifier {
     Verifier::parse(&std::fs::read_to_string(env.certs().join("audit.vkey")).unwrap()).unwrap()
-}
-
-async fn auditor(env: &Env, addr: std::net::SocketAddr) -> Online {
-    Online::new(
-        client::connect(addr, &env.certs(), Some("auditor"))
-            .await
-            .unwrap(),
-    )
 }
 
 /// Waits until the signed checkpoint covers at least `n` entries.
@@ -307,7 +299,7 @@ async fn tampered(env: Env, kind: Tamper) -> String {
     for p in stack.people.iter().take(30) {
         reg.get_citizen(get(p.personal_id.as_str())).await.unwrap();
     }
-    let mut online = auditor(&env, gw.api_addr).await;
+    let mut online = audit_online(&env, gw.api_addr).await;
     checkpoint_at_least(&mut online, &v, 30).await;
     auditor::verify_online(&mut online, &v, &state)
         .await
@@ -328,7 +320,7 @@ async fn tampered(env: Env, kind: Tamper) -> String {
     }
 
     let gw = env.start_with(&text).await;
-    let mut online = auditor(&env, gw.api_addr).await;
+    let mut online = audit_online(&env, gw.api_addr).await;
     let err = auditor::verify_online(&mut online, &v, &state)
         .await
         .expect_err("tampering must be detected");
@@ -372,7 +364,7 @@ async fn rewritten_history_with_a_freshly_signed_checkpoint_is_caught() {
         for p in stack.people.iter().take(10) {
             reg.get_citizen(get(p.personal_id.as_str())).await.unwrap();
         }
-        let mut online = auditor(&env, gw.api_addr).await;
+        let mut online = audit_online(&env, gw.api_addr).await;
         checkpoint_at_least(&mut online, &v, 10).await;
         auditor::verify_online(&mut online, &v, &state)
             .await
@@ -390,7 +382,7 @@ async fn rewritten_history_with_a_freshly_signed_checkpoint_is_caught() {
     for p in stack.people.iter().skip(100).take(40) {
         reg.get_citizen(get(p.personal_id.as_str())).await.unwrap();
     }
-    let mut online = auditor(&env, gw.api_addr).await;
+    let mut online = audit_online(&env, gw.api_addr).await;
     checkpoint_at_least(&mut online, &v, 40).await;
     // Taken alone, the new log is self-consistent...
     let fresh_state = env.dir.path().join("fresh-state.json");
@@ -416,7 +408,7 @@ async fn offline_verify_of_an_export_matches_online(env: Env) {
     for p in stack.people.iter().take(12) {
         reg.get_citizen(get(p.personal_id.as_str())).await.unwrap();
     }
-    let mut online = auditor(&env, gw.api_addr).await;
+    let mut online = audit_online(&env, gw.api_addr).await;
     checkpoint_at_least(&mut online, &v, 12).await;
     let path = env.dir.path().join("export.jsonl");
     let mut f = std::fs::File::create(&path).unwrap();

@@ -13,7 +13,7 @@ use civgate::{
         RejectRequest, SubscribeRequest, event::Payload, exchange_client::ExchangeClient,
     },
 };
-use common::{Env, birth, birth_to};
+use common::{Env, as_agency, birth, birth_to};
 use tonic::{Code, transport::Channel};
 
 /// Runs `sql` on the env's store: the SQLite file, or the PostgreSQL schema.
@@ -66,14 +66,6 @@ async fn auditor(
 ) -> civgate::pb::v1::audit_client::AuditClient<Channel> {
     civgate::pb::v1::audit_client::AuditClient::new(
         client::connect(addr, &env.certs(), Some("auditor"))
-            .await
-            .unwrap(),
-    )
-}
-
-async fn as_agency(env: &Env, addr: std::net::SocketAddr, who: &str) -> ExchangeClient<Channel> {
-    ExchangeClient::new(
-        client::connect(addr, &env.certs(), Some(who))
             .await
             .unwrap(),
     )

@@ -13,19 +13,11 @@ use civgate::{
         Sex, SubscribeRequest, SubscribedEvent, event::Payload, exchange_client::ExchangeClient,
     },
 };
-use common::Env;
+use common::{Env, as_agency, publish};
 use tonic::{Code, transport::Channel};
 
 const CS: &str = "civil-status";
 const POP: &str = "population";
-
-async fn as_agency(env: &Env, addr: std::net::SocketAddr, who: &str) -> ExchangeClient<Channel> {
-    ExchangeClient::new(
-        client::connect(addr, &env.certs(), Some(who))
-            .await
-            .unwrap(),
-    )
-}
 
 /// A birth registered by `office` in `province`, to a mother with ID `mother`.
 fn birth(office: &str, province: &str, mother: &str) -> Event {
@@ -88,16 +80,6 @@ fn assigned(child: &str, birth: &PublishReceipt) -> Event {
         }),
         &birth.event_id,
     )
-}
-
-async fn publish(c: &mut ExchangeClient<Channel>, key: &str, event: Event) -> PublishReceipt {
-    c.publish(PublishRequest {
-        idempotency_key: key.into(),
-        event: Some(event),
-    })
-    .await
-    .unwrap_or_else(|e| panic!("publish {key}: {e:?}"))
-    .into_inner()
 }
 
 async fn subscribe(

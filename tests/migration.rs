@@ -6,16 +6,11 @@
 mod common;
 
 use civgate::{
-    client,
     config::DEFAULT_CONFIG,
-    pb::v1::{
-        DeathRecorded, Event, GetEventStatusRequest, PublishRequest, event::Payload,
-        exchange_client::ExchangeClient,
-    },
+    pb::v1::{DeathRecorded, Event, GetEventStatusRequest, PublishRequest, event::Payload},
     server::{self, ConfigSource},
 };
-use common::{Env, seqs, stream, take};
-use tonic::transport::Channel;
+use common::{Env, as_agency, seqs, stream, take};
 
 const FIXTURES: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -29,14 +24,6 @@ async fn restore(env: &Env) {
         &format!("{FIXTURES}/postgres.sql"),
     )
     .await
-}
-
-async fn as_agency(env: &Env, addr: std::net::SocketAddr, who: &str) -> ExchangeClient<Channel> {
-    ExchangeClient::new(
-        client::connect(addr, &env.certs(), Some(who))
-            .await
-            .unwrap(),
-    )
 }
 
 async fn a_store_of_the_previous_release_is_adopted(env: Env) {

@@ -15,19 +15,17 @@ use std::time::Duration;
 
 use civgate::{
     audit::{
-        auditor::{self, Online, SavedState},
+        auditor::{self, SavedState},
         note::{Checkpoint, Verifier},
     },
     client,
     pb::v1::{
         DeathRecorded, Event, GetCitizenRequest, GetEventStatusRequest, PersonalIdAssigned,
-        PublishReceipt, PublishRequest, SearchEntriesRequest, citizens_client::CitizensClient,
-        event::Payload, exchange_client::ExchangeClient,
+        PublishRequest, SearchEntriesRequest, citizens_client::CitizensClient, event::Payload,
     },
 };
-use common::{Env, birth_to, seqs, stream, take};
+use common::{Env, as_agency, audit_online, birth_to, publish, seqs, stream, take};
 use serde::{Deserialize, Serialize};
-use tonic::transport::Channel;
 
 const FIXTURE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -87,24 +85,6 @@ fn population_events(first_birth: &str) -> Vec<(&'static str, Event)> {
     ]
 }
 
-async fn exchange(env: &Env, addr: std::net::SocketAddr, who: &str) -> ExchangeClient<Channel> {
-    ExchangeClient::new(
-        client::connect(addr, &env.certs(), Some(who))
-            .await
-            .unwrap(),
-    )
-}
-
-async fn publish(c: &mut ExchangeClient<Channel>, key: &str, event: Event) -> PublishReceipt {
-    c.publish(PublishRequest {
-        idempotency_key: key.into(),
-        event: Some(event),
-    })
-    .await
-    .unwrap()
-    .into_inner()
-}
-
 fn fixture_file(store: &str, name: &str) -> String {
     format!("{FIXTURE}/{store}/{name}")
 }
@@ -156,11 +136,7 @@ async fn the_last_releases_store_opens_as_it_was(env: Env) {
     .unwrap();
     let new_key =
         Verifier::parse(&std::fs::read_to_string(env.certs().join("audit.vkey")).unwrap()).unwrap();
-    let mut online = Online::new(
-        client::connect(gw.api_addr, &env.certs(), Some("auditor"))
-            .await
-            .unwrap(),
-    );
+    let mut online = audit_online(&env, gw.api_addr).await;
     // This env signs with a key of its own (the fixture's signing key is not kept): the
     // gateway serves the stored checkpoint until the log grows (each call here is audited)
     // and it signs the next one — a key rotation across the upgrade, which the auditor's
@@ -193,8 +169,8 @@ async fn the_last_releases_store_opens_as_it_was(env: Env) {
         );
     }
 
-    let mut hp = exchange(&env, gw.api_addr, "registry-hp").await;
-    let mut pop = exchange(&env, gw.api_addr, "population").await;
+    let mut hp = as_agency(&env, gw.api_addr, "registry-hp").await;
+    let mut pop = as_agency(&env, gw.api_addr, "population").await;
     // The population database's group resumes after its acknowledgement (2).
     let mut s = stream(&mut pop, "civil-status", "population-db", None).await;
     assert_eq!(seqs(&take(&mut s, 1).await), [3]);
@@ -347,8 +323,8 @@ async fn run_exchange(env: &Env) -> Expected {
             .await
             .unwrap();
     }
-    let mut hp = exchange(env, addr, "registry-hp").await;
-    let mut pop = exchange(env, addr, "population").await;
+    let mut hp = as_agency(env, addr, "registry-hp").await;
+    let mut pop = as_agency(env, addr, "population").await;
     let mut births_out = Vec::new();
     for (key, event) in births() {
         let r = publish(&mut hp, key, event).await;
@@ -391,11 +367,7 @@ async fn run_exchange(env: &Env) -> Expected {
     // A signed checkpoint covers every call of the exchange before the gateway stops.
     let verifier =
         Verifier::parse(&std::fs::read_to_string(env.certs().join("audit.vkey")).unwrap()).unwrap();
-    let mut online = Online::new(
-        client::connect(addr, &env.certs(), Some("auditor"))
-            .await
-            .unwrap(),
-    );
+    let mut online = audit_online(env, addr).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
         let (_, cp) = online.checkpoint(&verifier).await.unwrap();

@@ -785,3 +785,40 @@ pub async fn take(
 pub fn seqs(v: &[civgate::pb::v1::SubscribedEvent]) -> Vec<u64> {
     v.iter().map(|e| e.sequence).collect()
 }
+
+/// An Exchange client with `who`'s certificate.
+pub async fn as_agency(
+    env: &Env,
+    addr: SocketAddr,
+    who: &str,
+) -> civgate::pb::v1::exchange_client::ExchangeClient<tonic::transport::Channel> {
+    civgate::pb::v1::exchange_client::ExchangeClient::new(
+        civgate::client::connect(addr, &env.certs(), Some(who))
+            .await
+            .unwrap(),
+    )
+}
+
+/// Publishes `event` under `key`; its receipt (a failure panics, naming the key).
+pub async fn publish(
+    c: &mut civgate::pb::v1::exchange_client::ExchangeClient<tonic::transport::Channel>,
+    key: &str,
+    event: civgate::pb::v1::Event,
+) -> civgate::pb::v1::PublishReceipt {
+    c.publish(civgate::pb::v1::PublishRequest {
+        idempotency_key: key.into(),
+        event: Some(event),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("publish {key}: {e:?}"))
+    .into_inner()
+}
+
+/// The auditor's client (`civgate audit`'s), with the auditor's certificate.
+pub async fn audit_online(env: &Env, addr: SocketAddr) -> civgate::audit::auditor::Online {
+    civgate::audit::auditor::Online::new(
+        civgate::client::connect(addr, &env.certs(), Some("auditor"))
+            .await
+            .unwrap(),
+    )
+}
