@@ -14,14 +14,7 @@ ROUNDS=${ROUNDS:-3}
 REDIS=${REDIS:-redis://127.0.0.1:6379}
 if [ -z "${CIVGATE_BIN:-}" ]; then cargo build --release --locked --quiet; fi
 B=${CIVGATE_BIN:-$PWD/target/release/civgate}
-T=$(mktemp -d)
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$T"
-}
-trap cleanup EXIT
+with_scratch
 GW=$(free_port); ADMIN=$(free_port); GW1=$(free_port); ADMIN1=$(free_port); DIR=$(free_port)
 "$B" certs init --dir "$T/certs" >/dev/null
 shipped_config_on "$GW" "$ADMIN" "$DIR" >"$T/embedded.toml"

@@ -27,14 +27,7 @@ PUBLISH_SECS=${PUBLISH_SECS:-55}
 # CATCH_UP=0 measures only the delivery latency (with both registries subscribed).
 CATCH_UP=${CATCH_UP:-1000000}
 
-T=$(mktemp -d)
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$T"
-}
-trap cleanup EXIT
+with_scratch
 
 "$CAND" certs init --dir "$T/certs" >/dev/null
 unthrottled() {
