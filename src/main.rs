@@ -205,8 +205,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 data_dir,
                 store_url,
             };
+            // Before anything says "serving": a signal sent on that line must find its handler.
+            let signals = server::Signals::install()?;
             let running = server::start(ConfigSource::File(config), overrides).await?;
-            running.run_until_signalled().await
+            running.run_until_signalled(signals).await
         }
         Command::Migrate { config, store_url } => {
             let version = server::migrate(&config, store_url).await?;
@@ -246,6 +248,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     seed,
                 },
         } => {
+            let signals = server::Signals::install()?;
             let cfg = config::Config::load(&config)?;
             let running = refdb::start(
                 &cfg,
@@ -257,7 +260,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 },
             )
             .await?;
-            running.run_until_signalled().await
+            running.run_until_signalled(signals).await
         }
         Command::Bench { command } => bench::run(command).await,
         Command::Audit { conn, command } => civgate::audit::cli::run(conn, command).await,

@@ -206,14 +206,9 @@ impl RunningRefdb {
         self.task.await?
     }
 
-    pub async fn run_until_signalled(self) -> Result<()> {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
+    /// Runs until SIGTERM or SIGINT; `signals` installed before the process said it was up.
+    pub async fn run_until_signalled(self, mut signals: crate::server::Signals) -> Result<()> {
+        signals.stopped().await;
         self.shutdown().await
     }
 }

@@ -492,23 +492,51 @@ impl Running {
         result
     }
 
-    /// Runs until SIGTERM or SIGINT, reloading on SIGHUP.
-    pub async fn run_until_signalled(self) -> Result<()> {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut hup = signal(SignalKind::hangup())?;
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
+    /// Runs until SIGTERM or SIGINT, reloading on SIGHUP. `signals` must have been installed
+    /// before [`start`] logged "civgate serving": a supervisor that signals as soon as it reads
+    /// that line must never meet the default action (SIGHUP's is to terminate).
+    pub async fn run_until_signalled(self, mut signals: Signals) -> Result<()> {
         loop {
             tokio::select! {
-                _ = hup.recv() => {
+                _ = signals.hup.recv() => {
                     info!("SIGHUP: reloading configuration");
                     let _ = self.reload();
                 }
-                _ = term.recv() => break,
-                _ = int.recv() => break,
+                _ = signals.term.recv() => break,
+                _ = signals.int.recv() => break,
             }
         }
         self.shutdown().await
+    }
+}
+
+/// The process's SIGHUP, SIGTERM and SIGINT, taken over from their default actions. Install
+/// them first thing, before anything announces that the process is up.
+pub struct Signals {
+    pub hup: tokio::signal::unix::Signal,
+    pub term: tokio::signal::unix::Signal,
+    pub int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    pub fn install() -> Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            hup: signal(SignalKind::hangup())?,
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// Waits for SIGTERM or SIGINT (SIGHUP is taken and ignored).
+    pub async fn stopped(&mut self) {
+        loop {
+            tokio::select! {
+                _ = self.hup.recv() => {}
+                _ = self.term.recv() => return,
+                _ = self.int.recv() => return,
+            }
+        }
     }
 }
 
