@@ -14,7 +14,6 @@ use crate::{
     api,
     audit::{AuditLog, note::Signer},
     config::{Config, ConfigErrors},
-    gate::GateLayer,
     listener,
     pb::{
         self,
@@ -312,11 +311,21 @@ pub async fn start(source: ConfigSource, overrides: Overrides) -> Result<Running
         .max_frame_size(limits.max_frame_size)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .layer(GateLayer::new(
-            state.clone(),
-            audit.clone(),
-            crate::gate::BodyLimits::new(&limits),
-        ))
+        // The request path: the gate's layers, outermost first (see `gate`).
+        .layer({
+            use crate::gate::{self, StepLayer};
+            tower::ServiceBuilder::new()
+                .layer(StepLayer(gate::GrpcOnly))
+                .layer(StepLayer(gate::Observe::new(state.clone())))
+                .layer(StepLayer(gate::Bodies::new(
+                    state.clone(),
+                    gate::BodyLimits::new(&limits),
+                )))
+                .layer(StepLayer(gate::Refusals::new(audit.clone())))
+                .layer(StepLayer(gate::Authorize))
+                .layer(StepLayer(gate::Admit))
+                .option_layer(audit.clone().map(|log| StepLayer(gate::Audit::new(log))))
+        })
         // Health and reflection requests are a few bytes; nothing larger is read.
         .add_service(health_service.max_decoding_message_size(SMALL_MESSAGE))
         .add_service(reflection.max_decoding_message_size(SMALL_MESSAGE))

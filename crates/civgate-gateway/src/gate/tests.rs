@@ -1,6 +1,6 @@
 //! Unit tests of `gate`.
 
-use super::*;
+use super::{body::Framing, observe::http_refusal, *};
 
 #[test]
 fn only_post_with_a_grpc_content_type_passes() {
