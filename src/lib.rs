@@ -2,14 +2,14 @@
 //! Population Database. See ARCHITECTURE.md for the map.
 //!
 //! This package is the `civgate` binary: `main` dispatches its subcommands. The library
-//! re-exports the workspace's crates under one name (for the binary, the integration tests and
-//! the benchmarks) and holds what only the binary runs: the auditor's tools ([`audit`]), the
-//! demo, the load generators ([`bench`]) and the reference population directory ([`refdb`]).
+//! re-exports the workspace's crates under one name, for the binary, the integration tests and
+//! the benchmarks.
 
-pub mod audit;
-pub mod bench;
-pub mod demo;
-pub mod refdb;
+/// The audit log (`civgate-audit`) and the auditor's tools built on it (`civgate-auditor`).
+pub mod audit {
+    pub use civgate_audit::*;
+    pub use civgate_auditor::{auditor, cli};
+}
 
 pub use civgate_dev::{certs, synth};
 pub use civgate_domain as domain;
@@ -19,4 +19,6 @@ pub use civgate_gateway::{
 };
 pub use civgate_policy::{self as policy, identity, limits};
 pub use civgate_proto as pb;
+pub use civgate_refdb as refdb;
 pub use civgate_store::{self as store, sqlite};
+pub use civgate_tools::{bench, demo};

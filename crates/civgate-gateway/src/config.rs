@@ -37,9 +37,10 @@ pub struct ConfigFile {
     pub upstream: Option<UpstreamSection>,
     #[serde(default)]
     pub lookups: LookupsSection,
-    /// The reference population directory (`civgate refdb serve`, the demo).
+    /// The reference population directory's section (`civgate refdb serve`, the demo), kept
+    /// as written: the gateway does not use it, `civgate-refdb` reads and checks it.
     #[serde(default)]
-    pub refdb: RefdbSection,
+    pub refdb: Option<toml::Table>,
     #[serde(default)]
     pub audit: AuditSection,
     #[serde(default)]
@@ -169,29 +170,6 @@ impl Default for LookupsSection {
     fn default() -> Self {
         Self {
             max_search_results: 20,
-        }
-    }
-}
-
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RefdbSection {
-    pub listen: SocketAddr,
-    pub data_dir: PathBuf,
-    pub citizens: usize,
-    pub seed: u64,
-    /// Agencies (client certificate URI SANs) allowed to query the directory.
-    pub allowed_agencies: Vec<AgencyId>,
-}
-
-impl Default for RefdbSection {
-    fn default() -> Self {
-        Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 7444)),
-            data_dir: PathBuf::from("./data/refdb"),
-            citizens: 100_000,
-            seed: 1,
-            allowed_agencies: Vec::new(),
         }
     }
 }

@@ -6,12 +6,10 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use prost::Message;
 
-use super::{
-    auditor::{self, Online},
-    note::{Signer, Verifier},
-};
 use crate::{
+    auditor::{self, Online},
     client,
+    note::{Signer, Verifier},
     pb::v1::{AuditRecord, SearchEntriesRequest},
 };
 
@@ -77,7 +75,7 @@ pub enum Command {
     /// Generate a checkpoint signing key (and print its verifier key).
     Keygen {
         /// Key name (conventionally the log's origin).
-        #[arg(long, default_value = crate::audit::note::DEFAULT_KEY_NAME)]
+        #[arg(long, default_value = crate::note::DEFAULT_KEY_NAME)]
         name: String,
         #[arg(long)]
         out: PathBuf,

@@ -11,13 +11,13 @@ use prost::Message;
 use serde::{Deserialize, Serialize};
 use tonic::transport::Channel;
 
-use super::{
-    merkle::{CompactRange, Hash, leaf_hash, verify_consistency_bytes, verify_inclusion_bytes},
-    note::{Checkpoint, Verifier},
-};
 use crate::pb::v1::{
     AuditRecord, GetCheckpointRequest, GetConsistencyProofRequest, GetEntriesRequest,
     GetInclusionProofRequest, SearchEntriesRequest, audit_client::AuditClient,
+};
+use crate::{
+    merkle::{CompactRange, Hash, leaf_hash, verify_consistency_bytes, verify_inclusion_bytes},
+    note::{Checkpoint, Verifier},
 };
 
 /// What an auditor remembers between runs: the last checkpoint it verified.
@@ -343,7 +343,7 @@ fn save(state: &Path, cp: &Checkpoint) -> Result<()> {
         origin: cp.origin.clone(),
         size: cp.size,
         root: STANDARD.encode(cp.root),
-        verified_at_unix_ms: super::log::now_ms(),
+        verified_at_unix_ms: crate::now_ms(),
     }
     .save(state)
 }

@@ -13,19 +13,65 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::info;
 
-use crate::{
+use civgate_audit as audit;
+use civgate_dev::synth;
+use civgate_domain as domain;
+use civgate_gateway::{
+    client,
     config::Config,
-    convert::{fields_from_names, mask, record_to_pb},
-    domain::{AgencyId, PersonalId, parse_date},
+    convert::{self, fields_from_names, mask, record_to_pb},
     listener::{self, AcceptSettings, ConnInfo},
+    server, telemetry, tls,
+};
+use civgate_proto as pb;
+use civgate_store::sqlite;
+use serde::Deserialize;
+
+use crate::{
+    domain::{AgencyId, PersonalId, parse_date},
     pb::upstream::v1::{
         GetCitizensRequest, GetCitizensResponse, SearchCitizensRequest, SearchCitizensResponse,
         population_directory_server::{PopulationDirectory, PopulationDirectoryServer},
     },
-    telemetry, tls,
 };
 
 pub use store::DirectoryStore;
+
+/// The `[refdb]` section of the configuration file (the gateway's file: the directory shares
+/// its PKI and server settings).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RefdbSection {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub citizens: usize,
+    pub seed: u64,
+    /// Agencies (client certificate URI SANs) allowed to query the directory.
+    pub allowed_agencies: Vec<AgencyId>,
+}
+
+impl Default for RefdbSection {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7444)),
+            data_dir: PathBuf::from("./data/refdb"),
+            citizens: 100_000,
+            seed: 1,
+            allowed_agencies: Vec::new(),
+        }
+    }
+}
+
+impl RefdbSection {
+    /// The section of `config`, its defaults where absent; a mistake is named by key.
+    pub fn of(config: &Config) -> Result<Self> {
+        let Some(table) = &config.file.refdb else {
+            return Ok(Self::default());
+        };
+        Self::deserialize(table.clone())
+            .map_err(|e| anyhow::anyhow!("{}: [refdb]: {}", config.origin.display(), e.message()))
+    }
+}
 
 /// Largest batch / search answer the directory gives.
 pub const MAX_BATCH: usize = 100;
@@ -147,7 +193,7 @@ pub struct RunningRefdb {
 
 /// Loads (or reuses) the population and serves the directory over mTLS.
 pub async fn start(config: &Config, o: RefdbOverrides) -> Result<RunningRefdb> {
-    let section = &config.file.refdb;
+    let section = &RefdbSection::of(config)?;
     let listen = o.listen.unwrap_or(section.listen);
     let data_dir = o
         .data_dir
@@ -210,5 +256,42 @@ impl RunningRefdb {
     pub async fn run_until_signalled(self, mut signals: crate::server::Signals) -> Result<()> {
         signals.stopped().await;
         self.shutdown().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use civgate_gateway::config::DEFAULT_CONFIG;
+
+    fn config(text: &str) -> Config {
+        Config::parse(text, "civgate.toml".into(), ".".into()).expect("the gateway's checks pass")
+    }
+
+    #[test]
+    fn the_refdb_section_is_read_here_and_its_mistakes_named() {
+        let shipped = RefdbSection::of(&config(DEFAULT_CONFIG)).unwrap();
+        assert_eq!(shipped.listen, SocketAddr::from(([127, 0, 0, 1], 7444)));
+        assert_eq!(shipped.allowed_agencies.len(), 1);
+
+        // Absent: the defaults.
+        let start = DEFAULT_CONFIG.find("[refdb]").unwrap();
+        let end = start + DEFAULT_CONFIG[start..].find("\n\n").unwrap();
+        let without = format!("{}{}", &DEFAULT_CONFIG[..start], &DEFAULT_CONFIG[end..]);
+        let absent = RefdbSection::of(&config(&without)).unwrap();
+        assert!(absent.allowed_agencies.is_empty());
+
+        // A misspelt key passes the gateway (which does not read the section) and is named
+        // by the directory, with the file.
+        let typo = DEFAULT_CONFIG.replace("citizens = 100000", "citizen = 100000");
+        assert_ne!(typo, DEFAULT_CONFIG);
+        let err = RefdbSection::of(&config(&typo)).unwrap_err().to_string();
+        assert!(
+            err.contains("civgate.toml: [refdb]") && err.contains("citizen"),
+            "{err}"
+        );
+        let bad = DEFAULT_CONFIG.replace("seed = 1\n", "seed = \"one\"\n");
+        assert_ne!(bad, DEFAULT_CONFIG);
+        assert!(RefdbSection::of(&config(&bad)).is_err());
     }
 }
