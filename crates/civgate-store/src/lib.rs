@@ -1,8 +1,10 @@
 //! Where the journal and the audit log keep their state: SQLite files in the data directory
 //! (one machine, the default) or one PostgreSQL database shared by several gateway replicas.
 //!
-//! PostgreSQL: one schema, applied under an advisory lock so replicas starting together do not
-//! race, and recorded in `civgate_schema`; `civgate migrate` applies it without serving.
+//! PostgreSQL: one schema, one SQL file per version (`migrations/postgres/`), applied by sqlx's
+//! `Migrator` under an advisory lock so replicas starting together do not race, each version
+//! recorded with its checksum in `_sqlx_migrations` and, for earlier builds, in
+//! `civgate_schema`; `civgate migrate` applies it without serving.
 
 pub mod sqlite;
 
@@ -46,17 +48,48 @@ pub fn is_postgres_url(url: &str) -> bool {
     url.starts_with("postgres://") || url.starts_with("postgresql://")
 }
 
-/// The schema version this build writes. Bump with a new entry in `MIGRATIONS`.
-const MIGRATIONS: &[(i64, &str)] = &[
-    (1, SCHEMA_V1),
-    (2, SCHEMA_V2),
-    (3, SCHEMA_V3),
-    (4, SCHEMA_V4),
-    (5, SCHEMA_V5),
-    (6, SCHEMA_V6),
+/// The schema versions this build knows: version, description, SQL. Bump with a new file in
+/// `migrations/postgres/` and an entry here.
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "journal and audit", SCHEMA_V1),
+    (2, "rows writers lock", SCHEMA_V2),
+    (3, "subtrees by leaf end", SCHEMA_V3),
+    (4, "block filters", SCHEMA_V4),
+    (5, "block summaries", SCHEMA_V5),
+    (6, "owned groups and audiences", SCHEMA_V6),
 ];
 
-/// Where the applied schema versions are recorded.
+/// sqlx's migrator over [`MIGRATIONS`] (embedded at build time, as `sqlx::migrate!` would,
+/// without the macro, which would compile the SQLite driver a second time for the compiler's
+/// host): each version applied once, in its own transaction, recorded with its checksum in
+/// `_sqlx_migrations`; a recorded version whose file has since changed is refused.
+fn migrator() -> sqlx::migrate::Migrator {
+    use sqlx::{
+        SqlSafeStr,
+        migrate::{Migration, MigrationType, Migrator},
+    };
+    let mut m = Migrator::with_migrations(
+        MIGRATIONS
+            .iter()
+            .map(|(v, description, sql)| {
+                Migration::new(
+                    *v,
+                    std::borrow::Cow::Borrowed(*description),
+                    MigrationType::Simple,
+                    // Constant schema text of this build.
+                    sqlx::AssertSqlSafe(*sql).into_sql_str(),
+                    false,
+                )
+            })
+            .collect(),
+    );
+    // `migrate` holds its own advisory lock around the adoption and the run.
+    m.set_locking(false);
+    m
+}
+
+/// Where earlier releases recorded the applied schema versions (and still look, to refuse a
+/// schema newer than they know): kept up to date beside `_sqlx_migrations`.
 const SCHEMA_VERSIONS: &str = "CREATE TABLE IF NOT EXISTS civgate_schema (version BIGINT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())";
 
 /// Advisory-lock key for applying migrations (an arbitrary constant).
@@ -221,42 +254,59 @@ async fn migrate_on(conn: &mut sqlx::PgConnection) -> Result<i64> {
         .bind(LOCK_MIGRATE)
         .execute(&mut *conn)
         .await?;
-    let result = async {
-        sqlx::raw_sql(SCHEMA_VERSIONS).execute(&mut *conn).await?;
-        let current: Option<i64> = sqlx::query_scalar("SELECT max(version) FROM civgate_schema")
-            .fetch_one(&mut *conn)
-            .await?;
-        let current = current.unwrap_or(0);
-        let known = MIGRATIONS.last().map_or(0, |(v, _)| *v);
-        anyhow::ensure!(
-            current <= known,
-            "the database schema is version {current}, newer than this build knows ({known})"
-        );
-        let mut version = current;
-        for (v, sql) in MIGRATIONS {
-            if *v <= current {
-                continue;
-            }
-            let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-            // Constant schema text of this build.
-            sqlx::raw_sql(sqlx::AssertSqlSafe(*sql))
-                .execute(&mut *tx)
-                .await?;
-            sqlx::query("INSERT INTO civgate_schema (version) VALUES ($1)")
-                .bind(*v)
-                .execute(&mut *tx)
-                .await?;
-            tx.commit().await?;
-            version = *v;
-        }
-        Ok::<_, anyhow::Error>(version)
-    }
-    .await;
+    let result = migrate_locked(conn).await;
     let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
         .bind(LOCK_MIGRATE)
         .execute(&mut *conn)
         .await;
     result
+}
+
+async fn migrate_locked(conn: &mut sqlx::PgConnection) -> Result<i64> {
+    use sqlx::migrate::Migrate;
+    sqlx::raw_sql(SCHEMA_VERSIONS).execute(&mut *conn).await?;
+    let current: Option<i64> = sqlx::query_scalar("SELECT max(version) FROM civgate_schema")
+        .fetch_one(&mut *conn)
+        .await?;
+    let current = current.unwrap_or(0);
+    let known = MIGRATIONS.last().map_or(0, |(v, _, _)| *v);
+    anyhow::ensure!(
+        current <= known,
+        "the database schema is version {current}, newer than this build knows ({known})"
+    );
+    let migrator = migrator();
+    conn.ensure_migrations_table("_sqlx_migrations").await?;
+    // Adoption: the versions an earlier release applied are recorded in `civgate_schema` only.
+    // They are recorded for sqlx as applied, with this build's checksum and an execution time
+    // of -1 (adopted, not timed), so the migrator applies only what follows them.
+    for m in migrator.iter().filter(|m| m.version <= current) {
+        sqlx::query(
+            "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+             VALUES ($1, $2, TRUE, $3, -1) ON CONFLICT (version) DO NOTHING",
+        )
+        .bind(m.version)
+        .bind(&*m.description)
+        .bind(&*m.checksum)
+        .execute(&mut *conn)
+        .await?;
+    }
+    // `run` on a connection is not `Send` in a generic future (launchbadge/sqlx#2016);
+    // `run_direct` is sqlx's own way around it: the same steps, on the connection given.
+    migrator
+        .run_direct(None, &mut *conn, false)
+        .await
+        .context("applying the PostgreSQL schema")?;
+    sqlx::query(
+        "INSERT INTO civgate_schema (version) SELECT version FROM _sqlx_migrations \
+         WHERE success ON CONFLICT (version) DO NOTHING",
+    )
+    .execute(&mut *conn)
+    .await?;
+    let version: Option<i64> =
+        sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
+            .fetch_one(&mut *conn)
+            .await?;
+    Ok(version.unwrap_or(0))
 }
 
 #[cfg(any(test, feature = "test-utils"))]
@@ -447,7 +497,7 @@ mod tests {
             .execute(&mut *tx)
             .await
             .unwrap();
-        for (v, sql) in &MIGRATIONS[..2] {
+        for (v, _, sql) in &MIGRATIONS[..2] {
             sqlx::raw_sql(sqlx::AssertSqlSafe(*sql))
                 .execute(&mut *tx)
                 .await
@@ -477,6 +527,54 @@ mod tests {
             rows,
             vec![(6, 0, vec![0x05]), (8, 2, vec![0x21]), (32, 5, vec![0x50])]
         );
+        // The two versions applied the earlier way were adopted (execution time -1), the rest
+        // applied by sqlx's migrator; both tables say the same.
+        let recorded: Vec<(i64, i64)> = sqlx::query_as(
+            "SELECT version, execution_time FROM _sqlx_migrations WHERE success ORDER BY version",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        let versions: Vec<i64> = recorded.iter().map(|(v, _)| *v).collect();
+        assert_eq!(versions, (1..=MIGRATIONS.len() as i64).collect::<Vec<_>>());
+        assert!(
+            recorded.iter().all(|(v, t)| (*v <= 2) == (*t == -1)),
+            "{recorded:?}"
+        );
+        let legacy: Vec<i64> = sqlx::query_scalar("SELECT version FROM civgate_schema ORDER BY 1")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+        assert_eq!(legacy, versions);
+        pool.close().await;
+        drop_test_schema(&url).await;
+    }
+
+    /// A schema version whose SQL changed after it was applied is refused, naming it; so is a
+    /// schema newer than this build (an earlier build's check, kept).
+    #[tokio::test]
+    async fn an_edited_or_unknown_schema_version_is_refused() {
+        let Some(url) = test_schema("migrate_refuses").await else {
+            return;
+        };
+        let pool = pg_pool(&url, 1, Duration::from_secs(10)).await.unwrap();
+        let known = MIGRATIONS.len() as i64;
+        assert_eq!(migrate(&pool).await.unwrap(), known);
+        // Applying again changes nothing.
+        assert_eq!(migrate(&pool).await.unwrap(), known);
+        sqlx::query("UPDATE _sqlx_migrations SET checksum = '\\x00' WHERE version = 4")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let err = format!("{:#}", migrate(&pool).await.unwrap_err());
+        assert!(err.contains('4') && err.contains("modified"), "{err}");
+        sqlx::query("INSERT INTO civgate_schema (version) VALUES ($1)")
+            .bind(known + 1)
+            .execute(&pool)
+            .await
+            .unwrap();
+        let err = migrate(&pool).await.unwrap_err().to_string();
+        assert!(err.contains("newer than this build"), "{err}");
         pool.close().await;
         drop_test_schema(&url).await;
     }
