@@ -589,3 +589,75 @@ async fn migrate_applies_the_postgres_schema_and_explains_sqlite() {
     }
     civgate::store::drop_test_schema(&url).await;
 }
+
+/// Another process that opens and closes the store (an operator's `sqlite3`, a backup script)
+/// must find the gateway holding its lock: it then leaves the WAL alone, and every call
+/// answered before and after is still in the log when the gateway restarts. (Were the
+/// gateway's own locks dropped — any descriptor of the file closed in its process drops them
+/// all — that process would checkpoint and delete the WAL under the gateway, and what the
+/// gateway committed after that would be gone at restart.)
+#[tokio::test]
+async fn another_process_reading_the_store_takes_nothing_from_it() {
+    use sqlx::Connection;
+    let env = Env::new();
+    let mut gw = env.spawn_binary();
+    let certs = env.certs();
+    let store = env.dir.path().join("data/civgate.sqlite");
+    let probe = |n: usize| {
+        let certs = certs.clone();
+        let api = gw.api;
+        async move {
+            let ch = client::connect(api, &certs, Some("auditor")).await.unwrap();
+            let mut health = HealthClient::new(ch);
+            for _ in 0..n {
+                health
+                    .check(HealthCheckRequest::default())
+                    .await
+                    .expect("a health check, audited");
+            }
+        }
+    };
+    probe(3).await;
+    // The gateway holds a POSIX lock on the store file itself (SQLite's shared lock, which
+    // tells another process's SQLite that the file is in use).
+    let inode = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&store).unwrap().ino()
+    };
+    let locks = std::fs::read_to_string("/proc/locks").unwrap();
+    let pid = gw.child.id().to_string();
+    assert!(
+        locks.lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.get(1) == Some(&"POSIX")
+                && f.get(4) == Some(&pid.as_str())
+                && f.get(5).and_then(|d| d.rsplit(':').next()) == Some(&*inode.to_string())
+        }),
+        "the gateway (pid {pid}) holds no lock on its store file (inode {inode}):\n{locks}"
+    );
+    let leaves = || async {
+        let opts = sqlx::sqlite::SqliteConnectOptions::new().filename(&store);
+        let mut c = sqlx::SqliteConnection::connect_with(&opts).await.unwrap();
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_leaves")
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
+        c.close().await.unwrap();
+        n
+    };
+    let seen = leaves().await;
+    assert!(seen >= 3, "{seen}");
+    assert!(
+        std::path::Path::new(&format!("{}-wal", store.display())).exists(),
+        "the other process deleted the WAL of a store in use"
+    );
+    probe(5).await;
+    gw.signal("TERM");
+    let status = gw.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let after = leaves().await;
+    assert!(
+        after >= seen + 5,
+        "answered calls missing after the restart: {seen} + 5 > {after}"
+    );
+}

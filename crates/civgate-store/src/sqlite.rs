@@ -40,12 +40,23 @@ pub fn prepare_dir(dir: &Path) -> anyhow::Result<()> {
     }
     let store = store_path(dir);
     // SQLite gives its -wal and -shm files the main file's mode: create it owner-only first.
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(&store)
-        .with_context(|| format!("creating {}", store.display()))?;
+    // Never open a store file that exists: SQLite's locks are POSIX record locks, which belong
+    // to the process, and closing any descriptor of the file drops all of them — the audit
+    // log's open connections would then hold no lock, and another process's SQLite closing
+    // the file (an operator's `sqlite3`) would take itself for the last user, checkpoint and
+    // delete the WAL under them: every commit after that is lost at restart.
+    if !store.exists() {
+        match std::fs::OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .mode(0o600)
+            .open(&store)
+        {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e).with_context(|| format!("creating {}", store.display())),
+        }
+    }
     for suffix in ["", "-wal", "-shm"] {
         let f = PathBuf::from(format!("{}{suffix}", store.display()));
         if f.exists() {
