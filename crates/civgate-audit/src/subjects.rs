@@ -42,7 +42,7 @@ const HASHES: u8 = 8;
 
 /// A filter that matches every ID: for a block whose subjects could not all be read (a leaf
 /// that does not decode), so that a search scans it rather than miss an entry.
-pub const MATCH_ALL: &[u8] = &[FORMAT, 0];
+pub(crate) const MATCH_ALL: &[u8] = &[FORMAT, 0];
 
 /// What this process's writers committed into the open block, so that its filter is built
 /// from memory when the block completes instead of by reading its leaves back. Valid only if
@@ -139,7 +139,7 @@ pub struct Summary {
 
 /// What a search asks of a block's entries (`None`: anything).
 #[derive(Clone, Copy, Debug, Default)]
-pub struct Wanted<'a> {
+pub(crate) struct Wanted<'a> {
     pub subject: Option<&'a str>,
     pub agency: Option<&'a str>,
     pub from_ms: Option<i64>,
@@ -148,7 +148,7 @@ pub struct Wanted<'a> {
 
 impl Wanted<'_> {
     /// Whether a summary can rule a block out at all (else every block is scanned).
-    pub fn selective(&self) -> bool {
+    pub(crate) fn selective(&self) -> bool {
         self.subject.is_some()
             || self.agency.is_some()
             || self.from_ms.is_some()
@@ -177,7 +177,7 @@ impl Summary {
     }
 
     /// Whether the block may hold an entry `w` wants: false only when it certainly does not.
-    pub fn may_match(&self, w: &Wanted<'_>) -> bool {
+    pub(crate) fn may_match(&self, w: &Wanted<'_>) -> bool {
         if let Some(id) = w.subject
             && !may_contain(&self.filter, id)
         {
@@ -197,14 +197,14 @@ impl Summary {
     }
 
     /// The stored `agencies` column: a JSON array, or NULL when unknown.
-    pub fn agencies_column(&self) -> Option<String> {
+    pub(crate) fn agencies_column(&self) -> Option<String> {
         self.agencies
             .as_ref()
             .and_then(|a| serde_json::to_string(a).ok())
     }
 
     /// A summary from its stored columns; a column that does not parse is unknown.
-    pub fn from_columns(
+    pub(crate) fn from_columns(
         filter: Vec<u8>,
         agencies: Option<&str>,
         first_ms: Option<i64>,
@@ -275,7 +275,8 @@ fn hashes(id: &str) -> (u64, u64) {
 }
 
 /// The Bloom filter of `ids` (duplicates allowed): `[FORMAT, k, bits…]`.
-pub fn filter_of<'a>(ids: impl IntoIterator<Item = &'a str>) -> Vec<u8> {
+#[cfg(test)]
+fn filter_of<'a>(ids: impl IntoIterator<Item = &'a str>) -> Vec<u8> {
     let mut hashed: Vec<(u64, u64)> = ids.into_iter().map(hashes).collect();
     filter_of_hashes(&mut hashed)
 }
@@ -306,7 +307,7 @@ fn positions((h1, h2): (u64, u64), k: u8, m: u64) -> impl Iterator<Item = u64> {
 
 /// Whether the block whose filter is `filter` may name `id`. False only when it certainly
 /// does not; a filter this build cannot read answers true (the block is scanned).
-pub fn may_contain(filter: &[u8], id: &str) -> bool {
+pub(crate) fn may_contain(filter: &[u8], id: &str) -> bool {
     let [FORMAT, k, bits @ ..] = filter else {
         return true;
     };
@@ -323,7 +324,7 @@ pub fn may_contain(filter: &[u8], id: &str) -> bool {
 /// Whether a leaf's record names `id` among its subjects. A leaf that does not decode names
 /// nobody (it cannot be shown to; `audit verify` reports such damage). Searches ask only about
 /// leaves the store found to contain the ID's bytes.
-pub fn leaf_names(leaf: &[u8], id: &str) -> bool {
+pub(crate) fn leaf_names(leaf: &[u8], id: &str) -> bool {
     AuditRecord::decode(leaf).is_ok_and(|r| r.subject_personal_ids.iter().any(|s| s == id))
 }
 
@@ -401,7 +402,7 @@ impl Indexer {
     /// Completes the summaries of blocks summarised by an older build (a subjects filter
     /// only), from their leaves, four blocks per call, from block `from` on; returns the
     /// number of blocks it completed and the block to go on from, or `None` when none is left.
-    pub async fn backfill(&mut self, from: u64) -> Result<(u64, Option<u64>)> {
+    pub(crate) async fn backfill(&mut self, from: u64) -> Result<(u64, Option<u64>)> {
         let blocks: Vec<i64> = with_reader!(&self.reader, |pool| {
             sqlx::query_scalar(
                 "SELECT block FROM audit_subject_blocks \
@@ -546,12 +547,12 @@ const IDLE_WAKE: Duration = Duration::from_secs(10);
 /// take: it reads every old block's 4,096 leaves back (on a log of 100 million entries, ~25 GB)
 /// and decodes them, so back to back it would compete with the live traffic for the disk, the
 /// store and a core for as long as that takes.
-pub const BACKFILL_SHARE: u32 = 4;
+pub(crate) const BACKFILL_SHARE: u32 = 4;
 
 /// The pause after a backfill pass that took `worked`: `BACKFILL_SHARE - 1` times as long, so
 /// the passes take at most 1 / `BACKFILL_SHARE` of the time, and at most a second, so a slow
 /// pass (a store under load) does not stall the completion for long.
-pub fn backfill_pause(worked: Duration) -> Duration {
+pub(crate) fn backfill_pause(worked: Duration) -> Duration {
     (worked * (BACKFILL_SHARE - 1)).min(Duration::from_secs(1))
 }
 

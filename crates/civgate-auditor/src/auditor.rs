@@ -161,7 +161,7 @@ impl Online {
 
     /// The leaf hashes of entries `[0, size)`, each entry checked on the way (it decodes and
     /// names its own index); the entries themselves are not kept.
-    pub async fn leaf_hashes(&mut self, size: u64) -> Result<Vec<Hash>> {
+    pub(crate) async fn leaf_hashes(&mut self, size: u64) -> Result<Vec<Hash>> {
         let mut hashes = Vec::with_capacity(size as usize);
         self.pages(size, |start, page| {
             for (k, leaf) in page.iter().enumerate() {
@@ -351,7 +351,7 @@ fn save(state: &Path, cp: &Checkpoint) -> Result<()> {
 /// One line of an export file.
 #[derive(Serialize, Deserialize)]
 #[serde(untagged)]
-pub enum ExportLine {
+pub(crate) enum ExportLine {
     Checkpoint { checkpoint: String },
     Entry { index: u64, leaf: String },
 }

@@ -23,7 +23,7 @@ use crate::domain::AgencyId;
 /// `revoked`, `expired`, `rogue`, `no-client-auth` and `no-digital-signature` name a
 /// configured agency on purpose: only the CRL, the validity period, the issuer or the key's
 /// permitted uses is what gets them refused.
-pub const CLIENTS: &[(&str, &str, ClientKind)] = &[
+pub(crate) const CLIENTS: &[(&str, &str, ClientKind)] = &[
     ("registry-hp", "registry-hp", ClientKind::Valid),
     ("registry-hn", "registry-hn", ClientKind::Valid),
     ("population", "population", ClientKind::Valid),
@@ -43,7 +43,7 @@ pub const CLIENTS: &[(&str, &str, ClientKind)] = &[
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ClientKind {
+pub(crate) enum ClientKind {
     Valid,
     Revoked,
     Expired,

@@ -61,7 +61,7 @@ pub fn format_date(d: time::Date) -> String {
 pub struct AgencyId(String);
 
 /// The URI SAN prefix that names an agency in a client certificate.
-pub const AGENCY_URI_PREFIX: &str = "urn:civgate:agency:";
+pub(crate) const AGENCY_URI_PREFIX: &str = "urn:civgate:agency:";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error(

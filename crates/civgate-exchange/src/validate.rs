@@ -158,11 +158,11 @@ impl Check {
 }
 
 /// The largest event accepted, encoded: real civil-status events are a few hundred bytes.
-pub const MAX_EVENT_BYTES: usize = 16 * 1024;
+pub(crate) const MAX_EVENT_BYTES: usize = 16 * 1024;
 /// The longest free-text field (a reason, an address, a value before and after a change).
-pub const MAX_TEXT_BYTES: usize = 1024;
+pub(crate) const MAX_TEXT_BYTES: usize = 1024;
 /// Adoption is by one person or a married couple.
-pub const MAX_ADOPTIVE_PARENTS: usize = 2;
+pub(crate) const MAX_ADOPTIVE_PARENTS: usize = 2;
 /// `occurred_at_unix_ms`, when set: after 1900-01-01 and at most a day past the gateway's clock.
 const EARLIEST_OCCURRED_MS: i64 = -2_208_988_800_000;
 const OCCURRED_LEEWAY_MS: i64 = 24 * 3_600_000;

@@ -31,15 +31,15 @@ use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Pending bytes beyond which a write first drains the buffer (back-pressure).
-pub const HIGH_WATER: usize = 64 * 1024;
+pub(crate) const HIGH_WATER: usize = 64 * 1024;
 
 /// Buffer capacity a connection keeps after a drain; a burst's larger buffer is given back, so
 /// thousands of mostly idle connections do not each hold up to 64 KiB.
-pub const KEEP_CAPACITY: usize = 16 * 1024;
+pub(crate) const KEEP_CAPACITY: usize = 16 * 1024;
 
 pin_project! {
     /// An I/O stream whose writes are gathered until the connection's tasks have had a turn.
-    pub struct Coalesced<T> {
+    pub(crate) struct Coalesced<T> {
         #[pin]
         io: T,
         buf: Vec<u8>,
@@ -109,6 +109,7 @@ impl<T> Coalesced<T> {
         }
     }
 
+    #[cfg(test)]
     pub fn get_ref(&self) -> &T {
         &self.io
     }

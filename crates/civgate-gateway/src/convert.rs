@@ -10,7 +10,7 @@ use crate::{
     pb::v1::{Citizen, MaritalStatus as PbMarital, Residence, Sex as PbSex},
 };
 
-pub fn sex_to_pb(s: Sex) -> PbSex {
+pub(crate) fn sex_to_pb(s: Sex) -> PbSex {
     match s {
         Sex::Male => PbSex::Male,
         Sex::Female => PbSex::Female,
@@ -19,7 +19,7 @@ pub fn sex_to_pb(s: Sex) -> PbSex {
 
 pub use civgate_exchange::validate::sex_from_pb;
 
-pub fn marital_to_pb(m: MaritalStatus) -> PbMarital {
+pub(crate) fn marital_to_pb(m: MaritalStatus) -> PbMarital {
     match m {
         MaritalStatus::Single => PbMarital::Single,
         MaritalStatus::Married => PbMarital::Married,
@@ -140,7 +140,7 @@ pub fn fields_from_names(names: &[String]) -> BTreeSet<CitizenField> {
         .collect()
 }
 
-pub fn field_names(fields: &BTreeSet<CitizenField>) -> Vec<String> {
+pub(crate) fn field_names(fields: &BTreeSet<CitizenField>) -> Vec<String> {
     fields.iter().map(|f| f.name().to_owned()).collect()
 }
 

@@ -290,7 +290,7 @@ async fn keep_alive(pings: Option<h2::PingPong>) {
 }
 
 /// Largest answer a [`UnaryLink`] call accepts (tonic's default decoding limit).
-pub const MAX_ANSWER: usize = 4 << 20;
+pub(crate) const MAX_ANSWER: usize = 4 << 20;
 
 /// Unary gRPC calls on one bare HTTP/2 connection. Cheap to clone; clones share the
 /// connection.

@@ -50,7 +50,7 @@ pin_project! {
 }
 
 /// A place under `server.max_connections`, given back (and counted) when dropped.
-pub struct Place {
+pub(crate) struct Place {
     _permit: OwnedSemaphorePermit,
     open: Arc<std::sync::atomic::AtomicUsize>,
 }
@@ -148,13 +148,13 @@ pub struct AcceptSettings {
 
 /// Counts by key (a source address, an agency) under a cap; a [`Counted`] holds one place.
 #[derive(Clone, Default)]
-pub struct Counter {
+pub(crate) struct Counter {
     counts: Arc<Mutex<HashMap<String, usize>>>,
 }
 
 impl Counter {
     /// A place for `key` if fewer than `cap` are held.
-    pub fn try_hold(&self, key: String, cap: usize) -> Option<Counted> {
+    pub(crate) fn try_hold(&self, key: String, cap: usize) -> Option<Counted> {
         let mut map = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         let n = map.entry(key.clone()).or_insert(0);
         if *n >= cap.max(1) {
@@ -167,6 +167,7 @@ impl Counter {
         })
     }
 
+    #[cfg(test)]
     pub fn held(&self, key: &str) -> usize {
         let map = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         map.get(key).copied().unwrap_or(0)
@@ -174,7 +175,7 @@ impl Counter {
 }
 
 /// One place held in a [`Counter`], given back on drop.
-pub struct Counted {
+pub(crate) struct Counted {
     counter: Counter,
     key: String,
 }
@@ -197,7 +198,7 @@ impl Drop for Counted {
 
 /// The key a source address is counted under: the address, or its /64 for IPv6 (one host
 /// gets a whole /64).
-pub fn source_key(ip: IpAddr) -> String {
+pub(crate) fn source_key(ip: IpAddr) -> String {
     match ip {
         IpAddr::V4(v4) => v4.to_string(),
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
@@ -468,12 +469,12 @@ impl Drop for Leave<'_> {
 
 /// File descriptors kept free for everything but client connections (stores, pools, the
 /// directory's connections, the admin port).
-pub const FD_RESERVE: usize = 256;
+pub(crate) const FD_RESERVE: usize = 256;
 
 /// The connection cap to enforce: `configured`, lowered to the process's open-file limit less
 /// [`FD_RESERVE`] (read from `/proc/self/limits`) so that accepting never fails for lack of a
 /// descriptor. Returns the cap and, when lowered, the limit that lowered it.
-pub fn connection_cap(configured: usize) -> (usize, Option<usize>) {
+pub(crate) fn connection_cap(configured: usize) -> (usize, Option<usize>) {
     let soft = std::fs::read_to_string("/proc/self/limits")
         .ok()
         .and_then(|t| open_files_limit(&t));

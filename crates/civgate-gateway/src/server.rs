@@ -117,7 +117,7 @@ fn snapshot_upstream(state: &Shared) -> Option<crate::config::UpstreamSection> {
 
 /// The settings a reload does not apply (they shape listeners, pools or open stores), named
 /// when a reload changes them.
-pub fn restart_only_changes(
+pub(crate) fn restart_only_changes(
     o: &crate::config::ConfigFile,
     n: &crate::config::ConfigFile,
 ) -> Vec<&'static str> {

@@ -244,7 +244,7 @@ impl SharedLimits {
     }
 
     /// Whether the last shared decision was had (for tests and the metric).
-    pub fn is_up(&self) -> bool {
+    pub(crate) fn is_up(&self) -> bool {
         self.up.load(Ordering::Acquire)
     }
 

@@ -14,38 +14,44 @@ use axum::{Router, http::StatusCode, routing::get};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::{net::TcpListener, sync::watch};
 
-pub const RPC_REQUESTS: &str = "civgate_rpc_requests_total";
-pub const RPC_DURATION: &str = "civgate_rpc_duration_seconds";
-pub const RPC_DENIED: &str = "civgate_rpc_denied_total";
-pub const TLS_HANDSHAKE_FAILURES: &str = "civgate_tls_handshake_failures_total";
-pub const CONFIG_RELOADS: &str = "civgate_config_reloads_total";
-pub const RATE_LIMITED: &str = "civgate_rate_limited_total";
-pub const LOAD_SHED: &str = "civgate_load_shed_total";
-pub const HARVEST: &str = "civgate_harvest_guard_total";
+pub(crate) const RPC_REQUESTS: &str = "civgate_rpc_requests_total";
+pub(crate) const RPC_DURATION: &str = "civgate_rpc_duration_seconds";
+pub(crate) const RPC_DENIED: &str = "civgate_rpc_denied_total";
+pub(crate) const TLS_HANDSHAKE_FAILURES: &str = "civgate_tls_handshake_failures_total";
+pub(crate) const CONFIG_RELOADS: &str = "civgate_config_reloads_total";
+pub(crate) const RATE_LIMITED: &str = "civgate_rate_limited_total";
+pub(crate) const LOAD_SHED: &str = "civgate_load_shed_total";
+pub(crate) const HARVEST: &str = "civgate_harvest_guard_total";
 pub use civgate_audit::{AUDIT_LOG_SIZE, STORE_STALLED, code_name};
 pub use civgate_store::{STORE_COMMIT, STORE_COMMIT_ROWS, store_commit};
-pub const EXCHANGE_BACKLOG: &str = "civgate_exchange_backlog_events";
-pub const EXCHANGE_BACKLOG_AGE: &str = "civgate_exchange_backlog_oldest_seconds";
-pub const EXCHANGE_DEAD_LETTERS: &str = "civgate_exchange_dead_letters";
-pub const HTTP_REFUSED: &str = "civgate_http_refused_total";
-pub const REFUSALS_UNRECORDED: &str = "civgate_refusals_unrecorded_total";
-pub const REQUEST_BODIES_REFUSED: &str = "civgate_request_bodies_refused_total";
-pub const CONNECTIONS_REFUSED: &str = "civgate_connections_refused_total";
-pub const CONNECTIONS_OPEN: &str = "civgate_connections_open";
-pub const CRL_NEXT_UPDATE: &str = "civgate_crl_next_update_timestamp_seconds";
-pub const SHARED_LIMITS_UP: &str = "civgate_shared_limits_up";
-pub const SHARED_LIMITS_FALLBACKS: &str = "civgate_shared_limits_fallbacks_total";
+pub(crate) const EXCHANGE_BACKLOG: &str = "civgate_exchange_backlog_events";
+pub(crate) const EXCHANGE_BACKLOG_AGE: &str = "civgate_exchange_backlog_oldest_seconds";
+pub(crate) const EXCHANGE_DEAD_LETTERS: &str = "civgate_exchange_dead_letters";
+pub(crate) const HTTP_REFUSED: &str = "civgate_http_refused_total";
+pub(crate) const REFUSALS_UNRECORDED: &str = "civgate_refusals_unrecorded_total";
+pub(crate) const REQUEST_BODIES_REFUSED: &str = "civgate_request_bodies_refused_total";
+pub(crate) const CONNECTIONS_REFUSED: &str = "civgate_connections_refused_total";
+pub(crate) const CONNECTIONS_OPEN: &str = "civgate_connections_open";
+pub(crate) const CRL_NEXT_UPDATE: &str = "civgate_crl_next_update_timestamp_seconds";
+pub(crate) const SHARED_LIMITS_UP: &str = "civgate_shared_limits_up";
+pub(crate) const SHARED_LIMITS_FALLBACKS: &str = "civgate_shared_limits_fallbacks_total";
 
 /// Runs before `/metrics` renders (at most 2 s): gauges measured on demand.
-pub type ScrapeHook =
+pub(crate) type ScrapeHook =
     Arc<dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send + Sync>;
 
 /// Where the server puts its [`ScrapeHook`] once the stores are open.
-pub type ScrapeSlot = Arc<OnceLock<ScrapeHook>>;
+pub(crate) type ScrapeSlot = Arc<OnceLock<ScrapeHook>>;
 
 /// A consumer group's backlog: events addressed to it after its acknowledgement, and the age
 /// of the oldest (0 when there is none).
-pub fn exchange_backlog(topic: &str, agency: &str, group: &str, events: u64, oldest_secs: f64) {
+pub(crate) fn exchange_backlog(
+    topic: &str,
+    agency: &str,
+    group: &str,
+    events: u64,
+    oldest_secs: f64,
+) {
     let labels = [
         ("topic", topic.to_owned()),
         ("agency", agency.to_owned()),
@@ -96,11 +102,11 @@ pub fn prometheus() -> &'static PrometheusHandle {
     })
 }
 
-pub fn handshake_failed(reason: &'static str) {
+pub(crate) fn handshake_failed(reason: &'static str) {
     metrics::counter!(TLS_HANDSHAKE_FAILURES, "reason" => reason).increment(1);
 }
 
-pub fn rpc_finished(method: &'static str, code: tonic::Code, elapsed: Duration) {
+pub(crate) fn rpc_finished(method: &'static str, code: tonic::Code, elapsed: Duration) {
     type Handles = (metrics::Counter, metrics::Histogram);
     thread_local! {
         /// Each thread's handles per (method, code): a call then updates its two metrics
@@ -129,7 +135,7 @@ pub fn rpc_finished(method: &'static str, code: tonic::Code, elapsed: Duration) 
 }
 
 /// A request that is not gRPC (not POST, or not `application/grpc*`), by HTTP status.
-pub fn http_refused(status: u16) {
+pub(crate) fn http_refused(status: u16) {
     let status = match status {
         405 => "405",
         415 => "415",
@@ -139,37 +145,37 @@ pub fn http_refused(status: u16) {
 }
 
 /// A refusal past its certificate's meter: answered, not recorded or logged on its own.
-pub fn refusal_unrecorded(method: &'static str) {
+pub(crate) fn refusal_unrecorded(method: &'static str) {
     metrics::counter!(REFUSALS_UNRECORDED, "method" => method).increment(1);
 }
 
 /// A request body cut off: `timeout` (not complete in time) or `budget` (the gateway holds
 /// too many unfinished bodies).
-pub fn body_refused(reason: &'static str) {
+pub(crate) fn body_refused(reason: &'static str) {
     metrics::counter!(REQUEST_BODIES_REFUSED, "reason" => reason).increment(1);
 }
 
 /// A connection closed before serving: `per_source` (too many handshakes from its address),
 /// `pending` (too many handshakes in all), `agency` (its agency is at its connection cap).
-pub fn connection_refused(reason: &'static str) {
+pub(crate) fn connection_refused(reason: &'static str) {
     metrics::counter!(CONNECTIONS_REFUSED, "reason" => reason).increment(1);
 }
 
-pub fn connections_open(n: usize) {
+pub(crate) fn connections_open(n: usize) {
     metrics::gauge!(CONNECTIONS_OPEN).set(n as f64);
 }
 
-pub fn rpc_denied(method: &'static str, reason: &'static str) {
+pub(crate) fn rpc_denied(method: &'static str, reason: &'static str) {
     metrics::counter!(RPC_DENIED, "method" => method, "reason" => reason).increment(1);
 }
 
 /// A call over quota (`shadow`: counted, not refused).
-pub fn rate_limited(agency: &str, bucket: &'static str, shadow: bool) {
+pub(crate) fn rate_limited(agency: &str, bucket: &'static str, shadow: bool) {
     let mode = if shadow { "shadow" } else { "enforced" };
     metrics::counter!(RATE_LIMITED, "agency" => agency.to_owned(), "bucket" => bucket, "mode" => mode).increment(1);
 }
 
-pub fn load_shed(scope: &'static str) {
+pub(crate) fn load_shed(scope: &'static str) {
     metrics::counter!(LOAD_SHED, "scope" => scope).increment(1);
 }
 
@@ -178,27 +184,27 @@ pub fn harvest(agency: &str, event: &'static str) {
     metrics::counter!(HARVEST, "agency" => agency.to_owned(), "event" => event).increment(1);
 }
 
-pub fn config_reloaded(ok: bool) {
+pub(crate) fn config_reloaded(ok: bool) {
     let outcome = if ok { "ok" } else { "refused" };
     metrics::counter!(CONFIG_RELOADS, "outcome" => outcome).increment(1);
 }
 
 /// Whether the gateway can serve; `/healthz` answers 200 or 503 from it.
 #[derive(Clone, Default)]
-pub struct Readiness(Arc<AtomicBool>);
+pub(crate) struct Readiness(Arc<AtomicBool>);
 
 impl Readiness {
     pub fn set(&self, serving: bool) {
         self.0.store(serving, Ordering::SeqCst);
     }
-    pub fn is_serving(&self) -> bool {
+    pub(crate) fn is_serving(&self) -> bool {
         self.0.load(Ordering::SeqCst)
     }
 }
 
 /// Serves `/metrics` and `/healthz` until `shutdown` turns true. `/metrics` first runs the
 /// hook in `scrape`, once there is one.
-pub fn spawn_admin(
+pub(crate) fn spawn_admin(
     listener: TcpListener,
     readiness: Readiness,
     scrape: ScrapeSlot,

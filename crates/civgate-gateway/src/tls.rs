@@ -17,7 +17,7 @@ use toml::Spanned;
 use crate::config::{Config, ConfigError, ConfigErrors, TlsVersion};
 
 /// The crypto provider: ring, the only one compiled in.
-pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
@@ -210,7 +210,7 @@ pub fn revoked(config: &Config) -> std::collections::HashSet<crate::identity::Ce
 }
 
 /// A CRL's nextUpdate, in Unix seconds.
-pub fn crl_next_update(der: &[u8]) -> Option<i64> {
+pub(crate) fn crl_next_update(der: &[u8]) -> Option<i64> {
     use x509_parser::prelude::FromDer;
     let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(der).ok()?;
     Some(crl.next_update()?.timestamp())
@@ -220,7 +220,7 @@ pub fn crl_next_update(der: &[u8]) -> Option<i64> {
 /// its extensions permit. webpki accepts a certificate with no extended key usage at all and
 /// does not look at the key usage; civgate requires clientAuth and, when a key usage is
 /// present, digitalSignature (RFC 5280 §4.2.1.3, §4.2.1.12).
-pub fn client_use_error(der: &[u8]) -> Option<&'static str> {
+pub(crate) fn client_use_error(der: &[u8]) -> Option<&'static str> {
     use x509_parser::prelude::FromDer;
     let Ok((_, cert)) = x509_parser::certificate::X509Certificate::from_der(der) else {
         return Some("the certificate cannot be parsed");
@@ -309,7 +309,7 @@ fn load<T>(
 }
 
 /// A bounded label for a failed handshake, for metrics and logs.
-pub fn failure_reason(err: &std::io::Error) -> &'static str {
+pub(crate) fn failure_reason(err: &std::io::Error) -> &'static str {
     use rustls::{CertificateError as C, Error as E};
     let Some(tls) = err.get_ref().and_then(|e| e.downcast_ref::<E>()) else {
         return match err.kind() {

@@ -29,7 +29,7 @@ use crate::{
 const GET_CITIZENS: &str = "/civgate.upstream.v1.PopulationDirectory/GetCitizens";
 const SEARCH_CITIZENS: &str = "/civgate.upstream.v1.PopulationDirectory/SearchCitizens";
 
-pub struct Upstream {
+pub(crate) struct Upstream {
     links: Vec<UnaryLink>,
     next: AtomicUsize,
     timeout: Duration,
@@ -100,7 +100,7 @@ impl Upstream {
     }
 
     /// As [`Upstream::get`], the directory's `GetCitizensResponse` as it was encoded.
-    pub async fn get_encoded(
+    pub(crate) async fn get_encoded(
         &self,
         ids: &[PersonalId],
         fields: &BTreeSet<CitizenField>,
@@ -176,11 +176,11 @@ fn map_upstream_error(s: Status) -> Status {
 }
 
 /// The caller's deadline from its `grpc-timeout` header (`<digits><H|M|S|m|u|n>`).
-pub fn caller_deadline(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
+pub(crate) fn caller_deadline(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
     parse_grpc_timeout(metadata.get("grpc-timeout")?.to_str().ok()?)
 }
 
-pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+pub(crate) fn parse_grpc_timeout(v: &str) -> Option<Duration> {
     if v.len() < 2 || v.len() > 9 {
         return None;
     }

@@ -17,7 +17,7 @@ use identity::{IdentityError, PeerIdentity};
 
 /// Which role consumes which topic (`Subscribe`, `Ack`, `Reject`): each topic is read by the
 /// other side only. A topic not here is read by nobody.
-pub const TOPIC_READERS: &[(&str, Role)] = &[
+pub(crate) const TOPIC_READERS: &[(&str, Role)] = &[
     (CIVIL_STATUS, Role::PopulationDb),
     (POPULATION, Role::CivilRegistry),
 ];
@@ -164,7 +164,7 @@ pub fn authorize(policy: &Policy, peer: &PeerIdentity, method: &str) -> Result<P
 }
 
 /// The role that consumes `topic`, if any.
-pub fn reader_of(topic: &str) -> Option<Role> {
+pub(crate) fn reader_of(topic: &str) -> Option<Role> {
     TOPIC_READERS
         .iter()
         .find(|(t, _)| *t == topic)

@@ -250,7 +250,8 @@ impl RefusalMeter {
         self.limiter.shrink_to_fit();
     }
 
-    pub fn tracked(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn tracked(&self) -> usize {
         self.limiter.len()
     }
 }

@@ -45,7 +45,7 @@ const fn m(path: &'static str, callers: Callers, bucket: Option<Bucket>) -> Meth
 }
 
 /// The table.
-pub const METHODS: &[Method] = &[
+pub(crate) const METHODS: &[Method] = &[
     m(
         "/grpc.health.v1.Health/Check",
         Callers::Everyone,

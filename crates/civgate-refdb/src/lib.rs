@@ -41,7 +41,7 @@ pub use store::DirectoryStore;
 /// its PKI and server settings).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RefdbSection {
+pub(crate) struct RefdbSection {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
     pub citizens: usize,
@@ -77,7 +77,7 @@ impl RefdbSection {
 pub const MAX_BATCH: usize = 100;
 
 #[derive(Clone)]
-pub struct DirectoryService {
+pub(crate) struct DirectoryService {
     store: DirectoryStore,
 }
 

@@ -67,7 +67,7 @@ impl DirectoryStore {
     }
 
     /// Ensures the store holds exactly the population (seed, n); returns whether it loaded.
-    pub async fn ensure_population(&self, seed: u64, n: usize) -> Result<bool> {
+    pub(crate) async fn ensure_population(&self, seed: u64, n: usize) -> Result<bool> {
         let want = format!("seed={seed} citizens={n}");
         let have: Option<String> =
             sqlx::query_scalar("SELECT value FROM meta WHERE key = 'population'")
@@ -120,7 +120,7 @@ impl DirectoryStore {
     }
 
     /// Records for the given IDs (absent IDs are skipped).
-    pub async fn get_many(&self, ids: &[PersonalId]) -> Result<Vec<CitizenRecord>> {
+    pub(crate) async fn get_many(&self, ids: &[PersonalId]) -> Result<Vec<CitizenRecord>> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -167,7 +167,7 @@ impl DirectoryStore {
     }
 
     /// Inserts or replaces one citizen (used when the directory applies events).
-    pub async fn upsert(&self, r: &CitizenRecord) -> Result<()> {
+    pub(crate) async fn upsert(&self, r: &CitizenRecord) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("DELETE FROM citizens WHERE personal_id = ?")
             .bind(r.personal_id.as_str())

@@ -93,7 +93,7 @@ fn migrator() -> sqlx::migrate::Migrator {
 const SCHEMA_VERSIONS: &str = "CREATE TABLE IF NOT EXISTS civgate_schema (version BIGINT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())";
 
 /// Advisory-lock key for applying migrations (an arbitrary constant).
-pub const LOCK_MIGRATE: i64 = 0x6369_7667_6d69_6772; // "civgmigr"
+pub(crate) const LOCK_MIGRATE: i64 = 0x6369_7667_6d69_6772; // "civgmigr"
 
 /// The schema the pool's connections use: notifications carry it, because channels are
 /// database-wide and other deployments (or tests) may share the database in other schemas.
@@ -105,7 +105,7 @@ pub async fn current_schema(pool: &PgPool) -> Result<String> {
 
 /// The part of a notification payload after this schema's prefix (`"<schema> <rest>"`), or
 /// `None` for another schema's.
-pub fn payload_for<'a>(schema: &str, payload: &'a str) -> Option<&'a str> {
+pub(crate) fn payload_for<'a>(schema: &str, payload: &'a str) -> Option<&'a str> {
     payload
         .strip_prefix(schema)
         .and_then(|rest| rest.strip_prefix(' '))
@@ -212,7 +212,7 @@ const SCHEMA_V6: &str = include_str!("../migrations/postgres/0006_owned_groups_a
 /// Connection options for `url`: synchronous_commit on (a commit is durable when it returns),
 /// whatever the server's default; no statement or lock wait longer than `timeout` (a replica
 /// stuck holding the ordering lock, or a hung server, turns into UNAVAILABLE, not a hang).
-pub fn pg_options(url: &str, timeout: Duration) -> Result<PgConnectOptions> {
+pub(crate) fn pg_options(url: &str, timeout: Duration) -> Result<PgConnectOptions> {
     let ms = timeout.as_millis().max(100).to_string();
     Ok(PgConnectOptions::from_str(url)
         .context("store.url is not a valid PostgreSQL URL")?
@@ -418,9 +418,9 @@ pub fn drain<T>(rx: &mut tokio::sync::mpsc::Receiver<T>, batch: &mut Vec<T>, max
 }
 
 /// How long a writer waits for more work before a commit when it is busy.
-pub const LINGER: Duration = Duration::from_micros(500);
+pub(crate) const LINGER: Duration = Duration::from_micros(500);
 /// A previous commit of at least this many rows means the writer is busy.
-pub const LINGER_ABOVE: usize = 8;
+pub(crate) const LINGER_ABOVE: usize = 8;
 
 /// Whether the audit log's next commit first waits [`LINGER`] (tokio's timer makes it about a
 /// millisecond) for the records about to arrive: only when the previous commit shows that

@@ -177,7 +177,7 @@ pub fn options(path: &Path, busy: Duration) -> Result<SqliteConnectOptions, sqlx
 /// a group commit of six statements spent most of its time waiting for them.
 /// Most rows one [`Batch::insert_rows`] statement carries (a power of two; 256 rows of 8
 /// columns stay far below SQLite's 32,766 parameters).
-pub const ROWS_PER_INSERT: usize = 256;
+pub(crate) const ROWS_PER_INSERT: usize = 256;
 
 #[derive(Default)]
 pub struct Batch {

@@ -14,7 +14,7 @@ pub fn leaf_hash(data: &[u8]) -> Hash {
     h.finalize().into()
 }
 
-pub fn node_hash(left: &Hash, right: &Hash) -> Hash {
+pub(crate) fn node_hash(left: &Hash, right: &Hash) -> Hash {
     let mut h = Sha256::new();
     h.update([1u8]);
     h.update(left);
@@ -23,7 +23,7 @@ pub fn node_hash(left: &Hash, right: &Hash) -> Hash {
 }
 
 /// The root of the empty tree: SHA-256 of nothing.
-pub fn empty_root() -> Hash {
+pub(crate) fn empty_root() -> Hash {
     Sha256::digest([]).into()
 }
 
@@ -180,7 +180,7 @@ pub fn verify_inclusion(
 }
 
 /// RFC 9162 §2.1.4.2. A proof from size 0 is always refused.
-pub fn verify_consistency(
+pub(crate) fn verify_consistency(
     first: u64,
     second: u64,
     first_root: &Hash,

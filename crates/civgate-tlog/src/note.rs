@@ -48,7 +48,7 @@ pub struct Signer {
 }
 
 impl Signer {
-    pub fn from_seed(name: &str, seed: [u8; 32]) -> Result<Self, NoteError> {
+    pub(crate) fn from_seed(name: &str, seed: [u8; 32]) -> Result<Self, NoteError> {
         if !valid_name(name) {
             return Err(NoteError::BadKey(
                 "name must be non-empty without '+' or spaces",

@@ -54,7 +54,7 @@ pub use postgres::append_pg;
 pub use sqlite::stage_sqlite;
 pub use writer::now_ms;
 /// Largest `GetEntries` page.
-pub const MAX_ENTRIES: u64 = 1_000;
+pub(crate) const MAX_ENTRIES: u64 = 1_000;
 /// Largest group-commit batch.
 const MAX_BATCH: usize = 2_048;
 

@@ -152,7 +152,7 @@ pub struct Journal {
 }
 
 /// The holders under the configuration in force ([`address::holders`] of the current policy).
-pub type HoldersFn = Arc<dyn Fn() -> Vec<Holder> + Send + Sync>;
+pub(crate) type HoldersFn = Arc<dyn Fn() -> Vec<Holder> + Send + Sync>;
 
 /// Per (topic, consumer group): the acknowledged sequence, watched by its subscriptions.
 type AckWatches = HashMap<(String, Group), watch::Sender<u64>>;

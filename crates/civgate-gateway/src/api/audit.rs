@@ -18,7 +18,7 @@ use crate::{
 use super::principal;
 
 #[derive(Clone)]
-pub struct AuditService {
+pub(crate) struct AuditService {
     log: Option<AuditLog>,
 }
 

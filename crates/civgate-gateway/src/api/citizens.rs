@@ -41,7 +41,7 @@ const SEARCH_FIELDS: [CitizenField; 3] = [
 ];
 
 #[derive(Clone)]
-pub struct CitizensService {
+pub(crate) struct CitizensService {
     state: Shared,
     upstream: Option<Arc<Upstream>>,
 }

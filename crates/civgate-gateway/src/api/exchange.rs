@@ -34,7 +34,7 @@ use crate::{
 const POLICY_RECHECK: std::time::Duration = std::time::Duration::from_secs(2);
 
 #[derive(Clone)]
-pub struct ExchangeService {
+pub(crate) struct ExchangeService {
     journal: Option<Journal>,
     /// Turns true at graceful shutdown: open subscriptions end with UNAVAILABLE.
     shutdown: tokio::sync::watch::Receiver<bool>,

@@ -15,12 +15,12 @@ use crate::{domain::CitizenField, pb::v1::GetCitizenResponse};
 
 /// `Citizen`'s field number of a field (`personal_id` is 1; the rest follow in declaration
 /// order, as in the proto; `field_numbers_follow_the_proto` checks each against prost).
-pub fn field_number(f: CitizenField) -> u32 {
+pub(crate) fn field_number(f: CitizenField) -> u32 {
     f as u32 + 2
 }
 
 /// The field numbers a purpose releases (bit n = field n), `personal_id` included.
-pub fn allowed_mask(allowed: &std::collections::BTreeSet<CitizenField>) -> u32 {
+pub(crate) fn allowed_mask(allowed: &std::collections::BTreeSet<CitizenField>) -> u32 {
     allowed
         .iter()
         .fold(1 << 1, |m, f| m | (1 << field_number(*f)))
@@ -28,7 +28,7 @@ pub fn allowed_mask(allowed: &std::collections::BTreeSet<CitizenField>) -> u32 {
 
 /// What a scan of an encoded `Citizen` found.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Scanned<'a> {
+pub(crate) struct Scanned<'a> {
     pub personal_id: &'a str,
     /// Bit n set: field n is present.
     pub present: u32,
@@ -36,7 +36,7 @@ pub struct Scanned<'a> {
 
 impl Scanned<'_> {
     /// The names of the present fields, as [`crate::convert::present_fields`] gives them.
-    pub fn field_names(&self) -> Vec<&'static str> {
+    pub(crate) fn field_names(&self) -> Vec<&'static str> {
         let mut v = vec!["personal_id"];
         v.extend(
             CitizenField::ALL
@@ -52,7 +52,7 @@ impl Scanned<'_> {
 /// case: a field number `Citizen` does not have, a wire type that does not match its field, a
 /// singular field twice, an enum written out as 0, a string that is not UTF-8, a `Residence`
 /// with anything but its two strings, or malformed bytes.
-pub fn scan_citizen(mut b: &[u8]) -> Option<Scanned<'_>> {
+pub(crate) fn scan_citizen(mut b: &[u8]) -> Option<Scanned<'_>> {
     let mut personal_id = None;
     let mut present = 0u32;
     while !b.is_empty() {
@@ -119,7 +119,7 @@ fn scan_residence(mut b: &[u8]) -> Option<()> {
 
 /// The one citizen of an encoded `GetCitizensResponse` that holds exactly one (`0x0a <len>
 /// <citizen>` and nothing else).
-pub fn single_citizen(mut raw: &[u8]) -> Option<&[u8]> {
+pub(crate) fn single_citizen(mut raw: &[u8]) -> Option<&[u8]> {
     if decode_varint(&mut raw).ok()? != 0x0a {
         return None;
     }

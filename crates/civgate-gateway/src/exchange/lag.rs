@@ -10,7 +10,7 @@ use crate::{policy::Policy, telemetry};
 
 /// Reads the journal's groups and backlogs and sets the gauges. A group whose agency is no
 /// longer configured is measured against the whole topic.
-pub async fn observe(journal: &Journal, policy: &Policy) {
+pub(crate) async fn observe(journal: &Journal, policy: &Policy) {
     let now = crate::audit::log::now_ms();
     let mut groups = match journal.groups().await {
         Ok(g) => g,
@@ -51,7 +51,7 @@ pub async fn observe(journal: &Journal, policy: &Policy) {
 }
 
 /// The hook `/metrics` runs before it renders.
-pub fn scrape_hook(journal: Journal, state: crate::state::Shared) -> telemetry::ScrapeHook {
+pub(crate) fn scrape_hook(journal: Journal, state: crate::state::Shared) -> telemetry::ScrapeHook {
     Arc::new(move || {
         let (journal, state) = (journal.clone(), state.clone());
         Box::pin(async move {

@@ -134,7 +134,7 @@ impl ByteBudget {
         true
     }
 
-    pub fn give_back(&self, owner: &str, n: usize) {
+    pub(crate) fn give_back(&self, owner: &str, n: usize) {
         if n == 0 {
             return;
         }

@@ -44,7 +44,7 @@ pub type Response = http::Response<tonic::body::Body>;
 
 /// One layer of the gate, as an async function: `next` is the rest of the stack, ready to be
 /// called once (or dropped, when the step answers itself).
-pub trait Step: Clone + Send + Sync + 'static {
+pub(crate) trait Step: Clone + Send + Sync + 'static {
     fn run<S>(
         self,
         req: Request,
@@ -58,7 +58,7 @@ pub trait Step: Clone + Send + Sync + 'static {
 
 /// A [`Step`] as a tower layer.
 #[derive(Clone)]
-pub struct StepLayer<T>(pub T);
+pub(crate) struct StepLayer<T>(pub T);
 
 impl<T: Clone, S> Layer<S> for StepLayer<T> {
     type Service = Stepped<T, S>;
@@ -72,7 +72,7 @@ impl<T: Clone, S> Layer<S> for StepLayer<T> {
 
 /// A [`Step`] in front of the service `S`.
 #[derive(Clone)]
-pub struct Stepped<T, S> {
+pub(crate) struct Stepped<T, S> {
     step: T,
     inner: S,
 }
@@ -105,7 +105,7 @@ where
 /// What `Observe` learns of a call when it arrives, for the layers inside it (a request
 /// extension, shared). One policy snapshot serves the whole call: a reload in the middle of it does
 /// not judge it by two configurations.
-pub struct CallContext {
+pub(crate) struct CallContext {
     pub started: Instant,
     /// The request path, cut to [`MAX_PATH`] bytes.
     pub path: String,
@@ -189,7 +189,7 @@ fn grpc_status(headers: &http::HeaderMap) -> Option<tonic::Code> {
 }
 
 /// RESOURCE_EXHAUSTED with `retry-after` (whole seconds) and a `google.rpc.RetryInfo`.
-pub fn rate_limited(
+pub(crate) fn rate_limited(
     agency: &crate::domain::AgencyId,
     what: &str,
     retry_after_secs: u64,

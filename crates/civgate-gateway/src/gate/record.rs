@@ -19,13 +19,16 @@ use crate::{
 /// flood of refusals cannot make others wait on the log.
 #[derive(Clone)]
 pub struct Refusals {
-    /// `None` with the audit off: the refusals are still metered and logged.
-    audit: Option<AuditLog>,
+    /// `None` with the audit off: the refusals are still metered and logged. (In an `Arc`:
+    /// a layer's state is cloned for every call, by each layer outside it too.)
+    audit: Option<Arc<AuditLog>>,
 }
 
 impl Refusals {
     pub fn new(audit: Option<AuditLog>) -> Self {
-        Self { audit }
+        Self {
+            audit: audit.map(Arc::new),
+        }
     }
 }
 
@@ -81,12 +84,12 @@ impl Step for Refusals {
 /// off this layer is not in the stack.
 #[derive(Clone)]
 pub struct Audit {
-    log: AuditLog,
+    log: Arc<AuditLog>,
 }
 
 impl Audit {
     pub fn new(log: AuditLog) -> Self {
-        Self { log }
+        Self { log: Arc::new(log) }
     }
 }
 
