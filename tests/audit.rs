@@ -42,6 +42,33 @@ fn verifier(env: &Env) -> Verifier {
     Verifier::parse(&std::fs::read_to_string(env.certs().join("audit.vkey")).unwrap()).unwrap()
 }
 
+/// An auditor's client of the gateway at `addr`.
+async fn auditor_of(
+    env: &Env,
+    addr: std::net::SocketAddr,
+) -> AuditClient<tonic::transport::Channel> {
+    AuditClient::new(
+        client::connect(addr, &env.certs(), Some("auditor"))
+            .await
+            .unwrap(),
+    )
+}
+
+/// The records naming citizen `id` (the auditor's own searches among them).
+async fn records_about(
+    audit: &mut AuditClient<tonic::transport::Channel>,
+    id: &str,
+) -> Vec<AuditRecord> {
+    common::search_records(
+        audit,
+        SearchEntriesRequest {
+            subject_personal_id: id.into(),
+            ..Default::default()
+        },
+    )
+    .await
+}
+
 /// Waits until the signed checkpoint covers at least `n` entries.
 async fn checkpoint_at_least(online: &mut Online, v: &Verifier, n: u64) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -212,6 +239,21 @@ async fn unwritable_audit_store_fails_closed() {
     let (code, body) = http_get(gw.admin_addr, "/healthz");
     assert_eq!((code, body.trim()), (503, "NOT_SERVING"));
 
+    // A refusal meanwhile is answered at once; its record waits for the store.
+    let mut denied = tonic::Request::new(GetCheckpointRequest {});
+    denied
+        .metadata_mut()
+        .insert("x-request-id", "refused-while-stalled".parse().unwrap());
+    let err = AuditClient::new(
+        client::connect(gw.api_addr, &env.certs(), Some("registry-hp"))
+            .await
+            .unwrap(),
+    )
+    .get_checkpoint(denied)
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+
     // Released: the gateway recovers by itself.
     sqlx::raw_sql("ROLLBACK")
         .execute(&mut blocker)
@@ -220,6 +262,106 @@ async fn unwritable_audit_store_fails_closed() {
     let resp = reg.get_citizen(get(&id)).await.unwrap().into_inner();
     assert!(resp.citizen.is_some());
     assert_eq!(http_get(gw.admin_addr, "/healthz").0, 200);
+
+    // Every call is in the log: the withheld answer says so (nothing returned), once; the
+    // refusal made during the stall is there too.
+    let mut audit = auditor_of(&env, gw.api_addr).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let reads: Vec<_> = records_about(&mut audit, &id)
+            .await
+            .into_iter()
+            .filter(|r| r.method == "/civgate.v1.Citizens/GetCitizen")
+            .collect();
+        let refused = common::search_records(
+            &mut audit,
+            SearchEntriesRequest {
+                agency_id: "registry-hp".into(),
+                outcome: "PERMISSION_DENIED".into(),
+                ..Default::default()
+            },
+        )
+        .await;
+        let withheld: Vec<_> = reads
+            .iter()
+            .filter(|r| r.outcome == "UNAVAILABLE")
+            .collect();
+        let found = refused
+            .iter()
+            .any(|r| r.request_id == "refused-while-stalled");
+        if withheld.len() == 1 && found {
+            let w = withheld[0];
+            assert_eq!(w.detail, "audit_unavailable", "{w:?}");
+            assert!(w.fields_returned.is_empty(), "{w:?}");
+            assert_eq!(w.purpose, "BIRTH_REGISTRATION");
+            // The three reads, one record each: served, withheld, served.
+            assert_eq!(reads.len(), 3, "{reads:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "records missing after the stall: {reads:?} {refused:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A call whose client goes away before the answer — here while the directory does not
+/// answer — is recorded as CANCELLED, with nothing returned.
+#[tokio::test]
+async fn a_call_its_client_abandons_is_recorded_as_cancelled() {
+    let env = Env::new();
+    // A directory that accepts connections and never says a word.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let _held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((conn, _)) = silent.accept().await {
+            open.push(conn);
+        }
+    });
+    let gw = env.start_with(&config(port)).await;
+    let mut reg = CitizensClient::new(
+        client::connect(gw.api_addr, &env.certs(), Some("registry-hp"))
+            .await
+            .unwrap(),
+    );
+    let id = "031200000042";
+    let mut req = tonic::Request::new(get(id));
+    req.metadata_mut()
+        .insert("x-request-id", "abandoned-1".parse().unwrap());
+    // The client gives up after 300 ms: its future is dropped, the stream reset.
+    let gave_up = tokio::time::timeout(Duration::from_millis(300), reg.get_citizen(req)).await;
+    assert!(
+        gave_up.is_err(),
+        "the silent directory answered? {gave_up:?}"
+    );
+
+    let mut audit = auditor_of(&env, gw.api_addr).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let recs = records_about(&mut audit, id).await;
+        if let Some(r) = recs.iter().find(|r| r.request_id == "abandoned-1") {
+            // One record of the read (the auditor's own searches name the citizen too).
+            let reads = recs
+                .iter()
+                .filter(|r| r.method == "/civgate.v1.Citizens/GetCitizen");
+            assert_eq!(reads.count(), 1, "{recs:?}");
+            assert_eq!(
+                (r.outcome.as_str(), r.detail.as_str()),
+                ("CANCELLED", "client_cancelled")
+            );
+            assert!(r.fields_returned.is_empty(), "{r:?}");
+            assert_eq!(r.method, "/civgate.v1.Citizens/GetCitizen");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no record of the abandoned call: {recs:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    gw.shutdown().await.unwrap();
 }
 
 enum Tamper {

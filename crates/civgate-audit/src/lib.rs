@@ -17,6 +17,8 @@ use civgate_store::{self as store, sqlite};
 
 /// The audit log's size, a gauge.
 pub const AUDIT_LOG_SIZE: &str = "civgate_audit_log_size";
+/// Audit records dropped because the store did not take them for too long, a counter.
+pub const AUDIT_RECORDS_LOST: &str = "civgate_audit_records_lost_total";
 /// 1 while the store does not commit within its timeout, a gauge.
 pub const STORE_STALLED: &str = "civgate_store_stalled";
 
@@ -56,9 +58,42 @@ pub struct Call {
     pub path: String,
     pub request_id: String,
     pub started: Instant,
+    /// Set by a journal writer once it has committed this call's record with its own write,
+    /// before it lets go of the call: the gate, finding the call abandoned by its client,
+    /// then knows there is nothing left to record.
+    recorded: std::sync::atomic::AtomicBool,
 }
 
 impl Call {
+    pub fn new(
+        peer: Arc<PeerIdentity>,
+        principal: Option<Principal>,
+        path: String,
+        request_id: String,
+        started: Instant,
+    ) -> Self {
+        Self {
+            peer,
+            principal,
+            path,
+            request_id,
+            started,
+            recorded: Default::default(),
+        }
+    }
+
+    /// A journal writer committed this call's record (see [`Call::is_recorded`]).
+    pub fn mark_recorded(&self) {
+        self.recorded
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether a journal writer committed this call's record. Read it once no writer holds
+    /// the call any more (`Arc::strong_count` 1, after an acquire fence).
+    pub fn is_recorded(&self) -> bool {
+        self.recorded.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// The audit record of this call: identifiers and field names only. `time` is now,
     /// `latency` runs from the call's arrival to now.
     pub fn record(&self, facts: Facts, code: tonic::Code, detail: &str) -> AuditRecord {

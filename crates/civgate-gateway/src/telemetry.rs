@@ -29,6 +29,8 @@ pub(crate) const EXCHANGE_BACKLOG_AGE: &str = "civgate_exchange_backlog_oldest_s
 pub(crate) const EXCHANGE_DEAD_LETTERS: &str = "civgate_exchange_dead_letters";
 pub(crate) const HTTP_REFUSED: &str = "civgate_http_refused_total";
 pub(crate) const REFUSALS_UNRECORDED: &str = "civgate_refusals_unrecorded_total";
+/// Admitted calls whose client went away before the answer (recorded as CANCELLED).
+pub(crate) const RPC_ABANDONED: &str = "civgate_rpc_abandoned_total";
 pub(crate) const REQUEST_BODIES_REFUSED: &str = "civgate_request_bodies_refused_total";
 pub(crate) const CONNECTIONS_REFUSED: &str = "civgate_connections_refused_total";
 pub(crate) const CONNECTIONS_OPEN: &str = "civgate_connections_open";
@@ -142,6 +144,11 @@ pub(crate) fn http_refused(status: u16) {
         _ => "other",
     };
     metrics::counter!(HTTP_REFUSED, "status" => status).increment(1);
+}
+
+/// An admitted call abandoned by its client before its answer.
+pub(crate) fn rpc_abandoned() {
+    metrics::counter!(RPC_ABANDONED).increment(1);
 }
 
 /// A refusal past its certificate's meter: answered, not recorded or logged on its own.

@@ -205,8 +205,9 @@ impl AuditTail {
     /// Waits for a commit's answer at most the commit timeout, on either store (SQLite's own
     /// timeout covers only waiting for its lock, not a disk that stops answering). Past it the
     /// caller is answered UNAVAILABLE and the gateway reports NOT_SERVING until a commit
-    /// completes again. The commit itself may still complete later: the call's record then
-    /// says it was served although its caller was told to retry (never the reverse).
+    /// completes again. A record whose caller gave up is not committed by the writer if it has
+    /// not started on it (the gate appends one saying the answer was withheld); a commit under
+    /// way may still complete later, and then both are in the log.
     pub async fn bounded<T>(&self, answer: impl Future<Output = T>) -> Result<T, AuditError> {
         match tokio::time::timeout(self.commit_timeout, answer).await {
             Ok(v) => Ok(v),

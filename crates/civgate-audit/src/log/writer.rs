@@ -45,6 +45,10 @@ pub(super) trait Dialect: Send + 'static {
     ) -> impl Future<Output = Result<()>> + Send;
 }
 
+/// Records nobody waits for that a failing store has not taken, kept to try again: at most
+/// this many (the oldest go first), so that a batch with them stays within [`MAX_BATCH`].
+const MAX_KEPT: usize = MAX_BATCH / 2;
+
 /// The statement that stores a checkpoint, on either store.
 pub(super) const CHECKPOINT_SQL: &str = "INSERT INTO audit_checkpoints (size, note, time_ms) VALUES ($1, $2, $3) \
      ON CONFLICT (size) DO UPDATE SET note = excluded.note, time_ms = excluded.time_ms";
@@ -89,12 +93,12 @@ impl<D: Dialect> Writer<D> {
                     }
                     if pending.len() >= MAX_BATCH || waited_for {
                         last_batch = pending.len();
-                        self.commit(std::mem::take(&mut pending)).await;
+                        pending = self.commit(std::mem::take(&mut pending)).await;
                     }
                 }
                 _ = flush.tick() => {
                     if !pending.is_empty() {
-                        self.commit(std::mem::take(&mut pending)).await;
+                        pending = self.commit(std::mem::take(&mut pending)).await;
                     }
                 }
                 _ = tick.tick() => {
@@ -105,15 +109,40 @@ impl<D: Dialect> Writer<D> {
             }
         }
         if !pending.is_empty() {
-            self.commit(pending).await;
+            let kept = self.commit(pending).await;
+            if !kept.is_empty() {
+                error!(
+                    entries = kept.len(),
+                    "stopping with audit records the store did not take"
+                );
+                metrics::counter!(crate::AUDIT_RECORDS_LOST).increment(kept.len() as u64);
+            }
         }
         let _ = self.checkpoint().await;
     }
 
-    async fn commit(&mut self, batch: Vec<Pending>) {
+    /// Commits `batch` and answers its waiters; returns the records to try again with the next
+    /// batch. A record whose caller stopped waiting (its commit timed out, or its client went
+    /// away) is not committed: the gate appends one in its place, saying what the caller was
+    /// answered. When the commit fails, its waiters are answered (the gate then records the
+    /// withheld answers) and the records nobody waits for — refusals, and those records in
+    /// place of others — are kept to try again, up to [`MAX_KEPT`]; past it the oldest are
+    /// dropped, counted in `civgate_audit_records_lost_total` and logged.
+    async fn commit(&mut self, mut batch: Vec<Pending>) -> Vec<Pending> {
+        batch.retain(|p| !p.done.as_ref().is_some_and(|d| d.is_closed()));
+        if batch.is_empty() {
+            return batch;
+        }
         let tail = self.tail.clone();
         let mut range = tail.lock().await;
         let before = range.clone();
+        // Nobody waits for these: a failed commit must not lose them. (Rare: refusals are
+        // metered per certificate.)
+        let unwaited: Vec<AuditRecord> = batch
+            .iter()
+            .filter(|p| p.done.is_none())
+            .map(|p| p.record.clone())
+            .collect();
         let (records, waiters): (Vec<AuditRecord>, Vec<_>) =
             batch.into_iter().map(|p| (p.record, p.done)).unzip();
         let entries: Vec<BlockEntry> = records.iter().map(BlockEntry::of).collect();
@@ -131,15 +160,30 @@ impl<D: Dialect> Writer<D> {
                         let _ = done.send(Ok(first + i as u64));
                     }
                 }
+                Vec::new()
             }
             Err(e) => {
                 *range = before;
                 drop(range);
-                error!(error = %e, entries = n, "audit commit failed; calls answer UNAVAILABLE");
+                error!(error = %e, entries = n, kept = unwaited.len(), "audit commit failed; calls answer UNAVAILABLE");
                 tail.failed();
                 for done in waiters.into_iter().flatten() {
                     let _ = done.send(Err(AuditError::NotDurable(e.to_string())));
                 }
+                let mut kept: Vec<Pending> = unwaited
+                    .into_iter()
+                    .map(|record| Pending { record, done: None })
+                    .collect();
+                if kept.len() > MAX_KEPT {
+                    let lost = kept.len() - MAX_KEPT;
+                    error!(
+                        entries = lost,
+                        "audit records dropped: the store has not taken them for too long"
+                    );
+                    metrics::counter!(crate::AUDIT_RECORDS_LOST).increment(lost as u64);
+                    kept.drain(..lost);
+                }
+                kept
             }
         }
     }

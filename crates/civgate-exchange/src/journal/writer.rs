@@ -300,6 +300,13 @@ impl<D: Dialect> Writer<D> {
                 for ((job, outcome), audit_index) in
                     batch.into_iter().zip(outcomes).zip(audit_indexes)
                 {
+                    // Before the draft is let go: a gate whose client went away meanwhile
+                    // must see that the record exists.
+                    if audit_index.is_some()
+                        && let Some(draft) = job.audit()
+                    {
+                        draft.call.mark_recorded();
+                    }
                     match (job, outcome) {
                         (Job::Publish { done, .. }, Outcome::Published(result)) => {
                             let _ = done.send(Published {

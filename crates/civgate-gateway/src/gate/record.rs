@@ -61,13 +61,13 @@ impl Step for Refusals {
             status.message()
         );
         if let Some(log) = self.audit {
-            let call = Call {
-                peer: ctx.conn.peer.clone(),
+            let call = Call::new(
+                ctx.conn.peer.clone(),
                 principal,
-                path: ctx.path.clone(),
-                request_id: ctx.request_id.clone(),
-                started: ctx.started,
-            };
+                ctx.path.clone(),
+                ctx.request_id.clone(),
+                ctx.started,
+            );
             let rec = call.record(Facts::default(), status.code(), &detail);
             if let Err(e) = log.append_deferred(rec).await {
                 return Ok(audit_unavailable(&e).into_http());
@@ -80,8 +80,11 @@ impl Step for Refusals {
 /// The admitted call's record: the handler tells it its facts ([`FactsSlot`]) and may commit
 /// it itself, in the same transaction as its own write (`Publish`: it finds the [`Call`] on
 /// the request); otherwise it is appended here and the answer waits until it is durable. A
-/// record that cannot be made durable replaces the answer with UNAVAILABLE. With the audit
-/// off this layer is not in the stack.
+/// record that cannot be made durable replaces the answer with UNAVAILABLE, and a record
+/// saying so (`audit_unavailable`, nothing returned) is appended for when the store recovers.
+/// A call its client abandons before its record is appended (a reset stream, a closed
+/// connection) is recorded as CANCELLED (`client_cancelled`). With the audit off this layer is
+/// not in the stack.
 #[derive(Clone)]
 pub struct Audit {
     log: Arc<AuditLog>,
@@ -106,26 +109,109 @@ impl Step for Audit {
         let principal = req.extensions().get::<Principal>().cloned();
         let facts = FactsSlot::default();
         req.extensions_mut().insert(facts.clone());
-        let call = Arc::new(Call {
-            peer: ctx.conn.peer.clone(),
+        let call = Arc::new(Call::new(
+            ctx.conn.peer.clone(),
             principal,
-            path: ctx.path.clone(),
-            request_id: ctx.request_id.clone(),
-            started: ctx.started,
-        });
+            ctx.path.clone(),
+            ctx.request_id.clone(),
+            ctx.started,
+        ));
         req.extensions_mut().insert(call.clone());
-        let mut resp = next.call(req).await?;
+        let mut pending = Abandoned {
+            log: self.log.clone(),
+            call: Some(call.clone()),
+            facts: facts.clone(),
+            known: None,
+        };
+        let answered = next.call(req).await;
+        let mut resp = match answered {
+            Ok(resp) => resp,
+            Err(e) => {
+                pending.call = None;
+                return Err(e);
+            }
+        };
         let code = outcome(&mut resp).unwrap_or(tonic::Code::Ok);
         let facts = facts.take();
-        if facts.recorded.is_none() {
-            let refusal = facts.refusal;
-            let rec = call.record(facts, code, refusal);
-            if let Err(e) = self.log.append(rec).await {
-                drop(resp);
-                return Ok(audit_unavailable(&e).into_http());
-            }
+        if facts.recorded.is_some() {
+            pending.call = None;
+            return Ok(resp);
+        }
+        // What a record of the call says when its answer is withheld: whom it concerned, not
+        // what was returned.
+        pending.known = Some(Facts {
+            purpose: facts.purpose.clone(),
+            subjects: facts.subjects.clone(),
+            ..Facts::default()
+        });
+        let refusal = facts.refusal;
+        let appended = self.log.append(call.record(facts, code, refusal)).await;
+        let withheld = pending.known.take().unwrap_or_default();
+        pending.call = None;
+        if let Err(e) = appended {
+            drop(resp);
+            let status = audit_unavailable(&e);
+            // The writer does not commit a record whose caller stopped waiting; this one takes
+            // its place, committed with the next batch once the store answers again (the
+            // writer keeps records nobody waits for until then). Only if the first record was
+            // already being committed when its caller gave up are both in the log.
+            let rec = call.record(withheld, status.code(), "audit_unavailable");
+            let _ = self.log.append_deferred(rec).await;
+            return Ok(status.into_http());
         }
         Ok(resp)
+    }
+}
+
+/// An admitted call between its arrival at the handler and its answer. Dropped armed — its
+/// client reset the stream or went away, and the handler with it — it has the call recorded
+/// as CANCELLED, nothing returned, unless a journal writer that held the call's draft
+/// committed its record (it marks the call before letting go of it: [`Call::is_recorded`]).
+struct Abandoned {
+    log: Arc<AuditLog>,
+    call: Option<Arc<Call>>,
+    /// What the handler tells the record, until the answer.
+    facts: FactsSlot,
+    /// Once the answer exists: whom the call concerned, while its record is appended.
+    known: Option<Facts>,
+}
+
+/// How long a call abandoned by its client waits for a journal writer still holding its
+/// draft (a commit is bounded by the commit timeout; this is far above it).
+const ABANDONED_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl Drop for Abandoned {
+    fn drop(&mut self) {
+        let Some(call) = self.call.take() else {
+            return;
+        };
+        let facts = self.known.take().unwrap_or_else(|| self.facts.take());
+        if facts.recorded.is_some() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let log = self.log.clone();
+        runtime.spawn(async move {
+            let since = tokio::time::Instant::now();
+            while Arc::strong_count(&call) > 1 && since.elapsed() < ABANDONED_WAIT {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            // Pairs with the release of the writer's last reference (after its mark).
+            std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
+            if call.is_recorded() || Arc::strong_count(&call) > 1 {
+                return;
+            }
+            telemetry::rpc_abandoned();
+            let nothing_returned = Facts {
+                purpose: facts.purpose,
+                subjects: facts.subjects,
+                ..Facts::default()
+            };
+            let rec = call.record(nothing_returned, tonic::Code::Cancelled, "client_cancelled");
+            let _ = log.append_deferred(rec).await;
+        });
     }
 }
 

@@ -32,22 +32,22 @@ async fn publishes_and_their_records_commit_together(store: Store) {
     let agency: crate::domain::AgencyId = "population".parse().unwrap();
     let fingerprint = crate::domain::CertFingerprint([7; 32]);
     let draft_at = |rid: &str, path: &str| Draft {
-        call: Arc::new(Call {
-            peer: Arc::new(civgate_policy::identity::PeerIdentity::of(
+        call: Arc::new(Call::new(
+            Arc::new(civgate_policy::identity::PeerIdentity::of(
                 Ok(agency.clone()),
                 fingerprint,
             )),
-            principal: Some(crate::policy::Principal {
+            Some(crate::policy::Principal {
                 agency: agency.clone(),
                 role: crate::domain::Role::PopulationDb,
                 fingerprint,
                 registry_offices: Arc::from([]),
                 provinces: Arc::from([]),
             }),
-            path: path.into(),
-            request_id: rid.into(),
-            started: std::time::Instant::now(),
-        }),
+            path.into(),
+            rid.into(),
+            std::time::Instant::now(),
+        )),
         facts: Facts {
             subjects: vec!["031200000001".into()],
             fields: vec!["event:personal_id_assigned".into()],
@@ -64,16 +64,16 @@ async fn publishes_and_their_records_commit_together(store: Store) {
     };
 
     let start = log.size();
+    let d1 = draft("r1");
+    let call = d1.call.clone();
+    assert!(!call.is_recorded());
     let first = journal
-        .publish_audited(
-            "population",
-            "k1",
-            POPULATION,
-            vec![1],
-            None,
-            Some(draft("r1")),
-        )
+        .publish_audited("population", "k1", POPULATION, vec![1], None, Some(d1))
         .await;
+    // The writer marks the call before it lets go of it (the gate relies on it when the
+    // client went away meanwhile).
+    assert!(call.is_recorded());
+    assert_eq!(Arc::strong_count(&call), 1);
     let receipt = first.result.unwrap();
     assert_eq!(first.audit_index, Some(start));
     assert_eq!(
