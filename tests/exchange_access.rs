@@ -46,6 +46,7 @@ fn birth(office: &str, province: &str, mother: &str) -> Event {
                 full_name: "Lê Thị Hoa".into(),
                 ..Default::default()
             }),
+            foundling: false,
         })),
     }
 }
@@ -746,3 +747,44 @@ on_both_backends!(
     consumer_lag_is_visible,
     a_reload_applies_to_open_streams,
 );
+
+/// Through the real gateway: a birth registered late is accepted and its receipt says so; a
+/// birth whose mother's ID says male is refused before anything is stored.
+#[tokio::test]
+async fn a_late_registration_is_noticed_and_a_broken_rule_refused() {
+    use civgate::pb::v1::event::Payload;
+    let env = Env::new();
+    let gw = env.start().await;
+    let mut hp = as_agency(&env, gw.api_addr, "registry-hp").await;
+    let on_time = publish(&mut hp, "n1", common::birth("HP-LECHAN", "Lê An")).await;
+    assert!(on_time.notices.is_empty(), "{on_time:?}");
+    let mut late = common::birth("HP-LECHAN", "Lê Bình");
+    if let Some(Payload::Birth(b)) = &mut late.payload {
+        b.date_of_birth = "2025-06-01".into();
+    }
+    let receipt = publish(&mut hp, "n2", late).await;
+    assert_eq!(receipt.notices, ["late_birth_registration"]);
+    assert_eq!(receipt.sequence, on_time.sequence + 1);
+
+    let mut wrong = common::birth("HP-LECHAN", "Lê Chi");
+    if let Some(Payload::Birth(b)) = &mut wrong.payload
+        && let Some(m) = &mut b.mother
+    {
+        m.personal_id = Some("031095000001".into());
+    }
+    let err = hp
+        .publish(civgate::pb::v1::PublishRequest {
+            idempotency_key: "n3".into(),
+            event: Some(wrong),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let next = publish(&mut hp, "n4", common::birth("HP-LECHAN", "Lê Dung")).await;
+    assert_eq!(
+        next.sequence,
+        receipt.sequence + 1,
+        "the refused event took no sequence"
+    );
+    gw.shutdown().await.unwrap();
+}

@@ -731,6 +731,7 @@ pub fn birth(office: &str, name: &str) -> civgate::pb::v1::Event {
                 full_name: "Lê Thị Hoa".into(),
                 ..Default::default()
             }),
+            foundling: false,
         })),
     }
 }

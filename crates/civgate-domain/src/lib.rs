@@ -42,9 +42,18 @@ pub fn parse_date(s: &str) -> Result<time::Date, String> {
     time::Date::parse(s, &fmt).map_err(|_| format!("{s:?} is not a date in YYYY-MM-DD form"))
 }
 
-/// Today's date (UTC).
+/// Vietnam's offset from UTC (Indochina Time, no daylight saving): civil dates — of birth,
+/// death, marriage, registration — are dates in Vietnam.
+pub const VIETNAM: time::UtcOffset = time::macros::offset!(+7);
+
+/// Today's date in Vietnam (between 00:00 and 07:00 there, UTC still says yesterday).
 pub fn today() -> time::Date {
-    time::OffsetDateTime::now_utc().date()
+    today_at(time::OffsetDateTime::now_utc())
+}
+
+/// The date in Vietnam at the instant `t`.
+pub fn today_at(t: time::OffsetDateTime) -> time::Date {
+    t.to_offset(VIETNAM).date()
 }
 
 /// Formats a date as `YYYY-MM-DD`.
@@ -218,6 +227,20 @@ impl fmt::Debug for CertFingerprint {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn civil_dates_are_vietnam_dates() {
+        use time::macros::{date, datetime};
+        // 00:00-07:00 in Vietnam is still the day before in UTC.
+        for (utc, vietnam) in [
+            (datetime!(2026-12-06 16:59:59 UTC), date!(2026 - 12 - 06)),
+            (datetime!(2026-12-06 17:00:00 UTC), date!(2026 - 12 - 07)),
+            (datetime!(2026-12-07 06:59:59 UTC), date!(2026 - 12 - 07)),
+            (datetime!(2026-12-31 17:00:00 UTC), date!(2027 - 01 - 01)),
+        ] {
+            assert_eq!(today_at(utc), vietnam, "{utc}");
+        }
+    }
 
     #[test]
     fn fingerprint_hex_is_lower_case_and_matches_hex_encode() {

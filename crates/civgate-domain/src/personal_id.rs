@@ -135,7 +135,7 @@ impl PersonalId {
     }
 
     /// Full year of birth encoded by digits 4–6 (1900 + 100 × (digit4 / 2) + yy).
-    pub(crate) fn birth_year(&self) -> i32 {
+    pub fn birth_year(&self) -> i32 {
         let century = 1900 + 100 * i32::from(self.digit(3) / 2);
         century + i32::from(self.digit(4)) * 10 + i32::from(self.digit(5))
     }

@@ -1,6 +1,10 @@
 //! Full validation of a published event: which topic it belongs to, whether this producer may
 //! publish it, and every field (personal IDs, dates not in the future, NFC names, ID digits
 //! consistent with sex and birth year). Plain functions; errors name the field.
+//!
+//! What the event itself proves wrong is refused here, citing the rule; what needs the
+//! population records (a spouse's full date of birth, an existing marriage) is for the
+//! directory, which rejects the event with its reason. Civil dates are dates in Vietnam.
 
 use tonic_types::FieldViolation;
 
@@ -106,14 +110,51 @@ impl Check {
         if !self.required(field, s) {
             return None;
         }
-        PersonalId::parse(s)
+        let id = PersonalId::parse(s)
             .map_err(|e| self.bad(field, e.to_string()))
-            .ok()
+            .ok()?;
+        let year = id.birth_year();
+        if year > today().year() {
+            self.bad(
+                field,
+                format!("encodes a year of birth ({year}) that has not come yet"),
+            );
+            return None;
+        }
+        Some(id)
     }
 
-    fn optional_id(&mut self, field: &str, s: Option<&str>) {
-        if let Some(s) = s.filter(|s| !s.is_empty()) {
-            let _ = PersonalId::parse(s).map_err(|e| self.bad(field, e.to_string()));
+    fn optional_id(&mut self, field: &str, s: Option<&str>) -> Option<PersonalId> {
+        s.filter(|s| !s.is_empty()).and_then(|s| self.id(field, s))
+    }
+
+    /// `date` (of the event) must not be after the registration's date.
+    fn not_after_registration(
+        &mut self,
+        field: &str,
+        date: Option<time::Date>,
+        r: Option<&Registration>,
+    ) {
+        let registered = r.and_then(|r| parse_date(&r.registration_date).ok());
+        if let (Some(d), Some(r)) = (date, registered)
+            && d > r
+        {
+            self.bad(field, "must not be after the registration date");
+        }
+    }
+
+    /// A death dated before the year of birth its personal ID encodes.
+    fn not_before_birth(&mut self, field: &str, id: Option<&PersonalId>, date: Option<time::Date>) {
+        if let (Some(id), Some(d)) = (id, date)
+            && d.year() < id.birth_year()
+        {
+            self.bad(
+                field,
+                format!(
+                    "is before the year of birth the personal ID encodes ({})",
+                    id.birth_year()
+                ),
+            );
         }
     }
 
@@ -154,6 +195,45 @@ impl Check {
         self.date("registration.registration_date", &r.registration_date);
         self.required("registration.registry_office_code", &r.registry_office_code)
             .then(|| r.registry_office_code.clone())
+    }
+}
+
+/// Days within which a birth is to be registered (Law 60/2014 art. 15) and a death (art. 33).
+pub const BIRTH_REGISTRATION_DAYS: i64 = 60;
+pub const DEATH_REGISTRATION_DAYS: i64 = 15;
+
+/// What is worth telling about an event that passed [`validate`]: a registration later than
+/// the law's time limit (legal, and worth knowing to both sides).
+pub fn notices(event: &Event) -> Vec<&'static str> {
+    let late = |happened: &str, r: Option<&Registration>, days: i64| {
+        let (Ok(h), Some(Ok(r))) = (
+            parse_date(happened),
+            r.map(|r| parse_date(&r.registration_date)),
+        ) else {
+            return false;
+        };
+        (r - h).whole_days() > days
+    };
+    match &event.payload {
+        Some(Payload::Birth(b))
+            if late(
+                &b.date_of_birth,
+                b.registration.as_ref(),
+                BIRTH_REGISTRATION_DAYS,
+            ) =>
+        {
+            vec!["late_birth_registration"]
+        }
+        Some(Payload::Death(d))
+            if late(
+                &d.date_of_death,
+                d.registration.as_ref(),
+                DEATH_REGISTRATION_DAYS,
+            ) =>
+        {
+            vec!["late_death_registration"]
+        }
+        _ => Vec::new(),
     }
 }
 
@@ -351,47 +431,109 @@ pub fn validate(event: Option<&Event>, producer: &Principal) -> Result<&'static 
     let office = match payload {
         Payload::Birth(b) => {
             c.name("full_name", &b.full_name);
-            c.date("date_of_birth", &b.date_of_birth);
+            let born = c.date("date_of_birth", &b.date_of_birth);
+            c.not_after_registration("date_of_birth", born, b.registration.as_ref());
             if sex_from_pb(Sex::try_from(b.sex).unwrap_or(Sex::Unspecified)).is_none() {
                 c.bad("sex", "required");
             }
+            // A birth record's fields (Law 60/2014 art. 14).
+            c.required("place_of_birth", &b.place_of_birth);
+            c.required("ethnicity", &b.ethnicity);
+            c.required("nationality", &b.nationality);
             if !crate::domain::personal_id::is_known_province(&b.birth_registration_province_code) {
                 c.bad(
                     "birth_registration_province_code",
                     "not a known province code",
                 );
             }
-            for (field, parent) in [("father", &b.father), ("mother", &b.mother)] {
-                if let Some(p) = parent {
-                    c.optional_id(&format!("{field}.personal_id"), p.personal_id.as_deref());
-                    if !p.full_name.is_empty() {
-                        c.name(&format!("{field}.full_name"), &p.full_name);
-                    }
+            for (field, parent, sex) in [
+                ("father", &b.father, crate::domain::Sex::Male),
+                ("mother", &b.mother, crate::domain::Sex::Female),
+            ] {
+                let Some(p) = parent else { continue };
+                let id_field = format!("{field}.personal_id");
+                let year = (p.year_of_birth != 0)
+                    .then(|| i32::try_from(p.year_of_birth).unwrap_or(i32::MAX));
+                if let Some(id) = c.optional_id(&id_field, p.personal_id.as_deref()) {
+                    // A father's ID encodes male, a mother's female; a year given agrees.
+                    let _ = id
+                        .check_consistency(Some(sex), year)
+                        .map_err(|e| c.bad(&id_field, format!("the {field}'s ID: {e}")));
+                }
+                if let (Some(y), Some(born)) = (year, born)
+                    && y >= born.year()
+                {
+                    c.bad(
+                        &format!("{field}.year_of_birth"),
+                        "must be before the child's year of birth",
+                    );
+                }
+                if !p.full_name.is_empty() {
+                    c.name(&format!("{field}.full_name"), &p.full_name);
                 }
             }
-            if b.father.is_none() && b.mother.is_none() {
-                c.bad("mother", "at least one parent is required");
+            let parents = b.father.is_some() || b.mother.is_some();
+            if b.foundling && parents {
+                c.bad(
+                    "foundling",
+                    "a foundling's parents are unknown (Decree 123/2015 art. 14): give no father or mother",
+                );
+            } else if !b.foundling && !parents {
+                c.bad(
+                    "mother",
+                    "at least one parent is required (foundling, for a child found abandoned whose parents are unknown)",
+                );
             }
             c.registration(b.registration.as_ref())
         }
         Payload::Death(d) => {
-            c.id("personal_id", &d.personal_id);
-            c.date("date_of_death", &d.date_of_death);
+            let id = c.id("personal_id", &d.personal_id);
+            let died = c.date("date_of_death", &d.date_of_death);
+            c.not_before_birth("date_of_death", id.as_ref(), died);
+            c.not_after_registration("date_of_death", died, d.registration.as_ref());
             c.optional_id("declarant_personal_id", Some(&d.declarant_personal_id));
             c.registration(d.registration.as_ref())
         }
         Payload::Marriage(m) => {
             let a = c.id("spouse1_personal_id", &m.spouse1_personal_id);
             let b = c.id("spouse2_personal_id", &m.spouse2_personal_id);
+            c.name("spouse1_full_name", &m.spouse1_full_name);
+            c.name("spouse2_full_name", &m.spouse2_full_name);
+            let married = c.date("date_of_marriage", &m.date_of_marriage);
+            c.not_after_registration("date_of_marriage", married, m.registration.as_ref());
             if a.is_some() && a == b {
                 c.bad(
                     "spouse2_personal_id",
                     "must differ from spouse1_personal_id",
                 );
+            } else if let (Some(a), Some(b)) = (&a, &b)
+                && a.sex() == b.sex()
+            {
+                c.bad(
+                    "spouse2_personal_id",
+                    "both IDs encode the same sex: the State does not recognise marriage between people of the same sex (Marriage and Family Law 2014, art. 8(2))",
+                );
             }
-            c.name("spouse1_full_name", &m.spouse1_full_name);
-            c.name("spouse2_full_name", &m.spouse2_full_name);
-            c.date("date_of_marriage", &m.date_of_marriage);
+            for (field, id) in [("spouse1_personal_id", &a), ("spouse2_personal_id", &b)] {
+                if let (Some(id), Some(on)) = (id, married) {
+                    // The ID gives the year of birth only: at most this old on the day.
+                    let at_most = on.year() - id.birth_year();
+                    let (legal, who) = match id.sex() {
+                        crate::domain::Sex::Male => (20, "men"),
+                        crate::domain::Sex::Female => (18, "women"),
+                    };
+                    if at_most < legal {
+                        c.bad(
+                            field,
+                            format!(
+                                "under the age of marriage: born in {}, at most {at_most} on {}; {who} marry from full {legal} (Marriage and Family Law 2014, art. 8(1)(a))",
+                                id.birth_year(),
+                                m.date_of_marriage
+                            ),
+                        );
+                    }
+                }
+            }
             c.registration(m.registration.as_ref())
         }
         Payload::Divorce(d) => {
@@ -470,8 +612,9 @@ pub fn validate(event: Option<&Event>, producer: &Principal) -> Result<&'static 
             None
         }
         Payload::DeathRecorded(x) => {
-            c.id("personal_id", &x.personal_id);
-            c.date("date_of_death", &x.date_of_death);
+            let id = c.id("personal_id", &x.personal_id);
+            let died = c.date("date_of_death", &x.date_of_death);
+            c.not_before_birth("date_of_death", id.as_ref(), died);
             None
         }
         Payload::PersonalIdReissued(x) => {
@@ -560,6 +703,7 @@ mod tests {
                     ..Default::default()
                 }),
                 mother: None,
+                foundling: false,
             })),
         }
     }
@@ -690,5 +834,208 @@ mod tests {
             e.occurred_at_unix_ms = t;
             assert_eq!(validate(Some(&e), &registry()).is_ok(), ok, "{t}");
         }
+    }
+
+    fn death(id: &str, died: &str) -> Event {
+        Event {
+            in_reply_to: String::new(),
+            occurred_at_unix_ms: 0,
+            payload: Some(Payload::Death(crate::pb::v1::Death {
+                registration: reg("HP-LECHAN"),
+                personal_id: id.into(),
+                date_of_death: died.into(),
+                place_of_death: "Hải Phòng".into(),
+                cause_category: "illness".into(),
+                declarant_personal_id: String::new(),
+            })),
+        }
+    }
+
+    fn marriage(a: &str, b: &str) -> Event {
+        Event {
+            in_reply_to: String::new(),
+            occurred_at_unix_ms: 0,
+            payload: Some(Payload::Marriage(Marriage {
+                registration: reg("HP-LECHAN"),
+                spouse1_personal_id: a.into(),
+                spouse1_full_name: "Nguyễn Văn Hùng".into(),
+                spouse2_personal_id: b.into(),
+                spouse2_full_name: "Trần Thị Lan".into(),
+                date_of_marriage: "2026-01-01".into(),
+            })),
+        }
+    }
+
+    fn with_birth(f: impl FnOnce(&mut Birth)) -> Event {
+        let mut e = birth("HP-LECHAN");
+        if let Some(Payload::Birth(b)) = &mut e.payload {
+            f(b);
+        }
+        e
+    }
+
+    /// Each rule the law sets that the event itself can prove broken: the event, the field
+    /// named, and words of the reason (`None`: accepted).
+    #[test]
+    fn the_laws_rules_that_an_event_proves_broken_are_refused() {
+        let parent = |id: Option<&str>, year: u32| Parent {
+            personal_id: id.map(Into::into),
+            full_name: "Nguyễn Văn Hùng".into(),
+            year_of_birth: year,
+            ..Default::default()
+        };
+        /// The field refused and words of its reason; `None`: accepted.
+        type Want = Option<(&'static str, &'static str)>;
+        let cases: Vec<(&str, Event, Want)> = vec![
+            ("a valid birth", birth("HP-LECHAN"), None),
+            (
+                "a father whose ID says female",
+                with_birth(|b| b.father = Some(parent(Some("031195000002"), 0))),
+                Some(("event.birth.father.personal_id", "says female")),
+            ),
+            (
+                "a mother whose ID says male",
+                with_birth(|b| b.mother = Some(parent(Some("031095000001"), 0))),
+                Some(("event.birth.mother.personal_id", "says male")),
+            ),
+            (
+                "a father's year of birth the ID contradicts",
+                with_birth(|b| b.father = Some(parent(Some("031095000001"), 1990))),
+                Some(("event.birth.father.personal_id", "born in 1995")),
+            ),
+            (
+                "a parent born after the child",
+                with_birth(|b| b.father = Some(parent(None, 2026))),
+                Some(("event.birth.father.year_of_birth", "before the child")),
+            ),
+            (
+                "a parent's ID encoding a year of birth not come yet",
+                with_birth(|b| b.father = Some(parent(Some("031400000001"), 0))),
+                Some(("event.birth.father.personal_id", "2100")),
+            ),
+            (
+                "a birth after its registration",
+                with_birth(|b| b.date_of_birth = "2026-03-05".into()),
+                Some(("event.birth.date_of_birth", "registration date")),
+            ),
+            (
+                "no place of birth",
+                with_birth(|b| b.place_of_birth = String::new()),
+                Some(("event.birth.place_of_birth", "required")),
+            ),
+            (
+                "no ethnicity",
+                with_birth(|b| b.ethnicity = " ".into()),
+                Some(("event.birth.ethnicity", "required")),
+            ),
+            (
+                "no nationality",
+                with_birth(|b| b.nationality = String::new()),
+                Some(("event.birth.nationality", "required")),
+            ),
+            (
+                "no parent, not a foundling",
+                with_birth(|b| b.father = None),
+                Some(("event.birth.mother", "foundling")),
+            ),
+            (
+                "a foundling",
+                with_birth(|b| {
+                    b.father = None;
+                    b.foundling = true;
+                }),
+                None,
+            ),
+            (
+                "a foundling with a father",
+                with_birth(|b| b.foundling = true),
+                Some(("event.birth.foundling", "unknown")),
+            ),
+            ("a valid death", death("031095000001", "2026-03-01"), None),
+            (
+                "a death before the year of birth in the ID",
+                death("031095000001", "1990-05-01"),
+                Some(("event.death.date_of_death", "1995")),
+            ),
+            (
+                "a death after its registration",
+                death("031095000001", "2026-03-03"),
+                Some(("event.death.date_of_death", "registration date")),
+            ),
+            (
+                "a man of 1995 and a woman of 1995",
+                marriage("031095000001", "031195000002"),
+                None,
+            ),
+            (
+                "two IDs of the same sex",
+                marriage("031095000001", "031095000003"),
+                Some(("event.marriage.spouse2_personal_id", "same sex")),
+            ),
+            (
+                "a man at most 16",
+                marriage("031210000001", "031195000002"),
+                Some(("event.marriage.spouse1_personal_id", "from full 20")),
+            ),
+            (
+                "a woman at most 16",
+                marriage("031095000001", "031310000002"),
+                Some(("event.marriage.spouse2_personal_id", "from full 18")),
+            ),
+            (
+                // Born in 2008: 18 on her birthday in 2026; only the directory knows the day.
+                "a woman who may be 18",
+                marriage("031095000001", "031308000002"),
+                None,
+            ),
+            (
+                "a man who is at most 19",
+                marriage("031207000001", "031195000002"),
+                Some(("event.marriage.spouse1_personal_id", "at most 19")),
+            ),
+        ];
+        for (what, event, want) in cases {
+            let got = validate(Some(&event), &registry());
+            match (want, got) {
+                (None, Ok(_)) => {}
+                (Some((field, why)), Err(Refusal::Invalid(v))) => {
+                    assert!(
+                        v.iter()
+                            .any(|f| f.field == field && f.description.contains(why)),
+                        "{what}: {v:?}"
+                    );
+                }
+                (want, got) => panic!("{what}: wanted {want:?}, got {got:?}"),
+            }
+        }
+        // A police record of a death, too.
+        let recorded = Event {
+            in_reply_to: String::new(),
+            occurred_at_unix_ms: 0,
+            payload: Some(Payload::DeathRecorded(DeathRecorded {
+                personal_id: "031095000001".into(),
+                date_of_death: "1994-12-31".into(),
+                recording_unit: "Công an phường".into(),
+            })),
+        };
+        assert!(matches!(
+            validate(Some(&recorded), &population()),
+            Err(Refusal::Invalid(v)) if v[0].field == "event.death_recorded.date_of_death"
+        ));
+    }
+
+    #[test]
+    fn late_registrations_are_noticed_not_refused() {
+        let late_birth = with_birth(|b| b.date_of_birth = "2025-12-31".into());
+        assert!(validate(Some(&late_birth), &registry()).is_ok());
+        assert_eq!(notices(&late_birth), ["late_birth_registration"]);
+        // 2026-01-01 → 2026-03-02 is 60 days: within the limit.
+        let in_time = with_birth(|b| b.date_of_birth = "2026-01-01".into());
+        assert!(notices(&in_time).is_empty());
+        assert!(notices(&birth("HP-LECHAN")).is_empty());
+        let late_death = death("031095000001", "2026-02-14");
+        assert!(validate(Some(&late_death), &registry()).is_ok());
+        assert_eq!(notices(&late_death), ["late_death_registration"]);
+        assert!(notices(&death("031095000001", "2026-02-15")).is_empty());
     }
 }

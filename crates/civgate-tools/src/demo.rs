@@ -402,6 +402,7 @@ async fn sync_steps(
                 personal_id: Some(mother_id.to_string()),
                 ..Default::default()
             }),
+            foundling: false,
         })),
     };
     let receipt = reg

@@ -24,7 +24,7 @@ use crate::{
     exchange::{
         address,
         journal::{Group, Journal, JournalError},
-        validate::{Refusal, is_topic, subjects, topic_of, validate},
+        validate::{Refusal, is_topic, notices, subjects, topic_of, validate},
     },
     policy::{self, Principal},
     state::Shared,
@@ -314,6 +314,7 @@ impl Exchange for ExchangeService {
             Ok(t) => t,
         };
         let event = r.event.unwrap_or_default();
+        let notices = notices(&event);
         let audience = self.address(&who, &event, topic).await?;
         let mut told = Facts::default();
         if let Some(p) = &event.payload {
@@ -344,6 +345,7 @@ impl Exchange for ExchangeService {
             topic: receipt.topic,
             sequence: receipt.sequence,
             recorded_at_unix_ms: receipt.recorded_at_ms,
+            notices: notices.into_iter().map(str::to_owned).collect(),
         }))
     }
 
