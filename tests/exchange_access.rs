@@ -416,15 +416,12 @@ async fn each_registry_receives_what_is_addressed_to_it(env: Env) {
     let mut pop = as_agency(&env, gw.api_addr, "population").await;
     let b_hp = publish(&mut hp, "b-hp", birth("HP-LECHAN", "031", "031195000002")).await;
     let b_hn = publish(&mut hn, "b-hn", birth("HN-BADINH", "001", "001195000004")).await;
-    // A child of Hà Nội registered in Hải Phòng: its ID names province 001.
-    let b_hp_001 = publish(
-        &mut hp,
-        "b-hp-001",
-        birth("HP-LECHAN", "001", "001195000006"),
-    )
-    .await;
+    // A second Hải Phòng birth, to a mother from Hà Nội (her ID is of 001): its answer goes to
+    // registry-hp only. (A birth registered in Hải Phòng is of province 031, and so is the ID
+    // assigned to the child: the gateway refuses any other.)
+    let b_hp_2 = publish(&mut hp, "b-hp-2", birth("HP-LECHAN", "031", "001195000006")).await;
     // #1: answer to registry-hp.  #2: answer to registry-hn.  #3: answer to registry-hp, though
-    // the child's ID is of 001 (registry-hn's province).  #4: a 031 death.  #5: a 001 death.
+    // the mother is of 001 (registry-hn's province).  #4: a 031 death.  #5: a 001 death.
     // #6: a move from 001 to 031: both.  #7: a reissue in 048 (Đà Nẵng): neither.
     let mut expected_hp = vec![];
     let mut expected_hn = vec![];
@@ -432,7 +429,7 @@ async fn each_registry_receives_what_is_addressed_to_it(env: Env) {
     expected_hp.push(r.sequence);
     let r = publish(&mut pop, "a2", assigned("001326000002", &b_hn)).await;
     expected_hn.push(r.sequence);
-    let r = publish(&mut pop, "a3", assigned("001326000003", &b_hp_001)).await;
+    let r = publish(&mut pop, "a3", assigned("031326000003", &b_hp_2)).await;
     expected_hp.push(r.sequence);
     let r = publish(&mut pop, "d3", death("031095000001")).await;
     expected_hp.push(r.sequence);

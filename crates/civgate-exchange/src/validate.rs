@@ -642,6 +642,23 @@ pub fn validate(event: Option<&Event>, producer: &Principal) -> Result<&'static 
             producer.agency
         )));
     }
+    // A registry's offices are in its provinces: the birth is registered in one of them, and
+    // the province decides the child's ID prefix.
+    if let Payload::Birth(b) = payload
+        && !producer.provinces.is_empty()
+        && !producer
+            .provinces
+            .iter()
+            .any(|p| p.as_str() == b.birth_registration_province_code)
+    {
+        let ours: Vec<&str> = producer.provinces.iter().map(|p| p.as_str()).collect();
+        return Err(Refusal::NotAllowed(format!(
+            "agency {} registers births in province {} only, not {:?}",
+            producer.agency,
+            ours.join(", "),
+            b.birth_registration_province_code
+        )));
+    }
     Ok(topic)
 }
 
@@ -660,7 +677,7 @@ mod tests {
             role: Role::CivilRegistry,
             fingerprint: CertFingerprint([0; 32]),
             registry_offices: Arc::from(vec!["HP-LECHAN".parse().unwrap()]),
-            provinces: Arc::from([]),
+            provinces: Arc::from(vec!["031".parse().unwrap()]),
         }
     }
 
@@ -725,6 +742,15 @@ mod tests {
         assert!(matches!(
             validate(Some(&birth("HN-BADINH")), &registry()),
             Err(Refusal::NotAllowed(_))
+        ));
+        // One of its offices, but a province not its own (Hà Nội's).
+        let mut elsewhere = birth("HP-LECHAN");
+        if let Some(Payload::Birth(b)) = &mut elsewhere.payload {
+            b.birth_registration_province_code = "001".into();
+        }
+        assert!(matches!(
+            validate(Some(&elsewhere), &registry()),
+            Err(Refusal::NotAllowed(why)) if why.contains("province 031 only")
         ));
         let death = Event {
             in_reply_to: String::new(),
