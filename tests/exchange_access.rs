@@ -47,6 +47,7 @@ fn birth(office: &str, province: &str, mother: &str) -> Event {
                 ..Default::default()
             }),
             foundling: false,
+            personal_id: None,
         })),
     }
 }

@@ -732,6 +732,7 @@ pub fn birth(office: &str, name: &str) -> civgate::pb::v1::Event {
                 ..Default::default()
             }),
             foundling: false,
+            personal_id: None,
         })),
     }
 }

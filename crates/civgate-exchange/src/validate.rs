@@ -472,6 +472,15 @@ pub fn validate(event: Option<&Event>, producer: &Principal) -> Result<&'static 
                     c.name(&format!("{field}.full_name"), &p.full_name);
                 }
             }
+            // A re-registration names the ID the person has: it must fit the birth.
+            if let (Some(id), Some(born)) =
+                (c.optional_id("personal_id", b.personal_id.as_deref()), born)
+            {
+                let sex = sex_from_pb(Sex::try_from(b.sex).unwrap_or(Sex::Unspecified));
+                let _ = id
+                    .check_consistency(sex, Some(born.year()))
+                    .map_err(|e| c.bad("personal_id", e.to_string()));
+            }
             let parents = b.father.is_some() || b.mother.is_some();
             if b.foundling && parents {
                 c.bad(
@@ -721,6 +730,7 @@ mod tests {
                 }),
                 mother: None,
                 foundling: false,
+                personal_id: None,
             })),
         }
     }
@@ -976,6 +986,21 @@ mod tests {
                 "a foundling with a father",
                 with_birth(|b| b.foundling = true),
                 Some(("event.birth.foundling", "unknown")),
+            ),
+            (
+                "a re-registration naming the ID the person has",
+                with_birth(|b| b.personal_id = Some("001326000006".into())),
+                None,
+            ),
+            (
+                "a re-registration naming an ID of the other sex",
+                with_birth(|b| b.personal_id = Some("001226000006".into())),
+                Some(("event.birth.personal_id", "says male")),
+            ),
+            (
+                "a re-registration naming an ID of another year",
+                with_birth(|b| b.personal_id = Some("001325000006".into())),
+                Some(("event.birth.personal_id", "born in 2025")),
             ),
             ("a valid death", death("031095000001", "2026-03-01"), None),
             (

@@ -50,15 +50,42 @@ pub async fn apply(store: &DirectoryStore, e: &SubscribedEvent) -> Result<Applie
                     .and_then(|p| p.personal_id.as_deref())
                     .and_then(|s| PersonalId::parse(s).ok())
             };
-            let id = fresh_id(
-                store,
-                &b.birth_registration_province_code,
-                sex,
-                dob,
-                &b.full_name,
-                &e.event_id,
-            )
-            .await?;
+            // A re-registration (or a late one for someone already known) keeps the ID the
+            // person has; a newborn gets a new one.
+            let kept = b.personal_id.as_deref().filter(|s| !s.is_empty());
+            let known = match kept {
+                Some(given) => {
+                    let id = one(given)?;
+                    let known = store.get_many(std::slice::from_ref(&id)).await?.pop();
+                    if let Some(k) = &known
+                        && (k.date_of_birth != dob || k.sex != sex)
+                    {
+                        return Ok(Applied::Conflict(format!(
+                            "citizen {id} is recorded as born {} ({}), not {} ({})",
+                            crate::domain::format_date(k.date_of_birth),
+                            k.sex,
+                            b.date_of_birth,
+                            sex
+                        )));
+                    }
+                    Some((id, known))
+                }
+                None => None,
+            };
+            let id = match &known {
+                Some((id, _)) => id.clone(),
+                None => {
+                    fresh_id(
+                        store,
+                        &b.birth_registration_province_code,
+                        sex,
+                        dob,
+                        &b.full_name,
+                        &e.event_id,
+                    )
+                    .await?
+                }
+            };
             let residence = b
                 .mother
                 .as_ref()
@@ -85,6 +112,23 @@ pub async fn apply(store: &DirectoryStore, e: &SubscribedEvent) -> Result<Applie
                 current_province: b.birth_registration_province_code.clone(),
                 current_address: residence,
                 date_of_death: None,
+            };
+            // What the population database knew of a re-registered person stays (marital
+            // status, spouse, residence, death); the birth record's own data is the registration's.
+            let record = match known.and_then(|(_, k)| k) {
+                Some(k) => CitizenRecord {
+                    marital_status: k.marital_status,
+                    spouse: k.spouse,
+                    permanent_province: k.permanent_province,
+                    permanent_address: k.permanent_address,
+                    current_province: k.current_province,
+                    current_address: k.current_address,
+                    date_of_death: k.date_of_death,
+                    religion: k.religion,
+                    blood_type: k.blood_type,
+                    ..record
+                },
+                None => record,
             };
             store.upsert(&record).await?;
             let reg = b.registration.clone().unwrap_or_default();

@@ -403,8 +403,10 @@ async fn sync_steps(
                 ..Default::default()
             }),
             foundling: false,
+            personal_id: None,
         })),
     };
+    let birth_again = birth.clone();
     let receipt = reg
         .publish(PublishRequest {
             idempotency_key: "demo-birth-101".into(),
@@ -447,6 +449,43 @@ async fn sync_steps(
         looked.full_name.as_deref() == Some(child.as_str()),
         "directory creates the citizen, answers personal_id_assigned".to_owned(),
         format!("{new_id} (registry consumed and acked)"),
+    ));
+
+    // 2b. The same birth registered again (đăng ký lại khai sinh: the book was lost), naming
+    // the ID the child has: the directory keeps it instead of minting a second one.
+    let mut again = birth_again.clone();
+    if let Some(Payload::Birth(b)) = &mut again.payload {
+        b.registration = Some(registration("102"));
+        b.personal_id = Some(new_id.clone());
+    }
+    let receipt = reg
+        .publish(PublishRequest {
+            idempotency_key: "demo-birth-102".into(),
+            event: Some(again),
+        })
+        .await?
+        .into_inner();
+    let answer = next_population().await?;
+    let kept = match answer.event {
+        Some(crate::pb::v1::Event {
+            in_reply_to,
+            payload: Some(Payload::PersonalIdAssigned(a)),
+            ..
+        }) if in_reply_to == receipt.event_id => a.personal_id,
+        other => anyhow::bail!(
+            "expected personal_id_assigned answering the re-registration, got {other:?}"
+        ),
+    };
+    reg.ack(AckRequest {
+        topic: "population".into(),
+        consumer_group: "registry-hp".into(),
+        sequence: answer.sequence,
+    })
+    .await?;
+    out.push((
+        kept == new_id,
+        "a re-registered birth keeps the personal ID the person has".to_owned(),
+        format!("answered {kept}"),
     ));
 
     // 3. Marriage of two single adults, checked first.

@@ -241,6 +241,13 @@ fn is_event_id(id: &str) -> bool {
 /// does): its digits must name the province of the birth registration, the child's sex and
 /// year of birth (Circular 59/2021 art. 4).
 fn id_fits_birth(id: &str, birth: &crate::pb::v1::Birth) -> Option<String> {
+    // A re-registration keeps the ID the person has: the answer is that ID, whatever province
+    // it was first registered in.
+    if let Some(kept) = birth.personal_id.as_deref().filter(|s| !s.is_empty()) {
+        return (id != kept).then(|| {
+            format!("the birth re-registers personal ID {kept}: the answer must keep it")
+        });
+    }
     let id = crate::domain::PersonalId::parse(id).ok()?;
     if id.province_code() != birth.birth_registration_province_code {
         return Some(format!(

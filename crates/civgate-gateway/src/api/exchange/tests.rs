@@ -64,3 +64,30 @@ fn a_delivery_record_names_each_citizen_once_and_the_event_types() {
     );
     assert_eq!(delivery_facts(&[]), Facts::default());
 }
+
+/// The ID a `personal_id_assigned` answers a birth with: a newborn's fits the birth's province,
+/// sex and year; a re-registration's is the ID the birth named, whatever its province.
+#[test]
+fn an_assigned_id_fits_the_birth_it_answers() {
+    use crate::pb::v1::{Birth, Sex};
+    let newborn = Birth {
+        sex: Sex::Female as i32,
+        date_of_birth: "2026-02-27".into(),
+        birth_registration_province_code: "031".into(),
+        ..Default::default()
+    };
+    let again = Birth {
+        personal_id: Some("001195000006".into()),
+        ..newborn.clone()
+    };
+    for (birth, id, fits) in [
+        (&newborn, "031326000001", true),
+        (&newborn, "001326000001", false), // another province
+        (&newborn, "031226000001", false), // male
+        (&newborn, "031325000001", false), // born 2025
+        (&again, "001195000006", true),    // the ID the person has, of Hà Nội
+        (&again, "031326000001", false),   // a second ID for the same person
+    ] {
+        assert_eq!(id_fits_birth(id, birth).is_none(), fits, "{id}");
+    }
+}
