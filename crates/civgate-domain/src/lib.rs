@@ -1,6 +1,7 @@
 //! Validated identifiers used across the gateway. Each is built once, at the edge (config
 //! file, client certificate, request), and code inside never sees an unchecked string.
 
+pub mod ethnicity;
 pub mod names;
 pub mod personal_id;
 pub mod record;

@@ -143,6 +143,17 @@ impl Check {
         }
     }
 
+    /// A Vietnamese citizen's ethnicity is one of the 54 groups of the national list.
+    fn ethnicity(&mut self, field: &str, ethnicity: &str, nationality: &str) {
+        use crate::domain::ethnicity::{ethnic_group, is_vietnamese};
+        if is_vietnamese(nationality) && ethnic_group(ethnicity).is_none() {
+            self.bad(
+                field,
+                "not one of the 54 ethnic groups of the national list: give its code (01-54) or its name",
+            );
+        }
+    }
+
     /// A death dated before the year of birth its personal ID encodes.
     fn not_before_birth(&mut self, field: &str, id: Option<&PersonalId>, date: Option<time::Date>) {
         if let (Some(id), Some(d)) = (id, date)
@@ -438,8 +449,10 @@ pub fn validate(event: Option<&Event>, producer: &Principal) -> Result<&'static 
             }
             // A birth record's fields (Law 60/2014 art. 14).
             c.required("place_of_birth", &b.place_of_birth);
-            c.required("ethnicity", &b.ethnicity);
             c.required("nationality", &b.nationality);
+            if c.required("ethnicity", &b.ethnicity) {
+                c.ethnicity("ethnicity", &b.ethnicity, &b.nationality);
+            }
             if !crate::domain::personal_id::is_known_province(&b.birth_registration_province_code) {
                 c.bad(
                     "birth_registration_province_code",
@@ -470,6 +483,9 @@ pub fn validate(event: Option<&Event>, producer: &Principal) -> Result<&'static 
                 }
                 if !p.full_name.is_empty() {
                     c.name(&format!("{field}.full_name"), &p.full_name);
+                }
+                if !p.ethnicity.trim().is_empty() {
+                    c.ethnicity(&format!("{field}.ethnicity"), &p.ethnicity, &p.nationality);
                 }
             }
             // A re-registration names the ID the person has: it must fit the birth.
@@ -958,6 +974,34 @@ mod tests {
                 "no place of birth",
                 with_birth(|b| b.place_of_birth = String::new()),
                 Some(("event.birth.place_of_birth", "required")),
+            ),
+            (
+                "an ethnicity not on the national list",
+                with_birth(|b| b.ethnicity = "Kinhh".into()),
+                Some(("event.birth.ethnicity", "54 ethnic groups")),
+            ),
+            (
+                "an ethnicity by its code",
+                with_birth(|b| b.ethnicity = "12".into()),
+                None,
+            ),
+            (
+                "a parent's ethnicity not on the list",
+                with_birth(|b| {
+                    if let Some(f) = &mut b.father {
+                        f.ethnicity = "Martian".into();
+                        f.nationality = "Việt Nam".into();
+                    }
+                }),
+                Some(("event.birth.father.ethnicity", "54 ethnic groups")),
+            ),
+            (
+                "a foreign child's ethnicity is not the list's to judge",
+                with_birth(|b| {
+                    b.ethnicity = "Lao Loum".into();
+                    b.nationality = "Lào".into();
+                }),
+                None,
             ),
             (
                 "no ethnicity",
