@@ -322,6 +322,7 @@ async fn a_batch_costs_the_citizens_it_asks_for() {
     while started.elapsed() < Duration::from_secs(3) {
         match c
             .batch_get_citizens(BatchGetCitizensRequest {
+                case_reference: String::new(),
                 personal_ids: ids.clone(),
                 purpose: "IDENTITY_VERIFICATION".into(),
             })
@@ -365,6 +366,7 @@ async fn refusals_and_health_checks_are_metered_and_long_paths_are_cut_in_logs()
     for _ in 0..300 {
         let e = unknown
             .get_citizen(GetCitizenRequest {
+                case_reference: String::new(),
                 personal_id: "031203000001".into(),
                 purpose: "IDENTITY_VERIFICATION".into(),
             })
@@ -536,6 +538,7 @@ async fn a_message_over_the_limit_is_resource_exhausted() {
     .max_encoding_message_size(8 * 1024 * 1024);
     let err = c
         .get_citizen(GetCitizenRequest {
+            case_reference: String::new(),
             personal_id: "0".repeat(5 * 1024 * 1024),
             purpose: "IDENTITY_VERIFICATION".into(),
         })
@@ -745,6 +748,7 @@ async fn one_agency_cannot_take_the_whole_body_budget() {
     for _ in 0..10 {
         let r = other
             .get_citizen(GetCitizenRequest {
+                case_reference: String::new(),
                 personal_id: "0".repeat(1024 * 1024),
                 purpose: "IDENTITY_VERIFICATION".into(),
             })

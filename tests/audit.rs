@@ -33,6 +33,7 @@ fn config(directory_port: u16) -> String {
 
 fn get(id: &str) -> GetCitizenRequest {
     GetCitizenRequest {
+        case_reference: String::new(),
         personal_id: id.into(),
         purpose: "BIRTH_REGISTRATION".into(),
     }
@@ -589,3 +590,76 @@ on_both_backends!(
     every_call_is_audited_with_identifiers_and_field_names_only,
     offline_verify_of_an_export_matches_online,
 );
+
+/// A read names its case and the record keeps it; a purpose that requires a case refuses a
+/// read without one, and a malformed one is refused; a published event's case is its
+/// record's.
+#[tokio::test]
+async fn a_case_reference_is_in_the_record_and_required_where_the_purpose_says() {
+    let env = Env::new();
+    let stack = env.start_directory().await;
+    let text = config(stack.directory.addr.port()).replace(
+        "[purposes.DEATH_REGISTRATION]\n",
+        "[purposes.DEATH_REGISTRATION]\nrequires_case_reference = true\n",
+    );
+    assert!(text.contains("requires_case_reference = true"));
+    let gw = env.start_with(&text).await;
+    let mut reg = CitizensClient::new(
+        client::connect(gw.api_addr, &env.certs(), Some("registry-hp"))
+            .await
+            .unwrap(),
+    );
+    let id = stack.people[3].personal_id.to_string();
+    let case = "000.00.01.H31-261207-0001";
+    let read = |purpose: &str, case: &str| GetCitizenRequest {
+        personal_id: id.clone(),
+        purpose: purpose.into(),
+        case_reference: case.into(),
+    };
+    reg.get_citizen(read("BIRTH_REGISTRATION", case))
+        .await
+        .unwrap();
+    for (purpose, given, field) in [
+        ("DEATH_REGISTRATION", "", "case_reference"),
+        ("BIRTH_REGISTRATION", "hồ sơ 7", "case_reference"),
+    ] {
+        let err = reg.get_citizen(read(purpose, given)).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{purpose} {given:?}");
+        assert!(err.message().contains(field), "{err:?}");
+    }
+    reg.get_citizen(read("DEATH_REGISTRATION", "HS-2"))
+        .await
+        .unwrap();
+
+    let mut hp = common::as_agency(&env, gw.api_addr, "registry-hp").await;
+    let mut birth = common::birth("HP-LECHAN", "Lê An");
+    birth.case_reference = case.into();
+    common::publish(&mut hp, "case-1", birth).await;
+
+    let mut audit = auditor_of(&env, gw.api_addr).await;
+    let reads: Vec<_> = records_about(&mut audit, &id)
+        .await
+        .into_iter()
+        .filter(|r| r.method == "/civgate.v1.Citizens/GetCitizen")
+        .map(|r| (r.outcome, r.case_reference))
+        .collect();
+    // (The refused reads name no citizen: they were refused before the ID was taken.)
+    assert_eq!(
+        reads,
+        [
+            ("OK".to_owned(), case.to_owned()),
+            ("OK".to_owned(), "HS-2".to_owned()),
+        ]
+    );
+    let published = common::search_records(
+        &mut audit,
+        SearchEntriesRequest {
+            method: "/civgate.v1.Exchange/Publish".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(published.len(), 1, "{published:?}");
+    assert_eq!(published[0].case_reference, case);
+    gw.shutdown().await.unwrap();
+}

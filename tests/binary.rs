@@ -320,6 +320,7 @@ async fn a_single_threaded_gateway_serves_concurrent_lookups_and_publishes() {
         calls.spawn(async move {
             let found = l
                 .get_citizen(GetCitizenRequest {
+                    case_reference: String::new(),
                     personal_id: id.clone(),
                     purpose,
                 })

@@ -114,6 +114,7 @@ async fn producers_publish_only_their_side_and_offices_and_bad_events_are_named(
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     let death = Event {
+        case_reference: String::new(),
         occurred_at_unix_ms: 0,
         in_reply_to: String::new(),
         payload: Some(Payload::DeathRecorded(DeathRecorded {

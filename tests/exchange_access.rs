@@ -22,6 +22,7 @@ const POP: &str = "population";
 /// A birth registered by `office` in `province`, to a mother with ID `mother`.
 fn birth(office: &str, province: &str, mother: &str) -> Event {
     Event {
+        case_reference: String::new(),
         occurred_at_unix_ms: 0,
         in_reply_to: String::new(),
         payload: Some(Payload::Birth(Birth {
@@ -54,6 +55,7 @@ fn birth(office: &str, province: &str, mother: &str) -> Event {
 
 fn population(payload: Payload, in_reply_to: &str) -> Event {
     Event {
+        case_reference: String::new(),
         occurred_at_unix_ms: 0,
         in_reply_to: in_reply_to.into(),
         payload: Some(payload),
@@ -547,6 +549,7 @@ async fn answers_are_checked_against_what_they_answer(env: Env) {
         &mut hp,
         "death-reg",
         Event {
+            case_reference: String::new(),
             occurred_at_unix_ms: 0,
             in_reply_to: String::new(),
             payload: Some(Payload::Death(civgate::pb::v1::Death {
@@ -628,6 +631,7 @@ async fn deliveries_count_as_reads(env: Env) {
     );
     let err = citizens
         .get_citizen(civgate::pb::v1::GetCitizenRequest {
+            case_reference: String::new(),
             personal_id: "031195000005".into(),
             purpose: "IDENTITY_VERIFICATION".into(),
         })
@@ -638,6 +642,7 @@ async fn deliveries_count_as_reads(env: Env) {
     // One it received is not a further citizen (no directory here: UNAVAILABLE, not refused).
     let err = citizens
         .get_citizen(civgate::pb::v1::GetCitizenRequest {
+            case_reference: String::new(),
             personal_id: "031095000001".into(),
             purpose: "IDENTITY_VERIFICATION".into(),
         })

@@ -20,6 +20,7 @@ use tonic_health::pb::{
 
 fn lookup() -> GetCitizenRequest {
     GetCitizenRequest {
+        case_reference: String::new(),
         personal_id: "031203000123".into(),
         purpose: "BIRTH_REGISTRATION".into(),
     }
@@ -84,6 +85,7 @@ async fn wrong_role_is_permission_denied_before_any_validation() {
     // A malformed request still gets PERMISSION_DENIED: policy runs before validation.
     let err = CitizensClient::new(ch.clone())
         .get_citizen(GetCitizenRequest {
+            case_reference: String::new(),
             personal_id: "not-an-id".into(),
             purpose: String::new(),
         })

@@ -15,6 +15,7 @@ use tonic_types::StatusExt;
 
 fn get(id: &str) -> GetCitizenRequest {
     GetCitizenRequest {
+        case_reference: String::new(),
         personal_id: id.into(),
         purpose: "IDENTITY_VERIFICATION".into(),
     }

@@ -32,6 +32,7 @@ async fn registry(env: &Env, addr: std::net::SocketAddr) -> CitizensClient<Chann
 
 fn get(id: &str, purpose: &str) -> GetCitizenRequest {
     GetCitizenRequest {
+        case_reference: String::new(),
         personal_id: id.into(),
         purpose: purpose.into(),
     }
@@ -101,6 +102,7 @@ async fn search_finds_nfc_records_from_nfd_and_accent_free_names() {
     ] {
         let r = c
             .search_citizens(SearchCitizensRequest {
+                case_reference: String::new(),
                 full_name: name.clone(),
                 date_of_birth: dob.clone(),
                 purpose: "IDENTITY_VERIFICATION".into(),
@@ -121,6 +123,7 @@ async fn search_finds_nfc_records_from_nfd_and_accent_free_names() {
     }
     let err = c
         .search_citizens(SearchCitizensRequest {
+            case_reference: String::new(),
             full_name: "Nguyễn Văn An".into(),
             date_of_birth: "1990-02-30".into(),
             purpose: "IDENTITY_VERIFICATION".into(),
@@ -252,6 +255,7 @@ async fn batch_mixes_results_and_per_id_errors() {
     let ids = vec![good.clone(), "12345".into(), absent.clone(), good.clone()];
     let r = c
         .batch_get_citizens(BatchGetCitizensRequest {
+            case_reference: String::new(),
             personal_ids: ids.clone(),
             purpose: "IDENTITY_VERIFICATION".into(),
         })
@@ -280,6 +284,7 @@ async fn batch_mixes_results_and_per_id_errors() {
 
     let err = c
         .batch_get_citizens(BatchGetCitizensRequest {
+            case_reference: String::new(),
             personal_ids: vec![],
             purpose: "IDENTITY_VERIFICATION".into(),
         })
@@ -288,6 +293,7 @@ async fn batch_mixes_results_and_per_id_errors() {
     assert_eq!(violated_fields(&err), ["personal_ids"]);
     let err = c
         .batch_get_citizens(BatchGetCitizensRequest {
+            case_reference: String::new(),
             personal_ids: vec![good; 101],
             purpose: "IDENTITY_VERIFICATION".into(),
         })

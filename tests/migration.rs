@@ -65,6 +65,7 @@ async fn a_store_of_the_previous_release_is_adopted(env: Env) {
         .publish(PublishRequest {
             idempotency_key: "after-upgrade".into(),
             event: Some(Event {
+                case_reference: String::new(),
                 occurred_at_unix_ms: 0,
                 in_reply_to: String::new(),
                 payload: Some(Payload::DeathRecorded(DeathRecorded {

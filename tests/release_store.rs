@@ -59,6 +59,7 @@ fn population_events(first_birth: &str) -> Vec<(&'static str, Event)> {
         (
             "p1",
             Event {
+                case_reference: String::new(),
                 occurred_at_unix_ms: 0,
                 in_reply_to: first_birth.into(),
                 payload: Some(Payload::PersonalIdAssigned(PersonalIdAssigned {
@@ -73,6 +74,7 @@ fn population_events(first_birth: &str) -> Vec<(&'static str, Event)> {
         (
             "p2",
             Event {
+                case_reference: String::new(),
                 occurred_at_unix_ms: 0,
                 in_reply_to: String::new(),
                 payload: Some(Payload::DeathRecorded(DeathRecorded {
@@ -317,6 +319,7 @@ async fn run_exchange(env: &Env) -> Expected {
     for id in &looked_up {
         citizens
             .get_citizen(GetCitizenRequest {
+                case_reference: String::new(),
                 personal_id: id.clone(),
                 purpose: "BIRTH_REGISTRATION".into(),
             })

@@ -119,6 +119,7 @@ async fn registry(env: &Env, addr: SocketAddr) -> CitizensClient<Channel> {
 
 fn get(id: &str) -> GetCitizenRequest {
     GetCitizenRequest {
+        case_reference: String::new(),
         personal_id: id.into(),
         purpose: "IDENTITY_VERIFICATION".into(),
     }

@@ -381,6 +381,7 @@ pub fn death_event(n: usize) -> civgate::pb::v1::Event {
 pub fn death_in(province: &str, n: usize) -> civgate::pb::v1::Event {
     use civgate::pb::v1::{DeathRecorded, Event, event::Payload};
     Event {
+        case_reference: String::new(),
         occurred_at_unix_ms: n as i64,
         in_reply_to: String::new(),
         payload: Some(Payload::DeathRecorded(DeathRecorded {
@@ -707,6 +708,7 @@ pub fn rss_kib(pid: u32) -> u64 {
 pub fn birth(office: &str, name: &str) -> civgate::pb::v1::Event {
     use civgate::pb::v1::{Birth, Event, Parent, Registration, Sex, event::Payload};
     Event {
+        case_reference: String::new(),
         occurred_at_unix_ms: 0,
         in_reply_to: String::new(),
         payload: Some(Payload::Birth(Birth {

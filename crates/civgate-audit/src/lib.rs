@@ -44,6 +44,8 @@ pub struct Facts {
     /// Why the handler refused the call, as a short machine reason (e.g. `topic_not_granted`):
     /// the record's detail.
     pub refusal: &'static str,
+    /// The case the call served (a request's or a published event's `case_reference`).
+    pub case_reference: String,
 }
 
 /// What the gate knows of a call when it arrives: who (the verified peer and, once
@@ -121,6 +123,7 @@ impl Call {
             request_id: self.request_id.clone(),
             latency_us: self.started.elapsed().as_micros() as u64,
             detail: detail.to_owned(),
+            case_reference: facts.case_reference,
         }
     }
 

@@ -57,6 +57,19 @@ pub fn today_at(t: time::OffsetDateTime) -> time::Date {
     t.to_offset(VIETNAM).date()
 }
 
+/// A case reference as requests and events carry it (the dossier code of the national
+/// public-service portal, mã hồ sơ): empty (none), or 1-64 of A-Z a-z 0-9 . - _ /.
+pub fn check_case_reference(s: &str) -> Result<(), String> {
+    if s.len() > 64
+        || !s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b'/'))
+    {
+        return Err("at most 64 of A-Z a-z 0-9 . - _ / (the portal's dossier code)".into());
+    }
+    Ok(())
+}
+
 /// Formats a date as `YYYY-MM-DD`.
 pub fn format_date(d: time::Date) -> String {
     format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day())
@@ -228,6 +241,21 @@ impl fmt::Debug for CertFingerprint {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn case_references_are_short_codes() {
+        for ok in [
+            "",
+            "G22.99-240101-0001",
+            "000.00.01.H31-260101-0042",
+            "HS/2026/7",
+        ] {
+            assert!(check_case_reference(ok).is_ok(), "{ok}");
+        }
+        for bad in ["a b", "mã-hồ-sơ", "x\n", &"9".repeat(65)] {
+            assert!(check_case_reference(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn civil_dates_are_vietnam_dates() {

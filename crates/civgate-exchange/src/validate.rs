@@ -417,6 +417,12 @@ pub fn validate(event: Option<&Event>, producer: &Principal) -> Result<&'static 
     if !out_of_bounds.is_empty() {
         return Err(Refusal::Invalid(out_of_bounds));
     }
+    if let Err(e) = crate::domain::check_case_reference(&event.case_reference) {
+        return Err(Refusal::Invalid(vec![FieldViolation::new(
+            "event.case_reference",
+            e,
+        )]));
+    }
     let Some(payload) = &event.payload else {
         return Err(Refusal::Invalid(vec![FieldViolation::new(
             "event.payload",
@@ -727,6 +733,7 @@ mod tests {
 
     pub fn birth(office: &str) -> Event {
         Event {
+            case_reference: String::new(),
             in_reply_to: String::new(),
             occurred_at_unix_ms: 0,
             payload: Some(Payload::Birth(Birth {
@@ -779,6 +786,7 @@ mod tests {
             Err(Refusal::NotAllowed(why)) if why.contains("province 031 only")
         ));
         let death = Event {
+            case_reference: String::new(),
             in_reply_to: String::new(),
             occurred_at_unix_ms: 0,
             payload: Some(Payload::DeathRecorded(DeathRecorded {
@@ -818,6 +826,7 @@ mod tests {
             ]
         );
         let m = Event {
+            case_reference: String::new(),
             in_reply_to: String::new(),
             occurred_at_unix_ms: 0,
             payload: Some(Payload::Marriage(Marriage {
@@ -890,6 +899,7 @@ mod tests {
 
     fn death(id: &str, died: &str) -> Event {
         Event {
+            case_reference: String::new(),
             in_reply_to: String::new(),
             occurred_at_unix_ms: 0,
             payload: Some(Payload::Death(crate::pb::v1::Death {
@@ -905,6 +915,7 @@ mod tests {
 
     fn marriage(a: &str, b: &str) -> Event {
         Event {
+            case_reference: String::new(),
             in_reply_to: String::new(),
             occurred_at_unix_ms: 0,
             payload: Some(Payload::Marriage(Marriage {
@@ -1048,6 +1059,22 @@ mod tests {
             ),
             ("a valid death", death("031095000001", "2026-03-01"), None),
             (
+                "a case reference that is not a dossier code",
+                Event {
+                    case_reference: "hồ sơ 1".into(),
+                    ..death("031095000001", "2026-03-01")
+                },
+                Some(("event.case_reference", "dossier code")),
+            ),
+            (
+                "a dossier code",
+                Event {
+                    case_reference: "000.00.01.H31-260301-0007".into(),
+                    ..death("031095000001", "2026-03-01")
+                },
+                None,
+            ),
+            (
                 "a death before the year of birth in the ID",
                 death("031095000001", "1990-05-01"),
                 Some(("event.death.date_of_death", "1995")),
@@ -1105,6 +1132,7 @@ mod tests {
         }
         // A police record of a death, too.
         let recorded = Event {
+            case_reference: String::new(),
             in_reply_to: String::new(),
             occurred_at_unix_ms: 0,
             payload: Some(Payload::DeathRecorded(DeathRecorded {

@@ -327,6 +327,10 @@ pub struct PurposeSection {
     pub description: String,
     /// The `Citizen` fields this purpose may receive.
     pub fields: Vec<CitizenField>,
+    /// Whether a read for this purpose must name its case (`case_reference`, the portal's
+    /// dossier code), so that every such read in the audit log ties to a registration.
+    #[serde(default)]
+    pub requires_case_reference: bool,
 }
 
 /// A parsed configuration and where it came from.

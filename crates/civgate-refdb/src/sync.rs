@@ -133,6 +133,12 @@ pub async fn apply(store: &DirectoryStore, e: &SubscribedEvent) -> Result<Applie
             store.upsert(&record).await?;
             let reg = b.registration.clone().unwrap_or_default();
             Ok(Applied::Done(Some(Box::new(Event {
+                // The answer belongs to the birth's case.
+                case_reference: e
+                    .event
+                    .as_ref()
+                    .map(|ev| ev.case_reference.clone())
+                    .unwrap_or_default(),
                 occurred_at_unix_ms: crate::audit::log::now_ms(),
                 in_reply_to: e.event_id.clone(),
                 payload: Some(Payload::PersonalIdAssigned(PersonalIdAssigned {

@@ -149,6 +149,7 @@ pub async fn run(certs_dir: &Path) -> Result<()> {
             ] {
                 let r = citizens
                     .get_citizen(GetCitizenRequest {
+                        case_reference: String::new(),
                         personal_id: id.clone(),
                         purpose: "BIRTH_REGISTRATION".into(),
                     })
@@ -237,6 +238,7 @@ pub async fn run(certs_dir: &Path) -> Result<()> {
             );
             let r = citizens
                 .get_citizen(GetCitizenRequest {
+                    case_reference: String::new(),
                     personal_id: "03120300012X".into(),
                     purpose: "BIRTH_REGISTRATION".into(),
                 })
@@ -266,6 +268,7 @@ pub async fn run(certs_dir: &Path) -> Result<()> {
         let r = match client::connect(addr, certs_dir, Some(name)).await {
             Ok(ch) => CitizensClient::new(ch)
                 .get_citizen(GetCitizenRequest {
+                    case_reference: String::new(),
                     personal_id: "031203000123".into(),
                     purpose: "BIRTH_REGISTRATION".into(),
                 })
@@ -381,6 +384,7 @@ async fn sync_steps(
     let child = format!("{family} Thị Mai");
     let dob = today - time::Duration::days(2);
     let birth = Event {
+        case_reference: String::new(),
         occurred_at_unix_ms: crate::audit::log::now_ms(),
         in_reply_to: String::new(),
         payload: Some(Payload::Birth(Birth {
@@ -438,6 +442,7 @@ async fn sync_steps(
     .await?;
     let looked = citizens
         .get_citizen(GetCitizenRequest {
+            case_reference: String::new(),
             personal_id: new_id.clone(),
             purpose: "BIRTH_REGISTRATION".into(),
         })
@@ -520,6 +525,7 @@ async fn sync_steps(
         );
     }
     let marriage = Event {
+        case_reference: String::new(),
         occurred_at_unix_ms: crate::audit::log::now_ms(),
         in_reply_to: String::new(),
         payload: Some(Payload::Marriage(Marriage {
@@ -541,6 +547,7 @@ async fn sync_steps(
     let state = wait_state(&mut reg, &m.event_id).await?;
     let now = citizens
         .get_citizen(GetCitizenRequest {
+            case_reference: String::new(),
             personal_id: groom.personal_id.to_string(),
             purpose: "MARITAL_STATUS_CONFIRMATION".into(),
         })
@@ -567,6 +574,7 @@ async fn sync_steps(
         .min_by_key(|p| p.date_of_birth)
         .unwrap_or(groom);
     let recorded = Event {
+        case_reference: String::new(),
         occurred_at_unix_ms: crate::audit::log::now_ms(),
         in_reply_to: String::new(),
         payload: Some(Payload::DeathRecorded(DeathRecorded {
@@ -600,6 +608,7 @@ async fn sync_steps(
         .find(|p| p.date_of_death.is_some())
         .context("no dead citizen in the synthetic population")?;
     let death = Event {
+        case_reference: String::new(),
         occurred_at_unix_ms: crate::audit::log::now_ms(),
         in_reply_to: String::new(),
         payload: Some(Payload::Death(Death {

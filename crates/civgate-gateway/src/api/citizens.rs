@@ -57,8 +57,40 @@ impl CitizensService {
         })
     }
 
-    /// The fields a purpose releases, or the violation explaining why the purpose is refused.
-    fn purpose(&self, code: &str) -> Result<(PurposeCode, BTreeSet<CitizenField>), FieldViolation> {
+    /// The fields a purpose releases, or the violation explaining why the purpose is refused —
+    /// or why the case reference is (malformed, or missing where the purpose requires one).
+    fn purpose(
+        &self,
+        code: &str,
+        case: &str,
+    ) -> Result<(PurposeCode, BTreeSet<CitizenField>), FieldViolation> {
+        let (code, fields) = self.purpose_fields(code)?;
+        crate::domain::check_case_reference(case)
+            .map_err(|e| FieldViolation::new("case_reference", e))?;
+        let snapshot = self.state.load();
+        if case.is_empty()
+            && snapshot
+                .config
+                .file
+                .purposes
+                .get(&code)
+                .is_some_and(|p| p.requires_case_reference)
+        {
+            return Err(FieldViolation::new(
+                "case_reference",
+                format!(
+                    "required for purpose {}: the dossier code of the case this read serves",
+                    code.as_str()
+                ),
+            ));
+        }
+        Ok((code, fields))
+    }
+
+    fn purpose_fields(
+        &self,
+        code: &str,
+    ) -> Result<(PurposeCode, BTreeSet<CitizenField>), FieldViolation> {
         if code.is_empty() {
             return Err(FieldViolation::new(
                 "purpose",
@@ -209,7 +241,7 @@ impl Citizens for CitizensService {
         let deadline = caller_deadline(req.metadata());
         let r = req.into_inner();
         let id = parse_id("personal_id", &r.personal_id);
-        let purpose = self.purpose(&r.purpose);
+        let purpose = self.purpose(&r.purpose, &r.case_reference);
         let (id, (code, fields)) = match (id, purpose) {
             (Ok(i), Ok(p)) => (i, p),
             (i, p) => return Err(invalid([i.err(), p.err()].into_iter().flatten().collect())),
@@ -217,6 +249,7 @@ impl Citizens for CitizensService {
         self.harvest(&who, &[id.to_string()]).await?;
         facts.update(|f| {
             f.purpose = code.as_str().to_owned();
+            f.case_reference = r.case_reference.clone();
             f.subjects = vec![id.to_string()];
         });
         let raw = self
@@ -259,7 +292,7 @@ impl Citizens for CitizensService {
         let r = req.into_inner();
         let mut violations = Vec::new();
         let purpose = self
-            .purpose(&r.purpose)
+            .purpose(&r.purpose, &r.case_reference)
             .map_err(|v| violations.push(v))
             .ok();
         if r.personal_ids.is_empty() {
@@ -305,6 +338,7 @@ impl Citizens for CitizensService {
         self.harvest(&who, &subjects).await?;
         facts.update(|f| {
             f.purpose = code.as_str().to_owned();
+            f.case_reference = r.case_reference.clone();
             f.subjects = subjects;
         });
         let mut found: HashMap<String, Citizen> = if valid.is_empty() {
@@ -374,7 +408,7 @@ impl Citizens for CitizensService {
             .map_err(|v| violations.push(v))
             .ok();
         let purpose = self
-            .purpose(&r.purpose)
+            .purpose(&r.purpose, &r.case_reference)
             .map_err(|v| violations.push(v))
             .ok();
         let allowed = purpose.as_ref().map(|(_, f)| f.clone()).unwrap_or_default();
@@ -487,6 +521,7 @@ impl Citizens for CitizensService {
         };
         self.harvest(&who, &[id.to_string()]).await?;
         facts.update(|f| {
+            f.case_reference = r.case_reference.clone();
             f.purpose = purpose
                 .as_ref()
                 .map(|(c, _)| c.as_str().to_owned())
@@ -532,7 +567,7 @@ impl Citizens for CitizensService {
             violations.push(FieldViolation::new("date_of_birth", e));
         }
         let purpose = self
-            .purpose(&r.purpose)
+            .purpose(&r.purpose, &r.case_reference)
             .map_err(|v| violations.push(v))
             .ok();
         if let Some(p) = &r.province_code
@@ -588,6 +623,7 @@ impl Citizens for CitizensService {
         }
         facts.update(|f| {
             f.purpose = code.as_str().to_owned();
+            f.case_reference = r.case_reference.clone();
             f.subjects = subjects;
             let returned: BTreeSet<&'static str> =
                 citizens.iter().flat_map(present_fields).collect();

@@ -157,6 +157,7 @@ fn delivery_facts(batch: &[SubscribedEvent]) -> Facts {
         fields: types.into_iter().map(|t| format!("event:{t}")).collect(),
         recorded: None,
         refusal: "",
+        case_reference: String::new(),
     }
 }
 
@@ -323,7 +324,10 @@ impl Exchange for ExchangeService {
         let event = r.event.unwrap_or_default();
         let notices = notices(&event);
         let audience = self.address(&who, &event, topic).await?;
-        let mut told = Facts::default();
+        let mut told = Facts {
+            case_reference: event.case_reference.clone(),
+            ..Facts::default()
+        };
         if let Some(p) = &event.payload {
             // The citizens the event concerns are the record's subjects; values stay out.
             told.fields = vec![format!("event:{}", topic_of(p).1)];

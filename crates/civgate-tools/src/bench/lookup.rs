@@ -162,6 +162,7 @@ pub async fn lookup(args: &LookupArgs) -> Result<LookupReport> {
                     let result = match &mut caller {
                         Caller::Gateway(g) => g
                             .get_citizen(GetCitizenRequest {
+                                case_reference: String::new(),
                                 personal_id: id,
                                 purpose: purpose.clone(),
                             })

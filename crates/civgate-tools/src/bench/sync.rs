@@ -61,6 +61,7 @@ fn bench_event(n: u64) -> crate::pb::v1::Event {
     use crate::pb::v1::{DeathRecorded, Event, event::Payload};
     let province = if n.is_multiple_of(2) { "031" } else { "001" };
     Event {
+        case_reference: String::new(),
         occurred_at_unix_ms: 0,
         in_reply_to: String::new(),
         payload: Some(Payload::DeathRecorded(DeathRecorded {

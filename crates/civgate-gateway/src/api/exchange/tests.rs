@@ -7,6 +7,7 @@ fn delivered(sequence: u64, payload: Option<Payload>) -> SubscribedEvent {
     SubscribedEvent {
         sequence,
         event: payload.map(|p| Event {
+            case_reference: String::new(),
             occurred_at_unix_ms: 0,
             in_reply_to: String::new(),
             payload: Some(p),
