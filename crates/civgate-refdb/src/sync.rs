@@ -189,6 +189,13 @@ pub async fn apply(store: &DirectoryStore, e: &SubscribedEvent) -> Result<Applie
                         c.personal_id
                     )));
                 }
+                // The full date of birth decides what the ID's year cannot (Marriage and
+                // Family Law 2014, art. 8(1)(a): men from full 20, women from full 18).
+                if let Ok(on) = parse_date(&m.date_of_marriage)
+                    && let Some(why) = under_marriage_age(c, on)
+                {
+                    return Ok(Applied::Conflict(why));
+                }
             }
             x.marital_status = MaritalStatus::Married;
             y.marital_status = MaritalStatus::Married;
@@ -211,6 +218,26 @@ pub async fn apply(store: &DirectoryStore, e: &SubscribedEvent) -> Result<Applie
         // data these events change.
         _ => Ok(Applied::Done(None)),
     }
+}
+
+/// Why `c` could not marry on `on` for want of age (`None`: old enough).
+fn under_marriage_age(c: &CitizenRecord, on: time::Date) -> Option<String> {
+    let legal = match c.sex {
+        Sex::Male => 20,
+        Sex::Female => 18,
+    };
+    let born = c.date_of_birth;
+    let mut age = on.year() - born.year();
+    if (on.month() as u8, on.day()) < (born.month() as u8, born.day()) {
+        age -= 1;
+    }
+    (age < legal).then(|| {
+        format!(
+            "citizen {} was {age} on {}, under the age of marriage ({legal}, Marriage and Family Law 2014 art. 8(1)(a))",
+            c.personal_id,
+            crate::domain::format_date(on)
+        )
+    })
 }
 
 /// The ID for a newborn: province of registration, century/sex digit, year, and a suffix
@@ -288,4 +315,57 @@ pub async fn consume(addr: SocketAddr, certs_dir: &Path, store: DirectoryStore) 
         .await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_age_of_marriage_is_counted_to_the_day() {
+        let mut c = crate::synth::Population::new(1, 10)
+            .next()
+            .expect("a synthetic citizen");
+        use time::macros::date;
+        for (sex, born, on, under) in [
+            (
+                Sex::Female,
+                date!(2008 - 06 - 15),
+                date!(2026 - 06 - 14),
+                true,
+            ),
+            (
+                Sex::Female,
+                date!(2008 - 06 - 15),
+                date!(2026 - 06 - 15),
+                false,
+            ),
+            (
+                Sex::Male,
+                date!(2006 - 06 - 15),
+                date!(2026 - 06 - 14),
+                true,
+            ),
+            (
+                Sex::Male,
+                date!(2006 - 06 - 15),
+                date!(2026 - 06 - 15),
+                false,
+            ),
+            (
+                Sex::Male,
+                date!(2000 - 01 - 01),
+                date!(2026 - 01 - 01),
+                false,
+            ),
+        ] {
+            c.sex = sex;
+            c.date_of_birth = born;
+            assert_eq!(
+                under_marriage_age(&c, on).is_some(),
+                under,
+                "{sex:?} {born} {on}"
+            );
+        }
+    }
 }
