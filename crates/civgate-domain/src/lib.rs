@@ -5,6 +5,7 @@ pub mod ethnicity;
 pub mod names;
 pub mod personal_id;
 pub mod record;
+pub mod residence;
 
 use std::{fmt, str::FromStr};
 

@@ -632,11 +632,20 @@ pub fn validate(event: Option<&Event>, producer: &Principal) -> Result<&'static 
         }
         Payload::ResidenceChanged(x) => {
             c.id("personal_id", &x.personal_id);
+            // A residence is in one of today's 34 provinces (IDs keep the pre-2025 codes).
+            use crate::domain::residence::{current_province, successor_of};
             match &x.new_residence {
-                Some(r) if crate::domain::personal_id::is_known_province(&r.province_code) => {}
+                Some(r) if current_province(&r.province_code).is_some() => {}
+                Some(r) if let Some(now) = successor_of(&r.province_code) => c.bad(
+                    "new_residence.province_code",
+                    format!(
+                        "province {} is part of {} ({}) since 1 July 2025: a residence is in one of the 34 provinces",
+                        r.province_code, now.name, now.code
+                    ),
+                ),
                 _ => c.bad(
                     "new_residence.province_code",
-                    "a known province code is required",
+                    "a province code of one of the 34 provinces is required",
                 ),
             }
             c.date("effective_date", &x.effective_date);
@@ -929,6 +938,22 @@ mod tests {
         }
     }
 
+    fn moved_to(province: &str) -> Event {
+        Event {
+            in_reply_to: String::new(),
+            occurred_at_unix_ms: 0,
+            case_reference: String::new(),
+            payload: Some(Payload::ResidenceChanged(crate::pb::v1::ResidenceChanged {
+                personal_id: "001195000007".into(),
+                new_residence: Some(crate::pb::v1::Residence {
+                    province_code: province.into(),
+                    address: "12 Lạch Tray".into(),
+                }),
+                effective_date: "2026-03-01".into(),
+            })),
+        }
+    }
+
     fn with_birth(f: impl FnOnce(&mut Birth)) -> Event {
         let mut e = birth("HP-LECHAN");
         if let Some(Payload::Birth(b)) = &mut e.payload {
@@ -1059,6 +1084,15 @@ mod tests {
             ),
             ("a valid death", death("031095000001", "2026-03-01"), None),
             (
+                "a move to a province merged away in 2025",
+                moved_to("030"),
+                Some((
+                    "event.residence_changed.new_residence.province_code",
+                    "Hải Phòng (031)",
+                )),
+            ),
+            ("a move to one of the 34", moved_to("031"), None),
+            (
                 "a case reference that is not a dossier code",
                 Event {
                     case_reference: "hồ sơ 1".into(),
@@ -1117,7 +1151,13 @@ mod tests {
             ),
         ];
         for (what, event, want) in cases {
-            let got = validate(Some(&event), &registry());
+            let side = event.payload.as_ref().map(|p| topic_of(p).0);
+            let producer = if side == Some(POPULATION) {
+                population()
+            } else {
+                registry()
+            };
+            let got = validate(Some(&event), &producer);
             match (want, got) {
                 (None, Ok(_)) => {}
                 (Some((field, why)), Err(Refusal::Invalid(v))) => {
