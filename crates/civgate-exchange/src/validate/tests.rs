@@ -1,0 +1,499 @@
+//! Unit tests of `validate`: one row per rule.
+
+use super::*;
+use crate::{
+    domain::CertFingerprint,
+    pb::v1::{Birth, DeathRecorded, Marriage, Parent},
+};
+use std::sync::Arc;
+
+fn registry() -> Principal {
+    Principal {
+        agency: "registry-hp".parse().unwrap(),
+        role: Role::CivilRegistry,
+        fingerprint: CertFingerprint([0; 32]),
+        registry_offices: Arc::from(vec!["HP-LECHAN".parse().unwrap()]),
+        provinces: Arc::from(vec!["031".parse().unwrap()]),
+    }
+}
+
+fn population() -> Principal {
+    Principal {
+        role: Role::PopulationDb,
+        registry_offices: Arc::from(vec![]),
+        provinces: Arc::from([]),
+        ..registry()
+    }
+}
+
+fn reg(office: &str) -> Option<Registration> {
+    Some(Registration {
+        registry_office_code: office.into(),
+        book_number: "01/2026".into(),
+        entry_number: "123".into(),
+        registration_date: "2026-03-02".into(),
+        registering_official: "Trần Văn Bình".into(),
+    })
+}
+
+pub fn birth(office: &str) -> Event {
+    Event {
+        case_reference: String::new(),
+        in_reply_to: String::new(),
+        occurred_at_unix_ms: 0,
+        payload: Some(Payload::Birth(Birth {
+            registration: reg(office),
+            full_name: "Nguyễn Thị An".into(),
+            sex: Sex::Female as i32,
+            date_of_birth: "2026-02-27".into(),
+            place_of_birth: "Hải Phòng".into(),
+            hometown: "Hải Phòng".into(),
+            ethnicity: "Kinh".into(),
+            nationality: "Việt Nam".into(),
+            birth_registration_province_code: "031".into(),
+            father: Some(Parent {
+                personal_id: Some("031095000001".into()),
+                full_name: "Nguyễn Văn Hùng".into(),
+                ..Default::default()
+            }),
+            mother: None,
+            foundling: false,
+            personal_id: None,
+        })),
+    }
+}
+
+#[test]
+fn a_valid_birth_goes_to_civil_status() {
+    assert!(matches!(
+        validate(Some(&birth("HP-LECHAN")), &registry()),
+        Ok(CIVIL_STATUS)
+    ));
+}
+
+#[test]
+fn producers_publish_only_their_side_and_their_offices() {
+    assert!(matches!(
+        validate(Some(&birth("HP-LECHAN")), &population()),
+        Err(Refusal::NotAllowed(_))
+    ));
+    assert!(matches!(
+        validate(Some(&birth("HN-BADINH")), &registry()),
+        Err(Refusal::NotAllowed(_))
+    ));
+    // One of its offices, but a province not its own (Hà Nội's).
+    let mut elsewhere = birth("HP-LECHAN");
+    if let Some(Payload::Birth(b)) = &mut elsewhere.payload {
+        b.birth_registration_province_code = "001".into();
+    }
+    assert!(matches!(
+        validate(Some(&elsewhere), &registry()),
+        Err(Refusal::NotAllowed(why)) if why.contains("province 031 only")
+    ));
+    let death = Event {
+        case_reference: String::new(),
+        in_reply_to: String::new(),
+        occurred_at_unix_ms: 0,
+        payload: Some(Payload::DeathRecorded(DeathRecorded {
+            personal_id: "031095000001".into(),
+            date_of_death: "2026-01-01".into(),
+            recording_unit: "Công an phường".into(),
+        })),
+    };
+    assert!(matches!(
+        validate(Some(&death), &registry()),
+        Err(Refusal::NotAllowed(_))
+    ));
+    assert!(matches!(
+        validate(Some(&death), &population()),
+        Ok(POPULATION)
+    ));
+}
+
+#[test]
+fn bad_fields_are_named() {
+    let mut e = birth("HP-LECHAN");
+    if let Some(Payload::Birth(b)) = &mut e.payload {
+        b.date_of_birth = "2999-01-01".into();
+        b.full_name = "Nguye\u{0302}\u{0303}n Thi An".into(); // NFD
+        b.birth_registration_province_code = "003".into();
+    }
+    let Err(Refusal::Invalid(v)) = validate(Some(&e), &registry()) else {
+        panic!()
+    };
+    let fields: Vec<_> = v.iter().map(|f| f.field.as_str()).collect();
+    assert_eq!(
+        fields,
+        [
+            "event.birth.full_name",
+            "event.birth.date_of_birth",
+            "event.birth.birth_registration_province_code"
+        ]
+    );
+    let m = Event {
+        case_reference: String::new(),
+        in_reply_to: String::new(),
+        occurred_at_unix_ms: 0,
+        payload: Some(Payload::Marriage(Marriage {
+            registration: reg("HP-LECHAN"),
+            spouse1_personal_id: "031095000001".into(),
+            spouse1_full_name: "Nguyễn Văn Hùng".into(),
+            spouse2_personal_id: "031095000001".into(),
+            spouse2_full_name: "Trần Thị Lan".into(),
+            date_of_marriage: "2026-01-01".into(),
+        })),
+    };
+    let Err(Refusal::Invalid(v)) = validate(Some(&m), &registry()) else {
+        panic!()
+    };
+    assert_eq!(v[0].field, "event.marriage.spouse2_personal_id");
+    assert!(matches!(
+        validate(None, &registry()),
+        Err(Refusal::Invalid(_))
+    ));
+}
+
+#[test]
+fn free_text_size_characters_and_occurrence_time_are_bounded() {
+    let field_of = |e: &Event| match validate(Some(e), &registry()) {
+        Err(Refusal::Invalid(v)) => v.iter().map(|f| f.field.clone()).collect::<Vec<_>>(),
+        other => panic!("{other:?}"),
+    };
+    // A 3.9 MB place of birth: refused by the event's size before anything else.
+    let mut e = birth("HP-LECHAN");
+    if let Some(Payload::Birth(b)) = &mut e.payload {
+        b.place_of_birth = "x".repeat(3_900_000);
+    }
+    assert_eq!(field_of(&e), ["event"]);
+    // Just over a field's limit; a NUL byte; a line break.
+    for (text, why) in [
+        ("x".repeat(MAX_TEXT_BYTES + 1), "at most"),
+        ("Hải\0Phòng".to_owned(), "control"),
+        ("Hải\nPhòng".to_owned(), "control"),
+    ] {
+        let mut e = birth("HP-LECHAN");
+        if let Some(Payload::Birth(b)) = &mut e.payload {
+            b.place_of_birth = text;
+        }
+        let Err(Refusal::Invalid(v)) = validate(Some(&e), &registry()) else {
+            panic!()
+        };
+        assert_eq!(v[0].field, "event.birth.place_of_birth");
+        assert!(v[0].description.contains(why), "{v:?}");
+    }
+    // Exactly at the limit passes.
+    let mut e = birth("HP-LECHAN");
+    if let Some(Payload::Birth(b)) = &mut e.payload {
+        b.place_of_birth = "x".repeat(MAX_TEXT_BYTES);
+    }
+    assert!(validate(Some(&e), &registry()).is_ok());
+    // Occurrence time: unset or 1900..now+1 day.
+    for (t, ok) in [
+        (0, true),
+        (now_ms(), true),
+        (-2_208_988_800_001, false),
+        (now_ms() + 2 * OCCURRED_LEEWAY_MS, false),
+        (i64::MAX, false),
+        (i64::MIN, false),
+    ] {
+        let mut e = birth("HP-LECHAN");
+        e.occurred_at_unix_ms = t;
+        assert_eq!(validate(Some(&e), &registry()).is_ok(), ok, "{t}");
+    }
+}
+
+fn death(id: &str, died: &str) -> Event {
+    Event {
+        case_reference: String::new(),
+        in_reply_to: String::new(),
+        occurred_at_unix_ms: 0,
+        payload: Some(Payload::Death(crate::pb::v1::Death {
+            registration: reg("HP-LECHAN"),
+            personal_id: id.into(),
+            date_of_death: died.into(),
+            place_of_death: "Hải Phòng".into(),
+            cause_category: "illness".into(),
+            declarant_personal_id: String::new(),
+        })),
+    }
+}
+
+fn marriage(a: &str, b: &str) -> Event {
+    Event {
+        case_reference: String::new(),
+        in_reply_to: String::new(),
+        occurred_at_unix_ms: 0,
+        payload: Some(Payload::Marriage(Marriage {
+            registration: reg("HP-LECHAN"),
+            spouse1_personal_id: a.into(),
+            spouse1_full_name: "Nguyễn Văn Hùng".into(),
+            spouse2_personal_id: b.into(),
+            spouse2_full_name: "Trần Thị Lan".into(),
+            date_of_marriage: "2026-01-01".into(),
+        })),
+    }
+}
+
+fn moved_to(province: &str) -> Event {
+    Event {
+        in_reply_to: String::new(),
+        occurred_at_unix_ms: 0,
+        case_reference: String::new(),
+        payload: Some(Payload::ResidenceChanged(crate::pb::v1::ResidenceChanged {
+            personal_id: "001195000007".into(),
+            new_residence: Some(crate::pb::v1::Residence {
+                province_code: province.into(),
+                address: "12 Lạch Tray".into(),
+            }),
+            effective_date: "2026-03-01".into(),
+        })),
+    }
+}
+
+fn with_birth(f: impl FnOnce(&mut Birth)) -> Event {
+    let mut e = birth("HP-LECHAN");
+    if let Some(Payload::Birth(b)) = &mut e.payload {
+        f(b);
+    }
+    e
+}
+
+/// Each rule the law sets that the event itself can prove broken: the event, the field
+/// named, and words of the reason (`None`: accepted).
+#[test]
+fn the_laws_rules_that_an_event_proves_broken_are_refused() {
+    let parent = |id: Option<&str>, year: u32| Parent {
+        personal_id: id.map(Into::into),
+        full_name: "Nguyễn Văn Hùng".into(),
+        year_of_birth: year,
+        ..Default::default()
+    };
+    /// The field refused and words of its reason; `None`: accepted.
+    type Want = Option<(&'static str, &'static str)>;
+    let cases: Vec<(&str, Event, Want)> = vec![
+        ("a valid birth", birth("HP-LECHAN"), None),
+        (
+            "a father whose ID says female",
+            with_birth(|b| b.father = Some(parent(Some("031195000002"), 0))),
+            Some(("event.birth.father.personal_id", "says female")),
+        ),
+        (
+            "a mother whose ID says male",
+            with_birth(|b| b.mother = Some(parent(Some("031095000001"), 0))),
+            Some(("event.birth.mother.personal_id", "says male")),
+        ),
+        (
+            "a father's year of birth the ID contradicts",
+            with_birth(|b| b.father = Some(parent(Some("031095000001"), 1990))),
+            Some(("event.birth.father.personal_id", "born in 1995")),
+        ),
+        (
+            "a parent born after the child",
+            with_birth(|b| b.father = Some(parent(None, 2026))),
+            Some(("event.birth.father.year_of_birth", "before the child")),
+        ),
+        (
+            "a parent's ID encoding a year of birth not come yet",
+            with_birth(|b| b.father = Some(parent(Some("031400000001"), 0))),
+            Some(("event.birth.father.personal_id", "2100")),
+        ),
+        (
+            "a birth after its registration",
+            with_birth(|b| b.date_of_birth = "2026-03-05".into()),
+            Some(("event.birth.date_of_birth", "registration date")),
+        ),
+        (
+            "no place of birth",
+            with_birth(|b| b.place_of_birth = String::new()),
+            Some(("event.birth.place_of_birth", "required")),
+        ),
+        (
+            "an ethnicity not on the national list",
+            with_birth(|b| b.ethnicity = "Kinhh".into()),
+            Some(("event.birth.ethnicity", "54 ethnic groups")),
+        ),
+        (
+            "an ethnicity by its code",
+            with_birth(|b| b.ethnicity = "12".into()),
+            None,
+        ),
+        (
+            "a parent's ethnicity not on the list",
+            with_birth(|b| {
+                if let Some(f) = &mut b.father {
+                    f.ethnicity = "Martian".into();
+                    f.nationality = "Việt Nam".into();
+                }
+            }),
+            Some(("event.birth.father.ethnicity", "54 ethnic groups")),
+        ),
+        (
+            "a foreign child's ethnicity is not the list's to judge",
+            with_birth(|b| {
+                b.ethnicity = "Lao Loum".into();
+                b.nationality = "Lào".into();
+            }),
+            None,
+        ),
+        (
+            "no ethnicity",
+            with_birth(|b| b.ethnicity = " ".into()),
+            Some(("event.birth.ethnicity", "required")),
+        ),
+        (
+            "no nationality",
+            with_birth(|b| b.nationality = String::new()),
+            Some(("event.birth.nationality", "required")),
+        ),
+        (
+            "no parent, not a foundling",
+            with_birth(|b| b.father = None),
+            Some(("event.birth.mother", "foundling")),
+        ),
+        (
+            "a foundling",
+            with_birth(|b| {
+                b.father = None;
+                b.foundling = true;
+            }),
+            None,
+        ),
+        (
+            "a foundling with a father",
+            with_birth(|b| b.foundling = true),
+            Some(("event.birth.foundling", "unknown")),
+        ),
+        (
+            "a re-registration naming the ID the person has",
+            with_birth(|b| b.personal_id = Some("001326000006".into())),
+            None,
+        ),
+        (
+            "a re-registration naming an ID of the other sex",
+            with_birth(|b| b.personal_id = Some("001226000006".into())),
+            Some(("event.birth.personal_id", "says male")),
+        ),
+        (
+            "a re-registration naming an ID of another year",
+            with_birth(|b| b.personal_id = Some("001325000006".into())),
+            Some(("event.birth.personal_id", "born in 2025")),
+        ),
+        ("a valid death", death("031095000001", "2026-03-01"), None),
+        (
+            "a move to a province merged away in 2025",
+            moved_to("030"),
+            Some((
+                "event.residence_changed.new_residence.province_code",
+                "Hải Phòng (031)",
+            )),
+        ),
+        ("a move to one of the 34", moved_to("031"), None),
+        (
+            "a case reference that is not a dossier code",
+            Event {
+                case_reference: "hồ sơ 1".into(),
+                ..death("031095000001", "2026-03-01")
+            },
+            Some(("event.case_reference", "dossier code")),
+        ),
+        (
+            "a dossier code",
+            Event {
+                case_reference: "000.00.01.H31-260301-0007".into(),
+                ..death("031095000001", "2026-03-01")
+            },
+            None,
+        ),
+        (
+            "a death before the year of birth in the ID",
+            death("031095000001", "1990-05-01"),
+            Some(("event.death.date_of_death", "1995")),
+        ),
+        (
+            "a death after its registration",
+            death("031095000001", "2026-03-03"),
+            Some(("event.death.date_of_death", "registration date")),
+        ),
+        (
+            "a man of 1995 and a woman of 1995",
+            marriage("031095000001", "031195000002"),
+            None,
+        ),
+        (
+            "two IDs of the same sex",
+            marriage("031095000001", "031095000003"),
+            Some(("event.marriage.spouse2_personal_id", "same sex")),
+        ),
+        (
+            "a man at most 16",
+            marriage("031210000001", "031195000002"),
+            Some(("event.marriage.spouse1_personal_id", "from full 20")),
+        ),
+        (
+            "a woman at most 16",
+            marriage("031095000001", "031310000002"),
+            Some(("event.marriage.spouse2_personal_id", "from full 18")),
+        ),
+        (
+            // Born in 2008: 18 on her birthday in 2026; only the directory knows the day.
+            "a woman who may be 18",
+            marriage("031095000001", "031308000002"),
+            None,
+        ),
+        (
+            "a man who is at most 19",
+            marriage("031207000001", "031195000002"),
+            Some(("event.marriage.spouse1_personal_id", "at most 19")),
+        ),
+    ];
+    for (what, event, want) in cases {
+        let side = event.payload.as_ref().map(|p| topic_of(p).0);
+        let producer = if side == Some(POPULATION) {
+            population()
+        } else {
+            registry()
+        };
+        let got = validate(Some(&event), &producer);
+        match (want, got) {
+            (None, Ok(_)) => {}
+            (Some((field, why)), Err(Refusal::Invalid(v))) => {
+                assert!(
+                    v.iter()
+                        .any(|f| f.field == field && f.description.contains(why)),
+                    "{what}: {v:?}"
+                );
+            }
+            (want, got) => panic!("{what}: wanted {want:?}, got {got:?}"),
+        }
+    }
+    // A police record of a death, too.
+    let recorded = Event {
+        case_reference: String::new(),
+        in_reply_to: String::new(),
+        occurred_at_unix_ms: 0,
+        payload: Some(Payload::DeathRecorded(DeathRecorded {
+            personal_id: "031095000001".into(),
+            date_of_death: "1994-12-31".into(),
+            recording_unit: "Công an phường".into(),
+        })),
+    };
+    assert!(matches!(
+        validate(Some(&recorded), &population()),
+        Err(Refusal::Invalid(v)) if v[0].field == "event.death_recorded.date_of_death"
+    ));
+}
+
+#[test]
+fn late_registrations_are_noticed_not_refused() {
+    let late_birth = with_birth(|b| b.date_of_birth = "2025-12-31".into());
+    assert!(validate(Some(&late_birth), &registry()).is_ok());
+    assert_eq!(notices(&late_birth), ["late_birth_registration"]);
+    // 2026-01-01 → 2026-03-02 is 60 days: within the limit.
+    let in_time = with_birth(|b| b.date_of_birth = "2026-01-01".into());
+    assert!(notices(&in_time).is_empty());
+    assert!(notices(&birth("HP-LECHAN")).is_empty());
+    let late_death = death("031095000001", "2026-02-14");
+    assert!(validate(Some(&late_death), &registry()).is_ok());
+    assert_eq!(notices(&late_death), ["late_death_registration"]);
+    assert!(notices(&death("031095000001", "2026-02-15")).is_empty());
+}
