@@ -233,7 +233,11 @@ async fn unwritable_audit_store_fails_closed() {
         .await
         .unwrap();
     let started = Instant::now();
-    let err = reg.get_citizen(get(&id)).await.unwrap_err();
+    let mut stalled = tonic::Request::new(get(&id));
+    stalled
+        .metadata_mut()
+        .insert("x-request-id", "read-while-stalled".parse().unwrap());
+    let err = reg.get_citizen(stalled).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     assert!(err.message().contains("audit"), "{err:?}");
     assert!(started.elapsed() < Duration::from_secs(3));
@@ -292,11 +296,19 @@ async fn unwritable_audit_store_fails_closed() {
             .any(|r| r.request_id == "refused-while-stalled");
         if withheld.len() == 1 && found {
             let w = withheld[0];
+            assert_eq!(w.request_id, "read-while-stalled", "{w:?}");
             assert_eq!(w.detail, "audit_unavailable", "{w:?}");
             assert!(w.fields_returned.is_empty(), "{w:?}");
             assert_eq!(w.purpose, "BIRTH_REGISTRATION");
-            // The three reads, one record each: served, withheld, served.
-            assert_eq!(reads.len(), 3, "{reads:?}");
+            // The reads served before and after, one record each. (The stalled read's first
+            // record is normally not committed; only if its commit was under way when the
+            // caller gave up, and completed late, is it there too, before the one above.)
+            let served: Vec<_> = reads
+                .iter()
+                .filter(|r| r.request_id != "read-while-stalled")
+                .collect();
+            assert_eq!(served.len(), 2, "{reads:?}");
+            assert!(served.iter().all(|r| r.outcome == "OK"), "{reads:?}");
             break;
         }
         assert!(
