@@ -646,7 +646,26 @@ async fn a_case_reference_is_in_the_record_and_required_where_the_purpose_says()
     let mut hp = common::as_agency(&env, gw.api_addr, "registry-hp").await;
     let mut birth = common::birth("HP-LECHAN", "Lê An");
     birth.case_reference = case.into();
-    common::publish(&mut hp, "case-1", birth).await;
+    let asked = common::publish(&mut hp, "case-1", birth).await;
+    // An answer belongs to the case of the event it answers.
+    let mut pop = common::as_agency(&env, gw.api_addr, "population").await;
+    let answer = |case: &str| civgate::pb::v1::PublishRequest {
+        idempotency_key: format!("answer-{case}"),
+        event: Some(civgate::pb::v1::Event {
+            occurred_at_unix_ms: 0,
+            in_reply_to: asked.event_id.clone(),
+            case_reference: case.into(),
+            payload: Some(civgate::pb::v1::event::Payload::PersonalIdAssigned(
+                civgate::pb::v1::PersonalIdAssigned {
+                    personal_id: "031326000001".into(),
+                    ..Default::default()
+                },
+            )),
+        }),
+    };
+    let err = pop.publish(answer("CASE-B")).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("case_reference"), "{err:?}");
 
     let mut audit = auditor_of(&env, gw.api_addr).await;
     let reads: Vec<_> = records_about(&mut audit, &id)
@@ -667,6 +686,7 @@ async fn a_case_reference_is_in_the_record_and_required_where_the_purpose_says()
         &mut audit,
         SearchEntriesRequest {
             method: "/civgate.v1.Exchange/Publish".into(),
+            agency_id: "registry-hp".into(),
             ..Default::default()
         },
     )

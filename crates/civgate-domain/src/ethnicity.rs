@@ -66,9 +66,11 @@ pub fn ethnic_group(s: &str) -> Option<&'static EthnicGroup> {
         .find(|g| key(&g.name) == k || g.aliases.iter().any(|a| key(a) == k))
 }
 
-/// Whether a nationality as written names Viet Nam (`Việt Nam`, `Vietnam`, `VN`, `VNM`).
+/// Whether a nationality as written names Viet Nam: `Việt Nam`, `Vietnam`, `Vietnamese`, the
+/// state's full name (`Cộng hòa xã hội chủ nghĩa Việt Nam`), `VN`, `VNM` or `704` (ISO 3166).
 pub fn is_vietnamese(nationality: &str) -> bool {
-    matches!(key(nationality).as_str(), "vietnam" | "vn" | "vnm")
+    let k = key(nationality);
+    matches!(k.as_str(), "vn" | "vnm" | "704" | "vietnamese") || k.ends_with("vietnam")
 }
 
 #[cfg(test)]

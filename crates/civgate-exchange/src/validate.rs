@@ -471,27 +471,55 @@ pub fn validate(event: Option<&Event>, producer: &Principal) -> Result<&'static 
             ] {
                 let Some(p) = parent else { continue };
                 let id_field = format!("{field}.personal_id");
+                let given_id = p.personal_id.as_deref().filter(|s| !s.trim().is_empty());
+                // A parent named neither by ID nor by name is no parent.
+                if given_id.is_none() && p.full_name.trim().is_empty() {
+                    c.bad(field, "a parent is given by personal ID or full name");
+                }
                 let year = (p.year_of_birth != 0)
                     .then(|| i32::try_from(p.year_of_birth).unwrap_or(i32::MAX));
-                if let Some(id) = c.optional_id(&id_field, p.personal_id.as_deref()) {
+                if let Some(y) = year
+                    && y < 1900
+                {
+                    c.bad(&format!("{field}.year_of_birth"), "must be 1900 or later");
+                }
+                let parent_id = c.optional_id(&id_field, given_id);
+                if let Some(id) = &parent_id {
                     // A father's ID encodes male, a mother's female; a year given agrees.
                     let _ = id
                         .check_consistency(Some(sex), year)
                         .map_err(|e| c.bad(&id_field, format!("the {field}'s ID: {e}")));
+                    if b.personal_id.as_deref() == Some(id.as_str()) {
+                        c.bad(&id_field, "is the child's own personal ID");
+                    }
                 }
-                if let (Some(y), Some(born)) = (year, born)
+                // A parent is born before the child: by the year given, or by the ID's.
+                let parent_year = year.or(parent_id.as_ref().map(PersonalId::birth_year));
+                if let (Some(y), Some(born)) = (parent_year, born)
                     && y >= born.year()
                 {
+                    let f = if year.is_some() {
+                        format!("{field}.year_of_birth")
+                    } else {
+                        id_field.clone()
+                    };
                     c.bad(
-                        &format!("{field}.year_of_birth"),
-                        "must be before the child's year of birth",
+                        &f,
+                        "the parent must be born before the child's year of birth",
                     );
                 }
                 if !p.full_name.is_empty() {
                     c.name(&format!("{field}.full_name"), &p.full_name);
                 }
                 if !p.ethnicity.trim().is_empty() {
-                    c.ethnicity(&format!("{field}.ethnicity"), &p.ethnicity, &p.nationality);
+                    // A parent with a Vietnamese personal ID is a Vietnamese citizen unless the
+                    // nationality says otherwise.
+                    let nationality = if p.nationality.trim().is_empty() && parent_id.is_some() {
+                        "Việt Nam"
+                    } else {
+                        p.nationality.as_str()
+                    };
+                    c.ethnicity(&format!("{field}.ethnicity"), &p.ethnicity, nationality);
                 }
             }
             // A re-registration names the ID the person has: it must fit the birth.

@@ -293,6 +293,43 @@ fn the_laws_rules_that_an_event_proves_broken_are_refused() {
             Some(("event.birth.father.year_of_birth", "before the child")),
         ),
         (
+            "a parent named by nothing",
+            with_birth(|b| b.father = Some(Parent::default())),
+            Some(("event.birth.father", "personal ID or full name")),
+        ),
+        (
+            "a father born after the child, by his ID",
+            with_birth(|b| b.father = Some(parent(Some("031226000001"), 0))),
+            Some(("event.birth.father.personal_id", "before the child")),
+        ),
+        (
+            "a parent's ID that is the child's own",
+            with_birth(|b| {
+                b.personal_id = Some("031095000001".into());
+                b.date_of_birth = "1995-01-01".into();
+                b.sex = crate::pb::v1::Sex::Male as i32;
+                b.father = Some(parent(Some("031095000001"), 0));
+            }),
+            Some(("event.birth.father.personal_id", "child's own")),
+        ),
+        (
+            "a Vietnamese nationality spelled out, an ethnicity not on the list",
+            with_birth(|b| {
+                b.nationality = "Vietnamese".into();
+                b.ethnicity = "Klingon".into();
+            }),
+            Some(("event.birth.ethnicity", "54 ethnic groups")),
+        ),
+        (
+            "a parent with a Vietnamese ID and no nationality, an ethnicity not on the list",
+            with_birth(|b| {
+                if let Some(f) = &mut b.father {
+                    f.ethnicity = "Klingon".into();
+                }
+            }),
+            Some(("event.birth.father.ethnicity", "54 ethnic groups")),
+        ),
+        (
             "a parent's ID encoding a year of birth not come yet",
             with_birth(|b| b.father = Some(parent(Some("031400000001"), 0))),
             Some(("event.birth.father.personal_id", "2100")),

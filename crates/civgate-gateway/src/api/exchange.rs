@@ -215,8 +215,21 @@ impl ExchangeService {
         }) else {
             return Err(refused("no such event"));
         };
+        let answered = crate::pb::v1::Event::decode(found.payload.as_slice()).ok();
+        // An answer belongs to the case of the event it answers.
+        if let Some(asked) = &answered
+            && !asked.case_reference.is_empty()
+            && asked.case_reference != event.case_reference
+        {
+            return Err(invalid(vec![FieldViolation::new(
+                "event.case_reference",
+                format!(
+                    "must be {:?}, the case of the event it answers",
+                    asked.case_reference
+                ),
+            )]));
+        }
         if let crate::pb::v1::event::Payload::PersonalIdAssigned(assigned) = payload {
-            let answered = crate::pb::v1::Event::decode(found.payload.as_slice()).ok();
             let Some(crate::pb::v1::event::Payload::Birth(birth)) =
                 answered.and_then(|e| e.payload)
             else {
