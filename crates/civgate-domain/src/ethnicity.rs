@@ -20,25 +20,12 @@ pub struct EthnicGroup {
 pub fn ethnic_groups() -> &'static [EthnicGroup] {
     static TABLE: OnceLock<Vec<EthnicGroup>> = OnceLock::new();
     TABLE.get_or_init(|| {
-        include_str!("ethnicities.tsv")
-            .lines()
-            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-            .filter_map(|l| {
-                let mut f = l.split('\t');
-                let code = f.next()?.trim().to_owned();
-                let name = f.next()?.trim().to_owned();
-                let aliases = f
-                    .next()
-                    .unwrap_or("")
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|a| !a.is_empty())
-                    .map(str::to_owned)
-                    .collect();
+        crate::tsv_rows(include_str!("ethnicities.tsv"))
+            .filter_map(|f| {
                 Some(EthnicGroup {
-                    code,
-                    name,
-                    aliases,
+                    code: (*f.first()?).to_owned(),
+                    name: (*f.get(1)?).to_owned(),
+                    aliases: crate::tsv_list(f.get(2).copied().unwrap_or("")),
                 })
             })
             .collect()

@@ -58,6 +58,24 @@ pub fn today_at(t: time::OffsetDateTime) -> time::Date {
     t.to_offset(VIETNAM).date()
 }
 
+/// The rows of one of the domain's data tables (`*.tsv`): lines that are neither comments
+/// (`#`) nor blank, split at tabs, each field trimmed.
+pub(crate) fn tsv_rows(text: &'static str) -> impl Iterator<Item = Vec<&'static str>> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| l.split('\t').map(str::trim).collect())
+}
+
+/// A comma-separated field of a data table.
+pub(crate) fn tsv_list(field: &str) -> Vec<String> {
+    field
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
 /// A case reference as requests and events carry it (the dossier code of the national
 /// public-service portal, mã hồ sơ): empty (none), or 1-64 of A-Z a-z 0-9 . - _ /.
 pub fn check_case_reference(s: &str) -> Result<(), String> {

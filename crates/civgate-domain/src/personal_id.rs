@@ -40,15 +40,13 @@ pub struct Province {
 pub fn provinces() -> &'static [Province] {
     static TABLE: OnceLock<Vec<Province>> = OnceLock::new();
     TABLE.get_or_init(|| {
-        include_str!("provinces.tsv")
-            .lines()
-            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-            .filter_map(|l| {
-                let mut f = l.split('\t');
-                let code = f.next()?.trim().to_owned();
-                let name = f.next()?.trim().to_owned();
-                let weight = f.next()?.trim().parse().ok()?;
-                Some(Province { code, name, weight })
+        crate::tsv_rows(include_str!("provinces.tsv"))
+            .filter_map(|f| {
+                Some(Province {
+                    code: (*f.first()?).to_owned(),
+                    name: (*f.get(1)?).to_owned(),
+                    weight: f.get(2)?.parse().ok()?,
+                })
             })
             .collect()
     })

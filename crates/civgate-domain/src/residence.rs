@@ -17,20 +17,13 @@ pub struct CurrentProvince {
 pub fn current_provinces() -> &'static [CurrentProvince] {
     static TABLE: OnceLock<Vec<CurrentProvince>> = OnceLock::new();
     TABLE.get_or_init(|| {
-        include_str!("provinces_2025.tsv")
-            .lines()
-            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-            .filter_map(|l| {
-                let mut f = l.split('\t');
-                let code = f.next()?.trim().to_owned();
-                let name = f.next()?.trim().to_owned();
-                let former = f
-                    .next()?
-                    .split(',')
-                    .map(|c| c.trim().to_owned())
-                    .filter(|c| !c.is_empty())
-                    .collect();
-                Some(CurrentProvince { code, name, former })
+        crate::tsv_rows(include_str!("provinces_2025.tsv"))
+            .filter_map(|f| {
+                Some(CurrentProvince {
+                    code: (*f.first()?).to_owned(),
+                    name: (*f.get(1)?).to_owned(),
+                    former: crate::tsv_list(f.get(2)?),
+                })
             })
             .collect()
     })
