@@ -324,7 +324,7 @@ async fn a_batch_costs_the_citizens_it_asks_for() {
             .batch_get_citizens(BatchGetCitizensRequest {
                 case_reference: String::new(),
                 personal_ids: ids.clone(),
-                purpose: "IDENTITY_VERIFICATION".into(),
+                purpose: "DEATH_REGISTRATION".into(),
             })
             .await
         {
@@ -368,7 +368,7 @@ async fn refusals_and_health_checks_are_metered_and_long_paths_are_cut_in_logs()
             .get_citizen(GetCitizenRequest {
                 case_reference: String::new(),
                 personal_id: "031203000001".into(),
-                purpose: "IDENTITY_VERIFICATION".into(),
+                purpose: "DEATH_REGISTRATION".into(),
             })
             .await
             .unwrap_err();
@@ -540,7 +540,7 @@ async fn a_message_over_the_limit_is_resource_exhausted() {
         .get_citizen(GetCitizenRequest {
             case_reference: String::new(),
             personal_id: "0".repeat(5 * 1024 * 1024),
-            purpose: "IDENTITY_VERIFICATION".into(),
+            purpose: "DEATH_REGISTRATION".into(),
         })
         .await
         .unwrap_err();
@@ -750,7 +750,7 @@ async fn one_agency_cannot_take_the_whole_body_budget() {
             .get_citizen(GetCitizenRequest {
                 case_reference: String::new(),
                 personal_id: "0".repeat(1024 * 1024),
-                purpose: "IDENTITY_VERIFICATION".into(),
+                purpose: "DEATH_REGISTRATION".into(),
             })
             .await;
         if matches!(&r, Err(e) if e.code() == Code::ResourceExhausted) {

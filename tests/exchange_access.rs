@@ -633,7 +633,7 @@ async fn deliveries_count_as_reads(env: Env) {
         .get_citizen(civgate::pb::v1::GetCitizenRequest {
             case_reference: String::new(),
             personal_id: "031195000005".into(),
-            purpose: "IDENTITY_VERIFICATION".into(),
+            purpose: "DEATH_REGISTRATION".into(),
         })
         .await
         .unwrap_err();
@@ -644,7 +644,7 @@ async fn deliveries_count_as_reads(env: Env) {
         .get_citizen(civgate::pb::v1::GetCitizenRequest {
             case_reference: String::new(),
             personal_id: "031095000001".into(),
-            purpose: "IDENTITY_VERIFICATION".into(),
+            purpose: "DEATH_REGISTRATION".into(),
         })
         .await
         .unwrap_err();

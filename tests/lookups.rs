@@ -17,7 +17,8 @@ use civgate::{
         VerifyCitizenRequest, batch_get_citizens_result, citizens_client::CitizensClient,
     },
 };
-use common::Env;
+use civgate::{domain::CitizenField, policy::purposes::CitizensMethod};
+use common::{Directory, Env};
 use tonic::{Code, transport::Channel};
 use tonic_types::StatusExt;
 use unicode_normalization::UnicodeNormalization;
@@ -58,6 +59,9 @@ async fn each_purpose_returns_exactly_its_fields() {
     // A married parent: has spouse, residence, everything but parents.
     let p = stack.people.iter().find(|p| p.spouse.is_some()).unwrap();
     for (code, purpose) in &cfg.file.purposes {
+        if !purpose.methods.contains(&CitizensMethod::GetCitizen) {
+            continue; // each_purpose_is_declared_only_with_its_methods
+        }
         let allowed: BTreeSet<_> = purpose.fields.iter().copied().collect();
         let mut expected = record_to_pb(p);
         mask(&mut expected, &allowed);
@@ -86,6 +90,131 @@ async fn each_purpose_returns_exactly_its_fields() {
     let citizen = r.citizen.unwrap();
     assert!(citizen.marital_status != 0 && !citizen.spouse_personal_ids.is_empty());
     assert!(citizen.blood_type.is_none() && citizen.religion.is_none());
+    // A birth registration sees the parent's year of birth, not the date, and one residence.
+    let citizen = c
+        .get_citizen(get(p.personal_id.as_str(), "BIRTH_REGISTRATION"))
+        .await
+        .unwrap()
+        .into_inner()
+        .citizen
+        .unwrap();
+    assert_eq!(
+        citizen.year_of_birth,
+        u32::try_from(p.date_of_birth.year()).ok()
+    );
+    assert!(citizen.date_of_birth.is_none() && citizen.current_residence.is_none());
+    assert!(citizen.spouse_personal_ids.is_empty() && citizen.marital_status == 0);
+}
+
+/// Every purpose of the shipped config against every `Citizens` method: a purpose declared
+/// with a method it is not bound to is PERMISSION_DENIED, before the directory is asked, and the
+/// refusal is in the audit log; one it is bound to is served. Then a purpose bound to another
+/// role.
+#[tokio::test]
+async fn each_purpose_is_declared_only_with_its_methods() {
+    let env = Env::new();
+    let Directory { directory, people } = env.start_directory().await;
+    // One extra purpose that only an auditor may declare.
+    let text = format!(
+        "{}\n[purposes.INSPECTION]\nfields = [\"full_name\"]\nmethods = [\"GetCitizen\"]\nroles = [\"auditor\"]\n",
+        common::with_upstream_port(DEFAULT_CONFIG, directory.addr.port())
+    );
+    let gw = env.start_with(&text).await;
+    let mut c = registry(&env, gw.api_addr).await;
+    let cfg = Config::parse(&text, "t".into(), ".".into()).unwrap();
+    let p = people.iter().find(|p| p.spouse.is_some()).unwrap();
+    let id = p.personal_id.to_string();
+    let dob = format_date(p.date_of_birth);
+    let mut refused = 0;
+    for (code, purpose) in &cfg.file.purposes {
+        for method in CitizensMethod::ALL {
+            let purpose_name = code.as_str().to_owned();
+            let r: Result<(), tonic::Status> = match method {
+                CitizensMethod::GetCitizen => {
+                    c.get_citizen(get(&id, &purpose_name)).await.map(drop)
+                }
+                CitizensMethod::BatchGetCitizens => c
+                    .batch_get_citizens(BatchGetCitizensRequest {
+                        personal_ids: vec![id.clone()],
+                        purpose: purpose_name.clone(),
+                        case_reference: String::new(),
+                    })
+                    .await
+                    .map(drop),
+                CitizensMethod::VerifyCitizen => {
+                    // Claim one attribute the purpose may check.
+                    let verifiable = purpose.verifiable();
+                    let mut req = VerifyCitizenRequest {
+                        personal_id: id.clone(),
+                        purpose: purpose_name.clone(),
+                        ..Default::default()
+                    };
+                    if verifiable.contains(&CitizenField::FullName) {
+                        req.full_name = Some(p.full_name.clone());
+                    } else if verifiable.contains(&CitizenField::SpousePersonalIds) {
+                        req.spouse_personal_id = p.spouse.as_ref().map(ToString::to_string);
+                    } else {
+                        req.sex = Sex::Male as i32;
+                    }
+                    c.verify_citizen(req).await.map(drop)
+                }
+                CitizensMethod::SearchCitizens => c
+                    .search_citizens(SearchCitizensRequest {
+                        full_name: p.full_name.clone(),
+                        date_of_birth: dob.clone(),
+                        purpose: purpose_name.clone(),
+                        ..Default::default()
+                    })
+                    .await
+                    .map(drop),
+            };
+            let bound = purpose.methods.contains(&method)
+                && purpose
+                    .roles
+                    .contains(&civgate::domain::Role::CivilRegistry);
+            match r {
+                Ok(()) => assert!(bound, "{purpose_name} with {method} was served"),
+                Err(e) => {
+                    assert!(!bound, "{purpose_name} with {method}: {e:?}");
+                    assert_eq!(e.code(), Code::PermissionDenied, "{purpose_name} {method}");
+                    assert!(
+                        e.message().contains(&purpose_name),
+                        "{purpose_name} {method}: {}",
+                        e.message()
+                    );
+                    refused += 1;
+                }
+            }
+        }
+    }
+    assert!(
+        refused >= 10,
+        "the shipped purposes bind methods: {refused}"
+    );
+    // The look-up dressed as a verification, in the audit log as refused.
+    let mut audit = civgate::pb::v1::audit_client::AuditClient::new(
+        client::connect(gw.api_addr, &env.certs(), Some("auditor"))
+            .await
+            .unwrap(),
+    );
+    // Each record is committed before its answer is sent: it is there now.
+    let records: Vec<_> = common::search_records(
+        &mut audit,
+        civgate::pb::v1::SearchEntriesRequest {
+            method: "/civgate.v1.Citizens/GetCitizen".into(),
+            outcome: "PERMISSION_DENIED".into(),
+            page_size: 1000,
+            ..Default::default()
+        },
+    )
+    .await
+    .into_iter()
+    .filter(|r| r.purpose == "IDENTITY_VERIFICATION")
+    .collect();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0].outcome, "PERMISSION_DENIED", "{records:?}");
+    assert_eq!(records[0].detail, "purpose_not_for_method", "{records:?}");
+    assert!(records[0].fields_returned.is_empty());
 }
 
 #[tokio::test]
@@ -105,7 +234,7 @@ async fn search_finds_nfc_records_from_nfd_and_accent_free_names() {
                 case_reference: String::new(),
                 full_name: name.clone(),
                 date_of_birth: dob.clone(),
-                purpose: "IDENTITY_VERIFICATION".into(),
+                purpose: "DEATH_REGISTRATION".into(),
                 province_code: Some(p.personal_id.province_code().into()),
                 max_results: 0,
             })
@@ -126,7 +255,7 @@ async fn search_finds_nfc_records_from_nfd_and_accent_free_names() {
             case_reference: String::new(),
             full_name: "Nguyễn Văn An".into(),
             date_of_birth: "1990-02-30".into(),
-            purpose: "IDENTITY_VERIFICATION".into(),
+            purpose: "DEATH_REGISTRATION".into(),
             province_code: Some("003".into()),
             max_results: 5,
         })
@@ -148,7 +277,7 @@ async fn every_malformed_id_class_is_invalid_argument_naming_the_field() {
         "",
     ] {
         let err = c
-            .get_citizen(get(bad, "IDENTITY_VERIFICATION"))
+            .get_citizen(get(bad, "DEATH_REGISTRATION"))
             .await
             .unwrap_err();
         assert_eq!(violated_fields(&err), ["personal_id"], "{bad:?}");
@@ -192,7 +321,7 @@ async fn every_malformed_id_class_is_invalid_argument_naming_the_field() {
     let absent =
         civgate::domain::PersonalId::compose("031", civgate::domain::Sex::Male, 2399, 1).unwrap();
     let err = c
-        .get_citizen(get(absent.as_str(), "IDENTITY_VERIFICATION"))
+        .get_citizen(get(absent.as_str(), "DEATH_REGISTRATION"))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
@@ -257,7 +386,7 @@ async fn batch_mixes_results_and_per_id_errors() {
         .batch_get_citizens(BatchGetCitizensRequest {
             case_reference: String::new(),
             personal_ids: ids.clone(),
-            purpose: "IDENTITY_VERIFICATION".into(),
+            purpose: "DEATH_REGISTRATION".into(),
         })
         .await
         .unwrap()
@@ -286,7 +415,7 @@ async fn batch_mixes_results_and_per_id_errors() {
         .batch_get_citizens(BatchGetCitizensRequest {
             case_reference: String::new(),
             personal_ids: vec![],
-            purpose: "IDENTITY_VERIFICATION".into(),
+            purpose: "DEATH_REGISTRATION".into(),
         })
         .await
         .unwrap_err();
@@ -295,7 +424,7 @@ async fn batch_mixes_results_and_per_id_errors() {
         .batch_get_citizens(BatchGetCitizensRequest {
             case_reference: String::new(),
             personal_ids: vec![good; 101],
-            purpose: "IDENTITY_VERIFICATION".into(),
+            purpose: "DEATH_REGISTRATION".into(),
         })
         .await
         .unwrap_err();
@@ -324,7 +453,7 @@ async fn random_bytes_as_ids_and_names_never_panic() {
                 let bytes: Vec<u8> = (0..len).map(|_| rng.random()).collect();
                 let s = String::from_utf8_lossy(&bytes).into_owned();
                 let e = c
-                    .get_citizen(get(&s, "IDENTITY_VERIFICATION"))
+                    .get_citizen(get(&s, "DEATH_REGISTRATION"))
                     .await
                     .unwrap_err();
                 assert!(
@@ -335,7 +464,7 @@ async fn random_bytes_as_ids_and_names_never_panic() {
                     .search_citizens(SearchCitizensRequest {
                         full_name: s,
                         date_of_birth: "1990-01-01".into(),
-                        purpose: "IDENTITY_VERIFICATION".into(),
+                        purpose: "DEATH_REGISTRATION".into(),
                         ..Default::default()
                     })
                     .await;
@@ -349,7 +478,7 @@ async fn random_bytes_as_ids_and_names_never_panic() {
     // Still serving.
     let mut c = c;
     let p = &stack.people[0];
-    c.get_citizen(get(p.personal_id.as_str(), "IDENTITY_VERIFICATION"))
+    c.get_citizen(get(p.personal_id.as_str(), "DEATH_REGISTRATION"))
         .await
         .unwrap();
 }
@@ -370,7 +499,7 @@ async fn hanging_upstream_gives_deadline_exceeded_within_the_callers_deadline() 
         .start_with(&common::with_upstream_port(DEFAULT_CONFIG, port))
         .await;
     let mut c = registry(&env, gw.api_addr).await;
-    let mut req = tonic::Request::new(get("031203000123", "IDENTITY_VERIFICATION"));
+    let mut req = tonic::Request::new(get("031203000123", "DEATH_REGISTRATION"));
     req.set_timeout(Duration::from_millis(400));
     let started = Instant::now();
     let err = c.get_citizen(req).await.unwrap_err();
@@ -429,7 +558,7 @@ async fn upstream_killed_mid_load_gives_unavailable_then_recovers() {
     let id = people[1].personal_id.to_string();
 
     let call = |mut c: CitizensClient<Channel>, id: String| async move {
-        let mut req = tonic::Request::new(get(&id, "IDENTITY_VERIFICATION"));
+        let mut req = tonic::Request::new(get(&id, "DEATH_REGISTRATION"));
         req.set_timeout(Duration::from_millis(800));
         let started = Instant::now();
         let r = tokio::time::timeout(Duration::from_secs(3), c.get_citizen(req))
@@ -504,7 +633,7 @@ async fn a_link_client_carries_concurrent_calls_and_reports_an_unreachable_serve
         let id = p.personal_id.to_string();
         set.spawn(async move {
             let r = c
-                .get_citizen(get(&id, "IDENTITY_VERIFICATION"))
+                .get_citizen(get(&id, "DEATH_REGISTRATION"))
                 .await
                 .unwrap()
                 .into_inner();

@@ -121,7 +121,7 @@ fn get(id: &str) -> GetCitizenRequest {
     GetCitizenRequest {
         case_reference: String::new(),
         personal_id: id.into(),
-        purpose: "IDENTITY_VERIFICATION".into(),
+        purpose: "DEATH_REGISTRATION".into(),
     }
 }
 

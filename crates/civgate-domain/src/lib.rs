@@ -86,6 +86,10 @@ pub fn check_case_reference(s: &str) -> Result<(), String> {
     {
         return Err("at most 64 of A-Z a-z 0-9 . - _ / (the portal's dossier code)".into());
     }
+    // "." or "/" names no case: a code has letters or digits.
+    if !s.is_empty() && !s.bytes().any(|b| b.is_ascii_alphanumeric()) {
+        return Err("names no case: a dossier code has letters or digits".into());
+    }
     Ok(())
 }
 
@@ -271,7 +275,7 @@ mod tests {
         ] {
             assert!(check_case_reference(ok).is_ok(), "{ok}");
         }
-        for bad in ["a b", "mã-hồ-sơ", "x\n", &"9".repeat(65)] {
+        for bad in ["a b", "mã-hồ-sơ", "x\n", &"9".repeat(65), ".", "/-_."] {
             assert!(check_case_reference(bad).is_err(), "{bad:?}");
         }
     }
@@ -402,10 +406,13 @@ pub enum CitizenField {
     PermanentResidence,
     CurrentResidence,
     DateOfDeath,
+    /// The year of birth alone, where the full date is more than the purpose needs (a
+    /// parent's on a birth record, Law 60/2014 art. 14).
+    YearOfBirth,
 }
 
 impl CitizenField {
-    pub const ALL: [CitizenField; 16] = [
+    pub const ALL: [CitizenField; 17] = [
         CitizenField::FullName,
         CitizenField::DateOfBirth,
         CitizenField::Sex,
@@ -422,6 +429,7 @@ impl CitizenField {
         CitizenField::PermanentResidence,
         CitizenField::CurrentResidence,
         CitizenField::DateOfDeath,
+        CitizenField::YearOfBirth,
     ];
 
     /// The proto field name.
@@ -443,6 +451,7 @@ impl CitizenField {
             CitizenField::PermanentResidence => "permanent_residence",
             CitizenField::CurrentResidence => "current_residence",
             CitizenField::DateOfDeath => "date_of_death",
+            CitizenField::YearOfBirth => "year_of_birth",
         }
     }
 

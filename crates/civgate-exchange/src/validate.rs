@@ -40,6 +40,11 @@ pub fn topic_of(p: &Payload) -> (&'static str, &'static str) {
         Payload::ParentChildRecognition(_) => (CIVIL_STATUS, "parent_child_recognition"),
         Payload::Adoption(_) => (CIVIL_STATUS, "adoption"),
         Payload::Guardianship(_) => (CIVIL_STATUS, "guardianship"),
+        Payload::CourtDecision(_) => (CIVIL_STATUS, "court_decision"),
+        Payload::NationalityChange(_) => (CIVIL_STATUS, "nationality_change"),
+        Payload::GuardianshipEnded(_) => (CIVIL_STATUS, "guardianship_ended"),
+        Payload::AdoptionEnded(_) => (CIVIL_STATUS, "adoption_ended"),
+        Payload::MaritalStatusConfirmed(_) => (CIVIL_STATUS, "marital_status_confirmed"),
         Payload::PersonalIdAssigned(_) => (POPULATION, "personal_id_assigned"),
         Payload::ResidenceChanged(_) => (POPULATION, "residence_changed"),
         Payload::DeathRecorded(_) => (POPULATION, "death_recorded"),
@@ -66,6 +71,14 @@ pub fn subjects(p: &Payload) -> Vec<String> {
             .map(String::as_str)
             .collect(),
         Payload::Guardianship(x) => vec![&x.ward_personal_id, &x.guardian_personal_id],
+        Payload::CourtDecision(x) => vec![&x.personal_id, &x.other_personal_id],
+        Payload::NationalityChange(x) => vec![&x.personal_id],
+        Payload::GuardianshipEnded(x) => vec![&x.ward_personal_id, &x.guardian_personal_id],
+        Payload::AdoptionEnded(x) => std::iter::once(&x.child_personal_id)
+            .chain(&x.adoptive_parent_personal_ids)
+            .map(String::as_str)
+            .collect(),
+        Payload::MaritalStatusConfirmed(x) => vec![&x.personal_id],
         Payload::PersonalIdAssigned(x) => vec![&x.personal_id],
         Payload::ResidenceChanged(x) => vec![&x.personal_id],
         Payload::DeathRecorded(x) => vec![&x.personal_id],
@@ -196,6 +209,251 @@ impl Check {
         }
     }
 
+    /// Two IDs of one event that must name different people.
+    fn distinct(&mut self, field: &str, a: &Option<PersonalId>, b: &Option<PersonalId>, why: &str) {
+        if a.is_some() && a == b {
+            self.bad(field, why);
+        }
+    }
+
+    /// An adopted child and one or two adoptive parents, other people than the child.
+    fn adoption_parties(&mut self, child: &str, parents: &[String]) {
+        let child = self.id("child_personal_id", child);
+        if parents.is_empty() {
+            self.bad(
+                "adoptive_parent_personal_ids",
+                "at least one adoptive parent",
+            );
+        }
+        for (i, p) in parents.iter().enumerate() {
+            let field = format!("adoptive_parent_personal_ids[{i}]");
+            let parent = self.id(&field, p);
+            self.distinct(
+                &field,
+                &child,
+                &parent,
+                "a child is not their own adoptive parent",
+            );
+        }
+    }
+
+    /// A date that may lie ahead (an expiry): `YYYY-MM-DD`.
+    fn any_date(&mut self, field: &str, s: &str) -> Option<time::Date> {
+        if !self.required(field, s) {
+            return None;
+        }
+        parse_date(s).map_err(|e| self.bad(field, e)).ok()
+    }
+
+    /// A marital-status certificate is valid for 6 months from its issue (Decree 123/2015
+    /// art. 23).
+    fn valid_until(&mut self, s: &str, r: Option<&Registration>) {
+        let Some(until) = self.any_date("valid_until", s) else {
+            return;
+        };
+        let Some(issued) = r.and_then(|r| parse_date(&r.registration_date).ok()) else {
+            return;
+        };
+        let limit = add_months(issued, 6);
+        if until < issued {
+            self.bad("valid_until", "must not be before the registration date");
+        } else if until > limit {
+            self.bad(
+                "valid_until",
+                format!(
+                    "a certificate of marital status is valid for 6 months: at most {} (Decree 123/2015 art. 23)",
+                    crate::domain::format_date(limit)
+                ),
+            );
+        }
+    }
+
+    /// A typed change of a birth record's field (Law 60/2014 arts. 26-29).
+    fn change(&mut self, x: &crate::pb::v1::CivilStatusChange, id: Option<&PersonalId>) {
+        use crate::pb::v1::ChangeKind as K;
+        let kind = K::try_from(x.kind).unwrap_or(K::Unspecified);
+        // The field each kind changes (None: any of CHANGEABLE).
+        let only = match kind {
+            K::Unspecified => {
+                self.bad(
+                    "kind",
+                    "required: name, correction, addition, ethnicity or gender",
+                );
+                return;
+            }
+            K::Name => Some("full_name"),
+            K::Ethnicity => Some("ethnicity"),
+            K::Gender => Some("sex"),
+            K::Correction | K::Addition => None,
+        };
+        if !CHANGEABLE.contains(&x.field.as_str()) {
+            self.bad(
+                "field",
+                format!("a birth record's field: one of {}", CHANGEABLE.join(", ")),
+            );
+            return;
+        }
+        if let Some(f) = only
+            && x.field != f
+        {
+            self.bad(
+                "field",
+                format!("a {} change is of {f}", kind.as_str_name()),
+            );
+            return;
+        }
+        if kind == K::Addition {
+            if !x.old_value.is_empty() {
+                self.bad(
+                    "old_value",
+                    "an addition fills what the record left out: leave old_value empty",
+                );
+            }
+        } else if self.required("old_value", &x.old_value) && x.old_value == x.new_value {
+            self.bad("new_value", "must differ from old_value");
+        }
+        if !self.required("new_value", &x.new_value) {
+            return;
+        }
+        self.value(&x.field, &x.new_value, id);
+        if x.field == "sex" {
+            match (parse_sex(&x.old_value), id) {
+                (None, _) if kind != K::Addition => self.bad("old_value", "\"male\" or \"female\""),
+                (Some(old), Some(id)) if id.sex() != old => {
+                    self.bad("old_value", "is not the sex the personal ID encodes")
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// A new value of a birth record's `field` for the person `id`, as `new_value`.
+    fn value(&mut self, field: &str, v: &str, id: Option<&PersonalId>) {
+        match field {
+            "full_name" => self.name("new_value", v),
+            "date_of_birth" => {
+                if let Some(d) = self.date("new_value", v)
+                    && d.year() < 1900
+                {
+                    self.bad("new_value", "must be 1900 or later");
+                }
+            }
+            "sex" if parse_sex(v).is_none() => self.bad("new_value", "\"male\" or \"female\""),
+            "ethnicity" if crate::domain::ethnicity::ethnic_group(v).is_none() => {
+                self.bad(
+                    "new_value",
+                    "not one of the 54 ethnic groups of the national list: give its code (01-54) or its name",
+                );
+            }
+            "father_personal_id" | "mother_personal_id" => {
+                let sex = if field == "father_personal_id" {
+                    crate::domain::Sex::Male
+                } else {
+                    crate::domain::Sex::Female
+                };
+                if let Some(parent) = self.id("new_value", v) {
+                    let _ = parent
+                        .check_consistency(Some(sex), None)
+                        .map_err(|e| self.bad("new_value", e.to_string()));
+                    if let Some(id) = id {
+                        if &parent == id {
+                            self.bad("new_value", "is the person's own personal ID");
+                        } else if parent.birth_year() >= id.birth_year() {
+                            self.bad(
+                                "new_value",
+                                "the parent must be born before the child's year of birth",
+                            );
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A court's decision, by kind (Civil Code 2015 arts. 22, 68, 71; Marriage and Family Law
+    /// arts. 11, 88-102).
+    fn court_decision(&mut self, x: &crate::pb::v1::CourtDecision) {
+        use crate::pb::v1::CourtDecisionKind as K;
+        let kind = K::try_from(x.kind).unwrap_or(K::Unspecified);
+        let id = self.id("personal_id", &x.personal_id);
+        self.required("court", &x.court);
+        self.required("decision_number", &x.decision_number);
+        let effective = self.date("effective_date", &x.effective_date);
+        self.not_after_registration("effective_date", effective, x.registration.as_ref());
+        let two_people = matches!(
+            kind,
+            K::MarriageAnnulled | K::MarriageRecognised | K::ParentageDetermined
+        );
+        let other = if two_people {
+            self.id("other_personal_id", &x.other_personal_id)
+        } else {
+            if !x.other_personal_id.is_empty() {
+                self.bad("other_personal_id", "concerns one person: leave it empty");
+            }
+            None
+        };
+        self.distinct(
+            "other_personal_id",
+            &id,
+            &other,
+            "must name another person than personal_id",
+        );
+        let (missing, dead) = (kind == K::DeclaredMissing, kind == K::DeclaredDead);
+        if missing {
+            let since = self.date("missing_since", &x.missing_since);
+            self.not_before_birth("missing_since", id.as_ref(), since);
+            if let (Some(s), Some(e)) = (since, effective)
+                && s > e
+            {
+                self.bad(
+                    "missing_since",
+                    "must not be after the decision's effective date",
+                );
+            }
+        } else if !x.missing_since.is_empty() {
+            self.bad("missing_since", "for a declaration of missing only");
+        }
+        if dead {
+            let died = self.date("date_of_death", &x.date_of_death);
+            self.not_before_birth("date_of_death", id.as_ref(), died);
+            if let (Some(d), Some(e)) = (died, effective)
+                && d > e
+            {
+                self.bad(
+                    "date_of_death",
+                    "must not be after the decision's effective date",
+                );
+            }
+        } else if !x.date_of_death.is_empty() {
+            self.bad("date_of_death", "for a declaration of death only");
+        }
+        match kind {
+            K::Unspecified => self.bad("kind", "required: what the court decided"),
+            K::MarriageAnnulled | K::MarriageRecognised => {
+                if let (Some(a), Some(b)) = (&id, &other)
+                    && a.sex() == b.sex()
+                {
+                    self.bad(
+                        "other_personal_id",
+                        "both IDs encode the same sex: the State does not recognise marriage between people of the same sex (Marriage and Family Law 2014, art. 8(2))",
+                    );
+                }
+            }
+            K::ParentageDetermined => {
+                if let (Some(child), Some(parent)) = (&id, &other)
+                    && parent.birth_year() >= child.birth_year()
+                {
+                    self.bad(
+                        "other_personal_id",
+                        "the parent must be born before the child's year of birth",
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+
     fn registration(&mut self, r: Option<&Registration>) -> Option<String> {
         let Some(r) = r else {
             self.bad("registration", "required");
@@ -207,6 +465,37 @@ impl Check {
         self.required("registration.registry_office_code", &r.registry_office_code)
             .then(|| r.registry_office_code.clone())
     }
+}
+
+/// `male` / `female`, as a change writes a sex.
+fn parse_sex(s: &str) -> Option<crate::domain::Sex> {
+    match s {
+        "male" => Some(crate::domain::Sex::Male),
+        "female" => Some(crate::domain::Sex::Female),
+        _ => None,
+    }
+}
+
+/// The fields of a birth record a `civil_status_change` may change.
+pub const CHANGEABLE: [&str; 9] = [
+    "full_name",
+    "date_of_birth",
+    "sex",
+    "place_of_birth",
+    "hometown",
+    "ethnicity",
+    "nationality",
+    "father_personal_id",
+    "mother_personal_id",
+];
+
+/// `d` plus `months` calendar months, on the last day of the month where it has fewer days.
+fn add_months(d: time::Date, months: u8) -> time::Date {
+    let total = d.month() as i32 - 1 + i32::from(months);
+    let year = d.year() + total / 12;
+    let month = time::Month::try_from((total % 12 + 1) as u8).unwrap_or(time::Month::December);
+    let last = time::util::days_in_month(month, year);
+    time::Date::from_calendar_date(year, month, d.day().min(last)).unwrap_or(d)
 }
 
 /// Days within which a birth is to be registered (Law 60/2014 art. 15) and a death (art. 33).
@@ -327,6 +616,30 @@ fn texts(event: &Event) -> Vec<(String, &str)> {
         Payload::ParentChildRecognition(x) => reg(&mut out, &p, x.registration.as_ref()),
         Payload::Adoption(x) => reg(&mut out, &p, x.registration.as_ref()),
         Payload::Guardianship(x) => reg(&mut out, &p, x.registration.as_ref()),
+        Payload::CourtDecision(x) => {
+            reg(&mut out, &p, x.registration.as_ref());
+            out.push((format!("{p}.court"), &x.court));
+            out.push((format!("{p}.decision_number"), &x.decision_number));
+        }
+        Payload::NationalityChange(x) => {
+            reg(&mut out, &p, x.registration.as_ref());
+            out.push((format!("{p}.decision_number"), &x.decision_number));
+        }
+        Payload::GuardianshipEnded(x) => {
+            reg(&mut out, &p, x.registration.as_ref());
+            out.push((format!("{p}.reason"), &x.reason));
+        }
+        Payload::AdoptionEnded(x) => {
+            reg(&mut out, &p, x.registration.as_ref());
+            out.push((
+                format!("{p}.court_decision_number"),
+                &x.court_decision_number,
+            ));
+        }
+        Payload::MaritalStatusConfirmed(x) => {
+            reg(&mut out, &p, x.registration.as_ref());
+            out.push((format!("{p}.intended_use"), &x.intended_use));
+        }
         Payload::PersonalIdAssigned(x) => {
             for (f, v) in [
                 ("registry_office_code", &x.registry_office_code),
@@ -382,9 +695,12 @@ fn bounds(event: &Event, now_ms: i64) -> Vec<FieldViolation> {
             ));
         }
     }
-    if let Some(Payload::Adoption(a)) = &event.payload
-        && a.adoptive_parent_personal_ids.len() > MAX_ADOPTIVE_PARENTS
-    {
+    let adoptive = match &event.payload {
+        Some(Payload::Adoption(a)) => a.adoptive_parent_personal_ids.len(),
+        Some(Payload::AdoptionEnded(a)) => a.adoptive_parent_personal_ids.len(),
+        _ => 0,
+    };
+    if adoptive > MAX_ADOPTIVE_PARENTS {
         v.push(FieldViolation::new(
             "event.adoption.adoptive_parent_personal_ids",
             format!("at most {MAX_ADOPTIVE_PARENTS} adoptive parents (one person or a couple)"),
@@ -596,21 +912,46 @@ pub fn validate(event: Option<&Event>, producer: &Principal) -> Result<&'static 
             c.registration(m.registration.as_ref())
         }
         Payload::Divorce(d) => {
-            c.id("spouse1_personal_id", &d.spouse1_personal_id);
-            c.id("spouse2_personal_id", &d.spouse2_personal_id);
+            let a = c.id("spouse1_personal_id", &d.spouse1_personal_id);
+            let b = c.id("spouse2_personal_id", &d.spouse2_personal_id);
+            c.distinct(
+                "spouse2_personal_id",
+                &a,
+                &b,
+                "must differ from spouse1_personal_id",
+            );
             c.required("court_decision_number", &d.court_decision_number);
             c.date("effective_date", &d.effective_date);
             c.registration(d.registration.as_ref())
         }
         Payload::CivilStatusChange(x) => {
-            c.id("personal_id", &x.personal_id);
-            c.required("field", &x.field);
+            let id = c.id("personal_id", &x.personal_id);
+            c.change(x, id.as_ref());
             c.required("reason", &x.reason);
             c.registration(x.registration.as_ref())
         }
         Payload::ParentChildRecognition(x) => {
             let parent = c.id("parent_personal_id", &x.parent_personal_id);
-            c.id("child_personal_id", &x.child_personal_id);
+            let child = c.id("child_personal_id", &x.child_personal_id);
+            c.distinct(
+                "child_personal_id",
+                &parent,
+                &child,
+                "a person is not their own parent",
+            );
+            // A parent is born before the child (by the years the IDs encode).
+            if let (Some(p), Some(ch)) = (&parent, &child)
+                && p.birth_year() >= ch.birth_year()
+            {
+                c.bad(
+                    "parent_personal_id",
+                    format!(
+                        "encodes a year of birth ({}) not before the child's ({})",
+                        p.birth_year(),
+                        ch.birth_year()
+                    ),
+                );
+            }
             if let (Some(p), Some(s)) = (
                 parent,
                 sex_from_pb(Sex::try_from(x.parent_sex).unwrap_or(Sex::Unspecified)),
@@ -622,23 +963,75 @@ pub fn validate(event: Option<&Event>, producer: &Principal) -> Result<&'static 
             c.registration(x.registration.as_ref())
         }
         Payload::Adoption(x) => {
-            c.id("child_personal_id", &x.child_personal_id);
-            if x.adoptive_parent_personal_ids.is_empty() {
-                c.bad(
-                    "adoptive_parent_personal_ids",
-                    "at least one adoptive parent",
-                );
-            }
-            for (i, p) in x.adoptive_parent_personal_ids.iter().enumerate() {
-                c.id(&format!("adoptive_parent_personal_ids[{i}]"), p);
-            }
+            c.adoption_parties(&x.child_personal_id, &x.adoptive_parent_personal_ids);
             c.date("effective_date", &x.effective_date);
             c.registration(x.registration.as_ref())
         }
         Payload::Guardianship(x) => {
-            c.id("ward_personal_id", &x.ward_personal_id);
-            c.id("guardian_personal_id", &x.guardian_personal_id);
+            let ward = c.id("ward_personal_id", &x.ward_personal_id);
+            let guardian = c.id("guardian_personal_id", &x.guardian_personal_id);
+            c.distinct(
+                "guardian_personal_id",
+                &ward,
+                &guardian,
+                "a ward is not their own guardian",
+            );
             c.date("effective_date", &x.effective_date);
+            c.registration(x.registration.as_ref())
+        }
+        Payload::CourtDecision(x) => {
+            c.court_decision(x);
+            c.registration(x.registration.as_ref())
+        }
+        Payload::NationalityChange(x) => {
+            use crate::pb::v1::NationalityChangeKind as K;
+            if matches!(
+                K::try_from(x.kind).unwrap_or(K::Unspecified),
+                K::Unspecified
+            ) {
+                c.bad(
+                    "kind",
+                    "required: acquired, renounced, restored or deprived",
+                );
+            }
+            c.id("personal_id", &x.personal_id);
+            c.required("decision_number", &x.decision_number);
+            let on = c.date("effective_date", &x.effective_date);
+            c.not_after_registration("effective_date", on, x.registration.as_ref());
+            c.registration(x.registration.as_ref())
+        }
+        Payload::GuardianshipEnded(x) => {
+            let ward = c.id("ward_personal_id", &x.ward_personal_id);
+            let guardian = c.id("guardian_personal_id", &x.guardian_personal_id);
+            c.distinct(
+                "guardian_personal_id",
+                &ward,
+                &guardian,
+                "a ward is not their own guardian",
+            );
+            let on = c.date("effective_date", &x.effective_date);
+            c.not_after_registration("effective_date", on, x.registration.as_ref());
+            c.required("reason", &x.reason);
+            c.registration(x.registration.as_ref())
+        }
+        Payload::AdoptionEnded(x) => {
+            c.adoption_parties(&x.child_personal_id, &x.adoptive_parent_personal_ids);
+            c.required("court_decision_number", &x.court_decision_number);
+            let on = c.date("effective_date", &x.effective_date);
+            c.not_after_registration("effective_date", on, x.registration.as_ref());
+            c.registration(x.registration.as_ref())
+        }
+        Payload::MaritalStatusConfirmed(x) => {
+            use crate::pb::v1::MaritalStatus as M;
+            c.id("personal_id", &x.personal_id);
+            if matches!(
+                M::try_from(x.marital_status).unwrap_or(M::Unspecified),
+                M::Unspecified
+            ) {
+                c.bad("marital_status", "required: the status certified");
+            }
+            c.required("intended_use", &x.intended_use);
+            c.valid_until(&x.valid_until, x.registration.as_ref());
             c.registration(x.registration.as_ref())
         }
         Payload::PersonalIdAssigned(x) => {
@@ -694,8 +1087,19 @@ pub fn validate(event: Option<&Event>, producer: &Principal) -> Result<&'static 
             None
         }
         Payload::CitizenDataCorrected(x) => {
-            c.id("personal_id", &x.personal_id);
-            c.required("field", &x.field);
+            let id = c.id("personal_id", &x.personal_id);
+            // A field of the citizen's record, its new value valid for it.
+            match crate::domain::CitizenField::from_name(&x.field) {
+                None => c.bad(
+                    "field",
+                    "a field of civgate.v1.Citizen (e.g. full_name, ethnicity, place_of_birth)",
+                ),
+                Some(_) if c.required("new_value", &x.new_value) => {
+                    c.value(&x.field, &x.new_value, id.as_ref());
+                }
+                Some(_) => {}
+            }
+            c.required("reason", &x.reason);
             None
         }
     };

@@ -325,12 +325,78 @@ pub struct AgencySection {
 pub struct PurposeSection {
     #[serde(default)]
     pub description: String,
-    /// The `Citizen` fields this purpose may receive.
+    /// The `Citizen` fields this purpose may receive (`GetCitizen`, `BatchGetCitizens`,
+    /// `SearchCitizens`), and check with `VerifyCitizen`.
+    #[serde(default)]
     pub fields: Vec<CitizenField>,
+    /// Further attributes `VerifyCitizen` may check for this purpose (match / no match, never
+    /// the value): "is A married to B" for a birth registration, which needs no spouse ID.
+    #[serde(default)]
+    pub verifies: Vec<CitizenField>,
+    /// The `Citizens` methods this purpose may be declared with (required).
+    pub methods: Vec<crate::policy::purposes::CitizensMethod>,
+    /// The roles that may declare it (required).
+    pub roles: Vec<crate::domain::Role>,
     /// Whether a read for this purpose must name its case (`case_reference`, the portal's
     /// dossier code), so that every such read in the audit log ties to a registration.
     #[serde(default)]
     pub requires_case_reference: bool,
+}
+
+impl PurposeSection {
+    /// The fields `VerifyCitizen` may check: those released and those only verified.
+    pub fn verifiable(&self) -> std::collections::BTreeSet<CitizenField> {
+        self.fields.iter().chain(&self.verifies).copied().collect()
+    }
+
+    /// How this purpose's binding is used.
+    pub fn binding(&self) -> crate::policy::purposes::PurposeUse<'_> {
+        crate::policy::purposes::PurposeUse {
+            methods: &self.methods,
+            roles: &self.roles,
+        }
+    }
+
+    /// What is wrong with it: (key under the purpose, message).
+    fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        if self.methods.is_empty() {
+            out.push((
+                "methods",
+                "name the Citizens methods this purpose may be declared with, e.g. [\"VerifyCitizen\"]".into(),
+            ));
+        }
+        if self.roles.is_empty() {
+            out.push((
+                "roles",
+                "name the roles that may declare this purpose, e.g. [\"civil_registry\"]".into(),
+            ));
+        }
+        let releases = self.methods.iter().any(|m| m.releases_values());
+        if releases && self.fields.is_empty() {
+            out.push((
+                "fields",
+                "a purpose used with a look-up or search must release at least one field".into(),
+            ));
+        }
+        if !releases && !self.methods.is_empty() && self.verifiable().is_empty() {
+            out.push((
+                "verifies",
+                "a verification purpose must allow at least one attribute to be checked".into(),
+            ));
+        }
+        let verifies = self
+            .methods
+            .contains(&crate::policy::purposes::CitizensMethod::VerifyCitizen);
+        if !verifies && !self.verifies.is_empty() {
+            out.push((
+                "verifies",
+                "only VerifyCitizen checks attributes: add it to methods or leave verifies out"
+                    .into(),
+            ));
+        }
+        out
+    }
 }
 
 /// A parsed configuration and where it came from.
@@ -468,12 +534,12 @@ impl Config {
             }
         }
         for (code, purpose) in &self.file.purposes {
-            if purpose.fields.is_empty() {
+            for m in purpose.problems() {
                 errors.push(ConfigError {
                     file: self.origin.clone(),
                     line: None,
-                    key: format!("purposes.{}.fields", code.as_str()),
-                    message: "a purpose must release at least one field".into(),
+                    key: format!("purposes.{}.{}", code.as_str(), m.0),
+                    message: m.1,
                 });
             }
         }

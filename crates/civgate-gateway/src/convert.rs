@@ -19,7 +19,7 @@ pub(crate) fn sex_to_pb(s: Sex) -> PbSex {
 
 pub use civgate_exchange::validate::sex_from_pb;
 
-pub(crate) fn marital_to_pb(m: MaritalStatus) -> PbMarital {
+pub fn marital_to_pb(m: MaritalStatus) -> PbMarital {
     match m {
         MaritalStatus::Single => PbMarital::Single,
         MaritalStatus::Married => PbMarital::Married,
@@ -54,6 +54,7 @@ pub fn record_to_pb(r: &CitizenRecord) -> Citizen {
             address: r.current_address.clone(),
         }),
         date_of_death: r.date_of_death.map(format_date),
+        year_of_birth: u32::try_from(r.date_of_birth.year()).ok(),
     }
 }
 
@@ -84,6 +85,7 @@ pub fn mask(c: &mut Citizen, allowed: &BTreeSet<CitizenField>) -> Vec<&'static s
             CitizenField::PermanentResidence => c.permanent_residence.take().is_some(),
             CitizenField::CurrentResidence => c.current_residence.take().is_some(),
             CitizenField::DateOfDeath => c.date_of_death.take().is_some(),
+            CitizenField::YearOfBirth => c.year_of_birth.take().is_some(),
         };
         if had {
             withheld.push(f.name());
@@ -95,7 +97,7 @@ pub fn mask(c: &mut Citizen, allowed: &BTreeSet<CitizenField>) -> Vec<&'static s
 /// The names of the fields set on a citizen (what an audit record lists as returned).
 pub fn present_fields(c: &Citizen) -> Vec<&'static str> {
     let mut v = vec!["personal_id"];
-    let checks: [(CitizenField, bool); 16] = [
+    let checks: [(CitizenField, bool); 17] = [
         (CitizenField::FullName, c.full_name.is_some()),
         (CitizenField::DateOfBirth, c.date_of_birth.is_some()),
         (CitizenField::Sex, c.sex != 0),
@@ -127,6 +129,7 @@ pub fn present_fields(c: &Citizen) -> Vec<&'static str> {
             c.current_residence.is_some(),
         ),
         (CitizenField::DateOfDeath, c.date_of_death.is_some()),
+        (CitizenField::YearOfBirth, c.year_of_birth.is_some()),
     ];
     v.extend(checks.iter().filter(|(_, set)| *set).map(|(f, _)| f.name()));
     v

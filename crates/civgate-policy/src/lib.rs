@@ -6,6 +6,7 @@ use std::{collections::BTreeMap, sync::Arc};
 pub mod identity;
 pub mod limits;
 pub mod methods;
+pub mod purposes;
 
 pub use methods::{granted, known as known_method};
 

@@ -39,6 +39,8 @@ CREATE TABLE IF NOT EXISTS citizens (
     date_of_death TEXT
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS citizens_search ON citizens (name_folded, date_of_birth);
+-- Numbers cancelled and re-issued (Decree 70/2024): the old number, the new one.
+CREATE TABLE IF NOT EXISTS reissued (old_id TEXT PRIMARY KEY, new_id TEXT NOT NULL) WITHOUT ROWID;
 ";
 
 const COLUMNS: &str = "personal_id, full_name, name_folded, date_of_birth, sex, marital_status, \
@@ -68,7 +70,8 @@ impl DirectoryStore {
 
     /// Ensures the store holds exactly the population (seed, n); returns whether it loaded.
     pub(crate) async fn ensure_population(&self, seed: u64, n: usize) -> Result<bool> {
-        let want = format!("seed={seed} citizens={n}");
+        // The generator's version: a store loaded by an earlier generator is loaded again.
+        let want = format!("seed={seed} citizens={n} generator=2");
         let have: Option<String> =
             sqlx::query_scalar("SELECT value FROM meta WHERE key = 'population'")
                 .fetch_optional(&self.pool)
@@ -79,7 +82,7 @@ impl DirectoryStore {
         let started = Instant::now();
         let mut conn = self.pool.acquire().await?;
         // Bulk load: a crash mid-load leaves no 'population' marker, so it reloads next time.
-        sqlx::raw_sql("PRAGMA synchronous = OFF; DELETE FROM meta; DELETE FROM citizens;")
+        sqlx::raw_sql("PRAGMA synchronous = OFF; DELETE FROM meta; DELETE FROM citizens; DELETE FROM reissued;")
             .execute(&mut *conn)
             .await?;
         const ROWS: usize = 500;
@@ -176,6 +179,40 @@ impl DirectoryStore {
         insert(&mut tx, std::slice::from_ref(r)).await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    /// Cancels `old` and gives its citizen the number `new.personal_id` (with `new`'s data),
+    /// in one transaction: the record moves, the family's references follow it, and the old
+    /// number maps to the new one.
+    pub(crate) async fn reissue(&self, old: &PersonalId, new: &CitizenRecord) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for sql in [
+            "DELETE FROM citizens WHERE personal_id = ?1",
+            "UPDATE citizens SET father_id = ?2 WHERE father_id = ?1",
+            "UPDATE citizens SET mother_id = ?2 WHERE mother_id = ?1",
+            "UPDATE citizens SET spouse_id = ?2 WHERE spouse_id = ?1",
+            "INSERT INTO reissued (old_id, new_id) VALUES (?1, ?2)",
+        ] {
+            sqlx::query(sql)
+                .bind(old.as_str())
+                .bind(new.personal_id.as_str())
+                .execute(&mut *tx)
+                .await?;
+        }
+        insert(&mut tx, std::slice::from_ref(new)).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The number `old` was re-issued as, if it was.
+    pub(crate) async fn reissued_as(&self, old: &PersonalId) -> Result<Option<PersonalId>> {
+        let new: Option<String> =
+            sqlx::query_scalar("SELECT new_id FROM reissued WHERE old_id = ?")
+                .bind(old.as_str())
+                .fetch_optional(&self.pool)
+                .await?;
+        new.map(|s| PersonalId::parse(&s).map_err(|e| anyhow::anyhow!("reissued {s}: {e}")))
+            .transpose()
     }
 
     pub async fn count(&self) -> Result<i64> {

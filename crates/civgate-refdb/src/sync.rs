@@ -101,7 +101,8 @@ pub async fn apply(store: &DirectoryStore, e: &SubscribedEvent) -> Result<Applie
                 place_of_birth: b.place_of_birth.clone(),
                 hometown: b.hometown.clone(),
                 ethnicity: b.ethnicity.clone(),
-                religion: "Không".into(),
+                // Not on a birth record: unknown until the person declares one.
+                religion: String::new(),
                 nationality: b.nationality.clone(),
                 blood_type: String::new(),
                 father: parent(&b.father),
@@ -214,10 +215,277 @@ pub async fn apply(store: &DirectoryStore, e: &SubscribedEvent) -> Result<Applie
             }
             Ok(Applied::Done(None))
         }
+        Payload::CivilStatusChange(x) => change(store, e, x).await,
+        Payload::CourtDecision(x) => court_decision(store, x).await,
+        Payload::NationalityChange(x) => {
+            use crate::pb::v1::NationalityChangeKind as K;
+            let id = one(&x.personal_id)?;
+            let Some(mut c) = store.get_many(std::slice::from_ref(&id)).await?.pop() else {
+                return Ok(no_citizen(&id));
+            };
+            c.nationality = match K::try_from(x.kind).unwrap_or(K::Unspecified) {
+                K::Acquired | K::Restored => "Việt Nam".into(),
+                // The other nationality, if any, is not in the event.
+                K::Renounced | K::Deprived => String::new(),
+                K::Unspecified => return Ok(Applied::Conflict("no kind of change".into())),
+            };
+            store.upsert(&c).await?;
+            Ok(Applied::Done(None))
+        }
+        Payload::MaritalStatusConfirmed(x) => {
+            // The anti-bigamy check: a certificate must say what the records say.
+            let id = one(&x.personal_id)?;
+            let Some(c) = store.get_many(std::slice::from_ref(&id)).await?.pop() else {
+                return Ok(no_citizen(&id));
+            };
+            let recorded = crate::convert::marital_to_pb(c.marital_status) as i32;
+            if recorded != x.marital_status {
+                return Ok(Applied::Conflict(format!(
+                    "citizen {id} is recorded as {}, not {} as certified",
+                    name_of_marital(recorded),
+                    name_of_marital(x.marital_status)
+                )));
+            }
+            Ok(Applied::Done(None))
+        }
         // Recorded by the directory's real counterpart; the reference directory keeps no
-        // data these events change.
-        _ => Ok(Applied::Done(None)),
+        // data these events change (guardians, adoptive parents).
+        Payload::ParentChildRecognition(_)
+        | Payload::Adoption(_)
+        | Payload::AdoptionEnded(_)
+        | Payload::Guardianship(_)
+        | Payload::GuardianshipEnded(_) => Ok(Applied::Done(None)),
+        Payload::PersonalIdAssigned(_)
+        | Payload::ResidenceChanged(_)
+        | Payload::DeathRecorded(_)
+        | Payload::PersonalIdReissued(_)
+        | Payload::CitizenDataCorrected(_) => Ok(Applied::Conflict(
+            "a population event on the civil-status topic".into(),
+        )),
     }
+}
+
+fn no_citizen(id: &PersonalId) -> Applied {
+    Applied::Conflict(format!("no citizen {id} in the population database"))
+}
+
+fn name_of_marital(m: i32) -> &'static str {
+    crate::pb::v1::MaritalStatus::try_from(m)
+        .map(|m| m.as_str_name())
+        .unwrap_or("MARITAL_STATUS_UNSPECIFIED")
+}
+
+/// The answer to `e`, of the same case.
+fn answer(e: &SubscribedEvent, payload: Payload) -> Applied {
+    Applied::Done(Some(Box::new(Event {
+        case_reference: e
+            .event
+            .as_ref()
+            .map(|ev| ev.case_reference.clone())
+            .unwrap_or_default(),
+        occurred_at_unix_ms: crate::audit::log::now_ms(),
+        in_reply_to: e.event_id.clone(),
+        payload: Some(payload),
+    })))
+}
+
+/// A typed change of a birth record's field. The record must say what `old_value` says (an
+/// addition: that the field is empty). A change of sex or of the year of birth re-issues the
+/// personal ID, and the answer says so.
+async fn change(
+    store: &DirectoryStore,
+    e: &SubscribedEvent,
+    x: &crate::pb::v1::CivilStatusChange,
+) -> Result<Applied> {
+    use crate::pb::v1::PersonalIdReissued;
+    let id = PersonalId::parse(&x.personal_id).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let Some(mut c) = store.get_many(std::slice::from_ref(&id)).await?.pop() else {
+        // Delivered again after its re-issue: the same answer.
+        if let Some(new) = store.reissued_as(&id).await? {
+            return Ok(answer(
+                e,
+                Payload::PersonalIdReissued(PersonalIdReissued {
+                    old_personal_id: id.to_string(),
+                    new_personal_id: new.to_string(),
+                    reason: reissue_reason(x),
+                }),
+            ));
+        }
+        return Ok(no_citizen(&id));
+    };
+    let opt_id = |p: &Option<PersonalId>| p.as_ref().map(ToString::to_string).unwrap_or_default();
+    let now = match x.field.as_str() {
+        "full_name" => c.full_name.clone(),
+        "date_of_birth" => crate::domain::format_date(c.date_of_birth),
+        "sex" => c.sex.to_string(),
+        "place_of_birth" => c.place_of_birth.clone(),
+        "hometown" => c.hometown.clone(),
+        "ethnicity" => c.ethnicity.clone(),
+        "nationality" => c.nationality.clone(),
+        "father_personal_id" => opt_id(&c.father),
+        "mother_personal_id" => opt_id(&c.mother),
+        other => {
+            return Ok(Applied::Conflict(format!(
+                "{other} is not a birth record's field"
+            )));
+        }
+    };
+    if now != x.old_value {
+        return Ok(Applied::Conflict(format!(
+            "citizen {id}'s {} is recorded as {now:?}, not {:?}",
+            x.field, x.old_value
+        )));
+    }
+    let v = x.new_value.clone();
+    match x.field.as_str() {
+        "full_name" => c.full_name = v,
+        "date_of_birth" => c.date_of_birth = parse_date(&v).map_err(anyhow::Error::msg)?,
+        "sex" => {
+            c.sex = match v.as_str() {
+                "male" => Sex::Male,
+                _ => Sex::Female,
+            }
+        }
+        "place_of_birth" => c.place_of_birth = v,
+        "hometown" => c.hometown = v,
+        "ethnicity" => c.ethnicity = v,
+        "nationality" => c.nationality = v,
+        "father_personal_id" => {
+            c.father = Some(PersonalId::parse(&v).map_err(|e| anyhow::anyhow!("{e}"))?)
+        }
+        _ => c.mother = Some(PersonalId::parse(&v).map_err(|e| anyhow::anyhow!("{e}"))?),
+    }
+    // Does the number still say who the person is?
+    if c.sex == id.sex() && c.date_of_birth.year() == id.birth_year() {
+        store.upsert(&c).await?;
+        return Ok(Applied::Done(None));
+    }
+    let new = fresh_id(
+        store,
+        id.province_code(),
+        c.sex,
+        c.date_of_birth,
+        &c.full_name,
+        &e.event_id,
+    )
+    .await?;
+    c.personal_id = new.clone();
+    store.reissue(&id, &c).await?;
+    Ok(answer(
+        e,
+        Payload::PersonalIdReissued(PersonalIdReissued {
+            old_personal_id: id.to_string(),
+            new_personal_id: new.to_string(),
+            reason: reissue_reason(x),
+        }),
+    ))
+}
+
+fn reissue_reason(x: &crate::pb::v1::CivilStatusChange) -> String {
+    if x.field == "sex" {
+        "the sex was re-determined".into()
+    } else {
+        "the year of birth was corrected".into()
+    }
+}
+
+/// A court's decision applied to the records it changes.
+async fn court_decision(
+    store: &DirectoryStore,
+    x: &crate::pb::v1::CourtDecision,
+) -> Result<Applied> {
+    use crate::pb::v1::CourtDecisionKind as K;
+    let parse = |s: &str| PersonalId::parse(s).map_err(|e| anyhow::anyhow!("{e}"));
+    let id = parse(&x.personal_id)?;
+    let Some(mut c) = store.get_many(std::slice::from_ref(&id)).await?.pop() else {
+        return Ok(no_citizen(&id));
+    };
+    let other = match x.other_personal_id.as_str() {
+        "" => None,
+        s => {
+            let o = parse(s)?;
+            match store.get_many(std::slice::from_ref(&o)).await?.pop() {
+                Some(r) => Some(r),
+                None => return Ok(no_citizen(&o)),
+            }
+        }
+    };
+    match (K::try_from(x.kind).unwrap_or(K::Unspecified), other) {
+        (K::MarriageAnnulled, Some(mut o)) => {
+            if c.spouse.as_ref() != Some(&o.personal_id) {
+                return Ok(Applied::Conflict(format!(
+                    "citizens {id} and {} are not recorded as married to each other",
+                    o.personal_id
+                )));
+            }
+            for r in [&mut c, &mut o] {
+                r.marital_status = MaritalStatus::Single;
+                r.spouse = None;
+            }
+            store.upsert(&c).await?;
+            store.upsert(&o).await?;
+        }
+        (K::MarriageRecognised, Some(mut o)) => {
+            for r in [&c, &o] {
+                if r.marital_status == MaritalStatus::Married
+                    && r.spouse.as_ref()
+                        != Some(if r.personal_id == id {
+                            &o.personal_id
+                        } else {
+                            &id
+                        })
+                {
+                    return Ok(Applied::Conflict(format!(
+                        "citizen {} is married to someone else",
+                        r.personal_id
+                    )));
+                }
+            }
+            let (a, b) = (c.personal_id.clone(), o.personal_id.clone());
+            c.marital_status = MaritalStatus::Married;
+            o.marital_status = MaritalStatus::Married;
+            c.spouse = Some(b);
+            o.spouse = Some(a);
+            store.upsert(&c).await?;
+            store.upsert(&o).await?;
+        }
+        (K::DeclaredDead, _) => {
+            if let Some(when) = c.date_of_death {
+                return Ok(Applied::Conflict(format!(
+                    "citizen {id} is already recorded dead (on {})",
+                    crate::domain::format_date(when)
+                )));
+            }
+            c.date_of_death = Some(parse_date(&x.date_of_death).map_err(anyhow::Error::msg)?);
+            store.upsert(&c).await?;
+        }
+        (K::DeathCancelled, _) => {
+            if c.date_of_death.is_none() {
+                return Ok(Applied::Conflict(format!(
+                    "citizen {id} is not recorded dead"
+                )));
+            }
+            c.date_of_death = None;
+            store.upsert(&c).await?;
+        }
+        (K::ParentageDetermined, Some(parent)) => {
+            match parent.sex {
+                Sex::Male => c.father = Some(parent.personal_id),
+                Sex::Female => c.mother = Some(parent.personal_id),
+            }
+            store.upsert(&c).await?;
+        }
+        // Missing persons and civil capacity: the reference directory keeps no such data.
+        (K::DeclaredMissing | K::MissingCancelled, _)
+        | (K::LostCivilCapacity | K::CivilCapacityRestored, _) => {}
+        (kind, _) => {
+            return Ok(Applied::Conflict(format!(
+                "{} without the person it concerns",
+                kind.as_str_name()
+            )));
+        }
+    }
+    Ok(Applied::Done(None))
 }
 
 /// Why `c` could not marry on `on` for want of age (`None`: old enough).
@@ -320,6 +588,222 @@ pub async fn consume(addr: SocketAddr, certs_dir: &Path, store: DirectoryStore) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pb::v1::{
+        ChangeKind, CivilStatusChange, CourtDecision, CourtDecisionKind, MaritalStatusConfirmed,
+        Registration,
+    };
+
+    fn delivered(id: &str, payload: Payload) -> SubscribedEvent {
+        SubscribedEvent {
+            event_id: id.into(),
+            sequence: 1,
+            event: Some(Event {
+                case_reference: "HS-1".into(),
+                payload: Some(payload),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn registration() -> Option<Registration> {
+        Some(Registration {
+            registry_office_code: "HP-LECHAN".into(),
+            book_number: "1".into(),
+            entry_number: "2".into(),
+            registration_date: "2026-03-02".into(),
+            registering_official: "Trần Văn Bình".into(),
+        })
+    }
+
+    async fn store_with(n: usize) -> (tempfile::TempDir, DirectoryStore, Vec<CitizenRecord>) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = DirectoryStore::open(dir.path()).await.expect("store");
+        let people: Vec<_> = crate::synth::Population::new(5, n).collect();
+        for p in &people {
+            store.upsert(p).await.expect("upsert");
+        }
+        (dir, store, people)
+    }
+
+    #[tokio::test]
+    async fn a_gender_re_determination_re_issues_the_id_once() {
+        let (_dir, store, people) = store_with(50).await;
+        let p = people
+            .iter()
+            .find(|p| p.date_of_death.is_none())
+            .expect("a living citizen");
+        let (old, new) = match p.sex {
+            Sex::Male => ("male", "female"),
+            Sex::Female => ("female", "male"),
+        };
+        let e = delivered(
+            "ev-gender",
+            Payload::CivilStatusChange(CivilStatusChange {
+                registration: registration(),
+                personal_id: p.personal_id.to_string(),
+                field: "sex".into(),
+                old_value: old.into(),
+                new_value: new.into(),
+                reason: "quyết định của tòa án".into(),
+                kind: ChangeKind::Gender as i32,
+            }),
+        );
+        let first = apply(&store, &e).await.expect("applied");
+        let Applied::Done(Some(answer)) = first else {
+            panic!("{first:?}")
+        };
+        assert_eq!(answer.in_reply_to, "ev-gender");
+        assert_eq!(answer.case_reference, "HS-1");
+        let Some(Payload::PersonalIdReissued(r)) = &answer.payload else {
+            panic!("{answer:?}")
+        };
+        assert_eq!(r.old_personal_id, p.personal_id.as_str());
+        let new_id = PersonalId::parse(&r.new_personal_id).expect("a valid new ID");
+        assert_ne!(new_id.sex(), p.personal_id.sex());
+        assert_eq!(new_id.birth_year(), p.personal_id.birth_year());
+        assert_eq!(new_id.province_code(), p.personal_id.province_code());
+        // The old number is gone, the new one holds the person.
+        assert!(
+            store
+                .get_many(std::slice::from_ref(&p.personal_id))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let moved = store.get_many(std::slice::from_ref(&new_id)).await.unwrap();
+        assert_eq!(moved[0].full_name, p.full_name);
+        // Delivered again: the same answer, no third number.
+        let again = apply(&store, &e).await.expect("applied");
+        let Applied::Done(Some(again)) = again else {
+            panic!("{again:?}")
+        };
+        assert_eq!(again.payload, answer.payload);
+    }
+
+    #[tokio::test]
+    async fn a_change_must_start_from_what_the_record_says() {
+        let (_dir, store, people) = store_with(10).await;
+        let p = &people[0];
+        let change = |old: &str| {
+            delivered(
+                "ev-name",
+                Payload::CivilStatusChange(CivilStatusChange {
+                    registration: registration(),
+                    personal_id: p.personal_id.to_string(),
+                    field: "full_name".into(),
+                    old_value: old.into(),
+                    new_value: "Nguyễn Thị Mới".into(),
+                    reason: "theo yêu cầu".into(),
+                    kind: ChangeKind::Name as i32,
+                }),
+            )
+        };
+        let r = apply(&store, &change("Không Phải Tên")).await.unwrap();
+        assert!(
+            matches!(&r, Applied::Conflict(why) if why.contains("recorded as")),
+            "{r:?}"
+        );
+        let r = apply(&store, &change(&p.full_name)).await.unwrap();
+        assert!(matches!(r, Applied::Done(None)), "{r:?}");
+        let now = store
+            .get_many(std::slice::from_ref(&p.personal_id))
+            .await
+            .unwrap();
+        assert_eq!(now[0].full_name, "Nguyễn Thị Mới");
+    }
+
+    #[tokio::test]
+    async fn court_decisions_and_certificates_meet_the_records() {
+        let (_dir, store, people) = store_with(200).await;
+        let alive = people
+            .iter()
+            .find(|p| p.date_of_death.is_none() && p.marital_status == MaritalStatus::Married)
+            .expect("a married citizen");
+        let decision = |kind: CourtDecisionKind, f: &dyn Fn(&mut CourtDecision)| {
+            let mut d = CourtDecision {
+                registration: registration(),
+                kind: kind as i32,
+                personal_id: alive.personal_id.to_string(),
+                court: "TAND".into(),
+                decision_number: "1".into(),
+                effective_date: "2026-02-01".into(),
+                ..Default::default()
+            };
+            f(&mut d);
+            delivered("ev-court", Payload::CourtDecision(d))
+        };
+        // Declared dead, then the declaration cancelled: alive again.
+        let dead = decision(CourtDecisionKind::DeclaredDead, &|d| {
+            d.date_of_death = "2025-01-01".into()
+        });
+        assert!(matches!(
+            apply(&store, &dead).await.unwrap(),
+            Applied::Done(None)
+        ));
+        assert!(matches!(
+            apply(&store, &dead).await.unwrap(),
+            Applied::Conflict(_)
+        ));
+        let undo = decision(CourtDecisionKind::DeathCancelled, &|_| {});
+        assert!(matches!(
+            apply(&store, &undo).await.unwrap(),
+            Applied::Done(None)
+        ));
+        let rec = store
+            .get_many(std::slice::from_ref(&alive.personal_id))
+            .await
+            .unwrap();
+        assert!(rec[0].date_of_death.is_none());
+        // A certificate that says single for a married person is refused (bigamy signal).
+        let certify = |status: crate::pb::v1::MaritalStatus| {
+            delivered(
+                "ev-cert",
+                Payload::MaritalStatusConfirmed(MaritalStatusConfirmed {
+                    registration: registration(),
+                    personal_id: alive.personal_id.to_string(),
+                    marital_status: status as i32,
+                    intended_use: "kết hôn".into(),
+                    valid_until: "2026-08-01".into(),
+                }),
+            )
+        };
+        let r = apply(&store, &certify(crate::pb::v1::MaritalStatus::Single))
+            .await
+            .unwrap();
+        assert!(
+            matches!(&r, Applied::Conflict(why) if why.contains("MARITAL_STATUS_MARRIED")),
+            "{r:?}"
+        );
+        let r = apply(&store, &certify(crate::pb::v1::MaritalStatus::Married))
+            .await
+            .unwrap();
+        assert!(matches!(r, Applied::Done(None)), "{r:?}");
+        // The marriage annulled: both single.
+        let spouse = alive.spouse.clone().expect("a spouse");
+        let annul = decision(CourtDecisionKind::MarriageAnnulled, &|d| {
+            d.other_personal_id = spouse.to_string()
+        });
+        let r = apply(&store, &annul).await.unwrap();
+        if store
+            .get_many(std::slice::from_ref(&spouse))
+            .await
+            .unwrap()
+            .is_empty()
+        {
+            assert!(matches!(r, Applied::Conflict(_)), "{r:?}");
+        } else {
+            assert!(matches!(r, Applied::Done(None)), "{r:?}");
+            let both = store
+                .get_many(&[alive.personal_id.clone(), spouse])
+                .await
+                .unwrap();
+            assert!(
+                both.iter()
+                    .all(|c| c.marital_status == MaritalStatus::Single && c.spouse.is_none())
+            );
+        }
+    }
 
     #[test]
     fn the_age_of_marriage_is_counted_to_the_day() {

@@ -183,7 +183,7 @@ pub async fn run(certs_dir: &Path) -> Result<()> {
                 .search_citizens(SearchCitizensRequest {
                     full_name: folded.clone(),
                     date_of_birth: format_date(father.date_of_birth),
-                    purpose: "BIRTH_REGISTRATION".into(),
+                    purpose: "MARRIAGE_REGISTRATION".into(),
                     ..Default::default()
                 })
                 .await;
@@ -235,6 +235,19 @@ pub async fn run(certs_dir: &Path) -> Result<()> {
                         .join(", "),
                     Err(s) => describe::<()>(&Err(s.clone())),
                 },
+            );
+            // A purpose is bound to its methods: a verification purpose is not a look-up.
+            let r = citizens
+                .get_citizen(GetCitizenRequest {
+                    case_reference: String::new(),
+                    personal_id: father.personal_id.to_string(),
+                    purpose: "IDENTITY_VERIFICATION".into(),
+                })
+                .await;
+            check(
+                matches!(&r, Err(s) if s.code() == tonic::Code::PermissionDenied),
+                "GetCitizen father (IDENTITY_VERIFICATION)",
+                describe(&r.map(|_| ())),
             );
             let r = citizens
                 .get_citizen(GetCitizenRequest {

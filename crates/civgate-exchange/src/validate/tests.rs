@@ -534,3 +534,425 @@ fn late_registrations_are_noticed_not_refused() {
     assert_eq!(notices(&late_death), ["late_death_registration"]);
     assert!(notices(&death("031095000001", "2026-02-15")).is_empty());
 }
+
+fn event(payload: Payload) -> Event {
+    Event {
+        case_reference: String::new(),
+        in_reply_to: String::new(),
+        occurred_at_unix_ms: 0,
+        payload: Some(payload),
+    }
+}
+
+fn change(kind: crate::pb::v1::ChangeKind, field: &str, old: &str, new: &str) -> Event {
+    event(Payload::CivilStatusChange(
+        crate::pb::v1::CivilStatusChange {
+            registration: reg("HP-LECHAN"),
+            personal_id: "031195000002".into(),
+            field: field.into(),
+            old_value: old.into(),
+            new_value: new.into(),
+            reason: "theo yêu cầu".into(),
+            kind: kind as i32,
+        },
+    ))
+}
+
+fn court(
+    kind: crate::pb::v1::CourtDecisionKind,
+    other: &str,
+    f: impl FnOnce(&mut crate::pb::v1::CourtDecision),
+) -> Event {
+    let mut d = crate::pb::v1::CourtDecision {
+        registration: reg("HP-LECHAN"),
+        kind: kind as i32,
+        personal_id: "031095000001".into(),
+        other_personal_id: other.into(),
+        court: "Tòa án nhân dân TP Hải Phòng".into(),
+        decision_number: "12/2026/QĐST-HNGĐ".into(),
+        effective_date: "2026-02-01".into(),
+        missing_since: String::new(),
+        date_of_death: String::new(),
+    };
+    f(&mut d);
+    event(Payload::CourtDecision(d))
+}
+
+/// The events recorded from decisions and the typed changes: the event, the field refused
+/// and words of the reason (`None`: accepted).
+#[test]
+fn changes_court_decisions_and_the_other_new_events_are_checked() {
+    use crate::pb::v1::{
+        AdoptionEnded, ChangeKind as C, CourtDecisionKind as D, GuardianshipEnded,
+        MaritalStatusConfirmed, NationalityChange, NationalityChangeKind as N,
+    };
+    type Want = Option<(&'static str, &'static str)>;
+    let confirmed = |until: &str| {
+        event(Payload::MaritalStatusConfirmed(MaritalStatusConfirmed {
+            registration: reg("HP-LECHAN"),
+            personal_id: "031195000002".into(),
+            marital_status: crate::pb::v1::MaritalStatus::Single as i32,
+            intended_use: "kết hôn với Nguyễn Văn Hùng".into(),
+            valid_until: until.into(),
+        }))
+    };
+    let guardianship_ended = |ward: &str, guardian: &str| {
+        event(Payload::GuardianshipEnded(GuardianshipEnded {
+            registration: reg("HP-LECHAN"),
+            ward_personal_id: ward.into(),
+            guardian_personal_id: guardian.into(),
+            effective_date: "2026-02-01".into(),
+            reason: "người được giám hộ đã thành niên".into(),
+        }))
+    };
+    let adoption_ended = |child: &str, parents: &[&str]| {
+        event(Payload::AdoptionEnded(AdoptionEnded {
+            registration: reg("HP-LECHAN"),
+            child_personal_id: child.into(),
+            adoptive_parent_personal_ids: parents.iter().map(|s| (*s).into()).collect(),
+            court_decision_number: "3/2026/QĐ".into(),
+            effective_date: "2026-02-01".into(),
+        }))
+    };
+    let nationality = |kind: N| {
+        event(Payload::NationalityChange(NationalityChange {
+            registration: reg("HP-LECHAN"),
+            kind: kind as i32,
+            personal_id: "031095000001".into(),
+            decision_number: "123/QĐ-CTN".into(),
+            effective_date: "2026-01-15".into(),
+        }))
+    };
+    let cases: Vec<(&str, Event, Want)> = vec![
+        // Typed changes (Law 60/2014 arts. 26-29).
+        (
+            "a name change",
+            change(C::Name, "full_name", "Trần Thị Lan", "Trần Thị Lan Anh"),
+            None,
+        ),
+        (
+            "a change without a kind",
+            change(C::Unspecified, "full_name", "A", "B"),
+            Some(("event.civil_status_change.kind", "required")),
+        ),
+        (
+            "a name change of another field",
+            change(C::Name, "hometown", "Hải Phòng", "Hà Nội"),
+            Some(("event.civil_status_change.field", "of full_name")),
+        ),
+        (
+            "a field not on a birth record",
+            change(C::Correction, "blood_type", "A", "B"),
+            Some(("event.civil_status_change.field", "birth record's field")),
+        ),
+        (
+            "a correction that changes nothing",
+            change(C::Correction, "hometown", "Hải Phòng", "Hải Phòng"),
+            Some(("event.civil_status_change.new_value", "must differ")),
+        ),
+        (
+            "an addition over a value",
+            change(C::Addition, "hometown", "Hải Phòng", "Hà Nội"),
+            Some((
+                "event.civil_status_change.old_value",
+                "leave old_value empty",
+            )),
+        ),
+        (
+            "an addition of a missing hometown",
+            change(C::Addition, "hometown", "", "Hà Nội"),
+            None,
+        ),
+        (
+            "an ethnicity re-determination to a group not on the list",
+            change(C::Ethnicity, "ethnicity", "Kinh", "Elf"),
+            Some(("event.civil_status_change.new_value", "54 ethnic groups")),
+        ),
+        (
+            "an ethnicity re-determination",
+            change(C::Ethnicity, "ethnicity", "Kinh", "Tày"),
+            None,
+        ),
+        (
+            "a gender re-determination",
+            change(C::Gender, "sex", "female", "male"),
+            None,
+        ),
+        (
+            "a gender re-determination from a sex the ID does not encode",
+            change(C::Gender, "sex", "male", "female"),
+            Some((
+                "event.civil_status_change.old_value",
+                "the personal ID encodes",
+            )),
+        ),
+        (
+            "a sex that is neither",
+            change(C::Gender, "sex", "female", "other"),
+            Some((
+                "event.civil_status_change.new_value",
+                "\"male\" or \"female\"",
+            )),
+        ),
+        (
+            "a corrected date of birth in the future",
+            change(C::Correction, "date_of_birth", "1995-01-01", "2999-01-01"),
+            Some(("event.civil_status_change.new_value", "future")),
+        ),
+        (
+            "a corrected father whose ID says female",
+            change(
+                C::Correction,
+                "father_personal_id",
+                "031060000001",
+                "031160000001",
+            ),
+            Some(("event.civil_status_change.new_value", "says female")),
+        ),
+        (
+            "an added mother born after the person",
+            change(C::Addition, "mother_personal_id", "", "031199000001"),
+            Some(("event.civil_status_change.new_value", "born before")),
+        ),
+        (
+            "a corrected name not in NFC",
+            change(
+                C::Correction,
+                "full_name",
+                "Lan",
+                "Nguye\u{0302}\u{0303}n Lan",
+            ),
+            Some(("event.civil_status_change.new_value", "NFC")),
+        ),
+        // Court decisions.
+        (
+            "a marriage annulled",
+            court(D::MarriageAnnulled, "031195000002", |_| {}),
+            None,
+        ),
+        (
+            "a marriage recognised between two men",
+            court(D::MarriageRecognised, "031090000003", |_| {}),
+            Some(("event.court_decision.other_personal_id", "same sex")),
+        ),
+        (
+            "an annulment without the other spouse",
+            court(D::MarriageAnnulled, "", |_| {}),
+            Some(("event.court_decision.other_personal_id", "required")),
+        ),
+        (
+            "a decision without a kind",
+            court(D::Unspecified, "", |_| {}),
+            Some(("event.court_decision.kind", "required")),
+        ),
+        (
+            "a declaration of missing without the date",
+            court(D::DeclaredMissing, "", |_| {}),
+            Some(("event.court_decision.missing_since", "required")),
+        ),
+        (
+            "a declaration of missing",
+            court(D::DeclaredMissing, "", |d| {
+                d.missing_since = "2020-05-01".into()
+            }),
+            None,
+        ),
+        (
+            "missing since after the decision",
+            court(D::DeclaredMissing, "", |d| {
+                d.missing_since = "2026-02-15".into()
+            }),
+            Some(("event.court_decision.missing_since", "effective date")),
+        ),
+        (
+            "a declaration of death dated before the person's birth year",
+            court(D::DeclaredDead, "", |d| {
+                d.date_of_death = "1990-01-01".into()
+            }),
+            Some(("event.court_decision.date_of_death", "year of birth")),
+        ),
+        (
+            "a declaration of death",
+            court(D::DeclaredDead, "", |d| {
+                d.date_of_death = "2021-01-01".into()
+            }),
+            None,
+        ),
+        (
+            "a date of death on a decision of another kind",
+            court(D::LostCivilCapacity, "", |d| {
+                d.date_of_death = "2021-01-01".into()
+            }),
+            Some((
+                "event.court_decision.date_of_death",
+                "declaration of death only",
+            )),
+        ),
+        (
+            "a decision of one person naming another",
+            court(D::LostCivilCapacity, "031195000002", |_| {}),
+            Some(("event.court_decision.other_personal_id", "leave it empty")),
+        ),
+        (
+            "a parent born after the child",
+            court(D::ParentageDetermined, "031199000001", |_| {}),
+            Some(("event.court_decision.other_personal_id", "born before")),
+        ),
+        (
+            "a decision without its number",
+            court(D::DeathCancelled, "", |d| d.decision_number.clear()),
+            Some(("event.court_decision.decision_number", "required")),
+        ),
+        // Nationality.
+        ("nationality acquired", nationality(N::Acquired), None),
+        (
+            "a nationality change without a kind",
+            nationality(N::Unspecified),
+            Some(("event.nationality_change.kind", "required")),
+        ),
+        // End of guardianship and of adoption.
+        (
+            "a guardianship ended",
+            guardianship_ended("031210000001", "031095000001"),
+            None,
+        ),
+        (
+            "one's own guardianship ended",
+            guardianship_ended("031095000001", "031095000001"),
+            Some((
+                "event.guardianship_ended.guardian_personal_id",
+                "own guardian",
+            )),
+        ),
+        (
+            "an adoption ended",
+            adoption_ended("031210000001", &["031095000001"]),
+            None,
+        ),
+        (
+            "a child who adopted themself",
+            adoption_ended("031210000001", &["031210000001"]),
+            Some((
+                "event.adoption_ended.adoptive_parent_personal_ids[0]",
+                "own adoptive parent",
+            )),
+        ),
+        // Marital status confirmed.
+        (
+            "a certificate of marital status",
+            confirmed("2026-09-01"),
+            None,
+        ),
+        (
+            "a certificate valid for more than 6 months",
+            confirmed("2026-09-03"),
+            Some(("event.marital_status_confirmed.valid_until", "6 months")),
+        ),
+        (
+            "a certificate that expired before it was issued",
+            confirmed("2026-03-01"),
+            Some((
+                "event.marital_status_confirmed.valid_until",
+                "before the registration",
+            )),
+        ),
+        // Self-references and parents born after children in the older events.
+        (
+            "a divorce from oneself",
+            event(Payload::Divorce(crate::pb::v1::Divorce {
+                registration: reg("HP-LECHAN"),
+                spouse1_personal_id: "031095000001".into(),
+                spouse2_personal_id: "031095000001".into(),
+                court_decision_number: "1/2026".into(),
+                effective_date: "2026-01-01".into(),
+            })),
+            Some(("event.divorce.spouse2_personal_id", "must differ")),
+        ),
+        (
+            "a recognised parent born after the child",
+            event(Payload::ParentChildRecognition(
+                crate::pb::v1::ParentChildRecognition {
+                    registration: reg("HP-LECHAN"),
+                    parent_personal_id: "031099000001".into(),
+                    child_personal_id: "031095000001".into(),
+                    parent_sex: Sex::Male as i32,
+                },
+            )),
+            Some((
+                "event.parent_child_recognition.parent_personal_id",
+                "not before the child",
+            )),
+        ),
+    ];
+    for (what, event, want) in cases {
+        match (want, validate(Some(&event), &registry())) {
+            (None, Ok(t)) => assert_eq!(t, CIVIL_STATUS, "{what}"),
+            (Some((field, why)), Err(Refusal::Invalid(v))) => {
+                assert!(
+                    v.iter()
+                        .any(|f| f.field == field && f.description.contains(why)),
+                    "{what}: {v:?}"
+                );
+            }
+            (want, got) => panic!("{what}: wanted {want:?}, got {got:?}"),
+        }
+    }
+}
+
+#[test]
+fn six_months_end_on_the_last_day_of_a_shorter_month() {
+    use time::macros::date;
+    assert_eq!(add_months(date!(2026 - 03 - 02), 6), date!(2026 - 09 - 02));
+    assert_eq!(add_months(date!(2026 - 08 - 31), 6), date!(2027 - 02 - 28));
+    assert_eq!(add_months(date!(2027 - 08 - 31), 6), date!(2028 - 02 - 29));
+    assert_eq!(add_months(date!(2026 - 12 - 15), 1), date!(2027 - 01 - 15));
+}
+
+#[test]
+fn a_correction_by_the_population_side_names_a_field_and_a_valid_value() {
+    let corrected = |field: &str, value: &str| {
+        event(Payload::CitizenDataCorrected(
+            crate::pb::v1::CitizenDataCorrected {
+                personal_id: "031195000002".into(),
+                field: field.into(),
+                new_value: value.into(),
+                reason: "đối chiếu hồ sơ gốc".into(),
+            },
+        ))
+    };
+    // (event, the field refused or None)
+    let rows = [
+        (corrected("ethnicity", "Tày"), None),
+        (corrected("place_of_birth", "Hải Phòng"), None),
+        (
+            corrected("shoe_size", "42"),
+            Some("event.citizen_data_corrected.field"),
+        ),
+        (
+            corrected("ethnicity", "Elf"),
+            Some("event.citizen_data_corrected.new_value"),
+        ),
+        (
+            corrected("full_name", "Nguye\u{0302}\u{0303}n Lan"),
+            Some("event.citizen_data_corrected.new_value"),
+        ),
+        (
+            corrected("mother_personal_id", "031195000002"),
+            Some("event.citizen_data_corrected.new_value"),
+        ),
+        (
+            corrected("hometown", ""),
+            Some("event.citizen_data_corrected.new_value"),
+        ),
+    ];
+    for (i, (e, want)) in rows.iter().enumerate() {
+        let got = validate(Some(e), &population());
+        match (want, got) {
+            (None, Ok(t)) => assert_eq!(t, POPULATION),
+            (Some(field), Err(Refusal::Invalid(v))) => {
+                assert!(v.iter().any(|f| f.field == *field), "row {i}: {v:?}")
+            }
+            (want, got) => panic!("row {i}: wanted {want:?}, got {got:?}"),
+        }
+    }
+}

@@ -22,7 +22,10 @@ use crate::{
         Match, SearchCitizensRequest, SearchCitizensResponse, Sex, VerifyCitizenRequest,
         VerifyCitizenResponse, batch_get_citizens_result, citizens_server::Citizens,
     },
-    policy::Principal,
+    policy::{
+        Principal,
+        purposes::{CitizensMethod, purpose_permits},
+    },
     state::Shared,
     telemetry,
     upstream::{Upstream, caller_deadline, decode},
@@ -57,14 +60,43 @@ impl CitizensService {
         })
     }
 
-    /// The fields a purpose releases, or the violation explaining why the purpose is refused —
-    /// or why the case reference is (malformed, or missing where the purpose requires one).
+    /// May `who` declare purpose `code` for `method`? Checked first, before any work: a purpose
+    /// is bound to methods and roles (`[purposes.X] methods`, `roles`). An unknown or missing
+    /// purpose passes here and is refused as invalid by [`Self::purpose`].
+    fn bound<T>(
+        &self,
+        req: &Request<T>,
+        who: &Principal,
+        method: CitizensMethod,
+        code: &str,
+    ) -> Result<(), Status> {
+        let snapshot = self.state.load();
+        let Some((code, p)) = code
+            .parse::<PurposeCode>()
+            .ok()
+            .and_then(|c| snapshot.config.file.purposes.get_key_value(&c))
+        else {
+            return Ok(());
+        };
+        purpose_permits(code.as_str(), p.binding(), method, who.role).map_err(|denial| {
+            FactsSlot::of(req).update(|f| {
+                f.purpose = code.as_str().to_owned();
+                f.refusal = denial.reason();
+            });
+            Status::permission_denied(denial.to_string())
+        })
+    }
+
+    /// The fields a purpose releases (for `VerifyCitizen`: may check), or the violation
+    /// explaining why the purpose is refused — or why the case reference is (malformed, or
+    /// missing where the purpose requires one).
     fn purpose(
         &self,
+        method: CitizensMethod,
         code: &str,
         case: &str,
     ) -> Result<(PurposeCode, BTreeSet<CitizenField>), FieldViolation> {
-        let (code, fields) = self.purpose_fields(code)?;
+        let (code, fields) = self.purpose_fields(method, code)?;
         crate::domain::check_case_reference(case)
             .map_err(|e| FieldViolation::new("case_reference", e))?;
         let snapshot = self.state.load();
@@ -89,6 +121,7 @@ impl CitizensService {
 
     fn purpose_fields(
         &self,
+        method: CitizensMethod,
         code: &str,
     ) -> Result<(PurposeCode, BTreeSet<CitizenField>), FieldViolation> {
         if code.is_empty() {
@@ -103,7 +136,11 @@ impl CitizensService {
         match parsed.as_ref().and_then(|p| purposes.get(p)) {
             Some(p) => Ok((
                 parsed.unwrap_or_else(|| unreachable!()),
-                p.fields.iter().copied().collect(),
+                if method.releases_values() {
+                    p.fields.iter().copied().collect()
+                } else {
+                    p.verifiable()
+                },
             )),
             None => Err(FieldViolation::new(
                 "purpose",
@@ -239,9 +276,15 @@ impl Citizens for CitizensService {
         let who = principal(&req)?;
         let facts = FactsSlot::of(&req);
         let deadline = caller_deadline(req.metadata());
+        self.bound(
+            &req,
+            &who,
+            CitizensMethod::GetCitizen,
+            &req.get_ref().purpose,
+        )?;
         let r = req.into_inner();
         let id = parse_id("personal_id", &r.personal_id);
-        let purpose = self.purpose(&r.purpose, &r.case_reference);
+        let purpose = self.purpose(CitizensMethod::GetCitizen, &r.purpose, &r.case_reference);
         let (id, (code, fields)) = match (id, purpose) {
             (Ok(i), Ok(p)) => (i, p),
             (i, p) => return Err(invalid([i.err(), p.err()].into_iter().flatten().collect())),
@@ -289,10 +332,20 @@ impl Citizens for CitizensService {
         let who = principal(&req)?;
         let facts = FactsSlot::of(&req);
         let deadline = caller_deadline(req.metadata());
+        self.bound(
+            &req,
+            &who,
+            CitizensMethod::BatchGetCitizens,
+            &req.get_ref().purpose,
+        )?;
         let r = req.into_inner();
         let mut violations = Vec::new();
         let purpose = self
-            .purpose(&r.purpose, &r.case_reference)
+            .purpose(
+                CitizensMethod::BatchGetCitizens,
+                &r.purpose,
+                &r.case_reference,
+            )
             .map_err(|v| violations.push(v))
             .ok();
         if r.personal_ids.is_empty() {
@@ -402,13 +455,19 @@ impl Citizens for CitizensService {
         let who = principal(&req)?;
         let facts = FactsSlot::of(&req);
         let deadline = caller_deadline(req.metadata());
+        self.bound(
+            &req,
+            &who,
+            CitizensMethod::VerifyCitizen,
+            &req.get_ref().purpose,
+        )?;
         let r = req.into_inner();
         let mut violations = Vec::new();
         let id = parse_id("personal_id", &r.personal_id)
             .map_err(|v| violations.push(v))
             .ok();
         let purpose = self
-            .purpose(&r.purpose, &r.case_reference)
+            .purpose(CitizensMethod::VerifyCitizen, &r.purpose, &r.case_reference)
             .map_err(|v| violations.push(v))
             .ok();
         let allowed = purpose.as_ref().map(|(_, f)| f.clone()).unwrap_or_default();
@@ -558,6 +617,12 @@ impl Citizens for CitizensService {
         let who = principal(&req)?;
         let facts = FactsSlot::of(&req);
         let deadline = caller_deadline(req.metadata());
+        self.bound(
+            &req,
+            &who,
+            CitizensMethod::SearchCitizens,
+            &req.get_ref().purpose,
+        )?;
         let r = req.into_inner();
         let mut violations = Vec::new();
         let name = FullName::parse(&r.full_name)
@@ -567,7 +632,11 @@ impl Citizens for CitizensService {
             violations.push(FieldViolation::new("date_of_birth", e));
         }
         let purpose = self
-            .purpose(&r.purpose, &r.case_reference)
+            .purpose(
+                CitizensMethod::SearchCitizens,
+                &r.purpose,
+                &r.case_reference,
+            )
             .map_err(|v| violations.push(v))
             .ok();
         if let Some(p) = &r.province_code

@@ -231,19 +231,79 @@ impl ExchangeService {
         }
         if let crate::pb::v1::event::Payload::PersonalIdAssigned(assigned) = payload {
             let Some(crate::pb::v1::event::Payload::Birth(birth)) =
-                answered.and_then(|e| e.payload)
+                answered.as_ref().and_then(|e| e.payload.as_ref())
             else {
                 return Err(refused("a personal_id_assigned answers a birth event"));
             };
-            if let Some(why) = id_fits_birth(&assigned.personal_id, &birth) {
+            if let Some(why) = id_fits_birth(&assigned.personal_id, birth) {
                 return Err(invalid(vec![FieldViolation::new(
                     "event.personal_id_assigned.personal_id",
                     why,
                 )]));
             }
         }
+        if let crate::pb::v1::event::Payload::PersonalIdReissued(reissued) = payload {
+            let Some(crate::pb::v1::event::Payload::CivilStatusChange(change)) =
+                answered.as_ref().and_then(|e| e.payload.as_ref())
+            else {
+                return Err(refused(
+                    "a personal_id_reissued answers a civil_status_change of sex or date of birth",
+                ));
+            };
+            if let Some((field, why)) = id_fits_change(reissued, change) {
+                return Err(invalid(vec![FieldViolation::new(field, why)]));
+            }
+        }
         Ok(address::audience_of(payload, Some(&found.producer)))
     }
+}
+
+/// Why a number re-issued in answer to a change does not fit it (`None`: it does): the change
+/// is of sex or of the date of birth, the old number is the changed person's, and the new one
+/// encodes the sex and year of birth after the change.
+fn id_fits_change(
+    r: &crate::pb::v1::PersonalIdReissued,
+    change: &crate::pb::v1::CivilStatusChange,
+) -> Option<(&'static str, String)> {
+    let old_field = "event.personal_id_reissued.old_personal_id";
+    let new_field = "event.personal_id_reissued.new_personal_id";
+    if r.old_personal_id != change.personal_id {
+        return Some((
+            old_field,
+            format!(
+                "the change answered is of personal ID {}",
+                change.personal_id
+            ),
+        ));
+    }
+    let (old, new) = (
+        crate::domain::PersonalId::parse(&r.old_personal_id).ok()?,
+        crate::domain::PersonalId::parse(&r.new_personal_id).ok()?,
+    );
+    let (sex, year) = match change.field.as_str() {
+        "sex" => (
+            match change.new_value.as_str() {
+                "male" => crate::domain::Sex::Male,
+                _ => crate::domain::Sex::Female,
+            },
+            old.birth_year(),
+        ),
+        "date_of_birth" => (
+            old.sex(),
+            crate::domain::parse_date(&change.new_value)
+                .ok()
+                .map_or(old.birth_year(), |d| d.year()),
+        ),
+        _ => {
+            return Some((
+                "event.in_reply_to",
+                "a number is re-issued for a change of sex or of the date of birth only".into(),
+            ));
+        }
+    };
+    new.check_consistency(Some(sex), Some(year))
+        .err()
+        .map(|e| (new_field, format!("{e} (the change answered)")))
 }
 
 /// An event id as the journal makes them (32 hex digits; accepted: 1-64 of A-Z, a-z, 0-9, '-').

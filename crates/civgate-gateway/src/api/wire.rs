@@ -58,7 +58,7 @@ pub(crate) fn scan_citizen(mut b: &[u8]) -> Option<Scanned<'_>> {
     while !b.is_empty() {
         let key = decode_varint(&mut b).ok()?;
         let (field, wire) = (key >> 3, key & 7);
-        let field = u32::try_from(field).ok().filter(|f| (1..=17).contains(f))?;
+        let field = u32::try_from(field).ok().filter(|f| (1..=18).contains(f))?;
         let repeated = field == 14;
         if present & (1 << field) != 0 && !repeated {
             return None;
@@ -70,6 +70,10 @@ pub(crate) fn scan_citizen(mut b: &[u8]) -> Option<Scanned<'_>> {
                 }
             }
             (4 | 5, _) => return None,
+            // year_of_birth: a uint32 with presence (0 is a value).
+            (18, 0) => {
+                u32::try_from(decode_varint(&mut b).ok()?).ok()?;
+            }
             (_, 2) => {
                 let value = length_delimited(&mut b)?;
                 if field == 15 || field == 16 {
@@ -318,8 +322,8 @@ mod tests {
         #[test]
         fn forwarding_matches_decode_mask_encode(
             seed in 0u64..500,
-            allowed_bits in 0u32..(1 << 16),
-            held_bits in 0u32..(1 << 16),
+            allowed_bits in 0u32..(1 << 17),
+            held_bits in 0u32..(1 << 17),
             noise in proptest::collection::vec(any::<u8>(), 0..6),
             at in any::<prop::sample::Index>(),
         ) {

@@ -139,10 +139,80 @@ fn registry_offices_only_for_civil_registries() {
 
 #[test]
 fn unknown_purpose_field_is_refused() {
-    let src = format!("{MINIMAL}\n[purposes.X]\nfields = [\"full_name\", \"shoe_size\"]\n");
+    let src = format!(
+        "{MINIMAL}\n[purposes.X]\nfields = [\"full_name\", \"shoe_size\"]\nmethods = [\"GetCitizen\"]\nroles = [\"civil_registry\"]\n"
+    );
     let err = parse(&src).unwrap_err();
     assert!(err.to_string().contains("shoe_size"), "{err}");
     assert_eq!(err.0[0].line, Some(8));
+}
+
+#[test]
+fn a_purpose_names_its_methods_and_roles() {
+    // (purpose table, the error's key or None, a word of the message)
+    let rows: &[(&str, Option<&str>, &str)] = &[
+        (
+            "fields = [\"full_name\"]\nmethods = [\"GetCitizen\"]\nroles = [\"civil_registry\"]",
+            None,
+            "",
+        ),
+        (
+            "verifies = [\"full_name\"]\nmethods = [\"VerifyCitizen\"]\nroles = [\"civil_registry\"]",
+            None,
+            "",
+        ),
+        (
+            "fields = [\"full_name\"]\nroles = [\"civil_registry\"]",
+            Some("purposes.X"),
+            "methods",
+        ),
+        (
+            "fields = [\"full_name\"]\nmethods = [\"GetCitizen\"]",
+            Some("purposes.X"),
+            "roles",
+        ),
+        (
+            "fields = [\"full_name\"]\nmethods = []\nroles = [\"civil_registry\"]",
+            Some("purposes.X.methods"),
+            "Citizens methods",
+        ),
+        (
+            "fields = [\"full_name\"]\nmethods = [\"GetCitizen\"]\nroles = []",
+            Some("purposes.X.roles"),
+            "roles",
+        ),
+        (
+            "fields = [\"full_name\"]\nmethods = [\"GetCitizens\"]\nroles = [\"civil_registry\"]",
+            Some("purposes.X.methods"),
+            "GetCitizens",
+        ),
+        (
+            "verifies = [\"full_name\"]\nmethods = [\"GetCitizen\"]\nroles = [\"civil_registry\"]",
+            Some("purposes.X.fields"),
+            "release at least one field",
+        ),
+        (
+            "methods = [\"VerifyCitizen\"]\nroles = [\"civil_registry\"]",
+            Some("purposes.X.verifies"),
+            "at least one attribute",
+        ),
+        (
+            "fields = [\"full_name\"]\nverifies = [\"sex\"]\nmethods = [\"GetCitizen\"]\nroles = [\"civil_registry\"]",
+            Some("purposes.X.verifies"),
+            "only VerifyCitizen",
+        ),
+    ];
+    for (table, key, word) in rows {
+        let src = format!("{MINIMAL}\n[purposes.X]\n{table}\n");
+        match (parse(&src), key) {
+            (Ok(_), None) => {}
+            (Err(e), Some(key)) => {
+                assert!(e.0[0].key.starts_with(key), "{table}: {e}");
+                assert!(e.to_string().contains(word), "{table}: {e}");
+            }
+            (r, _) => panic!("{table}: {:?}", r.map(|_| ())),
+        }
+    }
 }
 
 #[test]

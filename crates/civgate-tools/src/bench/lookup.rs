@@ -67,12 +67,14 @@ pub struct LookupArgs {
     pub citizens: usize,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    #[arg(long, default_value = "IDENTITY_VERIFICATION")]
+    /// The purpose declared (one bound to GetCitizen: a death registration confirming the
+    /// identity of the deceased).
+    #[arg(long, default_value = "DEATH_REGISTRATION")]
     pub purpose: String,
     /// Fields asked of the directory in `directory` mode (the purpose's fields).
     #[arg(
         long,
-        default_value = "full_name,date_of_birth,sex",
+        default_value = "full_name,date_of_birth,sex,permanent_residence,date_of_death",
         value_delimiter = ','
     )]
     pub fields: Vec<String>,

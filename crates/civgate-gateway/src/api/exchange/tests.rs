@@ -92,3 +92,56 @@ fn an_assigned_id_fits_the_birth_it_answers() {
         assert_eq!(id_fits_birth(id, birth).is_none(), fits, "{id}");
     }
 }
+
+#[test]
+fn a_re_issued_number_fits_the_change_it_answers() {
+    use crate::pb::v1::CivilStatusChange;
+    let change = |field: &str, new: &str| CivilStatusChange {
+        personal_id: "031195000002".into(),
+        field: field.into(),
+        old_value: String::new(),
+        new_value: new.into(),
+        ..Default::default()
+    };
+    let reissued = |old: &str, new: &str| PersonalIdReissued {
+        old_personal_id: old.into(),
+        new_personal_id: new.into(),
+        reason: String::new(),
+    };
+    // (change, answer, the field refused or None)
+    let rows = [
+        (
+            change("sex", "male"),
+            reissued("031195000002", "031095000777"),
+            None,
+        ),
+        (
+            change("sex", "male"),
+            reissued("031195000002", "031195000777"),
+            Some("event.personal_id_reissued.new_personal_id"),
+        ),
+        (
+            change("sex", "male"),
+            reissued("031195000003", "031095000777"),
+            Some("event.personal_id_reissued.old_personal_id"),
+        ),
+        (
+            change("date_of_birth", "1996-04-01"),
+            reissued("031195000002", "031196000777"),
+            None,
+        ),
+        (
+            change("date_of_birth", "1996-04-01"),
+            reissued("031195000002", "031195000777"),
+            Some("event.personal_id_reissued.new_personal_id"),
+        ),
+        (
+            change("full_name", "Trần Thị B"),
+            reissued("031195000002", "031195000777"),
+            Some("event.in_reply_to"),
+        ),
+    ];
+    for (i, (c, r, want)) in rows.iter().enumerate() {
+        assert_eq!(id_fits_change(r, c).map(|(f, _)| f), *want, "row {i}");
+    }
+}
