@@ -243,6 +243,10 @@ async fn unwritable_audit_store_fails_closed() {
     assert!(started.elapsed() < Duration::from_secs(3));
     let (code, body) = http_get(gw.admin_addr, "/healthz");
     assert_eq!((code, body.trim()), (503, "NOT_SERVING"));
+    // Every service is down with the store: nothing completes without its audit record.
+    let (code, body) = http_get(gw.admin_addr, "/readyz");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("civgate.v1.Exchange NOT_SERVING"), "{body}");
 
     // A refusal meanwhile is answered at once; its record waits for the store.
     let mut denied = tonic::Request::new(GetCheckpointRequest {});

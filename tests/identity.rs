@@ -179,6 +179,33 @@ async fn reflection_lists_the_three_services() {
     ] {
         assert!(names.contains(&s), "{s} missing from {names:?}");
     }
+    // v1alpha too (what grpcio-reflection and older grpcurl speak).
+    {
+        use tonic_reflection::pb::v1alpha::{
+            ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        };
+        let ch = client::connect(gw.api_addr, &env.certs(), Some("population"))
+            .await
+            .unwrap();
+        let req = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut stream = ServerReflectionClient::new(ch)
+            .server_reflection_info(tokio_stream::iter([req]))
+            .await
+            .unwrap()
+            .into_inner();
+        let resp = stream.message().await.unwrap().expect("one response");
+        let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
+            panic!("unexpected reflection response {resp:?}");
+        };
+        assert!(
+            list.service.iter().any(|s| s.name == "civgate.v1.Citizens"),
+            "{list:?}"
+        );
+    }
     gw.shutdown().await.unwrap();
 }
 

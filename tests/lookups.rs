@@ -20,6 +20,10 @@ use civgate::{
 use civgate::{domain::CitizenField, policy::purposes::CitizensMethod};
 use common::{Directory, Env};
 use tonic::{Code, transport::Channel};
+use tonic_health::pb::{
+    HealthCheckRequest, HealthCheckResponse, health_check_response::ServingStatus,
+    health_client::HealthClient,
+};
 use tonic_types::StatusExt;
 use unicode_normalization::UnicodeNormalization;
 
@@ -511,7 +515,18 @@ async fn hanging_upstream_gives_deadline_exceeded_within_the_callers_deadline() 
     assert!(took < Duration::from_millis(1_500), "took {took:?}");
 }
 
-#[tokio::test]
+/// The next status a health Watch stream reports (within 10 s).
+async fn next_status(s: &mut tonic::Streaming<HealthCheckResponse>) -> ServingStatus {
+    tokio::time::timeout(Duration::from_secs(10), s.message())
+        .await
+        .expect("a health change within 10 s")
+        .unwrap()
+        .unwrap()
+        .status()
+}
+
+// Two threads: the admin port is read with a blocking HTTP client while the gateway serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_killed_mid_load_gives_unavailable_then_recovers() {
     let env = Env::new();
     // The directory as its own process, on a fixed port so it can come back there.
@@ -556,6 +571,27 @@ async fn upstream_killed_mid_load_gives_unavailable_then_recovers() {
     let people: Vec<_> = civgate::synth::Population::new(5, 2000).collect();
     let c = registry(&env, gw.api_addr).await;
     let id = people[1].personal_id.to_string();
+    // An orchestrator's view: gRPC health on the admin port, plain HTTP/2, no certificate.
+    let admin = tonic::transport::Endpoint::from_shared(format!("http://{}", gw.admin_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut probe = HealthClient::new(admin);
+    let watch = |service: &str| HealthCheckRequest {
+        service: service.into(),
+    };
+    let mut citizens = probe
+        .watch(watch("civgate.v1.Citizens"))
+        .await
+        .unwrap()
+        .into_inner();
+    // Serving once the directory has answered a probe.
+    let mut status = next_status(&mut citizens).await;
+    if status != ServingStatus::Serving {
+        status = next_status(&mut citizens).await;
+    }
+    assert_eq!(status, ServingStatus::Serving);
 
     let call = |mut c: CitizensClient<Channel>, id: String| async move {
         let mut req = tonic::Request::new(get(&id, "DEATH_REGISTRATION"));
@@ -584,6 +620,15 @@ async fn upstream_killed_mid_load_gives_unavailable_then_recovers() {
     }
     dir.kill().unwrap();
     dir.wait().unwrap();
+    // Look-ups are not served; the rest of the gateway is.
+    assert_eq!(next_status(&mut citizens).await, ServingStatus::NotServing);
+    let overall = probe.check(watch("")).await.unwrap().into_inner();
+    assert_eq!(overall.status(), ServingStatus::Serving);
+    let (code, body) = common::http_get(gw.admin_addr, "/readyz");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("civgate.v1.Citizens NOT_SERVING"), "{body}");
+    assert!(body.contains("civgate.v1.Exchange SERVING"), "{body}");
+    assert_eq!(common::http_get(gw.admin_addr, "/livez").0, 200);
     let mut failures = 0;
     for l in load {
         for (r, took) in l.await.unwrap() {
@@ -602,9 +647,10 @@ async fn upstream_killed_mid_load_gives_unavailable_then_recovers() {
     assert_eq!(r.unwrap_err().code(), Code::Unavailable);
     assert!(took < Duration::from_secs(1));
 
-    // It comes back: the gateway reconnects by itself.
+    // It comes back: the gateway reconnects by itself, and says so.
     let mut dir = spawn_dir();
     wait_serving(&mut dir);
+    assert_eq!(next_status(&mut citizens).await, ServingStatus::Serving);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if call(c.clone(), id.clone()).await.0.is_ok() {
@@ -615,6 +661,21 @@ async fn upstream_killed_mid_load_gives_unavailable_then_recovers() {
     }
     dir.kill().unwrap();
     let _ = dir.wait();
+    // The admin port's health checks are not in the audit log (the API port's are).
+    let mut audit = civgate::pb::v1::audit_client::AuditClient::new(
+        client::connect(gw.api_addr, &env.certs(), Some("auditor"))
+            .await
+            .unwrap(),
+    );
+    let probes = common::search_records(
+        &mut audit,
+        civgate::pb::v1::SearchEntriesRequest {
+            method: "/grpc.health.v1.Health/Check".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(probes.is_empty(), "{probes:?}");
 }
 
 /// The buffer-less client (`client::link`, what `civgate bench` drives load with) speaks to

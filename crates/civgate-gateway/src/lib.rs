@@ -11,6 +11,7 @@ pub mod config;
 pub mod convert;
 pub mod exchange;
 pub mod gate;
+pub(crate) mod health;
 pub mod link;
 pub mod listener;
 pub mod server;

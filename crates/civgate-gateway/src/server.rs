@@ -7,13 +7,13 @@ use anyhow::Result;
 use arc_swap::ArcSwap;
 use tokio::{sync::watch, task::JoinHandle};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic_health::{ServingStatus, server::HealthReporter};
 use tracing::{error, info, warn};
 
 use crate::{
     api,
     audit::{AuditLog, note::Signer},
     config::{Config, ConfigErrors},
+    health::{Directory, Health},
     listener,
     pb::{
         self,
@@ -23,7 +23,7 @@ use crate::{
         },
     },
     state::{Shared, Snapshot},
-    telemetry::{self, Readiness},
+    telemetry,
     upstream::Upstream,
 };
 
@@ -210,13 +210,6 @@ fn shared_limits(config: &Config) -> Result<Option<Arc<crate::shared::SharedLimi
 /// The largest health or reflection request read.
 const SMALL_MESSAGE: usize = 16 * 1024;
 
-/// The service names health reports on.
-const SERVICES: &[&str] = &[
-    "civgate.v1.Citizens",
-    "civgate.v1.Exchange",
-    "civgate.v1.Audit",
-];
-
 /// A running gateway.
 pub struct Running {
     pub api_addr: SocketAddr,
@@ -225,8 +218,7 @@ pub struct Running {
     source: ConfigSource,
     overrides: Overrides,
     shutdown: watch::Sender<bool>,
-    health: HealthReporter,
-    readiness: Readiness,
+    health: Health,
     task: JoinHandle<Result<()>>,
     admin: JoinHandle<()>,
     /// The data directory's lock (SQLite store), released when the gateway is dropped.
@@ -258,23 +250,30 @@ pub async fn start(source: ConfigSource, overrides: Overrides) -> Result<Running
 
     let (shutdown, shutdown_rx) = watch::channel(false);
     let shutdown_rx_for_tasks = shutdown_rx.clone();
-    let readiness = Readiness::default();
     let scrape = telemetry::ScrapeSlot::default();
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    let health = Health::new(
+        reporter,
+        if snapshot_upstream(&state).is_some() {
+            Directory::Unknown
+        } else {
+            Directory::NotConfigured
+        },
+    );
     let admin = telemetry::spawn_admin(
         admin_listener,
-        readiness.clone(),
+        health.watch(),
+        health_service.clone(),
         scrape.clone(),
         shutdown_rx.clone(),
     );
-
-    let (health, health_service) = tonic_health::server::health_reporter();
-    for s in SERVICES.iter().chain(&[""]) {
-        health.set_service_status(*s, ServingStatus::Serving).await;
-    }
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    // v1, and v1alpha for the clients that speak only it (grpcio-reflection, older grpcurl).
+    let (reflection, reflection_alpha) = (reflection().build_v1()?, reflection().build_v1alpha()?);
 
     let upstream = match &snapshot_upstream(&state) {
         Some(section) => Some(Arc::new(Upstream::new(&state.load().config, section)?)),
@@ -283,6 +282,7 @@ pub async fn start(source: ConfigSource, overrides: Overrides) -> Result<Running
             None
         }
     };
+    let probe_target = upstream.clone();
     let (audit_ok, mut audit_ok_rx) = watch::channel(true);
     let audit = open_audit(&state.load().config, audit_ok).await?;
     let retention = state.load().config.file.exchange.retention_secs;
@@ -329,6 +329,7 @@ pub async fn start(source: ConfigSource, overrides: Overrides) -> Result<Running
         // Health and reflection requests are a few bytes; nothing larger is read.
         .add_service(health_service.max_decoding_message_size(SMALL_MESSAGE))
         .add_service(reflection.max_decoding_message_size(SMALL_MESSAGE))
+        .add_service(reflection_alpha.max_decoding_message_size(SMALL_MESSAGE))
         .add_service(
             CitizensServer::new(api::citizens::CitizensService::new(state.clone(), upstream))
                 .max_decoding_message_size(max_msg),
@@ -386,22 +387,32 @@ pub async fn start(source: ConfigSource, overrides: Overrides) -> Result<Running
     });
     // Health follows the audit log: calls cannot complete while it cannot commit.
     {
-        let (health, readiness) = (health.clone(), readiness.clone());
+        let health = health.clone();
         tokio::spawn(async move {
             while audit_ok_rx.changed().await.is_ok() {
-                let ok = *audit_ok_rx.borrow_and_update();
-                readiness.set(ok);
-                let status = if ok {
-                    ServingStatus::Serving
-                } else {
-                    ServingStatus::NotServing
-                };
-                for s in SERVICES.iter().chain(&[""]) {
-                    health.set_service_status(*s, status).await;
+                health.set_store(*audit_ok_rx.borrow_and_update());
+            }
+        });
+    }
+    // ... and look-ups the directory, probed every second.
+    if let Some(upstream) = probe_target {
+        let health = health.clone();
+        let mut stop = shutdown_rx_for_tasks.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(crate::health::PROBE_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        let up = upstream.probe(crate::health::PROBE_TIMEOUT).await;
+                        health.set_directory(if up { Directory::Reachable } else { Directory::Unreachable });
+                    }
+                    () = listener::wait_true(&mut stop) => break,
                 }
             }
         });
     }
+    health.spawn_reporting();
     // Forget harvesting windows that have expired (bounded memory).
     {
         let state = state.clone();
@@ -421,7 +432,6 @@ pub async fn start(source: ConfigSource, overrides: Overrides) -> Result<Running
             }
         });
     }
-    readiness.set(true);
     let runtime = match tokio::runtime::Handle::current().runtime_flavor() {
         tokio::runtime::RuntimeFlavor::CurrentThread => "single-threaded",
         _ => "work-stealing",
@@ -435,7 +445,6 @@ pub async fn start(source: ConfigSource, overrides: Overrides) -> Result<Running
         overrides,
         shutdown,
         health,
-        readiness,
         task,
         admin,
         _dir_lock: dir_lock,
@@ -488,12 +497,7 @@ impl Running {
     /// Stops accepting, reports NOT_SERVING, drains in-flight calls (up to the grace period).
     pub async fn shutdown(self) -> Result<()> {
         info!("shutting down: draining in-flight calls");
-        self.readiness.set(false);
-        for s in SERVICES.iter().chain(&[""]) {
-            self.health
-                .set_service_status(*s, ServingStatus::NotServing)
-                .await;
-        }
+        self.health.drain().await;
         let _ = self.shutdown.send(true);
         let result = self.task.await?;
         let _ = self.admin.await;

@@ -1,12 +1,9 @@
-//! Logs, metrics and the admin listener (`/metrics`, `/healthz`). Metric names live here and
+//! Logs, metrics and the admin listener (`/metrics`, `/livez`, `/readyz`, gRPC health). Metric names live here and
 //! nowhere else.
 
 use std::{
     net::SocketAddr,
-    sync::{
-        Arc, OnceLock,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::{Arc, OnceLock},
     time::Duration,
 };
 
@@ -196,28 +193,32 @@ pub(crate) fn config_reloaded(ok: bool) {
     metrics::counter!(CONFIG_RELOADS, "outcome" => outcome).increment(1);
 }
 
-/// Whether the gateway can serve; `/healthz` answers 200 or 503 from it.
-#[derive(Clone, Default)]
-pub(crate) struct Readiness(Arc<AtomicBool>);
-
-impl Readiness {
-    pub fn set(&self, serving: bool) {
-        self.0.store(serving, Ordering::SeqCst);
-    }
-    pub(crate) fn is_serving(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
-    }
-}
-
-/// Serves `/metrics` and `/healthz` until `shutdown` turns true. `/metrics` first runs the
-/// hook in `scrape`, once there is one.
-pub(crate) fn spawn_admin(
+/// Serves the admin port until `shutdown` turns true: `/metrics` (first running the hook in
+/// `scrape`, once there is one); `/livez` (the process answers); `/readyz` and `/healthz` (200
+/// while the gateway serves, 503 otherwise; `/readyz` lists each service); the gRPC health
+/// service over plain HTTP/2 (what an orchestrator's gRPC probe speaks: no certificate, not
+/// audited — the API port's health service stays behind mTLS and in the audit log).
+pub(crate) fn spawn_admin<H>(
     listener: TcpListener,
-    readiness: Readiness,
+    health: watch::Receiver<crate::health::Conditions>,
+    grpc_health: H,
     scrape: ScrapeSlot,
     mut shutdown: watch::Receiver<bool>,
-) -> tokio::task::JoinHandle<()> {
+) -> tokio::task::JoinHandle<()>
+where
+    H: tower::Service<
+            axum::extract::Request,
+            Response = http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + Sync
+        + 'static,
+    H::Future: Send + 'static,
+{
+    use crate::health::{serving, statuses};
     let handle = prometheus();
+    let (ready, verbose) = (health.clone(), health);
     let app = Router::new()
         .route(
             "/metrics",
@@ -228,16 +229,41 @@ pub(crate) fn spawn_admin(
                 handle.render()
             }),
         )
+        .route("/livez", get(|| async { "alive\n" }))
         .route(
             "/healthz",
             get(move || async move {
-                if readiness.is_serving() {
+                if serving(*ready.borrow(), "") {
                     (StatusCode::OK, "SERVING\n")
                 } else {
                     (StatusCode::SERVICE_UNAVAILABLE, "NOT_SERVING\n")
                 }
             }),
-        );
+        )
+        .route(
+            "/readyz",
+            get(move || async move {
+                let c = *verbose.borrow();
+                let word = |up: bool| if up { "SERVING" } else { "NOT_SERVING" };
+                let mut body = String::new();
+                for (service, up) in statuses(c) {
+                    if service.is_empty() {
+                        body.push_str(word(up));
+                    } else {
+                        body.push_str(&format!("{service} {}", word(up)));
+                    }
+                    body.push('\n');
+                }
+                let code = if serving(c, "") {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                (code, body)
+            }),
+        )
+        .route_service("/grpc.health.v1.Health/Check", grpc_health.clone())
+        .route_service("/grpc.health.v1.Health/Watch", grpc_health);
     tokio::spawn(async move {
         let signal = async move {
             let _ = shutdown.wait_for(|s| *s).await;

@@ -114,6 +114,16 @@ impl Upstream {
         within(budget, self.link().call(GET_CITIZENS, &req, budget)).await
     }
 
+    /// Does the directory answer? An empty `GetCitizens` within `timeout` (the contract's
+    /// reachability probe).
+    pub(crate) async fn probe(&self, timeout: Duration) -> bool {
+        let req = GetCitizensRequest::default();
+        let budget = timeout.min(self.timeout);
+        within(budget, self.link().call(GET_CITIZENS, &req, budget))
+            .await
+            .is_ok()
+    }
+
     pub async fn search(
         &self,
         folded_name: &str,

@@ -62,6 +62,11 @@ pub(crate) const METHODS: &[Method] = &[
         Some(Bucket::Probes),
     ),
     m(
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        Callers::Everyone,
+        Some(Bucket::Probes),
+    ),
+    m(
         "/civgate.v1.Citizens/GetCitizen",
         Callers::Roles(REGISTRY),
         Some(Bucket::Reads),
@@ -169,6 +174,7 @@ mod tests {
             "/grpc.health.v1.Health/Check",
             "/grpc.health.v1.Health/Watch",
             "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
         ];
         let exchange = [
             "/civgate.v1.Exchange/Publish",
