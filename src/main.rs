@@ -127,6 +127,14 @@ enum RefdbCommand {
         /// Generator seed (overrides [refdb] seed).
         #[arg(long)]
         seed: Option<u64>,
+        /// Also act as the population database on the gateway at this address: consume
+        /// `civil-status` (group population-db), apply each event to the directory, publish
+        /// the answers, reject what contradicts the records. Reconnects by itself.
+        #[arg(long, value_name = "HOST:PORT")]
+        consume: Option<SocketAddr>,
+        /// Certificates for --consume: the development PKI's layout (clients/population.pem).
+        #[arg(long, default_value = "certs")]
+        certs: PathBuf,
     },
 }
 
@@ -246,6 +254,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     data_dir,
                     citizens,
                     seed,
+                    consume,
+                    certs,
                 },
         } => {
             let signals = server::Signals::install()?;
@@ -260,6 +270,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 },
             )
             .await?;
+            if let Some(gateway) = consume {
+                tokio::spawn(refdb::sync::consume_forever(
+                    gateway,
+                    certs,
+                    running.store.clone(),
+                ));
+            }
             running.run_until_signalled(signals).await
         }
         Command::Bench { command } => bench::run(command).await,

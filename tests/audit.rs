@@ -678,11 +678,14 @@ async fn a_case_reference_is_in_the_record_and_required_where_the_purpose_says()
         .filter(|r| r.method == "/civgate.v1.Citizens/GetCitizen")
         .map(|r| (r.outcome, r.case_reference))
         .collect();
-    // (The refused reads name no citizen: they were refused before the ID was taken.)
+    // The refused reads name their citizen too (a search by citizen finds the attempts), but
+    // not the case they could not name.
     assert_eq!(
         reads,
         [
             ("OK".to_owned(), case.to_owned()),
+            ("INVALID_ARGUMENT".to_owned(), String::new()),
+            ("INVALID_ARGUMENT".to_owned(), String::new()),
             ("OK".to_owned(), "HS-2".to_owned()),
         ]
     );

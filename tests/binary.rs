@@ -3,7 +3,10 @@
 
 mod common;
 
-use std::process::Command;
+use std::{
+    process::{Command, Stdio},
+    time::Duration,
+};
 
 use civgate::client;
 use common::{Env, http_get};
@@ -661,4 +664,111 @@ async fn another_process_reading_the_store_takes_nothing_from_it() {
         after >= seen + 5,
         "answered calls missing after the restart: {seen} + 5 > {after}"
     );
+}
+
+/// `civgate refdb serve --consume` is the population database of a staging setup: it applies
+/// the civil-status events a registry publishes and answers them (a birth with the child's
+/// personal ID), and rejects what contradicts its records with a reason that releases nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reference_directory_consumes_civil_status_when_asked() {
+    use civgate::pb::v1::{
+        GetEventStatusRequest, PublishRequest, event::Payload, exchange_client::ExchangeClient,
+    };
+    let env = Env::new();
+    let gw = env.start().await;
+    let mut dir = Command::new(env!("CARGO_BIN_EXE_civgate"))
+        .args(["--log-format", "json", "refdb", "serve", "--config"])
+        .arg(env.config_path())
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--citizens",
+            "500",
+            "--seed",
+            "3",
+        ])
+        .arg("--data-dir")
+        .arg(env.dir.path().join("refdb"))
+        .arg("--consume")
+        .arg(gw.api_addr.to_string())
+        .arg("--certs")
+        .arg(env.certs())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut registry = ExchangeClient::new(
+        client::connect(gw.api_addr, &env.certs(), Some("registry-hp"))
+            .await
+            .unwrap(),
+    );
+    let published = registry
+        .publish(PublishRequest {
+            idempotency_key: "birth-consumed".into(),
+            event: Some(common::birth("HP-LECHAN", "Nguyễn Thị Mai")),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut answers = common::Subscriber::open(
+        gw.api_addr,
+        &env.certs(),
+        "registry-hp",
+        "registry-hp",
+        None,
+    )
+    .await;
+    let answer = tokio::time::timeout(Duration::from_secs(30), answers.next())
+        .await
+        .expect("the directory answers within 30 s")
+        .unwrap();
+    let event = answer.event.unwrap();
+    assert_eq!(event.in_reply_to, published.event_id);
+    let Some(Payload::PersonalIdAssigned(assigned)) = event.payload else {
+        panic!("{event:?}")
+    };
+    assert!(assigned.personal_id.starts_with("0313"), "{assigned:?}");
+    // The death of someone the directory does not know: rejected, with its reason.
+    let death = registry
+        .publish(PublishRequest {
+            idempotency_key: "death-unknown".into(),
+            event: Some(civgate::pb::v1::Event {
+                payload: Some(Payload::Death(civgate::pb::v1::Death {
+                    registration: Some(civgate::pb::v1::Registration {
+                        registry_office_code: "HP-LECHAN".into(),
+                        book_number: "02/2026".into(),
+                        entry_number: "9".into(),
+                        registration_date: "2026-01-05".into(),
+                        registering_official: "Trần Văn Bình".into(),
+                    }),
+                    personal_id: "031050999999".into(),
+                    date_of_death: "2026-01-01".into(),
+                    place_of_death: "Hải Phòng".into(),
+                    cause_category: "illness".into(),
+                    declarant_personal_id: String::new(),
+                })),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = registry
+            .get_event_status(GetEventStatusRequest {
+                event_id: death.event_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if let Some(g) = status.groups.iter().find(|g| !g.reason.is_empty()) {
+            assert!(g.reason.contains("no citizen"), "{g:?}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{status:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    dir.kill().unwrap();
+    let _ = dir.wait();
 }

@@ -714,3 +714,94 @@ async fn a_link_client_carries_concurrent_calls_and_reports_an_unreachable_serve
         .expect("nothing listens there");
     assert!(format!("{err:#}").contains("unreachable"), "{err:#}");
 }
+
+/// Guessing a date of birth day by day through VerifyCitizen stops at the limit of
+/// non-matching answers per agency and citizen; the audit log shows the guesses and the
+/// refusal, and refused reads name the purpose, the citizen and the fields refused.
+#[tokio::test]
+async fn guessing_through_verification_is_cut_off_and_audited() {
+    let env = Env::new();
+    let stack = env.start_stack().await;
+    let mut c = registry(&env, stack.gateway.api_addr).await;
+    let p = &stack.people[5];
+    let id = p.personal_id.to_string();
+    let verify = |date: time::Date| VerifyCitizenRequest {
+        personal_id: id.clone(),
+        purpose: "IDENTITY_VERIFICATION".into(),
+        date_of_birth: Some(format_date(date)),
+        ..Default::default()
+    };
+    // Five wrong days of the right year.
+    let year_start = time::Date::from_ordinal_date(p.date_of_birth.year(), 1).unwrap();
+    let wrong = (0..366)
+        .map(|d| year_start + time::Duration::days(d))
+        .filter(|d| *d != p.date_of_birth)
+        .take(5);
+    for d in wrong {
+        let r = c.verify_citizen(verify(d)).await.unwrap().into_inner();
+        assert_eq!(r.matches[0].r#match, Match::No as i32);
+    }
+    // Even the right day is refused now.
+    let err = c.verify_citizen(verify(p.date_of_birth)).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("did not match"), "{}", err.message());
+    // Another citizen is not affected.
+    let other = &stack.people[6];
+    let r = c
+        .verify_citizen(VerifyCitizenRequest {
+            personal_id: other.personal_id.to_string(),
+            purpose: "IDENTITY_VERIFICATION".into(),
+            date_of_birth: Some(format_date(other.date_of_birth)),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.matches[0].r#match, Match::Yes as i32);
+    // A refused read names what it can.
+    let err = c
+        .verify_citizen(VerifyCitizenRequest {
+            personal_id: other.personal_id.to_string(),
+            purpose: "BIRTH_REGISTRATION".into(),
+            date_of_birth: Some(format_date(other.date_of_birth)),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&err), ["date_of_birth"]);
+
+    let mut audit = civgate::pb::v1::audit_client::AuditClient::new(
+        client::connect(stack.gateway.api_addr, &env.certs(), Some("auditor"))
+            .await
+            .unwrap(),
+    );
+    let of = |who: &str| civgate::pb::v1::SearchEntriesRequest {
+        subject_personal_id: who.into(),
+        method: "/civgate.v1.Citizens/VerifyCitizen".into(),
+        page_size: 100,
+        ..Default::default()
+    };
+    let records = common::search_records(&mut audit, of(&id)).await;
+    let details: Vec<&str> = records.iter().map(|r| r.detail.as_str()).collect();
+    assert_eq!(
+        details
+            .iter()
+            .filter(|d| **d == "no_match:date_of_birth")
+            .count(),
+        5,
+        "{details:?}"
+    );
+    assert!(
+        records
+            .iter()
+            .any(|r| r.outcome == "PERMISSION_DENIED" && r.detail == "verification_guessing"),
+        "{records:?}"
+    );
+    let refused = common::search_records(&mut audit, of(other.personal_id.as_str())).await;
+    let invalid = refused
+        .iter()
+        .find(|r| r.outcome == "INVALID_ARGUMENT")
+        .expect("the refused read is found by its citizen");
+    assert_eq!(invalid.purpose, "BIRTH_REGISTRATION");
+    assert_eq!(invalid.detail, "invalid:date_of_birth");
+}

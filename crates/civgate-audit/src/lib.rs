@@ -46,6 +46,9 @@ pub struct Facts {
     pub refusal: &'static str,
     /// The case the call served (a request's or a published event's `case_reference`).
     pub case_reference: String,
+    /// The record's detail when there is no `refusal` reason: what was refused (e.g.
+    /// `invalid:personal_id,purpose`) or noticed (`no_match:date_of_birth`). Names only.
+    pub detail: String,
 }
 
 /// What the gate knows of a call when it arrives: who (the verified peer and, once

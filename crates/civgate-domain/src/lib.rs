@@ -41,7 +41,24 @@ impl fmt::Display for Sex {
 /// A calendar date in `YYYY-MM-DD`, not in the future when `not_future` is set.
 pub fn parse_date(s: &str) -> Result<time::Date, String> {
     let fmt = time::macros::format_description!("[year]-[month]-[day]");
-    time::Date::parse(s, &fmt).map_err(|_| format!("{s:?} is not a date in YYYY-MM-DD form"))
+    let b = s.as_bytes();
+    // Exactly YYYY-MM-DD: no sign, no fifth year digit (which `[year]` would take).
+    let shaped = b.len() == 10
+        && b[4] == b'-'
+        && b[7] == b'-'
+        && b.iter()
+            .enumerate()
+            .all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit());
+    let d = shaped
+        .then(|| time::Date::parse(s, &fmt).ok())
+        .flatten()
+        .ok_or_else(|| format!("{s:?} is not a date in YYYY-MM-DD form"))?;
+    if d.year() < 1900 {
+        return Err(format!(
+            "{s:?} is before 1900: civil-status and population records start in 1900"
+        ));
+    }
+    Ok(d)
 }
 
 /// Vietnam's offset from UTC (Indochina Time, no daylight saving): civil dates — of birth,
@@ -277,6 +294,27 @@ mod tests {
         }
         for bad in ["a b", "mã-hồ-sơ", "x\n", &"9".repeat(65), ".", "/-_."] {
             assert!(check_case_reference(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn dates_are_exactly_yyyy_mm_dd_from_1900() {
+        for ok in ["1900-01-01", "2026-02-28", "2024-02-29"] {
+            assert!(parse_date(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "-2026-12-01",
+            "+2026-12-01",
+            "1899-12-31",
+            "1800-01-01",
+            "12026-01-01",
+            "2026-1-01",
+            "2026-02-30",
+            " 2026-01-01",
+            "2026/01/01",
+            "",
+        ] {
+            assert!(parse_date(bad).is_err(), "{bad:?}");
         }
     }
 

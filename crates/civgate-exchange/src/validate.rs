@@ -209,6 +209,74 @@ impl Check {
         }
     }
 
+    /// A spouse old enough to marry on `on`, as far as the ID's year of birth tells.
+    fn marriage_age(&mut self, field: &str, id: Option<&PersonalId>, on: Option<time::Date>) {
+        let (Some(id), Some(on)) = (id, on) else {
+            return;
+        };
+        // The ID gives the year of birth only: at most this old on the day.
+        let at_most = on.year() - id.birth_year();
+        let (legal, who) = match id.sex() {
+            crate::domain::Sex::Male => (20, "men"),
+            crate::domain::Sex::Female => (18, "women"),
+        };
+        if at_most < legal {
+            self.bad(
+                field,
+                format!(
+                    "under the age of marriage: born in {}, at most {at_most} on {}; {who} marry from full {legal} (Marriage and Family Law 2014, art. 8(1)(a))",
+                    id.birth_year(),
+                    crate::domain::format_date(on)
+                ),
+            );
+        }
+    }
+
+    /// A guardian is an adult (Civil Code 2015 art. 49: full civil capacity), as far as the
+    /// ID's year of birth tells.
+    fn guardian_of_age(&mut self, guardian: Option<&PersonalId>, on: Option<time::Date>) {
+        if let (Some(g), Some(on)) = (guardian, on)
+            && on.year() - g.birth_year() < 18
+        {
+            self.bad(
+                "guardian_personal_id",
+                format!(
+                    "born in {}, under 18 on {}: a guardian is an adult (Civil Code 2015 art. 49)",
+                    g.birth_year(),
+                    crate::domain::format_date(on)
+                ),
+            );
+        }
+    }
+
+    /// A sex or a date of birth agrees with what the personal ID encodes (other fields: no
+    /// check).
+    fn agrees_with_id(&mut self, at: &str, field: &str, value: &str, id: &PersonalId) {
+        match field {
+            "sex" => {
+                if let Some(s) = parse_sex(value)
+                    && s != id.sex()
+                {
+                    self.bad(at, "is not the sex the personal ID encodes");
+                }
+            }
+            "date_of_birth" => {
+                if let Ok(d) = parse_date(value)
+                    && d.year() != id.birth_year()
+                {
+                    self.bad(
+                        at,
+                        format!(
+                            "is not in the year of birth the personal ID encodes ({})",
+                            id.birth_year()
+                        ),
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+
     /// Two IDs of one event that must name different people.
     fn distinct(&mut self, field: &str, a: &Option<PersonalId>, b: &Option<PersonalId>, why: &str) {
         if a.is_some() && a == b {
@@ -225,6 +293,7 @@ impl Check {
                 "at least one adoptive parent",
             );
         }
+        let mut seen: Vec<PersonalId> = Vec::new();
         for (i, p) in parents.iter().enumerate() {
             let field = format!("adoptive_parent_personal_ids[{i}]");
             let parent = self.id(&field, p);
@@ -234,6 +303,26 @@ impl Check {
                 &parent,
                 "a child is not their own adoptive parent",
             );
+            let Some(parent) = parent else { continue };
+            if let Some(child) = &child
+                && parent != *child
+                && parent.birth_year() >= child.birth_year()
+            {
+                self.bad(
+                    &field,
+                    "an adoptive parent is born before the child (by the years the IDs encode)",
+                );
+            }
+            if seen.contains(&parent) {
+                self.bad(&field, "the same person twice");
+            } else if seen.iter().any(|s| s.sex() == parent.sex()) {
+                // Two adopt together only as a married couple (Law on Adoption 2010 art. 8).
+                self.bad(
+                    &field,
+                    "two adoptive parents are a married couple: their IDs encode the same sex",
+                );
+            }
+            seen.push(parent);
         }
     }
 
@@ -316,14 +405,54 @@ impl Check {
             return;
         }
         self.value(&x.field, &x.new_value, id);
-        if x.field == "sex" {
-            match (parse_sex(&x.old_value), id) {
-                (None, _) if kind != K::Addition => self.bad("old_value", "\"male\" or \"female\""),
-                (Some(old), Some(id)) if id.sex() != old => {
-                    self.bad("old_value", "is not the sex the personal ID encodes")
-                }
-                _ => {}
+        if let Some(id) = id {
+            if kind == K::Addition {
+                // What the ID encodes is known: an addition cannot contradict it.
+                self.agrees_with_id("new_value", &x.field, &x.new_value, id);
+            } else {
+                // The old value is the record's: what the ID encodes, for sex and year.
+                self.agrees_with_id("old_value", &x.field, &x.old_value, id);
             }
+        }
+        let addition = kind == K::Addition;
+        match x.field.as_str() {
+            "sex" if !addition && parse_sex(&x.old_value).is_none() => {
+                self.bad("old_value", "\"male\" or \"female\"");
+            }
+            "date_of_birth" if !addition && parse_date(&x.old_value).is_err() => {
+                self.bad("old_value", "a date in YYYY-MM-DD form");
+            }
+            "date_of_birth" => {
+                let d = parse_date(&x.new_value).ok();
+                self.not_after_registration("new_value", d, x.registration.as_ref());
+            }
+            "father_personal_id" | "mother_personal_id" if !x.old_value.is_empty() => {
+                let sex = if x.field == "father_personal_id" {
+                    crate::domain::Sex::Male
+                } else {
+                    crate::domain::Sex::Female
+                };
+                match PersonalId::parse(&x.old_value) {
+                    Err(e) => self.bad("old_value", e.to_string()),
+                    Ok(old) => {
+                        let _ = old
+                            .check_consistency(Some(sex), None)
+                            .map_err(|e| self.bad("old_value", e.to_string()));
+                    }
+                }
+            }
+            "ethnicity" => {
+                use crate::domain::ethnicity::ethnic_group;
+                if let (Some(a), Some(b)) = (ethnic_group(&x.old_value), ethnic_group(&x.new_value))
+                    && a.code == b.code
+                {
+                    self.bad(
+                        "new_value",
+                        format!("the same ethnic group as old_value ({})", a.code),
+                    );
+                }
+            }
+            _ => {}
         }
     }
 
@@ -431,6 +560,11 @@ impl Check {
         match kind {
             K::Unspecified => self.bad("kind", "required: what the court decided"),
             K::MarriageAnnulled | K::MarriageRecognised => {
+                if kind == K::MarriageRecognised {
+                    // A marriage is recognised only if it could be registered (art. 8).
+                    self.marriage_age("personal_id", id.as_ref(), effective);
+                    self.marriage_age("other_personal_id", other.as_ref(), effective);
+                }
                 if let (Some(a), Some(b)) = (&id, &other)
                     && a.sex() == b.sex()
                 {
@@ -695,14 +829,14 @@ fn bounds(event: &Event, now_ms: i64) -> Vec<FieldViolation> {
             ));
         }
     }
-    let adoptive = match &event.payload {
-        Some(Payload::Adoption(a)) => a.adoptive_parent_personal_ids.len(),
-        Some(Payload::AdoptionEnded(a)) => a.adoptive_parent_personal_ids.len(),
-        _ => 0,
+    let (adoptive, name) = match &event.payload {
+        Some(Payload::Adoption(a)) => (a.adoptive_parent_personal_ids.len(), "adoption"),
+        Some(Payload::AdoptionEnded(a)) => (a.adoptive_parent_personal_ids.len(), "adoption_ended"),
+        _ => (0, ""),
     };
     if adoptive > MAX_ADOPTIVE_PARENTS {
         v.push(FieldViolation::new(
-            "event.adoption.adoptive_parent_personal_ids",
+            format!("event.{name}.adoptive_parent_personal_ids"),
             format!("at most {MAX_ADOPTIVE_PARENTS} adoptive parents (one person or a couple)"),
         ));
     }
@@ -890,24 +1024,7 @@ pub fn validate(event: Option<&Event>, producer: &Principal) -> Result<&'static 
                 );
             }
             for (field, id) in [("spouse1_personal_id", &a), ("spouse2_personal_id", &b)] {
-                if let (Some(id), Some(on)) = (id, married) {
-                    // The ID gives the year of birth only: at most this old on the day.
-                    let at_most = on.year() - id.birth_year();
-                    let (legal, who) = match id.sex() {
-                        crate::domain::Sex::Male => (20, "men"),
-                        crate::domain::Sex::Female => (18, "women"),
-                    };
-                    if at_most < legal {
-                        c.bad(
-                            field,
-                            format!(
-                                "under the age of marriage: born in {}, at most {at_most} on {}; {who} marry from full {legal} (Marriage and Family Law 2014, art. 8(1)(a))",
-                                id.birth_year(),
-                                m.date_of_marriage
-                            ),
-                        );
-                    }
-                }
+                c.marriage_age(field, id.as_ref(), married);
             }
             c.registration(m.registration.as_ref())
         }
@@ -920,6 +1037,15 @@ pub fn validate(event: Option<&Event>, producer: &Principal) -> Result<&'static 
                 &b,
                 "must differ from spouse1_personal_id",
             );
+            if let (Some(a), Some(b)) = (&a, &b)
+                && a != b
+                && a.sex() == b.sex()
+            {
+                c.bad(
+                    "spouse2_personal_id",
+                    "both IDs encode the same sex: there is no marriage to dissolve (Marriage and Family Law 2014, art. 8(2))",
+                );
+            }
             c.required("court_decision_number", &d.court_decision_number);
             c.date("effective_date", &d.effective_date);
             c.registration(d.registration.as_ref())
@@ -976,7 +1102,8 @@ pub fn validate(event: Option<&Event>, producer: &Principal) -> Result<&'static 
                 &guardian,
                 "a ward is not their own guardian",
             );
-            c.date("effective_date", &x.effective_date);
+            let on = c.date("effective_date", &x.effective_date);
+            c.guardian_of_age(guardian.as_ref(), on);
             c.registration(x.registration.as_ref())
         }
         Payload::CourtDecision(x) => {
@@ -1081,8 +1208,27 @@ pub fn validate(event: Option<&Event>, producer: &Principal) -> Result<&'static 
         Payload::PersonalIdReissued(x) => {
             let old = c.id("old_personal_id", &x.old_personal_id);
             let new = c.id("new_personal_id", &x.new_personal_id);
-            if old.is_some() && old == new {
-                c.bad("new_personal_id", "must differ from old_personal_id");
+            c.required("reason", &x.reason);
+            match (&old, &new) {
+                (Some(o), Some(n)) if o == n => {
+                    c.bad("new_personal_id", "must differ from old_personal_id")
+                }
+                (Some(o), Some(n)) if o.province_code() != n.province_code() => c.bad(
+                    "new_personal_id",
+                    "keeps the province of birth registration of the old number",
+                ),
+                // A change of sex or year answers the civil_status_change (in_reply_to),
+                // checked against it; any other re-issue keeps both.
+                (Some(o), Some(n))
+                    if event.in_reply_to.is_empty()
+                        && (o.sex() != n.sex() || o.birth_year() != n.birth_year()) =>
+                {
+                    c.bad(
+                        "new_personal_id",
+                        "encodes another sex or year of birth: such a number answers the civil_status_change that changed them (in_reply_to)",
+                    )
+                }
+                _ => {}
             }
             None
         }
@@ -1096,6 +1242,10 @@ pub fn validate(event: Option<&Event>, producer: &Principal) -> Result<&'static 
                 ),
                 Some(_) if c.required("new_value", &x.new_value) => {
                     c.value(&x.field, &x.new_value, id.as_ref());
+                    // Sex and year of birth are in the number: changing them re-issues it.
+                    if let Some(id) = &id {
+                        c.agrees_with_id("new_value", &x.field, &x.new_value, id);
+                    }
                 }
                 Some(_) => {}
             }

@@ -164,12 +164,19 @@ fn default_upstream_timeout() -> u64 {
 pub struct LookupsSection {
     /// Cap on `SearchCitizens` results.
     pub max_search_results: u32,
+    /// `VerifyCitizen` answers that did not match, per agency and citizen, after which that
+    /// agency's verifications of that citizen are refused for the rest of the window (guessing
+    /// a date of birth day by day); 0 = no limit.
+    pub max_failed_verifications: u32,
+    pub failed_verifications_window_secs: u64,
 }
 
 impl Default for LookupsSection {
     fn default() -> Self {
         Self {
             max_search_results: 20,
+            max_failed_verifications: 5,
+            failed_verifications_window_secs: 86_400,
         }
     }
 }

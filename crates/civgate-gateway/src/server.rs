@@ -394,7 +394,21 @@ pub async fn start(source: ConfigSource, overrides: Overrides) -> Result<Running
             }
         });
     }
-    // ... and look-ups the directory, probed every second.
+    // ... and look-ups the directory, probed now (so that "serving" is true from the first
+    // health check) and every second.
+    if let Some(upstream) = &probe_target {
+        let up = upstream.probe(crate::health::PROBE_TIMEOUT).await;
+        health.set_directory(if up {
+            Directory::Reachable
+        } else {
+            Directory::Unreachable
+        });
+        if !up {
+            warn!(
+                "the population directory does not answer: look-ups are NOT_SERVING until it does"
+            );
+        }
+    }
     if let Some(upstream) = probe_target {
         let health = health.clone();
         let mut stop = shutdown_rx_for_tasks.clone();

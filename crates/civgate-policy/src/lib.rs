@@ -3,6 +3,7 @@
 
 use std::{collections::BTreeMap, sync::Arc};
 
+pub mod guesses;
 pub mod identity;
 pub mod limits;
 pub mod methods;

@@ -558,6 +558,21 @@ fn change(kind: crate::pb::v1::ChangeKind, field: &str, old: &str, new: &str) ->
     ))
 }
 
+fn with_registration_date(date: &str) -> Event {
+    let mut e = change(
+        crate::pb::v1::ChangeKind::Name,
+        "full_name",
+        "Trần Thị Lan",
+        "Trần Thị Hoa",
+    );
+    if let Some(Payload::CivilStatusChange(x)) = &mut e.payload
+        && let Some(r) = &mut x.registration
+    {
+        r.registration_date = date.into();
+    }
+    e
+}
+
 fn court(
     kind: crate::pb::v1::CourtDecisionKind,
     other: &str,
@@ -856,6 +871,109 @@ fn changes_court_decisions_and_the_other_new_events_are_checked() {
                 "before the registration",
             )),
         ),
+        // What an outside tester got past the first version of these rules.
+        (
+            "an addition of a sex the ID does not encode",
+            change(C::Addition, "sex", "", "male"),
+            Some((
+                "event.civil_status_change.new_value",
+                "the personal ID encodes",
+            )),
+        ),
+        (
+            "a corrected date of birth from a year the ID does not encode",
+            change(C::Correction, "date_of_birth", "1950-10-14", "1995-10-15"),
+            Some(("event.civil_status_change.old_value", "year of birth")),
+        ),
+        (
+            "a corrected date of birth after the registration",
+            change(C::Correction, "date_of_birth", "1995-10-14", "2026-03-05"),
+            Some(("event.civil_status_change.new_value", "registration date")),
+        ),
+        (
+            "an ethnicity re-determined to another spelling of the same group",
+            change(C::Ethnicity, "ethnicity", "Ê Đê", "Ê-đê"),
+            Some(("event.civil_status_change.new_value", "same ethnic group")),
+        ),
+        (
+            "a corrected father whose old ID says female",
+            change(
+                C::Correction,
+                "father_personal_id",
+                "031160000001",
+                "031060000001",
+            ),
+            Some(("event.civil_status_change.old_value", "says female")),
+        ),
+        (
+            "a date with a sign",
+            with_registration_date("-2026-12-01"),
+            Some((
+                "event.civil_status_change.registration.registration_date",
+                "YYYY-MM-DD",
+            )),
+        ),
+        (
+            "a registration in 1800",
+            with_registration_date("1800-01-01"),
+            Some((
+                "event.civil_status_change.registration.registration_date",
+                "1900",
+            )),
+        ),
+        (
+            "a marriage recognised with a girl of 11",
+            court(D::MarriageRecognised, "031315000001", |_| {}),
+            Some(("event.court_decision.other_personal_id", "age of marriage")),
+        ),
+        (
+            "a divorce of two men",
+            event(Payload::Divorce(crate::pb::v1::Divorce {
+                registration: reg("HP-LECHAN"),
+                spouse1_personal_id: "031095000001".into(),
+                spouse2_personal_id: "031090000003".into(),
+                court_decision_number: "1/2026".into(),
+                effective_date: "2026-01-01".into(),
+            })),
+            Some(("event.divorce.spouse2_personal_id", "same sex")),
+        ),
+        (
+            "an adoption by the same person twice",
+            adoption_ended("031210000001", &["031095000001", "031095000001"]),
+            Some((
+                "event.adoption_ended.adoptive_parent_personal_ids[1]",
+                "twice",
+            )),
+        ),
+        (
+            "an adoption by two men",
+            adoption_ended("031210000001", &["031095000001", "031090000003"]),
+            Some((
+                "event.adoption_ended.adoptive_parent_personal_ids[1]",
+                "married couple",
+            )),
+        ),
+        (
+            "an adoptive parent younger than the child",
+            adoption_ended("031210000001", &["031215000001"]),
+            Some((
+                "event.adoption_ended.adoptive_parent_personal_ids[0]",
+                "born before the child",
+            )),
+        ),
+        (
+            "a guardian of 6",
+            event(Payload::Guardianship(crate::pb::v1::Guardianship {
+                registration: reg("HP-LECHAN"),
+                ward_personal_id: "031210000001".into(),
+                guardian_personal_id: "031220000001".into(),
+                effective_date: "2026-02-01".into(),
+            })),
+            Some((
+                "event.guardianship.guardian_personal_id",
+                "a guardian is an adult",
+            )),
+        ),
         // Self-references and parents born after children in the older events.
         (
             "a divorce from oneself",
@@ -944,10 +1062,74 @@ fn a_correction_by_the_population_side_names_a_field_and_a_valid_value() {
             corrected("hometown", ""),
             Some("event.citizen_data_corrected.new_value"),
         ),
+        // Sex and year of birth are in the number: a correction of them re-issues it.
+        (
+            corrected("sex", "male"),
+            Some("event.citizen_data_corrected.new_value"),
+        ),
+        (
+            corrected("date_of_birth", "1999-01-01"),
+            Some("event.citizen_data_corrected.new_value"),
+        ),
+        (corrected("date_of_birth", "1995-06-01"), None),
     ];
     for (i, (e, want)) in rows.iter().enumerate() {
         let got = validate(Some(e), &population());
         match (want, got) {
+            (None, Ok(t)) => assert_eq!(t, POPULATION),
+            (Some(field), Err(Refusal::Invalid(v))) => {
+                assert!(v.iter().any(|f| f.field == *field), "row {i}: {v:?}")
+            }
+            (want, got) => panic!("row {i}: wanted {want:?}, got {got:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_number_re_issued_for_another_reason_keeps_what_it_encodes() {
+    let reissued = |old: &str, new: &str, reason: &str, in_reply_to: &str| Event {
+        case_reference: String::new(),
+        in_reply_to: in_reply_to.into(),
+        occurred_at_unix_ms: 0,
+        payload: Some(Payload::PersonalIdReissued(
+            crate::pb::v1::PersonalIdReissued {
+                old_personal_id: old.into(),
+                new_personal_id: new.into(),
+                reason: reason.into(),
+            },
+        )),
+    };
+    // (event, the field refused or None)
+    let rows = [
+        (
+            reissued("031043188286", "031043000001", "trùng số", ""),
+            None,
+        ),
+        (
+            reissued("031043188286", "001199000123", "trùng số", ""),
+            Some("event.personal_id_reissued.new_personal_id"),
+        ),
+        (
+            reissued("031043188286", "031143000001", "trùng số", ""),
+            Some("event.personal_id_reissued.new_personal_id"),
+        ),
+        (
+            reissued("031043188286", "031043000001", "", ""),
+            Some("event.personal_id_reissued.reason"),
+        ),
+        // In reply to a change: checked against the change when published.
+        (
+            reissued(
+                "031043188286",
+                "031143000001",
+                "xác định lại giới tính",
+                "ev1",
+            ),
+            None,
+        ),
+    ];
+    for (i, (e, want)) in rows.iter().enumerate() {
+        match (want, validate(Some(e), &population())) {
             (None, Ok(t)) => assert_eq!(t, POPULATION),
             (Some(field), Err(Refusal::Invalid(v))) => {
                 assert!(v.iter().any(|f| f.field == *field), "row {i}: {v:?}")

@@ -47,11 +47,17 @@ const SEARCH_FIELDS: [CitizenField; 3] = [
 pub(crate) struct CitizensService {
     state: Shared,
     upstream: Option<Arc<Upstream>>,
+    /// Non-matching verifications per agency and citizen (kept across reloads).
+    failed: Arc<crate::policy::guesses::FailedVerifications>,
 }
 
 impl CitizensService {
     pub fn new(state: Shared, upstream: Option<Arc<Upstream>>) -> Self {
-        Self { state, upstream }
+        Self {
+            state,
+            upstream,
+            failed: Arc::default(),
+        }
     }
 
     fn upstream(&self) -> Result<&Upstream, Status> {
@@ -248,6 +254,24 @@ impl CitizensService {
     }
 }
 
+/// What the audit record of a refused read says: the purpose declared, when it is a
+/// well-formed code (known or not), and the valid personal IDs the read named. Never values.
+fn note_refused<'a>(
+    facts: &FactsSlot,
+    purpose: &str,
+    ids: impl IntoIterator<Item = Option<&'a str>>,
+) {
+    let purpose = purpose
+        .parse::<PurposeCode>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_default();
+    let subjects: BTreeSet<String> = ids.into_iter().flatten().map(str::to_owned).collect();
+    facts.update(|f| {
+        f.purpose = purpose;
+        f.subjects = subjects.into_iter().collect();
+    });
+}
+
 fn parse_id(field: &str, s: &str) -> Result<PersonalId, FieldViolation> {
     PersonalId::parse(s).map_err(|e| FieldViolation::new(field, e.to_string()))
 }
@@ -287,7 +311,14 @@ impl Citizens for CitizensService {
         let purpose = self.purpose(CitizensMethod::GetCitizen, &r.purpose, &r.case_reference);
         let (id, (code, fields)) = match (id, purpose) {
             (Ok(i), Ok(p)) => (i, p),
-            (i, p) => return Err(invalid([i.err(), p.err()].into_iter().flatten().collect())),
+            (i, p) => {
+                note_refused(
+                    &facts,
+                    &r.purpose,
+                    [i.as_ref().ok().map(PersonalId::as_str)],
+                );
+                return Err(invalid([i.err(), p.err()].into_iter().flatten().collect()));
+            }
         };
         self.harvest(&who, &[id.to_string()]).await?;
         facts.update(|f| {
@@ -362,6 +393,14 @@ impl Citizens for CitizensService {
         let Some((code, fields)) = purpose.filter(|_| violations.is_empty()) else {
             // A malformed batch costs one unit, like any call.
             self.take_reads(&who, std::num::NonZeroU32::MIN).await?;
+            note_refused(
+                &facts,
+                &r.purpose,
+                r.personal_ids
+                    .iter()
+                    .take(MAX_BATCH)
+                    .map(|s| PersonalId::parse(s).ok().map(|_| s.as_str())),
+            );
             return Err(invalid(violations));
         };
         let parsed: Vec<_> = r
@@ -571,13 +610,49 @@ impl Citizens for CitizensService {
         }
         if claims.is_empty() && violations.is_empty() {
             violations.push(FieldViolation::new(
-                "full_name",
-                "claim at least one attribute to verify",
+                "",
+                "claim at least one attribute to verify (full_name, date_of_birth, sex, ...)",
             ));
+        }
+        if !violations.is_empty() {
+            note_refused(&facts, &r.purpose, [id.as_ref().map(PersonalId::as_str)]);
         }
         let (Some(id), true) = (id, violations.is_empty()) else {
             return Err(invalid(violations));
         };
+        // Guessing: past the limit of non-matching answers, no more verifications of this
+        // citizen by this agency for the rest of the window.
+        let (limit, window) = {
+            let l = &self.state.load().config.file.lookups;
+            (
+                l.max_failed_verifications,
+                std::time::Duration::from_secs(l.failed_verifications_window_secs),
+            )
+        };
+        if let Err(retry) =
+            self.failed
+                .check(&who.agency, id.as_str(), limit, window, Instant::now())
+        {
+            facts.update(|f| {
+                f.refusal = "verification_guessing";
+                f.subjects = vec![id.to_string()];
+                f.purpose = purpose
+                    .as_ref()
+                    .map(|(c, _)| c.as_str().to_owned())
+                    .unwrap_or_default();
+            });
+            tracing::warn!(
+                agency = who.agency.as_str(),
+                limit,
+                "verifications of one citizen that did not match reached the limit: refused"
+            );
+            return Err(Status::permission_denied(format!(
+                "{limit} verifications of citizen {id} by agency {} did not match within {} s: further verifications of this citizen are refused for {} s",
+                who.agency,
+                window.as_secs(),
+                retry.as_secs().max(1)
+            )));
+        }
         self.harvest(&who, &[id.to_string()]).await?;
         facts.update(|f| {
             f.case_reference = r.case_reference.clone();
@@ -596,7 +671,7 @@ impl Citizens for CitizensService {
             .pop()
             .filter(|c| c.personal_id == id.as_str())
             .ok_or_else(|| Status::not_found(format!("no citizen with personal ID {id}")))?;
-        let matches = claims
+        let matches: Vec<AttributeMatch> = claims
             .iter()
             .map(|c| AttributeMatch {
                 attribute: c.attribute().to_owned(),
@@ -607,6 +682,18 @@ impl Citizens for CitizensService {
                 } as i32,
             })
             .collect();
+        let missed: Vec<&str> = matches
+            .iter()
+            .filter(|m| m.r#match == Match::No as i32)
+            .map(|m| m.attribute.as_str())
+            .collect();
+        if !missed.is_empty() {
+            self.failed
+                .failed(&who.agency, id.as_str(), window, Instant::now());
+            // In the record: an auditor sees a run of them.
+            let detail = format!("no_match:{}", missed.join(","));
+            facts.update(|f| f.detail = detail);
+        }
         Ok(Response::new(VerifyCitizenResponse { matches }))
     }
 
@@ -649,6 +736,7 @@ impl Citizens for CitizensService {
         }
         let (Some(name), Some((code, allowed)), true) = (name, purpose, violations.is_empty())
         else {
+            note_refused(&facts, &r.purpose, [None]);
             return Err(invalid(violations));
         };
         let cap = self

@@ -158,6 +158,7 @@ fn delivery_facts(batch: &[SubscribedEvent]) -> Facts {
         recorded: None,
         refusal: "",
         case_reference: String::new(),
+        detail: String::new(),
     }
 }
 
@@ -301,6 +302,22 @@ fn id_fits_change(
             ));
         }
     };
+    if sex == old.sex() && year == old.birth_year() {
+        return Some((
+            "event.in_reply_to",
+            "the change answered does not alter what the number encodes: nothing to re-issue"
+                .into(),
+        ));
+    }
+    if new.province_code() != old.province_code() {
+        return Some((
+            new_field,
+            format!(
+                "keeps the province of birth registration of the old number ({})",
+                old.province_code()
+            ),
+        ));
+    }
     new.check_consistency(Some(sex), Some(year))
         .err()
         .map(|e| (new_field, format!("{e} (the change answered)")))
@@ -375,8 +392,15 @@ impl Exchange for ExchangeService {
         let key_ok = !r.idempotency_key.is_empty()
             && r.idempotency_key.len() <= 128
             && r.idempotency_key.bytes().all(|b| b.is_ascii_graphic());
+        // Whom a refused publish concerned is in its audit record too.
+        if let Some(p) = r.event.as_ref().and_then(|e| e.payload.as_ref()) {
+            facts.update(|f| f.subjects = subjects(p));
+        }
         let topic = match validate(r.event.as_ref(), &who) {
-            Err(Refusal::NotAllowed(why)) => return Err(Status::permission_denied(why)),
+            Err(Refusal::NotAllowed(why)) => {
+                facts.update(|f| f.refusal = "publish_not_allowed");
+                return Err(Status::permission_denied(why));
+            }
             Err(Refusal::Invalid(mut v)) => {
                 if !key_ok {
                     v.insert(

@@ -18,6 +18,22 @@ pub fn principal<T>(req: &tonic::Request<T>) -> Result<Principal, tonic::Status>
 }
 
 /// `INVALID_ARGUMENT` with a `google.rpc.BadRequest` naming each bad field.
+/// The audit detail of an invalid call: `invalid:` and the fields refused (at most 200 bytes).
+pub(crate) fn invalid_detail(violations: &[FieldViolation]) -> String {
+    let mut d = String::from("invalid:");
+    for (i, v) in violations.iter().enumerate() {
+        if d.len() + v.field.len() + 1 > 200 {
+            d.push_str(",...");
+            break;
+        }
+        if i > 0 {
+            d.push(',');
+        }
+        d.push_str(&v.field);
+    }
+    d
+}
+
 pub fn invalid(violations: Vec<FieldViolation>) -> tonic::Status {
     let summary = violations
         .iter()

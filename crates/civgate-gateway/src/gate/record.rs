@@ -132,7 +132,10 @@ impl Step for Audit {
             }
         };
         let code = outcome(&mut resp).unwrap_or(tonic::Code::Ok);
-        let facts = facts.take();
+        let mut facts = facts.take();
+        if code == tonic::Code::InvalidArgument && facts.detail.is_empty() {
+            facts.detail = invalid_fields(resp.headers()).unwrap_or_default();
+        }
         if facts.recorded.is_some() {
             pending.call = None;
             return Ok(resp);
@@ -144,8 +147,12 @@ impl Step for Audit {
             subjects: facts.subjects.clone(),
             ..Facts::default()
         });
-        let refusal = facts.refusal;
-        let appended = self.log.append(call.record(facts, code, refusal)).await;
+        let detail = if facts.refusal.is_empty() {
+            facts.detail.clone()
+        } else {
+            facts.refusal.to_owned()
+        };
+        let appended = self.log.append(call.record(facts, code, &detail)).await;
         let withheld = pending.known.take().unwrap_or_default();
         pending.call = None;
         if let Err(e) = appended {
@@ -219,4 +226,13 @@ impl Drop for Abandoned {
 fn audit_unavailable(e: &crate::audit::AuditError) -> tonic::Status {
     tracing::error!(error = %e, "refusing a response whose audit record is not durable");
     tonic::Status::unavailable("audit log unavailable: the call was not completed")
+}
+
+/// The fields an INVALID_ARGUMENT answer names in its `google.rpc.BadRequest` detail, as the
+/// audit record's detail (`invalid:personal_id,purpose`).
+fn invalid_fields(headers: &http::HeaderMap) -> Option<String> {
+    use tonic_types::StatusExt;
+    let status = tonic::Status::from_header_map(headers)?;
+    let bad = status.get_details_bad_request()?;
+    Some(crate::api::invalid_detail(&bad.field_violations))
 }

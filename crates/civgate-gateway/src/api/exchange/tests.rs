@@ -140,6 +140,18 @@ fn a_re_issued_number_fits_the_change_it_answers() {
             reissued("031195000002", "031195000777"),
             Some("event.in_reply_to"),
         ),
+        // Another province.
+        (
+            change("sex", "male"),
+            reissued("031195000002", "001095000777"),
+            Some("event.personal_id_reissued.new_personal_id"),
+        ),
+        // A date of birth corrected within the year: the number stays.
+        (
+            change("date_of_birth", "1995-04-01"),
+            reissued("031195000002", "031195000777"),
+            Some("event.in_reply_to"),
+        ),
     ];
     for (i, (c, r, want)) in rows.iter().enumerate() {
         assert_eq!(id_fits_change(r, c).map(|(f, _)| f), *want, "row {i}");
