@@ -74,8 +74,6 @@ enum Command {
     },
     /// Auditor tools: checkpoint, verify, prove, search, export, keygen.
     Audit {
-        #[command(flatten)]
-        conn: civgate::audit::cli::Conn,
         #[command(subcommand)]
         command: civgate::audit::cli::Command,
     },
@@ -280,7 +278,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             running.run_until_signalled(signals).await
         }
         Command::Bench { command } => bench::run(command).await,
-        Command::Audit { conn, command } => civgate::audit::cli::run(conn, command).await,
+        Command::Audit { command } => civgate::audit::cli::run(command).await,
         Command::Config {
             command: ConfigCommand::Check { config },
         } => {

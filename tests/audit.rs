@@ -571,7 +571,9 @@ async fn offline_verify_of_an_export_matches_online(env: Env) {
     checkpoint_at_least(&mut online, &v, 12).await;
     let path = env.dir.path().join("export.jsonl");
     let mut f = std::fs::File::create(&path).unwrap();
-    let n = auditor::export(&mut online, &v, &mut f).await.unwrap();
+    let n = auditor::export(&mut online, &v, &mut f, false)
+        .await
+        .unwrap();
     drop(f);
     let report = auditor::verify_export(&path, &v, &env.dir.path().join("s.json"))
         .await

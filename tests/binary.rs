@@ -281,6 +281,10 @@ fn demo_runs_and_exits_zero() {
         "{stdout}"
     );
     assert!(!stdout.contains('✘'), "{stdout}");
+    // Its log goes to a pipe here, not a terminal: no colour codes.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("civgate serving"), "{stderr}");
+    assert!(!stderr.contains('\u{1b}'), "{stderr}");
 }
 
 /// `[server] worker_threads = 1`: the binary runs on a single-threaded runtime and still
@@ -771,4 +775,127 @@ async fn the_reference_directory_consumes_civil_status_when_asked() {
     }
     dir.kill().unwrap();
     let _ = dir.wait();
+}
+
+/// `civgate audit` against a gateway reached by host name, with explicit certificate files
+/// (not the development PKI's layout): checkpoint, search by calendar dates, an export that
+/// log tools can read and that still verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_auditor_cli_reaches_a_gateway_by_name_with_its_own_files() {
+    let env = Env::new();
+    let gw = env.start().await;
+    // Something to audit: two health checks by the population database.
+    let mut health = HealthClient::new(
+        client::connect(gw.api_addr, &env.certs(), Some("population"))
+            .await
+            .unwrap(),
+    );
+    for _ in 0..2 {
+        health.check(HealthCheckRequest::default()).await.unwrap();
+    }
+    let certs = env.certs();
+    let p = |rel: &str| certs.join(rel).to_string_lossy().into_owned();
+    let addr = format!("localhost:{}", gw.api_addr.port());
+    let (ca, cert, key, vkey) = (
+        p("ca.pem"),
+        p("clients/auditor.pem"),
+        p("clients/auditor.key"),
+        p("audit.vkey"),
+    );
+    let dir = env.dir.path().to_owned();
+    let run = move |args: Vec<String>| {
+        let dir = dir.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let out = Command::new(env!("CARGO_BIN_EXE_civgate"))
+                    .args(&args)
+                    .current_dir(&dir)
+                    .output()
+                    .unwrap();
+                (
+                    out.status.success(),
+                    String::from_utf8_lossy(&out.stdout).into_owned(),
+                    String::from_utf8_lossy(&out.stderr).into_owned(),
+                )
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let with_conn = |cmd: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = ["audit"].iter().chain(cmd).map(|s| s.to_string()).collect();
+        v.extend(
+            [
+                "--addr",
+                &addr,
+                "--ca",
+                &ca,
+                "--cert",
+                &cert,
+                "--key",
+                &key,
+                "--verifier-key",
+                &vkey,
+            ]
+            .map(str::to_owned),
+        );
+        v
+    };
+    let (ok, out, err) = run(with_conn(&["checkpoint"])).await;
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("signature OK"), "{out}");
+    // Calendar dates, in Vietnam time: today's records.
+    let today = civgate::domain::format_date(civgate::domain::today());
+    let (ok, out, err) = run(with_conn(&[
+        "search",
+        "--agency",
+        "population",
+        "--from",
+        &today,
+        "--to",
+        &today,
+    ]))
+    .await;
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("2 entries"), "{out}");
+    // A certificate that names another host is refused by the client.
+    let mut wrong = with_conn(&["checkpoint"]);
+    wrong.extend(["--server-name".to_owned(), "gateway.example".to_owned()]);
+    let (ok, _, err) = run(wrong).await;
+    assert!(!ok);
+    assert!(err.contains("gateway.example"), "{err}");
+    // Export for log tools, then verify the same file. (An export holds what the latest
+    // checkpoint covers: one is signed every second while the log grows.)
+    let file = env.dir.path().join("log.jsonl");
+    let f = file.to_string_lossy().into_owned();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (ok, out, err) = run(with_conn(&[
+            "export",
+            "--out",
+            &f,
+            "--format",
+            "jsonl-decoded",
+        ]))
+        .await;
+        assert!(ok, "{out}{err}");
+        let text = std::fs::read_to_string(&file).unwrap();
+        let health_records = text
+            .lines()
+            .skip(1)
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v["record"]["method"] == "/grpc.health.v1.Health/Check")
+            .count();
+        if health_records == 2 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (ok, out, err) = run(with_conn(&["verify", "--export", &f])).await;
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("audit log verified"), "{out}");
+    // keygen takes no connection flags.
+    let (ok, out, _) = run(vec!["audit".into(), "keygen".into(), "--help".into()]).await;
+    assert!(ok && !out.contains("--addr"), "{out}");
 }

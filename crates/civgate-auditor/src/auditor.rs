@@ -352,8 +352,47 @@ fn save(state: &Path, cp: &Checkpoint) -> Result<()> {
 #[derive(Serialize, Deserialize)]
 #[serde(untagged)]
 pub(crate) enum ExportLine {
-    Checkpoint { checkpoint: String },
-    Entry { index: u64, leaf: String },
+    Checkpoint {
+        checkpoint: String,
+    },
+    Entry {
+        index: u64,
+        leaf: String,
+        /// The leaf decoded, for log tools (`--format jsonl-decoded`); never what is verified.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        record: Option<serde_json::Value>,
+    },
+}
+
+/// An audit record as a JSON object: its fields (identifiers and names only), the time also
+/// in RFC 3339.
+pub(crate) fn record_json(index: u64, leaf: &[u8]) -> Option<serde_json::Value> {
+    let r = AuditRecord::decode(leaf).ok()?;
+    let time =
+        time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(r.time_unix_ms) * 1_000_000)
+            .ok()
+            .and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .unwrap_or_default();
+    Some(serde_json::json!({
+        "index": index,
+        "time": time,
+        "time_unix_ms": r.time_unix_ms,
+        "agency_id": r.agency_id,
+        "role": r.role,
+        "cert_fingerprint": r.cert_fingerprint,
+        "method": r.method,
+        "purpose": r.purpose,
+        "case_reference": r.case_reference,
+        "subject_personal_ids": r.subject_personal_ids,
+        "fields_returned": r.fields_returned,
+        "outcome": r.outcome,
+        "detail": r.detail,
+        "request_id": r.request_id,
+        "latency_us": r.latency_us,
+    }))
 }
 
 /// `civgate audit export`: the signed checkpoint, then every entry, as JSON Lines.
@@ -361,6 +400,7 @@ pub async fn export(
     online: &mut Online,
     verifier: &Verifier,
     out: &mut dyn std::io::Write,
+    decoded: bool,
 ) -> Result<u64> {
     let (note, cp) = online.checkpoint(verifier).await?;
     writeln!(
@@ -376,7 +416,8 @@ pub async fn export(
                     "{}",
                     serde_json::to_string(&ExportLine::Entry {
                         index: start + k as u64,
-                        leaf: STANDARD.encode(l)
+                        leaf: STANDARD.encode(l),
+                        record: decoded.then(|| record_json(start + k as u64, l)).flatten(),
                     })?
                 )?;
             }
@@ -404,7 +445,7 @@ pub async fn verify_export(path: &Path, verifier: &Verifier, state: &Path) -> Re
     let mut hashes = Vec::new();
     for (n, line) in lines.take(cp.size as usize).enumerate() {
         match serde_json::from_str::<ExportLine>(&read(line)?) {
-            Ok(ExportLine::Entry { index, leaf }) => {
+            Ok(ExportLine::Entry { index, leaf, .. }) => {
                 if index != n as u64 {
                     return Err(Finding::Missing { index: n as u64 }.into());
                 }

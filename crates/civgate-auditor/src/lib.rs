@@ -5,6 +5,7 @@
 pub mod auditor;
 pub mod cli;
 
+use civgate_domain as domain;
 use civgate_gateway::client;
 use civgate_proto as pb;
 use civgate_tlog::{merkle, note};

@@ -23,6 +23,30 @@ pub async fn connect(addr: SocketAddr, certs_dir: &Path, client: Option<&str>) -
     Ok(endpoint.connect().await?)
 }
 
+/// A channel to `authority` (`host:port`, a name or an address) over mutual TLS with explicit
+/// PEM material: the server's certificate must chain to `ca` and name `server_name`.
+pub async fn connect_to(
+    authority: &str,
+    server_name: &str,
+    ca: Vec<u8>,
+    cert: Vec<u8>,
+    key: Vec<u8>,
+) -> Result<Channel> {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .domain_name(server_name)
+        .identity(Identity::from_pem(cert, key));
+    let endpoint = Endpoint::from_shared(format!("https://{authority}"))
+        .with_context(|| format!("{authority:?} is not host:port"))?
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(30));
+    endpoint
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {authority} (TLS server name {server_name})"))
+}
+
 /// Like [`connect`], as a [`Link`](crate::link::Link): calls go to the HTTP/2 connection
 /// directly, without a tonic `Channel`'s buffer task (for load generators). Dials before
 /// returning, so an unreachable server is an error here.

@@ -1,6 +1,6 @@
 //! `civgate demo`: the embedded default. Creates dev certificates if missing, starts the
 //! gateway on loopback with real mTLS, and walks through what exists so far — today the
-//! look-ups of SPEC §6 steps 1 and 3 and the identity and policy cases of step 6. Exits non-zero if any case comes out wrong.
+//! look-ups, the identity and policy cases, the two-way sync and an auditor's question. Exits non-zero if any case comes out wrong.
 
 use std::path::Path;
 
@@ -127,7 +127,7 @@ pub async fn run(certs_dir: &Path) -> Result<()> {
         .context("synthetic population has no married couple")?;
     let mother_id = father.spouse.clone().context("spouse")?;
 
-    println!("Look-ups by a civil registry (SPEC §6 steps 1 and 3):");
+    println!("Look-ups by a civil registry:");
     match client::connect(addr, certs_dir, Some("registry-hp")).await {
         Ok(ch) => {
             let r = HealthClient::new(ch.clone())
@@ -269,7 +269,7 @@ pub async fn run(certs_dir: &Path) -> Result<()> {
         Err(e) => check(false, "registry-hp connects", format!("{e:#}")),
     }
     println!();
-    println!("Identity and policy (SPEC §6 step 6):");
+    println!("Identity and policy:");
     for (name, what) in [
         ("auditor", "auditor → Citizens.GetCitizen (wrong role)"),
         (
@@ -305,7 +305,7 @@ pub async fn run(certs_dir: &Path) -> Result<()> {
     }
 
     println!();
-    println!("Two-way sync (SPEC §6 steps 1–5):");
+    println!("Two-way sync:");
     tokio::spawn({
         let (store, dir) = (directory.store.clone(), certs_dir.to_owned());
         async move {
@@ -324,10 +324,7 @@ pub async fn run(certs_dir: &Path) -> Result<()> {
     }
 
     println!();
-    println!(
-        "An auditor asks: who read citizen {} ? (SPEC §6 step 7)",
-        father.personal_id
-    );
+    println!("An auditor asks: who read citizen {} ?", father.personal_id);
     match audit_step(addr, certs_dir, &father.personal_id.to_string(), &data).await {
         Ok(lines) => {
             for (ok, what, got) in lines {
@@ -348,7 +345,7 @@ pub async fn run(certs_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// SPEC §6 steps 1–5 against the running gateway and directory consumer.
+/// The two-way sync against the running gateway and directory consumer.
 async fn sync_steps(
     addr: std::net::SocketAddr,
     certs_dir: &Path,
