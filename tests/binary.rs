@@ -899,3 +899,35 @@ async fn the_auditor_cli_reaches_a_gateway_by_name_with_its_own_files() {
     let (ok, out, _) = run(vec!["audit".into(), "keygen".into(), "--help".into()]).await;
     assert!(ok && !out.contains("--addr"), "{out}");
 }
+
+/// `civgate migrate` against a PostgreSQL that refuses the connection says so at once, with
+/// the cause, instead of waiting out its pool's timeout.
+#[test]
+fn migrate_reports_a_refused_connection_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let config = dir.path().join("civgate.toml");
+    std::fs::write(&config, civgate::config::DEFAULT_CONFIG).unwrap();
+    let url = format!("postgres://postgres@127.0.0.1:{port}/test");
+    let started = std::time::Instant::now();
+    let out = civgate(
+        &[
+            "migrate",
+            "--config",
+            config.to_str().unwrap(),
+            "--store-url",
+            &url,
+        ],
+        dir.path(),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(stderr.to_lowercase().contains("refused"), "{stderr}");
+}

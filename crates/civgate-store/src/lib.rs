@@ -226,10 +226,27 @@ pub(crate) fn pg_options(url: &str, timeout: Duration) -> Result<PgConnectOption
 /// A bounded pool; getting a connection, and each statement, waits at most `timeout` (then
 /// the caller answers UNAVAILABLE).
 pub async fn pg_pool(url: &str, max: u32, timeout: Duration) -> Result<PgPool> {
+    let options = pg_options(url, timeout)?;
+    // One connection first, on its own: a refused connection, a wrong password or a missing
+    // database is reported at once with its cause (the pool would retry until its timeout and
+    // say only that it timed out).
+    let first = tokio::time::timeout(
+        timeout,
+        <sqlx::PgConnection as sqlx::Connection>::connect_with(&options),
+    )
+    .await
+    .map_err(|_| {
+        anyhow::anyhow!(
+            "connecting to PostgreSQL: no answer within {} ms",
+            timeout.as_millis()
+        )
+    })?;
+    let first = first.context("connecting to PostgreSQL")?;
+    let _ = sqlx::Connection::close(first).await;
     PgPoolOptions::new()
         .max_connections(max.max(1))
         .acquire_timeout(timeout)
-        .connect_with(pg_options(url, timeout)?)
+        .connect_with(options)
         .await
         .context("connecting to PostgreSQL")
 }
