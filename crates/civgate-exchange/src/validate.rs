@@ -500,6 +500,33 @@ impl Check {
         }
     }
 
+    /// A date a decision of one kind carries (the date of going missing, of death): for that
+    /// kind required, not before the person's year of birth nor after the decision's effective
+    /// date; for any other kind absent.
+    fn decision_date(
+        &mut self,
+        field: &str,
+        value: &str,
+        wanted: bool,
+        only_for: &str,
+        id: Option<&PersonalId>,
+        effective: Option<time::Date>,
+    ) {
+        if !wanted {
+            if !value.is_empty() {
+                self.bad(field, only_for);
+            }
+            return;
+        }
+        let d = self.date(field, value);
+        self.not_before_birth(field, id, d);
+        if let (Some(d), Some(e)) = (d, effective)
+            && d > e
+        {
+            self.bad(field, "must not be after the decision's effective date");
+        }
+    }
+
     /// A court's decision, by kind (Civil Code 2015 arts. 22, 68, 71; Marriage and Family Law
     /// arts. 11, 88-102).
     fn court_decision(&mut self, x: &crate::pb::v1::CourtDecision) {
@@ -528,35 +555,22 @@ impl Check {
             &other,
             "must name another person than personal_id",
         );
-        let (missing, dead) = (kind == K::DeclaredMissing, kind == K::DeclaredDead);
-        if missing {
-            let since = self.date("missing_since", &x.missing_since);
-            self.not_before_birth("missing_since", id.as_ref(), since);
-            if let (Some(s), Some(e)) = (since, effective)
-                && s > e
-            {
-                self.bad(
-                    "missing_since",
-                    "must not be after the decision's effective date",
-                );
-            }
-        } else if !x.missing_since.is_empty() {
-            self.bad("missing_since", "for a declaration of missing only");
-        }
-        if dead {
-            let died = self.date("date_of_death", &x.date_of_death);
-            self.not_before_birth("date_of_death", id.as_ref(), died);
-            if let (Some(d), Some(e)) = (died, effective)
-                && d > e
-            {
-                self.bad(
-                    "date_of_death",
-                    "must not be after the decision's effective date",
-                );
-            }
-        } else if !x.date_of_death.is_empty() {
-            self.bad("date_of_death", "for a declaration of death only");
-        }
+        self.decision_date(
+            "missing_since",
+            &x.missing_since,
+            kind == K::DeclaredMissing,
+            "for a declaration of missing only",
+            id.as_ref(),
+            effective,
+        );
+        self.decision_date(
+            "date_of_death",
+            &x.date_of_death,
+            kind == K::DeclaredDead,
+            "for a declaration of death only",
+            id.as_ref(),
+            effective,
+        );
         match kind {
             K::Unspecified => self.bad("kind", "required: what the court decided"),
             K::MarriageAnnulled | K::MarriageRecognised => {

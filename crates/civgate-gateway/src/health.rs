@@ -28,6 +28,17 @@ pub(crate) enum Directory {
     Unreachable,
 }
 
+impl Directory {
+    /// What one probe found.
+    pub fn probed(answered: bool) -> Self {
+        if answered {
+            Directory::Reachable
+        } else {
+            Directory::Unreachable
+        }
+    }
+}
+
 /// Everything health depends on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Conditions {

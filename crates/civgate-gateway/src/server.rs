@@ -398,11 +398,7 @@ pub async fn start(source: ConfigSource, overrides: Overrides) -> Result<Running
     // health check) and every second.
     if let Some(upstream) = &probe_target {
         let up = upstream.probe(crate::health::PROBE_TIMEOUT).await;
-        health.set_directory(if up {
-            Directory::Reachable
-        } else {
-            Directory::Unreachable
-        });
+        health.set_directory(Directory::probed(up));
         if !up {
             warn!(
                 "the population directory does not answer: look-ups are NOT_SERVING until it does"
@@ -419,7 +415,7 @@ pub async fn start(source: ConfigSource, overrides: Overrides) -> Result<Running
                 tokio::select! {
                     _ = tick.tick() => {
                         let up = upstream.probe(crate::health::PROBE_TIMEOUT).await;
-                        health.set_directory(if up { Directory::Reachable } else { Directory::Unreachable });
+                        health.set_directory(Directory::probed(up));
                     }
                     () = listener::wait_true(&mut stop) => break,
                 }

@@ -129,23 +129,17 @@ pub async fn apply(store: &DirectoryStore, e: &SubscribedEvent) -> Result<Applie
             };
             store.upsert(&record).await?;
             let reg = b.registration.clone().unwrap_or_default();
-            Ok(Applied::Done(Some(Box::new(Event {
-                // The answer belongs to the birth's case.
-                case_reference: e
-                    .event
-                    .as_ref()
-                    .map(|ev| ev.case_reference.clone())
-                    .unwrap_or_default(),
-                occurred_at_unix_ms: crate::audit::log::now_ms(),
-                in_reply_to: e.event_id.clone(),
-                payload: Some(Payload::PersonalIdAssigned(PersonalIdAssigned {
+            // The answer belongs to the birth's case.
+            Ok(answer(
+                e,
+                Payload::PersonalIdAssigned(PersonalIdAssigned {
                     personal_id: id.to_string(),
                     registry_office_code: reg.registry_office_code,
                     book_number: reg.book_number,
                     entry_number: reg.entry_number,
                     ..Default::default()
-                })),
-            }))))
+                }),
+            ))
         }
         Payload::Death(d) => {
             let id = one(&d.personal_id)?;
