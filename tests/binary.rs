@@ -592,7 +592,7 @@ async fn migrate_applies_the_postgres_schema_and_explains_sqlite() {
         assert!(out.status.success(), "{out:?}");
         assert_eq!(
             String::from_utf8_lossy(&out.stdout).trim(),
-            "schema at version 6"
+            "schema at version 7"
         );
     }
     civgate::store::drop_test_schema(&url).await;

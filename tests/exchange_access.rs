@@ -604,6 +604,32 @@ async fn answers_are_checked_against_what_they_answer(env: Env) {
     let mut s = subscribe(&mut hp, POP, "registry-hp", None).await.unwrap();
     let got: Vec<u64> = take(&mut s, 2).await;
     assert_eq!(got, [d.sequence, a.sequence]);
+    // One answer per request: a second personal ID for the same birth is refused, naming the
+    // answer that stands; a retry of that answer gets its receipt again.
+    let e = refuse(&mut pop, "ok-2", assigned("031326000002", &b)).await;
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    assert!(e.message().contains(&a.event_id), "{e:?}");
+    assert_eq!(
+        publish(&mut pop, "ok", assigned("031326000001", &b)).await,
+        a
+    );
+    let mut audit = civgate::pb::v1::audit_client::AuditClient::new(
+        client::connect(gw.api_addr, &env.certs(), Some("auditor"))
+            .await
+            .unwrap(),
+    );
+    let refused = common::search_records(
+        &mut audit,
+        civgate::pb::v1::SearchEntriesRequest {
+            agency_id: "population".into(),
+            outcome: "ALREADY_EXISTS".into(),
+            page_size: 100,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0].detail, "already_answered");
 }
 
 /// What a registry receives through its subscription counts in its harvesting window: past the

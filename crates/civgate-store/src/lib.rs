@@ -57,6 +57,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (4, "block filters", SCHEMA_V4),
     (5, "block summaries", SCHEMA_V5),
     (6, "owned groups and audiences", SCHEMA_V6),
+    (7, "one answer per request", SCHEMA_V7),
 ];
 
 /// sqlx's migrator over [`MIGRATIONS`] (embedded at build time, as `sqlx::migrate!` would,
@@ -208,6 +209,7 @@ const SCHEMA_V5: &str = include_str!("../migrations/postgres/0005_block_summarie
 /// (`''` until the journal's open assigns an earlier release's groups from the config), and
 /// events record who they are addressed to (`audience`; NULL: every consumer of the topic).
 const SCHEMA_V6: &str = include_str!("../migrations/postgres/0006_owned_groups_and_audiences.sql");
+const SCHEMA_V7: &str = include_str!("../migrations/postgres/0007_one_answer_per_request.sql");
 
 /// Connection options for `url`: synchronous_commit on (a commit is durable when it returns),
 /// whatever the server's default; no statement or lock wait longer than `timeout` (a replica

@@ -8,7 +8,9 @@
 ///   open fails with what to add to the config, and nothing is changed;
 /// - population events without an audience are given theirs ([`crate::address::audience_of`]; an
 ///   answer goes to the producer of the event it answers, found through `in_reply_to` or the
-///   old `birth_event_id`, or by province when that event is gone).
+///   old `birth_event_id`, or by province when that event is gone);
+/// - once, after the upgrade that added `journal_answers`: the answers already stored are
+///   recorded there, so a request answered before the upgrade is not answered twice.
 macro_rules! adopt_legacy {
     ($conn:expr, $policy:expr) => {
         async {
@@ -79,6 +81,49 @@ macro_rules! adopt_legacy {
             }
             if n > 0 {
                 tracing::info!(events = n, "population events of an earlier release addressed");
+            }
+            let pending: Option<String> = sqlx::query_scalar(
+                "SELECT name FROM journal_backfills WHERE name = 'answers'",
+            )
+            .fetch_optional(&mut *$conn)
+            .await?;
+            if pending.is_some() {
+                // Pages in (topic, seq) order, so an earlier release's first answer of a kind
+                // is the one kept.
+                let (mut topic, mut seq, mut filled) = (String::new(), 0i64, 0u64);
+                loop {
+                    let rows: Vec<(String, i64, String, Vec<u8>)> = sqlx::query_as(
+                        "SELECT topic, seq, event_id, payload FROM journal_events                          WHERE (topic, seq) > ($1, $2) ORDER BY topic, seq LIMIT 10000",
+                    )
+                    .bind(&topic)
+                    .bind(seq)
+                    .fetch_all(&mut *$conn)
+                    .await?;
+                    let Some(last) = rows.last() else { break };
+                    (topic, seq) = (last.0.clone(), last.1);
+                    for (_, _, event_id, payload) in rows {
+                        let Ok(event) = <crate::pb::v1::Event as prost::Message>::decode(payload.as_slice()) else {
+                            continue;
+                        };
+                        let (Some(asked), Some(p)) = (crate::address::answered(&event), event.payload.as_ref()) else {
+                            continue;
+                        };
+                        filled += sqlx::query(
+                            "INSERT INTO journal_answers (asked, kind, event_id) VALUES ($1, $2, $3) \
+                             ON CONFLICT (asked, kind) DO NOTHING",
+                        )
+                        .bind(asked)
+                        .bind(crate::validate::topic_of(p).1)
+                        .bind(&event_id)
+                        .execute(&mut *$conn)
+                        .await?
+                        .rows_affected();
+                    }
+                }
+                sqlx::query("DELETE FROM journal_backfills WHERE name = 'answers'")
+                    .execute(&mut *$conn)
+                    .await?;
+                tracing::info!(answers = filled, "answers of an earlier release recorded (one of each kind per request)");
             }
             Ok::<_, anyhow::Error>(())
         }

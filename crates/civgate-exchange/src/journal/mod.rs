@@ -45,10 +45,26 @@ pub struct Receipt {
     pub recorded_at_ms: i64,
 }
 
+/// What an answer answers: the event it is `in_reply_to`, and its own kind (the payload's
+/// name). A request has at most one answer of each kind, whoever publishes it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Answer {
+    pub asked: String,
+    pub kind: &'static str,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
     #[error("idempotency key already used for a different event (event {0})")]
     Conflict(String),
+    #[error(
+        "event {asked} already has its {kind} answer: event {by} (one answer of each kind per request)"
+    )]
+    Answered {
+        asked: String,
+        kind: &'static str,
+        by: String,
+    },
     #[error("journal cannot commit: {0}")]
     NotDurable(String),
     #[error("journal read failed: {0}")]
@@ -66,7 +82,9 @@ pub struct Published {
 impl JournalError {
     fn code(&self) -> tonic::Code {
         match self {
-            JournalError::Conflict(_) => tonic::Code::AlreadyExists,
+            JournalError::Conflict(_) | JournalError::Answered { .. } => {
+                tonic::Code::AlreadyExists
+            }
             _ => tonic::Code::Unavailable,
         }
     }
@@ -76,7 +94,9 @@ impl From<JournalError> for tonic::Status {
     /// A store's own words (table names, constraint names, paths) are logged, never sent.
     fn from(e: JournalError) -> Self {
         let said = match &e {
-            JournalError::Conflict(_) => return tonic::Status::new(e.code(), e.to_string()),
+            JournalError::Conflict(_) | JournalError::Answered { .. } => {
+                return tonic::Status::new(e.code(), e.to_string());
+            }
             JournalError::NotDurable(_) => "the journal cannot commit now; retry",
             JournalError::Read(_) => "the journal cannot be read now; retry",
         };
@@ -263,14 +283,17 @@ impl Journal {
         topic: &'static str,
         payload: Vec<u8>,
     ) -> Result<Receipt, JournalError> {
-        self.publish_audited(producer, key, topic, payload, None, None)
+        self.publish_audited(producer, key, topic, payload, None, None, None)
             .await
             .result
     }
 
     /// Publishes, and — given the call's audit `draft` and an audit log — commits the call's
     /// audit record (finished with the outcome) in the same transaction as the event: one
-    /// durable commit for both instead of two in turn.
+    /// durable commit for both instead of two in turn. An event that `answers` another is
+    /// refused ([`JournalError::Answered`]) when that one already has an answer of its kind;
+    /// a retry of the same publish (same key and payload) still gets its receipt.
+    #[allow(clippy::too_many_arguments)]
     pub async fn publish_audited(
         &self,
         producer: &str,
@@ -278,6 +301,7 @@ impl Journal {
         topic: &'static str,
         payload: Vec<u8>,
         audience: Option<String>,
+        answers: Option<Answer>,
         audit: Option<Draft>,
     ) -> Published {
         let stopped = || Published {
@@ -291,6 +315,7 @@ impl Journal {
             topic,
             payload,
             audience,
+            answers,
             audit,
             done,
         };

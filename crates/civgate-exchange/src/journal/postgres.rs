@@ -10,8 +10,8 @@ use tokio::sync::mpsc;
 
 use super::legacy::adopt_legacy;
 use super::writer::{
-    ACK_SQL, Dialect, EVENT_COLUMNS, Job, Plan, REJECT_SQL, Written, audit_records, known_keys,
-    placed, plan, prune_topics,
+    ACK_SQL, ANSWER_SQL, Dialect, EVENT_COLUMNS, Job, Plan, REJECT_SQL, Written, audit_records,
+    known_answers, known_keys, placed, plan, prune_topics,
 };
 use super::{Group, Holder, Journal, TOPICS};
 use crate::audit::{AuditTail, merkle::CompactRange, subjects::BlockEntry};
@@ -89,7 +89,9 @@ impl Dialect for Pg {
                 }
             }
             let known = known_keys!(&mut *tx, batch).await?;
-            let planned = plan(last, batch, known, now);
+            // Read under the heads lock: no other replica commits an answer meanwhile.
+            let answered = known_answers!(&mut *tx, batch).await?;
+            let planned = plan(last, batch, known, answered, now);
             planned.write_pg(&mut tx).await?;
             // The audit log's size row is locked after the heads rows, by every replica.
             let (records, at) = audit_records(batch, &planned.outcomes);
@@ -169,6 +171,14 @@ impl Plan<'_> {
                 .bind(*seq as i64)
                 .bind(*reason)
                 .bind(self.now)
+                .execute(&mut *tx)
+                .await?;
+        }
+        for (asked, kind, event_id) in &self.answers {
+            sqlx::query(ANSWER_SQL)
+                .bind(*asked)
+                .bind(*kind)
+                .bind(event_id.as_str())
                 .execute(&mut *tx)
                 .await?;
         }

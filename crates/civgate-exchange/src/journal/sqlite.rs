@@ -10,8 +10,8 @@ use sqlx::{Connection, SqliteConnection, sqlite::SqlitePoolOptions};
 use super::legacy::adopt_legacy;
 use super::read::{EventRow, page_rows};
 use super::writer::{
-    ACK_SQL, Dialect, EVENT_COLUMNS, Job, Known, Outcome, Plan, REJECT_SQL, Written, audit_records,
-    known_keys, placed, plan, prune_topics,
+    ACK_SQL, ANSWER_SQL, Dialect, EVENT_COLUMNS, Job, Known, KnownAnswers, Outcome, Plan,
+    REJECT_SQL, Written, audit_records, known_answers, known_keys, placed, plan, prune_topics,
 };
 use super::{Holder, Journal, JournalError, TOPICS};
 use crate::audit::{AuditTail, merkle::CompactRange, subjects::BlockEntry};
@@ -93,6 +93,19 @@ INSERT INTO journal_rejections_owned (topic, agency, grp, seq, reason, at_ms) SE
 DROP TABLE journal_rejections;
 ALTER TABLE journal_rejections_owned RENAME TO journal_rejections;
 ";
+/// SQLite: a store of the release before one answer per request: which event answers which,
+/// filled in from the stored events once ([`adopt_legacy`], while `journal_backfills` names it).
+const SQLITE_ANSWERS: &str = "
+CREATE TABLE journal_answers (
+    asked TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    PRIMARY KEY (asked, kind)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS journal_backfills (name TEXT PRIMARY KEY) WITHOUT ROWID;
+INSERT INTO journal_backfills (name) VALUES ('answers') ON CONFLICT (name) DO NOTHING;
+";
+
 /// Opens the journal in `dir/civgate.sqlite` (see [`Journal::open`]).
 pub(super) async fn open(
     dir: &Path,
@@ -172,10 +185,11 @@ pub(super) fn parse_page(page: &str) -> Result<Vec<EventRow>, JournalError> {
     Ok(out)
 }
 impl Dialect for Sqlite {
-    /// The common case — no idempotency key of the batch has been seen before — is one
-    /// round trip: sequences are assigned and everything is written in one transaction. A
-    /// retried key makes that insert fail on the idempotency index; the batch is then rolled
-    /// back, the keys are looked up, and the batch is planned again knowing them.
+    /// The common case — no idempotency key of the batch has been seen before, no request it
+    /// answers has an answer of that kind — is one round trip: sequences are assigned and
+    /// everything is written in one transaction. A retried key or a second answer makes that
+    /// insert fail on a unique index; the batch is then rolled back, the keys and answers are
+    /// looked up, and the batch is planned again knowing them.
     async fn write(
         &mut self,
         last: &mut HashMap<&'static str, u64>,
@@ -186,7 +200,7 @@ impl Dialect for Sqlite {
         let conn = &mut self.conn;
         let before = last.clone();
         let range_before = range.as_deref().cloned();
-        let first = plan(last, batch, Known::new(), now);
+        let first = plan(last, batch, Known::new(), KnownAnswers::new(), now);
         let mut b = first.sqlite()?;
         let (indexes, entries) =
             stage_audit_sqlite(&mut b, batch, &first.outcomes, range.as_deref_mut())?;
@@ -201,7 +215,8 @@ impl Dialect for Sqlite {
             Err(e) => return Err(e.into()),
         }
         let known = known_keys!(conn, batch).await?;
-        let second = plan(last, batch, known, now);
+        let answered = known_answers!(conn, batch).await?;
+        let second = plan(last, batch, known, answered, now);
         let mut b = second.sqlite()?;
         let (indexes, entries) = stage_audit_sqlite(&mut b, batch, &second.outcomes, range)?;
         b.commit(conn).await?;
@@ -272,6 +287,9 @@ async fn upgrade_sqlite(conn: &mut SqliteConnection) -> Result<()> {
         sqlx::raw_sql(SQLITE_OWNED_REJECTIONS)
             .execute(&mut *conn)
             .await?;
+    }
+    if !has(conn, "journal_answers", "asked").await? {
+        sqlx::raw_sql(SQLITE_ANSWERS).execute(&mut *conn).await?;
     }
     sqlx::raw_sql(UNADDRESSED_INDEX).execute(&mut *conn).await?;
     Ok(())
@@ -357,6 +375,10 @@ impl Plan<'_> {
                 .bind(r.audience)?;
             Ok(())
         })?;
+        for (asked, kind, event_id) in &self.answers {
+            b.statement(&q(ANSWER_SQL));
+            b.bind(*asked)?.bind(*kind)?.bind(event_id.as_str())?;
+        }
         // No `journal_heads` row: on SQLite a topic's head is its highest stored sequence, and
         // retention records the heads before it deletes (`prune_sqlite`).
         Ok(b)

@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::error;
 
 use super::read::scope_expr;
-use super::{Group, Holder, Journal, JournalError, Published, Receipt};
+use super::{Answer, Group, Holder, Journal, JournalError, Published, Receipt};
 use crate::audit::{AuditTail, Draft, merkle::CompactRange, subjects::BlockEntry};
 use crate::pb::v1::AuditRecord;
 use crate::store::drain;
@@ -124,6 +124,8 @@ pub(super) enum Job {
         payload: Vec<u8>,
         /// Who it is addressed to (`address::audience_of`); `None`: every consumer.
         audience: Option<String>,
+        /// The request it answers, if it is an answer.
+        answers: Option<Answer>,
         /// The call's audit record, to be finished with the outcome and committed with it.
         audit: Option<Draft>,
         done: oneshot::Sender<Published>,
@@ -221,6 +223,43 @@ macro_rules! known_keys {
     };
 }
 pub(super) use known_keys;
+
+/// The answers already stored of each (asked event, kind) the batch's answers claim: one query
+/// per 400, none for a batch without answers. `conn` is a `&mut` SQLite or PostgreSQL
+/// connection.
+macro_rules! known_answers {
+    ($conn:expr, $batch:expr) => {
+        async {
+            let claims: Vec<&super::Answer> = $batch
+                .iter()
+                .filter_map(|j| match j {
+                    super::writer::Job::Publish { answers: Some(a), .. } => Some(a),
+                    _ => None,
+                })
+                .collect();
+            let mut known = super::writer::KnownAnswers::new();
+            for chunk in claims.chunks(400) {
+                let values: Vec<String> = (0..chunk.len())
+                    .map(|i| format!("(${}, ${})", 2 * i + 1, 2 * i + 2))
+                    .collect();
+                let sql = format!(
+                    "SELECT asked, kind, event_id FROM journal_answers WHERE (asked, kind) IN (VALUES {})",
+                    values.join(",")
+                );
+                // Built only from constants and numbered placeholders.
+                let mut q = sqlx::query_as::<_, (String, String, String)>(sqlx::AssertSqlSafe(sql));
+                for a in chunk {
+                    q = q.bind(a.asked.as_str()).bind(a.kind);
+                }
+                for (asked, kind, event_id) in q.fetch_all(&mut *$conn).await? {
+                    known.insert((asked, kind), event_id);
+                }
+            }
+            Ok::<_, anyhow::Error>(known)
+        }
+    };
+}
+pub(super) use known_answers;
 
 pub(super) struct Writer<D> {
     pub(super) conn: D,
@@ -377,11 +416,14 @@ pub(super) fn audit_records(batch: &[Job], outcomes: &[Outcome]) -> (Vec<AuditRe
     let mut at = Vec::new();
     for (i, (job, outcome)) in batch.iter().zip(outcomes).enumerate() {
         let Some(draft) = job.audit() else { continue };
-        let code = match outcome {
-            Outcome::Published(Err(e)) => e.code(),
-            Outcome::Published(Ok(_)) | Outcome::Acked => tonic::Code::Ok,
+        let (code, detail) = match outcome {
+            Outcome::Published(Err(e @ JournalError::Answered { .. })) => {
+                (e.code(), "already_answered")
+            }
+            Outcome::Published(Err(e)) => (e.code(), job.detail()),
+            Outcome::Published(Ok(_)) | Outcome::Acked => (tonic::Code::Ok, job.detail()),
         };
-        records.push(draft.call.record(draft.facts.clone(), code, job.detail()));
+        records.push(draft.call.record(draft.facts.clone(), code, detail));
         at.push(i);
     }
     (records, at)
@@ -406,22 +448,27 @@ pub(super) struct Plan<'a> {
     pub(super) rows: Vec<NewRow<'a>>,
     pub(super) acks: Vec<(&'a str, &'a Group, u64)>,
     pub(super) rejects: Vec<(&'a str, &'a Group, u64, &'a str)>,
+    /// (asked event, kind, answering event) of the new answers.
+    pub(super) answers: Vec<(&'a str, &'static str, String)>,
     pub(super) outcomes: Vec<Outcome>,
     pub(super) now: i64,
 }
 
 /// Assigns sequences (continuing `last`) to the new events of `batch` — those whose key is not
-/// in `known`, nor earlier in the batch.
+/// in `known`, nor earlier in the batch. An answer to a request that has one of its kind (in
+/// `answered`, or earlier in the batch) is refused, unless it is a retry of a stored publish.
 pub(super) fn plan<'a>(
     last: &mut HashMap<&'static str, u64>,
     batch: &'a [Job],
     mut known: Known,
+    mut answered: KnownAnswers,
     now: i64,
 ) -> Plan<'a> {
     let mut p = Plan {
         rows: Vec::new(),
         acks: Vec::new(),
         rejects: Vec::new(),
+        answers: Vec::new(),
         outcomes: Vec::with_capacity(batch.len()),
         now,
     };
@@ -433,6 +480,7 @@ pub(super) fn plan<'a>(
                 topic,
                 payload,
                 audience,
+                answers,
                 ..
             } => {
                 let hash: Vec<u8> = Sha256::digest(payload).to_vec();
@@ -443,6 +491,17 @@ pub(super) fn plan<'a>(
                     } else {
                         Err(JournalError::Conflict(receipt.event_id.clone()))
                     }));
+                    continue;
+                }
+                if let Some(a) = answers
+                    && let Some(by) = answered.get(&(a.asked.clone(), a.kind.to_owned()))
+                {
+                    p.outcomes
+                        .push(Outcome::Published(Err(JournalError::Answered {
+                            asked: a.asked.clone(),
+                            kind: a.kind,
+                            by: by.clone(),
+                        })));
                     continue;
                 }
                 let seq = last.get(topic).copied().unwrap_or(0) + 1;
@@ -457,6 +516,10 @@ pub(super) fn plan<'a>(
                     recorded_at_ms: now,
                 };
                 known.insert(k, (hash.clone(), receipt.clone()));
+                if let Some(a) = answers {
+                    answered.insert((a.asked.clone(), a.kind.to_owned()), event_id.clone());
+                    p.answers.push((a.asked.as_str(), a.kind, event_id.clone()));
+                }
                 p.rows.push(NewRow {
                     topic,
                     seq,
@@ -502,6 +565,13 @@ pub(super) const EVENT_COLUMNS: &str = "journal_events (topic, seq, event_id, pr
 
 /// (producer, idempotency key) → (payload hash, receipt) of events already stored.
 pub(super) type Known = HashMap<(String, String), (Vec<u8>, Receipt)>;
+
+/// (asked event, kind) → the event that answers it, of answers already stored.
+pub(super) type KnownAnswers = HashMap<(String, String), String>;
+
+/// Records which event answers which request, one row per (asked event, kind).
+pub(super) const ANSWER_SQL: &str =
+    "INSERT INTO journal_answers (asked, kind, event_id) VALUES ($1, $2, $3)";
 
 /// An event to insert.
 pub(super) struct NewRow<'a> {

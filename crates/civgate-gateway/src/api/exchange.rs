@@ -23,7 +23,7 @@ use crate::{
     domain::Role,
     exchange::{
         address,
-        journal::{Group, Journal, JournalError},
+        journal::{Answer, Group, Journal, JournalError},
         validate::{Refusal, is_topic, notices, subjects, topic_of, validate},
     },
     policy::{self, Principal},
@@ -431,6 +431,16 @@ impl Exchange for ExchangeService {
             told.subjects = subjects(p);
         }
         facts.update(|f| *f = told.clone());
+        // One answer of each kind per request: the journal refuses a second in the same
+        // transaction that would commit it.
+        let answers = event
+            .payload
+            .as_ref()
+            .filter(|_| !event.in_reply_to.is_empty())
+            .map(|p| Answer {
+                asked: event.in_reply_to.clone(),
+                kind: topic_of(p).1,
+            });
         // The call's audit record is committed with the event, in one transaction.
         let draft = call.map(|call| Draft { call, facts: told });
         let published = self
@@ -441,6 +451,7 @@ impl Exchange for ExchangeService {
                 topic,
                 event.encode_to_vec(),
                 audience,
+                answers,
                 draft,
             )
             .await;

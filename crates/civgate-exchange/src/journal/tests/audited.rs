@@ -68,7 +68,7 @@ async fn publishes_and_their_records_commit_together(store: Store) {
     let call = d1.call.clone();
     assert!(!call.is_recorded());
     let first = journal
-        .publish_audited("population", "k1", POPULATION, vec![1], None, Some(d1))
+        .publish_audited("population", "k1", POPULATION, vec![1], None, None, Some(d1))
         .await;
     // The writer marks the call before it answers, and so before it lets go of it (the gate
     // relies on that when the client went away meanwhile); it lets go just after answering.
@@ -105,6 +105,7 @@ async fn publishes_and_their_records_commit_together(store: Store) {
             POPULATION,
             vec![1],
             None,
+            None,
             Some(draft("r2")),
         )
         .await;
@@ -120,6 +121,7 @@ async fn publishes_and_their_records_commit_together(store: Store) {
             POPULATION,
             vec![2],
             None,
+            None,
             Some(draft("r3")),
         )
         .await;
@@ -131,7 +133,7 @@ async fn publishes_and_their_records_commit_together(store: Store) {
     );
     // Without a draft nothing is recorded by the journal.
     let plain = journal
-        .publish_audited("population", "k2", POPULATION, vec![3], None, None)
+        .publish_audited("population", "k2", POPULATION, vec![3], None, None, None)
         .await;
     assert_eq!(plain.audit_index, None);
     assert_eq!(plain.result.unwrap().sequence, receipt.sequence + 1);
@@ -236,6 +238,7 @@ async fn publishes_and_their_records_commit_together(store: Store) {
                         &key,
                         POPULATION,
                         vec![t, i as u8],
+                        None,
                         None,
                         Some(d),
                     )

@@ -164,6 +164,7 @@ async fn scoped_pages_select_by_audience(store: Store) {
             vec![i as u8],
             a.map(str::to_owned),
             None,
+            None,
         )
         .await
         .result
@@ -228,6 +229,7 @@ async fn retention_waits_for_every_holder_an_event_is_addressed_to(store: Store)
             POPULATION,
             vec![i as u8],
             Some((*a).to_owned()),
+            None,
             None,
         )
         .await
@@ -510,4 +512,184 @@ async fn publish_ack_and_retention_keep_what_a_group_still_needs() {
         .await
         .unwrap();
     assert_eq!(r.sequence, 7);
+}
+
+/// An answer as a stored event would carry it: `in_reply_to` the asked event.
+fn answer_payload(asked: &str, id: &str) -> Vec<u8> {
+    use prost::Message;
+    crate::pb::v1::Event {
+        in_reply_to: asked.to_owned(),
+        payload: Some(crate::pb::v1::event::Payload::PersonalIdAssigned(
+            crate::pb::v1::PersonalIdAssigned {
+                personal_id: id.to_owned(),
+                ..Default::default()
+            },
+        )),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+fn assigned(asked: &str) -> Option<Answer> {
+    Some(Answer {
+        asked: asked.to_owned(),
+        kind: "personal_id_assigned",
+    })
+}
+
+async fn answer(j: &Journal, key: &str, asked: &str, id: &str) -> Result<Receipt, JournalError> {
+    j.publish_audited(
+        "population",
+        key,
+        POPULATION,
+        answer_payload(asked, id),
+        None,
+        assigned(asked),
+        None,
+    )
+    .await
+    .result
+}
+
+/// One answer of each kind per request: a second `personal_id_assigned` for the same birth is
+/// refused with the first one's event id, whatever its key and whoever sends it; a retry of the
+/// first still gets its receipt; another kind of answer, or an answer to another request, is
+/// accepted; of two sent at once exactly one commits; and the rule holds after a reopen
+/// (another replica, on PostgreSQL).
+async fn one_answer_of_each_kind_per_request(store: Store) {
+    let j = Journal::open(&store, None, None, &Policy::default())
+        .await
+        .unwrap();
+    let birth = j
+        .publish("registry-hp", "b1", CIVIL_STATUS, vec![1])
+        .await
+        .unwrap();
+    let first = answer(&j, "a1", &birth.event_id, "031225000001").await.unwrap();
+    match answer(&j, "a2", &birth.event_id, "031225000002").await {
+        Err(JournalError::Answered { asked, kind, by }) => {
+            assert_eq!(
+                (asked.as_str(), kind, by.as_str()),
+                (
+                    birth.event_id.as_str(),
+                    "personal_id_assigned",
+                    first.event_id.as_str()
+                )
+            );
+        }
+        other => panic!("a second answer: {other:?}"),
+    }
+    assert_eq!(
+        answer(&j, "a1", &birth.event_id, "031225000001").await.unwrap(),
+        first,
+        "a retry gets its receipt"
+    );
+    let other_kind = j
+        .publish_audited(
+            "population",
+            "r1",
+            POPULATION,
+            vec![7],
+            None,
+            Some(Answer {
+                asked: birth.event_id.clone(),
+                kind: "citizen_data_corrected",
+            }),
+            None,
+        )
+        .await
+        .result;
+    assert!(other_kind.is_ok(), "{other_kind:?}");
+    // Two answers to one new request at once: one commits, one is refused.
+    let second = j
+        .publish("registry-hp", "b2", CIVIL_STATUS, vec![2])
+        .await
+        .unwrap();
+    let (x, y) = tokio::join!(
+        answer(&j, "x", &second.event_id, "031225000003"),
+        answer(&j, "y", &second.event_id, "031225000004")
+    );
+    assert_eq!(
+        [&x, &y].iter().filter(|r| r.is_ok()).count(),
+        1,
+        "{x:?} {y:?}"
+    );
+    assert!(
+        [&x, &y]
+            .iter()
+            .any(|r| matches!(r, Err(JournalError::Answered { .. })))
+    );
+    // Another journal on the same store (a restart, or another replica) keeps the rule.
+    let again = Journal::open(&store, None, None, &Policy::default())
+        .await
+        .unwrap();
+    assert!(matches!(
+        answer(&again, "a3", &birth.event_id, "031225000005").await,
+        Err(JournalError::Answered { .. })
+    ));
+    let status = tonic::Status::from(JournalError::Answered {
+        asked: birth.event_id.clone(),
+        kind: "personal_id_assigned",
+        by: first.event_id.clone(),
+    });
+    assert_eq!(status.code(), tonic::Code::AlreadyExists);
+    assert!(status.message().contains(&first.event_id));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_answer_of_each_kind_per_request_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    one_answer_of_each_kind_per_request(Store::Sqlite(dir.path().into())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_answer_of_each_kind_per_request_on_postgres() {
+    crate::store::with_test_postgres("one_answer", one_answer_of_each_kind_per_request).await;
+}
+
+/// A store written before answers were recorded: the open records the answers it holds, so a
+/// request answered before the upgrade is not answered again after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_stored_before_the_upgrade_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let birth;
+    {
+        let j = open_sqlite_at(dir.path()).await;
+        birth = j
+            .publish("registry-hp", "b1", CIVIL_STATUS, vec![1])
+            .await
+            .unwrap();
+        // As the earlier release stored it: the event only.
+        j.publish(
+            "population",
+            "a1",
+            POPULATION,
+            answer_payload(&birth.event_id, "031225000001"),
+        )
+        .await
+        .unwrap();
+    }
+    let path = crate::sqlite::store_path(dir.path());
+    let mut conn = SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    sqlx::raw_sql("DROP TABLE journal_answers; DROP TABLE journal_backfills")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
+    let j = open_sqlite_at(dir.path()).await;
+    assert!(matches!(
+        answer(&j, "a2", &birth.event_id, "031225000002").await,
+        Err(JournalError::Answered { .. })
+    ));
+    // Recorded once: the marker is gone, a later open does not scan again.
+    drop(j);
+    let mut conn = SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM journal_backfills")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(pending, 0);
 }
