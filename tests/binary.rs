@@ -203,8 +203,32 @@ async fn metrics_count_handshake_failures_by_reason_and_rpcs_by_code() {
         "civgate_rpc_requests_total{method=\"/grpc.health.v1.Health/Check\",code=\"PERMISSION_DENIED\"} 1",
         "civgate_rpc_requests_total{method=\"/grpc.health.v1.Health/Check\",code=\"OK\"} 1",
         "civgate_rpc_duration_seconds_bucket{method=\"/grpc.health.v1.Health/Check\",code=\"OK\"",
+        "civgate_build_info{version=\"",
+        "civgate_certificate_not_after_timestamp_seconds{cert=\"server\"}",
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
     ] {
         assert!(body.contains(needle), "missing {needle}\n{body}");
+    }
+    // Every metric says what it is.
+    for line in body
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let name = line.split(['{', ' ']).next().unwrap_or_default();
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .filter(|f| {
+                body.contains(&format!("# TYPE {f} histogram"))
+                    || body.contains(&format!("# TYPE {f} summary"))
+            })
+            .unwrap_or(name);
+        assert!(
+            body.contains(&format!("# HELP {family} ")),
+            "no # HELP for {family}\n{body}"
+        );
     }
     let (code, body) = http_get(gw.admin, "/healthz");
     assert_eq!((code, body.trim()), (200, "SERVING"));

@@ -643,6 +643,16 @@ async fn upstream_killed_mid_load_gives_unavailable_then_recovers() {
         }
     }
     assert!(failures > 0, "killing the directory must be visible");
+    // ... and in /metrics: the directory's failed calls, by outcome.
+    let (_, text) = common::http_get(gw.admin_addr, "/metrics");
+    let failed = common::metric(
+        &text,
+        "civgate_upstream_calls_total{method=\"GetCitizens\",outcome=\"UNAVAILABLE\"}",
+    ) + common::metric(
+        &text,
+        "civgate_upstream_calls_total{method=\"GetCitizens\",outcome=\"DEADLINE_EXCEEDED\"}",
+    );
+    assert!(failed >= 1.0, "{text}");
     let (r, took) = call(c.clone(), id.clone()).await;
     assert_eq!(r.unwrap_err().code(), Code::Unavailable);
     assert!(took < Duration::from_secs(1));

@@ -101,9 +101,24 @@ impl Health {
             .send_if_modified(|c| std::mem::replace(&mut c.store_ok, ok) != ok);
     }
 
+    /// What the last probe found; a change between reachable and unreachable is logged.
     pub fn set_directory(&self, d: Directory) {
-        self.conditions
-            .send_if_modified(|c| std::mem::replace(&mut c.directory, d) != d);
+        let up = if d == Directory::Reachable { 1.0 } else { 0.0 };
+        metrics::gauge!(crate::telemetry::UPSTREAM_UP).set(up);
+        let mut was = d;
+        let changed = self.conditions.send_if_modified(|c| {
+            was = std::mem::replace(&mut c.directory, d);
+            was != d
+        });
+        match (changed, was, d) {
+            (true, Directory::Reachable, Directory::Unreachable) => tracing::warn!(
+                "the population directory stopped answering: look-ups are NOT_SERVING until it does"
+            ),
+            (true, Directory::Unreachable, Directory::Reachable) => {
+                tracing::info!("the population directory answers again: look-ups are SERVING")
+            }
+            _ => {}
+        }
     }
 
     /// Draining: every service NOT_SERVING, applied before this returns.

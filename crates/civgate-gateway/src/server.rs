@@ -435,7 +435,7 @@ pub async fn start(source: ConfigSource, overrides: Overrides) -> Result<Running
                         let snap = state.load();
                         snap.harvest.retain_recent(&snap.config.file.harvest, std::time::Instant::now());
                         snap.refusals.retain_recent();
-                        metrics::gauge!("civgate_harvest_tracked_agencies").set(snap.harvest.agencies() as f64);
+                        metrics::gauge!(crate::telemetry::HARVEST_TRACKED).set(snap.harvest.agencies() as f64);
                     }
                     () = listener::wait_true(&mut stop) => break,
                 }

@@ -34,6 +34,166 @@ pub(crate) const CONNECTIONS_OPEN: &str = "civgate_connections_open";
 pub(crate) const CRL_NEXT_UPDATE: &str = "civgate_crl_next_update_timestamp_seconds";
 pub(crate) const SHARED_LIMITS_UP: &str = "civgate_shared_limits_up";
 pub(crate) const SHARED_LIMITS_FALLBACKS: &str = "civgate_shared_limits_fallbacks_total";
+pub(crate) const HARVEST_TRACKED: &str = "civgate_harvest_tracked_agencies";
+pub(crate) const BUILD_INFO: &str = "civgate_build_info";
+pub(crate) const UPSTREAM_CALLS: &str = "civgate_upstream_calls_total";
+pub(crate) const UPSTREAM_DURATION: &str = "civgate_upstream_duration_seconds";
+pub(crate) const UPSTREAM_UP: &str = "civgate_upstream_up";
+pub(crate) const CERT_NOT_AFTER: &str = "civgate_certificate_not_after_timestamp_seconds";
+pub(crate) const EXCHANGE_HEAD: &str = "civgate_exchange_head_sequence";
+
+/// Every metric the gateway exports, with its unit and what it counts: the `# HELP` lines of
+/// `/metrics`. A metric missing here renders without help (a test checks there is none).
+fn describe_all() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!(
+        BUILD_INFO,
+        "Always 1; the labels say which build of civgate is running (version)"
+    );
+    describe_counter!(
+        RPC_REQUESTS,
+        "gRPC calls finished, by method and status code (refusals included)"
+    );
+    describe_histogram!(
+        RPC_DURATION,
+        Unit::Seconds,
+        "Time from a call's headers to its answer, by method and status code"
+    );
+    describe_counter!(
+        RPC_DENIED,
+        "Calls refused before any work (identity, policy, purpose), by method and reason"
+    );
+    describe_counter!(
+        TLS_HANDSHAKE_FAILURES,
+        "TLS handshakes refused, by reason (revoked, expired, no client certificate, ...)"
+    );
+    describe_counter!(
+        CONFIG_RELOADS,
+        "Configuration reloads (SIGHUP), by outcome: ok or refused"
+    );
+    describe_counter!(
+        RATE_LIMITED,
+        "Calls over an agency's quota, by agency, bucket and mode (enforce or shadow)"
+    );
+    describe_counter!(
+        LOAD_SHED,
+        "Calls refused because the gateway was at its concurrency limit, by scope"
+    );
+    describe_counter!(
+        HARVEST,
+        "Harvesting guard events (warnings, refusals), by agency and event"
+    );
+    describe_gauge!(
+        HARVEST_TRACKED,
+        "Agencies with an open harvesting window (distinct citizens looked up)"
+    );
+    describe_gauge!(
+        AUDIT_LOG_SIZE,
+        "Entries in the audit log (the size of its Merkle tree)"
+    );
+    describe_counter!(
+        civgate_audit::AUDIT_RECORDS_LOST,
+        "Audit records dropped because the store could not commit them (the calls were refused)"
+    );
+    describe_gauge!(
+        STORE_STALLED,
+        "1 while the store does not commit within its timeout (calls then fail closed), else 0"
+    );
+    describe_histogram!(
+        STORE_COMMIT,
+        Unit::Seconds,
+        "Time of one store commit (a batch), by writer: audit or journal"
+    );
+    describe_histogram!(
+        STORE_COMMIT_ROWS,
+        "Rows (records or events) per store commit, by writer"
+    );
+    describe_gauge!(
+        EXCHANGE_BACKLOG,
+        "Events addressed to a consumer group after its last acknowledgement"
+    );
+    describe_gauge!(
+        EXCHANGE_BACKLOG_AGE,
+        Unit::Seconds,
+        "Age of the oldest event in a consumer group's backlog (0 when it has none)"
+    );
+    describe_gauge!(
+        EXCHANGE_DEAD_LETTERS,
+        "Events rejected by a consumer (dead letters), by topic"
+    );
+    describe_gauge!(
+        EXCHANGE_HEAD,
+        "The last sequence committed on a topic (this replica's view)"
+    );
+    describe_counter!(
+        HTTP_REFUSED,
+        "Requests refused below gRPC (not HTTP/2 POST, wrong content type), by HTTP status"
+    );
+    describe_counter!(
+        REFUSALS_UNRECORDED,
+        "Refusals whose audit record could not be committed, by method"
+    );
+    describe_counter!(
+        RPC_ABANDONED,
+        "Admitted calls whose client went away before the answer (recorded as CANCELLED)"
+    );
+    describe_counter!(
+        REQUEST_BODIES_REFUSED,
+        "Request bodies refused before decoding (too large, too slow), by reason"
+    );
+    describe_counter!(
+        CONNECTIONS_REFUSED,
+        "Connections closed before TLS (over the limit, handshake too slow), by reason"
+    );
+    describe_gauge!(CONNECTIONS_OPEN, "Client connections open now");
+    describe_gauge!(
+        CRL_NEXT_UPDATE,
+        Unit::Seconds,
+        "Unix time of each loaded CRL's nextUpdate: refresh the CRL before it"
+    );
+    describe_gauge!(
+        CERT_NOT_AFTER,
+        Unit::Seconds,
+        "Unix time the gateway's certificates expire (server: tls.cert; upstream: upstream.cert)"
+    );
+    describe_gauge!(
+        SHARED_LIMITS_UP,
+        "1 while the shared limits store (Redis) answers, else 0 (limits then fall back to this replica)"
+    );
+    describe_counter!(
+        SHARED_LIMITS_FALLBACKS,
+        "Decisions taken by this replica alone because the shared limits store did not answer"
+    );
+    describe_counter!(
+        UPSTREAM_CALLS,
+        "Calls to the population directory, by method and outcome (status code)"
+    );
+    describe_histogram!(
+        UPSTREAM_DURATION,
+        Unit::Seconds,
+        "Time of calls to the population directory, by method"
+    );
+    describe_gauge!(
+        UPSTREAM_UP,
+        "1 if the population directory answered the last probe (every second), else 0"
+    );
+}
+
+/// A call to the population directory: its outcome and time.
+pub(crate) fn upstream_call(method: &'static str, code: tonic::Code, elapsed: Duration) {
+    metrics::counter!(UPSTREAM_CALLS, "method" => method, "outcome" => code_name(code))
+        .increment(1);
+    metrics::histogram!(UPSTREAM_DURATION, "method" => method).record(elapsed.as_secs_f64());
+}
+
+/// When a certificate the gateway presents expires (`which`: server, upstream; `der`: the
+/// leaf).
+pub(crate) fn certificate_expires(which: &'static str, der: &[u8]) {
+    if let Ok((_, c)) = x509_parser::parse_x509_certificate(der) {
+        let t = c.validity().not_after.timestamp();
+        metrics::gauge!(CERT_NOT_AFTER, "cert" => which).set(t as f64);
+    }
+}
 
 /// Runs before `/metrics` renders (at most 2 s): gauges measured on demand.
 pub(crate) type ScrapeHook =
@@ -102,6 +262,9 @@ pub fn prometheus() -> &'static PrometheusHandle {
         if metrics::set_global_recorder(recorder).is_err() {
             tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
         }
+        describe_all();
+        metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+        metrics_process::Collector::default().describe();
         handle
     })
 }
@@ -231,6 +394,8 @@ where
                 if let Some(hook) = scrape.get() {
                     let _ = tokio::time::timeout(Duration::from_secs(2), hook()).await;
                 }
+                // CPU, memory, open files, threads, start time (process_*).
+                metrics_process::Collector::default().collect();
                 handle.render()
             }),
         )

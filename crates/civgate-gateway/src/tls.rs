@@ -124,6 +124,7 @@ pub fn server_config(config: &Config) -> Result<Arc<ServerConfig>, ConfigErrors>
         }
     }
 
+    let chain_leaf = chain.as_ref().and_then(|c| c.first()).map(|c| c.to_vec());
     let (Some(chain), Some(key), Some(roots)) = (chain, key, roots) else {
         return Err(ConfigErrors(errors));
     };
@@ -166,6 +167,9 @@ pub fn server_config(config: &Config) -> Result<Arc<ServerConfig>, ConfigErrors>
         .with_single_cert(chain, key)
         .map_err(|e| at(&tls.key, "tls.key", format!("does not match tls.cert: {e}")))?;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
+    if let Some(leaf) = chain_leaf {
+        crate::telemetry::certificate_expires("server", &leaf);
+    }
     for (path, next) in crl_dates {
         metrics::gauge!(crate::telemetry::CRL_NEXT_UPDATE, "crl" => path).set(next as f64);
     }

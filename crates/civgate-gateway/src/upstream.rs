@@ -56,6 +56,14 @@ impl Upstream {
             read(&section.cert)?,
             read(&section.key)?,
         );
+        if let Some(Ok(leaf)) =
+            <rustls_pki_types::CertificateDer as rustls_pki_types::pem::PemObject>::pem_slice_iter(
+                &cert,
+            )
+            .next()
+        {
+            crate::telemetry::certificate_expires("upstream", &leaf);
+        }
         let timeout = Duration::from_millis(section.timeout_ms);
         // One per thread of the runtime actually serving (main.rs chose it from the config).
         let serving =
@@ -111,7 +119,12 @@ impl Upstream {
             personal_ids: ids.iter().map(ToString::to_string).collect(),
             fields: field_names(fields),
         };
-        within(budget, self.link().call(GET_CITIZENS, &req, budget)).await
+        within(
+            "GetCitizens",
+            budget,
+            self.link().call(GET_CITIZENS, &req, budget),
+        )
+        .await
     }
 
     /// Does the directory answer? An empty `GetCitizens` within `timeout` (the contract's
@@ -119,9 +132,13 @@ impl Upstream {
     pub(crate) async fn probe(&self, timeout: Duration) -> bool {
         let req = GetCitizensRequest::default();
         let budget = timeout.min(self.timeout);
-        within(budget, self.link().call(GET_CITIZENS, &req, budget))
-            .await
-            .is_ok()
+        within(
+            "probe",
+            budget,
+            self.link().call(GET_CITIZENS, &req, budget),
+        )
+        .await
+        .is_ok()
     }
 
     pub async fn search(
@@ -141,22 +158,36 @@ impl Upstream {
             limit,
             fields: field_names(fields),
         };
-        let raw = within(budget, self.link().call(SEARCH_CITIZENS, &req, budget)).await?;
+        let raw = within(
+            "SearchCitizens",
+            budget,
+            self.link().call(SEARCH_CITIZENS, &req, budget),
+        )
+        .await?;
         decode::<SearchCitizensResponse>(raw).map(|r| r.citizens)
     }
 }
 
-/// One upstream call bounded by `budget`; failures mapped for the caller.
+/// One upstream call bounded by `budget`; failures mapped for the caller; its outcome and time
+/// counted under `method` (`probe` for the health probe).
 async fn within(
+    method: &'static str,
     budget: Duration,
     call: impl Future<Output = Result<Bytes, Status>>,
 ) -> Result<Bytes, Status> {
-    match tokio::time::timeout(budget, call).await {
-        Err(_) => Err(Status::deadline_exceeded(
-            "population directory did not answer in time",
-        )),
-        Ok(r) => r.map_err(map_upstream_error),
-    }
+    let started = std::time::Instant::now();
+    let (code, result) = match tokio::time::timeout(budget, call).await {
+        Err(_) => (
+            Code::DeadlineExceeded,
+            Err(Status::deadline_exceeded(
+                "population directory did not answer in time",
+            )),
+        ),
+        Ok(Ok(b)) => (Code::Ok, Ok(b)),
+        Ok(Err(s)) => (s.code(), Err(map_upstream_error(s))),
+    };
+    crate::telemetry::upstream_call(method, code, started.elapsed());
+    result
 }
 
 /// An answer of the directory, decoded (`INTERNAL` if it cannot be).

@@ -82,9 +82,7 @@ pub struct Published {
 impl JournalError {
     fn code(&self) -> tonic::Code {
         match self {
-            JournalError::Conflict(_) | JournalError::Answered { .. } => {
-                tonic::Code::AlreadyExists
-            }
+            JournalError::Conflict(_) | JournalError::Answered { .. } => tonic::Code::AlreadyExists,
             _ => tonic::Code::Unavailable,
         }
     }

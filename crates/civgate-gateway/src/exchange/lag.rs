@@ -1,7 +1,7 @@
 //! Consumer lag and dead letters, measured when `/metrics` is scraped: per consumer group
 //! (stored, or declared in `consumer_groups`), the events addressed to it after its
-//! acknowledgement and the age of the oldest of them; per topic, the events rejected into dead
-//! letters.
+//! acknowledgement and the age of the oldest of them; per topic, the head (last committed
+//! sequence) and the events rejected into dead letters.
 
 use std::sync::Arc;
 
@@ -38,6 +38,14 @@ pub(crate) async fn observe(journal: &Journal, policy: &Policy) {
                 telemetry::exchange_backlog(&topic, &group.agency, &group.name, events, age);
             }
             Err(e) => tracing::warn!(error = %e, %group, "consumer lag: cannot count the backlog"),
+        }
+    }
+    for topic in [
+        crate::exchange::validate::CIVIL_STATUS,
+        crate::exchange::validate::POPULATION,
+    ] {
+        if let Some(head) = journal.head(topic) {
+            metrics::gauge!(telemetry::EXCHANGE_HEAD, "topic" => topic).set(*head.borrow() as f64);
         }
     }
     match journal.dead_letters().await {

@@ -68,7 +68,15 @@ async fn publishes_and_their_records_commit_together(store: Store) {
     let call = d1.call.clone();
     assert!(!call.is_recorded());
     let first = journal
-        .publish_audited("population", "k1", POPULATION, vec![1], None, None, Some(d1))
+        .publish_audited(
+            "population",
+            "k1",
+            POPULATION,
+            vec![1],
+            None,
+            None,
+            Some(d1),
+        )
         .await;
     // The writer marks the call before it answers, and so before it lets go of it (the gate
     // relies on that when the client went away meanwhile); it lets go just after answering.

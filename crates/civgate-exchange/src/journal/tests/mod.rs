@@ -564,7 +564,9 @@ async fn one_answer_of_each_kind_per_request(store: Store) {
         .publish("registry-hp", "b1", CIVIL_STATUS, vec![1])
         .await
         .unwrap();
-    let first = answer(&j, "a1", &birth.event_id, "031225000001").await.unwrap();
+    let first = answer(&j, "a1", &birth.event_id, "031225000001")
+        .await
+        .unwrap();
     match answer(&j, "a2", &birth.event_id, "031225000002").await {
         Err(JournalError::Answered { asked, kind, by }) => {
             assert_eq!(
@@ -579,7 +581,9 @@ async fn one_answer_of_each_kind_per_request(store: Store) {
         other => panic!("a second answer: {other:?}"),
     }
     assert_eq!(
-        answer(&j, "a1", &birth.event_id, "031225000001").await.unwrap(),
+        answer(&j, "a1", &birth.event_id, "031225000001")
+            .await
+            .unwrap(),
         first,
         "a retry gets its receipt"
     );
