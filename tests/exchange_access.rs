@@ -630,6 +630,51 @@ async fn answers_are_checked_against_what_they_answer(env: Env) {
     .await;
     assert_eq!(refused.len(), 1, "{refused:?}");
     assert_eq!(refused[0].detail, "already_answered");
+
+    // A re-issued number answers a change of sex or date of birth, and must fit it.
+    let reissued = |new: &str, asked: &PublishReceipt| {
+        population(
+            Payload::PersonalIdReissued(civgate::pb::v1::PersonalIdReissued {
+                old_personal_id: "031195000002".into(),
+                new_personal_id: new.into(),
+                reason: "xác định lại giới tính".into(),
+            }),
+            &asked.event_id,
+        )
+    };
+    let m = bad(refuse(&mut pop, "r1", reissued("031095000009", &b)).await);
+    assert!(m.contains("answers a civil_status_change"), "{m}");
+    let gender = publish(
+        &mut hp,
+        "gender",
+        Event {
+            case_reference: String::new(),
+            occurred_at_unix_ms: 0,
+            in_reply_to: String::new(),
+            payload: Some(Payload::CivilStatusChange(
+                civgate::pb::v1::CivilStatusChange {
+                    registration: Some(Registration {
+                        registry_office_code: "HP-LECHAN".into(),
+                        book_number: "01/2026".into(),
+                        entry_number: "9".into(),
+                        registration_date: "2026-03-02".into(),
+                        registering_official: "Trần Văn Bình".into(),
+                    }),
+                    personal_id: "031195000002".into(),
+                    field: "sex".into(),
+                    old_value: "female".into(),
+                    new_value: "male".into(),
+                    reason: "xác định lại giới tính".into(),
+                    kind: civgate::pb::v1::ChangeKind::Gender as i32,
+                },
+            )),
+        },
+    )
+    .await;
+    // Still the old sex: the number does not fit the change.
+    let m = bad(refuse(&mut pop, "r2", reissued("031195000009", &gender)).await);
+    assert!(m.contains("the change answered"), "{m}");
+    publish(&mut pop, "r3", reissued("031095000009", &gender)).await;
 }
 
 /// What a registry receives through its subscription counts in its harvesting window: past the

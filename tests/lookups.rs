@@ -363,6 +363,22 @@ async fn verify_discloses_only_match_flags() {
             ("spouse_personal_id", Match::Yes as i32)
         ]
     );
+    // The old and the new placement of a tone mark are one name (Thủy / Thuỷ).
+    if let Some(t) = stack.people.iter().find(|t| t.full_name.contains("Thủy")) {
+        let r = c
+            .verify_citizen(VerifyCitizenRequest {
+                personal_id: t.personal_id.to_string(),
+                purpose: "IDENTITY_VERIFICATION".into(),
+                full_name: Some(t.full_name.replace("Thủy", "Thuỷ")),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.matches[0].r#match, Match::Yes as i32, "{}", t.full_name);
+    } else {
+        panic!("the synthetic population has a Thủy");
+    }
     // An attribute outside the purpose is refused, not answered.
     let err = c
         .verify_citizen(VerifyCitizenRequest {

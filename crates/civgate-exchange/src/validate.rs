@@ -1061,7 +1061,9 @@ pub fn validate(event: Option<&Event>, producer: &Principal) -> Result<&'static 
                 );
             }
             c.required("court_decision_number", &d.court_decision_number);
-            c.date("effective_date", &d.effective_date);
+            // Recorded after the court's decision takes effect.
+            let on = c.date("effective_date", &d.effective_date);
+            c.not_after_registration("effective_date", on, d.registration.as_ref());
             c.registration(d.registration.as_ref())
         }
         Payload::CivilStatusChange(x) => {
@@ -1104,7 +1106,9 @@ pub fn validate(event: Option<&Event>, producer: &Principal) -> Result<&'static 
         }
         Payload::Adoption(x) => {
             c.adoption_parties(&x.child_personal_id, &x.adoptive_parent_personal_ids);
-            c.date("effective_date", &x.effective_date);
+            // An adoption takes effect when it is registered (Law on Adoption 2010 art. 24).
+            let on = c.date("effective_date", &x.effective_date);
+            c.not_after_registration("effective_date", on, x.registration.as_ref());
             c.registration(x.registration.as_ref())
         }
         Payload::Guardianship(x) => {
@@ -1118,6 +1122,7 @@ pub fn validate(event: Option<&Event>, producer: &Principal) -> Result<&'static 
             );
             let on = c.date("effective_date", &x.effective_date);
             c.guardian_of_age(guardian.as_ref(), on);
+            c.not_after_registration("effective_date", on, x.registration.as_ref());
             c.registration(x.registration.as_ref())
         }
         Payload::CourtDecision(x) => {

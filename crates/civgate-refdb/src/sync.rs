@@ -717,6 +717,81 @@ mod tests {
         assert_eq!(now[0].full_name, "Nguyễn Thị Mới");
     }
 
+    /// A re-registration keeps the person's ID only when the records agree on the date of
+    /// birth and sex; a marriage of someone already married is rejected.
+    #[tokio::test]
+    async fn re_registrations_and_marriages_meet_the_records() {
+        let (_dir, store, people) = store_with(200).await;
+        let p = people
+            .iter()
+            .find(|p| p.date_of_death.is_none())
+            .expect("a living citizen");
+        let birth = |dob: time::Date| {
+            delivered(
+                "ev-rereg",
+                Payload::Birth(crate::pb::v1::Birth {
+                    registration: registration(),
+                    full_name: p.full_name.clone(),
+                    sex: match p.sex {
+                        Sex::Male => PbSex::Male,
+                        Sex::Female => PbSex::Female,
+                    } as i32,
+                    date_of_birth: crate::domain::format_date(dob),
+                    place_of_birth: "Hải Phòng".into(),
+                    ethnicity: "Kinh".into(),
+                    nationality: "Việt Nam".into(),
+                    birth_registration_province_code: "031".into(),
+                    foundling: true,
+                    personal_id: Some(p.personal_id.to_string()),
+                    ..Default::default()
+                }),
+            )
+        };
+        let other_day = p.date_of_birth.previous_day().expect("a day before");
+        let r = apply(&store, &birth(other_day)).await.unwrap();
+        assert!(
+            matches!(&r, Applied::Conflict(why) if why.contains("another date of birth or sex")),
+            "{r:?}"
+        );
+        let r = apply(&store, &birth(p.date_of_birth)).await.unwrap();
+        let Applied::Done(Some(answer)) = r else {
+            panic!("{r:?}")
+        };
+        let Some(Payload::PersonalIdAssigned(a)) = &answer.payload else {
+            panic!("{answer:?}")
+        };
+        assert_eq!(a.personal_id, p.personal_id.as_str(), "the ID is kept");
+
+        let married = people
+            .iter()
+            .find(|m| m.date_of_death.is_none() && m.marital_status == MaritalStatus::Married)
+            .expect("a married citizen");
+        let single = people
+            .iter()
+            .find(|s| {
+                s.date_of_death.is_none()
+                    && s.marital_status == MaritalStatus::Single
+                    && s.sex != married.sex
+            })
+            .expect("a single citizen of the other sex");
+        let marriage = delivered(
+            "ev-marriage",
+            Payload::Marriage(crate::pb::v1::Marriage {
+                registration: registration(),
+                spouse1_personal_id: married.personal_id.to_string(),
+                spouse1_full_name: married.full_name.clone(),
+                spouse2_personal_id: single.personal_id.to_string(),
+                spouse2_full_name: single.full_name.clone(),
+                date_of_marriage: "2026-03-01".into(),
+            }),
+        );
+        let r = apply(&store, &marriage).await.unwrap();
+        assert!(
+            matches!(&r, Applied::Conflict(why) if why.contains("already married")),
+            "{r:?}"
+        );
+    }
+
     #[tokio::test]
     async fn court_decisions_and_certificates_meet_the_records() {
         let (_dir, store, people) = store_with(200).await;

@@ -974,6 +974,135 @@ fn changes_court_decisions_and_the_other_new_events_are_checked() {
                 "a guardian is an adult",
             )),
         ),
+        (
+            "a guardian of oneself",
+            event(Payload::Guardianship(crate::pb::v1::Guardianship {
+                registration: reg("HP-LECHAN"),
+                ward_personal_id: "031095000001".into(),
+                guardian_personal_id: "031095000001".into(),
+                effective_date: "2026-02-01".into(),
+            })),
+            Some((
+                "event.guardianship.guardian_personal_id",
+                "not their own guardian",
+            )),
+        ),
+        (
+            "a guardianship effective after its registration",
+            event(Payload::Guardianship(crate::pb::v1::Guardianship {
+                registration: reg("HP-LECHAN"),
+                ward_personal_id: "031210000001".into(),
+                guardian_personal_id: "031095000001".into(),
+                effective_date: "2026-04-01".into(),
+            })),
+            Some((
+                "event.guardianship.effective_date",
+                "after the registration date",
+            )),
+        ),
+        (
+            "an adoption by two people of one sex",
+            event(Payload::Adoption(crate::pb::v1::Adoption {
+                registration: reg("HP-LECHAN"),
+                child_personal_id: "031210000001".into(),
+                adoptive_parent_personal_ids: vec!["031095000001".into(), "031090000003".into()],
+                effective_date: "2026-02-01".into(),
+            })),
+            Some((
+                "event.adoption.adoptive_parent_personal_ids[1]",
+                "married couple",
+            )),
+        ),
+        (
+            "an adoption by someone younger than the child",
+            event(Payload::Adoption(crate::pb::v1::Adoption {
+                registration: reg("HP-LECHAN"),
+                child_personal_id: "031210000001".into(),
+                adoptive_parent_personal_ids: vec!["031215000001".into()],
+                effective_date: "2026-02-01".into(),
+            })),
+            Some((
+                "event.adoption.adoptive_parent_personal_ids[0]",
+                "born before the child",
+            )),
+        ),
+        (
+            "an adoption effective after its registration",
+            event(Payload::Adoption(crate::pb::v1::Adoption {
+                registration: reg("HP-LECHAN"),
+                child_personal_id: "031210000001".into(),
+                adoptive_parent_personal_ids: vec!["031095000001".into()],
+                effective_date: "2026-04-01".into(),
+            })),
+            Some((
+                "event.adoption.effective_date",
+                "after the registration date",
+            )),
+        ),
+        (
+            "a divorce effective after its registration",
+            event(Payload::Divorce(crate::pb::v1::Divorce {
+                registration: reg("HP-LECHAN"),
+                spouse1_personal_id: "031095000001".into(),
+                spouse2_personal_id: "031195000002".into(),
+                court_decision_number: "1/2026".into(),
+                effective_date: "2026-04-01".into(),
+            })),
+            Some((
+                "event.divorce.effective_date",
+                "after the registration date",
+            )),
+        ),
+        (
+            "a marriage dated after its registration",
+            {
+                let mut m = marriage("031095000001", "031195000002");
+                if let Some(Payload::Marriage(x)) = &mut m.payload {
+                    x.date_of_marriage = "2026-04-01".into();
+                }
+                m
+            },
+            Some((
+                "event.marriage.date_of_marriage",
+                "after the registration date",
+            )),
+        ),
+        (
+            "a court decision without the court",
+            court(D::DeclaredDead, "", |d| {
+                d.court.clear();
+                d.date_of_death = "2025-06-01".into();
+            }),
+            Some(("event.court_decision.court", "required")),
+        ),
+        (
+            "a court decision without its effective date",
+            court(D::DeclaredDead, "", |d| {
+                d.effective_date.clear();
+                d.date_of_death = "2025-06-01".into();
+            }),
+            Some(("event.court_decision.effective_date", "required")),
+        ),
+        (
+            "missing since before the year of birth",
+            court(D::DeclaredMissing, "", |d| {
+                d.missing_since = "1990-01-01".into();
+            }),
+            Some((
+                "event.court_decision.missing_since",
+                "before the year of birth",
+            )),
+        ),
+        (
+            "an ethnicity re-determination of the name",
+            change(C::Ethnicity, "full_name", "Trần Thị Lan", "Trần Thị Hoa"),
+            Some(("event.civil_status_change.field", "of ethnicity")),
+        ),
+        (
+            "a gender re-determination of the hometown",
+            change(C::Gender, "hometown", "Hải Phòng", "Hà Nội"),
+            Some(("event.civil_status_change.field", "of sex")),
+        ),
         // Self-references and parents born after children in the older events.
         (
             "a divorce from oneself",
@@ -1111,6 +1240,11 @@ fn a_number_re_issued_for_another_reason_keeps_what_it_encodes() {
         ),
         (
             reissued("031043188286", "031143000001", "trùng số", ""),
+            Some("event.personal_id_reissued.new_personal_id"),
+        ),
+        // Another province only (sex and year kept): still refused.
+        (
+            reissued("031043188286", "001043000001", "trùng số", ""),
             Some("event.personal_id_reissued.new_personal_id"),
         ),
         (
