@@ -768,6 +768,7 @@ async fn the_reference_directory_consumes_civil_status_when_asked() {
                         entry_number: "9".into(),
                         registration_date: "2026-01-05".into(),
                         registering_official: "Trần Văn Bình".into(),
+                        country: String::new(),
                     }),
                     personal_id: "031050999999".into(),
                     date_of_death: "2026-01-01".into(),

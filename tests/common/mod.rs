@@ -718,6 +718,7 @@ pub fn birth(office: &str, name: &str) -> civgate::pb::v1::Event {
                 entry_number: "7".into(),
                 registration_date: "2026-03-02".into(),
                 registering_official: "Trần Văn Bình".into(),
+                country: String::new(),
             }),
             full_name: name.into(),
             sex: Sex::Female as i32,

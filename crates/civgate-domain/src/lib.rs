@@ -1,6 +1,7 @@
 //! Validated identifiers used across the gateway. Each is built once, at the edge (config
 //! file, client certificate, request), and code inside never sees an unchecked string.
 
+pub mod country;
 pub mod ethnicity;
 pub mod names;
 pub mod personal_id;
@@ -11,6 +12,7 @@ use std::{fmt, str::FromStr};
 
 use serde::Deserialize;
 
+pub use country::{CountryCode, CountryCodeError};
 pub use names::{FullName, NameError, fold};
 
 /// The exchange's topics.

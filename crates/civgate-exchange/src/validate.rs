@@ -610,6 +610,11 @@ impl Check {
         self.required("registration.book_number", &r.book_number);
         self.required("registration.entry_number", &r.entry_number);
         self.date("registration.registration_date", &r.registration_date);
+        if !r.country.is_empty()
+            && let Err(e) = r.country.parse::<crate::domain::CountryCode>()
+        {
+            self.bad("registration.country", e.to_string());
+        }
         self.required("registration.registry_office_code", &r.registry_office_code)
             .then(|| r.registry_office_code.clone())
     }
@@ -995,6 +1000,16 @@ pub fn validate(event: Option<&Event>, producer: &Principal) -> Result<&'static 
                     .check_consistency(sex, Some(born.year()))
                     .map_err(|e| c.bad("personal_id", e.to_string()));
             }
+            let abroad = b
+                .registration
+                .as_ref()
+                .is_some_and(|r| !r.country.is_empty());
+            if abroad && b.personal_id.as_deref().is_none_or(str::is_empty) {
+                c.bad(
+                    "registration.country",
+                    "a birth registered abroad keeps an existing personal ID (personal_id): a new one would begin with the country's code for personal IDs (Circular 59/2021/TT-BCA), which this release does not have",
+                );
+            }
             let parents = b.father.is_some() || b.mother.is_some();
             if b.foundling && parents {
                 c.bad(
@@ -1283,9 +1298,33 @@ pub fn validate(event: Option<&Event>, producer: &Principal) -> Result<&'static 
             producer.agency
         )));
     }
+    // Abroad: the producer speaks for that country's missions; an agency that speaks only for
+    // missions abroad names the country of each registration.
+    let country = registration_of(payload)
+        .map(|r| r.country.as_str())
+        .filter(|c| !c.is_empty());
+    match country {
+        Some(c) if !producer.countries.iter().any(|x| x.as_str() == c) => {
+            return Err(Refusal::NotAllowed(format!(
+                "agency {} may not publish registrations made in country {c} (its [agencies] countries)",
+                producer.agency
+            )));
+        }
+        None if payload_has_registration(payload)
+            && producer.provinces.is_empty()
+            && !producer.countries.is_empty() =>
+        {
+            return Err(Refusal::NotAllowed(format!(
+                "agency {} publishes registrations made abroad: registration.country names the country",
+                producer.agency
+            )));
+        }
+        _ => {}
+    }
     // A registry's offices are in its provinces: the birth is registered in one of them, and
     // the province decides the child's ID prefix.
     if let Payload::Birth(b) = payload
+        && country.is_none()
         && !producer.provinces.is_empty()
         && !producer
             .provinces
@@ -1301,6 +1340,35 @@ pub fn validate(event: Option<&Event>, producer: &Principal) -> Result<&'static 
         )));
     }
     Ok(topic)
+}
+
+/// The registration an event of the civil-status topic carries (`None`: a population event).
+fn registration_of(p: &Payload) -> Option<&Registration> {
+    match p {
+        Payload::Birth(x) => x.registration.as_ref(),
+        Payload::Death(x) => x.registration.as_ref(),
+        Payload::Marriage(x) => x.registration.as_ref(),
+        Payload::Divorce(x) => x.registration.as_ref(),
+        Payload::CivilStatusChange(x) => x.registration.as_ref(),
+        Payload::ParentChildRecognition(x) => x.registration.as_ref(),
+        Payload::Adoption(x) => x.registration.as_ref(),
+        Payload::Guardianship(x) => x.registration.as_ref(),
+        Payload::CourtDecision(x) => x.registration.as_ref(),
+        Payload::NationalityChange(x) => x.registration.as_ref(),
+        Payload::GuardianshipEnded(x) => x.registration.as_ref(),
+        Payload::AdoptionEnded(x) => x.registration.as_ref(),
+        Payload::MaritalStatusConfirmed(x) => x.registration.as_ref(),
+        Payload::PersonalIdAssigned(_)
+        | Payload::ResidenceChanged(_)
+        | Payload::DeathRecorded(_)
+        | Payload::PersonalIdReissued(_)
+        | Payload::CitizenDataCorrected(_) => None,
+    }
+}
+
+/// Does an event of this kind carry a registration (every civil-status event does)?
+fn payload_has_registration(p: &Payload) -> bool {
+    topic_of(p).0 == CIVIL_STATUS
 }
 
 #[cfg(test)]

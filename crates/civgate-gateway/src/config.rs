@@ -13,7 +13,9 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::{
-    domain::{AgencyId, CitizenField, ProvinceCode, PurposeCode, RegistryOfficeCode, Role},
+    domain::{
+        AgencyId, CitizenField, CountryCode, ProvinceCode, PurposeCode, RegistryOfficeCode, Role,
+    },
     policy::{Agency, Policy},
 };
 
@@ -320,6 +322,11 @@ pub struct AgencySection {
     /// birth, or residing, in these provinces are delivered to it.
     #[serde(default)]
     pub provinces: Option<Spanned<Vec<ProvinceCode>>>,
+    /// A civil registry that publishes what Việt Nam's representative missions abroad register
+    /// (Law 60/2014 art. 3(3)): the countries (ISO 3166-1 alpha-2) whose missions it speaks
+    /// for. Its events then carry `registration.country`.
+    #[serde(default)]
+    pub countries: Option<Spanned<Vec<CountryCode>>>,
     /// The consumer groups this agency uses. A group belongs to the agency that uses it; this
     /// list assigns the groups of a store written by an earlier release (which did not record
     /// owners) to their agency when the store is opened.
@@ -522,6 +529,19 @@ impl Config {
                     format!("agencies.{id}.provinces"),
                     format!(
                         "only a civil_registry has a jurisdiction of provinces; {id} is {}",
+                        agency.role
+                    ),
+                ));
+            }
+            if let Some(countries) = &agency.countries
+                && agency.role != Role::CivilRegistry
+                && !countries.get_ref().is_empty()
+            {
+                errors.push(self.error_at(
+                    countries.span().start,
+                    format!("agencies.{id}.countries"),
+                    format!(
+                        "only a civil_registry publishes registrations made abroad; {id} is {}",
                         agency.role
                     ),
                 ));
@@ -749,6 +769,11 @@ impl Config {
                     .as_ref()
                     .map(|o| o.get_ref().clone())
                     .unwrap_or_default();
+                let countries = a
+                    .countries
+                    .as_ref()
+                    .map(|o| o.get_ref().clone())
+                    .unwrap_or_default();
                 let groups = a
                     .consumer_groups
                     .as_ref()
@@ -760,6 +785,7 @@ impl Config {
                         role: a.role,
                         registry_offices: Arc::from(offices),
                         provinces: Arc::from(provinces),
+                        countries: Arc::from(countries),
                         consumer_groups: Arc::from(groups),
                     },
                 )

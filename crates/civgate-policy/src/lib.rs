@@ -12,7 +12,7 @@ pub mod purposes;
 pub use methods::{granted, known as known_method};
 
 use civgate_domain::{
-    AgencyId, CertFingerprint, ProvinceCode, RegistryOfficeCode, Role,
+    AgencyId, CertFingerprint, CountryCode, ProvinceCode, RegistryOfficeCode, Role,
     topics::{CIVIL_STATUS, POPULATION},
 };
 use identity::{IdentityError, PeerIdentity};
@@ -32,6 +32,9 @@ pub struct Agency {
     pub registry_offices: Arc<[RegistryOfficeCode]>,
     /// A civil registry's jurisdiction (empty for other roles).
     pub provinces: Arc<[ProvinceCode]>,
+    /// Countries whose representative missions' registrations a civil registry publishes
+    /// (empty: it registers in Việt Nam only).
+    pub countries: Arc<[CountryCode]>,
     /// Consumer group names the config assigns to this agency (for stores of an earlier
     /// release, whose groups had no recorded owner).
     pub consumer_groups: Arc<[String]>,
@@ -44,6 +47,7 @@ impl Agency {
             role,
             registry_offices: Arc::from([]),
             provinces: Arc::from([]),
+            countries: Arc::from([]),
             consumer_groups: Arc::from([]),
         }
     }
@@ -67,6 +71,7 @@ pub struct Principal {
     pub fingerprint: CertFingerprint,
     pub registry_offices: Arc<[RegistryOfficeCode]>,
     pub provinces: Arc<[ProvinceCode]>,
+    pub countries: Arc<[CountryCode]>,
 }
 
 /// Why a call was refused before any work.
@@ -162,6 +167,7 @@ pub fn authorize(policy: &Policy, peer: &PeerIdentity, method: &str) -> Result<P
         fingerprint: peer.fingerprint,
         registry_offices: agency.registry_offices.clone(),
         provinces: agency.provinces.clone(),
+        countries: agency.countries.clone(),
     })
 }
 

@@ -617,6 +617,7 @@ mod tests {
             entry_number: "2".into(),
             registration_date: "2026-03-02".into(),
             registering_official: "Trần Văn Bình".into(),
+            country: String::new(),
         })
     }
 

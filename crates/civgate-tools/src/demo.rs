@@ -371,6 +371,7 @@ async fn sync_steps(
         entry_number: entry.into(),
         registration_date: format_date(today),
         registering_official: "Phạm Thị Thu".into(),
+        country: String::new(),
     };
     // The registry listens to the population topic.
     let mut from_population = reg

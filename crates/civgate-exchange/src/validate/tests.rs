@@ -14,6 +14,7 @@ fn registry() -> Principal {
         fingerprint: CertFingerprint([0; 32]),
         registry_offices: Arc::from(vec!["HP-LECHAN".parse().unwrap()]),
         provinces: Arc::from(vec!["031".parse().unwrap()]),
+        countries: Arc::from([]),
     }
 }
 
@@ -33,6 +34,7 @@ fn reg(office: &str) -> Option<Registration> {
         entry_number: "123".into(),
         registration_date: "2026-03-02".into(),
         registering_official: "Trần Văn Bình".into(),
+        country: String::new(),
     })
 }
 
@@ -1269,6 +1271,116 @@ fn a_number_re_issued_for_another_reason_keeps_what_it_encodes() {
                 assert!(v.iter().any(|f| f.field == *field), "row {i}: {v:?}")
             }
             (want, got) => panic!("row {i}: wanted {want:?}, got {got:?}"),
+        }
+    }
+}
+
+/// An agency that speaks for Việt Nam's missions in Japan.
+fn consular() -> Principal {
+    Principal {
+        agency: "consular".parse().unwrap(),
+        registry_offices: Arc::from(vec!["JP-TOKYO".parse().unwrap()]),
+        provinces: Arc::from([]),
+        countries: Arc::from(vec!["JP".parse().unwrap()]),
+        ..registry()
+    }
+}
+
+/// `e` registered at `office`, in `country` ("" for Việt Nam).
+fn registered_at(mut e: Event, office: &str, country: &str) -> Event {
+    let r = match e.payload.as_mut() {
+        Some(Payload::Birth(x)) => x.registration.as_mut(),
+        Some(Payload::Marriage(x)) => x.registration.as_mut(),
+        _ => None,
+    };
+    if let Some(r) = r {
+        r.registry_office_code = office.into();
+        r.country = country.into();
+    }
+    e
+}
+
+/// Registrations made abroad by a representative mission (Law 60/2014 art. 3(3)): the country
+/// is an ISO code of another country, the producer speaks for it, an agency of missions names
+/// it, and a birth abroad keeps an existing personal ID.
+#[test]
+fn registrations_made_abroad() {
+    #[derive(Debug)]
+    enum Want {
+        Ok,
+        Invalid(&'static str),
+        NotAllowed(&'static str),
+    }
+    let marriage_in = |office: &str, country: &str| {
+        registered_at(marriage("031095000001", "031195000002"), office, country)
+    };
+    let kept_id = |e: Event| {
+        let mut e = e;
+        if let Some(Payload::Birth(b)) = &mut e.payload {
+            b.personal_id = Some("031326000009".into());
+        }
+        e
+    };
+    let rows: Vec<(&str, Principal, Event, Want)> = vec![
+        (
+            "a marriage at the embassy in Tokyo",
+            consular(),
+            marriage_in("JP-TOKYO", "JP"),
+            Want::Ok,
+        ),
+        (
+            "a country the agency does not speak for",
+            consular(),
+            marriage_in("JP-TOKYO", "KR"),
+            Want::NotAllowed("country KR"),
+        ),
+        (
+            "a mission's registration without its country",
+            consular(),
+            marriage_in("JP-TOKYO", ""),
+            Want::NotAllowed("registration.country names the country"),
+        ),
+        (
+            "not a country code",
+            consular(),
+            marriage_in("JP-TOKYO", "XX"),
+            Want::Invalid("event.marriage.registration.country"),
+        ),
+        (
+            "Việt Nam as the country abroad",
+            consular(),
+            marriage_in("JP-TOKYO", "VN"),
+            Want::Invalid("event.marriage.registration.country"),
+        ),
+        (
+            "a provincial registry publishing for a mission",
+            registry(),
+            marriage_in("HP-LECHAN", "JP"),
+            Want::NotAllowed("country JP"),
+        ),
+        (
+            "a birth abroad that would need a new ID",
+            consular(),
+            registered_at(birth("JP-TOKYO"), "JP-TOKYO", "JP"),
+            Want::Invalid("event.birth.registration.country"),
+        ),
+        (
+            "a birth abroad that keeps the person's ID",
+            consular(),
+            kept_id(registered_at(birth("JP-TOKYO"), "JP-TOKYO", "JP")),
+            Want::Ok,
+        ),
+    ];
+    for (what, who, e, want) in rows {
+        match (&want, validate(Some(&e), &who)) {
+            (Want::Ok, Ok(t)) => assert_eq!(t, CIVIL_STATUS, "{what}"),
+            (Want::Invalid(field), Err(Refusal::Invalid(v))) => {
+                assert!(v.iter().any(|f| f.field == *field), "{what}: {v:?}")
+            }
+            (Want::NotAllowed(words), Err(Refusal::NotAllowed(why))) => {
+                assert!(why.contains(words), "{what}: {why}")
+            }
+            (_, got) => panic!("{what}: wanted {want:?}, got {got:?}"),
         }
     }
 }

@@ -222,3 +222,33 @@ fn tls_min_version_parses() {
     let src = MINIMAL.replace("[tls]", "[tls]\nmin_version = \"1.0\"");
     assert!(parse(&src).is_err());
 }
+
+/// `countries`: ISO codes of other countries, for a civil registry only.
+#[test]
+fn an_agency_of_missions_abroad_names_its_countries() {
+    let rows: &[(&str, &str, Option<&str>)] = &[
+        ("civil_registry", "[\"JP\", \"KR\"]", None),
+        ("civil_registry", "[\"XX\"]", Some("agencies.consular")),
+        ("civil_registry", "[\"VN\"]", Some("agencies.consular")),
+        (
+            "population_db",
+            "[\"JP\"]",
+            Some("agencies.consular.countries"),
+        ),
+    ];
+    for (role, countries, key) in rows {
+        let src = format!(
+            "{MINIMAL}\n[agencies.consular]\nrole = \"{role}\"\nregistry_offices = []\ncountries = {countries}\n"
+        );
+        match (parse(&src), key) {
+            (Ok(c), None) => {
+                let policy = c.policy();
+                let a = &policy.agencies[&"consular".parse().unwrap()];
+                let got: Vec<&str> = a.countries.iter().map(|c| c.as_str()).collect();
+                assert_eq!(got, ["JP", "KR"]);
+            }
+            (Err(e), Some(key)) => assert!(e.0[0].key.starts_with(key), "{countries}: {e}"),
+            (r, _) => panic!("{role} {countries}: {:?}", r.map(|_| ())),
+        }
+    }
+}

@@ -43,6 +43,7 @@ async fn publishes_and_their_records_commit_together(store: Store) {
                 fingerprint,
                 registry_offices: Arc::from([]),
                 provinces: Arc::from([]),
+                countries: Arc::from([]),
             }),
             path.into(),
             rid.into(),
