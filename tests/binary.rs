@@ -167,7 +167,7 @@ async fn broken_config_on_reload_is_refused_and_the_old_one_keeps_serving() {
 #[tokio::test]
 async fn metrics_count_handshake_failures_by_reason_and_rpcs_by_code() {
     let env = Env::new();
-    let gw = env.spawn_binary();
+    let mut gw = env.spawn_binary();
     // The shipped default (`worker_threads = 0`): single-threaded on up to two cores.
     let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     let expected = if cores <= 2 {
@@ -193,6 +193,28 @@ async fn metrics_count_handshake_failures_by_reason_and_rpcs_by_code() {
         .check(HealthCheckRequest::default())
         .await
         .unwrap();
+
+    // The refusal's log line names the request; every call has an access line.
+    let refused = gw.wait_log("refused: ");
+    assert!(
+        refused["request_id"]
+            .as_str()
+            .is_some_and(|s| s.len() == 32),
+        "{refused}"
+    );
+    let access = loop {
+        let l = gw.wait_log("call");
+        if l["target"] == "civgate::access" && l["agency"] == "registry-hp" {
+            break l;
+        }
+    };
+    assert_eq!(access["code"], "OK", "{access}");
+    assert_eq!(access["method"], "/grpc.health.v1.Health/Check", "{access}");
+    assert!(access["ms"].as_f64().is_some(), "{access}");
+    assert!(
+        access["request_id"].as_str().is_some_and(|s| s.len() == 32),
+        "{access}"
+    );
 
     let (code, body) = http_get(gw.admin, "/metrics");
     assert_eq!(code, 200);

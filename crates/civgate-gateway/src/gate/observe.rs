@@ -91,32 +91,49 @@ impl Step for Observe {
             telemetry::rpc_finished(method, status.code(), started.elapsed());
             return Ok(status.into_http());
         };
-        req.extensions_mut()
-            .insert(std::sync::Arc::new(CallContext {
-                started,
-                path,
-                method,
-                request_id: request_id.clone(),
-                conn,
-                snapshot: self.state.load_full(),
-            }));
+        let ctx = std::sync::Arc::new(CallContext {
+            started,
+            path,
+            method,
+            request_id: request_id.clone(),
+            conn,
+            snapshot: self.state.load_full(),
+        });
+        req.extensions_mut().insert(ctx.clone());
         let mut resp = next.call(req).await?;
         let resp = match outcome(&mut resp) {
             Some(code) => {
-                telemetry::rpc_finished(method, code, started.elapsed());
+                finished(&ctx, code);
                 resp
             }
             None => resp.map(|inner| {
                 tonic::body::Body::new(MeteredBody {
                     inner,
-                    method,
-                    start: started,
+                    ctx,
                     done: false,
                 })
             }),
         };
         Ok(with_request_id(resp, &request_id))
     }
+}
+
+/// A call ended with `code`: its metrics, and one access log line (target `civgate::access`,
+/// level info: `RUST_LOG=info,civgate::access=off` turns it off) with the request id, the
+/// agency its certificate names, the method, the outcome and the time.
+fn finished(ctx: &CallContext, code: tonic::Code) {
+    let elapsed = ctx.started.elapsed();
+    telemetry::rpc_finished(ctx.method, code, elapsed);
+    tracing::info!(
+        target: "civgate::access",
+        request_id = ctx.request_id.as_str(),
+        remote = %ctx.conn.remote,
+        agency = ctx.conn.peer.agency.as_ref().map_or("", |a| a.as_str()),
+        method = ctx.path.as_str(),
+        code = telemetry::code_name(code),
+        ms = elapsed.as_secs_f64() * 1e3,
+        "call"
+    );
 }
 
 /// The `x-request-id` a caller sent (1–128 visible ASCII characters), or a fresh one.
@@ -141,8 +158,7 @@ pin_project! {
     struct MeteredBody {
         #[pin]
         inner: tonic::body::Body,
-        method: &'static str,
-        start: Instant,
+        ctx: std::sync::Arc<CallContext>,
         done: bool,
     }
 
@@ -150,7 +166,7 @@ pin_project! {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
             if !*this.done {
-                telemetry::rpc_finished(this.method, tonic::Code::Cancelled, this.start.elapsed());
+                finished(this.ctx, tonic::Code::Cancelled);
             }
         }
     }
@@ -176,7 +192,7 @@ impl Body for MeteredBody {
             };
             if let Some(code) = code {
                 *this.done = true;
-                telemetry::rpc_finished(this.method, code, this.start.elapsed());
+                finished(this.ctx, code);
             }
         }
         Poll::Ready(frame)

@@ -53,6 +53,7 @@ impl Step for Refusals {
         let status = tonic::Status::from_header_map(resp.headers())
             .unwrap_or_else(|| tonic::Status::unknown("refused"));
         tracing::warn!(
+            request_id = ctx.request_id.as_str(),
             remote = %ctx.conn.remote,
             method = ctx.path,
             agency = principal.as_ref().map(|p| p.agency.as_str()),
