@@ -31,6 +31,40 @@ enum LogFormat {
     Json,
 }
 
+/// Where the store URL may come from besides `[store] url`: a flag or variable (visible to
+/// whoever can read the process's command line or environment), or a file (a secret).
+#[derive(clap::Args)]
+struct StoreUrl {
+    /// Overrides [store] url (postgres://…: journal and audit log in PostgreSQL).
+    #[arg(long, env = "CIVGATE_STORE_URL", hide_env_values = true)]
+    store_url: Option<String>,
+    /// Overrides [store] url with the URL held in this file (one line): keeps the password out
+    /// of the command line, the environment and the config file.
+    #[arg(long, env = "CIVGATE_STORE_URL_FILE", conflicts_with = "store_url")]
+    store_url_file: Option<PathBuf>,
+}
+
+impl StoreUrl {
+    /// The URL given, if any; the file's is read now.
+    fn resolve(self) -> anyhow::Result<Option<String>> {
+        use anyhow::Context;
+        match (self.store_url, self.store_url_file) {
+            (Some(u), _) => Ok(Some(u)),
+            (None, Some(f)) => {
+                let text = std::fs::read_to_string(&f)
+                    .with_context(|| format!("--store-url-file: cannot read {}", f.display()))?;
+                anyhow::ensure!(
+                    text.trim().lines().count() == 1,
+                    "--store-url-file: {} must hold the URL on one line",
+                    f.display()
+                );
+                Ok(Some(text.trim().to_owned()))
+            }
+            (None, None) => Ok(None),
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the embedded demo over real mTLS on loopback (creates dev certificates if missing).
@@ -40,27 +74,26 @@ enum Command {
     },
     /// Run the gateway.
     Serve {
-        #[arg(long, default_value = "civgate.toml")]
+        #[arg(long, env = "CIVGATE_CONFIG", default_value = "civgate.toml")]
         config: PathBuf,
         /// Overrides [server] listen.
-        #[arg(long)]
+        #[arg(long, env = "CIVGATE_LISTEN")]
         listen: Option<SocketAddr>,
         /// Overrides [server] admin_listen.
-        #[arg(long)]
+        #[arg(long, env = "CIVGATE_ADMIN_LISTEN")]
         admin_listen: Option<SocketAddr>,
         /// Overrides [server] data_dir.
-        #[arg(long)]
+        #[arg(long, env = "CIVGATE_DATA_DIR")]
         data_dir: Option<PathBuf>,
-        /// Overrides [store] url (postgres://…: journal and audit log in PostgreSQL).
-        #[arg(long)]
-        store_url: Option<String>,
+        #[command(flatten)]
+        store: StoreUrl,
     },
     /// Apply the PostgreSQL schema of [store] url (or --store-url) and exit.
     Migrate {
-        #[arg(long, default_value = "civgate.toml")]
+        #[arg(long, env = "CIVGATE_CONFIG", default_value = "civgate.toml")]
         config: PathBuf,
-        #[arg(long)]
-        store_url: Option<String>,
+        #[command(flatten)]
+        store: StoreUrl,
     },
     /// Development PKI.
     Certs {
@@ -203,21 +236,21 @@ async fn run(command: Command) -> anyhow::Result<()> {
             listen,
             admin_listen,
             data_dir,
-            store_url,
+            store,
         } => {
             let overrides = Overrides {
                 listen,
                 admin_listen,
                 data_dir,
-                store_url,
+                store_url: store.resolve()?,
             };
             // Before anything says "serving": a signal sent on that line must find its handler.
             let signals = server::Signals::install()?;
             let running = server::start(ConfigSource::File(config), overrides).await?;
             running.run_until_signalled(signals).await
         }
-        Command::Migrate { config, store_url } => {
-            let version = server::migrate(&config, store_url).await?;
+        Command::Migrate { config, store } => {
+            let version = server::migrate(&config, store.resolve()?).await?;
             println!("schema at version {version}");
             Ok(())
         }

@@ -641,6 +641,31 @@ async fn migrate_applies_the_postgres_schema_and_explains_sqlite() {
             "schema at version 7"
         );
     }
+    // The URL (a secret: it may hold the password) from a file named by the environment.
+    let secret = env.dir.path().join("store-url");
+    std::fs::write(&secret, format!("{url}\n")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_civgate"))
+        .args(["migrate", "--config", "civgate.toml"])
+        .env("CIVGATE_STORE_URL_FILE", &secret)
+        .current_dir(env.dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "schema at version 7"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_civgate"))
+        .args(["migrate", "--config", "civgate.toml"])
+        .env("CIVGATE_STORE_URL_FILE", env.dir.path().join("missing"))
+        .current_dir(env.dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot read"),
+        "{out:?}"
+    );
     civgate::store::drop_test_schema(&url).await;
 }
 

@@ -65,6 +65,9 @@ pub struct ConfigFile {
 pub struct StoreSection {
     /// `postgres://user@host:port/database[?options=-c%20search_path%3Dschema]`; empty = SQLite.
     pub url: String,
+    /// A file holding the URL (with its password): a secret kept out of this file and of the
+    /// command line. Relative to the config file; one line. Instead of `url`.
+    pub url_file: Option<PathBuf>,
     /// Connections per pool (the journal and the audit log each have one).
     pub pool_max: u32,
 }
@@ -73,6 +76,7 @@ impl Default for StoreSection {
     fn default() -> Self {
         Self {
             url: String::new(),
+            url_file: None,
             pool_max: 8,
         }
     }
@@ -493,14 +497,67 @@ impl Config {
                 message: e.message().trim().to_owned(),
             }])
         })?;
-        let config = Self {
+        let mut config = Self {
             file,
             origin,
             base_dir,
             source: Arc::from(source),
         };
+        config.read_secret_files()?;
         config.check_semantics()?;
         Ok(config)
+    }
+
+    /// `[store] url_file` and `[shared_limits] url_file`: each URL read from its file (one line,
+    /// surrounding whitespace dropped), at every load and reload.
+    fn read_secret_files(&mut self) -> Result<(), ConfigErrors> {
+        let mut errors = Vec::new();
+        let store = (
+            "store",
+            self.file.store.url_file.clone(),
+            !self.file.store.url.is_empty(),
+        );
+        let shared = (
+            "shared_limits",
+            self.file.shared_limits.url_file.clone(),
+            !self.file.shared_limits.url.is_empty(),
+        );
+        for (section, file, has_url) in [store, shared] {
+            let Some(file) = file else { continue };
+            let key = format!("{section}.url_file");
+            let at = |message: String| ConfigError {
+                file: self.origin.clone(),
+                line: None,
+                key: key.clone(),
+                message,
+            };
+            if has_url {
+                errors.push(at(format!(
+                    "give {section}.url or {section}.url_file, not both"
+                )));
+                continue;
+            }
+            let path = self.resolve(&file);
+            match std::fs::read_to_string(&path) {
+                Ok(text) if text.trim().lines().count() == 1 => {
+                    let url = text.trim().to_owned();
+                    match section {
+                        "store" => self.file.store.url = url,
+                        _ => self.file.shared_limits.url = url,
+                    }
+                }
+                Ok(_) => errors.push(at(format!(
+                    "{} must hold the URL on one line",
+                    path.display()
+                ))),
+                Err(e) => errors.push(at(format!("cannot read {}: {e}", path.display()))),
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors(errors))
+        }
     }
 
     /// Rules serde cannot express, each reported with its line.

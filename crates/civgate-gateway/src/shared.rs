@@ -31,6 +31,9 @@ use crate::{
 pub struct SharedLimitsSection {
     /// `redis://host:port[/db]`; empty: every replica enforces its own limits (one node).
     pub url: String,
+    /// A file holding the URL (with its password), relative to the config file; one line.
+    /// Instead of `url`.
+    pub url_file: Option<std::path::PathBuf>,
     /// Keys are `<prefix>:…`: one prefix per deployment sharing a Redis.
     pub prefix: String,
     /// A shared decision slower than this is taken by the replica alone, from its own limits.
@@ -44,6 +47,7 @@ impl Default for SharedLimitsSection {
     fn default() -> Self {
         Self {
             url: String::new(),
+            url_file: None,
             prefix: "civgate".into(),
             timeout_ms: 50,
             in_flight_lease_ms: 30_000,

@@ -252,3 +252,54 @@ fn an_agency_of_missions_abroad_names_its_countries() {
         }
     }
 }
+
+/// `url_file`: the store's and the shared limits' URLs read from a file (a secret), not both
+/// ways at once, one line, an unreadable file named.
+#[test]
+fn urls_come_from_secret_files() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("pg"),
+        "postgres://civgate:s3cret@db/civgate\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("redis"), "redis://:pw@cache:6379/0\n").unwrap();
+    std::fs::write(
+        dir.path().join("two"),
+        "postgres://a@b/c\npostgres://d@e/f\n",
+    )
+    .unwrap();
+    let load = |extra: &str| {
+        Config::parse(
+            &format!("{MINIMAL}\n{extra}"),
+            "t.toml".into(),
+            dir.path().to_owned(),
+        )
+    };
+    let c = load("[store]\nurl_file = \"pg\"\n[shared_limits]\nurl_file = \"redis\"").unwrap();
+    assert_eq!(c.file.store.url, "postgres://civgate:s3cret@db/civgate");
+    assert_eq!(c.file.shared_limits.url, "redis://:pw@cache:6379/0");
+    for (extra, key, word) in [
+        (
+            "[store]\nurl = \"postgres://x@y/z\"\nurl_file = \"pg\"",
+            "store.url_file",
+            "not both",
+        ),
+        (
+            "[store]\nurl_file = \"missing\"",
+            "store.url_file",
+            "cannot read",
+        ),
+        ("[store]\nurl_file = \"two\"", "store.url_file", "one line"),
+        (
+            "[shared_limits]\nurl_file = \"missing\"",
+            "shared_limits.url_file",
+            "cannot read",
+        ),
+    ] {
+        let e = load(extra).map(|_| ()).unwrap_err();
+        assert_eq!(e.0[0].key, key, "{extra}: {e}");
+        assert!(e.to_string().contains(word), "{extra}: {e}");
+        assert!(!e.to_string().contains("s3cret"), "{e}");
+    }
+}
