@@ -186,7 +186,12 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> ExitCode {
     tls::install_provider();
     let cli = Cli::parse();
-    telemetry::init_logging(matches!(cli.log_format, LogFormat::Json));
+    // The demo tells its own story: its calls' access lines would drown it.
+    let default_filter = match cli.command {
+        Command::Demo { .. } => "info,civgate::access=off",
+        _ => "info",
+    };
+    telemetry::init_logging(matches!(cli.log_format, LogFormat::Json), default_filter);
     let runtime = match runtime(&cli.command).enable_all().build() {
         Ok(r) => r,
         Err(e) => {

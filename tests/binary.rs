@@ -215,6 +215,24 @@ async fn metrics_count_handshake_failures_by_reason_and_rpcs_by_code() {
         access["request_id"].as_str().is_some_and(|s| s.len() == 32),
         "{access}"
     );
+    // A refusal the handler decides (here: another registry's office) is logged too.
+    let ch = client::connect(gw.api, &certs, Some("registry-hp"))
+        .await
+        .unwrap();
+    let mut req = tonic::Request::new(civgate::pb::v1::PublishRequest {
+        idempotency_key: "other-office".into(),
+        event: Some(common::birth("HN-BADINH", "Lê An")),
+    });
+    req.metadata_mut()
+        .insert("x-request-id", "refused-publish-1".parse().unwrap());
+    let e = civgate::pb::v1::exchange_client::ExchangeClient::new(ch)
+        .publish(req)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    let line = gw.wait_log("refused: publish_not_allowed");
+    assert_eq!(line["request_id"], "refused-publish-1", "{line}");
+    assert_eq!(line["agency"], "registry-hp", "{line}");
 
     let (code, body) = http_get(gw.admin, "/metrics");
     assert_eq!(code, 200);

@@ -678,6 +678,39 @@ async fn answers_are_checked_against_what_they_answer(env: Env) {
     let m = bad(refuse(&mut pop, "r2", reissued("031195000009", &gender)).await);
     assert!(m.contains("the change answered"), "{m}");
     publish(&mut pop, "r3", reissued("031095000009", &gender)).await;
+
+    // A fact sent as an answer concerns a citizen the answered event names, and also reaches
+    // the registry covering that citizen.
+    let hanoi_mother = publish(&mut hp, "b-hn", birth("HP-LECHAN", "031", "001195000004")).await;
+    let m = bad(refuse(
+        &mut pop,
+        "x6",
+        population(
+            Payload::DeathRecorded(DeathRecorded {
+                personal_id: "001065125751".into(),
+                date_of_death: "2026-03-01".into(),
+                recording_unit: "Công an".into(),
+            }),
+            &hanoi_mother.event_id,
+        ),
+    )
+    .await);
+    assert!(m.contains("does not name citizen 001065125751"), "{m}");
+    let died = publish(
+        &mut pop,
+        "d-hn",
+        population(
+            Payload::DeathRecorded(DeathRecorded {
+                personal_id: "001195000004".into(),
+                date_of_death: "2026-03-01".into(),
+                recording_unit: "Công an".into(),
+            }),
+            &hanoi_mother.event_id,
+        ),
+    )
+    .await;
+    let mut s_hn = subscribe(&mut hn, POP, "registry-hn", None).await.unwrap();
+    assert_eq!(next(&mut s_hn).await.sequence, died.sequence);
 }
 
 /// What a registry receives through its subscription counts in its harvesting window: past the

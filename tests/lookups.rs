@@ -219,6 +219,8 @@ async fn each_purpose_is_declared_only_with_its_methods() {
     assert_eq!(records[0].outcome, "PERMISSION_DENIED", "{records:?}");
     assert_eq!(records[0].detail, "purpose_not_for_method", "{records:?}");
     assert!(records[0].fields_returned.is_empty());
+    // Whom it was about: a search by citizen finds the attempt.
+    assert_eq!(records[0].subject_personal_ids, std::slice::from_ref(&id), "{records:?}");
 }
 
 #[tokio::test]

@@ -5,7 +5,9 @@
 //! - `civil-status` events go to every consumer of the topic (the population database): no
 //!   audience is stored.
 //! - A `population` event that answers another (`Event.in_reply_to`) goes to the agency that
-//!   published the answered event: `a:<agency>`.
+//!   published the answered event: `a:<agency>`. A personal ID assigned or re-issued goes to it
+//!   alone; any other answer (a death, a residence, a correction) also goes where the same event
+//!   unanswered would, so the registries covering the citizen learn of it too.
 //! - Any other `population` event goes to the civil registries whose jurisdiction covers a
 //!   citizen it concerns: `p:<province>` for the province of each personal ID it names (the
 //!   province of the birth registration) and of the new residence, where it has one.
@@ -38,8 +40,17 @@ pub fn audience_of(payload: &Payload, answered_producer: Option<&str>) -> Option
     if topic != POPULATION {
         return None;
     }
+    let mut s = String::from(" ");
     if let Some(agency) = answered_producer {
-        return Some(agency_token(agency));
+        if matches!(
+            payload,
+            Payload::PersonalIdAssigned(_) | Payload::PersonalIdReissued(_)
+        ) {
+            return Some(agency_token(agency));
+        }
+        s.push_str("a:");
+        s.push_str(agency);
+        s.push(' ');
     }
     let mut provinces = BTreeSet::new();
     for id in subjects(payload) {
@@ -55,7 +66,6 @@ pub fn audience_of(payload: &Payload, answered_producer: Option<&str>) -> Option
     }
     // Addressed to nobody when it names no province (validation makes that impossible for
     // a new event; an undecodable stored one is kept from everyone).
-    let mut s = String::from(" ");
     for p in provinces {
         s.push_str("p:");
         s.push_str(&p);
@@ -175,6 +185,16 @@ mod tests {
         assert!(!matches(Some(&a), Some(&scope("registry-hn", &["031"]))));
         assert!(!matches(Some(&a), Some(&scope("registry", &[]))));
         assert!(!matches(Some(&a), Some(&scope("registry-hp-2", &[]))));
+        // Any other answer reaches the answered producer and the citizen's registries.
+        let died = Payload::DeathRecorded(DeathRecorded {
+            personal_id: "001095000001".into(),
+            ..Default::default()
+        });
+        let a = audience_of(&died, Some("registry-hp")).unwrap();
+        assert_eq!(a, " a:registry-hp p:001 ");
+        assert!(matches(Some(&a), Some(&scope("registry-hp", &["031"]))));
+        assert!(matches(Some(&a), Some(&scope("registry-hn", &["001"]))));
+        assert!(!matches(Some(&a), Some(&scope("registry-dn", &["048"]))));
     }
 
     #[test]

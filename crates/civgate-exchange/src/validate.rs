@@ -60,6 +60,7 @@ pub fn subjects(p: &Payload) -> Vec<String> {
             .into_iter()
             .flatten()
             .filter_map(|x| x.personal_id.as_deref())
+            .chain(b.personal_id.as_deref())
             .collect(),
         Payload::Death(d) => vec![&d.personal_id],
         Payload::Marriage(m) => vec![&m.spouse1_personal_id, &m.spouse2_personal_id],

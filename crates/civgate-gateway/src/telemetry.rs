@@ -225,10 +225,12 @@ pub fn dead_letters(topic: &str, n: u64) {
     metrics::gauge!(EXCHANGE_DEAD_LETTERS, "topic" => topic.to_owned()).set(n as f64);
 }
 
-/// Installs the tracing subscriber: human-readable or JSON lines, to stderr.
-pub fn init_logging(json: bool) {
+/// Installs the tracing subscriber: human-readable or JSON lines, to stderr, filtered by
+/// `RUST_LOG` or else by `default_filter` (e.g. `info`).
+pub fn init_logging(json: bool, default_filter: &str) {
     use tracing_subscriber::{EnvFilter, fmt};
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     // Colours only on a terminal: files, pipes and journald get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = fmt()

@@ -68,13 +68,15 @@ impl CitizensService {
 
     /// May `who` declare purpose `code` for `method`? Checked first, before any work: a purpose
     /// is bound to methods and roles (`[purposes.X] methods`, `roles`). An unknown or missing
-    /// purpose passes here and is refused as invalid by [`Self::purpose`].
-    fn bound<T>(
+    /// purpose passes here and is refused as invalid by [`Self::purpose`]. A refusal's record
+    /// names the valid personal IDs among `ids` (whom the read was about).
+    fn bound<'a, T>(
         &self,
         req: &Request<T>,
         who: &Principal,
         method: CitizensMethod,
         code: &str,
+        ids: impl IntoIterator<Item = &'a str>,
     ) -> Result<(), Status> {
         let snapshot = self.state.load();
         let Some((code, p)) = code
@@ -85,9 +87,15 @@ impl CitizensService {
             return Ok(());
         };
         purpose_permits(code.as_str(), p.binding(), method, who.role).map_err(|denial| {
+            let subjects: BTreeSet<String> = ids
+                .into_iter()
+                .filter_map(|s| PersonalId::parse(s).ok())
+                .map(|id| id.to_string())
+                .collect();
             FactsSlot::of(req).update(|f| {
                 f.purpose = code.as_str().to_owned();
                 f.refusal = denial.reason();
+                f.subjects = subjects.into_iter().collect();
             });
             Status::permission_denied(denial.to_string())
         })
@@ -305,6 +313,7 @@ impl Citizens for CitizensService {
             &who,
             CitizensMethod::GetCitizen,
             &req.get_ref().purpose,
+            [req.get_ref().personal_id.as_str()],
         )?;
         let r = req.into_inner();
         let id = parse_id("personal_id", &r.personal_id);
@@ -368,6 +377,7 @@ impl Citizens for CitizensService {
             &who,
             CitizensMethod::BatchGetCitizens,
             &req.get_ref().purpose,
+            req.get_ref().personal_ids.iter().map(String::as_str),
         )?;
         let r = req.into_inner();
         let mut violations = Vec::new();
@@ -499,6 +509,7 @@ impl Citizens for CitizensService {
             &who,
             CitizensMethod::VerifyCitizen,
             &req.get_ref().purpose,
+            [req.get_ref().personal_id.as_str()],
         )?;
         let r = req.into_inner();
         let mut violations = Vec::new();
@@ -709,6 +720,7 @@ impl Citizens for CitizensService {
             &who,
             CitizensMethod::SearchCitizens,
             &req.get_ref().purpose,
+            [],
         )?;
         let r = req.into_inner();
         let mut violations = Vec::new();

@@ -230,6 +230,28 @@ impl ExchangeService {
                 ),
             )]));
         }
+        // A fact about a citizen sent as an answer concerns a citizen the answered event names:
+        // an answer cannot carry another citizen's data to the asker.
+        if matches!(
+            payload,
+            crate::pb::v1::event::Payload::DeathRecorded(_)
+                | crate::pb::v1::event::Payload::ResidenceChanged(_)
+                | crate::pb::v1::event::Payload::CitizenDataCorrected(_)
+        ) {
+            let named: Vec<String> = answered
+                .as_ref()
+                .and_then(|e| e.payload.as_ref())
+                .map(subjects)
+                .unwrap_or_default();
+            if let Some(other) = subjects(payload).into_iter().find(|id| !named.contains(id)) {
+                return Err(invalid(vec![FieldViolation::new(
+                    "event.in_reply_to",
+                    format!(
+                        "the event answered does not name citizen {other}: an answer concerns a citizen it names"
+                    ),
+                )]));
+            }
+        }
         if let crate::pb::v1::event::Payload::PersonalIdAssigned(assigned) = payload {
             let Some(crate::pb::v1::event::Payload::Birth(birth)) =
                 answered.as_ref().and_then(|e| e.payload.as_ref())

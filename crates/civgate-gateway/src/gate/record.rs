@@ -151,6 +151,19 @@ impl Step for Audit {
         let detail = if facts.refusal.is_empty() {
             facts.detail.clone()
         } else {
+            // A refusal the handler decided (purpose, publish rules, guessing) is logged like
+            // those of the gate.
+            let status = tonic::Status::from_header_map(resp.headers())
+                .unwrap_or_else(|| tonic::Status::unknown("refused"));
+            tracing::warn!(
+                request_id = ctx.request_id.as_str(),
+                remote = %ctx.conn.remote,
+                method = ctx.path,
+                agency = call.principal.as_ref().map(|p| p.agency.as_str()),
+                "refused: {}: {}",
+                facts.refusal,
+                status.message()
+            );
             facts.refusal.to_owned()
         };
         let appended = self.log.append(call.record(facts, code, &detail)).await;
