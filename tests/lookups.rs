@@ -220,7 +220,11 @@ async fn each_purpose_is_declared_only_with_its_methods() {
     assert_eq!(records[0].detail, "purpose_not_for_method", "{records:?}");
     assert!(records[0].fields_returned.is_empty());
     // Whom it was about: a search by citizen finds the attempt.
-    assert_eq!(records[0].subject_personal_ids, std::slice::from_ref(&id), "{records:?}");
+    assert_eq!(
+        records[0].subject_personal_ids,
+        std::slice::from_ref(&id),
+        "{records:?}"
+    );
 }
 
 #[tokio::test]
@@ -832,4 +836,105 @@ async fn guessing_through_verification_is_cut_off_and_audited() {
         .expect("the refused read is found by its citizen");
     assert_eq!(invalid.purpose, "BIRTH_REGISTRATION");
     assert_eq!(invalid.detail, "invalid:date_of_birth");
+}
+
+/// Two instances of the directory (`url`, `fallback_urls`): the first killed under load, every
+/// look-up still succeeds (a call the first fails is tried on the second), health stays
+/// SERVING, and the endpoint's state is in /metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fallback_directory_takes_over_without_failed_calls() {
+    let env = Env::new();
+    let spawn_dir = |port: u16, name: &str| {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_civgate"))
+            .args(["--log-format", "json", "refdb", "serve", "--config"])
+            .arg(env.config_path())
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--citizens",
+                "2000",
+                "--seed",
+                "5",
+            ])
+            .arg("--data-dir")
+            .arg(env.dir.path().join(name))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::BufRead;
+        let stderr = child.stderr.take().unwrap();
+        let served = std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .any(|l| l.contains("directory serving"));
+        assert!(served, "directory {name} did not start");
+        child
+    };
+    let (first, second) = (common::free_port(), common::free_port());
+    let mut dir1 = spawn_dir(first, "refdb-1");
+    let mut dir2 = spawn_dir(second, "refdb-2");
+    let config = common::with_upstream_port(DEFAULT_CONFIG, first).replace(
+        &format!("url = \"https://localhost:{first}\""),
+        &format!(
+            "url = \"https://localhost:{first}\"\nfallback_urls = [\"https://localhost:{second}\"]"
+        ),
+    );
+    assert!(
+        config.contains("fallback_urls"),
+        "the config names the fallback"
+    );
+    let gw = env.start_with(&config).await;
+    let people: Vec<_> = civgate::synth::Population::new(5, 2000).collect();
+    let c = registry(&env, gw.api_addr).await;
+    let call = |mut c: CitizensClient<Channel>, id: String| async move {
+        let mut req = tonic::Request::new(get(&id, "DEATH_REGISTRATION"));
+        req.set_timeout(Duration::from_millis(2_000));
+        c.get_citizen(req).await.map(drop)
+    };
+    for p in people.iter().take(20) {
+        call(c.clone(), p.personal_id.to_string()).await.unwrap();
+    }
+    let mut load = Vec::new();
+    for k in 0..16 {
+        let (c, ids) = (
+            c.clone(),
+            people
+                .iter()
+                .skip(k * 10)
+                .take(10)
+                .map(|p| p.personal_id.to_string())
+                .collect::<Vec<_>>(),
+        );
+        load.push(tokio::spawn(async move {
+            let mut failed = Vec::new();
+            for id in ids {
+                if let Err(e) = call(c.clone(), id).await {
+                    failed.push(e);
+                }
+            }
+            failed
+        }));
+    }
+    dir1.kill().unwrap();
+    dir1.wait().unwrap();
+    for l in load {
+        let failed = l.await.unwrap();
+        assert!(failed.is_empty(), "{failed:?}");
+    }
+    for p in people.iter().skip(200).take(20) {
+        call(c.clone(), p.personal_id.to_string()).await.unwrap();
+    }
+    let (_, text) = common::http_get(gw.admin_addr, "/metrics");
+    assert!(
+        text.contains(&format!(
+            "civgate_upstream_endpoint_up{{url=\"https://localhost:{second}\"}} 1"
+        )),
+        "{text}"
+    );
+    let (code, body) = common::http_get(gw.admin_addr, "/readyz");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("civgate.v1.Citizens SERVING"), "{body}");
+    dir2.kill().unwrap();
+    dir2.wait().unwrap();
 }

@@ -134,6 +134,10 @@ impl Default for AuditSection {
 pub struct UpstreamSection {
     /// `https://host:port`; the host is the name checked in the directory's certificate.
     pub url: Spanned<String>,
+    /// Other instances of the directory, tried in this order when `url` does not answer (the
+    /// same CA and client certificate). Calls go to the first that answered its last probe.
+    #[serde(default)]
+    pub fallback_urls: Vec<Spanned<String>>,
     /// CA bundle the directory's server certificate must chain to.
     pub ca: Spanned<PathBuf>,
     /// The gateway's own client certificate and key for the directory.
@@ -711,16 +715,24 @@ impl Config {
         }
         if let Some(u) = &f.upstream {
             keys.push(("upstream.key", &u.key));
-            let url = u.url.get_ref();
-            let https = url.parse::<http::Uri>().ok().filter(|o| {
-                o.scheme_str() == Some("https") && o.host().is_some_and(|h| !h.is_empty())
-            });
-            if https.is_none() {
-                errors.push(self.error_at(
-                    u.url.span().start,
-                    "upstream.url".into(),
-                    format!("{url:?} must be https://host:port (the directory is reached over mutual TLS only)"),
-                ));
+            for (key, url) in std::iter::once(("upstream.url", &u.url)).chain(
+                u.fallback_urls
+                    .iter()
+                    .map(|x| ("upstream.fallback_urls", x)),
+            ) {
+                let https = url.get_ref().parse::<http::Uri>().ok().filter(|o| {
+                    o.scheme_str() == Some("https") && o.host().is_some_and(|h| !h.is_empty())
+                });
+                if https.is_none() {
+                    errors.push(self.error_at(
+                        url.span().start,
+                        key.into(),
+                        format!(
+                            "{:?} must be https://host:port (the directory is reached over mutual TLS only)",
+                            url.get_ref()
+                        ),
+                    ));
+                }
             }
             if u.timeout_ms == 0 {
                 errors.push(plain("upstream.timeout_ms", "must be at least 1".into()));

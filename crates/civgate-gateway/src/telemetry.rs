@@ -39,6 +39,7 @@ pub(crate) const BUILD_INFO: &str = "civgate_build_info";
 pub(crate) const UPSTREAM_CALLS: &str = "civgate_upstream_calls_total";
 pub(crate) const UPSTREAM_DURATION: &str = "civgate_upstream_duration_seconds";
 pub(crate) const UPSTREAM_UP: &str = "civgate_upstream_up";
+pub(crate) const UPSTREAM_ENDPOINT_UP: &str = "civgate_upstream_endpoint_up";
 pub(crate) const CERT_NOT_AFTER: &str = "civgate_certificate_not_after_timestamp_seconds";
 pub(crate) const EXCHANGE_HEAD: &str = "civgate_exchange_head_sequence";
 
@@ -172,6 +173,10 @@ fn describe_all() {
         UPSTREAM_DURATION,
         Unit::Seconds,
         "Time of calls to the population directory, by method"
+    );
+    describe_gauge!(
+        UPSTREAM_ENDPOINT_UP,
+        "1 if this directory endpoint (url, fallback_urls) answered its last probe, else 0"
     );
     describe_gauge!(
         UPSTREAM_UP,

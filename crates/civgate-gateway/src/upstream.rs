@@ -5,7 +5,7 @@
 
 use std::{
     collections::BTreeSet,
-    sync::atomic::{AtomicUsize, Ordering},
+    sync::atomic::{AtomicBool, AtomicUsize, Ordering},
     time::Duration,
 };
 
@@ -29,8 +29,16 @@ use crate::{
 const GET_CITIZENS: &str = "/civgate.upstream.v1.PopulationDirectory/GetCitizens";
 const SEARCH_CITIZENS: &str = "/civgate.upstream.v1.PopulationDirectory/SearchCitizens";
 
-pub(crate) struct Upstream {
+/// One instance of the directory: its connections, and whether it answered its last probe.
+struct Endpoint {
+    url: String,
     links: Vec<UnaryLink>,
+    up: AtomicBool,
+}
+
+pub(crate) struct Upstream {
+    /// `[upstream] url` first, then `fallback_urls`, in order.
+    endpoints: Vec<Endpoint>,
     next: AtomicUsize,
     timeout: Duration,
 }
@@ -43,14 +51,6 @@ impl Upstream {
             let path = config.resolve(p.get_ref());
             std::fs::read(&path).with_context(|| format!("upstream: reading {}", path.display()))
         };
-        let url = section.url.get_ref();
-        let must = || format!("upstream.url {url:?} must be https://host:port");
-        let origin: http::Uri = url.parse().with_context(must)?;
-        let host = origin
-            .host()
-            .filter(|h| !h.is_empty() && origin.scheme_str() == Some("https"))
-            .with_context(must)?;
-        let port = origin.port_u16().unwrap_or(443);
         let (ca, cert, key) = (
             read(&section.ca)?,
             read(&section.cert)?,
@@ -68,22 +68,80 @@ impl Upstream {
         // One per thread of the runtime actually serving (main.rs chose it from the config).
         let serving =
             tokio::runtime::Handle::try_current().map_or(1, |h| h.metrics().num_workers());
-        let links = (0..section.links(serving))
-            .map(|_| {
-                UnaryLink::new(&ca, Some((&cert, &key)), host, host, port, timeout)
-                    .context("upstream.ca, upstream.cert, upstream.key")
-            })
-            .collect::<Result<_>>()?;
+        let mut endpoints = Vec::new();
+        for url in std::iter::once(&section.url).chain(&section.fallback_urls) {
+            let url = url.get_ref();
+            let must = || format!("upstream url {url:?} must be https://host:port");
+            let origin: http::Uri = url.parse().with_context(must)?;
+            let host = origin
+                .host()
+                .filter(|h| !h.is_empty() && origin.scheme_str() == Some("https"))
+                .with_context(must)?;
+            let port = origin.port_u16().unwrap_or(443);
+            let links = (0..section.links(serving))
+                .map(|_| {
+                    UnaryLink::new(&ca, Some((&cert, &key)), host, host, port, timeout)
+                        .context("upstream.ca, upstream.cert, upstream.key")
+                })
+                .collect::<Result<_>>()?;
+            endpoints.push(Endpoint {
+                url: url.clone(),
+                links,
+                // Until a probe says otherwise.
+                up: AtomicBool::new(true),
+            });
+        }
         Ok(Self {
-            links,
+            endpoints,
             next: AtomicUsize::new(0),
             timeout,
         })
     }
 
-    fn link(&self) -> &UnaryLink {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.links.len();
-        &self.links[i]
+    /// The endpoints in the order a call tries them: those that answered their last probe
+    /// first (in configuration order), then the others.
+    fn order(&self) -> impl Iterator<Item = &Endpoint> {
+        let up = |e: &&Endpoint| e.up.load(Ordering::Relaxed);
+        self.endpoints
+            .iter()
+            .filter(up)
+            .chain(self.endpoints.iter().filter(move |e| !up(e)))
+    }
+
+    /// One call, to the first endpoint in [`Self::order`]; when it answers UNAVAILABLE (down,
+    /// refused, reset) the next is tried within what is left of `budget`. Every directory call
+    /// is a read, so trying it again elsewhere is safe.
+    async fn call(
+        &self,
+        method: &'static str,
+        path: &'static str,
+        req: &impl prost::Message,
+        budget: Duration,
+    ) -> Result<Bytes, Status> {
+        let started = std::time::Instant::now();
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let tries: Vec<&Endpoint> = self.order().collect();
+        let mut last = Status::unavailable("population directory unavailable: no endpoint");
+        for (i, e) in tries.iter().enumerate() {
+            let left = budget.saturating_sub(started.elapsed());
+            if left.is_zero() {
+                break;
+            }
+            let link = &e.links[n % e.links.len()];
+            match within(method, left, link.call(path, req, left)).await {
+                Err(s) if s.code() == Code::Unavailable && i + 1 < tries.len() => {
+                    if e.up.swap(false, Ordering::Relaxed) {
+                        tracing::warn!(
+                            endpoint = e.url.as_str(),
+                            "population directory endpoint failed a call: trying the next"
+                        );
+                    }
+                    last = s;
+                }
+                r => return r,
+            }
+        }
+        Err(last)
     }
 
     /// The time this call may take: the caller's remaining deadline less a margin (so the
@@ -119,26 +177,49 @@ impl Upstream {
             personal_ids: ids.iter().map(ToString::to_string).collect(),
             fields: field_names(fields),
         };
-        within(
-            "GetCitizens",
-            budget,
-            self.link().call(GET_CITIZENS, &req, budget),
-        )
-        .await
+        self.call("GetCitizens", GET_CITIZENS, &req, budget).await
     }
 
-    /// Does the directory answer? An empty `GetCitizens` within `timeout` (the contract's
-    /// reachability probe).
-    pub(crate) async fn probe(&self, timeout: Duration) -> bool {
-        let req = GetCitizensRequest::default();
+    /// Does the directory answer? An empty `GetCitizens` to every endpoint at once, within
+    /// `timeout` (the contract's reachability probe); each endpoint's answer decides whether
+    /// calls go to it first. True if any answered.
+    pub(crate) async fn probe(self: &std::sync::Arc<Self>, timeout: Duration) -> bool {
         let budget = timeout.min(self.timeout);
-        within(
-            "probe",
-            budget,
-            self.link().call(GET_CITIZENS, &req, budget),
-        )
-        .await
-        .is_ok()
+        let mut probes = tokio::task::JoinSet::new();
+        for i in 0..self.endpoints.len() {
+            let me = self.clone();
+            probes.spawn(async move { me.probe_one(i, budget).await });
+        }
+        let mut any = false;
+        while let Some(answered) = probes.join_next().await {
+            any |= answered.unwrap_or(false);
+        }
+        any
+    }
+
+    async fn probe_one(&self, i: usize, budget: Duration) -> bool {
+        let e = &self.endpoints[i];
+        let req = GetCitizensRequest::default();
+        let ok = within("probe", budget, e.links[0].call(GET_CITIZENS, &req, budget))
+            .await
+            .is_ok();
+        let was = e.up.swap(ok, Ordering::Relaxed);
+        if was != ok && self.endpoints.len() > 1 {
+            if ok {
+                tracing::info!(
+                    endpoint = e.url.as_str(),
+                    "population directory endpoint answers again"
+                );
+            } else {
+                tracing::warn!(
+                    endpoint = e.url.as_str(),
+                    "population directory endpoint does not answer"
+                );
+            }
+        }
+        metrics::gauge!(crate::telemetry::UPSTREAM_ENDPOINT_UP, "url" => e.url.clone())
+            .set(if ok { 1.0 } else { 0.0 });
+        ok
     }
 
     pub async fn search(
@@ -158,12 +239,9 @@ impl Upstream {
             limit,
             fields: field_names(fields),
         };
-        let raw = within(
-            "SearchCitizens",
-            budget,
-            self.link().call(SEARCH_CITIZENS, &req, budget),
-        )
-        .await?;
+        let raw = self
+            .call("SearchCitizens", SEARCH_CITIZENS, &req, budget)
+            .await?;
         decode::<SearchCitizensResponse>(raw).map(|r| r.citizens)
     }
 }
