@@ -229,9 +229,9 @@ impl ServerSection {
     /// The threads that serve calls on a machine with `cores` cores. `worker_threads = 0`
     /// picks: one (a single-threaded runtime) on up to two cores, where the gateway's own
     /// store threads and whatever shares the machine use the other core, and a thread on a
-    /// second core mostly adds wake-ups and stealing across threads (measured on 2 cores:
-    /// about 30% less CPU per look-up and more look-ups/s single-threaded, README
-    /// "Measurements"); one per core above that.
+    /// second core mostly adds wake-ups and stealing across threads (`bench/compare.sh` on 2
+    /// cores: less gateway CPU per look-up single-threaded for about the same look-ups/s,
+    /// docs/PERFORMANCE.md); one per core above that.
     pub fn serving_threads(&self, cores: usize) -> usize {
         match self.worker_threads {
             0 if cores <= 2 => 1,

@@ -2,7 +2,7 @@
 //! harvesting window kept in Redis, so that N replicas enforce one agency's limits once, not
 //! N times. Each decision is one Lua script, run atomically by Redis on Redis's clock (the
 //! replicas' clocks never meet). Redis was chosen over PostgreSQL by measurement
-//! (docs/PERFORMANCE.md, "Shared limits").
+//! (docs/PERFORMANCE.md, "What sharing costs").
 //!
 //! When Redis does not answer within `timeout_ms`, the replica falls back to its own limits
 //! (the embedded ones, as on a single node), says so once in the log and in
