@@ -211,6 +211,11 @@ async fn metrics_count_handshake_failures_by_reason_and_rpcs_by_code() {
     assert_eq!(access["code"], "OK", "{access}");
     assert_eq!(access["method"], "/grpc.health.v1.Health/Check", "{access}");
     assert!(access["ms"].as_f64().is_some(), "{access}");
+    assert_eq!(
+        access["trace_id"].as_str().map(str::len),
+        Some(32),
+        "{access}"
+    );
     assert!(
         access["request_id"].as_str().is_some_and(|s| s.len() == 32),
         "{access}"

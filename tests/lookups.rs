@@ -938,3 +938,34 @@ async fn a_fallback_directory_takes_over_without_failed_calls() {
     dir2.kill().unwrap();
     dir2.wait().unwrap();
 }
+
+/// The caller's W3C trace reaches the directory: the same trace id, a span of the gateway's
+/// own; a call without one starts a trace the directory sees too.
+#[tokio::test]
+async fn the_callers_trace_reaches_the_directory() {
+    let env = Env::new();
+    let stack = env.start_stack().await;
+    let mut c = registry(&env, stack.gateway.api_addr).await;
+    let id = stack.people[2].personal_id.to_string();
+    let given = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let mut req = tonic::Request::new(get(&id, "DEATH_REGISTRATION"));
+    req.metadata_mut()
+        .insert("traceparent", given.parse().unwrap());
+    c.get_citizen(req).await.unwrap();
+    let seen = stack.directory.traces.recent();
+    let last = seen.last().expect("the directory saw a traceparent");
+    let parts: Vec<&str> = last.split('-').collect();
+    assert_eq!(parts.len(), 4, "{last}");
+    assert_eq!(
+        parts[1], "4bf92f3577b34da6a3ce929d0e0e4736",
+        "the caller's trace"
+    );
+    assert_ne!(parts[2], "00f067aa0ba902b7", "the gateway's own span");
+    assert_eq!(parts[3], "01");
+    // Without one: a new trace, still carried.
+    c.get_citizen(get(&id, "DEATH_REGISTRATION")).await.unwrap();
+    let seen = stack.directory.traces.recent();
+    let last = seen.last().unwrap();
+    assert!(!last.contains("4bf92f3577b34da6a3ce929d0e0e4736"), "{last}");
+    assert_eq!(last.split('-').nth(1).map(str::len), Some(32), "{last}");
+}

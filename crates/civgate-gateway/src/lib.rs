@@ -19,6 +19,7 @@ pub mod shared;
 pub mod state;
 pub mod telemetry;
 pub mod tls;
+pub(crate) mod trace;
 pub mod upstream;
 
 use civgate_audit as audit;

@@ -337,11 +337,24 @@ impl UnaryLink {
         request: &impl prost::Message,
         timeout: Duration,
     ) -> Result<Bytes, Status> {
+        self.call_traced(path, request, timeout, None).await
+    }
+
+    /// [`call`](Self::call), with a W3C `traceparent` header when given.
+    pub async fn call_traced(
+        &self,
+        path: &'static str,
+        request: &impl prost::Message,
+        timeout: Duration,
+        traceparent: Option<&str>,
+    ) -> Result<Bytes, Status> {
         let handle = self.dialer.handle().await?;
         let mut send = handle.send.ready().await.map_err(transport)?;
-        let (answer, mut body) = send
-            .send_request(self.request(path, timeout)?, false)
-            .map_err(transport)?;
+        let mut head = self.request(path, timeout)?;
+        if let Some(v) = traceparent.and_then(|t| HeaderValue::from_str(t).ok()) {
+            head.headers_mut().insert("traceparent", v);
+        }
+        let (answer, mut body) = send.send_request(head, false).map_err(transport)?;
         body.send_data(frame(request), true).map_err(transport)?;
         let (head, mut stream) = answer.await.map_err(transport)?.into_parts();
         if head.status != http::StatusCode::OK {

@@ -117,6 +117,7 @@ impl Upstream {
         path: &'static str,
         req: &impl prost::Message,
         budget: Duration,
+        traceparent: Option<&str>,
     ) -> Result<Bytes, Status> {
         let started = std::time::Instant::now();
         let n = self.next.fetch_add(1, Ordering::Relaxed);
@@ -128,7 +129,7 @@ impl Upstream {
                 break;
             }
             let link = &e.links[n % e.links.len()];
-            match within(method, left, link.call(path, req, left)).await {
+            match within(method, left, link.call_traced(path, req, left, traceparent)).await {
                 Err(s) if s.code() == Code::Unavailable && i + 1 < tries.len() => {
                     if e.up.swap(false, Ordering::Relaxed) {
                         tracing::warn!(
@@ -159,9 +160,9 @@ impl Upstream {
         &self,
         ids: &[PersonalId],
         fields: &BTreeSet<CitizenField>,
-        caller_deadline: Option<Duration>,
+        caller: &Caller,
     ) -> Result<Vec<Citizen>, Status> {
-        let raw = self.get_encoded(ids, fields, caller_deadline).await?;
+        let raw = self.get_encoded(ids, fields, caller).await?;
         decode::<GetCitizensResponse>(raw).map(|r| r.citizens)
     }
 
@@ -170,14 +171,21 @@ impl Upstream {
         &self,
         ids: &[PersonalId],
         fields: &BTreeSet<CitizenField>,
-        caller_deadline: Option<Duration>,
+        caller: &Caller,
     ) -> Result<Bytes, Status> {
-        let budget = self.budget(caller_deadline);
+        let budget = self.budget(caller.deadline);
         let req = GetCitizensRequest {
             personal_ids: ids.iter().map(ToString::to_string).collect(),
             fields: field_names(fields),
         };
-        self.call("GetCitizens", GET_CITIZENS, &req, budget).await
+        self.call(
+            "GetCitizens",
+            GET_CITIZENS,
+            &req,
+            budget,
+            caller.traceparent.as_deref(),
+        )
+        .await
     }
 
     /// Does the directory answer? An empty `GetCitizens` to every endpoint at once, within
@@ -229,9 +237,9 @@ impl Upstream {
         province: Option<&str>,
         limit: u32,
         fields: &BTreeSet<CitizenField>,
-        caller_deadline: Option<Duration>,
+        caller: &Caller,
     ) -> Result<Vec<Citizen>, Status> {
-        let budget = self.budget(caller_deadline);
+        let budget = self.budget(caller.deadline);
         let req = SearchCitizensRequest {
             folded_name: folded_name.to_owned(),
             date_of_birth: date_of_birth.to_owned(),
@@ -240,7 +248,13 @@ impl Upstream {
             fields: field_names(fields),
         };
         let raw = self
-            .call("SearchCitizens", SEARCH_CITIZENS, &req, budget)
+            .call(
+                "SearchCitizens",
+                SEARCH_CITIZENS,
+                &req,
+                budget,
+                caller.traceparent.as_deref(),
+            )
             .await?;
         decode::<SearchCitizensResponse>(raw).map(|r| r.citizens)
     }
@@ -295,6 +309,27 @@ fn map_upstream_error(s: Status) -> Status {
 }
 
 /// The caller's deadline from its `grpc-timeout` header (`<digits><H|M|S|m|u|n>`).
+/// What a call to the directory takes from the call that causes it: the caller's deadline
+/// (`grpc-timeout`) and its trace (a child `traceparent`).
+#[derive(Clone, Debug, Default)]
+pub struct Caller {
+    pub deadline: Option<Duration>,
+    pub traceparent: Option<String>,
+}
+
+impl Caller {
+    pub(crate) fn of<T>(req: &tonic::Request<T>) -> Self {
+        let trace = req
+            .extensions()
+            .get::<std::sync::Arc<crate::gate::CallContext>>()
+            .map(|c| c.trace.child());
+        Self {
+            deadline: caller_deadline(req.metadata()),
+            traceparent: trace,
+        }
+    }
+}
+
 pub(crate) fn caller_deadline(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
     parse_grpc_timeout(metadata.get("grpc-timeout")?.to_str().ok()?)
 }

@@ -79,11 +79,47 @@ pub const MAX_BATCH: usize = 100;
 #[derive(Clone)]
 pub(crate) struct DirectoryService {
     store: DirectoryStore,
+    traces: Traces,
+}
+
+/// The `traceparent` of the directory's latest calls (at most [`TRACES_KEPT`]): what a
+/// directory operator correlates with the gateway's access log.
+#[derive(Clone, Default)]
+pub struct Traces(Arc<std::sync::Mutex<std::collections::VecDeque<String>>>);
+
+const TRACES_KEPT: usize = 256;
+
+impl Traces {
+    fn note<T>(&self, req: &Request<T>) {
+        let Some(t) = req
+            .metadata()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+        else {
+            return;
+        };
+        tracing::debug!(traceparent = t, "directory call");
+        let mut q = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if q.len() == TRACES_KEPT {
+            q.pop_front();
+        }
+        q.push_back(t.to_owned());
+    }
+
+    /// The `traceparent` headers received, oldest first.
+    pub fn recent(&self) -> Vec<String> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
 }
 
 impl DirectoryService {
-    pub fn new(store: DirectoryStore) -> Self {
-        Self { store }
+    pub fn new(store: DirectoryStore, traces: Traces) -> Self {
+        Self { store, traces }
     }
 }
 
@@ -98,6 +134,7 @@ impl PopulationDirectory for DirectoryService {
         &self,
         req: Request<GetCitizensRequest>,
     ) -> Result<Response<GetCitizensResponse>, Status> {
+        self.traces.note(&req);
         let req = req.into_inner();
         if req.personal_ids.len() > MAX_BATCH {
             return Err(Status::invalid_argument(format!(
@@ -122,6 +159,7 @@ impl PopulationDirectory for DirectoryService {
         &self,
         req: Request<SearchCitizensRequest>,
     ) -> Result<Response<SearchCitizensResponse>, Status> {
+        self.traces.note(&req);
         let req = req.into_inner();
         parse_date(&req.date_of_birth)
             .map_err(|e| Status::invalid_argument(format!("date_of_birth: {e}")))?;
@@ -187,6 +225,8 @@ pub struct RefdbOverrides {
 pub struct RunningRefdb {
     pub addr: SocketAddr,
     pub store: DirectoryStore,
+    /// The `traceparent` of its latest calls.
+    pub traces: Traces,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<Result<()>>,
 }
@@ -225,8 +265,11 @@ pub async fn start(config: &Config, o: RefdbOverrides) -> Result<RunningRefdb> {
         rx.clone(),
     );
     let allowed = OnlyAllowed(Arc::new(section.allowed_agencies.clone()));
-    let svc =
-        PopulationDirectoryServer::with_interceptor(DirectoryService::new(store.clone()), allowed);
+    let traces = Traces::default();
+    let svc = PopulationDirectoryServer::with_interceptor(
+        DirectoryService::new(store.clone(), traces.clone()),
+        allowed,
+    );
     let mut signal = rx;
     let task = tokio::spawn(async move {
         tonic::transport::Server::builder()
@@ -241,6 +284,7 @@ pub async fn start(config: &Config, o: RefdbOverrides) -> Result<RunningRefdb> {
     Ok(RunningRefdb {
         addr,
         store,
+        traces,
         shutdown,
         task,
     })

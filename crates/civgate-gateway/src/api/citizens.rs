@@ -28,7 +28,7 @@ use crate::{
     },
     state::Shared,
     telemetry,
-    upstream::{Upstream, caller_deadline, decode},
+    upstream::{Upstream, decode},
 };
 
 use super::{invalid, principal, wire};
@@ -307,7 +307,7 @@ impl Citizens for CitizensService {
     ) -> Result<Response<GetCitizenResponse>, Status> {
         let who = principal(&req)?;
         let facts = FactsSlot::of(&req);
-        let deadline = caller_deadline(req.metadata());
+        let deadline = crate::upstream::Caller::of(&req);
         self.bound(
             &req,
             &who,
@@ -337,7 +337,7 @@ impl Citizens for CitizensService {
         });
         let raw = self
             .upstream()?
-            .get_encoded(std::slice::from_ref(&id), &fields, deadline)
+            .get_encoded(std::slice::from_ref(&id), &fields, &deadline)
             .await?;
         // The directory's bytes, if they hold exactly what may be returned (api/wire.rs).
         let withheld_fields = withheld_names(&fields);
@@ -371,7 +371,7 @@ impl Citizens for CitizensService {
     ) -> Result<Response<BatchGetCitizensResponse>, Status> {
         let who = principal(&req)?;
         let facts = FactsSlot::of(&req);
-        let deadline = caller_deadline(req.metadata());
+        let deadline = crate::upstream::Caller::of(&req);
         self.bound(
             &req,
             &who,
@@ -447,7 +447,7 @@ impl Citizens for CitizensService {
             HashMap::new()
         } else {
             self.upstream()?
-                .get(&valid, &fields, deadline)
+                .get(&valid, &fields, &deadline)
                 .await?
                 .into_iter()
                 .map(|c| (c.personal_id.clone(), c))
@@ -503,7 +503,7 @@ impl Citizens for CitizensService {
     ) -> Result<Response<VerifyCitizenResponse>, Status> {
         let who = principal(&req)?;
         let facts = FactsSlot::of(&req);
-        let deadline = caller_deadline(req.metadata());
+        let deadline = crate::upstream::Caller::of(&req);
         self.bound(
             &req,
             &who,
@@ -677,7 +677,7 @@ impl Citizens for CitizensService {
         });
         let citizen = self
             .upstream()?
-            .get(std::slice::from_ref(&id), &need, deadline)
+            .get(std::slice::from_ref(&id), &need, &deadline)
             .await?
             .pop()
             .filter(|c| c.personal_id == id.as_str())
@@ -714,7 +714,7 @@ impl Citizens for CitizensService {
     ) -> Result<Response<SearchCitizensResponse>, Status> {
         let who = principal(&req)?;
         let facts = FactsSlot::of(&req);
-        let deadline = caller_deadline(req.metadata());
+        let deadline = crate::upstream::Caller::of(&req);
         self.bound(
             &req,
             &who,
@@ -776,7 +776,7 @@ impl Citizens for CitizensService {
                 r.province_code.as_deref(),
                 limit + 1,
                 &fields,
-                deadline,
+                &deadline,
             )
             .await?;
         let truncated = citizens.len() > limit as usize;

@@ -112,6 +112,8 @@ pub(crate) struct CallContext {
     /// The method's name in the method table, or `unknown` (a metric label).
     pub method: &'static str,
     pub request_id: String,
+    /// The W3C trace the call belongs to (the caller's `traceparent`, or a new one).
+    pub trace: crate::trace::TraceContext,
     pub conn: ConnInfo,
     pub snapshot: Arc<Snapshot>,
 }

@@ -96,6 +96,7 @@ impl Step for Observe {
             path,
             method,
             request_id: request_id.clone(),
+            trace: crate::trace::TraceContext::from_headers(req.headers()),
             conn,
             snapshot: self.state.load_full(),
         });
@@ -120,13 +121,14 @@ impl Step for Observe {
 
 /// A call ended with `code`: its metrics, and one access log line (target `civgate::access`,
 /// level info: `RUST_LOG=info,civgate::access=off` turns it off) with the request id, the
-/// agency its certificate names, the method, the outcome and the time.
+/// trace id, the agency its certificate names, the method, the outcome and the time.
 fn finished(ctx: &CallContext, code: tonic::Code) {
     let elapsed = ctx.started.elapsed();
     telemetry::rpc_finished(ctx.method, code, elapsed);
     tracing::info!(
         target: "civgate::access",
         request_id = ctx.request_id.as_str(),
+        trace_id = ctx.trace.trace_id(),
         remote = %ctx.conn.remote,
         agency = ctx.conn.peer.agency.as_ref().map_or("", |a| a.as_str()),
         method = ctx.path.as_str(),
