@@ -301,6 +301,30 @@ fn config_check_names_the_key_and_line() {
         "{err}"
     );
 
+    // Settings from the environment are checked like the file's.
+    let run_with = |var: &str, value: &str| {
+        Command::new(env!("CARGO_BIN_EXE_civgate"))
+            .args(["config", "check", "--config", "civgate.toml"])
+            .env(var, value)
+            .current_dir(env.dir.path())
+            .output()
+            .unwrap()
+    };
+    let out = run_with("CIVGATE_AUDIT__COMMIT_TIMEOUT_MS", "2500");
+    assert!(out.status.success(), "{out:?}");
+    let out = run_with("CIVGATE_AUDIT__COMMIT_TIMEOUT_MS", "soon");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("CIVGATE_AUDIT__COMMIT_TIMEOUT_MS"),
+        "{out:?}"
+    );
+    let out = run_with("CIVGATE_SERVER__LISTEN", "nowhere");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("server.listen"),
+        "{out:?}"
+    );
+
     std::fs::remove_file(env.certs().join("ca.pem")).unwrap();
     let out = civgate(
         &["config", "check", "--config", "civgate.toml"],

@@ -487,7 +487,22 @@ impl Config {
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
             .map_or_else(|| PathBuf::from("."), Path::to_owned);
-        Self::parse(&source, path.to_owned(), base_dir)
+        match with_env_overrides(&source, std::env::vars()) {
+            Ok(None) => Self::parse(&source, path.to_owned(), base_dir),
+            // Errors then name the file with the overrides applied (its lines are the file's
+            // keys in order, the overridden ones included).
+            Ok(Some(text)) => Self::parse(
+                &text,
+                PathBuf::from(format!("{} (with CIVGATE_… overrides)", path.display())),
+                base_dir,
+            ),
+            Err(e) => Err(ConfigErrors(vec![ConfigError {
+                file: path.to_owned(),
+                line: None,
+                key: String::new(),
+                message: e,
+            }])),
+        }
     }
 
     /// Parses config text; `origin` names it in errors, `base_dir` anchors relative paths.
@@ -906,3 +921,68 @@ fn table_header(line: &str) -> Option<&str> {
 
 #[cfg(test)]
 mod tests;
+
+/// The config text with `CIVGATE_<SECTION>__<KEY>=value` variables applied (`None`: there are
+/// none). Levels are separated by a double underscore and named in lower case
+/// (`CIVGATE_AUDIT__COMMIT_TIMEOUT_MS=2000`, `CIVGATE_UPSTREAM__URL=https://dir:7444`). A value
+/// takes the type of the key it replaces (a string stays a string: `"031"` is not a number);
+/// for a key the file does not have, a TOML value (`2000`, `true`, `["a", "b"]`) or else a
+/// string. The variables without `__` (`CIVGATE_LISTEN`, …) are the command line's.
+pub fn with_env_overrides(
+    source: &str,
+    vars: impl IntoIterator<Item = (String, String)>,
+) -> Result<Option<String>, String> {
+    let mut overrides: Vec<(Vec<String>, String, String)> = vars
+        .into_iter()
+        .filter_map(|(k, v)| {
+            let path = k.strip_prefix("CIVGATE_")?;
+            let keys: Vec<String> = path.split("__").map(str::to_lowercase).collect();
+            (keys.len() > 1).then_some((keys, v, k))
+        })
+        .collect();
+    if overrides.is_empty() {
+        return Ok(None);
+    }
+    overrides.sort();
+    let mut doc: toml::Table = toml::from_str(source).map_err(|e| e.message().to_owned())?;
+    for (keys, value, var) in overrides {
+        if keys.iter().any(String::is_empty) {
+            return Err(format!(
+                "{var}: an empty key between the double underscores"
+            ));
+        }
+        let (last, sections) = keys.split_last().ok_or_else(|| format!("{var}: no key"))?;
+        let mut table = &mut doc;
+        for k in sections {
+            let entry = table
+                .entry(k.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            table = entry
+                .as_table_mut()
+                .ok_or_else(|| format!("{var}: {k} is not a section of the config"))?;
+        }
+        let parsed = |v: &str| {
+            toml::from_str::<toml::Table>(&format!("v = {v}"))
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+        };
+        let typed = match table.get(last) {
+            Some(toml::Value::String(_)) | None if parsed(&value).is_none() => {
+                toml::Value::String(value)
+            }
+            Some(toml::Value::String(_)) => toml::Value::String(value),
+            Some(old) => match parsed(&value) {
+                Some(v) if v.same_type(old) => v,
+                _ => {
+                    return Err(format!(
+                        "{var}: {value:?} is not a {} like the value it replaces",
+                        old.type_str()
+                    ));
+                }
+            },
+            None => parsed(&value).unwrap_or(toml::Value::String(value)),
+        };
+        table.insert(last.clone(), typed);
+    }
+    toml::to_string(&doc).map(Some).map_err(|e| e.to_string())
+}

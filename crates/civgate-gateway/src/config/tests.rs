@@ -303,3 +303,48 @@ fn urls_come_from_secret_files() {
         assert!(!e.to_string().contains("s3cret"), "{e}");
     }
 }
+
+/// `CIVGATE_<SECTION>__<KEY>` overrides any setting, typed like the value it replaces.
+#[test]
+fn any_setting_can_come_from_the_environment() {
+    let vars = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+        v.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect()
+    };
+    assert_eq!(
+        with_env_overrides(
+            DEFAULT_CONFIG,
+            vars(&[("CIVGATE_LISTEN", "x"), ("HOME", "/")])
+        )
+        .unwrap(),
+        None,
+        "the command line's variables and others are not config keys"
+    );
+    let text = with_env_overrides(
+        DEFAULT_CONFIG,
+        vars(&[
+            ("CIVGATE_SERVER__LISTEN", "0.0.0.0:7443"),
+            ("CIVGATE_AUDIT__COMMIT_TIMEOUT_MS", "2500"),
+            ("CIVGATE_STORE__URL", "postgres://civgate@db/civgate"),
+            ("CIVGATE_AGENCIES__POPULATION__NAME", "Bộ Công an"),
+        ]),
+    )
+    .unwrap()
+    .unwrap();
+    let c = Config::parse(&text, "t".into(), ".".into()).unwrap();
+    assert_eq!(c.file.server.listen, "0.0.0.0:7443".parse().unwrap());
+    assert_eq!(c.file.audit.commit_timeout_ms, 2500);
+    assert_eq!(c.file.store.url, "postgres://civgate@db/civgate");
+    assert_eq!(
+        c.file.agencies[&"population".parse().unwrap()].name,
+        "Bộ Công an"
+    );
+    // A number where the file has one must be a number; a section must be a section.
+    for (var, value, word) in [
+        ("CIVGATE_AUDIT__COMMIT_TIMEOUT_MS", "soon", "integer"),
+        ("CIVGATE_SERVER__LISTEN__PORT", "1", "not a section"),
+        ("CIVGATE_SERVER____LISTEN", "1", "empty key"),
+    ] {
+        let e = with_env_overrides(DEFAULT_CONFIG, vars(&[(var, value)])).unwrap_err();
+        assert!(e.contains(var) && e.contains(word), "{var}: {e}");
+    }
+}
