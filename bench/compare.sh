@@ -13,7 +13,10 @@
 #                 (worker_threads = 0: on up to 2 cores, as here, a single-threaded runtime;
 #                 upstream.connections = 0: one directory connection per serving thread);
 #   (d) civgate as (c) on a work-stealing runtime of 2 threads (worker_threads = 2, what the
-#                 shipped configuration picks on bigger machines: one thread per core).
+#                 shipped configuration picks on bigger machines: one thread per core);
+#   (e) civgate as (c) with tonic's Channel as the directory client ([upstream] client =
+#                 "tonic") instead of its own h2 client: the ratio e/c of the gateway's CPU per
+#                 look-up says what the hand-written client saves.
 # For each: req/s, p50/p99/p99.9, errors, CPU µs per request of each server process (from
 # /proc/PID/stat over the measured window). Prints one table and the ratios c/b, c/a, d/b and
 # d/a, and writes everything as JSON. Installs nginx with apt-get if it is missing; leaves nothing running.
@@ -50,6 +53,8 @@ GW=$(free_port)
 ADMIN=$(free_port)
 GW1=$(free_port)
 ADMIN1=$(free_port)
+GW2=$(free_port)
+ADMIN2=$(free_port)
 DIR=$(free_port)
 NGX=$(free_port)
 
@@ -119,6 +124,14 @@ PIDS+=("$GATEWAY1")
 wait_for "$T/gateway-ws.log" "civgate serving"
 # The runtime each gateway reports in its "civgate serving" line (colours stripped).
 runtime_of() { sed 's/\x1b\[[0-9;]*m//g' "$1" | grep -o 'runtime[=":]*[a-z-]*' | head -1 | sed 's/.*[=":]//'; }
+# (e): the same configuration, tonic's Channel towards the directory.
+sed -e "s/^\[upstream\]/[upstream]\nclient = \"tonic\"/" "$T/civgate.toml" >"$T/civgate-tonic.toml"
+grep -q '^client = "tonic"' "$T/civgate-tonic.toml"
+"$B" serve --config "$T/civgate-tonic.toml" --listen "127.0.0.1:$GW2" --admin-listen "127.0.0.1:$ADMIN2" \
+    --data-dir "$T/data-tonic" >"$T/gateway-tonic.log" 2>&1 &
+GATEWAY2=$!
+PIDS+=("$GATEWAY2")
+wait_for "$T/gateway-tonic.log" "civgate serving"
 RUNTIME_C=$(runtime_of "$T/gateway.log")
 RUNTIME_D=$(runtime_of "$T/gateway-ws.log")
 echo "(c) runs on a ${RUNTIME_C:-?} runtime, (d) on a ${RUNTIME_D:-?} one" >&2
@@ -141,18 +154,21 @@ for r in $(seq "$ROUNDS"); do
     echo "round $r/$ROUNDS: (d) civgate, work-stealing runtime of 2 threads → directory (durable audit)" >&2
     "$B" bench lookup --target gateway --addr "127.0.0.1:$GW1" "${common[@]}" \
         --server-pid "$GATEWAY1" --server-pid "$REFDB" >"$T/d$r.json"
+    echo "round $r/$ROUNDS: (e) civgate with tonic's Channel to the directory (durable audit)" >&2
+    "$B" bench lookup --target gateway --addr "127.0.0.1:$GW2" "${common[@]}" \
+        --server-pid "$GATEWAY2" --server-pid "$REFDB" >"$T/e$r.json"
 done
 AUDITED=$(curl -s "http://127.0.0.1:$ADMIN/metrics" | awk '/^civgate_audit_log_size / {print $2}')
 AUDITED1=$(curl -s "http://127.0.0.1:$ADMIN1/metrics" | awk '/^civgate_audit_log_size / {print $2}')
 LOGGED=$(wc -l <"$T/nginx-access.log")
 
-python3 - "$T" "$OUT" "$REFDB" "$GATEWAY" "$NGINX_WORKERS" "$AUDITED" "$LOGGED" "$ROUNDS" "$GATEWAY1" "$AUDITED1" "${RUNTIME_C:-?}" "${RUNTIME_D:-?}" <<'EOF'
+python3 - "$T" "$OUT" "$REFDB" "$GATEWAY" "$NGINX_WORKERS" "$AUDITED" "$LOGGED" "$ROUNDS" "$GATEWAY1" "$AUDITED1" "${RUNTIME_C:-?}" "${RUNTIME_D:-?}" "$GATEWAY2" <<'EOF'
 import json, os, platform, statistics, sys
-t, out, refdb, gateway, workers, audited, logged, nrounds, gateway1, audited1, runtime_c, runtime_d = sys.argv[1:13]
-refdb, gateway, gateway1, nrounds = int(refdb), int(gateway), int(gateway1), int(nrounds)
+t, out, refdb, gateway, workers, audited, logged, nrounds, gateway1, audited1, runtime_c, runtime_d, gateway2 = sys.argv[1:14]
+refdb, gateway, gateway1, gateway2, nrounds = int(refdb), int(gateway), int(gateway1), int(gateway2), int(nrounds)
 workers = [int(w) for w in workers.split()]
-names = {"a": "direct", "b": "nginx", "c": "civgate", "d": "civgate-ws"}
-proxy = {"a": [], "b": workers, "c": [gateway], "d": [gateway1]}
+names = {"a": "direct", "b": "nginx", "c": "civgate", "d": "civgate-ws", "e": "civgate-tonic"}
+proxy = {"a": [], "b": workers, "c": [gateway], "d": [gateway1], "e": [gateway2]}
 
 def load(k, r):
     run = json.load(open(f"{t}/{k}{r}.json"))
@@ -171,11 +187,14 @@ def ratios_of(runs):
         out[f"{k}_over_a_throughput"] = c["requests_per_second"] / a["requests_per_second"]
         out[f"{k}_over_b_proxy_cpu"] = c["proxy_cpu_us_per_request"] / b["proxy_cpu_us_per_request"]
         out[f"{k}_p99_minus_b_p99_ms"] = c["p99_ms"] - b["p99_ms"]
+    # The directory client: tonic's Channel (e) against the gateway's own (c).
+    out["e_over_c_proxy_cpu"] = runs["e"]["proxy_cpu_us_per_request"] / runs["c"]["proxy_cpu_us_per_request"]
+    out["e_over_c_throughput"] = runs["e"]["requests_per_second"] / runs["c"]["requests_per_second"]
     return out
 
 rounds = []
 for r in range(1, nrounds + 1):
-    runs = {k: load(k, r) for k in "abcd"}
+    runs = {k: load(k, r) for k in "abcde"}
     rounds.append({"runs": runs, "ratios": ratios_of(runs)})
 # The median round by c/b throughput; each ratio's median over the rounds as well.
 median_round = sorted(rounds, key=lambda x: x["ratios"]["c_over_b_throughput"])[(nrounds - 1) // 2]
@@ -185,7 +204,7 @@ print(f"{'round':<6}{'path':<11}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'p99.9 ms
       f"{'proxy CPU µs/req':>18}{'directory CPU µs/req':>22}")
 for i, rd in enumerate(rounds, 1):
     mark = "*" if rd is median_round else ""
-    for k in "abcd":
+    for k in "abcde":
         r = rd["runs"][k]
         px = f"{r['proxy_cpu_us_per_request']:.1f}" if k != "a" else "-"
         print(f"{str(i) + mark:<6}{r['name']:<11}{r['requests_per_second']:>9.0f}{r['p50_ms']:>9.2f}"
@@ -196,13 +215,16 @@ for i, rd in enumerate(rounds, 1):
     print(f"round {i}: " + "   ".join(
         f"{k}/b {x[k + '_over_b_throughput']:.2f}  {k}/a {x[k + '_over_a_throughput']:.2f}  "
         f"CPU {k}/b {x[k + '_over_b_proxy_cpu']:.2f}  p99 {k}-b {x[k + '_p99_minus_b_p99_ms']:+.2f} ms"
-        for k in "cd"))
+        for k in "cd") + f"   CPU e/c {x['e_over_c_proxy_cpu']:.2f}  e/c {x['e_over_c_throughput']:.2f}")
 for k in "cd":
     print(f"median of {nrounds} rounds, ({k}) {names[k]}: "
           f"{k}/b throughput {medians[k + '_over_b_throughput']:.2f} (target >= 1.3)   "
           f"{k}/a throughput {medians[k + '_over_a_throughput']:.2f} (target >= 0.6)   "
           f"{k}/b proxy CPU per request {medians[k + '_over_b_proxy_cpu']:.2f} (target <= 0.75)   "
           f"p99 {k} - b {medians[k + '_p99_minus_b_p99_ms']:+.2f} ms (target <= 0)")
+print(f"median of {nrounds} rounds, the directory client: tonic's Channel / civgate's own: "
+      f"gateway CPU per look-up {medians['e_over_c_proxy_cpu']:.2f}, throughput {medians['e_over_c_throughput']:.2f} "
+      f"(the own client is kept if it saves >= 10%: CPU e/c >= 1.11)")
 print(f"audit log sizes after the run: (c) {audited}, (d) {audited1}; nginx access-log lines: {logged}")
 json.dump({
     "machine": {"cores": os.cpu_count(), "kernel": platform.release()},

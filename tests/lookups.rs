@@ -969,3 +969,35 @@ async fn the_callers_trace_reaches_the_directory() {
     assert!(!last.contains("4bf92f3577b34da6a3ce929d0e0e4736"), "{last}");
     assert_eq!(last.split('-').nth(1).map(str::len), Some(32), "{last}");
 }
+
+/// `[upstream] client = "tonic"` (tonic's Channel, kept for comparison) answers look-ups like
+/// the gateway's own client, and carries the trace too.
+#[tokio::test]
+async fn the_tonic_directory_client_answers_the_same() {
+    let env = Env::new();
+    let common::Directory { directory, people } = env.start_directory().await;
+    let config = common::with_upstream_port(DEFAULT_CONFIG, directory.addr.port())
+        .replace("[upstream]\n", "[upstream]\nclient = \"tonic\"\n");
+    assert!(config.contains("client = \"tonic\""));
+    let gw = env.start_with(&config).await;
+    let mut c = registry(&env, gw.api_addr).await;
+    let p = &people[4];
+    let mut req = tonic::Request::new(get(&p.personal_id.to_string(), "DEATH_REGISTRATION"));
+    req.metadata_mut().insert(
+        "traceparent",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+            .parse()
+            .unwrap(),
+    );
+    let got = c.get_citizen(req).await.unwrap().into_inner();
+    assert_eq!(
+        got.citizen.map(|x| x.full_name),
+        Some(Some(p.full_name.clone()))
+    );
+    let seen = directory.traces.recent();
+    assert!(
+        seen.iter()
+            .any(|t| t.contains("0af7651916cd43dd8448eb211c80319c")),
+        "{seen:?}"
+    );
+}

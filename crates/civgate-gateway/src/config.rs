@@ -150,6 +150,19 @@ pub struct UpstreamSection {
     /// ([`UpstreamSection::links`]).
     #[serde(default)]
     pub connections: usize,
+    /// The client: `h2` (the gateway's own, on `h2` with write coalescing) or `tonic`
+    /// (tonic's `Channel`, for comparison: `bench/compare.sh` measures both).
+    #[serde(default)]
+    pub client: UpstreamClient,
+}
+
+/// Which HTTP/2 client calls the directory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamClient {
+    #[default]
+    H2,
+    Tonic,
 }
 
 impl UpstreamSection {

@@ -32,8 +32,101 @@ const SEARCH_CITIZENS: &str = "/civgate.upstream.v1.PopulationDirectory/SearchCi
 /// One instance of the directory: its connections, and whether it answered its last probe.
 struct Endpoint {
     url: String,
-    links: Vec<UnaryLink>,
+    transport: Transport,
     up: AtomicBool,
+}
+
+/// The HTTP/2 client of an endpoint (`[upstream] client`).
+enum Transport {
+    /// The gateway's own: calls spread over these connections.
+    Links(Vec<UnaryLink>),
+    /// tonic's `Channel` (one connection, multiplexed).
+    Tonic(tonic::transport::Channel),
+}
+
+impl Transport {
+    /// One call with `budget` (sent to the directory as `grpc-timeout`), on connection `n`
+    /// (modulo their number).
+    async fn call(
+        &self,
+        n: usize,
+        path: &'static str,
+        req: &(impl prost::Message + Clone + 'static),
+        budget: Duration,
+        traceparent: Option<&str>,
+    ) -> Result<Bytes, Status> {
+        match self {
+            Transport::Links(links) => {
+                links[n % links.len()]
+                    .call_traced(path, req, budget, traceparent)
+                    .await
+            }
+            Transport::Tonic(channel) => {
+                let mut grpc = tonic::client::Grpc::new(channel.clone());
+                grpc.ready()
+                    .await
+                    .map_err(|e| Status::unavailable(format!("connecting: {e}")))?;
+                let mut request = tonic::Request::new(req.clone());
+                request.set_timeout(budget);
+                if let Some(v) = traceparent.and_then(|t| t.parse().ok()) {
+                    request.metadata_mut().insert("traceparent", v);
+                }
+                let answer = grpc
+                    .unary(
+                        request,
+                        http::uri::PathAndQuery::from_static(path),
+                        RawCodec::<_>::default(),
+                    )
+                    .await?;
+                Ok(answer.into_inner())
+            }
+        }
+    }
+}
+
+/// Encodes a prost message; decodes the answer to its bytes (forwarded as they are, like the
+/// `h2` client's answers).
+struct RawCodec<M>(std::marker::PhantomData<M>);
+
+impl<M> Default for RawCodec<M> {
+    fn default() -> Self {
+        Self(std::marker::PhantomData)
+    }
+}
+
+struct MessageEncoder<M>(std::marker::PhantomData<M>);
+
+impl<M: prost::Message> tonic::codec::Encoder for MessageEncoder<M> {
+    type Item = M;
+    type Error = Status;
+    fn encode(&mut self, item: M, dst: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), Status> {
+        item.encode(dst)
+            .map_err(|e| Status::internal(format!("encoding: {e}")))
+    }
+}
+
+struct BytesDecoder;
+
+impl tonic::codec::Decoder for BytesDecoder {
+    type Item = Bytes;
+    type Error = Status;
+    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
+        use bytes::Buf;
+        Ok(Some(src.copy_to_bytes(src.remaining())))
+    }
+}
+
+impl<M: prost::Message + Send + 'static> tonic::codec::Codec for RawCodec<M> {
+    type Encode = M;
+    type Decode = Bytes;
+    type Encoder = MessageEncoder<M>;
+    type Decoder = BytesDecoder;
+    fn encoder(&mut self) -> Self::Encoder {
+        MessageEncoder(std::marker::PhantomData)
+    }
+    fn decoder(&mut self) -> Self::Decoder {
+        BytesDecoder
+    }
 }
 
 pub(crate) struct Upstream {
@@ -78,15 +171,34 @@ impl Upstream {
                 .filter(|h| !h.is_empty() && origin.scheme_str() == Some("https"))
                 .with_context(must)?;
             let port = origin.port_u16().unwrap_or(443);
-            let links = (0..section.links(serving))
-                .map(|_| {
-                    UnaryLink::new(&ca, Some((&cert, &key)), host, host, port, timeout)
-                        .context("upstream.ca, upstream.cert, upstream.key")
-                })
-                .collect::<Result<_>>()?;
+            let transport = match section.client {
+                crate::config::UpstreamClient::H2 => Transport::Links(
+                    (0..section.links(serving))
+                        .map(|_| {
+                            UnaryLink::new(&ca, Some((&cert, &key)), host, host, port, timeout)
+                                .context("upstream.ca, upstream.cert, upstream.key")
+                        })
+                        .collect::<Result<_>>()?,
+                ),
+                crate::config::UpstreamClient::Tonic => {
+                    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+                    let tls = ClientTlsConfig::new()
+                        .ca_certificate(Certificate::from_pem(&ca))
+                        .identity(Identity::from_pem(&cert, &key))
+                        .domain_name(host);
+                    Transport::Tonic(
+                        tonic::transport::Endpoint::from_shared(url.clone())
+                            .context("upstream url")?
+                            .tls_config(tls)
+                            .context("upstream.ca, upstream.cert, upstream.key")?
+                            .connect_timeout(timeout)
+                            .connect_lazy(),
+                    )
+                }
+            };
             endpoints.push(Endpoint {
                 url: url.clone(),
-                links,
+                transport,
                 // Until a probe says otherwise.
                 up: AtomicBool::new(true),
             });
@@ -115,7 +227,7 @@ impl Upstream {
         &self,
         method: &'static str,
         path: &'static str,
-        req: &impl prost::Message,
+        req: &(impl prost::Message + Clone + 'static),
         budget: Duration,
         traceparent: Option<&str>,
     ) -> Result<Bytes, Status> {
@@ -128,8 +240,13 @@ impl Upstream {
             if left.is_zero() {
                 break;
             }
-            let link = &e.links[n % e.links.len()];
-            match within(method, left, link.call_traced(path, req, left, traceparent)).await {
+            match within(
+                method,
+                left,
+                e.transport.call(n, path, req, left, traceparent),
+            )
+            .await
+            {
                 Err(s) if s.code() == Code::Unavailable && i + 1 < tries.len() => {
                     if e.up.swap(false, Ordering::Relaxed) {
                         tracing::warn!(
@@ -208,9 +325,13 @@ impl Upstream {
     async fn probe_one(&self, i: usize, budget: Duration) -> bool {
         let e = &self.endpoints[i];
         let req = GetCitizensRequest::default();
-        let ok = within("probe", budget, e.links[0].call(GET_CITIZENS, &req, budget))
-            .await
-            .is_ok();
+        let ok = within(
+            "probe",
+            budget,
+            e.transport.call(0, GET_CITIZENS, &req, budget, None),
+        )
+        .await
+        .is_ok();
         let was = e.up.swap(ok, Ordering::Relaxed);
         if was != ok && self.endpoints.len() > 1 {
             if ok {
