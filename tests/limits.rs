@@ -274,12 +274,14 @@ async fn flood_round(
     // registry-hp: 32 concurrent streams at 10× its quota (500 calls/s in all).
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let refused = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let lost = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut flood = Vec::new();
     for t in 0..32 {
-        let (mut c, stop, refused, ids) = (
+        let (mut c, stop, refused, lost, ids) = (
             CitizensClient::new(flooder.clone()),
             stop.clone(),
             refused.clone(),
+            lost.clone(),
             ids.to_vec(),
         );
         flood.push(tokio::spawn(async move {
@@ -287,9 +289,18 @@ async fn flood_round(
             let mut i = t;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 tick.tick().await;
-                if let Err(e) = c.get_citizen(get(&ids[i % ids.len()])).await {
-                    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
-                    refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                match c.get_citizen(get(&ids[i % ids.len()])).await {
+                    Err(e) if e.code() == Code::ResourceExhausted => {
+                        refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    // The flooder's connection lost on a starved machine (seen once: a broken
+                    // pipe) is not what this test measures; tonic reconnects. Counted, bounded
+                    // below.
+                    Err(e) if e.code() == Code::Unknown && e.message().contains("transport") => {
+                        lost.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Err(e) => panic!("the flood got {e:?}, not RESOURCE_EXHAUSTED"),
+                    Ok(_) => {}
                 }
                 i += 32;
             }
@@ -300,6 +311,11 @@ async fn flood_round(
     for f in flood {
         f.await.unwrap();
     }
+    let lost = lost.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        lost <= 64,
+        "the flood lost {lost} calls to transport errors"
+    );
     (
         p99(alone),
         p99(during),
