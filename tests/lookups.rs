@@ -547,46 +547,43 @@ async fn next_status(s: &mut tonic::Streaming<HealthCheckResponse>) -> ServingSt
         .status()
 }
 
+/// The reference directory as its own process (2,000 citizens, seed 5) on 127.0.0.1:`port`, its
+/// store in `data` under the test's directory; returns once it says it is serving.
+fn directory_process(env: &Env, port: u16, data: &str) -> std::process::Child {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_civgate"))
+        .args(["--log-format", "json", "refdb", "serve", "--config"])
+        .arg(env.config_path())
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--citizens",
+            "2000",
+            "--seed",
+            "5",
+        ])
+        .arg("--data-dir")
+        .arg(env.dir.path().join(data))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let served = std::io::BufReader::new(stderr)
+        .lines()
+        .map_while(Result::ok)
+        .any(|l| l.contains("directory serving"));
+    assert!(served, "directory {data} did not start");
+    child
+}
+
 // Two threads: the admin port is read with a blocking HTTP client while the gateway serves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_killed_mid_load_gives_unavailable_then_recovers() {
     let env = Env::new();
     // The directory as its own process, on a fixed port so it can come back there.
     let port = common::free_port();
-    let spawn_dir = || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_civgate"))
-            .args(["--log-format", "json", "refdb", "serve", "--config"])
-            .arg(env.config_path())
-            .args([
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--citizens",
-                "2000",
-                "--seed",
-                "5",
-            ])
-            .arg("--data-dir")
-            .arg(env.dir.path().join("refdb"))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
-    let wait_serving = |child: &mut std::process::Child| {
-        use std::io::BufRead;
-        let stderr = child.stderr.take().unwrap();
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if line.contains("directory serving") {
-                return;
-            }
-        }
-        panic!("directory did not start");
-    };
-    let mut dir = spawn_dir();
-    wait_serving(&mut dir);
+    let mut dir = directory_process(&env, port, "refdb");
     let gw = env
         .start_with(&common::with_upstream_port(DEFAULT_CONFIG, port))
         .await;
@@ -680,8 +677,7 @@ async fn upstream_killed_mid_load_gives_unavailable_then_recovers() {
     assert!(took < Duration::from_secs(1));
 
     // It comes back: the gateway reconnects by itself, and says so.
-    let mut dir = spawn_dir();
-    wait_serving(&mut dir);
+    let mut dir = directory_process(&env, port, "refdb");
     assert_eq!(next_status(&mut citizens).await, ServingStatus::Serving);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -844,36 +840,9 @@ async fn guessing_through_verification_is_cut_off_and_audited() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fallback_directory_takes_over_without_failed_calls() {
     let env = Env::new();
-    let spawn_dir = |port: u16, name: &str| {
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_civgate"))
-            .args(["--log-format", "json", "refdb", "serve", "--config"])
-            .arg(env.config_path())
-            .args([
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--citizens",
-                "2000",
-                "--seed",
-                "5",
-            ])
-            .arg("--data-dir")
-            .arg(env.dir.path().join(name))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        use std::io::BufRead;
-        let stderr = child.stderr.take().unwrap();
-        let served = std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-            .any(|l| l.contains("directory serving"));
-        assert!(served, "directory {name} did not start");
-        child
-    };
     let (first, second) = (common::free_port(), common::free_port());
-    let mut dir1 = spawn_dir(first, "refdb-1");
-    let mut dir2 = spawn_dir(second, "refdb-2");
+    let mut dir1 = directory_process(&env, first, "refdb-1");
+    let mut dir2 = directory_process(&env, second, "refdb-2");
     let config = common::with_upstream_port(DEFAULT_CONFIG, first).replace(
         &format!("url = \"https://localhost:{first}\""),
         &format!(

@@ -233,9 +233,9 @@ impl Upstream {
     ) -> Result<Bytes, Status> {
         let started = std::time::Instant::now();
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let tries: Vec<&Endpoint> = self.order().collect();
+        let tries = self.endpoints.len();
         let mut last = Status::unavailable("population directory unavailable: no endpoint");
-        for (i, e) in tries.iter().enumerate() {
+        for (i, e) in self.order().enumerate() {
             let left = budget.saturating_sub(started.elapsed());
             if left.is_zero() {
                 break;
@@ -247,7 +247,7 @@ impl Upstream {
             )
             .await
             {
-                Err(s) if s.code() == Code::Unavailable && i + 1 < tries.len() => {
+                Err(s) if s.code() == Code::Unavailable && i + 1 < tries => {
                     if e.up.swap(false, Ordering::Relaxed) {
                         tracing::warn!(
                             endpoint = e.url.as_str(),

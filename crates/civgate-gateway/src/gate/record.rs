@@ -50,17 +50,7 @@ impl Step for Refusals {
             telemetry::refusal_unrecorded(ctx.method);
             return Ok(resp);
         }
-        let status = tonic::Status::from_header_map(resp.headers())
-            .unwrap_or_else(|| tonic::Status::unknown("refused"));
-        tracing::warn!(
-            request_id = ctx.request_id.as_str(),
-            remote = %ctx.conn.remote,
-            method = ctx.path,
-            agency = principal.as_ref().map(|p| p.agency.as_str()),
-            "refused: {}: {}",
-            detail,
-            status.message()
-        );
+        let status = log_refusal(&ctx, principal.as_ref(), &detail, &resp);
         if let Some(log) = self.audit {
             let call = Call::new(
                 ctx.conn.peer.clone(),
@@ -76,6 +66,28 @@ impl Step for Refusals {
         }
         Ok(resp)
     }
+}
+
+/// The `refused: <reason>: <message>` log line of a refusal (the gate's or a handler's), with the
+/// request id and the agency; returns the refusal's status, read from the answer.
+fn log_refusal(
+    ctx: &CallContext,
+    principal: Option<&Principal>,
+    reason: &str,
+    resp: &Response,
+) -> tonic::Status {
+    let status = tonic::Status::from_header_map(resp.headers())
+        .unwrap_or_else(|| tonic::Status::unknown("refused"));
+    tracing::warn!(
+        request_id = ctx.request_id.as_str(),
+        remote = %ctx.conn.remote,
+        method = ctx.path,
+        agency = principal.map(|p| p.agency.as_str()),
+        "refused: {}: {}",
+        reason,
+        status.message()
+    );
+    status
 }
 
 /// The admitted call's record: the handler tells it its facts ([`FactsSlot`]) and may commit
@@ -153,17 +165,7 @@ impl Step for Audit {
         } else {
             // A refusal the handler decided (purpose, publish rules, guessing) is logged like
             // those of the gate.
-            let status = tonic::Status::from_header_map(resp.headers())
-                .unwrap_or_else(|| tonic::Status::unknown("refused"));
-            tracing::warn!(
-                request_id = ctx.request_id.as_str(),
-                remote = %ctx.conn.remote,
-                method = ctx.path,
-                agency = call.principal.as_ref().map(|p| p.agency.as_str()),
-                "refused: {}: {}",
-                facts.refusal,
-                status.message()
-            );
+            log_refusal(&ctx, call.principal.as_ref(), facts.refusal, &resp);
             facts.refusal.to_owned()
         };
         let appended = self.log.append(call.record(facts, code, &detail)).await;
