@@ -939,6 +939,131 @@ async fn the_callers_trace_reaches_the_directory() {
     assert_eq!(last.split('-').nth(1).map(str::len), Some(32), "{last}");
 }
 
+/// With `[telemetry] otlp_endpoint`, a call's spans reach a collector: the gateway's server
+/// span is the child of the caller's span, the directory call's client span is the child of
+/// that and is the very span the directory's `traceparent` names; no citizen value is an
+/// attribute; a caller that did not sample its trace gets no spans exported (its decision is
+/// kept) and the directory still sees the trace. Spans still queued are sent at shutdown.
+#[tokio::test]
+async fn spans_reach_an_otlp_collector_as_one_tree() {
+    use opentelemetry_proto::tonic::{common::v1::any_value::Value, trace::v1::span::SpanKind};
+    let env = Env::new();
+    let collector = common::Collector::start().await;
+    let common::Directory { directory, people } = env.start_directory().await;
+    let with_endpoint = |endpoint: String| {
+        let text = common::with_upstream_port(DEFAULT_CONFIG, directory.addr.port());
+        assert!(text.contains("otlp_endpoint = \"\"\n"));
+        text.replace(
+            "otlp_endpoint = \"\"\n",
+            &format!("otlp_endpoint = \"{endpoint}\"\n"),
+        )
+    };
+    let config = with_endpoint(format!("http://{}", collector.addr));
+    let gw = env.start_with(&config).await;
+    let mut c = registry(&env, gw.api_addr).await;
+    let id = people[3].personal_id.to_string();
+    let given_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let mut req = tonic::Request::new(get(&id, "DEATH_REGISTRATION"));
+    req.metadata_mut().insert(
+        "traceparent",
+        format!("00-{given_trace}-00f067aa0ba902b7-01")
+            .parse()
+            .unwrap(),
+    );
+    c.get_citizen(req).await.unwrap();
+    let sent = directory.traces.recent().last().cloned().unwrap();
+    // A caller that does not sample.
+    let unsampled = "0af7651916cd43dd8448eb211c80319c";
+    let mut req = tonic::Request::new(get(&id, "DEATH_REGISTRATION"));
+    req.metadata_mut().insert(
+        "traceparent",
+        format!("00-{unsampled}-b7ad6b7169203331-00")
+            .parse()
+            .unwrap(),
+    );
+    c.get_citizen(req).await.unwrap();
+    let sent_unsampled = directory.traces.recent().last().cloned().unwrap();
+    assert!(
+        sent_unsampled.starts_with(&format!("00-{unsampled}-")) && sent_unsampled.ends_with("-00"),
+        "{sent_unsampled}"
+    );
+    drop(c);
+    gw.shutdown().await.unwrap();
+
+    let spans = collector.spans();
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let server = spans
+        .iter()
+        .find(|s| s.kind == SpanKind::Server as i32 && hex(&s.trace_id) == given_trace)
+        .unwrap_or_else(|| panic!("no server span of the caller's trace in {spans:#?}"));
+    assert_eq!(server.name, "civgate.v1.Citizens/GetCitizen");
+    assert_eq!(
+        hex(&server.parent_span_id),
+        "00f067aa0ba902b7",
+        "the caller's span"
+    );
+    let client = spans
+        .iter()
+        .find(|s| s.kind == SpanKind::Client as i32 && s.parent_span_id == server.span_id)
+        .unwrap_or_else(|| panic!("no directory span under the call's in {spans:#?}"));
+    assert_eq!(hex(&client.trace_id), given_trace);
+    assert_eq!(
+        sent,
+        format!("00-{given_trace}-{}-01", hex(&client.span_id)),
+        "the directory's traceparent names the exported client span"
+    );
+    assert_eq!(
+        client.name,
+        "civgate.upstream.v1.PopulationDirectory/GetCitizens"
+    );
+    let attr = |s: &opentelemetry_proto::tonic::trace::v1::Span, k: &str| {
+        s.attributes
+            .iter()
+            .find(|a| a.key == k)
+            .and_then(|a| a.value.as_ref()?.value.clone())
+    };
+    assert_eq!(
+        attr(server, "civgate.agency"),
+        Some(Value::StringValue("registry-hp".into()))
+    );
+    assert_eq!(
+        attr(server, "rpc.grpc.status_code"),
+        Some(Value::IntValue(0))
+    );
+    assert!(attr(server, "civgate.request_id").is_some());
+    for s in &spans {
+        let text = format!("{s:?}");
+        assert!(!text.contains(&id), "a citizen's ID in a span: {text}");
+        assert_ne!(
+            hex(&s.trace_id),
+            unsampled,
+            "an unsampled trace was exported"
+        );
+    }
+
+    // A collector that is not there costs spans, never a call, and does not hold up a
+    // shutdown beyond the export timeout.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let nowhere = closed.local_addr().unwrap();
+    drop(closed);
+    let config = with_endpoint(format!("http://{nowhere}"))
+        .replace("otlp_timeout_ms = 5000", "otlp_timeout_ms = 300");
+    assert!(config.contains("otlp_timeout_ms = 300"));
+    let gw = env.start_with(&config).await;
+    let mut c = registry(&env, gw.api_addr).await;
+    for _ in 0..3 {
+        c.get_citizen(get(&id, "DEATH_REGISTRATION")).await.unwrap();
+    }
+    drop(c);
+    let stopping = std::time::Instant::now();
+    gw.shutdown().await.unwrap();
+    assert!(
+        stopping.elapsed() < Duration::from_secs(10),
+        "shutdown waited {:?} on a missing collector",
+        stopping.elapsed()
+    );
+}
+
 /// `[upstream] client = "tonic"` (tonic's Channel, kept for comparison) answers look-ups like
 /// the gateway's own client, and carries the trace too.
 #[tokio::test]

@@ -58,6 +58,71 @@ pub struct ConfigFile {
     /// Quotas, in-flight caps and harvesting windows shared by replicas (Redis).
     #[serde(default)]
     pub shared_limits: crate::shared::SharedLimitsSection,
+    /// OpenTelemetry spans exported over OTLP.
+    #[serde(default)]
+    pub telemetry: TelemetrySection,
+}
+
+/// What is wrong with a `[telemetry]` section, by key.
+fn telemetry_problems(t: &TelemetrySection) -> Vec<(&'static str, &'static str)> {
+    let mut out = Vec::new();
+    let e = t.otlp_endpoint.as_str();
+    if !e.is_empty() {
+        let scheme_ok = e.starts_with("http://") || e.starts_with("https://");
+        if !scheme_ok || e.parse::<http::Uri>().map_or(true, |u| u.host().is_none()) {
+            out.push((
+                "otlp_endpoint",
+                "must be http://host:port or https://host:port (OTLP over gRPC), or empty",
+            ));
+        }
+        if t.otlp_ca.is_some() && e.starts_with("http://") {
+            out.push(("otlp_ca", "applies to an https:// endpoint only"));
+        }
+    }
+    if !(0.0..=1.0).contains(&t.sample_ratio) {
+        out.push(("sample_ratio", "must be between 0 and 1"));
+    }
+    if t.service_name.trim().is_empty() {
+        out.push(("service_name", "must not be empty"));
+    }
+    if t.otlp_timeout_ms == 0 {
+        out.push(("otlp_timeout_ms", "must be at least 1"));
+    }
+    out
+}
+
+/// Where the gateway's spans go (OTLP over gRPC): one server span per call, whose parent is
+/// the caller's `traceparent`, and one client span per call to the population directory.
+/// Read at start (a change needs a restart).
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetrySection {
+    /// `http://host:4317` or `https://host:4317` (an OpenTelemetry collector, Jaeger, Tempo);
+    /// empty = no spans exported.
+    pub otlp_endpoint: String,
+    /// CA bundle for an `https://` endpoint whose certificate a private CA issued (else the
+    /// system's roots are not used: name one).
+    pub otlp_ca: Option<PathBuf>,
+    /// The `service.name` of the exported spans (`OTEL_SERVICE_NAME` and
+    /// `OTEL_RESOURCE_ATTRIBUTES` add to the resource).
+    pub service_name: String,
+    /// The share of traces started here (calls without a `traceparent`) that are exported; a
+    /// caller's sampling decision is kept.
+    pub sample_ratio: f64,
+    /// One export may take this long; spans that cannot be sent are dropped, never the call.
+    pub otlp_timeout_ms: u64,
+}
+
+impl Default for TelemetrySection {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: String::new(),
+            otlp_ca: None,
+            service_name: "civgate".into(),
+            sample_ratio: 1.0,
+            otlp_timeout_ms: 5_000,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -686,6 +751,15 @@ impl Config {
                 line: None,
                 key: "store.pool_max".into(),
                 message: "must be at least 1".into(),
+            });
+        }
+        let t = &self.file.telemetry;
+        for (key, problem) in telemetry_problems(t) {
+            errors.push(ConfigError {
+                file: self.origin.clone(),
+                line: None,
+                key: format!("telemetry.{key}"),
+                message: problem.into(),
             });
         }
         if errors.is_empty() {

@@ -14,6 +14,7 @@ pub mod gate;
 pub(crate) mod health;
 pub mod link;
 pub mod listener;
+pub mod otel;
 pub mod server;
 pub mod shared;
 pub mod state;

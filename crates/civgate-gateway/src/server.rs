@@ -146,6 +146,7 @@ pub(crate) fn restart_only_changes(
         ("[store]", differs(&o.store, &n.store)),
         ("[exchange]", differs(&o.exchange, &n.exchange)),
         ("[shared_limits]", o.shared_limits != n.shared_limits),
+        ("[telemetry]", o.telemetry != n.telemetry),
     ] {
         if changed {
             out.push(name);
@@ -221,6 +222,8 @@ pub struct Running {
     health: Health,
     task: JoinHandle<Result<()>>,
     admin: JoinHandle<()>,
+    /// Spans still queued are sent at shutdown.
+    spans: Option<crate::otel::Exporter>,
     /// The data directory's lock (SQLite store), released when the gateway is dropped.
     _dir_lock: Option<crate::sqlite::DirLock>,
 }
@@ -283,6 +286,7 @@ pub async fn start(source: ConfigSource, overrides: Overrides) -> Result<Running
         }
     };
     let probe_target = upstream.clone();
+    let (spans, exporter) = crate::otel::start(&state.load().config)?.unzip();
     let (audit_ok, mut audit_ok_rx) = watch::channel(true);
     let audit = open_audit(&state.load().config, audit_ok).await?;
     let retention = state.load().config.file.exchange.retention_secs;
@@ -316,7 +320,7 @@ pub async fn start(source: ConfigSource, overrides: Overrides) -> Result<Running
             use crate::gate::{self, StepLayer};
             tower::ServiceBuilder::new()
                 .layer(StepLayer(gate::GrpcOnly))
-                .layer(StepLayer(gate::Observe::new(state.clone())))
+                .layer(StepLayer(gate::Observe::new(state.clone(), spans.clone())))
                 .layer(StepLayer(gate::Bodies::new(
                     state.clone(),
                     gate::BodyLimits::new(&limits),
@@ -457,6 +461,7 @@ pub async fn start(source: ConfigSource, overrides: Overrides) -> Result<Running
         health,
         task,
         admin,
+        spans: exporter,
         _dir_lock: dir_lock,
     })
 }
@@ -511,6 +516,9 @@ impl Running {
         let _ = self.shutdown.send(true);
         let result = self.task.await?;
         let _ = self.admin.await;
+        if let Some(exporter) = self.spans {
+            exporter.shutdown().await;
+        }
         info!("stopped");
         result
     }

@@ -229,17 +229,20 @@ impl Upstream {
         path: &'static str,
         req: &(impl prost::Message + Clone + 'static),
         budget: Duration,
-        traceparent: Option<&str>,
+        caller: &Caller,
     ) -> Result<Bytes, Status> {
         let started = std::time::Instant::now();
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let tries = self.endpoints.len();
+        let traceparent = caller.traceparent.as_deref();
         let mut last = Status::unavailable("population directory unavailable: no endpoint");
+        let mut tried = "";
         for (i, e) in self.order().enumerate() {
             let left = budget.saturating_sub(started.elapsed());
             if left.is_zero() {
                 break;
             }
+            tried = e.url.as_str();
             match within(
                 method,
                 left,
@@ -256,8 +259,17 @@ impl Upstream {
                     }
                     last = s;
                 }
-                r => return r,
+                r => {
+                    if let Some(span) = &caller.span {
+                        let code = r.as_ref().map_or_else(Status::code, |_| Code::Ok);
+                        span.finish(method, tried, code);
+                    }
+                    return r;
+                }
             }
+        }
+        if let Some(span) = &caller.span {
+            span.finish(method, tried, last.code());
         }
         Err(last)
     }
@@ -295,14 +307,8 @@ impl Upstream {
             personal_ids: ids.iter().map(ToString::to_string).collect(),
             fields: field_names(fields),
         };
-        self.call(
-            "GetCitizens",
-            GET_CITIZENS,
-            &req,
-            budget,
-            caller.traceparent.as_deref(),
-        )
-        .await
+        self.call("GetCitizens", GET_CITIZENS, &req, budget, caller)
+            .await
     }
 
     /// Does the directory answer? An empty `GetCitizens` to every endpoint at once, within
@@ -369,13 +375,7 @@ impl Upstream {
             fields: field_names(fields),
         };
         let raw = self
-            .call(
-                "SearchCitizens",
-                SEARCH_CITIZENS,
-                &req,
-                budget,
-                caller.traceparent.as_deref(),
-            )
+            .call("SearchCitizens", SEARCH_CITIZENS, &req, budget, caller)
             .await?;
         decode::<SearchCitizensResponse>(raw).map(|r| r.citizens)
     }
@@ -436,17 +436,21 @@ fn map_upstream_error(s: Status) -> Status {
 pub struct Caller {
     pub deadline: Option<Duration>,
     pub traceparent: Option<String>,
+    /// The directory call's exported span (when spans are exported), ended by the call.
+    pub span: Option<std::sync::Arc<crate::otel::ClientSpan>>,
 }
 
 impl Caller {
     pub(crate) fn of<T>(req: &tonic::Request<T>) -> Self {
-        let trace = req
+        let (traceparent, span) = req
             .extensions()
             .get::<std::sync::Arc<crate::gate::CallContext>>()
-            .map(|c| c.trace.child());
+            .map(|c| c.trace.child())
+            .unzip();
         Self {
             deadline: caller_deadline(req.metadata()),
-            traceparent: trace,
+            traceparent,
+            span: span.flatten().map(std::sync::Arc::new),
         }
     }
 }

@@ -348,3 +348,81 @@ fn any_setting_can_come_from_the_environment() {
         assert!(e.contains(var) && e.contains(word), "{var}: {e}");
     }
 }
+
+#[test]
+fn telemetry_settings_are_checked() {
+    let ok = TelemetrySection::default();
+    assert!(
+        telemetry_problems(&ok).is_empty(),
+        "nothing exported by default"
+    );
+    let with = |f: &dyn Fn(&mut TelemetrySection)| {
+        let mut t = TelemetrySection::default();
+        f(&mut t);
+        telemetry_problems(&t)
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect::<Vec<_>>()
+    };
+    type Edit = Box<dyn Fn(&mut TelemetrySection)>;
+    let rows: Vec<(Edit, Vec<&str>)> = vec![
+        (
+            Box::new(|t| t.otlp_endpoint = "http://collector:4317".into()),
+            vec![],
+        ),
+        (
+            Box::new(|t| t.otlp_endpoint = "https://collector.example.gov.vn:4317".into()),
+            vec![],
+        ),
+        (
+            Box::new(|t| t.otlp_endpoint = "collector:4317".into()),
+            vec!["otlp_endpoint"],
+        ),
+        (
+            Box::new(|t| t.otlp_endpoint = "grpc://collector:4317".into()),
+            vec!["otlp_endpoint"],
+        ),
+        (
+            Box::new(|t| t.otlp_endpoint = "http://".into()),
+            vec!["otlp_endpoint"],
+        ),
+        (
+            Box::new(|t| {
+                t.otlp_endpoint = "http://collector:4317".into();
+                t.otlp_ca = Some("ca.pem".into());
+            }),
+            vec!["otlp_ca"],
+        ),
+        (
+            Box::new(|t| {
+                t.otlp_endpoint = "https://collector:4317".into();
+                t.otlp_ca = Some("ca.pem".into());
+            }),
+            vec![],
+        ),
+        (Box::new(|t| t.sample_ratio = 1.5), vec!["sample_ratio"]),
+        (Box::new(|t| t.sample_ratio = -0.1), vec!["sample_ratio"]),
+        (
+            Box::new(|t| t.sample_ratio = f64::NAN),
+            vec!["sample_ratio"],
+        ),
+        (Box::new(|t| t.sample_ratio = 0.0), vec![]),
+        (
+            Box::new(|t| t.service_name = " ".into()),
+            vec!["service_name"],
+        ),
+        (Box::new(|t| t.otlp_timeout_ms = 0), vec!["otlp_timeout_ms"]),
+    ];
+    for (i, (edit, want)) in rows.iter().enumerate() {
+        assert_eq!(with(edit.as_ref()), *want, "row {i}");
+    }
+    // Through the file: the key is named.
+    let errors = parse(&format!(
+        "{MINIMAL}\n[telemetry]\notlp_endpoint = \"localhost:4317\"\n"
+    ))
+    .unwrap_err();
+    assert!(
+        errors.to_string().contains("telemetry.otlp_endpoint"),
+        "{errors}"
+    );
+}

@@ -66,11 +66,13 @@ pub(super) fn http_refusal(
 #[derive(Clone)]
 pub struct Observe {
     state: Shared,
+    /// Each call's span, when spans are exported.
+    spans: Option<crate::otel::Spans>,
 }
 
 impl Observe {
-    pub fn new(state: Shared) -> Self {
-        Self { state }
+    pub fn new(state: Shared, spans: Option<crate::otel::Spans>) -> Self {
+        Self { state, spans }
     }
 }
 
@@ -93,10 +95,14 @@ impl Step for Observe {
         };
         let ctx = std::sync::Arc::new(CallContext {
             started,
-            path,
+            path: path.clone(),
             method,
             request_id: request_id.clone(),
-            trace: crate::trace::TraceContext::from_headers(req.headers()),
+            trace: crate::trace::TraceContext::from_headers(
+                req.headers(),
+                self.spans.as_ref(),
+                &path,
+            ),
             conn,
             snapshot: self.state.load_full(),
         });
@@ -125,12 +131,15 @@ impl Step for Observe {
 fn finished(ctx: &CallContext, code: tonic::Code) {
     let elapsed = ctx.started.elapsed();
     telemetry::rpc_finished(ctx.method, code, elapsed);
+    let agency = ctx.conn.peer.agency.as_ref().map_or("", |a| a.as_str());
+    ctx.trace
+        .finish(code, agency, &ctx.request_id, ctx.conn.remote);
     tracing::info!(
         target: "civgate::access",
         request_id = ctx.request_id.as_str(),
         trace_id = ctx.trace.trace_id(),
         remote = %ctx.conn.remote,
-        agency = ctx.conn.peer.agency.as_ref().map_or("", |a| a.as_str()),
+        agency,
         method = ctx.path.as_str(),
         code = telemetry::code_name(code),
         ms = elapsed.as_secs_f64() * 1e3,
