@@ -509,8 +509,211 @@ async fn a_delivery_whose_record_cannot_commit_is_not_sent(env: Env) {
     assert_eq!(found[0].agency_id, "population");
 }
 
+fn list(overdue_only: bool, case_reference: &str) -> civgate::pb::v1::ListOpenRequestsRequest {
+    civgate::pb::v1::ListOpenRequestsRequest {
+        overdue_only,
+        case_reference: case_reference.into(),
+        ..Default::default()
+    }
+}
+
+async fn listed(
+    c: &mut ExchangeClient<Channel>,
+    req: civgate::pb::v1::ListOpenRequestsRequest,
+) -> Vec<civgate::pb::v1::OpenRequest> {
+    c.list_open_requests(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .requests
+}
+
+/// Requests with deadlines: a birth opens what the flow table asks (the linked-only flow only
+/// for a birth with a case reference); a registry lists its own requests only, an auditor
+/// everyone's, the population database none; an answer closes its request, after the due time
+/// as late; the requests are still there after a restart (and on another replica sharing the
+/// store); `/metrics` counts them.
+async fn requests_with_deadlines_open_close_and_show_who_is_late(env: Env) {
+    let config = format!(
+        "{}\n[[cases.flows]]\nname = \"birth-residence\"\nrequest = \"birth\"\nanswer = \"residence_changed\"\nseconds = 1\nlinked_only = true\n",
+        civgate::config::DEFAULT_CONFIG
+    );
+    let gw = env.start_with(&config).await;
+    let mut hp = as_agency(&env, gw.api_addr, "registry-hp").await;
+    let mut linked = birth("HP-LECHAN", "Nguyễn Thị An");
+    linked.case_reference = "HP-2026-0001".into();
+    let b1 = hp
+        .publish(publish("case-b1", linked))
+        .await
+        .unwrap()
+        .into_inner();
+    let b2 = hp
+        .publish(publish("case-b2", birth_to("031195000003", "Trần Văn Bảo")))
+        .await
+        .unwrap()
+        .into_inner();
+    let open = listed(&mut hp, list(false, "")).await;
+    let mut got: Vec<(String, String)> = open
+        .iter()
+        .map(|r| (r.event_id.clone(), r.answer_kind.clone()))
+        .collect();
+    got.sort();
+    let mut want = vec![
+        (b1.event_id.clone(), "personal_id_assigned".to_owned()),
+        (b1.event_id.clone(), "residence_changed".to_owned()),
+        (b2.event_id.clone(), "personal_id_assigned".to_owned()),
+    ];
+    want.sort();
+    assert_eq!(got, want);
+    for r in &open {
+        assert_eq!(r.producer_agency_id, "registry-hp");
+        assert_eq!(r.awaiting_agency_ids, ["population"]);
+        assert_eq!(r.kind, "birth");
+        assert!(r.due_at_unix_ms > r.opened_at_unix_ms, "{r:?}");
+        assert!(r.answered_at_unix_ms == 0 && !r.late);
+    }
+    // Paged: one at a time, in order, nothing twice.
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = hp
+            .list_open_requests(civgate::pb::v1::ListOpenRequestsRequest {
+                page_size: 1,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        seen.extend(
+            page.requests
+                .iter()
+                .map(|r| (r.event_id.clone(), r.answer_kind.clone())),
+        );
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    seen.sort();
+    assert_eq!(seen, want);
+    // Who sees what.
+    let mut hn = as_agency(&env, gw.api_addr, "registry-hn").await;
+    assert!(
+        listed(&mut hn, list(false, "")).await.is_empty(),
+        "another registry's"
+    );
+    assert!(
+        listed(&mut hn, list(false, "HP-2026-0001"))
+            .await
+            .is_empty()
+    );
+    let mut pop = as_agency(&env, gw.api_addr, "population").await;
+    assert_eq!(
+        pop.list_open_requests(list(false, ""))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied
+    );
+    let mut audit = as_agency(&env, gw.api_addr, "auditor").await;
+    assert_eq!(listed(&mut audit, list(false, "")).await.len(), 3);
+    // The ID answers in time: its request closes.
+    let id = civgate::pb::v1::PersonalIdAssigned {
+        personal_id: "031326000001".into(),
+        registry_office_code: "HP-LECHAN".into(),
+        book_number: "01/2026".into(),
+        entry_number: "7".into(),
+        ..Default::default()
+    };
+    pop.publish(publish(
+        "case-a1",
+        Event {
+            in_reply_to: b1.event_id.clone(),
+            case_reference: "HP-2026-0001".into(),
+            payload: Some(Payload::PersonalIdAssigned(id)),
+            ..Default::default()
+        },
+    ))
+    .await
+    .unwrap();
+    assert_eq!(listed(&mut hp, list(false, "")).await.len(), 2);
+    // The residence, due a second after the birth, becomes overdue.
+    let overdue = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let v = listed(&mut hp, list(true, "")).await;
+            if !v.is_empty() {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("overdue within 10 s");
+    assert_eq!(overdue.len(), 1, "{overdue:?}");
+    assert_eq!(overdue[0].answer_kind, "residence_changed");
+    assert!(overdue[0].overdue);
+    let (_, metrics) = common::http_get(gw.admin_addr, "/metrics");
+    assert!(
+        metrics
+            .contains("civgate_requests_overdue{awaiting_agency=\"population\",kind=\"birth\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("civgate_requests_open{awaiting_agency=\"population\",kind=\"birth\"} 2"),
+        "{metrics}"
+    );
+    // Answered late: closed, and recorded as late.
+    pop.publish(publish(
+        "case-a2",
+        Event {
+            in_reply_to: b1.event_id.clone(),
+            case_reference: "HP-2026-0001".into(),
+            payload: Some(Payload::ResidenceChanged(
+                civgate::pb::v1::ResidenceChanged {
+                    personal_id: "031195000002".into(),
+                    new_residence: Some(civgate::pb::v1::Residence {
+                        province_code: "031".into(),
+                        address: "12 Trần Nguyên Hãn, Phường Lê Chân".into(),
+                    }),
+                    effective_date: "2026-03-05".into(),
+                },
+            )),
+            ..Default::default()
+        },
+    ))
+    .await
+    .unwrap();
+    assert!(listed(&mut hp, list(true, "")).await.is_empty());
+    let case = listed(&mut hp, list(false, "HP-2026-0001")).await;
+    assert_eq!(case.len(), 2, "a case shows its answered steps: {case:?}");
+    for r in &case {
+        assert!(r.answered_at_unix_ms > 0);
+        assert_eq!(r.answered_by_agency_id, "population");
+        assert_eq!(r.late, r.answer_kind == "residence_changed", "{r:?}");
+    }
+    // The same on another replica of the store, and after a restart.
+    if env.store_url.is_some() {
+        let other = env.start_with(&config).await;
+        let mut c = as_agency(&env, other.api_addr, "registry-hp").await;
+        let v = listed(&mut c, list(false, "")).await;
+        assert_eq!(v.len(), 1);
+        assert_eq!(v[0].event_id, b2.event_id);
+        other.shutdown().await.unwrap();
+    }
+    drop((hp, hn, pop, audit));
+    gw.shutdown().await.unwrap();
+    let gw = env.start_with(&config).await;
+    let mut hp = as_agency(&env, gw.api_addr, "registry-hp").await;
+    let v = listed(&mut hp, list(false, "")).await;
+    assert_eq!(v.len(), 1, "after a restart: {v:?}");
+    assert_eq!(v[0].event_id, b2.event_id);
+    assert_eq!(listed(&mut hp, list(false, "HP-2026-0001")).await, case);
+}
+
 on_both_backends!(
     publish_is_idempotent_and_conflicting_reuse_is_already_exists,
+    requests_with_deadlines_open_close_and_show_who_is_late,
     producers_publish_only_their_side_and_offices_and_bad_events_are_named,
     subscribe_delivers_in_order_resumes_after_ack_and_applies_back_pressure,
     a_rejected_event_and_its_reason_are_visible_to_the_producer,

@@ -5,6 +5,7 @@
 //! record of the call that wrote it committed in the same transaction.
 
 pub mod address;
+pub mod cases;
 pub mod journal;
 pub mod validate;
 

@@ -61,6 +61,57 @@ pub struct ConfigFile {
     /// OpenTelemetry spans exported over OTLP.
     #[serde(default)]
     pub telemetry: TelemetrySection,
+    /// Requests with statutory deadlines: the flow table and the working calendar.
+    #[serde(default)]
+    pub cases: CasesSection,
+}
+
+/// `[cases]`: which requests must be answered with what, by when (`[[cases.flows]]`), in
+/// which working calendar.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CasesSection {
+    /// `date<TAB>holiday|working<TAB>what` lines (see the shipped `calendar_vn.tsv`); empty:
+    /// the calendar built in. Re-read on reload.
+    pub calendar: Option<PathBuf>,
+    pub flows: Vec<FlowSection>,
+}
+
+/// One `[[cases.flows]]` row: a `request` event must be answered with an `answer` event
+/// within `working_days`, `hours` or `seconds` (exactly one); `linked_only`: only requests
+/// with a case reference.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlowSection {
+    pub name: String,
+    pub request: String,
+    pub answer: String,
+    pub working_days: Option<u32>,
+    pub hours: Option<u32>,
+    pub seconds: Option<u32>,
+    #[serde(default)]
+    pub linked_only: bool,
+}
+
+impl FlowSection {
+    pub fn spec(&self) -> crate::exchange::cases::FlowSpec {
+        crate::exchange::cases::FlowSpec {
+            name: self.name.clone(),
+            request: self.request.clone(),
+            answer: self.answer.clone(),
+            working_days: self.working_days,
+            hours: self.hours,
+            seconds: self.seconds,
+            linked_only: self.linked_only,
+        }
+    }
+}
+
+/// The flow table and the calendar in force.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cases {
+    pub flows: crate::exchange::cases::Flows,
+    pub calendar: crate::exchange::cases::Calendar,
 }
 
 /// What is wrong with a `[telemetry]` section, by key.
@@ -753,6 +804,16 @@ impl Config {
                 message: "must be at least 1".into(),
             });
         }
+        if let Err(problems) = self.flows() {
+            for (i, key, message) in problems {
+                errors.push(ConfigError {
+                    file: self.origin.clone(),
+                    line: None,
+                    key: format!("cases.flows[{i}].{key}"),
+                    message,
+                });
+            }
+        }
         let t = &self.file.telemetry;
         for (key, problem) in telemetry_problems(t) {
             errors.push(ConfigError {
@@ -781,6 +842,9 @@ impl Config {
             key: key.into(),
             message,
         };
+        if let Err(e) = self.calendar() {
+            errors.push(e);
+        }
         if f.server.listen == f.server.admin_listen && f.server.listen.port() != 0 {
             errors.push(plain(
                 "server.admin_listen",
@@ -915,6 +979,52 @@ impl Config {
     }
 
     /// A path from the file, resolved against the file's directory.
+    /// The flow table, checked.
+    pub fn flows(
+        &self,
+    ) -> Result<crate::exchange::cases::Flows, Vec<(usize, &'static str, String)>> {
+        let specs: Vec<_> = self
+            .file
+            .cases
+            .flows
+            .iter()
+            .map(FlowSection::spec)
+            .collect();
+        crate::exchange::cases::Flows::new(&specs)
+    }
+
+    /// The working calendar: `[cases] calendar`, read now, or the one built in.
+    pub fn calendar(&self) -> Result<crate::exchange::cases::Calendar, ConfigError> {
+        let Some(p) = &self.file.cases.calendar else {
+            return Ok(crate::exchange::cases::Calendar::embedded());
+        };
+        let path = self.resolve(p);
+        let plain = |message: String| ConfigError {
+            file: self.origin.clone(),
+            line: None,
+            key: "cases.calendar".into(),
+            message: format!("{}: {message}", path.display()),
+        };
+        let text = std::fs::read_to_string(&path).map_err(|e| plain(e.to_string()))?;
+        crate::exchange::cases::Calendar::parse(&text).map_err(plain)
+    }
+
+    /// The flow table and the calendar.
+    pub fn cases(&self) -> Result<Cases, ConfigError> {
+        let calendar = self.calendar()?;
+        let flows = self.flows().map_err(|p| ConfigError {
+            file: self.origin.clone(),
+            line: None,
+            key: "cases.flows".into(),
+            message: p
+                .into_iter()
+                .map(|(i, k, m)| format!("[{i}].{k}: {m}"))
+                .collect::<Vec<_>>()
+                .join("; "),
+        })?;
+        Ok(Cases { flows, calendar })
+    }
+
     pub fn resolve(&self, p: &Path) -> PathBuf {
         if p.is_absolute() {
             p.to_owned()

@@ -29,6 +29,8 @@ pub struct Snapshot {
     /// Limits shared by replicas (`[shared_limits]`), set once by `serve` and kept across
     /// reloads; `None`: this replica's own limits only.
     pub shared: Option<Arc<crate::shared::SharedLimits>>,
+    /// The flow table and the working calendar (`[cases]`).
+    pub cases: Arc<crate::config::Cases>,
 }
 
 impl Snapshot {
@@ -46,6 +48,7 @@ impl Snapshot {
             }
             (Err(e), Ok(())) | (Ok(_), Err(e)) => return Err(e),
         };
+        let cases = Arc::new(config.cases().map_err(|e| ConfigErrors(vec![e]))?);
         let mut policy = config.policy();
         policy.revoked = Arc::new(tls::revoked(&config));
         let policy = Arc::new(policy);
@@ -73,6 +76,7 @@ impl Snapshot {
             harvest,
             refusals,
             shared: previous.and_then(|p| p.shared.clone()),
+            cases,
         })
     }
 }

@@ -24,6 +24,10 @@ pub use civgate_store::{STORE_COMMIT, STORE_COMMIT_ROWS, store_commit};
 pub(crate) const EXCHANGE_BACKLOG: &str = "civgate_exchange_backlog_events";
 pub(crate) const EXCHANGE_BACKLOG_AGE: &str = "civgate_exchange_backlog_oldest_seconds";
 pub(crate) const EXCHANGE_DEAD_LETTERS: &str = "civgate_exchange_dead_letters";
+pub(crate) const REQUESTS_OPEN: &str = "civgate_requests_open";
+pub(crate) const REQUESTS_OVERDUE: &str = "civgate_requests_overdue";
+pub(crate) const REQUEST_ANSWER: &str = "civgate_request_answer_seconds";
+pub(crate) const REQUESTS_LATE: &str = "civgate_requests_answered_late";
 pub(crate) const HTTP_REFUSED: &str = "civgate_http_refused_total";
 pub(crate) const REFUSALS_UNRECORDED: &str = "civgate_refusals_unrecorded_total";
 /// Admitted calls whose client went away before the answer (recorded as CANCELLED).
@@ -117,6 +121,23 @@ fn describe_all() {
         EXCHANGE_BACKLOG_AGE,
         Unit::Seconds,
         "Age of the oldest event in a consumer group's backlog (0 when it has none)"
+    );
+    describe_gauge!(
+        REQUESTS_OPEN,
+        "Requests the flow table gives a deadline that are not answered yet, by the agency awaited and the request's kind"
+    );
+    describe_gauge!(
+        REQUESTS_OVERDUE,
+        "Unanswered requests past their due time, by the agency awaited and the request's kind"
+    );
+    describe_gauge!(
+        REQUEST_ANSWER,
+        Unit::Seconds,
+        "Time from a request to its answer (quantile 0.5 and 0.99 of the last 7 days' answers), by answering agency and answer kind"
+    );
+    describe_gauge!(
+        REQUESTS_LATE,
+        "Answers of the last 7 days that came after their due time, by answering agency and answer kind"
     );
     describe_gauge!(
         EXCHANGE_DEAD_LETTERS,

@@ -34,6 +34,8 @@ const REGISTRY: &[Role] = &[CivilRegistry];
 const EXCHANGE: &[Role] = &[CivilRegistry, PopulationDb];
 const STATUS: &[Role] = &[CivilRegistry, PopulationDb, Auditor];
 const AUDITORS: &[Role] = &[Auditor];
+/// Who lists requests with deadlines: the registries that make them, and auditors.
+const CASES: &[Role] = &[CivilRegistry, Auditor];
 
 const fn m(path: &'static str, callers: Callers, bucket: Option<Bucket>) -> Method {
     Method {
@@ -106,6 +108,11 @@ pub(crate) const METHODS: &[Method] = &[
     m(
         "/civgate.v1.Exchange/GetEventStatus",
         Callers::Roles(STATUS),
+        None,
+    ),
+    m(
+        "/civgate.v1.Exchange/ListOpenRequests",
+        Callers::Roles(CASES),
         None,
     ),
     m(
@@ -196,10 +203,20 @@ mod tests {
             "/civgate.v1.Audit/GetConsistencyProof",
             "/civgate.v1.Audit/SearchEntries",
             "/civgate.v1.Exchange/GetEventStatus",
+            "/civgate.v1.Exchange/ListOpenRequests",
         ];
         let set = |v: Vec<&'static str>| v.into_iter().collect::<std::collections::BTreeSet<_>>();
         let cases: [(Role, Vec<&str>); 3] = [
-            (CivilRegistry, [&common[..], &citizens, &exchange].concat()),
+            (
+                CivilRegistry,
+                [
+                    &common[..],
+                    &citizens,
+                    &exchange,
+                    &["/civgate.v1.Exchange/ListOpenRequests"],
+                ]
+                .concat(),
+            ),
             (PopulationDb, [&common[..], &exchange].concat()),
             (Auditor, [&common[..], &audit].concat()),
         ];

@@ -58,6 +58,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (5, "block summaries", SCHEMA_V5),
     (6, "owned groups and audiences", SCHEMA_V6),
     (7, "one answer per request", SCHEMA_V7),
+    (8, "open requests with due times", SCHEMA_V8),
 ];
 
 /// sqlx's migrator over [`MIGRATIONS`] (embedded at build time, as `sqlx::migrate!` would,
@@ -210,6 +211,9 @@ const SCHEMA_V5: &str = include_str!("../migrations/postgres/0005_block_summarie
 /// events record who they are addressed to (`audience`; NULL: every consumer of the topic).
 const SCHEMA_V6: &str = include_str!("../migrations/postgres/0006_owned_groups_and_audiences.sql");
 const SCHEMA_V7: &str = include_str!("../migrations/postgres/0007_one_answer_per_request.sql");
+/// Open requests of the flow table (cases with statutory deadlines): a new table, written by
+/// publishes of this release only; an older replica neither writes nor reads it.
+const SCHEMA_V8: &str = include_str!("../migrations/postgres/0008_open_requests.sql");
 
 /// Connection options for `url`: synchronous_commit on (a commit is durable when it returns),
 /// whatever the server's default; no statement or lock wait longer than `timeout` (a replica

@@ -29,12 +29,14 @@ use writer::{Dialect, Job, Writer};
 mod legacy;
 mod postgres;
 mod read;
+mod requests;
 mod sqlite;
 #[cfg(test)]
 mod tests;
 mod writer;
 
 pub use read::PAGE_BYTES;
+pub use requests::{OpenRequest, RequestFilter, RequestStats, quantile};
 const TOPICS: [&str; 2] = [CIVIL_STATUS, POPULATION];
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -51,6 +53,15 @@ pub struct Receipt {
 pub struct Answer {
     pub asked: String,
     pub kind: &'static str,
+}
+
+/// What a request opens when it is published: its kind and case, and one open request per
+/// flow it matches (`cases::Flows::opened_by`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Opens {
+    pub kind: &'static str,
+    pub case_reference: String,
+    pub list: Vec<crate::cases::Opening>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -286,6 +297,34 @@ impl Journal {
             .result
     }
 
+    /// [`Journal::publish_audited`] for an event that may also be a request: the requests it
+    /// `opens` (one per flow it matches, see `cases`) are recorded in the transaction that
+    /// commits it, and an answer closes the request it answers in its own.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn publish_tracked(
+        &self,
+        producer: &str,
+        key: &str,
+        topic: &'static str,
+        payload: Vec<u8>,
+        audience: Option<String>,
+        answers: Option<Answer>,
+        opens: Option<Opens>,
+        audit: Option<Draft>,
+    ) -> Published {
+        self.submit_publish(
+            producer,
+            key,
+            topic,
+            payload,
+            audience,
+            answers,
+            opens.map(Box::new),
+            audit,
+        )
+        .await
+    }
+
     /// Publishes, and — given the call's audit `draft` and an audit log — commits the call's
     /// audit record (finished with the outcome) in the same transaction as the event: one
     /// durable commit for both instead of two in turn. An event that `answers` another is
@@ -302,6 +341,24 @@ impl Journal {
         answers: Option<Answer>,
         audit: Option<Draft>,
     ) -> Published {
+        self.submit_publish(
+            producer, key, topic, payload, audience, answers, None, audit,
+        )
+        .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn submit_publish(
+        &self,
+        producer: &str,
+        key: &str,
+        topic: &'static str,
+        payload: Vec<u8>,
+        audience: Option<String>,
+        answers: Option<Answer>,
+        opens: Option<Box<Opens>>,
+        audit: Option<Draft>,
+    ) -> Published {
         let stopped = || Published {
             result: Err(JournalError::NotDurable("journal writer stopped".into())),
             audit_index: None,
@@ -314,6 +371,7 @@ impl Journal {
             payload,
             audience,
             answers,
+            opens,
             audit,
             done,
         };

@@ -10,8 +10,8 @@ use tokio::sync::mpsc;
 
 use super::legacy::adopt_legacy;
 use super::writer::{
-    ACK_SQL, ANSWER_SQL, Dialect, EVENT_COLUMNS, Job, Plan, REJECT_SQL, Written, audit_records,
-    known_answers, known_keys, placed, plan, prune_topics,
+    ACK_SQL, ANSWER_SQL, CLOSE_SQL, Dialect, EVENT_COLUMNS, Job, OPEN_SQL, Plan, REJECT_SQL,
+    Written, audit_records, known_answers, known_keys, placed, plan, prune_topics,
 };
 use super::{Group, Holder, Journal, TOPICS};
 use crate::audit::{AuditTail, merkle::CompactRange, subjects::BlockEntry};
@@ -174,11 +174,36 @@ impl Plan<'_> {
                 .execute(&mut *tx)
                 .await?;
         }
-        for (asked, kind, event_id) in &self.answers {
+        for (event_id, producer, opens) in &self.opens {
+            for o in &opens.list {
+                sqlx::query(OPEN_SQL)
+                    .bind(event_id.as_str())
+                    .bind(o.answer)
+                    .bind(o.flow.as_str())
+                    .bind(*producer)
+                    .bind(opens.kind)
+                    .bind(opens.case_reference.as_str())
+                    .bind(o.awaiting)
+                    .bind(self.now)
+                    .bind(o.due_at_ms)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        for (asked, kind, event_id, producer) in &self.answers {
             sqlx::query(ANSWER_SQL)
                 .bind(*asked)
                 .bind(*kind)
                 .bind(event_id.as_str())
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(CLOSE_SQL)
+                .bind(self.now)
+                .bind(event_id.as_str())
+                .bind(*producer)
+                .bind(self.now)
+                .bind(*asked)
+                .bind(*kind)
                 .execute(&mut *tx)
                 .await?;
         }

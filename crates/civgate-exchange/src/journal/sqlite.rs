@@ -10,8 +10,9 @@ use sqlx::{Connection, SqliteConnection, sqlite::SqlitePoolOptions};
 use super::legacy::adopt_legacy;
 use super::read::{EventRow, page_rows};
 use super::writer::{
-    ACK_SQL, ANSWER_SQL, Dialect, EVENT_COLUMNS, Job, Known, KnownAnswers, Outcome, Plan,
-    REJECT_SQL, Written, audit_records, known_answers, known_keys, placed, plan, prune_topics,
+    ACK_SQL, ANSWER_SQL, CLOSE_SQL, Dialect, EVENT_COLUMNS, Job, Known, KnownAnswers, OPEN_SQL,
+    Outcome, Plan, REJECT_SQL, Written, audit_records, known_answers, known_keys, placed, plan,
+    prune_topics,
 };
 use super::{Holder, Journal, JournalError, TOPICS};
 use crate::audit::{AuditTail, merkle::CompactRange, subjects::BlockEntry};
@@ -57,6 +58,26 @@ CREATE TABLE IF NOT EXISTS journal_groups (
     acked INTEGER NOT NULL,
     PRIMARY KEY (topic, agency, grp)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS journal_requests (
+    event_id TEXT NOT NULL,
+    answer TEXT NOT NULL,
+    flow TEXT NOT NULL,
+    producer TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    case_reference TEXT NOT NULL,
+    awaiting TEXT NOT NULL,
+    opened_at_ms INTEGER NOT NULL,
+    due_at_ms INTEGER NOT NULL,
+    answered_at_ms INTEGER,
+    answer_event TEXT,
+    answered_by TEXT,
+    late INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (event_id, answer)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS journal_requests_open ON journal_requests (due_at_ms) WHERE answered_at_ms IS NULL;
+CREATE INDEX IF NOT EXISTS journal_requests_case ON journal_requests (case_reference) WHERE case_reference <> '';
+CREATE INDEX IF NOT EXISTS journal_requests_producer ON journal_requests (producer, event_id);
+CREATE INDEX IF NOT EXISTS journal_requests_answered ON journal_requests (answered_at_ms) WHERE answered_at_ms IS NOT NULL;
 ";
 
 /// Population events stored by an earlier release, without an audience (empty once they have
@@ -375,9 +396,30 @@ impl Plan<'_> {
                 .bind(r.audience)?;
             Ok(())
         })?;
-        for (asked, kind, event_id) in &self.answers {
+        for (event_id, producer, opens) in &self.opens {
+            for o in &opens.list {
+                b.statement(&q(OPEN_SQL));
+                b.bind(event_id.as_str())?
+                    .bind(o.answer)?
+                    .bind(o.flow.as_str())?
+                    .bind(*producer)?
+                    .bind(opens.kind)?
+                    .bind(opens.case_reference.as_str())?
+                    .bind(o.awaiting)?
+                    .bind(self.now)?
+                    .bind(o.due_at_ms)?;
+            }
+        }
+        for (asked, kind, event_id, producer) in &self.answers {
             b.statement(&q(ANSWER_SQL));
             b.bind(*asked)?.bind(*kind)?.bind(event_id.as_str())?;
+            b.statement(&q(CLOSE_SQL));
+            b.bind(self.now)?
+                .bind(event_id.as_str())?
+                .bind(*producer)?
+                .bind(self.now)?
+                .bind(*asked)?
+                .bind(*kind)?;
         }
         // No `journal_heads` row: on SQLite a topic's head is its highest stored sequence, and
         // retention records the heads before it deletes (`prune_sqlite`).

@@ -126,6 +126,8 @@ pub(super) enum Job {
         audience: Option<String>,
         /// The request it answers, if it is an answer.
         answers: Option<Answer>,
+        /// The requests it opens (flows with deadlines), if it is a request.
+        opens: Option<Box<super::Opens>>,
         /// The call's audit record, to be finished with the outcome and committed with it.
         audit: Option<Draft>,
         done: oneshot::Sender<Published>,
@@ -448,8 +450,10 @@ pub(super) struct Plan<'a> {
     pub(super) rows: Vec<NewRow<'a>>,
     pub(super) acks: Vec<(&'a str, &'a Group, u64)>,
     pub(super) rejects: Vec<(&'a str, &'a Group, u64, &'a str)>,
-    /// (asked event, kind, answering event) of the new answers.
-    pub(super) answers: Vec<(&'a str, &'static str, String)>,
+    /// (asked event, kind, answering event, its producer) of the new answers.
+    pub(super) answers: Vec<(&'a str, &'static str, String, &'a str)>,
+    /// (request event, its producer, what it opens) of the new requests.
+    pub(super) opens: Vec<(String, &'a str, &'a super::Opens)>,
     pub(super) outcomes: Vec<Outcome>,
     pub(super) now: i64,
 }
@@ -469,6 +473,7 @@ pub(super) fn plan<'a>(
         acks: Vec::new(),
         rejects: Vec::new(),
         answers: Vec::new(),
+        opens: Vec::new(),
         outcomes: Vec::with_capacity(batch.len()),
         now,
     };
@@ -481,6 +486,7 @@ pub(super) fn plan<'a>(
                 payload,
                 audience,
                 answers,
+                opens,
                 ..
             } => {
                 let hash: Vec<u8> = Sha256::digest(payload).to_vec();
@@ -518,7 +524,11 @@ pub(super) fn plan<'a>(
                 known.insert(k, (hash.clone(), receipt.clone()));
                 if let Some(a) = answers {
                     answered.insert((a.asked.clone(), a.kind.to_owned()), event_id.clone());
-                    p.answers.push((a.asked.as_str(), a.kind, event_id.clone()));
+                    p.answers
+                        .push((a.asked.as_str(), a.kind, event_id.clone(), producer));
+                }
+                if let Some(o) = opens.as_deref().filter(|o| !o.list.is_empty()) {
+                    p.opens.push((event_id.clone(), producer, o));
                 }
                 p.rows.push(NewRow {
                     topic,
@@ -572,6 +582,17 @@ pub(super) type KnownAnswers = HashMap<(String, String), String>;
 /// Records which event answers which request, one row per (asked event, kind).
 pub(super) const ANSWER_SQL: &str =
     "INSERT INTO journal_answers (asked, kind, event_id) VALUES ($1, $2, $3)";
+
+/// Opens a request a flow asks for (see `cases`): one row per (request, answer kind).
+pub(super) const OPEN_SQL: &str = "INSERT INTO journal_requests \
+     (event_id, answer, flow, producer, kind, case_reference, awaiting, opened_at_ms, due_at_ms) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (event_id, answer) DO NOTHING";
+
+/// Closes the open request an answer answers (none: the answer was asked by no flow), late
+/// when it comes after the due time: answered at `$1` by event `$2` of `$3`.
+pub(super) const CLOSE_SQL: &str = "UPDATE journal_requests SET answered_at_ms = $1, answer_event = $2, \
+     answered_by = $3, late = CASE WHEN $4 > due_at_ms THEN 1 ELSE 0 END \
+     WHERE event_id = $5 AND answer = $6 AND answered_at_ms IS NULL";
 
 /// An event to insert.
 pub(super) struct NewRow<'a> {

@@ -8,9 +8,9 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::pb::v1::{
-    AckRequest, AckResponse, GetEventStatusRequest, GetEventStatusResponse, PublishReceipt,
-    PublishRequest, RejectRequest, RejectResponse, SubscribeRequest, SubscribedEvent,
-    exchange_server::Exchange,
+    AckRequest, AckResponse, GetEventStatusRequest, GetEventStatusResponse,
+    ListOpenRequestsRequest, ListOpenRequestsResponse, PublishReceipt, PublishRequest,
+    RejectRequest, RejectResponse, SubscribeRequest, SubscribedEvent, exchange_server::Exchange,
 };
 
 use prost::Message;
@@ -23,7 +23,7 @@ use crate::{
     domain::Role,
     exchange::{
         address,
-        journal::{Answer, Group, Journal, JournalError},
+        journal::{Answer, Group, Journal, JournalError, Opens},
         validate::{Refusal, is_topic, notices, subjects, topic_of, validate},
     },
     policy::{self, Principal},
@@ -463,17 +463,34 @@ impl Exchange for ExchangeService {
                 asked: event.in_reply_to.clone(),
                 kind: topic_of(p).1,
             });
+        // The requests it opens (flows with deadlines), recorded with it.
+        let opens = event.payload.as_ref().and_then(|p| {
+            let kind = topic_of(p).1;
+            let cases = &self.state.load().cases;
+            let list = cases.flows.opened_by(
+                kind,
+                &event.case_reference,
+                time::OffsetDateTime::now_utc(),
+                &cases.calendar,
+            );
+            (!list.is_empty()).then(|| Opens {
+                kind,
+                case_reference: event.case_reference.clone(),
+                list,
+            })
+        });
         // The call's audit record is committed with the event, in one transaction.
         let draft = call.map(|call| Draft { call, facts: told });
         let published = self
             .journal()?
-            .publish_audited(
+            .publish_tracked(
                 who.agency.as_str(),
                 &r.idempotency_key,
                 topic,
                 event.encode_to_vec(),
                 audience,
                 answers,
+                opens,
                 draft,
             )
             .await;
@@ -837,6 +854,37 @@ impl Exchange for ExchangeService {
             topic: status.topic,
             sequence: status.seq,
             groups,
+        }))
+    }
+
+    async fn list_open_requests(
+        &self,
+        req: Request<ListOpenRequestsRequest>,
+    ) -> Result<Response<ListOpenRequestsResponse>, Status> {
+        use super::cases;
+        let who = principal(&req)?;
+        // Whose requests first: nothing is read for a caller who may not list.
+        let producer = cases::listing_scope(&who)?;
+        let snapshot = self.state.load_full();
+        let now_ms = crate::exchange::cases::unix_ms(time::OffsetDateTime::now_utc());
+        let r = req.into_inner();
+        let mut filter = cases::filter_of(&r, producer, &snapshot.policy, now_ms)?;
+        let page = filter.limit as usize;
+        filter.limit += 1;
+        let mut rows = self.journal()?.requests(&filter).await?;
+        let more = rows.len() > page;
+        rows.truncate(page);
+        let next_page_token = if more {
+            rows.last().map(cases::next_token).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(ListOpenRequestsResponse {
+            requests: rows
+                .into_iter()
+                .map(|x| cases::to_pb(x, &snapshot.policy, now_ms))
+                .collect(),
+            next_page_token,
         }))
     }
 }

@@ -2,6 +2,7 @@
 //! what the call's audit record must say.
 
 pub mod audit;
+pub mod cases;
 pub mod citizens;
 pub mod exchange;
 pub mod wire;

@@ -58,13 +58,63 @@ pub(crate) async fn observe(journal: &Journal, policy: &Policy) {
     }
 }
 
+/// The window of answers the answer-time quantiles describe.
+const ANSWER_WINDOW_MS: i64 = 7 * 86_400_000;
+
+/// Open and overdue requests, per agency awaited and request kind (zero for every pair a flow
+/// asks for), and the answer times and late answers of the last week.
+pub(crate) async fn observe_requests(journal: &Journal, snapshot: &crate::state::Snapshot) {
+    let now = crate::audit::log::now_ms();
+    let stats = match journal.request_stats(now, now - ANSWER_WINDOW_MS).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "open requests: cannot count");
+            return;
+        }
+    };
+    let policy = &snapshot.policy;
+    let mut open = stats.open;
+    for f in snapshot.cases.flows.iter() {
+        let awaiting = crate::exchange::cases::answering_topic(f.answer).unwrap_or_default();
+        open.entry((awaiting.to_owned(), f.request.to_owned()))
+            .or_default();
+    }
+    for ((awaiting, kind), (n, overdue)) in open {
+        for agency in crate::api::cases::awaited_agencies(policy, &awaiting) {
+            let labels = [("awaiting_agency", agency), ("kind", kind.clone())];
+            metrics::gauge!(telemetry::REQUESTS_OPEN, &labels).set(n as f64);
+            metrics::gauge!(telemetry::REQUESTS_OVERDUE, &labels).set(overdue as f64);
+        }
+    }
+    for ((agency, kind), mut ms) in stats.answer_ms {
+        for (q, name) in [(0.5, "0.5"), (0.99, "0.99")] {
+            if let Some(v) = crate::exchange::journal::quantile(&mut ms, q) {
+                let labels = [
+                    ("agency", agency.clone()),
+                    ("kind", kind.clone()),
+                    ("quantile", name.to_owned()),
+                ];
+                metrics::gauge!(telemetry::REQUEST_ANSWER, &labels).set(v as f64 / 1000.0);
+            }
+        }
+        let late = stats
+            .late
+            .get(&(agency.clone(), kind.clone()))
+            .copied()
+            .unwrap_or(0);
+        let labels = [("agency", agency), ("kind", kind)];
+        metrics::gauge!(telemetry::REQUESTS_LATE, &labels).set(late as f64);
+    }
+}
+
 /// The hook `/metrics` runs before it renders.
 pub(crate) fn scrape_hook(journal: Journal, state: crate::state::Shared) -> telemetry::ScrapeHook {
     Arc::new(move || {
         let (journal, state) = (journal.clone(), state.clone());
         Box::pin(async move {
-            let policy = state.load().policy.clone();
-            observe(&journal, &policy).await;
+            let snapshot = state.load_full();
+            observe(&journal, &snapshot.policy).await;
+            observe_requests(&journal, &snapshot).await;
         })
     })
 }
