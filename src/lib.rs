@@ -8,7 +8,7 @@
 /// The audit log (`civgate-audit`) and the auditor's tools built on it (`civgate-auditor`).
 pub mod audit {
     pub use civgate_audit::*;
-    pub use civgate_auditor::{auditor, cli};
+    pub use civgate_auditor::{auditor, cases, cli};
 }
 
 pub use civgate_dev::{certs, synth};

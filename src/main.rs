@@ -110,6 +110,11 @@ enum Command {
         #[command(subcommand)]
         command: civgate::audit::cli::Command,
     },
+    /// Requests with deadlines: who is late (`overdue`), a case's steps (`show CASE`).
+    Cases {
+        #[command(subcommand)]
+        command: civgate::audit::cases::Command,
+    },
     /// Load generators against a running gateway or directory.
     Bench {
         #[command(subcommand)]
@@ -317,6 +322,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Bench { command } => bench::run(command).await,
         Command::Audit { command } => civgate::audit::cli::run(command).await,
+        Command::Cases { command } => civgate::audit::cases::run(command).await,
         Command::Config {
             command: ConfigCommand::Check { config },
         } => {

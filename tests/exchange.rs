@@ -653,6 +653,34 @@ async fn requests_with_deadlines_open_close_and_show_who_is_late(env: Env) {
     assert_eq!(overdue.len(), 1, "{overdue:?}");
     assert_eq!(overdue[0].answer_kind, "residence_changed");
     assert!(overdue[0].overdue);
+    // The command line says the same, naming the late agency.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_civgate"))
+        .args([
+            "cases",
+            "overdue",
+            "--addr",
+            &gw.api_addr.to_string(),
+            "--certs",
+        ])
+        .arg(env.certs())
+        .args(["--client", "auditor"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let row = text
+        .lines()
+        .find(|l| l.starts_with(&b1.event_id))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        row.contains("HP-2026-0001") && row.contains("population") && row.contains("OVERDUE by"),
+        "{row}"
+    );
+    assert!(text.contains("1 request(s)"), "{text}");
     let (_, metrics) = common::http_get(gw.admin_addr, "/metrics");
     assert!(
         metrics

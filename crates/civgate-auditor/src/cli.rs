@@ -13,9 +13,9 @@ use crate::{
     pb::v1::{AuditRecord, SearchEntriesRequest},
 };
 
-/// How to reach the gateway and check what it serves.
+/// How to reach the gateway (with an auditor's, or another agency's, certificate).
 #[derive(Args, Clone, Debug)]
-pub struct Conn {
+pub struct Gateway {
     /// The gateway's API address, host:port (a name or an IP address).
     #[arg(long, default_value = "127.0.0.1:7443")]
     pub addr: String,
@@ -39,6 +39,13 @@ pub struct Conn {
     /// Client certificate under --certs/clients (an auditor's).
     #[arg(long, default_value = "auditor")]
     pub client: String,
+}
+
+/// How to reach the gateway and check what it serves.
+#[derive(Args, Clone, Debug)]
+pub struct Conn {
+    #[command(flatten)]
+    pub gateway: Gateway,
     /// The log's verifier key file (`name+id+key`).
     #[arg(long, default_value = "certs/audit.vkey")]
     pub verifier_key: PathBuf,
@@ -165,7 +172,7 @@ fn verifier(conn: &Conn) -> Result<Verifier> {
 
 /// The TLS name to check: --server-name, else the host of --addr (for an IP address,
 /// "localhost", as the development PKI's server certificate says).
-fn server_name(conn: &Conn) -> String {
+fn server_name(conn: &Gateway) -> String {
     if let Some(n) = &conn.server_name {
         return n.clone();
     }
@@ -183,6 +190,11 @@ fn server_name(conn: &Conn) -> String {
 }
 
 async fn online(conn: &Conn) -> Result<Online> {
+    Ok(Online::new(channel(&conn.gateway).await?))
+}
+
+/// A connection to the gateway over mutual TLS with the certificate `conn` names.
+pub async fn channel(conn: &Gateway) -> Result<tonic::transport::Channel> {
     let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
     let (ca, cert, key) = match (&conn.ca, &conn.cert, &conn.key) {
         (Some(ca), Some(cert), Some(key)) => (read(ca)?, read(cert)?, read(key)?),
@@ -192,8 +204,7 @@ async fn online(conn: &Conn) -> Result<Online> {
             read(&conn.certs.join(format!("clients/{}.key", conn.client)))?,
         ),
     };
-    let channel = client::connect_to(&conn.addr, &server_name(conn), ca, cert, key).await?;
-    Ok(Online::new(channel))
+    client::connect_to(&conn.addr, &server_name(conn), ca, cert, key).await
 }
 
 pub async fn run(cmd: Command) -> Result<()> {
@@ -335,7 +346,7 @@ mod tests {
 
     #[test]
     fn the_server_name_is_the_host_unless_an_address() {
-        let conn = |addr: &str, name: Option<&str>| Conn {
+        let conn = |addr: &str, name: Option<&str>| Gateway {
             addr: addr.into(),
             server_name: name.map(Into::into),
             ca: None,
@@ -343,8 +354,6 @@ mod tests {
             key: None,
             certs: "certs".into(),
             client: "auditor".into(),
-            verifier_key: "v".into(),
-            state: "s".into(),
         };
         assert_eq!(
             server_name(&conn("gw.moj.gov.vn:7443", None)),

@@ -1,8 +1,9 @@
 //! The auditor's tools: [`auditor`] checks a gateway's audit log (online, or from an export)
 //! against the gateway's signed checkpoints, trusting nothing but the verifier key; [`cli`] is
-//! `civgate audit …`. The arithmetic is `civgate-tlog`'s; nothing here reads a store.
+//! `civgate audit …`, [`cases`] is `civgate cases …` (who is late). The arithmetic is `civgate-tlog`'s; nothing here reads a store.
 
 pub mod auditor;
+pub mod cases;
 pub mod cli;
 
 use civgate_domain as domain;
