@@ -534,9 +534,8 @@ async fn listed(
 /// as late; the requests are still there after a restart (and on another replica sharing the
 /// store); `/metrics` counts them.
 async fn requests_with_deadlines_open_close_and_show_who_is_late(env: Env) {
-    let config = format!(
-        "{}\n[[cases.flows]]\nname = \"birth-residence\"\nrequest = \"birth\"\nanswer = \"residence_changed\"\nseconds = 1\nlinked_only = true\n",
-        civgate::config::DEFAULT_CONFIG
+    let config = common::with_flows(
+        "[[cases.flows]]\nname = \"birth-personal-id\"\nrequest = \"birth\"\nanswer = \"personal_id_assigned\"\nworking_days = 1\n\n[[cases.flows]]\nname = \"birth-residence\"\nrequest = \"birth\"\nanswer = \"residence_changed\"\nseconds = 1\nlinked_only = true\n",
     );
     let gw = env.start_with(&config).await;
     let mut hp = as_agency(&env, gw.api_addr, "registry-hp").await;
@@ -739,8 +738,192 @@ async fn requests_with_deadlines_open_close_and_show_who_is_late(env: Env) {
     assert_eq!(listed(&mut hp, list(false, "HP-2026-0001")).await, case);
 }
 
+fn answer_to(asked: &str, case: &str, payload: Payload) -> Event {
+    Event {
+        in_reply_to: asked.into(),
+        case_reference: case.into(),
+        payload: Some(payload),
+        ..Default::default()
+    }
+}
+
+/// The linked birth of Decree 63/2024 across three agencies: the social-insurance agency
+/// receives the linked birth (not an unlinked one, nor a marriage), answers its card; the
+/// population database answers the ID and the residence; the registry receives both answers
+/// and its case is closed. Each answer fits its request: its kind, its citizen; the
+/// social-insurance agency publishes its own topic only and reads no population events.
+async fn a_linked_birth_is_answered_by_three_agencies(env: Env) {
+    let gw = env.start().await;
+    let mut hp = as_agency(&env, gw.api_addr, "registry-hp").await;
+    let mut pop = as_agency(&env, gw.api_addr, "population").await;
+    let mut si = as_agency(&env, gw.api_addr, "social-insurance").await;
+    const CASE: &str = "HP-2026-0042";
+    let mut linked = birth("HP-LECHAN", "Phạm Minh Khôi");
+    linked.case_reference = CASE.into();
+    let b = hp
+        .publish(publish("lb-1", linked))
+        .await
+        .unwrap()
+        .into_inner();
+    hp.publish(publish("lb-2", birth_to("031195000003", "Vũ Thị Lan")))
+        .await
+        .unwrap();
+    // What the case waits for: the shipped flows.
+    let mut open: Vec<String> = listed(&mut hp, list(false, CASE))
+        .await
+        .into_iter()
+        .map(|r| format!("{}:{}", r.answer_kind, r.awaiting_agency_ids.join(",")))
+        .collect();
+    open.sort();
+    assert_eq!(
+        open,
+        [
+            "health_insurance_card_issued:social-insurance",
+            "permanent_residence_registered:population",
+            "personal_id_assigned:population",
+        ]
+    );
+    // The social-insurance agency receives the linked birth only.
+    let mut s = common::stream(&mut si, "civil-status", "social-insurance", None).await;
+    let got = common::take(&mut s, 1).await;
+    assert_eq!(got[0].event_id, b.event_id);
+    drop(s);
+    for (topic, code) in [("population", Code::PermissionDenied)] {
+        let e = si
+            .subscribe(SubscribeRequest {
+                topic: topic.into(),
+                consumer_group: "social-insurance".into(),
+                from_sequence: None,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), code, "{topic}");
+    }
+    // It publishes on its own topic only.
+    let e = si
+        .publish(publish("si-x", birth("HP-LECHAN", "X")))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    // The card before the ID: it names no child yet, and may leave the ID out.
+    use civgate::pb::v1::{
+        FuneralAllowanceDecided, HealthInsuranceCardIssued, PermanentResidenceRegistered,
+        PersonalIdAssigned, Residence,
+    };
+    let card = |id: &str| {
+        Payload::HealthInsuranceCardIssued(HealthInsuranceCardIssued {
+            personal_id: id.into(),
+            card_number: "TE1313126000001".into(),
+            valid_from: "2026-03-02".into(),
+            valid_until: "2032-02-26".into(),
+        })
+    };
+    let e = si
+        .publish(publish(
+            "si-1",
+            answer_to(&b.event_id, CASE, card("031326000001")),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(
+        e.message().contains("no personal ID yet"),
+        "{}",
+        e.message()
+    );
+    // A funeral allowance does not answer a birth.
+    let e = si
+        .publish(publish(
+            "si-2",
+            answer_to(
+                &b.event_id,
+                CASE,
+                Payload::FuneralAllowanceDecided(FuneralAllowanceDecided {
+                    personal_id: "031195000002".into(),
+                    decision_number: "12/QĐ-BHXH".into(),
+                    decided_on: "2026-03-03".into(),
+                    granted: true,
+                }),
+            ),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    // The population database answers the ID, then the residence of that child only.
+    pop.publish(publish(
+        "pop-1",
+        answer_to(
+            &b.event_id,
+            CASE,
+            Payload::PersonalIdAssigned(PersonalIdAssigned {
+                personal_id: "031326000001".into(),
+                registry_office_code: "HP-LECHAN".into(),
+                book_number: "01/2026".into(),
+                entry_number: "7".into(),
+                ..Default::default()
+            }),
+        ),
+    ))
+    .await
+    .unwrap();
+    let residence = |id: &str| {
+        Payload::PermanentResidenceRegistered(PermanentResidenceRegistered {
+            personal_id: id.into(),
+            residence: Some(Residence {
+                province_code: "031".into(),
+                address: "12 Trần Nguyên Hãn, Phường Lê Chân".into(),
+            }),
+            effective_date: "2026-03-03".into(),
+        })
+    };
+    let e = pop
+        .publish(publish(
+            "pop-2",
+            answer_to(&b.event_id, CASE, residence("031195000002")),
+        ))
+        .await
+        .unwrap_err();
+    assert!(
+        e.message().contains("must be 031326000001"),
+        "{}",
+        e.message()
+    );
+    pop.publish(publish(
+        "pop-3",
+        answer_to(&b.event_id, CASE, residence("031326000001")),
+    ))
+    .await
+    .unwrap();
+    si.publish(publish(
+        "si-3",
+        answer_to(&b.event_id, CASE, card("031326000001")),
+    ))
+    .await
+    .unwrap();
+    // The registry receives the card; another registry does not.
+    let mut s = common::stream(&mut hp, "social-insurance", "registry-hp", None).await;
+    let got = common::take(&mut s, 1).await;
+    assert_eq!(got[0].producer_agency_id, "social-insurance");
+    assert_eq!(got[0].event.as_ref().unwrap().in_reply_to, b.event_id);
+    let mut hn = as_agency(&env, gw.api_addr, "registry-hn").await;
+    let mut other = common::stream(&mut hn, "social-insurance", "registry-hn", None).await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), other.message())
+            .await
+            .is_err(),
+        "another registry receives nothing"
+    );
+    // Every step of the case is answered.
+    let case = listed(&mut hp, list(false, CASE)).await;
+    assert_eq!(case.len(), 3);
+    for r in &case {
+        assert!(r.answered_at_unix_ms > 0 && !r.late, "{r:?}");
+    }
+}
+
 on_both_backends!(
     publish_is_idempotent_and_conflicting_reuse_is_already_exists,
+    a_linked_birth_is_answered_by_three_agencies,
     requests_with_deadlines_open_close_and_show_who_is_late,
     producers_publish_only_their_side_and_offices_and_bad_events_are_named,
     subscribe_delivers_in_order_resumes_after_ack_and_applies_back_pressure,

@@ -892,3 +892,19 @@ impl Collector {
         self.spans.lock().unwrap().clone()
     }
 }
+
+/// The shipped config with its flow table replaced by `flows` (`[[cases.flows]]` rows).
+pub fn with_flows(flows: &str) -> String {
+    let text = civgate::config::DEFAULT_CONFIG;
+    let cut = text
+        .find("\n[[cases.flows]]")
+        .expect("the shipped config has a flow table");
+    assert!(
+        text[cut..]
+            .lines()
+            .filter(|l| l.starts_with('['))
+            .all(|l| l == "[[cases.flows]]"),
+        "the flow table ends the shipped config"
+    );
+    format!("{}\n{flows}", &text[..cut])
+}

@@ -28,6 +28,7 @@ pub(crate) const CLIENTS: &[(&str, &str, ClientKind)] = &[
     ("registry-hn", "registry-hn", ClientKind::Valid),
     ("population", "population", ClientKind::Valid),
     ("auditor", "auditor", ClientKind::Valid),
+    ("social-insurance", "social-insurance", ClientKind::Valid),
     ("revoked", "registry-hp", ClientKind::Revoked),
     ("expired", "registry-hp", ClientKind::Expired),
     ("rogue", "registry-hp", ClientKind::Rogue),

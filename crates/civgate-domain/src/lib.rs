@@ -21,6 +21,10 @@ pub mod topics {
     pub const CIVIL_STATUS: &str = "civil-status";
     /// Population events: produced by the population database, consumed by civil registries.
     pub const POPULATION: &str = "population";
+    /// Social-insurance events (a health-insurance card issued, a funeral allowance decided):
+    /// produced by the social-insurance agency, consumed by civil registries (answers to their
+    /// requests).
+    pub const SOCIAL_INSURANCE: &str = "social-insurance";
 }
 pub use personal_id::{PersonalId, PersonalIdError, ProvinceCode};
 
@@ -190,6 +194,9 @@ pub enum Role {
     PopulationDb,
     /// An inspector or data-protection officer (thanh tra) reading the audit log.
     Auditor,
+    /// The social-insurance agency (Bảo hiểm xã hội Việt Nam): answers the linked procedures'
+    /// requests addressed to it (a child's health-insurance card, a funeral allowance).
+    SocialInsurance,
 }
 
 impl Role {
@@ -198,6 +205,7 @@ impl Role {
             Role::CivilRegistry => "civil_registry",
             Role::PopulationDb => "population_db",
             Role::Auditor => "auditor",
+            Role::SocialInsurance => "social_insurance",
         }
     }
 }

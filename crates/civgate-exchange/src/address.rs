@@ -22,7 +22,8 @@ use crate::{
     pb::v1::{Event, event::Payload},
 };
 
-use super::validate::{CIVIL_STATUS, POPULATION, subjects, topic_of};
+use super::validate::{CIVIL_STATUS, POPULATION, SOCIAL_INSURANCE, subjects, topic_of};
+use crate::domain::Role;
 use crate::policy::Policy;
 
 fn agency_token(agency: &str) -> String {
@@ -33,10 +34,19 @@ fn province_token(code: &str) -> String {
     format!(" p:{code} ")
 }
 
+/// The audience of a civil-status event a flow addresses to the social-insurance agency (a
+/// request it must answer): the population database receives it as every civil-status event;
+/// the social-insurance agency receives only these.
+pub const TO_SOCIAL_INSURANCE: &str = " r:social_insurance ";
+
 /// The stored audience of an event on `topic`, or `None`: every consumer of the topic.
 /// `answered_producer` is the producer of the event this one answers (`in_reply_to`).
 pub fn audience_of(payload: &Payload, answered_producer: Option<&str>) -> Option<String> {
     let (topic, _) = topic_of(payload);
+    if topic == SOCIAL_INSURANCE {
+        // Answers only: to the agency whose request it answers (else to nobody).
+        return Some(answered_producer.map_or_else(|| " ".to_owned(), agency_token));
+    }
     if topic != POPULATION {
         return None;
     }
@@ -44,7 +54,10 @@ pub fn audience_of(payload: &Payload, answered_producer: Option<&str>) -> Option
     if let Some(agency) = answered_producer {
         if matches!(
             payload,
-            Payload::PersonalIdAssigned(_) | Payload::PersonalIdReissued(_)
+            Payload::PersonalIdAssigned(_)
+                | Payload::PersonalIdReissued(_)
+                | Payload::PermanentResidenceRegistered(_)
+                | Payload::PermanentResidenceDeleted(_)
         ) {
             return Some(agency_token(agency));
         }
@@ -74,15 +87,24 @@ pub fn audience_of(payload: &Payload, answered_producer: Option<&str>) -> Option
     Some(s)
 }
 
-/// What a subscriber of a topic reads: `None` — everything (the topic is not addressed), or
-/// the tokens an event's audience must contain one of.
-pub fn scope_of(topic: &str, agency: &AgencyId, provinces: &[ProvinceCode]) -> Option<Vec<String>> {
-    if topic != POPULATION {
-        return None;
+/// What a subscriber of a topic reads: `None` — everything (the population database's view of
+/// civil-status), or the tokens an event's audience must contain one of.
+pub fn scope_of(
+    topic: &str,
+    role: Role,
+    agency: &AgencyId,
+    provinces: &[ProvinceCode],
+) -> Option<Vec<String>> {
+    match topic {
+        CIVIL_STATUS if role == Role::SocialInsurance => Some(vec![TO_SOCIAL_INSURANCE.to_owned()]),
+        CIVIL_STATUS => None,
+        SOCIAL_INSURANCE => Some(vec![agency_token(agency.as_str())]),
+        _ => {
+            let mut tokens = vec![agency_token(agency.as_str())];
+            tokens.extend(provinces.iter().map(|p| province_token(p.as_str())));
+            Some(tokens)
+        }
     }
-    let mut tokens = vec![agency_token(agency.as_str())];
-    tokens.extend(provinces.iter().map(|p| province_token(p.as_str())));
-    Some(tokens)
 }
 
 /// A consumer group: the agency that owns it (the caller's, from its certificate) and its name.
@@ -122,7 +144,7 @@ pub struct Holder {
 /// with no holder keeps everything.
 pub fn holders(policy: &Policy) -> Vec<Holder> {
     let mut v = Vec::new();
-    for topic in [CIVIL_STATUS, POPULATION] {
+    for topic in [CIVIL_STATUS, POPULATION, SOCIAL_INSURANCE] {
         for (id, agency) in &policy.agencies {
             if crate::policy::may_consume(agency.role, topic).is_err() {
                 continue;
@@ -131,7 +153,7 @@ pub fn holders(policy: &Policy) -> Vec<Holder> {
                 v.push(Holder {
                     topic,
                     group: Group::new(id.as_str(), name),
-                    scope: scope_of(topic, id, &agency.provinces),
+                    scope: scope_of(topic, agency.role, id, &agency.provinces),
                 });
             }
         }
@@ -170,7 +192,13 @@ mod tests {
 
     fn scope(agency: &str, provinces: &[&str]) -> Vec<String> {
         let provinces: Vec<ProvinceCode> = provinces.iter().map(|p| p.parse().unwrap()).collect();
-        scope_of(POPULATION, &agency.parse().unwrap(), &provinces).unwrap()
+        scope_of(
+            POPULATION,
+            Role::CivilRegistry,
+            &agency.parse().unwrap(),
+            &provinces,
+        )
+        .unwrap()
     }
 
     #[test]
@@ -225,14 +253,43 @@ mod tests {
         // A population event without an audience reaches nobody.
         assert!(!matches(None, Some(&scope("registry-hp", &["031"]))));
         assert_eq!(
-            scope_of(CIVIL_STATUS, &"population".parse().unwrap(), &[]),
+            scope_of(
+                CIVIL_STATUS,
+                Role::PopulationDb,
+                &"population".parse().unwrap(),
+                &[]
+            ),
             None
         );
+        // The social-insurance agency reads only the civil-status events addressed to it.
+        let si = scope_of(
+            CIVIL_STATUS,
+            Role::SocialInsurance,
+            &"social-insurance".parse().unwrap(),
+            &[],
+        );
+        assert!(!matches(None, si.as_deref()));
+        assert!(matches(Some(TO_SOCIAL_INSURANCE), si.as_deref()));
+        assert!(
+            matches(Some(TO_SOCIAL_INSURANCE), None),
+            "the population database too"
+        );
+        // Social-insurance answers go to the registry asked, only.
+        let card = Payload::HealthInsuranceCardIssued(Default::default());
+        let a = audience_of(&card, Some("registry-hp")).unwrap();
+        let hp = scope_of(
+            SOCIAL_INSURANCE,
+            Role::CivilRegistry,
+            &"registry-hp".parse().unwrap(),
+            &["031".parse().unwrap()],
+        );
+        assert!(matches(Some(&a), hp.as_deref()));
+        assert!(!matches(Some(&a), Some(&scope("registry-hn", &["031"]))));
     }
 
     #[test]
     fn retention_holders_are_the_declared_groups_of_each_topics_consumers() {
-        use crate::{domain::Role, policy::Agency};
+        use crate::policy::Agency;
         let mut policy = Policy::default();
         let with = |role, provinces: &[&str], groups: &[&str]| Agency {
             provinces: provinces.iter().map(|p| p.parse().unwrap()).collect(),
@@ -269,6 +326,16 @@ mod tests {
                     hp_scope.clone()
                 ),
                 ("population".into(), "registry-hp/archive".into(), hp_scope),
+                (
+                    "social-insurance".into(),
+                    "registry-hp/registry-hp".into(),
+                    Some(vec![" a:registry-hp ".to_owned()])
+                ),
+                (
+                    "social-insurance".into(),
+                    "registry-hp/archive".into(),
+                    Some(vec![" a:registry-hp ".to_owned()])
+                ),
             ]
         );
     }

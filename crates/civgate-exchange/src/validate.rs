@@ -9,12 +9,12 @@
 use tonic_types::FieldViolation;
 
 use crate::{
-    domain::{FullName, PersonalId, Role, parse_date, today},
+    domain::{FullName, PersonalId, parse_date, today},
     pb::v1::{Event, Registration, Sex, event::Payload},
     policy::Principal,
 };
 
-pub use crate::domain::topics::{CIVIL_STATUS, POPULATION};
+pub use crate::domain::topics::{CIVIL_STATUS, POPULATION, SOCIAL_INSURANCE};
 
 /// The domain's sex of a wire one (`None`: unspecified).
 pub fn sex_from_pb(s: Sex) -> Option<crate::domain::Sex> {
@@ -26,7 +26,7 @@ pub fn sex_from_pb(s: Sex) -> Option<crate::domain::Sex> {
 }
 
 pub fn is_topic(t: &str) -> bool {
-    t == CIVIL_STATUS || t == POPULATION
+    t == CIVIL_STATUS || t == POPULATION || t == SOCIAL_INSURANCE
 }
 
 /// The topic an event type belongs to, and the payload's field name.
@@ -50,6 +50,10 @@ pub fn topic_of(p: &Payload) -> (&'static str, &'static str) {
         Payload::DeathRecorded(_) => (POPULATION, "death_recorded"),
         Payload::PersonalIdReissued(_) => (POPULATION, "personal_id_reissued"),
         Payload::CitizenDataCorrected(_) => (POPULATION, "citizen_data_corrected"),
+        Payload::PermanentResidenceRegistered(_) => (POPULATION, "permanent_residence_registered"),
+        Payload::PermanentResidenceDeleted(_) => (POPULATION, "permanent_residence_deleted"),
+        Payload::HealthInsuranceCardIssued(_) => (SOCIAL_INSURANCE, "health_insurance_card_issued"),
+        Payload::FuneralAllowanceDecided(_) => (SOCIAL_INSURANCE, "funeral_allowance_decided"),
     }
 }
 
@@ -85,6 +89,10 @@ pub fn subjects(p: &Payload) -> Vec<String> {
         Payload::DeathRecorded(x) => vec![&x.personal_id],
         Payload::PersonalIdReissued(x) => vec![&x.old_personal_id, &x.new_personal_id],
         Payload::CitizenDataCorrected(x) => vec![&x.personal_id],
+        Payload::PermanentResidenceRegistered(x) => vec![&x.personal_id],
+        Payload::PermanentResidenceDeleted(x) => vec![&x.personal_id],
+        Payload::HealthInsuranceCardIssued(x) => vec![&x.personal_id],
+        Payload::FuneralAllowanceDecided(x) => vec![&x.personal_id],
     };
     ids.into_iter()
         .filter(|s| PersonalId::parse(s).is_ok())
@@ -180,6 +188,33 @@ impl Check {
                     id.birth_year()
                 ),
             );
+        }
+    }
+
+    /// An answer-only event: `in_reply_to` names the request it answers.
+    fn answers(&mut self, event: &Event, what: &str) {
+        if event.in_reply_to.is_empty() {
+            self.v.push(FieldViolation::new(
+                "event.in_reply_to",
+                format!("required: the event_id of {what}"),
+            ));
+        }
+    }
+
+    /// A residence: in one of today's 34 provinces (IDs keep the pre-2025 codes).
+    fn residence(&mut self, field: &str, r: Option<&crate::pb::v1::Residence>) {
+        use crate::domain::residence::{current_province, successor_of};
+        let code = format!("{field}.province_code");
+        match r {
+            Some(r) if current_province(&r.province_code).is_some() => {}
+            Some(r) if let Some(now) = successor_of(&r.province_code) => self.bad(
+                &code,
+                format!(
+                    "province {} is part of {} ({}) since 1 July 2025: a residence is in one of the 34 provinces",
+                    r.province_code, now.name, now.code
+                ),
+            ),
+            _ => self.bad(&code, "a province code of one of the 34 provinces is required"),
         }
     }
 
@@ -819,6 +854,18 @@ fn texts(event: &Event) -> Vec<(String, &str)> {
                 out.push((format!("{p}.{f}"), v.as_str()));
             }
         }
+        Payload::PermanentResidenceRegistered(x) => {
+            if let Some(r) = &x.residence {
+                out.push((format!("{p}.residence.address"), &r.address));
+            }
+        }
+        Payload::PermanentResidenceDeleted(_) => {}
+        Payload::HealthInsuranceCardIssued(x) => {
+            out.push((format!("{p}.card_number"), &x.card_number));
+        }
+        Payload::FuneralAllowanceDecided(x) => {
+            out.push((format!("{p}.decision_number"), &x.decision_number));
+        }
     }
     out
 }
@@ -900,11 +947,7 @@ pub fn validate(event: Option<&Event>, producer: &Principal) -> Result<&'static 
         )]));
     };
     let (topic, name) = topic_of(payload);
-    let side_ok = match producer.role {
-        Role::CivilRegistry => topic == CIVIL_STATUS,
-        Role::PopulationDb => topic == POPULATION,
-        Role::Auditor => false,
-    };
+    let side_ok = crate::policy::writes(producer.role) == Some(topic);
     if !side_ok {
         return Err(Refusal::NotAllowed(format!(
             "a {} may not publish {name} events (topic {topic})",
@@ -1215,22 +1258,7 @@ pub fn validate(event: Option<&Event>, producer: &Principal) -> Result<&'static 
         }
         Payload::ResidenceChanged(x) => {
             c.id("personal_id", &x.personal_id);
-            // A residence is in one of today's 34 provinces (IDs keep the pre-2025 codes).
-            use crate::domain::residence::{current_province, successor_of};
-            match &x.new_residence {
-                Some(r) if current_province(&r.province_code).is_some() => {}
-                Some(r) if let Some(now) = successor_of(&r.province_code) => c.bad(
-                    "new_residence.province_code",
-                    format!(
-                        "province {} is part of {} ({}) since 1 July 2025: a residence is in one of the 34 provinces",
-                        r.province_code, now.name, now.code
-                    ),
-                ),
-                _ => c.bad(
-                    "new_residence.province_code",
-                    "a province code of one of the 34 provinces is required",
-                ),
-            }
+            c.residence("new_residence", x.new_residence.as_ref());
             c.date("effective_date", &x.effective_date);
             None
         }
@@ -1285,6 +1313,48 @@ pub fn validate(event: Option<&Event>, producer: &Principal) -> Result<&'static 
                 Some(_) => {}
             }
             c.required("reason", &x.reason);
+            None
+        }
+        Payload::PermanentResidenceRegistered(x) => {
+            c.id("personal_id", &x.personal_id);
+            c.residence("residence", x.residence.as_ref());
+            c.date("effective_date", &x.effective_date);
+            c.answers(event, "the birth whose child's residence this is");
+            None
+        }
+        Payload::PermanentResidenceDeleted(x) => {
+            c.id("personal_id", &x.personal_id);
+            c.date("effective_date", &x.effective_date);
+            c.answers(event, "the death this deletion follows");
+            None
+        }
+        Payload::HealthInsuranceCardIssued(x) => {
+            // The child's ID when the agency has it; the birth answered names the child.
+            if !x.personal_id.is_empty() {
+                c.id("personal_id", &x.personal_id);
+            }
+            let ok = (10..=15).contains(&x.card_number.len())
+                && x.card_number
+                    .bytes()
+                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit());
+            if !ok {
+                c.bad("card_number", "10-15 of A-Z 0-9");
+            }
+            let from = c.any_date("valid_from", &x.valid_from);
+            let until = c.any_date("valid_until", &x.valid_until);
+            if let (Some(f), Some(u)) = (from, until)
+                && u < f
+            {
+                c.bad("valid_until", "is before valid_from");
+            }
+            c.answers(event, "the birth of the child it covers");
+            None
+        }
+        Payload::FuneralAllowanceDecided(x) => {
+            c.id("personal_id", &x.personal_id);
+            c.required("decision_number", &x.decision_number);
+            c.date("decided_on", &x.decided_on);
+            c.answers(event, "the death it follows");
             None
         }
     };
@@ -1363,7 +1433,11 @@ fn registration_of(p: &Payload) -> Option<&Registration> {
         | Payload::ResidenceChanged(_)
         | Payload::DeathRecorded(_)
         | Payload::PersonalIdReissued(_)
-        | Payload::CitizenDataCorrected(_) => None,
+        | Payload::CitizenDataCorrected(_)
+        | Payload::PermanentResidenceRegistered(_)
+        | Payload::PermanentResidenceDeleted(_)
+        | Payload::HealthInsuranceCardIssued(_)
+        | Payload::FuneralAllowanceDecided(_) => None,
     }
 }
 

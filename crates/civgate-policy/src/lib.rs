@@ -13,16 +13,36 @@ pub use methods::{granted, known as known_method};
 
 use civgate_domain::{
     AgencyId, CertFingerprint, CountryCode, ProvinceCode, RegistryOfficeCode, Role,
-    topics::{CIVIL_STATUS, POPULATION},
+    topics::{CIVIL_STATUS, POPULATION, SOCIAL_INSURANCE},
 };
 use identity::{IdentityError, PeerIdentity};
 
-/// Which role consumes which topic (`Subscribe`, `Ack`, `Reject`): each topic is read by the
-/// other side only. A topic not here is read by nobody.
+/// Which roles consume which topic (`Subscribe`, `Ack`, `Reject`): each topic is read by the
+/// other side only — civil-status by the population database and (what flows address to it)
+/// the social-insurance agency; population and social-insurance events by civil registries.
+/// A topic not here is read by nobody. The first reader of a topic is the one earlier
+/// releases had (it owns their unrecorded consumer groups).
 pub(crate) const TOPIC_READERS: &[(&str, Role)] = &[
     (CIVIL_STATUS, Role::PopulationDb),
+    (CIVIL_STATUS, Role::SocialInsurance),
     (POPULATION, Role::CivilRegistry),
+    (SOCIAL_INSURANCE, Role::CivilRegistry),
 ];
+
+/// Which role publishes on which topic.
+pub const TOPIC_WRITERS: &[(Role, &str)] = &[
+    (Role::CivilRegistry, CIVIL_STATUS),
+    (Role::PopulationDb, POPULATION),
+    (Role::SocialInsurance, SOCIAL_INSURANCE),
+];
+
+/// The topic an agency of `role` publishes on, if any.
+pub fn writes(role: Role) -> Option<&'static str> {
+    TOPIC_WRITERS
+        .iter()
+        .find(|(r, _)| *r == role)
+        .map(|(_, t)| *t)
+}
 
 /// One configured agency.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -182,19 +202,18 @@ pub(crate) fn reader_of(topic: &str) -> Option<Role> {
 /// May this role consume (subscribe to, acknowledge, reject events of) this topic? Checked
 /// before any work on a `Subscribe`, `Ack` or `Reject` whose topic is well formed.
 pub fn may_consume(role: Role, topic: &str) -> Result<(), Denial> {
-    match reader_of(topic) {
-        Some(r) if r == role => Ok(()),
-        r => Err(Denial::TopicNotGranted {
-            role,
-            topic: topic.to_owned(),
-            readers: match r {
-                Some(Role::CivilRegistry) => "civil_registry agencies",
-                Some(Role::PopulationDb) => "population_db agencies",
-                Some(Role::Auditor) => "auditor agencies",
-                None => "nobody",
-            },
-        }),
+    if TOPIC_READERS.iter().any(|(t, r)| *t == topic && *r == role) {
+        return Ok(());
     }
+    Err(Denial::TopicNotGranted {
+        role,
+        topic: topic.to_owned(),
+        readers: match topic {
+            CIVIL_STATUS => "population_db and social_insurance agencies",
+            POPULATION | SOCIAL_INSURANCE => "civil_registry agencies",
+            _ => "nobody",
+        },
+    })
 }
 
 /// A consumer group name: 1-64 characters of A-Z, a-z, 0-9, '-', '_', '.'. A group is

@@ -28,11 +28,11 @@ pub struct Method {
     pub handler_charges: bool,
 }
 
-use Role::{Auditor, CivilRegistry, PopulationDb};
+use Role::{Auditor, CivilRegistry, PopulationDb, SocialInsurance};
 
 const REGISTRY: &[Role] = &[CivilRegistry];
-const EXCHANGE: &[Role] = &[CivilRegistry, PopulationDb];
-const STATUS: &[Role] = &[CivilRegistry, PopulationDb, Auditor];
+const EXCHANGE: &[Role] = &[CivilRegistry, PopulationDb, SocialInsurance];
+const STATUS: &[Role] = &[CivilRegistry, PopulationDb, SocialInsurance, Auditor];
 const AUDITORS: &[Role] = &[Auditor];
 /// Who lists requests with deadlines: the registries that make them, and auditors.
 const CASES: &[Role] = &[CivilRegistry, Auditor];
@@ -206,7 +206,7 @@ mod tests {
             "/civgate.v1.Exchange/ListOpenRequests",
         ];
         let set = |v: Vec<&'static str>| v.into_iter().collect::<std::collections::BTreeSet<_>>();
-        let cases: [(Role, Vec<&str>); 3] = [
+        let cases: [(Role, Vec<&str>); 4] = [
             (
                 CivilRegistry,
                 [
@@ -218,6 +218,7 @@ mod tests {
                 .concat(),
             ),
             (PopulationDb, [&common[..], &exchange].concat()),
+            (SocialInsurance, [&common[..], &exchange].concat()),
             (Auditor, [&common[..], &audit].concat()),
         ];
         for (role, want) in cases {

@@ -247,9 +247,13 @@ pub async fn apply(store: &DirectoryStore, e: &SubscribedEvent) -> Result<Applie
         | Payload::ResidenceChanged(_)
         | Payload::DeathRecorded(_)
         | Payload::PersonalIdReissued(_)
-        | Payload::CitizenDataCorrected(_) => Ok(Applied::Conflict(
-            "a population event on the civil-status topic".into(),
-        )),
+        | Payload::CitizenDataCorrected(_)
+        | Payload::PermanentResidenceRegistered(_)
+        | Payload::PermanentResidenceDeleted(_)
+        | Payload::HealthInsuranceCardIssued(_)
+        | Payload::FuneralAllowanceDecided(_) => {
+            Ok(Applied::Conflict("not a civil-status event".into()))
+        }
     }
 }
 
@@ -261,6 +265,57 @@ fn name_of_marital(m: i32) -> &'static str {
     crate::pb::v1::MaritalStatus::try_from(m)
         .map(|m| m.as_str_name())
         .unwrap_or("MARITAL_STATUS_UNSPECIFIED")
+}
+
+/// The linked procedure's second answer (Decree 63/2024), for an event of a case: a birth's
+/// child has its permanent residence registered (with the parents'), a dead citizen's is
+/// deleted. `first` is the answer already made (the personal ID assigned to a birth).
+pub fn linked_answer(e: &SubscribedEvent, first: Option<&Event>) -> Option<Event> {
+    use crate::pb::v1::{PermanentResidenceDeleted, PermanentResidenceRegistered, Residence};
+    let event = e
+        .event
+        .as_ref()
+        .filter(|ev| !ev.case_reference.is_empty())?;
+    let today = crate::domain::format_date(crate::domain::today());
+    let payload = match event.payload.as_ref()? {
+        Payload::Birth(b) => {
+            let Some(Payload::PersonalIdAssigned(id)) = first.and_then(|f| f.payload.as_ref())
+            else {
+                return None;
+            };
+            let province =
+                crate::domain::residence::current_province(&b.birth_registration_province_code)
+                    .map(|p| p.code.clone())
+                    .or_else(|| {
+                        crate::domain::residence::successor_of(&b.birth_registration_province_code)
+                            .map(|p| p.code.clone())
+                    })?;
+            let address = b
+                .mother
+                .as_ref()
+                .or(b.father.as_ref())
+                .map(|p| p.residence.clone())
+                .filter(|r| !r.is_empty())
+                .unwrap_or_else(|| b.place_of_birth.clone());
+            Payload::PermanentResidenceRegistered(PermanentResidenceRegistered {
+                personal_id: id.personal_id.clone(),
+                residence: Some(Residence {
+                    province_code: province,
+                    address,
+                }),
+                effective_date: today,
+            })
+        }
+        Payload::Death(d) => Payload::PermanentResidenceDeleted(PermanentResidenceDeleted {
+            personal_id: d.personal_id.clone(),
+            effective_date: today,
+        }),
+        _ => return None,
+    };
+    match answer(e, payload) {
+        Applied::Done(Some(ev)) => Some(*ev),
+        _ => None,
+    }
 }
 
 /// The answer to `e`, of the same case.
@@ -556,6 +611,7 @@ pub async fn consume(addr: SocketAddr, certs_dir: &Path, store: DirectoryStore) 
         let seq = e.sequence;
         match apply(&store, &e).await? {
             Applied::Done(answer) => {
+                let follow = linked_answer(&e, answer.as_deref());
                 if let Some(answer) = answer {
                     // Keyed by the event answered: a redelivered birth is answered once.
                     let r = ex
@@ -566,6 +622,20 @@ pub async fn consume(addr: SocketAddr, certs_dir: &Path, store: DirectoryStore) 
                         .await?
                         .into_inner();
                     info!(seq, answer_seq = r.sequence, "applied; answer published");
+                }
+                if let Some(follow) = follow {
+                    let r = ex
+                        .publish(PublishRequest {
+                            idempotency_key: format!("residence-{}", e.event_id),
+                            event: Some(follow),
+                        })
+                        .await?
+                        .into_inner();
+                    info!(
+                        seq,
+                        answer_seq = r.sequence,
+                        "linked procedure: residence answered"
+                    );
                 }
             }
             Applied::Conflict(reason) => {

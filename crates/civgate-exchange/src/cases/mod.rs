@@ -17,7 +17,7 @@ use time::{Duration, OffsetDateTime};
 
 pub use calendar::{Calendar, Within};
 
-use crate::validate::{CIVIL_STATUS, POPULATION};
+use crate::validate::{CIVIL_STATUS, POPULATION, SOCIAL_INSURANCE};
 
 /// One row of the flow table, as configured.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -50,18 +50,49 @@ pub const REQUEST_KINDS: &[&str] = &[
     "marital_status_confirmed",
 ];
 
-/// The kinds of event that answer a request: population events published `in_reply_to` it.
+/// The kinds of event that answer a request (published `in_reply_to` it), and the topic whose
+/// producers publish them: the population database's, the social-insurance agency's.
+pub const ANSWERS: &[(&str, &str)] = &[
+    ("personal_id_assigned", POPULATION),
+    ("residence_changed", POPULATION),
+    ("death_recorded", POPULATION),
+    ("personal_id_reissued", POPULATION),
+    ("citizen_data_corrected", POPULATION),
+    ("permanent_residence_registered", POPULATION),
+    ("permanent_residence_deleted", POPULATION),
+    ("health_insurance_card_issued", SOCIAL_INSURANCE),
+    ("funeral_allowance_decided", SOCIAL_INSURANCE),
+];
+
+/// The answer kinds (the first column of [`ANSWERS`]).
 pub const ANSWER_KINDS: &[&str] = &[
     "personal_id_assigned",
     "residence_changed",
     "death_recorded",
     "personal_id_reissued",
     "citizen_data_corrected",
+    "permanent_residence_registered",
+    "permanent_residence_deleted",
+    "health_insurance_card_issued",
+    "funeral_allowance_decided",
 ];
 
 /// The topic whose producers answer `answer` (the role awaited).
 pub fn answering_topic(answer: &str) -> Option<&'static str> {
-    ANSWER_KINDS.contains(&answer).then_some(POPULATION)
+    ANSWERS.iter().find(|(k, _)| *k == answer).map(|(_, t)| *t)
+}
+
+/// The request kinds an answer kind may answer; `None`: any (a fact about a citizen the
+/// request names).
+pub fn answers_only(answer: &str) -> Option<&'static [&'static str]> {
+    match answer {
+        "personal_id_assigned"
+        | "permanent_residence_registered"
+        | "health_insurance_card_issued" => Some(&["birth"]),
+        "permanent_residence_deleted" | "funeral_allowance_decided" => Some(&["death"]),
+        "personal_id_reissued" => Some(&["civil_status_change"]),
+        _ => None,
+    }
 }
 
 /// The topic a request kind is published on.
@@ -113,6 +144,18 @@ impl FlowSpec {
                     "{:?} is not an answering event kind ({})",
                     self.answer,
                     ANSWER_KINDS.join(", ")
+                ),
+            ));
+        }
+        if let (Some(r), Some(only)) = (request, answers_only(&self.answer))
+            && !only.contains(r)
+        {
+            problems.push((
+                "answer",
+                format!(
+                    "a {} answers a {}, not a {r}",
+                    self.answer,
+                    only.join(" or ")
                 ),
             ));
         }
@@ -280,6 +323,27 @@ mod tests {
         .unwrap_err();
         let keys: Vec<(usize, &str)> = twice.iter().map(|(i, k, _)| (*i, *k)).collect();
         assert_eq!(keys, vec![(1, "name"), (2, "answer")]);
+    }
+
+    #[test]
+    fn every_answer_kind_has_its_topic_and_fits_its_requests() {
+        for k in ANSWER_KINDS {
+            assert!(answering_topic(k).is_some(), "{k}");
+        }
+        assert_eq!(ANSWER_KINDS.len(), ANSWERS.len());
+        assert_eq!(
+            answering_topic("health_insurance_card_issued"),
+            Some(SOCIAL_INSURANCE)
+        );
+        let mut s = spec("x", "death", "personal_id_assigned");
+        assert_eq!(s.check().unwrap_err()[0].0, "answer");
+        s.answer = "funeral_allowance_decided".into();
+        assert!(s.check().is_ok());
+        s.answer = "death_recorded".into();
+        assert!(
+            s.check().is_ok(),
+            "a fact answers any request naming the citizen"
+        );
     }
 
     #[test]

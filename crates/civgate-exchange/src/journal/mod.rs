@@ -20,7 +20,7 @@ use anyhow::Result;
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use super::address::{Group, Holder};
-use super::validate::{CIVIL_STATUS, POPULATION};
+use super::validate::{CIVIL_STATUS, POPULATION, SOCIAL_INSURANCE};
 use crate::audit::{AuditTail, Draft};
 use crate::policy::Policy;
 use crate::store::{Reader, Store};
@@ -37,7 +37,7 @@ mod writer;
 
 pub use read::PAGE_BYTES;
 pub use requests::{OpenRequest, RequestFilter, RequestStats, quantile};
-const TOPICS: [&str; 2] = [CIVIL_STATUS, POPULATION];
+const TOPICS: [&str; 3] = [CIVIL_STATUS, POPULATION, SOCIAL_INSURANCE];
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Receipt {

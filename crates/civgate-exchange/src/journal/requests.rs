@@ -151,6 +151,22 @@ fn list_sql(f: &RequestFilter) -> (String, Vec<Bind>) {
     (sql, binds)
 }
 
+impl Journal {
+    /// The event that answers `asked` with an answer of `kind`, if one is stored.
+    pub async fn answer_of(&self, asked: &str, kind: &str) -> Result<Option<String>, JournalError> {
+        with_reader!(&self.reader, |pool| {
+            sqlx::query_scalar::<_, String>(
+                "SELECT event_id FROM journal_answers WHERE asked = $1 AND kind = $2",
+            )
+            .bind(asked)
+            .bind(kind)
+            .fetch_optional(pool)
+            .await
+        })
+        .map_err(|e| JournalError::Read(e.to_string()))
+    }
+}
+
 /// Answers counted per window for the answer-time quantiles, at most.
 const STATS_ANSWERS: i64 = 100_000;
 

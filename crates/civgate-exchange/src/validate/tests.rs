@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::{
-    domain::CertFingerprint,
+    domain::{CertFingerprint, Role},
     pb::v1::{Birth, DeathRecorded, Marriage, Parent},
 };
 use std::sync::Arc;

@@ -12,7 +12,7 @@ use crate::{
     exchange::{
         cases::{ANSWER_KINDS, REQUEST_KINDS},
         journal::{OpenRequest, RequestFilter},
-        validate::POPULATION,
+        validate::CIVIL_STATUS,
     },
     pb::v1 as pb,
     policy::{Policy, Principal},
@@ -28,7 +28,7 @@ pub fn listing_scope(who: &Principal) -> Result<Option<String>, Status> {
     match who.role {
         Role::CivilRegistry => Ok(Some(who.agency.as_str().to_owned())),
         Role::Auditor => Ok(None),
-        Role::PopulationDb => Err(Status::permission_denied(
+        Role::PopulationDb | Role::SocialInsurance => Err(Status::permission_denied(
             "requests with deadlines are listed by the registries that make them and by auditors",
         )),
     }
@@ -36,10 +36,7 @@ pub fn listing_scope(who: &Principal) -> Result<Option<String>, Status> {
 
 /// The topic an agency's answers are published on (the requests it is awaited for).
 fn answers_on(role: Role) -> Option<&'static str> {
-    match role {
-        Role::PopulationDb => Some(POPULATION),
-        Role::CivilRegistry | Role::Auditor => None,
-    }
+    crate::policy::writes(role).filter(|t| *t != CIVIL_STATUS)
 }
 
 /// The agencies whose role answers requests awaiting `topic`'s producers.
@@ -220,7 +217,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(f.producer.as_deref(), Some("registry-hp"));
-        assert_eq!(f.awaiting.as_deref(), Some(POPULATION));
+        assert_eq!(
+            f.awaiting.as_deref(),
+            Some(crate::exchange::validate::POPULATION)
+        );
         assert_eq!(f.overdue_at, Some(42));
         assert!(f.open_only);
         assert_eq!(f.limit, DEFAULT_PAGE);

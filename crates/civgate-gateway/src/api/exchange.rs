@@ -130,12 +130,15 @@ fn stream_scope(
         .get(agency)
         .ok_or_else(|| policy::Denial::UnknownAgency(agency.clone()))?;
     policy::may_consume(a.role, topic)?;
-    Ok((address::scope_of(topic, agency, &a.provinces), a.role))
+    Ok((
+        address::scope_of(topic, a.role, agency, &a.provinces),
+        a.role,
+    ))
 }
 
 /// The scope a consumer reads a topic with (`address::scope_of`).
 fn scope_for(who: &Principal, topic: &str) -> Option<Vec<String>> {
-    address::scope_of(topic, &who.agency, &who.provinces)
+    address::scope_of(topic, who.role, &who.agency, &who.provinces)
 }
 
 /// The facts of the audit record that releases a batch of events to a subscriber: the
@@ -277,7 +280,69 @@ impl ExchangeService {
                 return Err(invalid(vec![FieldViolation::new(field, why)]));
             }
         }
+        // An answer of the linked procedures answers its kind of request only, and concerns
+        // the citizen of that request: a death's, or the child whose ID the birth was given.
+        use crate::pb::v1::event::Payload as P;
+        let (_, kind) = topic_of(payload);
+        let asked_kind = answered
+            .as_ref()
+            .and_then(|e| e.payload.as_ref())
+            .map(|p| topic_of(p).1);
+        if let Some(only) = crate::exchange::cases::answers_only(kind)
+            && !asked_kind.is_some_and(|k| only.contains(&k))
+        {
+            return Err(refused(&format!(
+                "a {kind} answers a {}",
+                only.join(" or ")
+            )));
+        }
+        let about = match payload {
+            P::PermanentResidenceRegistered(x) => Some(x.personal_id.as_str()),
+            P::HealthInsuranceCardIssued(x) => Some(x.personal_id.as_str()),
+            P::PermanentResidenceDeleted(x) => Some(x.personal_id.as_str()),
+            P::FuneralAllowanceDecided(x) => Some(x.personal_id.as_str()),
+            _ => None,
+        }
+        .filter(|id| !id.is_empty());
+        if let Some(id) = about {
+            let whose = match answered.as_ref().and_then(|e| e.payload.as_ref()) {
+                Some(P::Death(d)) => Some(d.personal_id.clone()),
+                Some(P::Birth(b)) => match b.personal_id.as_deref().filter(|s| !s.is_empty()) {
+                    Some(kept) => Some(kept.to_owned()),
+                    None => self.assigned_to(&event.in_reply_to).await?,
+                },
+                _ => None,
+            };
+            if whose.as_deref() != Some(id) {
+                let field = format!("event.{kind}.personal_id");
+                let why = match whose {
+                    Some(w) => format!("must be {w}, the citizen of the event it answers"),
+                    None => "the birth answered has no personal ID yet: answer its personal_id_assigned first".into(),
+                };
+                return Err(invalid(vec![FieldViolation::new(field, why)]));
+            }
+        }
         Ok(address::audience_of(payload, Some(&found.producer)))
+    }
+
+    /// The personal ID the population database assigned in answer to the birth `asked`.
+    async fn assigned_to(&self, asked: &str) -> Result<Option<String>, Status> {
+        let journal = self.journal()?;
+        let Some(answer) = journal.answer_of(asked, "personal_id_assigned").await? else {
+            return Ok(None);
+        };
+        let Some(found) = journal.find(&answer).await? else {
+            return Ok(None);
+        };
+        Ok(
+            match crate::pb::v1::Event::decode(found.payload.as_slice())
+                .ok()
+                .and_then(|e| e.payload)
+            {
+                Some(crate::pb::v1::event::Payload::PersonalIdAssigned(a)) => Some(a.personal_id),
+                _ => None,
+            },
+        )
     }
 }
 
@@ -397,7 +462,7 @@ fn addressed_to(
     policy::may_consume(agency.role, topic).is_ok()
         && address::matches(
             audience,
-            address::scope_of(topic, &id, &agency.provinces).as_deref(),
+            address::scope_of(topic, agency.role, &id, &agency.provinces).as_deref(),
         )
 }
 
@@ -464,6 +529,7 @@ impl Exchange for ExchangeService {
                 kind: topic_of(p).1,
             });
         // The requests it opens (flows with deadlines), recorded with it.
+        let mut audience = audience;
         let opens = event.payload.as_ref().and_then(|p| {
             let kind = topic_of(p).1;
             let cases = &self.state.load().cases;
@@ -479,6 +545,16 @@ impl Exchange for ExchangeService {
                 list,
             })
         });
+        // A request the social-insurance agency must answer is addressed to it too.
+        if topic == crate::exchange::validate::CIVIL_STATUS
+            && opens.as_ref().is_some_and(|o| {
+                o.list
+                    .iter()
+                    .any(|x| x.awaiting == crate::exchange::validate::SOCIAL_INSURANCE)
+            })
+        {
+            audience = Some(address::TO_SOCIAL_INSURANCE.to_owned());
+        }
         // The call's audit record is committed with the event, in one transaction.
         let draft = call.map(|call| Draft { call, facts: told });
         let published = self

@@ -31,7 +31,7 @@ pub(crate) async fn observe(journal: &Journal, policy: &Policy) {
             .parse()
             .ok()
             .and_then(|id| policy.agencies.get(&id).map(|a| (id, a)))
-            .and_then(|(id, a)| address::scope_of(&topic, &id, &a.provinces));
+            .and_then(|(id, a)| address::scope_of(&topic, a.role, &id, &a.provinces));
         match journal.backlog(&topic, acked, scope.as_deref()).await {
             Ok((events, oldest)) => {
                 let age = oldest.map_or(0.0, |t| (now - t).max(0) as f64 / 1000.0);
@@ -43,6 +43,7 @@ pub(crate) async fn observe(journal: &Journal, policy: &Policy) {
     for topic in [
         crate::exchange::validate::CIVIL_STATUS,
         crate::exchange::validate::POPULATION,
+        crate::exchange::validate::SOCIAL_INSURANCE,
     ] {
         if let Some(head) = journal.head(topic) {
             metrics::gauge!(telemetry::EXCHANGE_HEAD, "topic" => topic).set(*head.borrow() as f64);

@@ -22,3 +22,5 @@ CREATE INDEX IF NOT EXISTS journal_requests_open ON journal_requests (due_at_ms)
 CREATE INDEX IF NOT EXISTS journal_requests_case ON journal_requests (case_reference) WHERE case_reference <> '';
 CREATE INDEX IF NOT EXISTS journal_requests_producer ON journal_requests (producer, event_id);
 CREATE INDEX IF NOT EXISTS journal_requests_answered ON journal_requests (answered_at_ms) WHERE answered_at_ms IS NOT NULL;
+-- The social-insurance agency's topic: its head row (the writers' lock takes every topic's).
+INSERT INTO journal_heads (topic, head) VALUES ('social-insurance', 0) ON CONFLICT (topic) DO NOTHING;
