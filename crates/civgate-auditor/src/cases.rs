@@ -65,15 +65,22 @@ pub async fn run(cmd: Command) -> Result<()> {
         }
         token = page.next_page_token;
     }
-    println!(
-        "{:<32}  {:<18}  {:<10}  {:<24}  {:<20}  {:<16}  {:<25}  state",
+    print!("{}", table(&rows, now));
+    Ok(())
+}
+
+/// The requests as the command prints them: a header, one row each, a count.
+pub fn table(rows: &[OpenRequest], now_ms: i64) -> String {
+    let mut out = format!(
+        "{:<32}  {:<18}  {:<10}  {:<24}  {:<20}  {:<16}  {:<25}  state\n",
         "request", "case", "kind", "answer awaited", "awaiting", "from", "due (Vietnam time)"
     );
-    for r in &rows {
-        println!("{}", line(r, now));
+    for r in rows {
+        out.push_str(&line(r, now_ms));
+        out.push('\n');
     }
-    println!("{} request(s)", rows.len());
-    Ok(())
+    out.push_str(&format!("{} request(s)\n", rows.len()));
+    out
 }
 
 /// One request as a table row.

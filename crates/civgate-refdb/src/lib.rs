@@ -2,6 +2,7 @@
 //! mutual TLS implementing `civgate.upstream.v1.PopulationDirectory` on an embedded store
 //! with a deterministic synthetic population. For tests, staging, benchmarks and the demo.
 
+pub mod social;
 pub mod store;
 pub mod sync;
 

@@ -1,6 +1,7 @@
 //! `civgate demo`: the embedded default. Creates dev certificates if missing, starts the
 //! gateway on loopback with real mTLS, and walks through what exists so far — today the
-//! look-ups, the identity and policy cases, the two-way sync and an auditor's question. Exits non-zero if any case comes out wrong.
+//! look-ups, the identity and policy cases, the two-way sync, a linked birth and death with
+//! their deadlines, and an auditor's question. Exits non-zero if any case comes out wrong.
 
 use std::path::Path;
 
@@ -22,6 +23,16 @@ use crate::{
     server::{self, ConfigSource, Overrides},
     synth::Population,
 };
+
+/// The demo's own flow (appended to the shipped flow table).
+const DEMO_FLOW: &str = "
+[[cases.flows]]
+name = \"demo-death-record\"
+request = \"death\"
+answer = \"death_recorded\"
+seconds = 2
+linked_only = true
+";
 
 const DEMO_CITIZENS: usize = 20_000;
 const DEMO_SEED: u64 = 1;
@@ -67,6 +78,9 @@ pub async fn run(certs_dir: &Path) -> Result<()> {
             "checkpoint_interval_ms = 1000",
             "checkpoint_interval_ms = 100",
         );
+    // A flow made for the demo: a linked death must be confirmed by the police's death record
+    // within 2 seconds — the reference directory never sends one, so it falls overdue.
+    text.push_str(DEMO_FLOW);
     let data = tempfile_dir()?;
 
     // The embedded reference population directory (upstream for look-ups).
@@ -321,6 +335,37 @@ pub async fn run(certs_dir: &Path) -> Result<()> {
             }
         }
         Err(e) => check(false, "two-way sync", format!("{e:#}")),
+    }
+
+    println!();
+    println!("Cases with deadlines (a linked birth and a linked death across three agencies):");
+    tokio::spawn({
+        let dir = certs_dir.to_owned();
+        async move {
+            if let Err(e) = refdb::social::consume(addr, &dir).await {
+                tracing::warn!(error = %e, "social-insurance consumer stopped");
+            }
+        }
+    });
+    let alive = people
+        .iter()
+        .rev()
+        .find(|p| {
+            p.date_of_death.is_none()
+                && p.personal_id != father.personal_id
+                && Some(&p.personal_id) != father.spouse.as_ref()
+        })
+        .context("a living citizen")?;
+    match cases_steps(addr, certs_dir, alive).await {
+        Ok((lines, table)) => {
+            for (ok, what, got) in lines {
+                check(ok, &what, got);
+            }
+            for line in table.lines() {
+                println!("      {line}");
+            }
+        }
+        Err(e) => check(false, "cases", format!("{e:#}")),
     }
 
     println!();
@@ -666,6 +711,134 @@ async fn sync_steps(
         ));
     }
     Ok(out)
+}
+
+/// A linked birth answered by the population database (ID, residence) and the
+/// social-insurance agency (card); a linked death whose demo flow nobody answers, shown
+/// overdue as `civgate cases overdue` shows it.
+async fn cases_steps(
+    addr: std::net::SocketAddr,
+    certs_dir: &Path,
+    alive: &crate::synth::CitizenRecord,
+) -> Result<(Vec<(bool, String, String)>, String)> {
+    use crate::pb::v1::{
+        Birth, Death, Event, ListOpenRequestsRequest, OpenRequest, Parent, PublishRequest,
+        Registration, Sex as PbSex, event::Payload, exchange_client::ExchangeClient,
+    };
+    use std::time::Duration;
+    let mut out = Vec::new();
+    let mut reg = ExchangeClient::new(client::connect(addr, certs_dir, Some("registry-hp")).await?);
+    let today = crate::domain::today();
+    let registration = |entry: &str| Registration {
+        registry_office_code: "HP-LECHAN".into(),
+        book_number: format!("{}/KS", today.year()),
+        entry_number: entry.into(),
+        registration_date: format_date(today),
+        registering_official: "Phạm Thị Thu".into(),
+        country: String::new(),
+    };
+    const BIRTH_CASE: &str = "HP-DEMO-0001";
+    const DEATH_CASE: &str = "HP-DEMO-0002";
+    let birth = Event {
+        case_reference: BIRTH_CASE.into(),
+        occurred_at_unix_ms: crate::audit::log::now_ms(),
+        in_reply_to: String::new(),
+        payload: Some(Payload::Birth(Birth {
+            registration: Some(registration("201")),
+            full_name: "Đỗ Minh Khang".into(),
+            sex: PbSex::Male as i32,
+            date_of_birth: format_date(today - time::Duration::days(3)),
+            place_of_birth: "Bệnh viện Phụ sản Hải Phòng".into(),
+            hometown: "Hải Phòng".into(),
+            ethnicity: "Kinh".into(),
+            nationality: "Việt Nam".into(),
+            birth_registration_province_code: "031".into(),
+            mother: Some(Parent {
+                full_name: "Đỗ Thị Hạnh".into(),
+                residence: "15 Lạch Tray, Phường Ngô Quyền, Hải Phòng".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })),
+    };
+    reg.publish(PublishRequest {
+        idempotency_key: "demo-linked-birth-201".into(),
+        event: Some(birth),
+    })
+    .await?;
+    let list = |case: &str, overdue_only: bool| ListOpenRequestsRequest {
+        case_reference: case.into(),
+        overdue_only,
+        ..Default::default()
+    };
+    // Wait (at most 10 s) until every step of the birth's case is answered.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let steps: Vec<OpenRequest> = loop {
+        let v = reg
+            .list_open_requests(list(BIRTH_CASE, false))
+            .await?
+            .into_inner()
+            .requests;
+        if (!v.is_empty() && v.iter().all(|r| r.answered_at_unix_ms > 0))
+            || std::time::Instant::now() > deadline
+        {
+            break v;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let answered: Vec<String> = steps
+        .iter()
+        .filter(|r| r.answered_at_unix_ms > 0)
+        .map(|r| format!("{} by {}", r.answer_kind, r.answered_by_agency_id))
+        .collect();
+    out.push((
+        steps.len() == 3 && answered.len() == 3,
+        format!("linked birth {BIRTH_CASE}: three steps, three agencies"),
+        answered.join("; "),
+    ));
+    // A linked death: residence deleted and funeral allowance answered; the demo's 2-second
+    // flow (the police's death record) is not.
+    let death = Event {
+        case_reference: DEATH_CASE.into(),
+        occurred_at_unix_ms: crate::audit::log::now_ms(),
+        in_reply_to: String::new(),
+        payload: Some(Payload::Death(Death {
+            registration: Some(registration("202")),
+            personal_id: alive.personal_id.to_string(),
+            date_of_death: format_date(today),
+            place_of_death: "Hải Phòng".into(),
+            cause_category: "natural".into(),
+            declarant_personal_id: String::new(),
+        })),
+    };
+    reg.publish(PublishRequest {
+        idempotency_key: "demo-linked-death-202".into(),
+        event: Some(death),
+    })
+    .await?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let overdue: Vec<OpenRequest> = loop {
+        let v = reg
+            .list_open_requests(list(DEATH_CASE, true))
+            .await?
+            .into_inner()
+            .requests;
+        if !v.is_empty() || std::time::Instant::now() > deadline {
+            break v;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // What `civgate cases overdue` prints for it.
+    let now = crate::audit::log::now_ms();
+    let table = crate::audit::cases::table(&overdue, now);
+    out.push((
+        overdue.len() == 1
+            && overdue[0].answer_kind == "death_recorded"
+            && overdue[0].awaiting_agency_ids == ["population"],
+        format!("linked death {DEATH_CASE}: one step left unanswered"),
+        "civgate cases overdue:".to_owned(),
+    ));
+    Ok((out, table))
 }
 
 /// Waits until the directory's consumer group has acknowledged or rejected an event.

@@ -8,7 +8,7 @@ pub mod demo;
 /// The audit log and the auditor's checks, as the demo uses both.
 mod audit {
     pub use civgate_audit::*;
-    pub use civgate_auditor::auditor;
+    pub use civgate_auditor::{auditor, cases};
 }
 use civgate_dev::{certs, synth};
 use civgate_domain as domain;

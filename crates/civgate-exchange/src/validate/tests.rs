@@ -1384,3 +1384,158 @@ fn registrations_made_abroad() {
         }
     }
 }
+
+fn social_insurance() -> Principal {
+    Principal {
+        agency: "social-insurance".parse().unwrap(),
+        role: Role::SocialInsurance,
+        ..population()
+    }
+}
+
+/// The linked procedures' answers: each an answer (in_reply_to), its fields checked, on its
+/// own topic, published by its own side only.
+#[test]
+fn the_linked_procedures_answers_are_checked() {
+    use crate::pb::v1::{
+        FuneralAllowanceDecided, HealthInsuranceCardIssued, PermanentResidenceDeleted,
+        PermanentResidenceRegistered, Residence,
+    };
+    let answer = |p: Payload| Event {
+        in_reply_to: "0190a1b2c3d4e5f6a7b8c9d0e1f2a3b4".into(),
+        ..event(p)
+    };
+    let registered = |province: &str, date: &str| {
+        answer(Payload::PermanentResidenceRegistered(
+            PermanentResidenceRegistered {
+                personal_id: "031326000001".into(),
+                residence: Some(Residence {
+                    province_code: province.into(),
+                    address: "12 Trần Nguyên Hãn".into(),
+                }),
+                effective_date: date.into(),
+            },
+        ))
+    };
+    let card = |id: &str, number: &str, from: &str, until: &str| {
+        answer(Payload::HealthInsuranceCardIssued(
+            HealthInsuranceCardIssued {
+                personal_id: id.into(),
+                card_number: number.into(),
+                valid_from: from.into(),
+                valid_until: until.into(),
+            },
+        ))
+    };
+    let funeral = |number: &str| {
+        answer(Payload::FuneralAllowanceDecided(FuneralAllowanceDecided {
+            personal_id: "031095000001".into(),
+            decision_number: number.into(),
+            decided_on: "2026-03-03".into(),
+            granted: true,
+        }))
+    };
+    let unanswered = |mut e: Event| {
+        e.in_reply_to.clear();
+        e
+    };
+    let deleted = answer(Payload::PermanentResidenceDeleted(
+        PermanentResidenceDeleted {
+            personal_id: "031095000001".into(),
+            effective_date: "2026-03-03".into(),
+        },
+    ));
+    // (who, event, Ok(topic) or Err(the field refused; "" for not allowed))
+    let rows: Vec<(Principal, Event, Result<&str, &str>)> = vec![
+        (
+            population(),
+            registered("031", "2026-03-03"),
+            Ok(POPULATION),
+        ),
+        (
+            population(),
+            registered("030", "2026-03-03"),
+            Err("event.permanent_residence_registered.residence.province_code"),
+        ),
+        (
+            population(),
+            registered("031", "2099-01-01"),
+            Err("event.permanent_residence_registered.effective_date"),
+        ),
+        (
+            population(),
+            unanswered(registered("031", "2026-03-03")),
+            Err("event.in_reply_to"),
+        ),
+        (population(), deleted.clone(), Ok(POPULATION)),
+        (
+            population(),
+            unanswered(deleted.clone()),
+            Err("event.in_reply_to"),
+        ),
+        (
+            social_insurance(),
+            card("", "TE1313126000001", "2026-03-02", "2032-02-26"),
+            Ok(SOCIAL_INSURANCE),
+        ),
+        (
+            social_insurance(),
+            card(
+                "031326000001",
+                "TE1313126000001",
+                "2026-03-02",
+                "2032-02-26",
+            ),
+            Ok(SOCIAL_INSURANCE),
+        ),
+        (
+            social_insurance(),
+            card("0313", "TE1313126000001", "2026-03-02", "2032-02-26"),
+            Err("event.health_insurance_card_issued.personal_id"),
+        ),
+        (
+            social_insurance(),
+            card("", "te-1", "2026-03-02", "2032-02-26"),
+            Err("event.health_insurance_card_issued.card_number"),
+        ),
+        (
+            social_insurance(),
+            card("", "TE1313126000001", "2026-03-02", "2026-03-01"),
+            Err("event.health_insurance_card_issued.valid_until"),
+        ),
+        (
+            social_insurance(),
+            funeral("12/QĐ-BHXH"),
+            Ok(SOCIAL_INSURANCE),
+        ),
+        (
+            social_insurance(),
+            funeral(""),
+            Err("event.funeral_allowance_decided.decision_number"),
+        ),
+        (
+            social_insurance(),
+            unanswered(funeral("12/QĐ-BHXH")),
+            Err("event.in_reply_to"),
+        ),
+        // Each side publishes its own topic only.
+        (population(), funeral("12/QĐ-BHXH"), Err("")),
+        (social_insurance(), deleted, Err("")),
+        (
+            registry(),
+            card("", "TE1313126000001", "2026-03-02", "2032-02-26"),
+            Err(""),
+        ),
+    ];
+    for (i, (who, e, want)) in rows.into_iter().enumerate() {
+        let got = validate(Some(&e), &who);
+        match (want, got) {
+            (Ok(topic), Ok(t)) => assert_eq!(t, topic, "row {i}"),
+            (Err(""), Err(Refusal::NotAllowed(_))) => {}
+            (Err(field), Err(Refusal::Invalid(v))) if !field.is_empty() => {
+                assert!(v.iter().any(|f| f.field == field), "row {i}: {v:?}")
+            }
+            (want, got) => panic!("row {i}: wanted {want:?}, got {got:?}"),
+        }
+    }
+}
