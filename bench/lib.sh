@@ -13,8 +13,9 @@ wait_for() {
     exit 1
 }
 
-# shipped_config_on GW ADMIN DIR: the repository's civgate.toml on these loopback ports, with
-# look-up quotas and per-agency in-flight caps far above any bench's load (stdout).
+# shipped_config_on GW ADMIN DIR [FILE]: the repository's civgate.toml (or FILE) on these
+# loopback ports, with look-up quotas and per-agency in-flight caps far above any bench's load
+# (stdout).
 shipped_config_on() {
     sed -e "s/127.0.0.1:7443/127.0.0.1:$1/" \
         -e "s/127.0.0.1:9095/127.0.0.1:$2/" \
@@ -22,7 +23,7 @@ shipped_config_on() {
         -e "s#https://localhost:7444#https://localhost:$3#" \
         -e "s#per_second = 500, burst = 1000#per_second = 10000000, burst = 10000000#" \
         -e "s/max_in_flight_per_agency = 256/max_in_flight_per_agency = 4096/" \
-        civgate.toml
+        "${4:-civgate.toml}"
 }
 
 # with_scratch: a temporary directory in T, and PIDS, the processes started into it; at exit

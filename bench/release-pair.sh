@@ -15,6 +15,9 @@
 #             and the gateway's CPU µs per publish.
 # The load generator is always the candidate's (a client: its requests are the same bytes for
 # both). Prints each measurement, the candidate/baseline ratios of each round, and their medians.
+# EVENTS=linked-births publishes registry-hp's births in cases of their own (what the flow table
+# tracks) instead of the population database's deaths; BASE_CONFIG=FILE runs the baseline on
+# its own release's civgate.toml (one that predates a section or role the candidate's has).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
@@ -23,6 +26,8 @@ CAND=${2:-}
 OUT=${3:-bench/release-pair.json}
 [ -n "$CAND" ] || { cargo build --release --locked --quiet && CAND=$PWD/target/release/civgate; }
 ROUNDS=${ROUNDS:-3}
+export EVENTS=${EVENTS:-deaths}
+BASE_CONFIG=${BASE_CONFIG:-}
 DURATION=${DURATION:-8}
 WARMUP=${WARMUP:-2}
 
@@ -35,6 +40,13 @@ shipped_config_on "$(free_port)" "$(free_port)" "$DIR" |
     sed -e 's/publishes = { per_second = 500, burst = 1000 }/publishes = { per_second = 1000000, burst = 1000000 }/' \
         >"$T/civgate.toml"
 grep -q 'per_second = 1000000' "$T/civgate.toml"
+cp "$T/civgate.toml" "$T/baseline.toml"
+if [ -n "$BASE_CONFIG" ]; then
+    shipped_config_on "$(free_port)" "$(free_port)" "$DIR" "$BASE_CONFIG" |
+        sed -e 's/publishes = { per_second = 500, burst = 1000 }/publishes = { per_second = 1000000, burst = 1000000 }/' \
+            >"$T/baseline.toml"
+    grep -q 'per_second = 1000000' "$T/baseline.toml"
+fi
 "$CAND" refdb serve --config "$T/civgate.toml" >"$T/refdb.log" 2>&1 &
 PIDS+=($!)
 wait_for "$T/refdb.log" "directory serving"
@@ -44,7 +56,9 @@ for name in baseline candidate; do
     bin=$BASE
     [ "$name" = candidate ] && bin=$CAND
     port=$(free_port)
-    "$bin" serve --config "$T/civgate.toml" --listen "127.0.0.1:$port" \
+    config=$T/civgate.toml
+    [ "$name" = baseline ] && config=$T/baseline.toml
+    "$bin" serve --config "$config" --listen "127.0.0.1:$port" \
         --admin-listen "127.0.0.1:$(free_port)" --data-dir "$T/data-$name" >"$T/$name.log" 2>&1 &
     PID[$name]=$!
     PIDS+=($!)
@@ -60,7 +74,7 @@ measure() { # NAME ROUND
         --server-pid "$pid" --json >"$T/lookup-$name-$r.json"
     "$CAND" bench publish --addr "127.0.0.1:$port" --certs "$T/certs" --connections 4 \
         --concurrency 16 --warmup "$WARMUP" --duration "$DURATION" --server-pid "$pid" \
-        >"$T/publish-$name-$r.txt"
+        --events "$EVENTS" >"$T/publish-$name-$r.txt"
     echo "   $name: $(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"{r['requests_per_second']:.0f} look-ups/s, gateway {r['server_cpu_us_per_request'][0][1]:.1f} µs CPU per look-up\")" "$T/lookup-$name-$r.json"); $(cat "$T/publish-$name-$r.txt")" >&2
 }
 
@@ -108,6 +122,7 @@ print("median candidate/baseline: " + ", ".join(f"{k} {v:.3f}" for k, v in med.i
 json.dump({
     "date": time.strftime("%Y-%m-%d"),
     "machine": {"cores": os.cpu_count(), "kernel": platform.release()},
-    "baseline": base, "candidate": cand, "rounds": rows, "median_candidate_over_baseline": med,
+    "baseline": base, "candidate": cand, "events": os.environ.get("EVENTS", "deaths"),
+    "rounds": rows, "median_candidate_over_baseline": med,
 }, open(out, "w"), indent=2)
 EOF

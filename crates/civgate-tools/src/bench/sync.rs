@@ -54,6 +54,69 @@ pub struct SyncArgs {
     /// measured window, from /proc/PID/stat; the load generator's own is always reported.
     #[arg(long = "server-pid")]
     pub server_pids: Vec<u32>,
+    /// publish: what is published — `deaths` (the population database's deaths, no request
+    /// tracked) or `linked-births` (registry-hp's births, each with its own case reference: the
+    /// shipped flow table opens three requests per birth).
+    #[arg(long, value_enum, default_value_t = Published::Deaths)]
+    pub events: Published,
+}
+
+/// What `bench publish` publishes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Published {
+    Deaths,
+    LinkedBirths,
+}
+
+impl Published {
+    /// The agency that publishes them.
+    fn producer(self) -> &'static str {
+        match self {
+            Published::Deaths => "population",
+            Published::LinkedBirths => "registry-hp",
+        }
+    }
+
+    fn event(self, run: &str, n: u64) -> crate::pb::v1::Event {
+        match self {
+            Published::Deaths => bench_event(n),
+            Published::LinkedBirths => linked_birth(run, n),
+        }
+    }
+}
+
+/// A birth registered in Hải Phòng, in a case of its own (`BENCH-<run>-<n>`).
+fn linked_birth(run: &str, n: u64) -> crate::pb::v1::Event {
+    use crate::pb::v1::{Birth, Event, Parent, Registration, Sex, event::Payload};
+    Event {
+        case_reference: format!("BENCH-{run}-{n}"),
+        occurred_at_unix_ms: 0,
+        in_reply_to: String::new(),
+        payload: Some(Payload::Birth(Birth {
+            registration: Some(Registration {
+                registry_office_code: "HP-LECHAN".into(),
+                book_number: "01/2026".into(),
+                entry_number: n.to_string(),
+                registration_date: "2026-03-02".into(),
+                registering_official: "Trần Văn Bình".into(),
+                country: String::new(),
+            }),
+            full_name: "Nguyễn Thị An".into(),
+            sex: Sex::Female as i32,
+            date_of_birth: "2026-02-27".into(),
+            place_of_birth: "Hải Phòng".into(),
+            hometown: "Hải Phòng".into(),
+            ethnicity: "Kinh".into(),
+            nationality: "Việt Nam".into(),
+            birth_registration_province_code: "031".into(),
+            mother: Some(Parent {
+                personal_id: Some("031195000002".into()),
+                full_name: "Lê Thị Hoa".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })),
+    }
 }
 
 /// A death, in Hải Phòng (031) for even `n` and Hà Nội (001) for odd.
@@ -85,7 +148,8 @@ pub(super) async fn publish_bench(a: &SyncArgs) -> Result<()> {
     let mut tasks = Vec::new();
     for c in 0..a.connections.max(1) {
         let addr = a.addrs[c % a.addrs.len().max(1)];
-        let link = client::unary_link(addr, &a.certs, Some("population")).await?;
+        let link = client::unary_link(addr, &a.certs, Some(a.events.producer())).await?;
+        let events = a.events;
         for _ in 0..a.concurrency.max(1) {
             let (c, phase, counter, run) =
                 (link.clone(), phase.clone(), counter.clone(), run.clone());
@@ -102,7 +166,7 @@ pub(super) async fn publish_bench(a: &SyncArgs) -> Result<()> {
                     let t = Instant::now();
                     let request = PublishRequest {
                         idempotency_key: format!("bench-{run}-{n}"),
-                        event: Some(bench_event(n)),
+                        event: Some(events.event(&run, n)),
                     };
                     let r = c.call(PUBLISH, &request, CALL_TIMEOUT).await.and_then(|b| {
                         PublishReceipt::decode(b)
