@@ -526,6 +526,62 @@ async fn only_post_with_a_grpc_content_type_is_served() {
     gw.shutdown().await.unwrap();
 }
 
+/// A body that is not a valid protobuf message is answered INTERNAL (gRPC's code for a
+/// request that cannot be parsed), and its audit record says the request was undecodable,
+/// so probing with garbage does not pass for a fault of the gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_request_is_recorded_as_such() {
+    let env = Env::new();
+    let gw = env.start().await;
+    let mut send = raw_h2(gw.api_addr, &env.certs(), "auditor", None)
+        .await
+        .unwrap()
+        .ready()
+        .await
+        .unwrap();
+    let req = http::Request::builder()
+        .method("POST")
+        .uri("https://localhost/civgate.v1.Exchange/ListOpenRequests")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (resp, mut body) = send.send_request(req, false).unwrap();
+    body.send_data(prefix(4), false).unwrap();
+    body.send_data(Bytes::from_static(&[0xff, 0xff, 0xff, 0xff]), true)
+        .unwrap();
+    let resp = resp.await.unwrap();
+    let (head, mut rest) = resp.into_parts();
+    let status = match head.headers.get("grpc-status") {
+        Some(s) => s.to_str().unwrap().to_owned(),
+        None => {
+            while rest.data().await.is_some() {}
+            rest.trailers().await.unwrap().unwrap()["grpc-status"]
+                .to_str()
+                .unwrap()
+                .to_owned()
+        }
+    };
+    assert_eq!(status, "13");
+    let mut audit = civgate::pb::v1::audit_client::AuditClient::new(
+        client::connect(gw.api_addr, &env.certs(), Some("auditor"))
+            .await
+            .unwrap(),
+    );
+    let found = common::search_records(
+        &mut audit,
+        civgate::pb::v1::SearchEntriesRequest {
+            method: "/civgate.v1.Exchange/ListOpenRequests".into(),
+            page_size: 10,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].detail, "undecodable_request");
+    gw.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_over_the_limit_is_resource_exhausted() {
     let env = Env::new();

@@ -484,10 +484,11 @@ async fn each_registry_receives_what_is_addressed_to_it(env: Env) {
     drop(s_hp);
     let mut s_hp = subscribe(&mut hp, POP, "registry-hp", None).await.unwrap();
     assert_eq!(take(&mut s_hp, 2).await, [expected_hp[3], r_hp.sequence]);
-    // A registry can reject only what is addressed to it.
+    // A registry can reject only what is addressed to it; another's event is not found, as
+    // one that does not exist.
     assert_eq!(
         reject(&mut hp, POP, "registry-hp", expected_hn[0]).await,
-        Code::InvalidArgument
+        Code::NotFound
     );
     assert_eq!(
         reject(&mut hp, POP, "registry-hp", expected_hp[0]).await,

@@ -27,16 +27,17 @@ pub struct Gateway {
     /// --certs and --client.
     #[arg(long, requires_all = ["cert", "key"])]
     pub ca: Option<PathBuf>,
-    /// The auditor's client certificate (PEM).
+    /// The client certificate (PEM): an auditor's (for `cases`, a registry's lists its own).
     #[arg(long, requires_all = ["ca", "key"])]
     pub cert: Option<PathBuf>,
-    /// The auditor's private key (PEM).
+    /// Its private key (PEM).
     #[arg(long, requires_all = ["ca", "cert"])]
     pub key: Option<PathBuf>,
     /// The development PKI's directory (ca.pem, clients/NAME.pem): used without --ca.
     #[arg(long, default_value = "certs")]
     pub certs: PathBuf,
-    /// Client certificate under --certs/clients (an auditor's).
+    /// Client certificate under --certs/clients (an auditor's; for `cases`, a registry's
+    /// lists its own requests).
     #[arg(long, default_value = "auditor")]
     pub client: String,
 }

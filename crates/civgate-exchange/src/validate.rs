@@ -1441,6 +1441,45 @@ fn registration_of(p: &Payload) -> Option<&Registration> {
     }
 }
 
+/// What a linked procedure's answer says happened before its request did (`None`: nothing):
+/// a child's card or residence from before its birth, a deceased's residence deleted or
+/// allowance decided before the death.
+pub fn answer_before_request(answer: &Payload, asked: &Payload) -> Option<FieldViolation> {
+    let (field, date, since, what) = match (answer, asked) {
+        (Payload::HealthInsuranceCardIssued(c), Payload::Birth(b)) => {
+            ("valid_from", &c.valid_from, &b.date_of_birth, "the birth")
+        }
+        (Payload::PermanentResidenceRegistered(r), Payload::Birth(b)) => (
+            "effective_date",
+            &r.effective_date,
+            &b.date_of_birth,
+            "the birth",
+        ),
+        (Payload::PermanentResidenceDeleted(r), Payload::Death(d)) => (
+            "effective_date",
+            &r.effective_date,
+            &d.date_of_death,
+            "the death",
+        ),
+        (Payload::FuneralAllowanceDecided(f), Payload::Death(d)) => {
+            ("decided_on", &f.decided_on, &d.date_of_death, "the death")
+        }
+        _ => return None,
+    };
+    let (Ok(date), Ok(since)) = (parse_date(date), parse_date(since)) else {
+        return None;
+    };
+    (date < since).then(|| {
+        FieldViolation::new(
+            format!("event.{}.{field}", topic_of(answer).1),
+            format!(
+                "is before {what} it answers ({})",
+                crate::domain::format_date(since)
+            ),
+        )
+    })
+}
+
 /// Does an event of this kind carry a registration (every civil-status event does)?
 fn payload_has_registration(p: &Payload) -> bool {
     topic_of(p).0 == CIVIL_STATUS

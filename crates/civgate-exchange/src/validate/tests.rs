@@ -1539,3 +1539,77 @@ fn the_linked_procedures_answers_are_checked() {
         }
     }
 }
+
+/// An answer of a linked procedure does not say it happened before its request.
+#[test]
+fn a_linked_answer_is_not_dated_before_its_request() {
+    use crate::pb::v1::{
+        Death, FuneralAllowanceDecided, HealthInsuranceCardIssued, PermanentResidenceDeleted,
+        PermanentResidenceRegistered,
+    };
+    let birth = Payload::Birth(Birth {
+        date_of_birth: "2026-12-01".into(),
+        ..Default::default()
+    });
+    let death = Payload::Death(Death {
+        date_of_death: "2026-12-05".into(),
+        ..Default::default()
+    });
+    let card = |from: &str| {
+        Payload::HealthInsuranceCardIssued(HealthInsuranceCardIssued {
+            valid_from: from.into(),
+            ..Default::default()
+        })
+    };
+    let funeral = |on: &str| {
+        Payload::FuneralAllowanceDecided(FuneralAllowanceDecided {
+            decided_on: on.into(),
+            ..Default::default()
+        })
+    };
+    let registered = |on: &str| {
+        Payload::PermanentResidenceRegistered(PermanentResidenceRegistered {
+            effective_date: on.into(),
+            ..Default::default()
+        })
+    };
+    let deleted = |on: &str| {
+        Payload::PermanentResidenceDeleted(PermanentResidenceDeleted {
+            effective_date: on.into(),
+            ..Default::default()
+        })
+    };
+    // (answer, request, the field refused or None)
+    let rows = [
+        (
+            card("1901-01-01"),
+            &birth,
+            Some("event.health_insurance_card_issued.valid_from"),
+        ),
+        (card("2026-12-01"), &birth, None),
+        (
+            registered("2026-11-30"),
+            &birth,
+            Some("event.permanent_residence_registered.effective_date"),
+        ),
+        (registered("2026-12-02"), &birth, None),
+        (
+            funeral("2026-01-01"),
+            &death,
+            Some("event.funeral_allowance_decided.decided_on"),
+        ),
+        (funeral("2026-12-05"), &death, None),
+        (
+            deleted("2026-12-04"),
+            &death,
+            Some("event.permanent_residence_deleted.effective_date"),
+        ),
+        (deleted("2026-12-06"), &death, None),
+        // Another pairing is for the kind check, not this one.
+        (funeral("2026-01-01"), &birth, None),
+    ];
+    for (i, (answer, asked, want)) in rows.iter().enumerate() {
+        let got = answer_before_request(answer, asked).map(|v| v.field);
+        assert_eq!(got.as_deref(), *want, "row {i}");
+    }
+}

@@ -104,7 +104,7 @@ pub fn filter_of(
         if parsed.is_none() {
             v.push(FieldViolation::new(
                 "page_token",
-                "not a next_page_token this service gave",
+                "not a next_page_token of ListOpenRequests (<event_id>.<answer kind>)",
             ));
         }
         parsed.map(|(e, a)| (e.to_owned(), a.to_owned()))

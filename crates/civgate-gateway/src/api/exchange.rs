@@ -90,7 +90,7 @@ fn group_of(
     if !is_topic(topic) {
         v.push(FieldViolation::new(
             "topic",
-            "must be civil-status or population",
+            "must be civil-status, population or social-insurance",
         ));
     } else if let Err(denial) = policy::may_consume(who.role, topic) {
         tracing::warn!(
@@ -313,14 +313,19 @@ impl ExchangeService {
                 },
                 _ => None,
             };
+            // The message never says which ID it should be, nor whether the birth has one
+            // yet: the publisher may not be the agency that learned it.
             if whose.as_deref() != Some(id) {
-                let field = format!("event.{kind}.personal_id");
-                let why = match whose {
-                    Some(w) => format!("must be {w}, the citizen of the event it answers"),
-                    None => "the birth answered has no personal ID yet: answer its personal_id_assigned first".into(),
-                };
-                return Err(invalid(vec![FieldViolation::new(field, why)]));
+                return Err(invalid(vec![FieldViolation::new(
+                    format!("event.{kind}.personal_id"),
+                    "is not the citizen of the event it answers (a birth's: the personal ID assigned to it)",
+                )]));
             }
+        }
+        if let Some(asked) = answered.as_ref().and_then(|e| e.payload.as_ref())
+            && let Some(v) = crate::exchange::validate::answer_before_request(payload, asked)
+        {
+            return Err(invalid(vec![v]));
         }
         Ok(address::audience_of(payload, Some(&found.producer)))
     }
@@ -479,9 +484,16 @@ impl Exchange for ExchangeService {
         let key_ok = !r.idempotency_key.is_empty()
             && r.idempotency_key.len() <= 128
             && r.idempotency_key.bytes().all(|b| b.is_ascii_graphic());
-        // Whom a refused publish concerned is in its audit record too.
-        if let Some(p) = r.event.as_ref().and_then(|e| e.payload.as_ref()) {
-            facts.update(|f| f.subjects = subjects(p));
+        // Whom a refused publish concerned, and its case, are in its audit record too.
+        if let Some(e) = r.event.as_ref() {
+            let case = e.case_reference.clone();
+            let named = e.payload.as_ref().map(subjects).unwrap_or_default();
+            facts.update(|f| {
+                f.subjects = named;
+                if crate::domain::check_case_reference(&case).is_ok() {
+                    f.case_reference = case;
+                }
+            });
         }
         let topic = match validate(r.event.as_ref(), &who) {
             Err(Refusal::NotAllowed(why)) => {
@@ -793,7 +805,7 @@ impl Exchange for ExchangeService {
         if r.sequence == 0 || r.sequence > head {
             return Err(invalid(vec![FieldViolation::new(
                 "sequence",
-                format!("must be 1..={head} (the topic's head)"),
+                "must be the sequence of an event delivered to the group",
             )]));
         }
         // The call's audit record is committed with the acknowledgement.
@@ -824,7 +836,7 @@ impl Exchange for ExchangeService {
         if r.sequence == 0 || r.sequence > head {
             v.push(FieldViolation::new(
                 "sequence",
-                format!("must be 1..={head} (the topic's head)"),
+                "must be the sequence of an event delivered to the group",
             ));
         }
         if r.reason.trim().is_empty()
@@ -842,23 +854,13 @@ impl Exchange for ExchangeService {
         // Only an event addressed to the group can be its dead letter.
         let audience = journal.audience_at(&r.topic, r.sequence).await?;
         let scope = scope_for(&who, &r.topic);
-        match audience {
-            None => {
-                return Err(Status::not_found(format!(
-                    "no event at sequence {} of {} (removed by retention)",
-                    r.sequence, r.topic
-                )));
-            }
-            Some(a) if !address::matches(a.as_deref(), scope.as_deref()) => {
-                return Err(invalid(vec![FieldViolation::new(
-                    "sequence",
-                    format!(
-                        "event {} of {} is not addressed to agency {}",
-                        r.sequence, r.topic, who.agency
-                    ),
-                )]));
-            }
-            Some(_) => {}
+        // One answer for an event removed by retention and one addressed to others: whether
+        // another agency's event exists is not the caller's to learn.
+        if !audience.is_some_and(|a| address::matches(a.as_deref(), scope.as_deref())) {
+            return Err(Status::not_found(format!(
+                "no event at sequence {} of {} addressed to agency {} (never, or removed by retention)",
+                r.sequence, r.topic, who.agency
+            )));
         }
         // The call's audit record is committed with the rejection.
         let index = journal

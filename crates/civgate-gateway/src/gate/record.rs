@@ -149,6 +149,12 @@ impl Step for Audit {
         if code == tonic::Code::InvalidArgument && facts.detail.is_empty() {
             facts.detail = invalid_fields(resp.headers()).unwrap_or_default();
         }
+        // A request that is not a valid protobuf message (gRPC answers INTERNAL, as its status
+        // code guide says for a request that cannot be parsed): the client's doing, and the
+        // record says so.
+        if code == tonic::Code::Internal && facts.detail.is_empty() && undecodable(resp.headers()) {
+            facts.detail = "undecodable_request".into();
+        }
         if facts.recorded.is_some() {
             pending.call = None;
             return Ok(resp);
@@ -251,4 +257,12 @@ fn invalid_fields(headers: &http::HeaderMap) -> Option<String> {
     let status = tonic::Status::from_header_map(headers)?;
     let bad = status.get_details_bad_request()?;
     Some(crate::api::invalid_detail(&bad.field_violations))
+}
+
+/// Is this an answer to a request body that did not decode (tonic's protobuf codec)?
+fn undecodable(headers: &http::HeaderMap) -> bool {
+    headers
+        .get("grpc-message")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|m| m.starts_with("failed%20to%20decode") || m.starts_with("failed to decode"))
 }
