@@ -908,6 +908,69 @@ async fn a_fallback_directory_takes_over_without_failed_calls() {
     dir2.wait().unwrap();
 }
 
+/// The social-insurance agency looks up one citizen at a time, for its own purposes only and
+/// within a case: the fields its purpose releases, nothing of a registry's purposes, no batch
+/// or search; a registry cannot declare its purposes.
+#[tokio::test]
+async fn the_social_insurance_agency_reads_for_its_own_purposes_only() {
+    let env = Env::new();
+    let stack = env.start_stack().await;
+    let si = CitizensClient::new(
+        client::connect(
+            stack.gateway.api_addr,
+            &env.certs(),
+            Some("social-insurance"),
+        )
+        .await
+        .unwrap(),
+    );
+    let id = stack.people[5].personal_id.to_string();
+    let in_case = |purpose: &str| GetCitizenRequest {
+        case_reference: "HP-2026-0042".into(),
+        ..get(&id, purpose)
+    };
+    let got = si
+        .clone()
+        .get_citizen(in_case("HEALTH_INSURANCE_CARD"))
+        .await
+        .unwrap()
+        .into_inner();
+    let c = got.citizen.unwrap();
+    assert!(c.full_name.is_some() && c.date_of_birth.is_some());
+    assert!(c.ethnicity.is_none() && c.nationality.is_none(), "{c:?}");
+    assert!(
+        got.withheld_fields.iter().any(|f| f == "marital_status"),
+        "{:?}",
+        got.withheld_fields
+    );
+    // (request, code) — one row per rule.
+    let rows = [
+        (get(&id, "HEALTH_INSURANCE_CARD"), Code::InvalidArgument), // a case is required
+        (in_case("DEATH_REGISTRATION"), Code::PermissionDenied),    // a registry's purpose
+        (in_case("FUNERAL_ALLOWANCE"), Code::Ok),
+    ];
+    for (i, (req, code)) in rows.into_iter().enumerate() {
+        let r = si.clone().get_citizen(req).await;
+        assert_eq!(r.err().map_or(Code::Ok, |e| e.code()), code, "row {i}");
+    }
+    let batch = si
+        .clone()
+        .batch_get_citizens(civgate::pb::v1::BatchGetCitizensRequest {
+            personal_ids: vec![id.clone()],
+            purpose: "HEALTH_INSURANCE_CARD".into(),
+            case_reference: "HP-2026-0042".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(batch.code(), Code::PermissionDenied, "no batches");
+    let mut hp = registry(&env, stack.gateway.api_addr).await;
+    let e = hp
+        .get_citizen(in_case("HEALTH_INSURANCE_CARD"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+}
+
 /// The caller's W3C trace reaches the directory: the same trace id, a span of the gateway's
 /// own; a call without one starts a trace the directory sees too.
 #[tokio::test]

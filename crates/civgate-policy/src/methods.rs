@@ -31,6 +31,9 @@ pub struct Method {
 use Role::{Auditor, CivilRegistry, PopulationDb, SocialInsurance};
 
 const REGISTRY: &[Role] = &[CivilRegistry];
+/// One citizen at a time, for a purpose bound to the role: the registries, and the
+/// social-insurance agency for the linked procedures' purposes.
+const LOOKUPS: &[Role] = &[CivilRegistry, SocialInsurance];
 const EXCHANGE: &[Role] = &[CivilRegistry, PopulationDb, SocialInsurance];
 const STATUS: &[Role] = &[CivilRegistry, PopulationDb, SocialInsurance, Auditor];
 const AUDITORS: &[Role] = &[Auditor];
@@ -70,7 +73,7 @@ pub(crate) const METHODS: &[Method] = &[
     ),
     m(
         "/civgate.v1.Citizens/GetCitizen",
-        Callers::Roles(REGISTRY),
+        Callers::Roles(LOOKUPS),
         Some(Bucket::Reads),
     ),
     Method {
@@ -81,7 +84,7 @@ pub(crate) const METHODS: &[Method] = &[
     },
     m(
         "/civgate.v1.Citizens/VerifyCitizen",
-        Callers::Roles(REGISTRY),
+        Callers::Roles(LOOKUPS),
         Some(Bucket::Reads),
     ),
     m(
@@ -218,7 +221,18 @@ mod tests {
                 .concat(),
             ),
             (PopulationDb, [&common[..], &exchange].concat()),
-            (SocialInsurance, [&common[..], &exchange].concat()),
+            (
+                SocialInsurance,
+                [
+                    &common[..],
+                    &exchange,
+                    &[
+                        "/civgate.v1.Citizens/GetCitizen",
+                        "/civgate.v1.Citizens/VerifyCitizen",
+                    ],
+                ]
+                .concat(),
+            ),
             (Auditor, [&common[..], &audit].concat()),
         ];
         for (role, want) in cases {
