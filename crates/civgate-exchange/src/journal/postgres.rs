@@ -10,10 +10,13 @@ use tokio::sync::mpsc;
 
 use super::legacy::adopt_legacy;
 use super::writer::{
-    ACK_SQL, ANSWER_SQL, CLOSE_SQL, Dialect, EVENT_COLUMNS, Job, OPEN_SQL, Plan, REJECT_SQL,
+    ACK_SQL, ANSWER_SQL, CLOSE_SQL, Dialect, EVENT_COLUMNS, Job, Plan, REJECT_SQL, REQUEST_COLUMNS,
     Written, audit_records, known_answers, known_keys, placed, plan, prune_topics,
 };
 use super::{Group, Holder, Journal, TOPICS};
+
+/// Open requests per INSERT statement (9 parameters each, under PostgreSQL's 65,535).
+const OPENS_PER_INSERT: usize = 512;
 use crate::audit::{AuditTail, merkle::CompactRange, subjects::BlockEntry};
 use crate::policy::Policy;
 use crate::store::{JOURNAL_CHANNEL, Reader};
@@ -174,21 +177,33 @@ impl Plan<'_> {
                 .execute(&mut *tx)
                 .await?;
         }
-        for (event_id, producer, opens) in &self.opens {
-            for o in &opens.list {
-                sqlx::query(OPEN_SQL)
-                    .bind(event_id.as_str())
-                    .bind(o.answer)
-                    .bind(o.flow.as_str())
-                    .bind(*producer)
-                    .bind(opens.kind)
-                    .bind(opens.case_reference.as_str())
-                    .bind(o.awaiting)
+        let opened = self.open_rows();
+        for chunk in opened.chunks(OPENS_PER_INSERT) {
+            let values: Vec<String> = (0..chunk.len())
+                .map(|i| {
+                    let p: Vec<String> = (1..=9).map(|k| format!("${}", 9 * i + k)).collect();
+                    format!("({})", p.join(", "))
+                })
+                .collect();
+            // Built only from constants and numbered placeholders.
+            let sql = format!(
+                "INSERT INTO {REQUEST_COLUMNS} VALUES {} ON CONFLICT (event_id, answer) DO NOTHING",
+                values.join(",")
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for r in chunk {
+                q = q
+                    .bind(r.event_id)
+                    .bind(r.step.answer)
+                    .bind(r.step.flow.as_str())
+                    .bind(r.producer)
+                    .bind(r.opens.kind)
+                    .bind(r.opens.case_reference.as_str())
+                    .bind(r.step.awaiting)
                     .bind(self.now)
-                    .bind(o.due_at_ms)
-                    .execute(&mut *tx)
-                    .await?;
+                    .bind(r.step.due_at_ms);
             }
+            q.execute(&mut *tx).await?;
         }
         for (asked, kind, event_id, producer) in &self.answers {
             sqlx::query(ANSWER_SQL)

@@ -10,9 +10,9 @@ use sqlx::{Connection, SqliteConnection, sqlite::SqlitePoolOptions};
 use super::legacy::adopt_legacy;
 use super::read::{EventRow, page_rows};
 use super::writer::{
-    ACK_SQL, ANSWER_SQL, CLOSE_SQL, Dialect, EVENT_COLUMNS, Job, Known, KnownAnswers, OPEN_SQL,
-    Outcome, Plan, REJECT_SQL, Written, audit_records, known_answers, known_keys, placed, plan,
-    prune_topics,
+    ACK_SQL, ANSWER_SQL, CLOSE_SQL, Dialect, EVENT_COLUMNS, Job, Known, KnownAnswers, Outcome,
+    Plan, REJECT_SQL, REQUEST_COLUMNS, Written, audit_records, known_answers, known_keys, placed,
+    plan, prune_topics,
 };
 use super::{Holder, Journal, JournalError, TOPICS};
 use crate::audit::{AuditTail, merkle::CompactRange, subjects::BlockEntry};
@@ -396,20 +396,18 @@ impl Plan<'_> {
                 .bind(r.audience)?;
             Ok(())
         })?;
-        for (event_id, producer, opens) in &self.opens {
-            for o in &opens.list {
-                b.statement(&q(OPEN_SQL));
-                b.bind(event_id.as_str())?
-                    .bind(o.answer)?
-                    .bind(o.flow.as_str())?
-                    .bind(*producer)?
-                    .bind(opens.kind)?
-                    .bind(opens.case_reference.as_str())?
-                    .bind(o.awaiting)?
-                    .bind(self.now)?
-                    .bind(o.due_at_ms)?;
-            }
-        }
+        b.insert_rows(REQUEST_COLUMNS, 9, &self.open_rows(), |b, r| {
+            b.bind(r.event_id)?
+                .bind(r.step.answer)?
+                .bind(r.step.flow.as_str())?
+                .bind(r.producer)?
+                .bind(r.opens.kind)?
+                .bind(r.opens.case_reference.as_str())?
+                .bind(r.step.awaiting)?
+                .bind(self.now)?
+                .bind(r.step.due_at_ms)?;
+            Ok(())
+        })?;
         for (asked, kind, event_id, producer) in &self.answers {
             b.statement(&q(ANSWER_SQL));
             b.bind(*asked)?.bind(*kind)?.bind(event_id.as_str())?;

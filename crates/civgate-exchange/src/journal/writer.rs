@@ -583,10 +583,35 @@ pub(super) type KnownAnswers = HashMap<(String, String), String>;
 pub(super) const ANSWER_SQL: &str =
     "INSERT INTO journal_answers (asked, kind, event_id) VALUES ($1, $2, $3)";
 
-/// Opens a request a flow asks for (see `cases`): one row per (request, answer kind).
-pub(super) const OPEN_SQL: &str = "INSERT INTO journal_requests \
-     (event_id, answer, flow, producer, kind, case_reference, awaiting, opened_at_ms, due_at_ms) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (event_id, answer) DO NOTHING";
+/// The columns of an open request (see `cases`: one row per (request, answer kind)), in the
+/// order [`Plan::open_rows`] binds them; inserted many rows per statement.
+pub(super) const REQUEST_COLUMNS: &str = "journal_requests \
+     (event_id, answer, flow, producer, kind, case_reference, awaiting, opened_at_ms, due_at_ms)";
+
+/// One open request to insert.
+pub(super) struct OpenRow<'a> {
+    pub(super) event_id: &'a str,
+    pub(super) producer: &'a str,
+    pub(super) opens: &'a super::Opens,
+    pub(super) step: &'a crate::cases::Opening,
+}
+
+impl Plan<'_> {
+    /// The open requests of the batch's new requests, one per step.
+    pub(super) fn open_rows(&self) -> Vec<OpenRow<'_>> {
+        self.opens
+            .iter()
+            .flat_map(|(event_id, producer, opens)| {
+                opens.list.iter().map(move |step| OpenRow {
+                    event_id: event_id.as_str(),
+                    producer,
+                    opens,
+                    step,
+                })
+            })
+            .collect()
+    }
+}
 
 /// Closes the open request an answer answers (none: the answer was asked by no flow), late
 /// when it comes after the due time: answered at `$1` by event `$2` of `$3`.
