@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# civgate vs nginx vs the directory alone, side by side in one run (issue #8).
+# civgate vs nginx vs HAProxy vs the directory alone, side by side in one run.
 #
 #   bench/compare.sh [OUT.json]      (default: bench/compare.json)
 #
@@ -8,6 +8,10 @@
 #   (a) direct  — the reference population directory over mutual TLS;
 #   (b) nginx   — nginx as a gRPC reverse proxy (mTLS in, limit_req far above the load,
 #                 access_log to a file, upstream keepalive, mTLS out) → the directory;
+#   (h) haproxy — HAProxy (Debian's 2.6) as a gRPC reverse proxy: mTLS in with the CA and the
+#                 CRL, a stick-table tracking each client certificate DN's request rate with a
+#                 deny rule far above the load, an HTTP access log, `http-reuse always`, mTLS
+#                 HTTP/2 out → the directory (it multiplexes streams as civgate does);
 #   (c) civgate — mTLS in, identity, policy, purpose filter, rate limit (far above the load),
 #                 durable audit record, mTLS out → the directory; the shipped configuration
 #                 (worker_threads = 0: on up to 2 cores, as here, a single-threaded runtime;
@@ -18,8 +22,9 @@
 #                 "tonic") instead of its own h2 client: the ratio e/c of the gateway's CPU per
 #                 look-up says what the hand-written client saves.
 # For each: req/s, p50/p99/p99.9, errors, CPU µs per request of each server process (from
-# /proc/PID/stat over the measured window). Prints one table and the ratios c/b, c/a, d/b and
-# d/a, and writes everything as JSON. Installs nginx with apt-get if it is missing; leaves nothing running.
+# /proc/PID/stat over the measured window). Prints one table and the ratios c/b, c/a, d/b, d/a
+# and c/h, d/h, and writes everything as JSON. Installs nginx and haproxy with apt-get if they
+# are missing; leaves nothing running.
 # ROUNDS (default 3) repeats (a), (b), (c), (d) in turn; ratios are taken within each round and the
 # medians reported, since one 8 s window on a shared 2-core machine swings by ±20%.
 set -euo pipefail
@@ -30,10 +35,12 @@ DURATION=${DURATION:-8}
 WARMUP=${WARMUP:-2}
 ROUNDS=${ROUNDS:-3}
 
-if ! command -v nginx >/dev/null; then
-    echo "installing nginx (apt-get)…"
-    (apt-get install -y -qq nginx >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq nginx >/dev/null))
-fi
+for pkg in nginx haproxy; do
+    if ! command -v "$pkg" >/dev/null; then
+        echo "installing $pkg (apt-get)…"
+        (apt-get install -y -qq "$pkg" >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq "$pkg" >/dev/null))
+    fi
+done
 # CIVGATE_BIN=path measures another build (e.g. a baseline commit's) without rebuilding.
 if [ -z "${CIVGATE_BIN:-}" ]; then cargo build --release --locked --quiet; fi
 B=${CIVGATE_BIN:-$PWD/target/release/civgate}
@@ -57,6 +64,7 @@ GW2=$(free_port)
 ADMIN2=$(free_port)
 DIR=$(free_port)
 NGX=$(free_port)
+HAP=$(free_port)
 
 "$B" certs init --dir "$T/certs" >/dev/null
 # The shipped configuration, on these ports, with quotas far above the load.
@@ -111,6 +119,38 @@ nginx -c "$T/nginx.conf" -p "$T" -e "$T/nginx-error.log"
 for _ in $(seq 50); do [ -s "$T/nginx.pid" ] && break; sleep 0.1; done
 NGINX_WORKERS=$(pgrep -P "$(cat "$T/nginx.pid")" | tr '\n' ' ')
 
+# HAProxy wants each certificate and its key in one file.
+cat "$T/certs/server.pem" "$T/certs/server.key" >"$T/haproxy-server.pem"
+cat "$T/certs/clients/gateway.pem" "$T/certs/clients/gateway.key" >"$T/haproxy-client.pem"
+cat >"$T/haproxy.cfg" <<EOF
+global
+    nbthread 2
+    maxconn 8000
+    log stdout format raw local0
+defaults
+    mode http
+    log global
+    option httplog
+    timeout connect 5s
+    timeout client 300s
+    timeout server 300s
+frontend grpc_in
+    bind 127.0.0.1:$HAP ssl crt $T/haproxy-server.pem ca-file $T/certs/ca.pem crl-file $T/certs/crl.pem verify required alpn h2
+    stick-table type string len 512 size 100k expire 60s store http_req_rate(1s)
+    http-request track-sc0 ssl_c_s_dn
+    http-request deny deny_status 429 if { sc_http_req_rate(0) gt 10000000 }
+    default_backend directory
+backend directory
+    http-reuse always
+    server dir 127.0.0.1:$DIR ssl verify required ca-file $T/certs/ca.pem crt $T/haproxy-client.pem verifyhost localhost sni str(localhost) alpn h2
+EOF
+haproxy -c -f "$T/haproxy.cfg" >/dev/null
+haproxy -db -f "$T/haproxy.cfg" >"$T/haproxy-access.log" 2>"$T/haproxy-error.log" &
+HAPROXY=$!
+PIDS+=("$HAPROXY")
+for _ in $(seq 50); do ss -ltn | grep -q ":$HAP " && break; sleep 0.1; done
+ss -ltn | grep -q ":$HAP " || { echo "haproxy did not start:" >&2; cat "$T/haproxy-error.log" >&2; exit 1; }
+
 "$B" serve --config "$T/civgate.toml" >"$T/gateway.log" 2>&1 &
 GATEWAY=$!
 PIDS+=("$GATEWAY")
@@ -148,6 +188,9 @@ for r in $(seq "$ROUNDS"); do
     echo "round $r/$ROUNDS: (b) nginx → directory" >&2
     "$B" bench lookup --target directory --addr "127.0.0.1:$NGX" "${common[@]}" \
         "${wpids[@]}" --server-pid "$REFDB" >"$T/b$r.json"
+    echo "round $r/$ROUNDS: (h) haproxy → directory" >&2
+    "$B" bench lookup --target directory --addr "127.0.0.1:$HAP" "${common[@]}" \
+        --server-pid "$HAPROXY" --server-pid "$REFDB" >"$T/h$r.json"
     echo "round $r/$ROUNDS: (c) civgate → directory (durable audit)" >&2
     "$B" bench lookup --target gateway --addr "127.0.0.1:$GW" "${common[@]}" \
         --server-pid "$GATEWAY" --server-pid "$REFDB" >"$T/c$r.json"
@@ -161,14 +204,15 @@ done
 AUDITED=$(curl -s "http://127.0.0.1:$ADMIN/metrics" | awk '/^civgate_audit_log_size / {print $2}')
 AUDITED1=$(curl -s "http://127.0.0.1:$ADMIN1/metrics" | awk '/^civgate_audit_log_size / {print $2}')
 LOGGED=$(wc -l <"$T/nginx-access.log")
+HLOGGED=$(wc -l <"$T/haproxy-access.log")
 
-python3 - "$T" "$OUT" "$REFDB" "$GATEWAY" "$NGINX_WORKERS" "$AUDITED" "$LOGGED" "$ROUNDS" "$GATEWAY1" "$AUDITED1" "${RUNTIME_C:-?}" "${RUNTIME_D:-?}" "$GATEWAY2" <<'EOF'
+python3 - "$T" "$OUT" "$REFDB" "$GATEWAY" "$NGINX_WORKERS" "$AUDITED" "$LOGGED" "$ROUNDS" "$GATEWAY1" "$AUDITED1" "${RUNTIME_C:-?}" "${RUNTIME_D:-?}" "$GATEWAY2" "$HAPROXY" "$HLOGGED" <<'EOF'
 import json, os, platform, statistics, sys
-t, out, refdb, gateway, workers, audited, logged, nrounds, gateway1, audited1, runtime_c, runtime_d, gateway2 = sys.argv[1:14]
-refdb, gateway, gateway1, gateway2, nrounds = int(refdb), int(gateway), int(gateway1), int(gateway2), int(nrounds)
+t, out, refdb, gateway, workers, audited, logged, nrounds, gateway1, audited1, runtime_c, runtime_d, gateway2, haproxy, hlogged = sys.argv[1:16]
+refdb, gateway, gateway1, gateway2, nrounds, haproxy = int(refdb), int(gateway), int(gateway1), int(gateway2), int(nrounds), int(haproxy)
 workers = [int(w) for w in workers.split()]
-names = {"a": "direct", "b": "nginx", "c": "civgate", "d": "civgate-ws", "e": "civgate-tonic"}
-proxy = {"a": [], "b": workers, "c": [gateway], "d": [gateway1], "e": [gateway2]}
+names = {"a": "direct", "b": "nginx", "h": "haproxy", "c": "civgate", "d": "civgate-ws", "e": "civgate-tonic"}
+proxy = {"a": [], "b": workers, "h": [haproxy], "c": [gateway], "d": [gateway1], "e": [gateway2]}
 
 def load(k, r):
     run = json.load(open(f"{t}/{k}{r}.json"))
@@ -187,6 +231,10 @@ def ratios_of(runs):
         out[f"{k}_over_a_throughput"] = c["requests_per_second"] / a["requests_per_second"]
         out[f"{k}_over_b_proxy_cpu"] = c["proxy_cpu_us_per_request"] / b["proxy_cpu_us_per_request"]
         out[f"{k}_p99_minus_b_p99_ms"] = c["p99_ms"] - b["p99_ms"]
+        h = runs["h"]
+        out[f"{k}_over_h_throughput"] = c["requests_per_second"] / h["requests_per_second"]
+        out[f"{k}_over_h_proxy_cpu"] = c["proxy_cpu_us_per_request"] / h["proxy_cpu_us_per_request"]
+        out[f"{k}_p99_minus_h_p99_ms"] = c["p99_ms"] - h["p99_ms"]
     # The directory client: tonic's Channel (e) against the gateway's own (c).
     out["e_over_c_proxy_cpu"] = runs["e"]["proxy_cpu_us_per_request"] / runs["c"]["proxy_cpu_us_per_request"]
     out["e_over_c_throughput"] = runs["e"]["requests_per_second"] / runs["c"]["requests_per_second"]
@@ -194,7 +242,7 @@ def ratios_of(runs):
 
 rounds = []
 for r in range(1, nrounds + 1):
-    runs = {k: load(k, r) for k in "abcde"}
+    runs = {k: load(k, r) for k in "abhcde"}
     rounds.append({"runs": runs, "ratios": ratios_of(runs)})
 # The median round by c/b throughput; each ratio's median over the rounds as well.
 median_round = sorted(rounds, key=lambda x: x["ratios"]["c_over_b_throughput"])[(nrounds - 1) // 2]
@@ -204,7 +252,7 @@ print(f"{'round':<6}{'path':<11}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'p99.9 ms
       f"{'proxy CPU µs/req':>18}{'directory CPU µs/req':>22}")
 for i, rd in enumerate(rounds, 1):
     mark = "*" if rd is median_round else ""
-    for k in "abcde":
+    for k in "abhcde":
         r = rd["runs"][k]
         px = f"{r['proxy_cpu_us_per_request']:.1f}" if k != "a" else "-"
         print(f"{str(i) + mark:<6}{r['name']:<11}{r['requests_per_second']:>9.0f}{r['p50_ms']:>9.2f}"
@@ -222,10 +270,15 @@ for k in "cd":
           f"{k}/a throughput {medians[k + '_over_a_throughput']:.2f} (target >= 0.6)   "
           f"{k}/b proxy CPU per request {medians[k + '_over_b_proxy_cpu']:.2f} (target <= 0.75)   "
           f"p99 {k} - b {medians[k + '_p99_minus_b_p99_ms']:+.2f} ms (target <= 0)")
+for k in "cd":
+    print(f"median of {nrounds} rounds, ({k}) {names[k]} against HAProxy: "
+          f"{k}/h throughput {medians[k + '_over_h_throughput']:.2f} (target >= 1)   "
+          f"{k}/h proxy CPU per request {medians[k + '_over_h_proxy_cpu']:.2f} (target <= 1)   "
+          f"p99 {k} - h {medians[k + '_p99_minus_h_p99_ms']:+.2f} ms (target <= 0)")
 print(f"median of {nrounds} rounds, the directory client: tonic's Channel / civgate's own: "
       f"gateway CPU per look-up {medians['e_over_c_proxy_cpu']:.2f}, throughput {medians['e_over_c_throughput']:.2f} "
       f"(the own client is kept if it saves >= 10%: CPU e/c >= 1.11)")
-print(f"audit log sizes after the run: (c) {audited}, (d) {audited1}; nginx access-log lines: {logged}")
+print(f"audit log sizes after the run: (c) {audited}, (d) {audited1}; nginx access-log lines: {logged}; haproxy access-log lines: {hlogged}")
 json.dump({
     "machine": {"cores": os.cpu_count(), "kernel": platform.release()},
     "settings": {"connections": 4, "in_flight_per_connection": 64, "rounds": nrounds,
@@ -238,6 +291,7 @@ json.dump({
     "runs": median_round["runs"], "ratios": median_round["ratios"],
     "civgate_audit_log_size": int(float(audited or 0)),
     "civgate_ws_audit_log_size": int(float(audited1 or 0)), "nginx_access_log_lines": int(logged),
+    "haproxy_access_log_lines": int(hlogged),
 }, open(out, "w"), indent=2)
 print(f"written: {out}")
 EOF

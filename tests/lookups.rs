@@ -59,6 +59,16 @@ async fn each_purpose_returns_exactly_its_fields() {
     let env = Env::new();
     let stack = env.start_stack().await;
     let mut c = registry(&env, stack.gateway.api_addr).await;
+    // The social-insurance agency declares its own purposes (within a case).
+    let mut si = CitizensClient::new(
+        client::connect(
+            stack.gateway.api_addr,
+            &env.certs(),
+            Some("social-insurance"),
+        )
+        .await
+        .unwrap(),
+    );
     let cfg = Config::parse(DEFAULT_CONFIG, "t".into(), ".".into()).unwrap();
     // A married parent: has spouse, residence, everything but parents.
     let p = stack.people.iter().find(|p| p.spouse.is_some()).unwrap();
@@ -69,11 +79,15 @@ async fn each_purpose_returns_exactly_its_fields() {
         let allowed: BTreeSet<_> = purpose.fields.iter().copied().collect();
         let mut expected = record_to_pb(p);
         mask(&mut expected, &allowed);
-        let r = c
-            .get_citizen(get(p.personal_id.as_str(), code.as_str()))
-            .await
-            .unwrap()
-            .into_inner();
+        let by_registry = purpose
+            .roles
+            .contains(&civgate::domain::Role::CivilRegistry);
+        let caller = if by_registry { &mut c } else { &mut si };
+        let mut req = get(p.personal_id.as_str(), code.as_str());
+        if purpose.requires_case_reference {
+            req.case_reference = "HP-2026-0001".into();
+        }
+        let r = caller.get_citizen(req).await.unwrap().into_inner();
         assert_eq!(r.citizen.unwrap(), expected, "purpose {}", code.as_str());
         let withheld: BTreeSet<_> = r.withheld_fields.iter().map(String::as_str).collect();
         for f in civgate::domain::CitizenField::ALL {
