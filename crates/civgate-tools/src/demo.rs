@@ -408,7 +408,7 @@ async fn sync_steps(
 ) -> Result<Vec<(bool, String, String)>> {
     use crate::pb::v1::{
         AckRequest, Birth, Death, DeathRecorded, DeliveryState, Event, Marriage, Parent,
-        PublishRequest, Registration, Sex as PbSex, SubscribeRequest, event::Payload,
+        PublishRequest, Sex as PbSex, SubscribeRequest, event::Payload,
         exchange_client::ExchangeClient,
     };
     use std::time::Duration;
@@ -419,14 +419,7 @@ async fn sync_steps(
     let mut citizens = CitizensClient::new(reg_ch);
     let mut pop = ExchangeClient::new(client::connect(addr, certs_dir, Some("population")).await?);
     let today = crate::domain::today();
-    let registration = |entry: &str| Registration {
-        registry_office_code: "HP-LECHAN".into(),
-        book_number: format!("{}/KS", today.year()),
-        entry_number: entry.into(),
-        registration_date: format_date(today),
-        registering_official: "Phạm Thị Thu".into(),
-        country: String::new(),
-    };
+    let registration = |entry: &str| registration_today(today, entry);
     // The registry listens to the population topic.
     let mut from_population = reg
         .subscribe(SubscribeRequest {
@@ -732,20 +725,13 @@ async fn cases_steps(
 ) -> Result<(Vec<(bool, String, String)>, String)> {
     use crate::pb::v1::{
         Birth, Death, Event, ListOpenRequestsRequest, OpenRequest, Parent, PublishRequest,
-        Registration, Sex as PbSex, event::Payload, exchange_client::ExchangeClient,
+        Sex as PbSex, event::Payload, exchange_client::ExchangeClient,
     };
     use std::time::Duration;
     let mut out = Vec::new();
     let mut reg = ExchangeClient::new(client::connect(addr, certs_dir, Some("registry-hp")).await?);
     let today = crate::domain::today();
-    let registration = |entry: &str| Registration {
-        registry_office_code: "HP-LECHAN".into(),
-        book_number: format!("{}/KS", today.year()),
-        entry_number: entry.into(),
-        registration_date: format_date(today),
-        registering_official: "Phạm Thị Thu".into(),
-        country: String::new(),
-    };
+    let registration = |entry: &str| registration_today(today, entry);
     const BIRTH_CASE: &str = "HP-DEMO-0001";
     const DEATH_CASE: &str = "HP-DEMO-0002";
     let birth = Event {
@@ -848,6 +834,18 @@ async fn cases_steps(
         "civgate cases overdue:".to_owned(),
     ));
     Ok((out, table))
+}
+
+/// A registration made today at Lê Chân (Hải Phòng), entry `entry` of this year's book.
+fn registration_today(today: time::Date, entry: &str) -> crate::pb::v1::Registration {
+    crate::pb::v1::Registration {
+        registry_office_code: "HP-LECHAN".into(),
+        book_number: format!("{}/KS", today.year()),
+        entry_number: entry.into(),
+        registration_date: format_date(today),
+        registering_official: "Phạm Thị Thu".into(),
+        country: String::new(),
+    }
 }
 
 /// Waits until the directory's consumer group has acknowledged or rejected an event.

@@ -312,53 +312,7 @@ impl Journal {
         opens: Option<Opens>,
         audit: Option<Draft>,
     ) -> Published {
-        self.submit_publish(
-            producer,
-            key,
-            topic,
-            payload,
-            audience,
-            answers,
-            opens.map(Box::new),
-            audit,
-        )
-        .await
-    }
-
-    /// Publishes, and — given the call's audit `draft` and an audit log — commits the call's
-    /// audit record (finished with the outcome) in the same transaction as the event: one
-    /// durable commit for both instead of two in turn. An event that `answers` another is
-    /// refused ([`JournalError::Answered`]) when that one already has an answer of its kind;
-    /// a retry of the same publish (same key and payload) still gets its receipt.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn publish_audited(
-        &self,
-        producer: &str,
-        key: &str,
-        topic: &'static str,
-        payload: Vec<u8>,
-        audience: Option<String>,
-        answers: Option<Answer>,
-        audit: Option<Draft>,
-    ) -> Published {
-        self.submit_publish(
-            producer, key, topic, payload, audience, answers, None, audit,
-        )
-        .await
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    async fn submit_publish(
-        &self,
-        producer: &str,
-        key: &str,
-        topic: &'static str,
-        payload: Vec<u8>,
-        audience: Option<String>,
-        answers: Option<Answer>,
-        opens: Option<Box<Opens>>,
-        audit: Option<Draft>,
-    ) -> Published {
+        let opens = opens.map(Box::new);
         let stopped = || Published {
             result: Err(JournalError::NotDurable("journal writer stopped".into())),
             audit_index: None,
@@ -385,6 +339,28 @@ impl Journal {
             result: Err(stalled),
             audit_index: None,
         })
+    }
+
+    /// Publishes, and — given the call's audit `draft` and an audit log — commits the call's
+    /// audit record (finished with the outcome) in the same transaction as the event: one
+    /// durable commit for both instead of two in turn. An event that `answers` another is
+    /// refused ([`JournalError::Answered`]) when that one already has an answer of its kind;
+    /// a retry of the same publish (same key and payload) still gets its receipt.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn publish_audited(
+        &self,
+        producer: &str,
+        key: &str,
+        topic: &'static str,
+        payload: Vec<u8>,
+        audience: Option<String>,
+        answers: Option<Answer>,
+        audit: Option<Draft>,
+    ) -> Published {
+        self.publish_tracked(
+            producer, key, topic, payload, audience, answers, None, audit,
+        )
+        .await
     }
 
     /// Waits for a commit's answer at most the store's commit timeout (when an audit log

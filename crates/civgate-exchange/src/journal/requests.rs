@@ -91,42 +91,23 @@ type Row = (
 fn list_sql(f: &RequestFilter) -> (String, Vec<Bind>) {
     let mut conds: Vec<String> = Vec::new();
     let mut binds = Vec::new();
-    let add = |cond: &str, b: Bind, conds: &mut Vec<String>, binds: &mut Vec<Bind>| {
-        binds.push(b);
-        conds.push(cond.replace('?', &format!("${}", binds.len())));
-    };
-    if let Some(p) = &f.producer {
-        add(
-            "producer = ?",
-            Bind::Text(p.clone()),
-            &mut conds,
-            &mut binds,
-        );
-    }
-    if let Some(a) = &f.awaiting {
-        add(
-            "awaiting = ?",
-            Bind::Text(a.clone()),
-            &mut conds,
-            &mut binds,
-        );
-    }
-    if let Some(c) = &f.case_reference {
-        add(
-            "case_reference = ?",
-            Bind::Text(c.clone()),
-            &mut conds,
-            &mut binds,
-        );
-    }
-    if let Some(k) = &f.kind {
-        add("kind = ?", Bind::Text(k.clone()), &mut conds, &mut binds);
+    for (column, value) in [
+        ("producer", &f.producer),
+        ("awaiting", &f.awaiting),
+        ("case_reference", &f.case_reference),
+        ("kind", &f.kind),
+    ] {
+        if let Some(v) = value {
+            binds.push(Bind::Text(v.clone()));
+            conds.push(format!("{column} = ${}", binds.len()));
+        }
     }
     if f.open_only || f.overdue_at.is_some() {
         conds.push("answered_at_ms IS NULL".into());
     }
     if let Some(now) = f.overdue_at {
-        add("due_at_ms < ?", Bind::Int(now), &mut conds, &mut binds);
+        binds.push(Bind::Int(now));
+        conds.push(format!("due_at_ms < ${}", binds.len()));
     }
     if let Some((e, a)) = &f.after {
         binds.push(Bind::Text(e.clone()));

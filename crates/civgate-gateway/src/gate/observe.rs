@@ -93,16 +93,14 @@ impl Step for Observe {
             telemetry::rpc_finished(method, status.code(), started.elapsed());
             return Ok(status.into_http());
         };
+        let trace =
+            crate::trace::TraceContext::from_headers(req.headers(), self.spans.as_ref(), &path);
         let ctx = std::sync::Arc::new(CallContext {
             started,
-            path: path.clone(),
+            path,
             method,
             request_id: request_id.clone(),
-            trace: crate::trace::TraceContext::from_headers(
-                req.headers(),
-                self.spans.as_ref(),
-                &path,
-            ),
+            trace,
             conn,
             snapshot: self.state.load_full(),
         });
