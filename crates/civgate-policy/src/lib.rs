@@ -400,7 +400,19 @@ mod tests {
 
     /// Every (role, topic) pair: only the other side consumes a topic; unknown topics nobody.
     #[test]
-    fn each_topic_is_consumed_by_one_role() {
+    fn each_role_publishes_on_its_own_topic_only() {
+        for (role, topic) in [
+            (Role::CivilRegistry, Some("civil-status")),
+            (Role::PopulationDb, Some("population")),
+            (Role::SocialInsurance, Some("social-insurance")),
+            (Role::Auditor, None),
+        ] {
+            assert_eq!(writes(role), topic, "{role}");
+        }
+    }
+
+    #[test]
+    fn each_topic_is_consumed_by_the_other_side() {
         let table = [
             (Role::CivilRegistry, "civil-status", false),
             (Role::CivilRegistry, "population", true),
@@ -409,6 +421,14 @@ mod tests {
             (Role::Auditor, "civil-status", false),
             (Role::Auditor, "population", false),
             (Role::PopulationDb, "other", false),
+            // The social-insurance agency reads civil-status (what is addressed to it) and
+            // nothing else; its own topic is read by the registries.
+            (Role::SocialInsurance, "civil-status", true),
+            (Role::SocialInsurance, "population", false),
+            (Role::SocialInsurance, "social-insurance", false),
+            (Role::CivilRegistry, "social-insurance", true),
+            (Role::PopulationDb, "social-insurance", false),
+            (Role::Auditor, "social-insurance", false),
         ];
         for (role, topic, ok) in table {
             let got = may_consume(role, topic);
