@@ -922,7 +922,139 @@ async fn a_linked_birth_is_answered_by_three_agencies(env: Env) {
     }
 }
 
+/// A store of the release that kept a row per step of a request (`journal_requests` of schema
+/// version 8) is converted at start: every step listed as before, answered or not, and a new
+/// answer closes a converted request. The old shape is written here from what the listing
+/// showed before the stop (the steps' own values), after the new table is dropped.
+async fn requests_of_the_per_step_release_are_converted(env: Env) {
+    let config = common::with_flows(
+        "[[cases.flows]]\nname = \"birth-personal-id\"\nrequest = \"birth\"\nanswer = \"personal_id_assigned\"\nworking_days = 1\n\n[[cases.flows]]\nname = \"birth-residence\"\nrequest = \"birth\"\nanswer = \"residence_changed\"\nhours = 4\nlinked_only = true\n",
+    );
+    let gw = env.start_with(&config).await;
+    let mut hp = as_agency(&env, gw.api_addr, "registry-hp").await;
+    let mut pop = as_agency(&env, gw.api_addr, "population").await;
+    let mut audit = as_agency(&env, gw.api_addr, "auditor").await;
+    let mut linked = birth("HP-LECHAN", "Nguyễn Thị An");
+    linked.case_reference = "HP-2026-0007".into();
+    let b1 = hp
+        .publish(publish("conv-b1", linked))
+        .await
+        .unwrap()
+        .into_inner();
+    hp.publish(publish("conv-b2", birth_to("031195000003", "Trần Văn Bảo")))
+        .await
+        .unwrap();
+    let id = civgate::pb::v1::PersonalIdAssigned {
+        personal_id: "031326000001".into(),
+        registry_office_code: "HP-LECHAN".into(),
+        book_number: "01/2026".into(),
+        entry_number: "7".into(),
+        ..Default::default()
+    };
+    pop.publish(publish(
+        "conv-a1",
+        answer_to(
+            &b1.event_id,
+            "HP-2026-0007",
+            Payload::PersonalIdAssigned(id),
+        ),
+    ))
+    .await
+    .unwrap();
+    let all = civgate::pb::v1::ListOpenRequestsRequest {
+        include_answered: true,
+        ..Default::default()
+    };
+    let before = listed(&mut audit, all.clone()).await;
+    assert_eq!(before.len(), 3, "{before:?}");
+    assert_eq!(
+        before.iter().filter(|r| r.answered_at_unix_ms > 0).count(),
+        1
+    );
+    drop((hp, pop, audit));
+    gw.shutdown().await.unwrap();
+
+    // The per-step table of schema version 8, holding the same steps.
+    let mut script = String::from("DROP TABLE journal_requests;\n");
+    script.push_str(include_str!(
+        "../crates/civgate-store/migrations/postgres/0008_open_requests.sql"
+    ));
+    let text = |s: &str| format!("'{}'", s.replace('\'', "''"));
+    let null_or = |v: i64, t: String| if v == 0 { "NULL".to_owned() } else { t };
+    for r in &before {
+        script.push_str(&format!(
+            "INSERT INTO journal_requests (event_id, answer, flow, producer, kind, case_reference, awaiting, \
+             opened_at_ms, due_at_ms, answered_at_ms, answer_event, answered_by, late) \
+             VALUES ({}, {}, {}, {}, {}, {}, 'population', {}, {}, {}, {}, {}, {});\n",
+            text(&r.event_id),
+            text(&r.answer_kind),
+            text(&r.flow),
+            text(&r.producer_agency_id),
+            text(&r.kind),
+            text(&r.case_reference),
+            r.opened_at_unix_ms,
+            r.due_at_unix_ms,
+            null_or(r.answered_at_unix_ms, r.answered_at_unix_ms.to_string()),
+            null_or(r.answered_at_unix_ms, text(&r.answer_event_id)),
+            null_or(r.answered_at_unix_ms, text(&r.answered_by_agency_id)),
+            i64::from(r.late),
+        ));
+    }
+    match &env.store_url {
+        None => {
+            let mut c = env.sqlite().await;
+            sqlx::raw_sql(sqlx::AssertSqlSafe(script))
+                .execute(&mut c)
+                .await
+                .unwrap();
+        }
+        Some(url) => {
+            use sqlx::Connection;
+            script.push_str(
+                "DELETE FROM _sqlx_migrations WHERE version = 9;\nDELETE FROM civgate_schema WHERE version = 9;\n",
+            );
+            let mut c = sqlx::PgConnection::connect(url).await.unwrap();
+            sqlx::raw_sql(sqlx::AssertSqlSafe(script))
+                .execute(&mut c)
+                .await
+                .unwrap();
+        }
+    }
+
+    let gw = env.start_with(&config).await;
+    let mut pop = as_agency(&env, gw.api_addr, "population").await;
+    let mut audit = as_agency(&env, gw.api_addr, "auditor").await;
+    assert_eq!(listed(&mut audit, all.clone()).await, before);
+    // A converted request closes like any other.
+    pop.publish(publish(
+        "conv-a2",
+        answer_to(
+            &b1.event_id,
+            "HP-2026-0007",
+            Payload::ResidenceChanged(civgate::pb::v1::ResidenceChanged {
+                personal_id: "031195000002".into(),
+                new_residence: Some(civgate::pb::v1::Residence {
+                    province_code: "031".into(),
+                    address: "12 Trần Nguyên Hãn, Phường Lê Chân".into(),
+                }),
+                effective_date: "2026-03-05".into(),
+            }),
+        ),
+    ))
+    .await
+    .unwrap();
+    let case = listed(&mut audit, list(false, "HP-2026-0007")).await;
+    assert_eq!(case.len(), 2, "{case:?}");
+    assert!(
+        case.iter().all(|r| r.answered_at_unix_ms > 0 && !r.late),
+        "{case:?}"
+    );
+    let open = listed(&mut audit, list(false, "")).await;
+    assert_eq!(open.len(), 1, "the unlinked birth's ID only: {open:?}");
+}
+
 on_both_backends!(
+    requests_of_the_per_step_release_are_converted,
     publish_is_idempotent_and_conflicting_reuse_is_already_exists,
     a_linked_birth_is_answered_by_three_agencies,
     requests_with_deadlines_open_close_and_show_who_is_late,

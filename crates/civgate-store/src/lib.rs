@@ -59,6 +59,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (6, "owned groups and audiences", SCHEMA_V6),
     (7, "one answer per request", SCHEMA_V7),
     (8, "open requests with due times", SCHEMA_V8),
+    (9, "one row per open request", SCHEMA_V9),
 ];
 
 /// sqlx's migrator over [`MIGRATIONS`] (embedded at build time, as `sqlx::migrate!` would,
@@ -214,6 +215,10 @@ const SCHEMA_V7: &str = include_str!("../migrations/postgres/0007_one_answer_per
 /// Open requests of the flow table (cases with statutory deadlines): a new table, written by
 /// publishes of this release only; an older replica neither writes nor reads it.
 const SCHEMA_V8: &str = include_str!("../migrations/postgres/0008_open_requests.sql");
+/// Open requests become one row per request (their steps in one column) instead of one per
+/// step: the rows of version 8 are converted. A replica of the version-8 build would insert
+/// rows of the old shape, which fail: stop them before the first of this build starts.
+const SCHEMA_V9: &str = include_str!("../migrations/postgres/0009_one_row_per_request.sql");
 
 /// Connection options for `url`: synchronous_commit on (a commit is durable when it returns),
 /// whatever the server's default; no statement or lock wait longer than `timeout` (a replica

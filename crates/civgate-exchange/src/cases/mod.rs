@@ -82,6 +82,12 @@ pub fn answering_topic(answer: &str) -> Option<&'static str> {
     ANSWERS.iter().find(|(k, _)| *k == answer).map(|(_, t)| *t)
 }
 
+/// The topic whose producers answer `answer` (the population database's for a kind it does
+/// not know: what the flow table checks keeps that from happening).
+pub fn awaited_topic(answer: &str) -> &'static str {
+    answering_topic(answer).unwrap_or(POPULATION)
+}
+
 /// The request kinds an answer kind may answer; `None`: any (a fact about a citizen the
 /// request names).
 pub fn answers_only(answer: &str) -> Option<&'static [&'static str]> {
@@ -242,7 +248,7 @@ impl Flows {
             .map(|f| Opening {
                 flow: f.name.clone(),
                 answer: f.answer,
-                awaiting: answering_topic(f.answer).unwrap_or(POPULATION),
+                awaiting: awaited_topic(f.answer),
                 due_at_ms: unix_ms(f.within.due(calendar, at)),
             })
             .collect()

@@ -10,12 +10,13 @@ use tokio::sync::mpsc;
 
 use super::legacy::adopt_legacy;
 use super::writer::{
-    ACK_SQL, ANSWER_SQL, CLOSE_SQL, Dialect, EVENT_COLUMNS, Job, Plan, REJECT_SQL, REQUEST_COLUMNS,
-    Written, audit_records, known_answers, known_keys, placed, plan, prune_topics,
+    ACK_SQL, ANSWER_SQL, CLOSE_SQL, Close, Dialect, EVENT_COLUMNS, Job, Plan, REJECT_SQL,
+    REQUEST_COLUMNS, Written, audit_records, known_answers, known_keys, placed, plan, prune_topics,
+    stored_requests,
 };
 use super::{Group, Holder, Journal, TOPICS};
 
-/// Open requests per INSERT statement (9 parameters each, under PostgreSQL's 65,535).
+/// Open requests per INSERT statement (7 parameters each, under PostgreSQL's 65,535).
 const OPENS_PER_INSERT: usize = 512;
 use crate::audit::{AuditTail, merkle::CompactRange, subjects::BlockEntry};
 use crate::policy::Policy;
@@ -94,8 +95,9 @@ impl Dialect for Pg {
             let known = known_keys!(&mut *tx, batch).await?;
             // Read under the heads lock: no other replica commits an answer meanwhile.
             let answered = known_answers!(&mut *tx, batch).await?;
+            let stored = stored_requests!(&mut *tx, batch).await?;
             let planned = plan(last, batch, known, answered, now);
-            planned.write_pg(&mut tx).await?;
+            planned.write_pg(&mut tx, &planned.closes(&stored)).await?;
             // The audit log's size row is locked after the heads rows, by every replica.
             let (records, at) = audit_records(batch, &planned.outcomes);
             let entries: Vec<BlockEntry> = records.iter().map(BlockEntry::of).collect();
@@ -151,7 +153,11 @@ impl Plan<'_> {
 
     /// Writes the batch inside `tx` (which holds the `journal_heads` rows locked) and queues the
     /// NOTIFYs PostgreSQL delivers at commit.
-    async fn write_pg(&self, tx: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+    async fn write_pg(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        closes: &[Close],
+    ) -> Result<(), sqlx::Error> {
         for (topic, group, seq) in &self.acks {
             sqlx::query(ACK_SQL)
                 .bind(*topic)
@@ -181,44 +187,42 @@ impl Plan<'_> {
         for chunk in opened.chunks(OPENS_PER_INSERT) {
             let values: Vec<String> = (0..chunk.len())
                 .map(|i| {
-                    let p: Vec<String> = (1..=9).map(|k| format!("${}", 9 * i + k)).collect();
+                    let p: Vec<String> = (1..=7).map(|k| format!("${}", 7 * i + k)).collect();
                     format!("({})", p.join(", "))
                 })
                 .collect();
             // Built only from constants and numbered placeholders.
             let sql = format!(
-                "INSERT INTO {REQUEST_COLUMNS} VALUES {} ON CONFLICT (event_id, answer) DO NOTHING",
+                "INSERT INTO {REQUEST_COLUMNS} VALUES {} ON CONFLICT (event_id) DO NOTHING",
                 values.join(",")
             );
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
             for r in chunk {
                 q = q
                     .bind(r.event_id)
-                    .bind(r.step.answer)
-                    .bind(r.step.flow.as_str())
                     .bind(r.producer)
                     .bind(r.opens.kind)
                     .bind(r.opens.case_reference.as_str())
-                    .bind(r.step.awaiting)
                     .bind(self.now)
-                    .bind(r.step.due_at_ms);
+                    .bind(r.due_at_ms)
+                    .bind(r.steps.as_str());
             }
             q.execute(&mut *tx).await?;
         }
-        for (asked, kind, event_id, producer) in &self.answers {
+        for (asked, kind, event_id, _) in &self.answers {
             sqlx::query(ANSWER_SQL)
                 .bind(*asked)
                 .bind(*kind)
                 .bind(event_id.as_str())
                 .execute(&mut *tx)
                 .await?;
+        }
+        for c in closes {
             sqlx::query(CLOSE_SQL)
+                .bind(c.steps.as_str())
+                .bind(c.due_at_ms)
                 .bind(self.now)
-                .bind(event_id.as_str())
-                .bind(*producer)
-                .bind(self.now)
-                .bind(*asked)
-                .bind(*kind)
+                .bind(c.event_id.as_str())
                 .execute(&mut *tx)
                 .await?;
         }

@@ -10,9 +10,9 @@ use sqlx::{Connection, SqliteConnection, sqlite::SqlitePoolOptions};
 use super::legacy::adopt_legacy;
 use super::read::{EventRow, page_rows};
 use super::writer::{
-    ACK_SQL, ANSWER_SQL, CLOSE_SQL, Dialect, EVENT_COLUMNS, Job, Known, KnownAnswers, Outcome,
-    Plan, REJECT_SQL, REQUEST_COLUMNS, Written, audit_records, known_answers, known_keys, placed,
-    plan, prune_topics,
+    ACK_SQL, ANSWER_SQL, CLOSE_SQL, Close, Dialect, EVENT_COLUMNS, Job, Known, KnownAnswers,
+    Outcome, Plan, REJECT_SQL, REQUEST_COLUMNS, Written, audit_records, known_answers, known_keys,
+    placed, plan, prune_topics, stored_requests,
 };
 use super::{Holder, Journal, JournalError, TOPICS};
 use crate::audit::{AuditTail, merkle::CompactRange, subjects::BlockEntry};
@@ -58,26 +58,6 @@ CREATE TABLE IF NOT EXISTS journal_groups (
     acked INTEGER NOT NULL,
     PRIMARY KEY (topic, agency, grp)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS journal_requests (
-    event_id TEXT NOT NULL,
-    answer TEXT NOT NULL,
-    flow TEXT NOT NULL,
-    producer TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    case_reference TEXT NOT NULL,
-    awaiting TEXT NOT NULL,
-    opened_at_ms INTEGER NOT NULL,
-    due_at_ms INTEGER NOT NULL,
-    answered_at_ms INTEGER,
-    answer_event TEXT,
-    answered_by TEXT,
-    late INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (event_id, answer)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS journal_requests_open ON journal_requests (due_at_ms) WHERE answered_at_ms IS NULL;
-CREATE INDEX IF NOT EXISTS journal_requests_case ON journal_requests (case_reference) WHERE case_reference <> '';
-CREATE INDEX IF NOT EXISTS journal_requests_producer ON journal_requests (producer, event_id);
-CREATE INDEX IF NOT EXISTS journal_requests_answered ON journal_requests (answered_at_ms) WHERE answered_at_ms IS NOT NULL;
 ";
 
 /// Population events stored by an earlier release, without an audience (empty once they have
@@ -125,6 +105,50 @@ CREATE TABLE journal_answers (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS journal_backfills (name TEXT PRIMARY KEY) WITHOUT ROWID;
 INSERT INTO journal_backfills (name) VALUES ('answers') ON CONFLICT (name) DO NOTHING;
+";
+
+/// The open requests of the flow table, one row per request (see `requests`).
+const SQLITE_REQUESTS: &str = "
+CREATE TABLE IF NOT EXISTS journal_requests (
+    event_id TEXT PRIMARY KEY,
+    producer TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    case_reference TEXT NOT NULL,
+    opened_at_ms INTEGER NOT NULL,
+    due_at_ms INTEGER,
+    answered_at_ms INTEGER,
+    steps TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS journal_requests_due ON journal_requests (due_at_ms) WHERE due_at_ms IS NOT NULL;
+CREATE INDEX IF NOT EXISTS journal_requests_by_case ON journal_requests (case_reference) WHERE case_reference <> '';
+CREATE INDEX IF NOT EXISTS journal_requests_last_answer ON journal_requests (answered_at_ms) WHERE answered_at_ms IS NOT NULL;
+";
+
+/// SQLite: a store of the release that kept a row per step of a request. Its rows become one
+/// per request (the steps in answer order), then the old table goes.
+const SQLITE_REQUESTS_FROM_STEPS: &str = "
+DROP INDEX IF EXISTS journal_requests_open;
+DROP INDEX IF EXISTS journal_requests_case;
+DROP INDEX IF EXISTS journal_requests_producer;
+DROP INDEX IF EXISTS journal_requests_answered;
+ALTER TABLE journal_requests RENAME TO journal_request_steps;
+CREATE TABLE journal_requests (
+    event_id TEXT PRIMARY KEY,
+    producer TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    case_reference TEXT NOT NULL,
+    opened_at_ms INTEGER NOT NULL,
+    due_at_ms INTEGER,
+    answered_at_ms INTEGER,
+    steps TEXT NOT NULL
+) WITHOUT ROWID;
+INSERT INTO journal_requests (event_id, producer, kind, case_reference, opened_at_ms, due_at_ms, answered_at_ms, steps)
+SELECT event_id, min(producer), min(kind), min(case_reference), min(opened_at_ms),
+       min(CASE WHEN answered_at_ms IS NULL THEN due_at_ms END), max(answered_at_ms),
+       json_group_array(json(CASE WHEN answered_at_ms IS NULL THEN json_array(flow, answer, due_at_ms)
+            ELSE json_array(flow, answer, due_at_ms, answered_at_ms, answer_event, coalesce(answered_by, '')) END))
+FROM (SELECT * FROM journal_request_steps ORDER BY event_id, answer) GROUP BY event_id;
+DROP TABLE journal_request_steps;
 ";
 
 /// Opens the journal in `dir/civgate.sqlite` (see [`Journal::open`]).
@@ -221,8 +245,11 @@ impl Dialect for Sqlite {
         let conn = &mut self.conn;
         let before = last.clone();
         let range_before = range.as_deref().cloned();
+        // The only writer of the file: what it reads between its commits stays true until the
+        // next one.
+        let stored = stored_requests!(conn, batch).await?;
         let first = plan(last, batch, Known::new(), KnownAnswers::new(), now);
-        let mut b = first.sqlite()?;
+        let mut b = first.sqlite(&first.closes(&stored))?;
         let (indexes, entries) =
             stage_audit_sqlite(&mut b, batch, &first.outcomes, range.as_deref_mut())?;
         match b.commit(conn).await {
@@ -238,7 +265,7 @@ impl Dialect for Sqlite {
         let known = known_keys!(conn, batch).await?;
         let answered = known_answers!(conn, batch).await?;
         let second = plan(last, batch, known, answered, now);
-        let mut b = second.sqlite()?;
+        let mut b = second.sqlite(&second.closes(&stored))?;
         let (indexes, entries) = stage_audit_sqlite(&mut b, batch, &second.outcomes, range)?;
         b.commit(conn).await?;
         Ok((second.outcomes, indexes, entries))
@@ -283,7 +310,8 @@ fn stage_audit_sqlite(
 
 /// SQLite: adds what this release stores to an earlier release's tables (in the caller's
 /// transaction): events' `audience`, groups' and rejections' owning `agency` (`''` until
-/// [`adopt_legacy`] assigns it), and the index of events still without an audience.
+/// [`adopt_legacy`] assigns it), the index of events still without an audience, which event
+/// answers which, and the open requests (one row per request).
 async fn upgrade_sqlite(conn: &mut SqliteConnection) -> Result<()> {
     async fn has(conn: &mut SqliteConnection, table: &str, column: &str) -> Result<bool> {
         let n: i64 =
@@ -312,6 +340,12 @@ async fn upgrade_sqlite(conn: &mut SqliteConnection) -> Result<()> {
     if !has(conn, "journal_answers", "asked").await? {
         sqlx::raw_sql(SQLITE_ANSWERS).execute(&mut *conn).await?;
     }
+    if has(conn, "journal_requests", "answer").await? {
+        sqlx::raw_sql(SQLITE_REQUESTS_FROM_STEPS)
+            .execute(&mut *conn)
+            .await?;
+    }
+    sqlx::raw_sql(SQLITE_REQUESTS).execute(&mut *conn).await?;
     sqlx::raw_sql(UNADDRESSED_INDEX).execute(&mut *conn).await?;
     Ok(())
 }
@@ -365,7 +399,7 @@ async fn adopt_legacy_journal(dir: &Path, conn: &mut SqliteConnection) -> Result
 
 impl Plan<'_> {
     /// The batch as one SQLite script (`?` placeholders, bound in order across statements).
-    fn sqlite(&self) -> Result<crate::sqlite::Batch, sqlx::Error> {
+    fn sqlite(&self, closes: &[Close]) -> Result<crate::sqlite::Batch, sqlx::Error> {
         use crate::sqlite::anonymous as q;
         let mut b = crate::sqlite::Batch::new();
         for (topic, group, seq) in &self.acks {
@@ -396,28 +430,26 @@ impl Plan<'_> {
                 .bind(r.audience)?;
             Ok(())
         })?;
-        b.insert_rows(REQUEST_COLUMNS, 9, &self.open_rows(), |b, r| {
+        b.insert_rows(REQUEST_COLUMNS, 7, &self.open_rows(), |b, r| {
             b.bind(r.event_id)?
-                .bind(r.step.answer)?
-                .bind(r.step.flow.as_str())?
                 .bind(r.producer)?
                 .bind(r.opens.kind)?
                 .bind(r.opens.case_reference.as_str())?
-                .bind(r.step.awaiting)?
                 .bind(self.now)?
-                .bind(r.step.due_at_ms)?;
+                .bind(r.due_at_ms)?
+                .bind(r.steps.as_str())?;
             Ok(())
         })?;
-        for (asked, kind, event_id, producer) in &self.answers {
+        for (asked, kind, event_id, _) in &self.answers {
             b.statement(&q(ANSWER_SQL));
             b.bind(*asked)?.bind(*kind)?.bind(event_id.as_str())?;
+        }
+        for c in closes {
             b.statement(&q(CLOSE_SQL));
-            b.bind(self.now)?
-                .bind(event_id.as_str())?
-                .bind(*producer)?
+            b.bind(c.steps.as_str())?
+                .bind(c.due_at_ms)?
                 .bind(self.now)?
-                .bind(*asked)?
-                .bind(*kind)?;
+                .bind(c.event_id.as_str())?;
         }
         // No `journal_heads` row: on SQLite a topic's head is its highest stored sequence, and
         // retention records the heads before it deletes (`prune_sqlite`).

@@ -11,6 +11,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::error;
 
 use super::read::scope_expr;
+use super::requests::{Step, answer_step, decode_steps, earliest_open_due, encode_steps};
 use super::{Answer, Group, Holder, Journal, JournalError, Published, Receipt};
 use crate::audit::{AuditTail, Draft, merkle::CompactRange, subjects::BlockEntry};
 use crate::pb::v1::AuditRecord;
@@ -583,41 +584,137 @@ pub(super) type KnownAnswers = HashMap<(String, String), String>;
 pub(super) const ANSWER_SQL: &str =
     "INSERT INTO journal_answers (asked, kind, event_id) VALUES ($1, $2, $3)";
 
-/// The columns of an open request (see `cases`: one row per (request, answer kind)), in the
-/// order [`Plan::open_rows`] binds them; inserted many rows per statement.
+/// The columns of a new request's row (`requests`: one row per request, its steps in it), in
+/// the order [`Plan::open_rows`] binds them; inserted many rows per statement.
 pub(super) const REQUEST_COLUMNS: &str = "journal_requests \
-     (event_id, answer, flow, producer, kind, case_reference, awaiting, opened_at_ms, due_at_ms)";
+     (event_id, producer, kind, case_reference, opened_at_ms, due_at_ms, steps)";
 
-/// One open request to insert.
+/// One new request's row to insert.
 pub(super) struct OpenRow<'a> {
     pub(super) event_id: &'a str,
     pub(super) producer: &'a str,
     pub(super) opens: &'a super::Opens,
-    pub(super) step: &'a crate::cases::Opening,
+    /// The earliest due time of its steps.
+    pub(super) due_at_ms: Option<i64>,
+    /// Its steps, encoded (`requests::encode_steps`).
+    pub(super) steps: String,
 }
 
 impl Plan<'_> {
-    /// The open requests of the batch's new requests, one per step.
+    /// The rows of the batch's new requests, one per request.
     pub(super) fn open_rows(&self) -> Vec<OpenRow<'_>> {
         self.opens
             .iter()
-            .flat_map(|(event_id, producer, opens)| {
-                opens.list.iter().map(move |step| OpenRow {
+            .map(|(event_id, producer, opens)| {
+                let steps: Vec<Step> = opens
+                    .list
+                    .iter()
+                    .map(|o| Step::open(&o.flow, o.answer, o.due_at_ms))
+                    .collect();
+                OpenRow {
                     event_id: event_id.as_str(),
                     producer,
                     opens,
-                    step,
-                })
+                    due_at_ms: earliest_open_due(&steps),
+                    steps: encode_steps(&steps),
+                }
+            })
+            .collect()
+    }
+
+    /// The rows of the requests this batch's answers answer, rewritten: each answered step
+    /// marked (at the batch's time, by the answering event and its producer), the earliest
+    /// due time of the steps still open, the time of the latest answer. `stored` holds the
+    /// stored steps of the requests asked (read under the writer's lock: `stored_requests`);
+    /// an answer to an event no flow tracks, or to a step answered already, changes nothing.
+    /// A row whose steps do not decode is left as it is, with an error logged: the answer is
+    /// published all the same.
+    pub(super) fn closes(&self, stored: &StoredRequests) -> Vec<Close> {
+        let mut touched: Vec<(&str, Vec<Step>)> = Vec::new();
+        for (asked, kind, event_id, producer) in &self.answers {
+            let asked: &str = asked;
+            let at = match touched.iter().position(|(e, _)| *e == asked) {
+                Some(i) => i,
+                None => {
+                    let Some(text) = stored.get(asked) else {
+                        continue;
+                    };
+                    match decode_steps(text) {
+                        Ok(steps) => {
+                            touched.push((asked, steps));
+                            touched.len() - 1
+                        }
+                        Err(e) => {
+                            error!(request = asked, error = %e, "open request not closed: its row does not decode");
+                            continue;
+                        }
+                    }
+                }
+            };
+            answer_step(&mut touched[at].1, kind, self.now, event_id, producer);
+        }
+        touched
+            .into_iter()
+            .map(|(event_id, steps)| Close {
+                event_id: event_id.to_owned(),
+                due_at_ms: earliest_open_due(&steps),
+                steps: encode_steps(&steps),
             })
             .collect()
     }
 }
 
-/// Closes the open request an answer answers (none: the answer was asked by no flow), late
-/// when it comes after the due time: answered at `$1` by event `$2` of `$3`.
-pub(super) const CLOSE_SQL: &str = "UPDATE journal_requests SET answered_at_ms = $1, answer_event = $2, \
-     answered_by = $3, late = CASE WHEN $4 > due_at_ms THEN 1 ELSE 0 END \
-     WHERE event_id = $5 AND answer = $6 AND answered_at_ms IS NULL";
+/// Event id → `steps` of the stored requests a batch's answers ask.
+pub(super) type StoredRequests = HashMap<String, String>;
+
+/// A request's row rewritten by answers ([`Plan::closes`]).
+pub(super) struct Close {
+    pub(super) event_id: String,
+    pub(super) due_at_ms: Option<i64>,
+    pub(super) steps: String,
+}
+
+/// Rewrites a request's row: steps `$1`, earliest open due `$2`, latest answer at `$3`, of
+/// event `$4`.
+pub(super) const CLOSE_SQL: &str = "UPDATE journal_requests SET steps = $1, due_at_ms = $2, answered_at_ms = $3 \
+     WHERE event_id = $4";
+
+/// The stored `steps` of the requests the batch's answers ask (`StoredRequests`): one query
+/// per 400, none for a batch without answers. `conn` is a `&mut` SQLite or PostgreSQL
+/// connection.
+macro_rules! stored_requests {
+    ($conn:expr, $batch:expr) => {
+        async {
+            let mut asked: Vec<&str> = $batch
+                .iter()
+                .filter_map(|j| match j {
+                    super::writer::Job::Publish {
+                        answers: Some(a), ..
+                    } => Some(a.asked.as_str()),
+                    _ => None,
+                })
+                .collect();
+            asked.sort_unstable();
+            asked.dedup();
+            let mut stored = super::writer::StoredRequests::new();
+            for chunk in asked.chunks(400) {
+                let values: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+                let sql = format!(
+                    "SELECT event_id, steps FROM journal_requests WHERE event_id IN ({})",
+                    values.join(",")
+                );
+                // Built only from constants and numbered placeholders.
+                let mut q = sqlx::query_as::<_, (String, String)>(sqlx::AssertSqlSafe(sql));
+                for a in chunk {
+                    q = q.bind(*a);
+                }
+                stored.extend(q.fetch_all(&mut *$conn).await?);
+            }
+            Ok::<_, anyhow::Error>(stored)
+        }
+    };
+}
+pub(super) use stored_requests;
 
 /// An event to insert.
 pub(super) struct NewRow<'a> {

@@ -697,3 +697,106 @@ async fn answers_stored_before_the_upgrade_count() {
         .unwrap();
     assert_eq!(pending, 0);
 }
+
+/// A request's row altered by hand so that its steps no longer decode: the answer to it is
+/// published all the same (the request stays as it was, with an error logged), a listing that
+/// reaches the row says which request it is instead of leaving it out, the other request's
+/// answer closes it, and `/metrics` counts the rows that decode.
+async fn a_corrupted_request_row_loses_no_answer(store: Store) {
+    let j = Journal::open(&store, None, None, &Policy::default())
+        .await
+        .unwrap();
+    let opens = |answer: &'static str| Opens {
+        kind: "birth",
+        case_reference: String::new(),
+        list: vec![crate::cases::Opening {
+            flow: "birth-personal-id".into(),
+            answer,
+            awaiting: POPULATION,
+            due_at_ms: 1,
+        }],
+    };
+    let mut births = Vec::new();
+    for key in ["b1", "b2"] {
+        let r = j
+            .publish_tracked(
+                "registry-hp",
+                key,
+                CIVIL_STATUS,
+                vec![1],
+                None,
+                None,
+                Some(opens("personal_id_assigned")),
+                None,
+            )
+            .await
+            .result
+            .unwrap();
+        births.push(r.event_id);
+    }
+    let open = RequestFilter {
+        open_only: true,
+        limit: 10,
+        ..RequestFilter::default()
+    };
+    assert_eq!(j.requests(&open).await.unwrap().len(), 2);
+    let corrupt =
+        "UPDATE journal_requests SET steps = '[[\"birth-personal-id\"' WHERE event_id = $1";
+    match &store {
+        Store::Sqlite(dir) => {
+            let mut c = SqliteConnection::connect(&format!(
+                "sqlite://{}",
+                crate::sqlite::store_path(dir).display()
+            ))
+            .await
+            .unwrap();
+            sqlx::query(corrupt)
+                .bind(&births[0])
+                .execute(&mut c)
+                .await
+                .unwrap();
+        }
+        Store::Postgres { url, .. } => {
+            let pool = crate::store::pg_pool(url, 1, Duration::from_secs(5))
+                .await
+                .unwrap();
+            sqlx::query(corrupt)
+                .bind(&births[0])
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+    }
+    answer(&j, "a1", &births[0], "031225000001")
+        .await
+        .expect("the answer to the corrupted request is published");
+    answer(&j, "a2", &births[1], "031225000002").await.unwrap();
+    assert!(
+        j.answer_of(&births[0], "personal_id_assigned")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    match j.requests(&open).await {
+        Err(JournalError::Read(e)) => assert!(e.contains(&births[0]), "{e}"),
+        other => panic!("a listing over the corrupted row: {other:?}"),
+    }
+    // `/metrics` counts what decodes: the other request, answered.
+    let stats = j.request_stats(i64::MAX, 0).await.unwrap();
+    assert!(stats.open.is_empty(), "{stats:?}");
+    let key = ("population".to_owned(), "personal_id_assigned".to_owned());
+    assert_eq!(stats.answer_ms[&key].len(), 1, "{stats:?}");
+    assert_eq!(stats.late[&key], 1, "due at 1 ms: late");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupted_request_row_loses_no_answer_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    a_corrupted_request_row_loses_no_answer(Store::Sqlite(dir.path().into())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupted_request_row_loses_no_answer_on_postgres() {
+    crate::store::with_test_postgres("corrupt_request", a_corrupted_request_row_loses_no_answer)
+        .await;
+}
