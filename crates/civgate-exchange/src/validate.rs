@@ -737,8 +737,39 @@ const EARLIEST_OCCURRED_MS: i64 = -2_208_988_800_000;
 const OCCURRED_LEEWAY_MS: i64 = 24 * 3_600_000;
 
 /// Every free-text field of an event, by its name under `event.`.
-fn texts(event: &Event) -> Vec<(String, &str)> {
-    fn reg<'a>(out: &mut Vec<(String, &'a str)>, p: &str, r: Option<&'a Registration>) {
+/// A free-text field's path in an event (`event.birth.father.residence`), rendered only when
+/// a violation names it: checking a valid event formats nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct TextField {
+    /// The payload's name; empty for a field of the event itself.
+    payload: &'static str,
+    /// What holds the field within the payload, with its dot (`registration.`), or empty.
+    within: &'static str,
+    name: &'static str,
+}
+
+impl TextField {
+    const fn of(payload: &'static str, within: &'static str, name: &'static str) -> Self {
+        TextField {
+            payload,
+            within,
+            name,
+        }
+    }
+}
+
+impl std::fmt::Display for TextField {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.payload.is_empty() {
+            write!(f, "event.{}", self.name)
+        } else {
+            write!(f, "event.{}.{}{}", self.payload, self.within, self.name)
+        }
+    }
+}
+
+fn texts(event: &Event) -> Vec<(TextField, &str)> {
+    fn reg<'a>(out: &mut Vec<(TextField, &'a str)>, p: &'static str, r: Option<&'a Registration>) {
         if let Some(r) = r {
             for (f, v) in [
                 ("registry_office_code", &r.registry_office_code),
@@ -746,88 +777,89 @@ fn texts(event: &Event) -> Vec<(String, &str)> {
                 ("entry_number", &r.entry_number),
                 ("registering_official", &r.registering_official),
             ] {
-                out.push((format!("{p}.registration.{f}"), v.as_str()));
+                out.push((TextField::of(p, "registration.", f), v.as_str()));
             }
         }
     }
-    let mut out: Vec<(String, &str)> = vec![("event.in_reply_to".into(), &event.in_reply_to)];
+    let mut out: Vec<(TextField, &str)> =
+        vec![(TextField::of("", "", "in_reply_to"), &event.in_reply_to)];
     let Some(payload) = &event.payload else {
         return out;
     };
-    let p = format!("event.{}", topic_of(payload).1);
+    let p = topic_of(payload).1;
     match payload {
         Payload::Birth(b) => {
-            reg(&mut out, &p, b.registration.as_ref());
+            reg(&mut out, p, b.registration.as_ref());
             for (f, v) in [
                 ("place_of_birth", &b.place_of_birth),
                 ("hometown", &b.hometown),
                 ("ethnicity", &b.ethnicity),
                 ("nationality", &b.nationality),
             ] {
-                out.push((format!("{p}.{f}"), v.as_str()));
+                out.push((TextField::of(p, "", f), v.as_str()));
             }
-            for (who, parent) in [("father", &b.father), ("mother", &b.mother)] {
+            for (who, parent) in [("father.", &b.father), ("mother.", &b.mother)] {
                 if let Some(x) = parent {
                     for (f, v) in [
                         ("ethnicity", &x.ethnicity),
                         ("nationality", &x.nationality),
                         ("residence", &x.residence),
                     ] {
-                        out.push((format!("{p}.{who}.{f}"), v.as_str()));
+                        out.push((TextField::of(p, who, f), v.as_str()));
                     }
                 }
             }
         }
         Payload::Death(d) => {
-            reg(&mut out, &p, d.registration.as_ref());
-            out.push((format!("{p}.place_of_death"), &d.place_of_death));
-            out.push((format!("{p}.cause_category"), &d.cause_category));
+            reg(&mut out, p, d.registration.as_ref());
+            out.push((TextField::of(p, "", "place_of_death"), &d.place_of_death));
+            out.push((TextField::of(p, "", "cause_category"), &d.cause_category));
         }
-        Payload::Marriage(m) => reg(&mut out, &p, m.registration.as_ref()),
+        Payload::Marriage(m) => reg(&mut out, p, m.registration.as_ref()),
         Payload::Divorce(d) => {
-            reg(&mut out, &p, d.registration.as_ref());
+            reg(&mut out, p, d.registration.as_ref());
             out.push((
-                format!("{p}.court_decision_number"),
+                TextField::of(p, "", "court_decision_number"),
                 &d.court_decision_number,
             ));
         }
         Payload::CivilStatusChange(x) => {
-            reg(&mut out, &p, x.registration.as_ref());
+            reg(&mut out, p, x.registration.as_ref());
             for (f, v) in [
                 ("field", &x.field),
                 ("old_value", &x.old_value),
                 ("new_value", &x.new_value),
                 ("reason", &x.reason),
             ] {
-                out.push((format!("{p}.{f}"), v.as_str()));
+                out.push((TextField::of(p, "", f), v.as_str()));
             }
         }
-        Payload::ParentChildRecognition(x) => reg(&mut out, &p, x.registration.as_ref()),
-        Payload::Adoption(x) => reg(&mut out, &p, x.registration.as_ref()),
-        Payload::Guardianship(x) => reg(&mut out, &p, x.registration.as_ref()),
+        Payload::ParentChildRecognition(x) => reg(&mut out, p, x.registration.as_ref()),
+        Payload::Adoption(x) => reg(&mut out, p, x.registration.as_ref()),
+        Payload::Guardianship(x) => reg(&mut out, p, x.registration.as_ref()),
         Payload::CourtDecision(x) => {
-            reg(&mut out, &p, x.registration.as_ref());
-            out.push((format!("{p}.court"), &x.court));
-            out.push((format!("{p}.decision_number"), &x.decision_number));
+            reg(&mut out, p, x.registration.as_ref());
+            out.push((TextField::of(p, "", "court"), &x.court));
+            out.push((TextField::of(p, "", "decision_number"), &x.decision_number));
         }
         Payload::NationalityChange(x) => {
-            reg(&mut out, &p, x.registration.as_ref());
-            out.push((format!("{p}.decision_number"), &x.decision_number));
+            reg(&mut out, p, x.registration.as_ref());
+            out.push((TextField::of(p, "", "decision_number"), &x.decision_number));
         }
         Payload::GuardianshipEnded(x) => {
-            reg(&mut out, &p, x.registration.as_ref());
-            out.push((format!("{p}.reason"), &x.reason));
+            reg(&mut out, p, x.registration.as_ref());
+            out.push((TextField::of(p, "", "reason"), &x.reason));
         }
         Payload::AdoptionEnded(x) => {
-            reg(&mut out, &p, x.registration.as_ref());
+            reg(&mut out, p, x.registration.as_ref());
             out.push((
-                format!("{p}.court_decision_number"),
+                TextField::of(p, "", "court_decision_number"),
                 &x.court_decision_number,
             ));
         }
         Payload::MaritalStatusConfirmed(x) => {
-            reg(&mut out, &p, x.registration.as_ref());
-            out.push((format!("{p}.intended_use"), &x.intended_use));
+            reg(&mut out, p, x.registration.as_ref());
+            out.push((TextField::of(p, "", "intended_use"), &x.intended_use));
         }
         Payload::PersonalIdAssigned(x) => {
             for (f, v) in [
@@ -835,36 +867,38 @@ fn texts(event: &Event) -> Vec<(String, &str)> {
                 ("book_number", &x.book_number),
                 ("entry_number", &x.entry_number),
             ] {
-                out.push((format!("{p}.{f}"), v.as_str()));
+                out.push((TextField::of(p, "", f), v.as_str()));
             }
         }
         Payload::ResidenceChanged(x) => {
             if let Some(r) = &x.new_residence {
-                out.push((format!("{p}.new_residence.address"), &r.address));
+                out.push((TextField::of(p, "new_residence.", "address"), &r.address));
             }
         }
-        Payload::DeathRecorded(x) => out.push((format!("{p}.recording_unit"), &x.recording_unit)),
-        Payload::PersonalIdReissued(x) => out.push((format!("{p}.reason"), &x.reason)),
+        Payload::DeathRecorded(x) => {
+            out.push((TextField::of(p, "", "recording_unit"), &x.recording_unit))
+        }
+        Payload::PersonalIdReissued(x) => out.push((TextField::of(p, "", "reason"), &x.reason)),
         Payload::CitizenDataCorrected(x) => {
             for (f, v) in [
                 ("field", &x.field),
                 ("new_value", &x.new_value),
                 ("reason", &x.reason),
             ] {
-                out.push((format!("{p}.{f}"), v.as_str()));
+                out.push((TextField::of(p, "", f), v.as_str()));
             }
         }
         Payload::PermanentResidenceRegistered(x) => {
             if let Some(r) = &x.residence {
-                out.push((format!("{p}.residence.address"), &r.address));
+                out.push((TextField::of(p, "residence.", "address"), &r.address));
             }
         }
         Payload::PermanentResidenceDeleted(_) => {}
         Payload::HealthInsuranceCardIssued(x) => {
-            out.push((format!("{p}.card_number"), &x.card_number));
+            out.push((TextField::of(p, "", "card_number"), &x.card_number));
         }
         Payload::FuneralAllowanceDecided(x) => {
-            out.push((format!("{p}.decision_number"), &x.decision_number));
+            out.push((TextField::of(p, "", "decision_number"), &x.decision_number));
         }
     }
     out
@@ -886,12 +920,12 @@ fn bounds(event: &Event, now_ms: i64) -> Vec<FieldViolation> {
     for (field, text) in texts(event) {
         if text.len() > MAX_TEXT_BYTES {
             v.push(FieldViolation::new(
-                field,
+                field.to_string(),
                 format!("at most {MAX_TEXT_BYTES} bytes, got {}", text.len()),
             ));
         } else if text.chars().any(char::is_control) {
             v.push(FieldViolation::new(
-                field,
+                field.to_string(),
                 "must not contain control characters (NUL, line breaks, escapes)",
             ));
         }

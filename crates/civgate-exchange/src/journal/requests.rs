@@ -97,17 +97,42 @@ impl Step {
     }
 }
 
-/// The `steps` column of `steps`.
+/// The `steps` column of `steps`. Written without building a JSON value: flow names, answer
+/// kinds, event ids and agency ids are plain identifiers (anything else is escaped).
 pub(super) fn encode_steps(steps: &[Step]) -> String {
-    use serde_json::json;
-    let v: Vec<serde_json::Value> = steps
-        .iter()
-        .map(|s| match &s.answered {
-            None => json!([s.flow, s.answer, s.due_at_ms]),
-            Some((at, event, by)) => json!([s.flow, s.answer, s.due_at_ms, at, event, by]),
-        })
-        .collect();
-    serde_json::Value::Array(v).to_string()
+    use std::fmt::Write;
+    fn text(out: &mut String, s: &str) {
+        if s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        {
+            out.push('"');
+            out.push_str(s);
+            out.push('"');
+        } else {
+            out.push_str(&serde_json::Value::String(s.to_owned()).to_string());
+        }
+    }
+    let mut out = String::with_capacity(64 * steps.len() + 2);
+    out.push('[');
+    for (i, s) in steps.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push('[');
+        text(&mut out, &s.flow);
+        out.push(',');
+        text(&mut out, &s.answer);
+        let _ = write!(out, ",{}", s.due_at_ms);
+        if let Some((at, event, by)) = &s.answered {
+            let _ = write!(out, ",{at},");
+            text(&mut out, event);
+            out.push(',');
+            text(&mut out, by);
+        }
+        out.push(']');
+    }
+    out.push(']');
+    out
 }
 
 /// The steps of a `steps` column; an error names what is wrong (a row altered by hand, say).
@@ -452,6 +477,16 @@ mod tests {
             step("health_insurance_card_issued", 20),
         ];
         assert_eq!(decode_steps(&encode_steps(&steps)).unwrap(), steps);
+        assert_eq!(
+            encode_steps(&steps),
+            r#"[["f","personal_id_assigned",10],["f","health_insurance_card_issued",20]]"#
+        );
+        // What is not a plain identifier is escaped, and comes back as it was.
+        let odd = vec![Step {
+            answered: Some((-1, "a\"b\\c".into(), "hải phòng\n".into())),
+            ..Step::open("flow \u{1}", "x", i64::MIN)
+        }];
+        assert_eq!(decode_steps(&encode_steps(&odd)).unwrap(), odd);
         assert!(answer_step(
             &mut steps,
             "personal_id_assigned",

@@ -1613,3 +1613,51 @@ fn a_linked_answer_is_not_dated_before_its_request() {
         assert_eq!(got.as_deref(), *want, "row {i}");
     }
 }
+
+/// The paths of free-text fields, as violations name them (rendered only then).
+#[test]
+fn text_fields_are_named_by_their_paths() {
+    use super::TextField;
+    for (f, want) in [
+        (TextField::of("", "", "in_reply_to"), "event.in_reply_to"),
+        (
+            TextField::of("birth", "", "place_of_birth"),
+            "event.birth.place_of_birth",
+        ),
+        (
+            TextField::of("birth", "father.", "residence"),
+            "event.birth.father.residence",
+        ),
+        (
+            TextField::of("death", "registration.", "book_number"),
+            "event.death.registration.book_number",
+        ),
+        (
+            TextField::of("residence_changed", "new_residence.", "address"),
+            "event.residence_changed.new_residence.address",
+        ),
+    ] {
+        assert_eq!(f.to_string(), want);
+    }
+    let mut e = birth("HP-LECHAN");
+    if let Some(Payload::Birth(b)) = &mut e.payload {
+        if let Some(m) = &mut b.father {
+            m.residence = "Hải\nPhòng".into();
+        }
+        if let Some(r) = &mut b.registration {
+            r.book_number = "x".repeat(MAX_TEXT_BYTES + 1);
+        }
+    }
+    let Err(Refusal::Invalid(v)) = validate(Some(&e), &registry()) else {
+        panic!()
+    };
+    let fields: Vec<&str> = v.iter().map(|f| f.field.as_str()).collect();
+    assert!(
+        fields.contains(&"event.birth.father.residence"),
+        "{fields:?}"
+    );
+    assert!(
+        fields.contains(&"event.birth.registration.book_number"),
+        "{fields:?}"
+    );
+}

@@ -133,7 +133,7 @@ fn finished(ctx: &CallContext, code: tonic::Code) {
     ctx.trace
         .finish(code, agency, &ctx.request_id, ctx.conn.remote);
     tracing::info!(
-        target: "civgate::access",
+        target: crate::telemetry::ACCESS_TARGET,
         request_id = ctx.request_id.as_str(),
         trace_id = ctx.trace.trace_id(),
         remote = %ctx.conn.remote,
