@@ -124,24 +124,18 @@ CREATE INDEX IF NOT EXISTS journal_requests_by_case ON journal_requests (case_re
 CREATE INDEX IF NOT EXISTS journal_requests_last_answer ON journal_requests (answered_at_ms) WHERE answered_at_ms IS NOT NULL;
 ";
 
-/// SQLite: a store of the release that kept a row per step of a request. Its rows become one
-/// per request (the steps in answer order), then the old table goes.
-const SQLITE_REQUESTS_FROM_STEPS: &str = "
+/// SQLite: a store of the release that kept a row per step of a request. Its table is put
+/// aside (and its indexes dropped, their names are taken again), [`SQLITE_REQUESTS`] creates
+/// the new one, then [`SQLITE_REQUESTS_FROM_STEPS`] fills it, one row per request (the steps
+/// in answer order), and drops the old table.
+const SQLITE_REQUEST_STEPS_ASIDE: &str = "
 DROP INDEX IF EXISTS journal_requests_open;
 DROP INDEX IF EXISTS journal_requests_case;
 DROP INDEX IF EXISTS journal_requests_producer;
 DROP INDEX IF EXISTS journal_requests_answered;
 ALTER TABLE journal_requests RENAME TO journal_request_steps;
-CREATE TABLE journal_requests (
-    event_id TEXT PRIMARY KEY,
-    producer TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    case_reference TEXT NOT NULL,
-    opened_at_ms INTEGER NOT NULL,
-    due_at_ms INTEGER,
-    answered_at_ms INTEGER,
-    steps TEXT NOT NULL
-) WITHOUT ROWID;
+";
+const SQLITE_REQUESTS_FROM_STEPS: &str = "
 INSERT INTO journal_requests (event_id, producer, kind, case_reference, opened_at_ms, due_at_ms, answered_at_ms, steps)
 SELECT event_id, min(producer), min(kind), min(case_reference), min(opened_at_ms),
        min(CASE WHEN answered_at_ms IS NULL THEN due_at_ms END), max(answered_at_ms),
@@ -340,12 +334,18 @@ async fn upgrade_sqlite(conn: &mut SqliteConnection) -> Result<()> {
     if !has(conn, "journal_answers", "asked").await? {
         sqlx::raw_sql(SQLITE_ANSWERS).execute(&mut *conn).await?;
     }
-    if has(conn, "journal_requests", "answer").await? {
-        sqlx::raw_sql(SQLITE_REQUESTS_FROM_STEPS)
+    let per_step = has(conn, "journal_requests", "answer").await?;
+    if per_step {
+        sqlx::raw_sql(SQLITE_REQUEST_STEPS_ASIDE)
             .execute(&mut *conn)
             .await?;
     }
     sqlx::raw_sql(SQLITE_REQUESTS).execute(&mut *conn).await?;
+    if per_step {
+        sqlx::raw_sql(SQLITE_REQUESTS_FROM_STEPS)
+            .execute(&mut *conn)
+            .await?;
+    }
     sqlx::raw_sql(UNADDRESSED_INDEX).execute(&mut *conn).await?;
     Ok(())
 }
