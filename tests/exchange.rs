@@ -1000,26 +1000,11 @@ async fn requests_of_the_per_step_release_are_converted(env: Env) {
             i64::from(r.late),
         ));
     }
-    match &env.store_url {
-        None => {
-            let mut c = env.sqlite().await;
-            sqlx::raw_sql(sqlx::AssertSqlSafe(script))
-                .execute(&mut c)
-                .await
-                .unwrap();
-        }
-        Some(url) => {
-            use sqlx::Connection;
-            script.push_str(
-                "DELETE FROM _sqlx_migrations WHERE version = 9;\nDELETE FROM civgate_schema WHERE version = 9;\n",
-            );
-            let mut c = sqlx::PgConnection::connect(url).await.unwrap();
-            sqlx::raw_sql(sqlx::AssertSqlSafe(script))
-                .execute(&mut c)
-                .await
-                .unwrap();
-        }
-    }
+    // PostgreSQL also forgets that version 9 was applied, so that the next start applies it.
+    let postgres = format!(
+        "{script}DELETE FROM _sqlx_migrations WHERE version = 9;\nDELETE FROM civgate_schema WHERE version = 9;\n"
+    );
+    on_store(&env, &script, &postgres).await;
 
     let gw = env.start_with(&config).await;
     let mut pop = as_agency(&env, gw.api_addr, "population").await;

@@ -28,8 +28,16 @@ use tonic_types::StatusExt;
 use unicode_normalization::UnicodeNormalization;
 
 async fn registry(env: &Env, addr: std::net::SocketAddr) -> CitizensClient<Channel> {
+    citizens_as(env, addr, "registry-hp").await
+}
+
+async fn citizens_as(
+    env: &Env,
+    addr: std::net::SocketAddr,
+    agency: &str,
+) -> CitizensClient<Channel> {
     CitizensClient::new(
-        client::connect(addr, &env.certs(), Some("registry-hp"))
+        client::connect(addr, &env.certs(), Some(agency))
             .await
             .unwrap(),
     )
@@ -60,15 +68,7 @@ async fn each_purpose_returns_exactly_its_fields() {
     let stack = env.start_stack().await;
     let mut c = registry(&env, stack.gateway.api_addr).await;
     // The social-insurance agency declares its own purposes (within a case).
-    let mut si = CitizensClient::new(
-        client::connect(
-            stack.gateway.api_addr,
-            &env.certs(),
-            Some("social-insurance"),
-        )
-        .await
-        .unwrap(),
-    );
+    let mut si = citizens_as(&env, stack.gateway.api_addr, "social-insurance").await;
     let cfg = Config::parse(DEFAULT_CONFIG, "t".into(), ".".into()).unwrap();
     // A married parent: has spouse, residence, everything but parents.
     let p = stack.people.iter().find(|p| p.spouse.is_some()).unwrap();
@@ -929,15 +929,7 @@ async fn a_fallback_directory_takes_over_without_failed_calls() {
 async fn the_social_insurance_agency_reads_for_its_own_purposes_only() {
     let env = Env::new();
     let stack = env.start_stack().await;
-    let si = CitizensClient::new(
-        client::connect(
-            stack.gateway.api_addr,
-            &env.certs(),
-            Some("social-insurance"),
-        )
-        .await
-        .unwrap(),
-    );
+    let si = citizens_as(&env, stack.gateway.api_addr, "social-insurance").await;
     let id = stack.people[5].personal_id.to_string();
     let in_case = |purpose: &str| GetCitizenRequest {
         case_reference: "HP-2026-0042".into(),
