@@ -191,6 +191,7 @@ mod tests {
             ("registry-hn", Ok(Some("registry-hn"))),
             ("auditor", Ok(None)),
             ("population", Err(tonic::Code::PermissionDenied)),
+            ("social-insurance", Err(tonic::Code::PermissionDenied)),
         ] {
             let got = listing_scope(&who(agency));
             match scope {
