@@ -975,7 +975,10 @@ async fn requests_of_the_per_step_release_are_converted(env: Env) {
     gw.shutdown().await.unwrap();
 
     // The per-step table of schema version 8, holding the same steps.
-    let mut script = String::from("DROP TABLE journal_requests;\n");
+    // (Neither had the requests' cases apart: those tables go too.)
+    let mut script = String::from(
+        "DROP TABLE journal_requests;\nDROP TABLE journal_request_cases;\nDROP TABLE journal_request_cases_pending;\n",
+    );
     script.push_str(include_str!(
         "../crates/civgate-store/migrations/postgres/0008_open_requests.sql"
     ));
@@ -1000,9 +1003,11 @@ async fn requests_of_the_per_step_release_are_converted(env: Env) {
             i64::from(r.late),
         ));
     }
-    // PostgreSQL also forgets that version 9 was applied, so that the next start applies it.
+    // PostgreSQL also forgets that versions 9 and 10 were applied, so that the next start
+    // applies them.
     let postgres = format!(
-        "{script}DELETE FROM _sqlx_migrations WHERE version = 9;\nDELETE FROM civgate_schema WHERE version = 9;\n"
+        "{script}DROP FUNCTION journal_requests_case_pending();\n\
+         DELETE FROM _sqlx_migrations WHERE version >= 9;\nDELETE FROM civgate_schema WHERE version >= 9;\n"
     );
     on_store(&env, &script, &postgres).await;
 
@@ -1036,6 +1041,18 @@ async fn requests_of_the_per_step_release_are_converted(env: Env) {
     );
     let open = listed(&mut audit, list(false, "")).await;
     assert_eq!(open.len(), 1, "the unlinked birth's ID only: {open:?}");
+    // A request of a new case after the upgrade is found by its case.
+    let mut hp = as_agency(&env, gw.api_addr, "registry-hp").await;
+    let mut next = birth("HP-LECHAN", "Nguyễn Văn Bình");
+    next.case_reference = "HP-2026-0008".into();
+    let b3 = hp
+        .publish(publish("conv-b3", next))
+        .await
+        .unwrap()
+        .into_inner();
+    let case = listed(&mut audit, list(false, "HP-2026-0008")).await;
+    assert_eq!(case.len(), 2, "{case:?}");
+    assert!(case.iter().all(|r| r.event_id == b3.event_id), "{case:?}");
 }
 
 on_both_backends!(

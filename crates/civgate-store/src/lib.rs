@@ -60,6 +60,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (7, "one answer per request", SCHEMA_V7),
     (8, "open requests with due times", SCHEMA_V8),
     (9, "one row per open request", SCHEMA_V9),
+    (10, "request cases indexed apart", SCHEMA_V10),
 ];
 
 /// sqlx's migrator over [`MIGRATIONS`] (embedded at build time, as `sqlx::migrate!` would,
@@ -219,6 +220,11 @@ const SCHEMA_V8: &str = include_str!("../migrations/postgres/0008_open_requests.
 /// step: the rows of version 8 are converted. A replica of the version-8 build would insert
 /// rows of the old shape, which fail: stop them before the first of this build starts.
 const SCHEMA_V9: &str = include_str!("../migrations/postgres/0009_one_row_per_request.sql");
+/// Requests' cases move from an index of `journal_requests` to a table the writer fills in the
+/// background, sorted, from a queue a trigger appends to. The trigger queues the requests of
+/// a replica of the version-9 build too, so a rolling upgrade loses no case.
+const SCHEMA_V10: &str =
+    include_str!("../migrations/postgres/0010_request_cases_indexed_apart.sql");
 
 /// Connection options for `url`: synchronous_commit on (a commit is durable when it returns),
 /// whatever the server's default; no statement or lock wait longer than `timeout` (a replica

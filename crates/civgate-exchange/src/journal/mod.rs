@@ -166,6 +166,8 @@ pub struct EventStatus {
 #[derive(Clone)]
 pub struct Journal {
     tx: mpsc::Sender<Job>,
+    /// Asks the writer for a pass of the case index now ([`Journal::index_cases`]).
+    index_now: mpsc::Sender<writer::IndexNow>,
     reader: Reader,
     heads: Arc<HashMap<&'static str, watch::Sender<u64>>>,
     acks: Arc<Mutex<AckWatches>>,
@@ -235,6 +237,7 @@ impl Journal {
             .collect();
         let journal = Self {
             tx: mpsc::channel(1).0,
+            index_now: mpsc::channel(1).0,
             reader,
             heads: Arc::new(heads),
             acks: Arc::new(Mutex::new(HashMap::new())),
@@ -243,14 +246,32 @@ impl Journal {
             bound: audit.clone(),
         };
         let (tx, rx) = mpsc::channel(8_192);
+        let (index_now, index_rx) = mpsc::channel(8);
         let writer = Writer {
             conn,
             last,
             journal: journal.clone(),
             audit,
         };
-        tokio::spawn(writer.run(rx, retention));
-        Self { tx, ..journal }
+        tokio::spawn(writer.run(rx, index_rx, retention));
+        Self {
+            tx,
+            index_now,
+            ..journal
+        }
+    }
+
+    /// Moves the queued requests' cases into the case index now (the writer does every
+    /// second anyway); how many it moved. Lookups by case find a request before and after.
+    pub async fn index_cases(&self) -> Result<u64, JournalError> {
+        let (done, answer) = oneshot::channel();
+        self.index_now
+            .send(done)
+            .await
+            .map_err(|_| JournalError::NotDurable("the journal's writer has stopped".into()))?;
+        answer
+            .await
+            .map_err(|_| JournalError::NotDurable("the journal's writer has stopped".into()))?
     }
 
     /// Tells retention whose acknowledgements to wait for: `holders` is asked at each pass.

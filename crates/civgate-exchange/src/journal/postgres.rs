@@ -61,6 +61,7 @@ pub(super) async fn open(
     // nowhere, and stops once the real one is gone.
     let view = Journal {
         tx: mpsc::channel(1).0,
+        index_now: mpsc::channel(1).0,
         ..journal.clone()
     };
     tokio::spawn(listen(pool, view, journal.tx.downgrade()));
@@ -123,6 +124,24 @@ impl Dialect for Pg {
         let n = prune_topics!(&mut *tx, true, cutoff, holders).await?;
         tx.commit().await?;
         Ok(n)
+    }
+
+    /// One statement: the rows deleted from the queue are the rows inserted. Replicas' passes
+    /// skip each other's rows (`SKIP LOCKED`); a request a replica whose clock is behind
+    /// queues later with a smaller id is simply moved by a later pass.
+    async fn index_cases(&mut self, max: i64) -> Result<u64> {
+        let moved = sqlx::query(
+            "WITH moved AS (DELETE FROM journal_request_cases_pending WHERE event_id IN \
+               (SELECT event_id FROM journal_request_cases_pending ORDER BY event_id LIMIT $1 FOR UPDATE SKIP LOCKED) \
+               RETURNING case_reference, event_id) \
+             INSERT INTO journal_request_cases (case_reference, event_id) \
+             SELECT case_reference, event_id FROM moved ORDER BY 1, 2 \
+             ON CONFLICT (case_reference, event_id) DO NOTHING",
+        )
+        .bind(max)
+        .execute(&self.pool)
+        .await?;
+        Ok(moved.rows_affected())
     }
 }
 

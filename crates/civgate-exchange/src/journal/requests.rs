@@ -225,6 +225,18 @@ fn list_sql(f: &RequestFilter, from: Option<(&str, bool)>, chunk: i64) -> (Strin
             conds.push(format!("{column} = ${}", binds.len()));
         }
     }
+    if let Some(case) = &f.case_reference {
+        // The case's requests: those the writer has indexed and those still queued (one
+        // statement, one snapshot: a request is in one of the two, `Dialect::index_cases`).
+        binds.push(Bind::Text(case.clone()));
+        binds.push(Bind::Text(case.clone()));
+        conds.push(format!(
+            "event_id IN (SELECT event_id FROM journal_request_cases WHERE case_reference = ${} \
+             UNION ALL SELECT event_id FROM journal_request_cases_pending WHERE case_reference = ${})",
+            binds.len() - 1,
+            binds.len()
+        ));
+    }
     if f.open_only || f.overdue_at.is_some() {
         conds.push("due_at_ms IS NOT NULL".into());
     }
@@ -464,6 +476,18 @@ mod tests {
             "{sql}"
         );
         assert_eq!(binds.len(), 1);
+        // A case: the two tables that hold requests' cases, both bound.
+        let case = RequestFilter {
+            case_reference: Some("HP-1".into()),
+            kind: Some("birth".into()),
+            ..RequestFilter::default()
+        };
+        let (sql, binds) = list_sql(&case, None, 256);
+        assert!(
+            sql.contains("WHERE case_reference = $1 AND kind = $2 AND event_id IN (SELECT event_id FROM journal_request_cases WHERE case_reference = $3 UNION ALL SELECT event_id FROM journal_request_cases_pending WHERE case_reference = $4) ORDER BY event_id LIMIT $5"),
+            "{sql}"
+        );
+        assert_eq!(binds.len(), 5);
     }
 
     fn step(answer: &str, due: i64) -> Step {

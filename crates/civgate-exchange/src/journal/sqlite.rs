@@ -120,8 +120,32 @@ CREATE TABLE IF NOT EXISTS journal_requests (
     steps TEXT NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS journal_requests_due ON journal_requests (due_at_ms) WHERE due_at_ms IS NOT NULL;
-CREATE INDEX IF NOT EXISTS journal_requests_by_case ON journal_requests (case_reference) WHERE case_reference <> '';
 CREATE INDEX IF NOT EXISTS journal_requests_last_answer ON journal_requests (answered_at_ms) WHERE answered_at_ms IS NOT NULL;
+CREATE TABLE IF NOT EXISTS journal_request_cases (
+    case_reference TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    PRIMARY KEY (case_reference, event_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS journal_request_cases_pending (
+    event_id TEXT PRIMARY KEY,
+    case_reference TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS journal_requests_case_pending AFTER INSERT ON journal_requests
+WHEN NEW.case_reference <> ''
+BEGIN
+    INSERT INTO journal_request_cases_pending (event_id, case_reference) VALUES (NEW.event_id, NEW.case_reference)
+    ON CONFLICT (event_id) DO NOTHING;
+END;
+";
+
+/// SQLite: a store of the release whose requests' cases were an index of `journal_requests`
+/// (written at each commit): the index is dropped and the cases already stored are indexed
+/// (`requests::index_cases` keeps the rest up to date).
+const SQLITE_REQUEST_CASES_FROM_ROWS: &str = "
+DROP INDEX IF EXISTS journal_requests_by_case;
+INSERT INTO journal_request_cases (case_reference, event_id)
+SELECT case_reference, event_id FROM journal_requests WHERE case_reference <> '' ORDER BY case_reference, event_id
+ON CONFLICT (case_reference, event_id) DO NOTHING;
 ";
 
 /// SQLite: a store of the release that kept a row per step of a request. Its table is put
@@ -281,6 +305,32 @@ impl Dialect for Sqlite {
         tx.commit().await?;
         Ok(deleted)
     }
+
+    /// The writer is SQLite's only one: what is queued up to the bound read first is what
+    /// the transaction moves.
+    async fn index_cases(&mut self, max: i64) -> Result<u64> {
+        let (bound, queued): (Option<String>, i64) = sqlx::query_as(
+            "SELECT max(event_id), count(*) FROM (SELECT event_id FROM journal_request_cases_pending \
+             ORDER BY event_id LIMIT $1)",
+        )
+        .bind(max)
+        .fetch_one(&mut self.conn)
+        .await?;
+        let Some(bound) = bound else {
+            return Ok(0);
+        };
+        let mut b = crate::sqlite::Batch::new();
+        b.statement(
+            "INSERT INTO journal_request_cases (case_reference, event_id) \
+             SELECT case_reference, event_id FROM journal_request_cases_pending WHERE event_id <= ? \
+             ORDER BY case_reference, event_id ON CONFLICT (case_reference, event_id) DO NOTHING",
+        );
+        b.bind(bound.as_str())?;
+        b.statement("DELETE FROM journal_request_cases_pending WHERE event_id <= ?");
+        b.bind(bound.as_str())?;
+        b.commit(&mut self.conn).await?;
+        Ok(queued as u64)
+    }
 }
 
 /// SQLite: adds the audit records of the batch's publishes to `b` (given the audit log's right
@@ -340,9 +390,15 @@ async fn upgrade_sqlite(conn: &mut SqliteConnection) -> Result<()> {
             .execute(&mut *conn)
             .await?;
     }
+    let cases_indexed = has(conn, "journal_request_cases", "event_id").await?;
     sqlx::raw_sql(SQLITE_REQUESTS).execute(&mut *conn).await?;
     if per_step {
         sqlx::raw_sql(SQLITE_REQUESTS_FROM_STEPS)
+            .execute(&mut *conn)
+            .await?;
+    }
+    if !cases_indexed {
+        sqlx::raw_sql(SQLITE_REQUEST_CASES_FROM_ROWS)
             .execute(&mut *conn)
             .await?;
     }

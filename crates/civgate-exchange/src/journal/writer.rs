@@ -38,7 +38,24 @@ pub(super) trait Dialect: Send + 'static {
         cutoff: i64,
         holders: &[Holder],
     ) -> impl Future<Output = Result<u64>> + Send;
+
+    /// Moves the cases of at most `max` queued requests (the oldest) from
+    /// `journal_request_cases_pending` into `journal_request_cases`, sorted by case, in one
+    /// transaction; returns how many it moved. Commits queue a request's case (a trigger on
+    /// `journal_requests`, pages appended in event order) instead of writing an index entry at
+    /// a random place of a large index; moved a second's worth at a time, many entries share a
+    /// page. A lookup by case reads both tables in one statement (`requests::list_sql`).
+    fn index_cases(&mut self, max: i64) -> impl Future<Output = Result<u64>> + Send;
 }
+
+/// Requests' cases moved per pass of [`Dialect::index_cases`] at most.
+pub(super) const CASES_PER_PASS: i64 = 65_536;
+
+/// How often the writer moves queued cases into the case index.
+const CASES_EVERY: Duration = Duration::from_secs(1);
+
+/// Asks the writer to index the queued cases now (one pass); answered with how many it moved.
+pub(super) type IndexNow = oneshot::Sender<Result<u64, JournalError>>;
 
 /// Retention of one topic: events recorded before `$2`, addressed to at least one holder, that
 /// no holder still needs. Holder `i` binds its acknowledged sequence and then its scope's
@@ -273,9 +290,16 @@ pub(super) struct Writer<D> {
 }
 
 impl<D: Dialect> Writer<D> {
-    pub(super) async fn run(mut self, mut rx: mpsc::Receiver<Job>, retention: Option<Duration>) {
+    pub(super) async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Job>,
+        mut index_now: mpsc::Receiver<IndexNow>,
+        retention: Option<Duration>,
+    ) {
         let mut prune = tokio::time::interval(Duration::from_secs(60));
         prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut cases = tokio::time::interval(CASES_EVERY);
+        cases.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 first = rx.recv() => {
@@ -294,8 +318,28 @@ impl<D: Dialect> Writer<D> {
                         error!(error = %e, "journal retention failed");
                     }
                 }
+                _ = cases.tick() => {
+                    if let Err(e) = self.index_cases().await {
+                        // The cases stay queued, where lookups find them; the next pass retries.
+                        error!(error = %e, "indexing requests' cases failed");
+                    }
+                }
+                Some(done) = index_now.recv() => {
+                    let _ = done.send(
+                        self.index_cases()
+                            .await
+                            .map_err(|e| JournalError::NotDurable(e.to_string())),
+                    );
+                }
             }
         }
+    }
+
+    /// One pass of [`Dialect::index_cases`], under the audit tail's lock like every write.
+    async fn index_cases(&mut self) -> Result<u64> {
+        let tail = self.audit.clone();
+        let _writing = AuditTail::lock_if(tail.as_ref()).await;
+        self.conn.index_cases(CASES_PER_PASS).await
     }
 
     /// Deletes events older than `retention` that every holder they are addressed to (under

@@ -800,3 +800,152 @@ async fn a_corrupted_request_row_loses_no_answer_on_postgres() {
     crate::store::with_test_postgres("corrupt_request", a_corrupted_request_row_loses_no_answer)
         .await;
 }
+
+/// Runs `sql` on the store behind the journal's back.
+async fn behind_the_back(store: &Store, sql: &str) {
+    match store {
+        Store::Sqlite(dir) => {
+            let mut c = SqliteConnection::connect(&format!(
+                "sqlite://{}",
+                crate::sqlite::store_path(dir).display()
+            ))
+            .await
+            .unwrap();
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+                .execute(&mut c)
+                .await
+                .unwrap();
+        }
+        Store::Postgres { url, .. } => {
+            let pool = crate::store::pg_pool(url, 1, Duration::from_secs(5))
+                .await
+                .unwrap();
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+    }
+}
+
+/// A request is found by its case while its case is queued and once the writer has indexed
+/// it, after a restart too; a request in neither table is not (the listing reads them).
+async fn requests_are_found_by_case_queued_or_indexed(store: Store) {
+    let j = Journal::open(&store, None, None, &Policy::default())
+        .await
+        .unwrap();
+    let publish = |j: Journal, key: &'static str, case: &'static str| async move {
+        j.publish_tracked(
+            "registry-hp",
+            key,
+            CIVIL_STATUS,
+            vec![1],
+            None,
+            None,
+            Some(Opens {
+                kind: "birth",
+                case_reference: case.into(),
+                list: vec![crate::cases::Opening {
+                    flow: "birth-personal-id".into(),
+                    answer: "personal_id_assigned",
+                    awaiting: POPULATION,
+                    due_at_ms: i64::MAX,
+                }],
+            }),
+            None,
+        )
+        .await
+        .result
+        .unwrap()
+        .event_id
+    };
+    let b1 = publish(j.clone(), "b1", "HP-2").await;
+    let b2 = publish(j.clone(), "b2", "HP-1").await;
+    let b3 = publish(j.clone(), "b3", "HP-2").await;
+    publish(j.clone(), "b4", "").await;
+    let by_case = |case: &str| RequestFilter {
+        case_reference: Some(case.into()),
+        limit: 10,
+        ..RequestFilter::default()
+    };
+    let events = |rs: Vec<OpenRequest>| rs.into_iter().map(|r| r.event_id).collect::<Vec<_>>();
+    // Queued or already indexed by the writer's timer: found either way.
+    assert_eq!(
+        events(j.requests(&by_case("HP-2")).await.unwrap()),
+        [b1.clone(), b3.clone()]
+    );
+    j.index_cases().await.unwrap();
+    assert_eq!(j.index_cases().await.unwrap(), 0, "nothing left queued");
+    assert_eq!(
+        events(j.requests(&by_case("HP-2")).await.unwrap()),
+        [b1.clone(), b3.clone()]
+    );
+    assert_eq!(
+        events(j.requests(&by_case("HP-1")).await.unwrap()),
+        vec![b2.clone()]
+    );
+    assert!(j.requests(&by_case("HP-3")).await.unwrap().is_empty());
+    // Paged one at a time.
+    let mut f = by_case("HP-2");
+    f.limit = 1;
+    let first = j.requests(&f).await.unwrap();
+    assert_eq!(events(first.clone()), vec![b1.clone()]);
+    f.after = Some((first[0].event_id.clone(), first[0].answer.clone()));
+    assert_eq!(events(j.requests(&f).await.unwrap()), vec![b3.clone()]);
+    // b3 put back in the queue (as a new request is): found from there.
+    behind_the_back(
+        &store,
+        &format!(
+            "DELETE FROM journal_request_cases WHERE event_id = '{b3}';\n\
+             INSERT INTO journal_request_cases_pending (event_id, case_reference) VALUES ('{b3}', 'HP-2');"
+        ),
+    )
+    .await;
+    assert_eq!(
+        events(j.requests(&by_case("HP-2")).await.unwrap()),
+        [b1.clone(), b3.clone()]
+    );
+    // In neither: not found — the listing reads the two tables, not the requests' column.
+    behind_the_back(
+        &store,
+        &format!(
+            "DELETE FROM journal_request_cases WHERE event_id = '{b3}';\n\
+             DELETE FROM journal_request_cases_pending WHERE event_id = '{b3}';"
+        ),
+    )
+    .await;
+    assert_eq!(
+        events(j.requests(&by_case("HP-2")).await.unwrap()),
+        vec![b1.clone()]
+    );
+    // A new request of a known case, and a restart.
+    let b5 = publish(j.clone(), "b5", "HP-1").await;
+    drop(j);
+    let j = Journal::open(&store, None, None, &Policy::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        events(j.requests(&by_case("HP-1")).await.unwrap()),
+        [b2.clone(), b5.clone()]
+    );
+    j.index_cases().await.unwrap();
+    assert_eq!(
+        events(j.requests(&by_case("HP-1")).await.unwrap()),
+        [b2, b5]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_found_by_case_queued_or_indexed_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    requests_are_found_by_case_queued_or_indexed(Store::Sqlite(dir.path().into())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_found_by_case_queued_or_indexed_on_postgres() {
+    crate::store::with_test_postgres(
+        "cases_indexed",
+        requests_are_found_by_case_queued_or_indexed,
+    )
+    .await;
+}
