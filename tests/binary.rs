@@ -685,7 +685,7 @@ async fn migrate_applies_the_postgres_schema_and_explains_sqlite() {
         assert!(out.status.success(), "{out:?}");
         assert_eq!(
             String::from_utf8_lossy(&out.stdout).trim(),
-            "schema at version 10"
+            "schema at version 11"
         );
     }
     // The URL (a secret: it may hold the password) from a file named by the environment.
@@ -700,7 +700,7 @@ async fn migrate_applies_the_postgres_schema_and_explains_sqlite() {
     assert!(out.status.success(), "{out:?}");
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
-        "schema at version 10"
+        "schema at version 11"
     );
     let out = Command::new(env!("CARGO_BIN_EXE_civgate"))
         .args(["migrate", "--config", "civgate.toml"])

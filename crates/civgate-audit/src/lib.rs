@@ -6,6 +6,7 @@
 //! record), [`log`] (storage, the writers, proofs, searches) and [`subjects`] (per-block
 //! summaries that searches skip by). The arithmetic an auditor needs is `civgate-tlog`.
 
+pub mod groups;
 pub mod log;
 pub mod subjects;
 

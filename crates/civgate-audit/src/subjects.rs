@@ -27,6 +27,7 @@ use tokio::sync::{Notify, mpsc, watch};
 use tracing::{info, warn};
 
 use super::log::AuditTail;
+use crate::groups::{GROUP_BLOCKS, GroupBuilder, GroupSummary};
 use crate::pb::v1::AuditRecord;
 use crate::store::{Reader, with_reader};
 
@@ -135,6 +136,9 @@ pub struct Summary {
     pub agencies: Option<Vec<String>>,
     /// The earliest and the latest time of its entries (ms since the epoch); `None`: unknown.
     pub time: Option<(i64, i64)>,
+    /// The first [`hashes`] of the distinct IDs, sorted, when built here (for the group's
+    /// postings, [`crate::groups`]); empty when read from the store.
+    pub ids: Vec<u64>,
 }
 
 /// What a search asks of a block's entries (`None`: anything).
@@ -164,6 +168,7 @@ impl Summary {
             filter: MATCH_ALL.to_vec(),
             agencies: None,
             time: None,
+            ids: Vec::new(),
         }
     }
 
@@ -221,6 +226,7 @@ impl Summary {
             filter,
             agencies,
             time: first_ms.zip(last_ms),
+            ids: Vec::new(),
         }
     }
 }
@@ -247,10 +253,14 @@ impl Accumulator {
 
     /// The summary of what was added; starts over empty.
     fn finish(&mut self) -> Summary {
+        let filter = filter_of_hashes(&mut self.hashes);
+        let mut ids: Vec<u64> = self.hashes.iter().map(|h| h.0).collect();
+        ids.dedup();
         let summary = Summary {
-            filter: filter_of_hashes(&mut self.hashes),
+            filter,
             agencies: Some(std::mem::take(&mut self.agencies).into_iter().collect()),
             time: self.time,
+            ids,
         };
         self.clear();
         summary
@@ -265,7 +275,7 @@ impl Accumulator {
 
 /// Two 64-bit hashes of `id` (double hashing gives the filter's `k` positions). SHA-256, so
 /// the stored filters do not depend on a hasher's version.
-fn hashes(id: &str) -> (u64, u64) {
+pub(crate) fn hashes(id: &str) -> (u64, u64) {
     let d = Sha256::digest(id.as_bytes());
     let mut a = [0u8; 8];
     let mut b = [0u8; 8];
@@ -367,6 +377,12 @@ pub(super) struct Indexer {
     pub tail: AuditTail,
     /// Blocks `[0, n)` have their summary.
     pub built: watch::Sender<u64>,
+    /// Groups `[0, n)` have their summary ([`crate::groups`]).
+    pub grouped: watch::Sender<u64>,
+    /// The group whose blocks' summaries this task is building now, as they come.
+    pub group: Option<GroupBuilder>,
+    /// The first group without a summary, being built from its leaves a few blocks per pass.
+    pub rebuilding: Option<GroupBuilder>,
 }
 
 impl Indexer {
@@ -395,8 +411,126 @@ impl Indexer {
             built += 1;
             block += 1;
             self.built.send_replace(block);
+            self.feed_group(block - 1, &summary).await?;
         }
         Ok(built)
+    }
+
+    /// Adds the summary of `block`, just built, to its group's; stores the group's when it is
+    /// complete (a group whose first blocks this task did not build is left to
+    /// [`Indexer::rebuild_groups`]).
+    async fn feed_group(&mut self, block: u64, summary: &Summary) -> Result<()> {
+        let g = block / GROUP_BLOCKS;
+        let mut b = match self.group.take() {
+            Some(b) if b.group == g => b,
+            _ => GroupBuilder::new(g),
+        };
+        if b.add(block, summary) && b.complete() {
+            self.store_group(&b.finish()).await?;
+            let missing = self.first_missing_group().await?;
+            self.grouped.send_replace(missing);
+        } else {
+            self.group = Some(b);
+        }
+        Ok(())
+    }
+
+    /// The first group without a stored summary.
+    async fn first_missing_group(&self) -> Result<u64> {
+        let g: Option<i64> = with_reader!(&self.reader, |pool| {
+            sqlx::query_scalar(
+                "SELECT CASE WHEN NOT EXISTS (SELECT 1 FROM audit_block_groups WHERE grp = 0) THEN 0 \
+                 ELSE (SELECT min(g.grp) + 1 FROM audit_block_groups g WHERE NOT EXISTS \
+                 (SELECT 1 FROM audit_block_groups h WHERE h.grp = g.grp + 1)) END",
+            )
+            .fetch_one(pool)
+            .await
+        })?;
+        Ok(g.map_or(0, |g| g.max(0) as u64))
+    }
+
+    /// Builds the first group without a summary, whose blocks are all summarised, from its
+    /// leaves, [`REBUILD_BLOCKS`] blocks per call; returns whether work is left.
+    pub(crate) async fn rebuild_groups(&mut self) -> Result<bool> {
+        let missing = self.first_missing_group().await?;
+        self.grouped.send_replace(missing);
+        if (missing + 1) * GROUP_BLOCKS > *self.built.borrow() {
+            self.rebuilding = None;
+            return Ok(false);
+        }
+        let mut b = match self.rebuilding.take() {
+            Some(b) if b.group == missing => b,
+            _ => GroupBuilder::new(missing),
+        };
+        for _ in 0..REBUILD_BLOCKS {
+            let block = b.next_block();
+            let summary = self.build(block).await?;
+            b.add(block, &summary);
+            if b.complete() {
+                self.store_group(&b.finish()).await?;
+                let missing = self.first_missing_group().await?;
+                self.grouped.send_replace(missing);
+                return Ok(true);
+            }
+        }
+        self.rebuilding = Some(b);
+        Ok(true)
+    }
+
+    /// Stores a group's summary and postings in one transaction (replicas may race for a
+    /// group; the rows are the same either way).
+    async fn store_group(&mut self, g: &GroupSummary) -> Result<()> {
+        let (first, last) = (g.time.map(|t| t.0), g.time.map(|t| t.1));
+        let agencies = g.agencies_column();
+        let group_sql = "INSERT INTO audit_block_groups \
+                         (grp, indexed, agencies, first_time_ms, last_time_ms) \
+                         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (grp) DO NOTHING";
+        // Postings rows per statement (two parameters each).
+        const ROWS: usize = 256;
+        let postings_sql = |n: usize| {
+            let values: Vec<String> = (0..n)
+                .map(|i| format!("(${}, ${})", 2 * i + 1, 2 * i + 2))
+                .collect();
+            format!(
+                "INSERT INTO audit_group_postings (key, postings) VALUES {} \
+                 ON CONFLICT (key) DO NOTHING",
+                values.join(", ")
+            )
+        };
+        macro_rules! write_group {
+            ($tx:expr) => {{
+                for chunk in g.postings.chunks(ROWS) {
+                    // Built only from constants and numbered placeholders.
+                    let mut q = sqlx::query(sqlx::AssertSqlSafe(postings_sql(chunk.len())));
+                    for (key, row) in chunk {
+                        q = q.bind(*key).bind(row.as_slice());
+                    }
+                    q.execute(&mut *$tx).await?;
+                }
+                sqlx::query(group_sql)
+                    .bind(g.group as i64)
+                    .bind(i32::from(g.indexed))
+                    .bind(agencies.as_deref())
+                    .bind(first)
+                    .bind(last)
+                    .execute(&mut *$tx)
+                    .await?;
+            }};
+        }
+        match &mut self.writer {
+            FilterWriter::Sqlite(conn) => {
+                let _turn = self.tail.lock().await;
+                let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+                write_group!(tx);
+                tx.commit().await?;
+            }
+            FilterWriter::Pg(pool) => {
+                let mut tx = pool.begin().await?;
+                write_group!(tx);
+                tx.commit().await?;
+            }
+        }
+        Ok(())
     }
 
     /// Completes the summaries of blocks summarised by an older build (a subjects filter
@@ -496,6 +630,8 @@ impl Indexer {
         let mut backfill = Some(0);
         let mut backfill_at = tokio::time::Instant::now();
         let mut backfilled = 0u64;
+        // Whether a group is left to build from its leaves.
+        let mut rebuilding = true;
         while alive.upgrade().is_some() {
             match self.catch_up().await {
                 Ok(n) if first && n > 0 => {
@@ -508,37 +644,48 @@ impl Indexer {
                 Err(e) => warn!(error = %e, "could not build audit block summaries; retrying"),
             }
             first = false;
-            if let Some(from) = backfill
-                && tokio::time::Instant::now() >= backfill_at
-            {
+            if tokio::time::Instant::now() >= backfill_at {
                 let started = tokio::time::Instant::now();
-                match self.backfill(from).await {
-                    Ok((completed, next)) => {
-                        backfilled += completed;
-                        backfill = next;
-                        if next.is_none() && backfilled > 0 {
-                            info!(
-                                blocks = backfilled,
-                                "audit block summaries of an earlier release completed"
-                            );
+                if let Some(from) = backfill {
+                    match self.backfill(from).await {
+                        Ok((completed, next)) => {
+                            backfilled += completed;
+                            backfill = next;
+                            if next.is_none() && backfilled > 0 {
+                                info!(
+                                    blocks = backfilled,
+                                    "audit block summaries of an earlier release completed"
+                                );
+                            }
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "could not complete older audit block summaries; retrying")
                         }
                     }
-                    Err(e) => {
-                        warn!(error = %e, "could not complete older audit block summaries; retrying")
-                    }
+                } else {
+                    // Then the groups no summary task saw whole, from their leaves.
+                    rebuilding = self.rebuild_groups().await.unwrap_or_else(|e| {
+                        warn!(error = %e, "could not build an audit group summary; retrying");
+                        true
+                    });
                 }
                 backfill_at = tokio::time::Instant::now() + backfill_pause(started.elapsed());
             }
-            let wait = match backfill {
-                Some(_) => backfill_at
+            let wait = if backfill.is_some() || rebuilding {
+                backfill_at
                     .saturating_duration_since(tokio::time::Instant::now())
-                    .min(IDLE_WAKE),
-                None => IDLE_WAKE,
+                    .min(IDLE_WAKE)
+            } else {
+                IDLE_WAKE
             };
+
             let _ = tokio::time::timeout(wait, wake.notified()).await;
         }
     }
 }
+
+/// Blocks of a group built from their leaves per pass of [`Indexer::rebuild_groups`].
+const REBUILD_BLOCKS: usize = 4;
 
 /// How often the summary task looks for work when nothing wakes it.
 const IDLE_WAKE: Duration = Duration::from_secs(10);
@@ -695,14 +842,22 @@ mod tests {
         ] {
             assert_eq!(s.may_match(&wanted), expect, "{wanted:?}");
         }
-        // Stored and read back, it says the same; unreadable or missing columns are unknown.
+        // Stored and read back, it says the same (the IDs' hashes are not stored: they go to
+        // the group's postings); unreadable or missing columns are unknown.
         let back = Summary::from_columns(
             s.filter.clone(),
             s.agencies_column().as_deref(),
             Some(100),
             Some(300),
         );
-        assert_eq!(back, s);
+        assert_eq!(s.ids.len(), 3);
+        assert_eq!(
+            back,
+            Summary {
+                ids: Vec::new(),
+                ..s.clone()
+            }
+        );
         for unknown in [
             Summary::unknown(),
             Summary::from_columns(s.filter.clone(), None, None, None),

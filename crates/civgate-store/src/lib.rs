@@ -61,6 +61,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (8, "open requests with due times", SCHEMA_V8),
     (9, "one row per open request", SCHEMA_V9),
     (10, "request cases indexed apart", SCHEMA_V10),
+    (11, "audit group summaries", SCHEMA_V11),
 ];
 
 /// sqlx's migrator over [`MIGRATIONS`] (embedded at build time, as `sqlx::migrate!` would,
@@ -225,6 +226,9 @@ const SCHEMA_V9: &str = include_str!("../migrations/postgres/0009_one_row_per_re
 /// a replica of the version-9 build too, so a rolling upgrade loses no case.
 const SCHEMA_V10: &str =
     include_str!("../migrations/postgres/0010_request_cases_indexed_apart.sql");
+/// Summaries of groups of audit blocks, built in the background; older replicas neither read
+/// nor write them.
+const SCHEMA_V11: &str = include_str!("../migrations/postgres/0011_audit_group_summaries.sql");
 
 /// Connection options for `url`: synchronous_commit on (a commit is durable when it returns),
 /// whatever the server's default; no statement or lock wait longer than `timeout` (a replica

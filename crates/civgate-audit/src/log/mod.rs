@@ -123,6 +123,8 @@ pub struct AuditLog {
     latest: Arc<RwLock<String>>,
     /// Blocks `[0, n)` have their subject filter.
     filtered: watch::Receiver<u64>,
+    /// Groups `[0, n)` have their summary (`groups`).
+    grouped: watch::Receiver<u64>,
 }
 
 /// The tree's right edge and the log's committed size, shared by the two writers that append
@@ -273,6 +275,7 @@ impl AuditLog {
                 latest.as_ref().map(|(_, n)| n.clone()).unwrap_or_default(),
             )),
             filtered: watch::channel(0).1,
+            grouped: watch::channel(0).1,
         };
         let (tx, rx) = mpsc::channel(16_384);
         let mut writer = Writer {
@@ -288,16 +291,21 @@ impl AuditLog {
         info!(size, "audit log open");
         tokio::spawn(writer.run(rx, o.checkpoint_interval));
         let (built, filtered) = watch::channel(0);
+        let (grouped_tx, grouped) = watch::channel(0);
         let indexer = Indexer {
             reader: log.reader.clone(),
             writer: filters,
             tail: log.tail.clone(),
             built,
+            grouped: grouped_tx,
+            group: None,
+            rebuilding: None,
         };
         tokio::spawn(indexer.run(log.tail.blocks.clone(), tx.downgrade()));
         Ok(Self {
             tx,
             filtered,
+            grouped,
             ..log
         })
     }
@@ -343,6 +351,11 @@ impl AuditLog {
     /// background; searches do not need it).
     pub fn filtered_blocks(&self) -> watch::Receiver<u64> {
         self.filtered.clone()
+    }
+
+    /// Groups `[0, n)` of blocks have their summary and postings (`groups`), watched.
+    pub fn grouped(&self) -> watch::Receiver<u64> {
+        self.grouped.clone()
     }
 
     /// The latest signed checkpoint (a C2SP signed note).

@@ -1,5 +1,5 @@
 //! The log's reads, on a reader pool of either store with the same SQL: entries, the subtree
-//! hashes of proofs, and searches (block by block over the summaries, scanning what has none).
+//! hashes of proofs, and searches (over the group and block summaries, scanning what has none).
 
 use anyhow::Result;
 
@@ -7,9 +7,13 @@ use super::tree::fetch_nodes;
 use super::{AuditError, AuditLog, Filter, MAX_ENTRIES};
 use crate::store::{Reader, with_reader};
 use crate::{
+    groups::{GROUP_BLOCKS, offsets_in, row_key, shard_key},
     merkle::{Hash, NodeId, consistency_ranges, decompose, fold_range, inclusion_ranges},
-    subjects::{BLOCK, Summary, Wanted, leaf_names},
+    subjects::{BLOCK, MATCH_ALL, Summary, Wanted, hashes, leaf_names},
 };
+
+/// Groups whose summaries a search reads per query (4,096 blocks, 16.7 million entries).
+const GROUP_WINDOW: u64 = 64;
 
 impl AuditLog {
     /// Leaf bytes for `[start, end)` (at most [`MAX_ENTRIES`]).
@@ -169,8 +173,8 @@ impl AuditLog {
         Ok(rows.into_iter().map(|(i, l)| (i as u64, l)).collect())
     }
 
-    /// Entries matching `f`, from `f.after`: blocks whose summary rules out what `w` wants are
-    /// skipped; the others, and blocks without a summary yet, are scanned.
+    /// Entries matching `f`, from `f.after`, a window of groups at a time: the blocks the
+    /// group summaries and the block summaries leave ([`AuditLog::candidates`]) are scanned.
     async fn search_blocks(
         &self,
         f: &Filter,
@@ -178,19 +182,12 @@ impl AuditLog {
         size: u64,
         limit: usize,
     ) -> Result<Vec<(u64, Vec<u8>)>, AuditError> {
-        // Summaries read per query: ~6 KiB each with a full block's subject filter, which is
-        // read only when searching by subject.
-        let window: u64 = if w.subject.is_some() { 256 } else { 4_096 };
         let mut out = Vec::new();
         let mut block = f.after / BLOCK;
         let blocks = size.div_ceil(BLOCK);
         while block < blocks {
-            let end = (block + window).min(blocks);
-            let summaries = self.summaries(block, end, w.subject.is_some()).await?;
-            for b in block..end {
-                if summaries.get(&b).is_some_and(|s| !s.may_match(w)) {
-                    continue;
-                }
+            let end = ((block / GROUP_BLOCKS + GROUP_WINDOW) * GROUP_BLOCKS).min(blocks);
+            for b in self.candidates(w, block, end).await? {
                 let (from, to) = ((b * BLOCK).max(f.after), ((b + 1) * BLOCK).min(size));
                 if from >= to {
                     continue;
@@ -212,6 +209,122 @@ impl AuditLog {
                 }
             }
             block = end;
+        }
+        Ok(out)
+    }
+
+    /// The blocks of `[from, to)` that may hold an entry `w` wants, in order. A group with a
+    /// summary that rules `w` out is skipped whole; in an indexed group, a subject's blocks
+    /// are those its postings name; every other block (groups without a summary, the
+    /// agencies and times of a group that may match) is decided by its own summary, and a
+    /// block without one (the open block, or one not summarised yet) is kept.
+    async fn candidates(&self, w: &Wanted<'_>, from: u64, to: u64) -> Result<Vec<u64>, AuditError> {
+        let (g0, g1) = (from / GROUP_BLOCKS, to.div_ceil(GROUP_BLOCKS));
+        let groups = self.group_summaries(g0, g1).await?;
+        let probe = w.subject.map(|id| shard_key(hashes(id).0));
+        let postings = match probe {
+            Some((shard, _)) => {
+                let keys: Vec<i64> = groups
+                    .iter()
+                    .filter(|(_, (indexed, s))| *indexed && s.may_match(w))
+                    .map(|(g, _)| row_key(*g, shard))
+                    .collect();
+                self.postings(&keys).await?
+            }
+            None => std::collections::HashMap::new(),
+        };
+        let mut out = Vec::new();
+        let mut by_block = Vec::new();
+        for g in g0..g1 {
+            let blocks = (g * GROUP_BLOCKS).max(from)..((g + 1) * GROUP_BLOCKS).min(to);
+            match (groups.get(&g), probe) {
+                (Some((_, s)), _) if !s.may_match(w) => {}
+                (Some((true, _)), Some((shard, key))) => {
+                    // Every shard has a row: one missing is damage, searched block by block.
+                    let Some(row) = postings.get(&row_key(g, shard)) else {
+                        by_block.extend(blocks);
+                        continue;
+                    };
+                    match offsets_in(row, key) {
+                        Some(offsets) => out.extend(
+                            offsets
+                                .into_iter()
+                                .map(|o| g * GROUP_BLOCKS + u64::from(o))
+                                .filter(|b| blocks.contains(b)),
+                        ),
+                        None => out.extend(blocks),
+                    }
+                }
+                _ => by_block.extend(blocks),
+            }
+        }
+        // Summaries read per query: ~6 KiB each with a full block's subject filter, which is
+        // read only when searching by subject.
+        let window: usize = if w.subject.is_some() { 256 } else { 4_096 };
+        for chunk in by_block.chunks(window) {
+            let (first, last) = (chunk[0], chunk[chunk.len() - 1]);
+            let summaries = self.summaries(first, last + 1, w.subject.is_some()).await?;
+            out.extend(
+                chunk
+                    .iter()
+                    .filter(|b| summaries.get(b).is_none_or(|s| s.may_match(w))),
+            );
+        }
+        out.sort_unstable();
+        out.dedup();
+        Ok(out)
+    }
+
+    /// The stored summaries of groups `[from, to)`: whether the group has postings, and its
+    /// agencies and times (as a block summary that rules out no subject).
+    async fn group_summaries(
+        &self,
+        from: u64,
+        to: u64,
+    ) -> Result<std::collections::HashMap<u64, (bool, Summary)>, AuditError> {
+        type Row = (i64, i32, Option<String>, Option<i64>, Option<i64>);
+        let rows: Vec<Row> = with_reader!(&self.reader, |pool| {
+            sqlx::query_as(
+                "SELECT grp, indexed, agencies, first_time_ms, last_time_ms \
+                 FROM audit_block_groups WHERE grp >= $1 AND grp < $2",
+            )
+            .bind(from as i64)
+            .bind(to as i64)
+            .fetch_all(pool)
+            .await
+        })
+        .map_err(|e| AuditError::Read(e.to_string()))?;
+        Ok(rows
+            .into_iter()
+            .map(|(g, indexed, agencies, first, last)| {
+                let s = Summary::from_columns(MATCH_ALL.to_vec(), agencies.as_deref(), first, last);
+                (g as u64, (indexed == 1, s))
+            })
+            .collect())
+    }
+
+    /// The stored postings rows of these keys.
+    async fn postings(
+        &self,
+        keys: &[i64],
+    ) -> Result<std::collections::HashMap<i64, Vec<u8>>, AuditError> {
+        let mut out = std::collections::HashMap::new();
+        for chunk in keys.chunks(256) {
+            let list: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+            let sql = format!(
+                "SELECT key, postings FROM audit_group_postings WHERE key IN ({})",
+                list.join(", ")
+            );
+            let rows: Vec<(i64, Vec<u8>)> = with_reader!(&self.reader, |pool| {
+                // Built only from constants and numbered placeholders.
+                let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql.clone()));
+                for k in chunk {
+                    q = q.bind(*k);
+                }
+                q.fetch_all(pool).await
+            })
+            .map_err(|e| AuditError::Read(e.to_string()))?;
+            out.extend(rows);
         }
         Ok(out)
     }

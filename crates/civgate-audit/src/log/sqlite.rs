@@ -62,6 +62,14 @@ CREATE TABLE IF NOT EXISTS audit_subject_blocks (
     first_time_ms INTEGER,
     last_time_ms INTEGER
 );
+CREATE TABLE IF NOT EXISTS audit_block_groups (
+    grp INTEGER PRIMARY KEY,
+    indexed INTEGER NOT NULL,
+    agencies TEXT,
+    first_time_ms INTEGER,
+    last_time_ms INTEGER
+);
+CREATE TABLE IF NOT EXISTS audit_group_postings (key INTEGER PRIMARY KEY, postings BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS audit_subtrees (node INTEGER PRIMARY KEY, hash BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS audit_checkpoints (
     size INTEGER PRIMARY KEY,

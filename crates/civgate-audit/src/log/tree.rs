@@ -129,6 +129,16 @@ macro_rules! remove_stale {
                 .bind(size as i64)
                 .execute(&mut *$conn)
                 .await?;
+            // So does a group's.
+            let groups = size / ($crate::subjects::BLOCK * $crate::groups::GROUP_BLOCKS);
+            sqlx::query("DELETE FROM audit_block_groups WHERE grp >= $1")
+                .bind(groups as i64)
+                .execute(&mut *$conn)
+                .await?;
+            sqlx::query("DELETE FROM audit_group_postings WHERE key >= $1")
+                .bind($crate::groups::row_key(groups, 0))
+                .execute(&mut *$conn)
+                .await?;
             if stale > 0 {
                 tracing::warn!(
                     size,

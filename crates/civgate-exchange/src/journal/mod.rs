@@ -252,6 +252,7 @@ impl Journal {
             last,
             journal: journal.clone(),
             audit,
+            queued_cases: 0,
         };
         tokio::spawn(writer.run(rx, index_rx, retention));
         Self {
@@ -262,7 +263,7 @@ impl Journal {
     }
 
     /// Moves the queued requests' cases into the case index now (the writer does every
-    /// second anyway); how many it moved. Lookups by case find a request before and after.
+    /// 10 s, or sooner under load, anyway); how many it moved. Lookups by case find a request before and after.
     pub async fn index_cases(&self) -> Result<u64, JournalError> {
         let (done, answer) = oneshot::channel();
         self.index_now

@@ -43,16 +43,21 @@ pub(super) trait Dialect: Send + 'static {
     /// `journal_request_cases_pending` into `journal_request_cases`, sorted by case, in one
     /// transaction; returns how many it moved. Commits queue a request's case (a trigger on
     /// `journal_requests`, pages appended in event order) instead of writing an index entry at
-    /// a random place of a large index; moved a second's worth at a time, many entries share a
-    /// page. A lookup by case reads both tables in one statement (`requests::list_sql`).
+    /// a random place of a large index; moved many at a time ([`CASES_QUEUED`]), many entries
+    /// share a page. A lookup by case reads both tables in one statement (`requests::list_sql`).
     fn index_cases(&mut self, max: i64) -> impl Future<Output = Result<u64>> + Send;
 }
 
 /// Requests' cases moved per pass of [`Dialect::index_cases`] at most.
-pub(super) const CASES_PER_PASS: i64 = 65_536;
+pub(super) const CASES_PER_PASS: i64 = 262_144;
 
-/// How often the writer moves queued cases into the case index.
-const CASES_EVERY: Duration = Duration::from_secs(1);
+/// How often the writer moves queued cases into the case index, at the latest.
+const CASES_EVERY: Duration = Duration::from_secs(10);
+
+/// Cases this writer has queued since its last pass that start one at once. The larger a
+/// pass, the more of its entries share the index's pages (a pass writes each page it touches
+/// once); the queue a lookup scans stays below about this size at any publish rate.
+const CASES_QUEUED: u64 = 65_536;
 
 /// Asks the writer to index the queued cases now (one pass); answered with how many it moved.
 pub(super) type IndexNow = oneshot::Sender<Result<u64, JournalError>>;
@@ -287,6 +292,9 @@ pub(super) struct Writer<D> {
     pub(super) journal: Journal,
     /// The audit log's right edge: publishes' records are committed with their events.
     pub(super) audit: Option<AuditTail>,
+    /// Requests with a case this writer has committed (or tried to) since its last pass of
+    /// the case index.
+    pub(super) queued_cases: u64,
 }
 
 impl<D: Dialect> Writer<D> {
@@ -309,7 +317,17 @@ impl<D: Dialect> Writer<D> {
                     // at 64 publishes in flight a wait before the commit only delays the
                     // next wave (measured: fewer publishes/s, not more).
                     drain(&mut rx, &mut batch, MAX_BATCH);
+                    self.queued_cases += batch
+                        .iter()
+                        .filter(|j| matches!(j, Job::Publish { opens: Some(o), .. } if !o.case_reference.is_empty()))
+                        .count() as u64;
                     self.commit(batch).await;
+                    if self.queued_cases >= CASES_QUEUED {
+                        cases.reset();
+                        if let Err(e) = self.index_cases().await {
+                            error!(error = %e, "indexing requests' cases failed");
+                        }
+                    }
                 }
                 _ = prune.tick(), if retention.is_some() => {
                     if let Some(r) = retention
@@ -337,6 +355,7 @@ impl<D: Dialect> Writer<D> {
 
     /// One pass of [`Dialect::index_cases`], under the audit tail's lock like every write.
     async fn index_cases(&mut self) -> Result<u64> {
+        self.queued_cases = 0;
         let tail = self.audit.clone();
         let _writing = AuditTail::lock_if(tail.as_ref()).await;
         self.conn.index_cases(CASES_PER_PASS).await

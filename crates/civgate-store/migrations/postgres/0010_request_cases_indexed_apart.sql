@@ -2,7 +2,7 @@
 -- written by every commit: dossier codes come in no order, so each request's index entry
 -- landed on its own page. A request with a case is queued in `journal_request_cases_pending`
 -- (by the trigger, in event order: appended pages) and moved into `journal_request_cases` by
--- the writer every second, sorted, many per page. A lookup by case reads both tables in one
+-- the writers in passes (every 10 s at the latest), sorted, many per page. A lookup by case reads both tables in one
 -- statement; a request is in one or the other (the move is one statement), never in neither.
 CREATE TABLE journal_request_cases (
     case_reference TEXT NOT NULL,

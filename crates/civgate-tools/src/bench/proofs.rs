@@ -120,6 +120,19 @@ pub(super) async fn audit_proofs(a: &AuditProofArgs) -> Result<()> {
         "subject filters of {blocks} blocks ready {:.1} s after open",
         started.elapsed().as_secs_f64()
     );
+    // And the summaries of every complete group of blocks (built from the leaves where this
+    // process did not append the whole group: allow for reading them back).
+    let groups = blocks / crate::audit::groups::GROUP_BLOCKS;
+    tokio::time::timeout(
+        Duration::from_secs(3_600),
+        log.grouped().wait_for(|g| *g >= groups),
+    )
+    .await
+    .context("group summaries not built within an hour")??;
+    println!(
+        "group summaries of {groups} groups ready {:.1} s after open",
+        started.elapsed().as_secs_f64()
+    );
     let mut found =
         Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut absent = found.clone();

@@ -1,0 +1,13 @@
+-- The audit log's search index gets a second level: a summary per group of 64 blocks
+-- (262,144 entries) — its agencies, its time range, and postings (32 bits of each personal
+-- ID's hash and the blocks of the group naming it, one row per hash shard). Built in the
+-- background from the leaves like the block summaries; a group without one is searched block
+-- by block.
+CREATE TABLE audit_block_groups (
+    grp BIGINT PRIMARY KEY,
+    indexed INTEGER NOT NULL,
+    agencies TEXT,
+    first_time_ms BIGINT,
+    last_time_ms BIGINT
+);
+CREATE TABLE audit_group_postings (key BIGINT PRIMARY KEY, postings BYTEA NOT NULL);
