@@ -33,11 +33,19 @@ pub const GROUP_BLOCKS: u64 = 2;
 /// Postings rows per group, by the top bits of an ID's first hash.
 pub const SHARDS: u64 = 1_024;
 
+/// Entries per chunk, what a posting points at: a search by ID scans the chunks its postings
+/// name, not whole blocks.
+pub const CHUNK: u64 = 256;
+
+/// Chunks per block.
+pub const BLOCK_CHUNKS: u64 = crate::subjects::BLOCK / CHUNK;
+
 /// Postings format tag (first byte of a row).
 const FORMAT: u8 = 1;
 
-/// Bytes per posting: 32 bits of the hash (little-endian), the block's offset in its group.
-const POSTING: usize = 5;
+/// Bytes per posting: 32 bits of the hash, the chunk's offset in its group (both
+/// little-endian).
+const POSTING: usize = 6;
 
 /// The shard and the 32-bit key of an ID whose first hash is `h1` (disjoint bits).
 pub(crate) fn shard_key(h1: u64) -> (u64, u32) {
@@ -76,8 +84,8 @@ pub(crate) struct GroupBuilder {
     pub group: u64,
     /// The offset of the next block this builder needs.
     next: u64,
-    /// (ID hash, block offset) of every block so far.
-    pairs: Vec<(u64, u8)>,
+    /// (ID hash, chunk offset in the group) of every block so far.
+    pairs: Vec<(u64, u16)>,
     agencies: Option<BTreeSet<String>>,
     time: Option<(i64, i64)>,
     exact: bool,
@@ -100,12 +108,17 @@ impl GroupBuilder {
         if self.complete() || block != self.group * GROUP_BLOCKS + self.next {
             return false;
         }
-        let offset = self.next as u8;
+        let offset = self.next;
         self.next += 1;
         if s.filter == MATCH_ALL {
             self.exact = false;
         }
-        self.pairs.extend(s.ids.iter().map(|h| (*h, offset)));
+        let first = (offset * BLOCK_CHUNKS) as u16;
+        self.pairs.extend(
+            s.ids
+                .iter()
+                .map(|(h, chunk)| (*h, first + u16::from(*chunk))),
+        );
         match (&mut self.agencies, &s.agencies) {
             (Some(all), Some(these)) => all.extend(these.iter().cloned()),
             _ => self.agencies = None,
@@ -143,7 +156,7 @@ impl GroupBuilder {
                 while at < self.pairs.len() && shard_key(self.pairs[at].0).0 == shard {
                     let (h, off) = self.pairs[at];
                     row.extend_from_slice(&shard_key(h).1.to_le_bytes());
-                    row.push(off);
+                    row.extend_from_slice(&off.to_le_bytes());
                     at += 1;
                 }
                 postings.push((row_key(self.group, shard), row));
@@ -159,10 +172,10 @@ impl GroupBuilder {
     }
 }
 
-/// The offsets, within its group, of the blocks a postings row says may name the ID with
+/// The offsets, within its group, of the chunks a postings row says may name the ID with
 /// hash key `key` (sorted, distinct); `None` when the row's format is unknown (every block
 /// of the group is to be searched).
-pub(crate) fn offsets_in(row: &[u8], key: u32) -> Option<Vec<u8>> {
+pub(crate) fn offsets_in(row: &[u8], key: u32) -> Option<Vec<u16>> {
     let [FORMAT, postings @ ..] = row else {
         return None;
     };
@@ -186,7 +199,8 @@ pub(crate) fn offsets_in(row: &[u8], key: u32) -> Option<Vec<u8>> {
     }
     let mut out = Vec::new();
     while lo < n && key_at(lo) == key {
-        out.push(postings[lo * POSTING + 4]);
+        let p = &postings[lo * POSTING + 4..lo * POSTING + 6];
+        out.push(u16::from_le_bytes([p[0], p[1]]));
         lo += 1;
     }
     Some(out)
@@ -200,20 +214,29 @@ mod tests {
     fn block_of(ids: &[&str], agency: &str, t: i64) -> Summary {
         let mut s = Summary::unknown();
         s.filter = vec![1, 8, 0];
-        s.ids = ids.iter().map(|id| hashes(id).0).collect();
+        // Each in the block's chunk 3 (a chunk's offset in its group is the block's times
+        // the chunks per block, plus 3).
+        s.ids = ids.iter().map(|id| (hashes(id).0, 3)).collect();
         s.agencies = Some(vec![agency.to_owned()]);
         s.time = Some((t, t + 1));
         s
     }
 
+    /// The blocks (offsets in the group) a group's postings name for `id`.
     fn lookup(g: &GroupSummary, id: &str) -> Vec<u8> {
         let (shard, key) = shard_key(hashes(id).0);
         let k = row_key(g.group, shard);
-        g.postings
+        let chunks = g
+            .postings
             .iter()
             .find(|(rk, _)| *rk == k)
             .map(|(_, row)| offsets_in(row, key).unwrap())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        assert!(chunks.iter().all(|c| u64::from(*c) % BLOCK_CHUNKS == 3));
+        chunks
+            .into_iter()
+            .map(|c| (u64::from(c) / BLOCK_CHUNKS) as u8)
+            .collect()
     }
 
     #[test]
@@ -285,7 +308,7 @@ mod tests {
 
     #[test]
     fn rows_of_an_unknown_format_search_everything() {
-        assert_eq!(offsets_in(&[2, 0, 0, 0, 0, 1], 0), None);
+        assert_eq!(offsets_in(&[2, 0, 0, 0, 0, 1, 0], 0), None);
         assert_eq!(offsets_in(&[FORMAT, 0, 0], 0), None);
         assert_eq!(offsets_in(&[FORMAT], 7), Some(vec![]));
     }

@@ -136,9 +136,10 @@ pub struct Summary {
     pub agencies: Option<Vec<String>>,
     /// The earliest and the latest time of its entries (ms since the epoch); `None`: unknown.
     pub time: Option<(i64, i64)>,
-    /// The first [`hashes`] of the distinct IDs, sorted, when built here (for the group's
-    /// postings, [`crate::groups`]); empty when read from the store.
-    pub ids: Vec<u64>,
+    /// The first [`hashes`] of the distinct IDs, each with the chunk of the block
+    /// ([`crate::groups::CHUNK`] entries) that names it, sorted and distinct, when built here
+    /// (for the group's postings, [`crate::groups`]); empty when read from the store.
+    pub ids: Vec<(u64, u8)>,
 }
 
 /// What a search asks of a block's entries (`None`: anything).
@@ -236,13 +237,22 @@ impl Summary {
 #[derive(Default)]
 struct Accumulator {
     hashes: Vec<(u64, u64)>,
+    /// Entries added: the next one's position in the block.
+    added: u64,
+    ids: Vec<(u64, u8)>,
     agencies: std::collections::BTreeSet<String>,
     time: Option<(i64, i64)>,
 }
 
 impl Accumulator {
     fn add(&mut self, subjects: &[String], agency: &str, time_ms: i64) {
-        self.hashes.extend(subjects.iter().map(|id| hashes(id)));
+        let chunk = (self.added / crate::groups::CHUNK) as u8;
+        self.added += 1;
+        for id in subjects {
+            let h = hashes(id);
+            self.hashes.push(h);
+            self.ids.push((h.0, chunk));
+        }
         if !self.agencies.contains(agency) {
             self.agencies.insert(agency.to_owned());
         }
@@ -254,7 +264,8 @@ impl Accumulator {
     /// The summary of what was added; starts over empty.
     fn finish(&mut self) -> Summary {
         let filter = filter_of_hashes(&mut self.hashes);
-        let mut ids: Vec<u64> = self.hashes.iter().map(|h| h.0).collect();
+        let mut ids = std::mem::take(&mut self.ids);
+        ids.sort_unstable();
         ids.dedup();
         let summary = Summary {
             filter,
@@ -268,6 +279,8 @@ impl Accumulator {
 
     fn clear(&mut self) {
         self.hashes.clear();
+        self.ids.clear();
+        self.added = 0;
         self.agencies.clear();
         self.time = None;
     }

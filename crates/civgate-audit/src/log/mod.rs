@@ -22,6 +22,7 @@
 //!    if the commit failed, put back the range as it was before staging.
 
 use std::{
+    collections::HashMap,
     sync::{
         Arc, RwLock,
         atomic::{AtomicU64, Ordering},
@@ -125,7 +126,15 @@ pub struct AuditLog {
     filtered: watch::Receiver<u64>,
     /// Groups `[0, n)` have their summary (`groups`).
     grouped: watch::Receiver<u64>,
+    /// The subtree hashes of [`UPPER_LEVEL`] and above, once read (loaded at open).
+    upper: Arc<RwLock<HashMap<(u32, u64), crate::merkle::Hash>>>,
 }
+
+/// Subtree hashes at this level (subtrees of 1,024 leaves) and above are kept in memory: a
+/// proof then reads from the store only the few hashes below it, near its leaf. Two per
+/// 1,024 entries: ~20,000 hashes (under 2 MB) at 10 million entries. A complete subtree's
+/// hash never changes, so a kept hash is never stale.
+pub(crate) const UPPER_LEVEL: u32 = 10;
 
 /// The tree's right edge and the log's committed size, shared by the two writers that append
 /// to the log: the audit log's own, and the journal's, which commits a publish's record in the
@@ -276,7 +285,10 @@ impl AuditLog {
             )),
             filtered: watch::channel(0).1,
             grouped: watch::channel(0).1,
+            upper: Arc::new(RwLock::new(HashMap::new())),
         };
+        // Before the first proof is asked for.
+        log.load_upper(size).await?;
         let (tx, rx) = mpsc::channel(16_384);
         let mut writer = Writer {
             conn,

@@ -4,10 +4,10 @@
 use anyhow::Result;
 
 use super::tree::fetch_nodes;
-use super::{AuditError, AuditLog, Filter, MAX_ENTRIES};
+use super::{AuditError, AuditLog, Filter, MAX_ENTRIES, UPPER_LEVEL};
 use crate::store::{Reader, with_reader};
 use crate::{
-    groups::{GROUP_BLOCKS, offsets_in, row_key, shard_key},
+    groups::{CHUNK, GROUP_BLOCKS, offsets_in, row_key, shard_key},
     merkle::{Hash, NodeId, consistency_ranges, decompose, fold_range, inclusion_ranges},
     subjects::{BLOCK, MATCH_ALL, Summary, Wanted, hashes, leaf_names},
 };
@@ -51,18 +51,65 @@ impl AuditLog {
         Ok(out)
     }
 
-    async fn hashes_of(&self, ranges: &[(u64, u64)]) -> Result<Vec<Hash>, AuditError> {
-        let ids: Vec<Vec<NodeId>> = ranges.iter().map(|(s, e)| decompose(*s, *e)).collect();
-        let flat: Vec<NodeId> = ids.iter().flatten().copied().collect();
-        let hashes = with_reader!(&self.reader, |pool| {
+    /// The hashes of `ids`, in order: those of [`UPPER_LEVEL`] and above from memory where
+    /// they are there (and kept once read), the rest from the store.
+    async fn nodes(&self, ids: &[NodeId]) -> Result<Vec<Hash>, AuditError> {
+        let mut out: Vec<Option<Hash>> = {
+            let upper = self.upper.read().unwrap_or_else(|p| p.into_inner());
+            ids.iter()
+                .map(|id| upper.get(&(id.level, id.index)).copied())
+                .collect()
+        };
+        let missing: Vec<NodeId> = ids
+            .iter()
+            .zip(&out)
+            .filter(|(_, h)| h.is_none())
+            .map(|(id, _)| *id)
+            .collect();
+        if missing.is_empty() {
+            return Ok(out.into_iter().flatten().collect());
+        }
+        let fetched = with_reader!(&self.reader, |pool| {
             let mut conn = pool
                 .acquire()
                 .await
                 .map_err(|e| AuditError::Read(e.to_string()))?;
-            fetch_nodes!(conn, &flat)
+            fetch_nodes!(conn, &missing)
                 .await
                 .map_err(|e| AuditError::Damaged(e.to_string()))?
         });
+        let mut upper = self.upper.write().unwrap_or_else(|p| p.into_inner());
+        let mut fetched = missing.iter().zip(fetched);
+        for slot in out.iter_mut().filter(|h| h.is_none()) {
+            if let Some((id, h)) = fetched.next() {
+                if id.level >= UPPER_LEVEL {
+                    upper.insert((id.level, id.index), h);
+                }
+                *slot = Some(h);
+            }
+        }
+        Ok(out.into_iter().flatten().collect())
+    }
+
+    /// Reads the subtree hashes of [`UPPER_LEVEL`] and above of a tree of `size` leaves into
+    /// memory.
+    pub(super) async fn load_upper(&self, size: u64) -> Result<(), AuditError> {
+        let mut ids = Vec::new();
+        let mut level = UPPER_LEVEL;
+        while size >> level > 0 {
+            ids.extend((0..size >> level).map(|index| NodeId { level, index }));
+            level += 1;
+        }
+        for chunk in ids.chunks(4_096) {
+            self.nodes(chunk).await?;
+        }
+        Ok(())
+    }
+
+    async fn hashes_of(&self, ranges: &[(u64, u64)]) -> Result<Vec<Hash>, AuditError> {
+        let ids: Vec<Vec<NodeId>> = ranges.iter().map(|(s, e)| decompose(*s, *e)).collect();
+        let flat: Vec<NodeId> = ids.iter().flatten().copied().collect();
+        let hashes = self.nodes(&flat).await?;
         let mut it = hashes.into_iter();
         Ok(ids
             .iter()
@@ -187,8 +234,8 @@ impl AuditLog {
         let blocks = size.div_ceil(BLOCK);
         while block < blocks {
             let end = ((block / GROUP_BLOCKS + GROUP_WINDOW) * GROUP_BLOCKS).min(blocks);
-            for b in self.candidates(w, block, end).await? {
-                let (from, to) = ((b * BLOCK).max(f.after), ((b + 1) * BLOCK).min(size));
+            for (start, stop) in self.candidates(w, block, end).await? {
+                let (from, to) = (start.max(f.after), stop.min(size));
                 if from >= to {
                     continue;
                 }
@@ -199,7 +246,10 @@ impl AuditLog {
                     }
                     continue;
                 };
-                for (i, leaf) in self.scan(f, from, to, BLOCK as usize, Some(id)).await? {
+                for (i, leaf) in self
+                    .scan(f, from, to, (to - from) as usize, Some(id))
+                    .await?
+                {
                     if leaf_names(&leaf, id) {
                         out.push((i, leaf));
                         if out.len() == limit {
@@ -213,12 +263,18 @@ impl AuditLog {
         Ok(out)
     }
 
-    /// The blocks of `[from, to)` that may hold an entry `w` wants, in order. A group with a
-    /// summary that rules `w` out is skipped whole; in an indexed group, a subject's blocks
-    /// are those its postings name; every other block (groups without a summary, the
-    /// agencies and times of a group that may match) is decided by its own summary, and a
-    /// block without one (the open block, or one not summarised yet) is kept.
-    async fn candidates(&self, w: &Wanted<'_>, from: u64, to: u64) -> Result<Vec<u64>, AuditError> {
+    /// The index ranges, within blocks `[from, to)`, that may hold an entry `w` wants, in
+    /// order. A group with a summary that rules `w` out is skipped whole; in an indexed group,
+    /// a subject's ranges are the chunks its postings name; every other block (groups
+    /// without a summary, the agencies and times of a group that may match) is decided by its
+    /// own summary, and a block without one (the open block, or one not summarised yet) is
+    /// kept whole.
+    async fn candidates(
+        &self,
+        w: &Wanted<'_>,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<(u64, u64)>, AuditError> {
         let (g0, g1) = (from / GROUP_BLOCKS, to.div_ceil(GROUP_BLOCKS));
         let groups = self.group_summaries(g0, g1).await?;
         let probe = w.subject.map(|id| shard_key(hashes(id).0));
@@ -246,13 +302,14 @@ impl AuditLog {
                         continue;
                     };
                     match offsets_in(row, key) {
-                        Some(offsets) => out.extend(
-                            offsets
+                        Some(chunks) => out.extend(
+                            chunks
                                 .into_iter()
-                                .map(|o| g * GROUP_BLOCKS + u64::from(o))
-                                .filter(|b| blocks.contains(b)),
+                                .map(|c| g * GROUP_BLOCKS * BLOCK + u64::from(c) * CHUNK)
+                                .filter(|start| blocks.contains(&(start / BLOCK)))
+                                .map(|start| (start, start + CHUNK)),
                         ),
-                        None => out.extend(blocks),
+                        None => by_block.extend(blocks),
                     }
                 }
                 _ => by_block.extend(blocks),
@@ -267,7 +324,8 @@ impl AuditLog {
             out.extend(
                 chunk
                     .iter()
-                    .filter(|b| summaries.get(b).is_none_or(|s| s.may_match(w))),
+                    .filter(|b| summaries.get(b).is_none_or(|s| s.may_match(w)))
+                    .map(|b| (b * BLOCK, (b + 1) * BLOCK)),
             );
         }
         out.sort_unstable();
