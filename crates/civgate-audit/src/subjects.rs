@@ -140,6 +140,58 @@ pub struct Summary {
     /// ([`crate::groups::CHUNK`] entries) that names it, sorted and distinct, when built here
     /// (for the group's postings, [`crate::groups`]); empty when read from the store.
     pub ids: Vec<(u64, u8)>,
+    /// Per chunk of [`crate::groups::CHUNK`] entries, in order: its time range and which of
+    /// `agencies` its entries name; `None`: unknown (the whole block is scanned).
+    pub chunks: Option<Vec<Chunk>>,
+}
+
+/// What a chunk of a block holds: its entries' earliest and latest time, and a bit per agency
+/// of the block's (sorted) list that it names — all bits when the block names more than 64.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Chunk {
+    pub first_ms: i64,
+    pub last_ms: i64,
+    pub agencies: u64,
+}
+
+/// The `chunks` column's format tag, and bytes per chunk in it.
+const CHUNKS_FORMAT: u8 = 1;
+const CHUNK_BYTES: usize = 24;
+
+/// The stored `chunks` column: `[format, (first_ms, last_ms, agencies) LE …]`.
+pub(crate) fn encode_chunks(chunks: &[Chunk]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1 + CHUNK_BYTES * chunks.len());
+    out.push(CHUNKS_FORMAT);
+    for c in chunks {
+        out.extend_from_slice(&c.first_ms.to_le_bytes());
+        out.extend_from_slice(&c.last_ms.to_le_bytes());
+        out.extend_from_slice(&c.agencies.to_le_bytes());
+    }
+    out
+}
+
+/// The chunks of a stored column; `None` (unknown) for anything this build cannot read.
+pub(crate) fn decode_chunks(bytes: &[u8]) -> Option<Vec<Chunk>> {
+    let [CHUNKS_FORMAT, rest @ ..] = bytes else {
+        return None;
+    };
+    if !rest.len().is_multiple_of(CHUNK_BYTES) {
+        return None;
+    }
+    let int = |b: &[u8]| {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        a
+    };
+    Some(
+        rest.chunks(CHUNK_BYTES)
+            .map(|c| Chunk {
+                first_ms: i64::from_le_bytes(int(&c[0..8])),
+                last_ms: i64::from_le_bytes(int(&c[8..16])),
+                agencies: u64::from_le_bytes(int(&c[16..24])),
+            })
+            .collect(),
+    )
 }
 
 /// What a search asks of a block's entries (`None`: anything).
@@ -170,6 +222,7 @@ impl Summary {
             agencies: None,
             time: None,
             ids: Vec::new(),
+            chunks: None,
         }
     }
 
@@ -202,6 +255,35 @@ impl Summary {
         true
     }
 
+    /// The index ranges, within block `block`, that may hold an entry `w` wants (its agency
+    /// and time; the caller has checked the block as a whole): the chunks that may, or the
+    /// whole block when its chunks are unknown.
+    pub(crate) fn ranges(&self, block: u64, w: &Wanted<'_>) -> Vec<(u64, u64)> {
+        let start = block * BLOCK;
+        let (Some(chunks), Some(agencies)) = (&self.chunks, &self.agencies) else {
+            return vec![(start, start + BLOCK)];
+        };
+        let bit = match w.agency {
+            None => u64::MAX,
+            Some(a) => match agencies.binary_search_by(|x| x.as_str().cmp(a)) {
+                Ok(_) if agencies.len() > 64 => u64::MAX,
+                Ok(i) => 1 << i,
+                Err(_) => 0,
+            },
+        };
+        let size = crate::groups::CHUNK;
+        chunks
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| {
+                c.agencies & bit != 0
+                    && w.from_ms.is_none_or(|from| c.last_ms >= from)
+                    && w.to_ms.is_none_or(|to| c.first_ms < to)
+            })
+            .map(|(i, _)| (start + i as u64 * size, start + (i as u64 + 1) * size))
+            .collect()
+    }
+
     /// The stored `agencies` column: a JSON array, or NULL when unknown.
     pub(crate) fn agencies_column(&self) -> Option<String> {
         self.agencies
@@ -215,6 +297,7 @@ impl Summary {
         agencies: Option<&str>,
         first_ms: Option<i64>,
         last_ms: Option<i64>,
+        chunks: Option<&[u8]>,
     ) -> Self {
         let agencies = agencies
             .and_then(|a| serde_json::from_str::<Vec<String>>(a).ok())
@@ -228,6 +311,7 @@ impl Summary {
             agencies,
             time: first_ms.zip(last_ms),
             ids: Vec::new(),
+            chunks: chunks.and_then(decode_chunks),
         }
     }
 }
@@ -242,6 +326,8 @@ struct Accumulator {
     ids: Vec<(u64, u8)>,
     agencies: std::collections::BTreeSet<String>,
     time: Option<(i64, i64)>,
+    /// Per chunk so far: its time range and the agencies it names.
+    chunks: Vec<((i64, i64), std::collections::BTreeSet<String>)>,
 }
 
 impl Accumulator {
@@ -259,6 +345,17 @@ impl Accumulator {
         self.time = Some(self.time.map_or((time_ms, time_ms), |(a, b)| {
             (a.min(time_ms), b.max(time_ms))
         }));
+        if self.chunks.len() <= usize::from(chunk) {
+            self.chunks
+                .push(((time_ms, time_ms), std::collections::BTreeSet::new()));
+        }
+        if let Some(((first, last), names)) = self.chunks.last_mut() {
+            *first = (*first).min(time_ms);
+            *last = (*last).max(time_ms);
+            if !names.contains(agency) {
+                names.insert(agency.to_owned());
+            }
+        }
     }
 
     /// The summary of what was added; starts over empty.
@@ -267,11 +364,29 @@ impl Accumulator {
         let mut ids = std::mem::take(&mut self.ids);
         ids.sort_unstable();
         ids.dedup();
+        let agencies: Vec<String> = std::mem::take(&mut self.agencies).into_iter().collect();
+        let chunks = std::mem::take(&mut self.chunks)
+            .into_iter()
+            .map(|((first_ms, last_ms), names)| Chunk {
+                first_ms,
+                last_ms,
+                agencies: if agencies.len() > 64 {
+                    u64::MAX
+                } else {
+                    agencies
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, a)| names.contains(*a))
+                        .fold(0, |m, (i, _)| m | 1 << i)
+                },
+            })
+            .collect();
         let summary = Summary {
             filter,
-            agencies: Some(std::mem::take(&mut self.agencies).into_iter().collect()),
+            agencies: Some(agencies),
             time: self.time,
             ids,
+            chunks: Some(chunks),
         };
         self.clear();
         summary
@@ -280,6 +395,7 @@ impl Accumulator {
     fn clear(&mut self) {
         self.hashes.clear();
         self.ids.clear();
+        self.chunks.clear();
         self.added = 0;
         self.agencies.clear();
         self.time = None;
@@ -547,13 +663,13 @@ impl Indexer {
     }
 
     /// Completes the summaries of blocks summarised by an older build (a subjects filter
-    /// only), from their leaves, four blocks per call, from block `from` on; returns the
+    /// only, or no chunks), from their leaves, four blocks per call, from block `from` on; returns the
     /// number of blocks it completed and the block to go on from, or `None` when none is left.
     pub(crate) async fn backfill(&mut self, from: u64) -> Result<(u64, Option<u64>)> {
         let blocks: Vec<i64> = with_reader!(&self.reader, |pool| {
             sqlx::query_scalar(
                 "SELECT block FROM audit_subject_blocks \
-                 WHERE block >= $1 AND agencies IS NULL ORDER BY block LIMIT 4",
+                 WHERE block >= $1 AND (agencies IS NULL OR chunks IS NULL) ORDER BY block LIMIT 4",
             )
             .bind(from as i64)
             .fetch_all(pool)
@@ -592,22 +708,23 @@ impl Indexer {
 
     async fn store(&mut self, block: u64, s: &Summary) -> Result<()> {
         let sql = "INSERT INTO audit_subject_blocks \
-                   (block, filter, agencies, first_time_ms, last_time_ms) \
-                   VALUES ($1, $2, $3, $4, $5) ON CONFLICT (block) DO NOTHING";
+                   (block, filter, agencies, first_time_ms, last_time_ms, chunks) \
+                   VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (block) DO NOTHING";
         self.write(sql, block, s).await
     }
 
     async fn update(&mut self, block: u64, s: &Summary) -> Result<()> {
         let sql = "UPDATE audit_subject_blocks \
-                   SET filter = $2, agencies = $3, first_time_ms = $4, last_time_ms = $5 \
-                   WHERE block = $1 AND agencies IS NULL";
+                   SET filter = $2, agencies = $3, first_time_ms = $4, last_time_ms = $5, \
+                   chunks = $6 WHERE block = $1 AND (agencies IS NULL OR chunks IS NULL)";
         self.write(sql, block, s).await
     }
 
-    /// Runs `sql` with the block's number and summary as `$1`…`$5`.
+    /// Runs `sql` with the block's number and summary as `$1`…`$6`.
     async fn write(&mut self, sql: &'static str, block: u64, s: &Summary) -> Result<()> {
         let (first, last) = (s.time.map(|t| t.0), s.time.map(|t| t.1));
         let agencies = s.agencies_column();
+        let chunks = s.chunks.as_deref().map(encode_chunks);
         // One statement, bound for either backend.
         macro_rules! bound {
             () => {
@@ -617,6 +734,7 @@ impl Indexer {
                     .bind(agencies.as_deref())
                     .bind(first)
                     .bind(last)
+                    .bind(chunks.as_deref())
             };
         }
         match &mut self.writer {
@@ -821,6 +939,58 @@ mod tests {
     /// A summary rules a block out only when it knows: an unknown part, or an unknown
     /// summary, always matches.
     #[test]
+    fn agency_and_time_searches_scan_only_the_chunks_that_may_match() {
+        use crate::groups::CHUNK;
+        // 600 entries: three chunks (256, 256, 88); agency "x" in the second only; times grow.
+        let records: Vec<AuditRecord> = (0..600u64)
+            .map(|i| AuditRecord {
+                agency_id: if i == 300 { "x".into() } else { "a".into() },
+                time_unix_ms: 1_000 + i as i64,
+                subject_personal_ids: vec![id(i)],
+                ..Default::default()
+            })
+            .collect();
+        let s = Summary::of(&records);
+        let w = |agency, from_ms, to_ms| Wanted {
+            subject: None,
+            agency,
+            from_ms,
+            to_ms,
+        };
+        let at = 5 * BLOCK;
+        assert_eq!(
+            s.ranges(5, &w(Some("x"), None, None)),
+            [(at + CHUNK, at + 2 * CHUNK)]
+        );
+        assert!(s.ranges(5, &w(Some("y"), None, None)).is_empty());
+        assert_eq!(
+            s.ranges(5, &w(Some("a"), None, None)).len(),
+            3,
+            "every chunk names a"
+        );
+        assert_eq!(
+            s.ranges(5, &w(None, Some(1_000 + 520), Some(1_000 + 521))),
+            [(at + 2 * CHUNK, at + 3 * CHUNK)]
+        );
+        // A window across a chunk boundary takes both.
+        assert_eq!(
+            s.ranges(5, &w(None, Some(1_000 + 250), Some(1_000 + 260))),
+            [(at, at + CHUNK), (at + CHUNK, at + 2 * CHUNK)]
+        );
+        // More than 64 agencies in a block: the bits cannot tell them apart, every chunk is kept.
+        let many: Vec<AuditRecord> = (0..300u64)
+            .map(|i| AuditRecord {
+                agency_id: format!("agency-{:03}", i % 100),
+                ..Default::default()
+            })
+            .collect();
+        let s = Summary::of(&many);
+        assert_eq!(s.ranges(0, &w(Some("agency-007"), None, None)).len(), 2);
+        // One the block does not name at all: none.
+        assert!(s.ranges(0, &w(Some("agency-999"), None, None)).is_empty());
+    }
+
+    #[test]
     fn summaries_rule_out_only_what_they_know() {
         let rec = |agency: &str, t: i64, who: u64| AuditRecord {
             agency_id: agency.into(),
@@ -862,8 +1032,18 @@ mod tests {
             s.agencies_column().as_deref(),
             Some(100),
             Some(300),
+            s.chunks.as_deref().map(encode_chunks).as_deref(),
         );
         assert_eq!(s.ids.len(), 3);
+        // Three entries: one chunk, times 100–300, both agencies.
+        assert_eq!(
+            s.chunks,
+            Some(vec![Chunk {
+                first_ms: 100,
+                last_ms: 300,
+                agencies: 0b11
+            }])
+        );
         assert_eq!(
             back,
             Summary {
@@ -873,11 +1053,17 @@ mod tests {
         );
         for unknown in [
             Summary::unknown(),
-            Summary::from_columns(s.filter.clone(), None, None, None),
-            Summary::from_columns(s.filter.clone(), Some("not json"), Some(100), None),
+            Summary::from_columns(s.filter.clone(), None, None, None, None),
+            Summary::from_columns(s.filter.clone(), Some("not json"), Some(100), None, None),
         ] {
             assert!(unknown.may_match(&w(Some("c"), Some(301), None, None)));
+            assert_eq!(
+                unknown.ranges(2, &w(Some("c"), None, None, None)),
+                [(2 * BLOCK, 3 * BLOCK)]
+            );
         }
+        assert_eq!(decode_chunks(&[2]), None);
+        assert_eq!(decode_chunks(&[CHUNKS_FORMAT, 0]), None);
         assert!(!w(None, None, None, None).selective());
     }
 

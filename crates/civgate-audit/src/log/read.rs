@@ -232,8 +232,11 @@ impl AuditLog {
         let mut out = Vec::new();
         let mut block = f.after / BLOCK;
         let blocks = size.div_ceil(BLOCK);
+        // Groups per window: one first (a common answer is near), growing to GROUP_WINDOW.
+        let mut window = 1;
         while block < blocks {
-            let end = ((block / GROUP_BLOCKS + GROUP_WINDOW) * GROUP_BLOCKS).min(blocks);
+            let end = ((block / GROUP_BLOCKS + window) * GROUP_BLOCKS).min(blocks);
+            window = (window * 4).min(GROUP_WINDOW);
             for (start, stop) in self.candidates(w, block, end).await? {
                 let (from, to) = (start.max(f.after), stop.min(size));
                 if from >= to {
@@ -321,12 +324,15 @@ impl AuditLog {
         for chunk in by_block.chunks(window) {
             let (first, last) = (chunk[0], chunk[chunk.len() - 1]);
             let summaries = self.summaries(first, last + 1, w.subject.is_some()).await?;
-            out.extend(
-                chunk
-                    .iter()
-                    .filter(|b| summaries.get(b).is_none_or(|s| s.may_match(w)))
-                    .map(|b| (b * BLOCK, (b + 1) * BLOCK)),
-            );
+            for &b in chunk {
+                match summaries.get(&b) {
+                    None => out.push((b * BLOCK, (b + 1) * BLOCK)),
+                    Some(s) if !s.may_match(w) => {}
+                    // A subject's blocks are scanned whole (chunks do not say who).
+                    Some(_) if w.subject.is_some() => out.push((b * BLOCK, (b + 1) * BLOCK)),
+                    Some(s) => out.extend(s.ranges(b, w)),
+                }
+            }
         }
         out.sort_unstable();
         out.dedup();
@@ -355,7 +361,13 @@ impl AuditLog {
         Ok(rows
             .into_iter()
             .map(|(g, indexed, agencies, first, last)| {
-                let s = Summary::from_columns(MATCH_ALL.to_vec(), agencies.as_deref(), first, last);
+                let s = Summary::from_columns(
+                    MATCH_ALL.to_vec(),
+                    agencies.as_deref(),
+                    first,
+                    last,
+                    None,
+                );
                 (g as u64, (indexed == 1, s))
             })
             .collect())
@@ -401,12 +413,14 @@ impl AuditLog {
             Option<String>,
             Option<i64>,
             Option<i64>,
+            Option<Vec<u8>>,
         );
+        // The subject filter for a subject search; the chunks for the others.
         let sql = if filters {
-            "SELECT block, filter, agencies, first_time_ms, last_time_ms \
+            "SELECT block, filter, agencies, first_time_ms, last_time_ms, NULL \
              FROM audit_subject_blocks WHERE block >= $1 AND block < $2"
         } else {
-            "SELECT block, NULL, agencies, first_time_ms, last_time_ms \
+            "SELECT block, NULL, agencies, first_time_ms, last_time_ms, chunks \
              FROM audit_subject_blocks WHERE block >= $1 AND block < $2"
         };
         let rows: Vec<Row> = with_reader!(&self.reader, |pool| {
@@ -419,7 +433,7 @@ impl AuditLog {
         .map_err(|e| AuditError::Read(e.to_string()))?;
         Ok(rows
             .into_iter()
-            .map(|(b, filter, agencies, first, last)| {
+            .map(|(b, filter, agencies, first, last, chunks)| {
                 (
                     b as u64,
                     Summary::from_columns(
@@ -427,6 +441,7 @@ impl AuditLog {
                         agencies.as_deref(),
                         first,
                         last,
+                        chunks.as_deref(),
                     ),
                 )
             })

@@ -60,7 +60,8 @@ CREATE TABLE IF NOT EXISTS audit_subject_blocks (
     filter BLOB NOT NULL,
     agencies TEXT,
     first_time_ms INTEGER,
-    last_time_ms INTEGER
+    last_time_ms INTEGER,
+    chunks BLOB
 );
 CREATE TABLE IF NOT EXISTS audit_block_groups (
     grp INTEGER PRIMARY KEY,
@@ -194,6 +195,17 @@ async fn summarise_blocks(conn: &mut SqliteConnection) -> Result<()> {
         )
         .execute(&mut *conn)
         .await?;
+    }
+    // And, from a later release, each block's chunks (completed in the background too).
+    let chunks: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pragma_table_info('audit_subject_blocks') WHERE name = 'chunks'",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    if chunks == 0 {
+        sqlx::raw_sql("ALTER TABLE audit_subject_blocks ADD COLUMN chunks BLOB")
+            .execute(&mut *conn)
+            .await?;
     }
     let indexes: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM sqlite_master WHERE type = 'index' \
