@@ -232,8 +232,9 @@ impl AuditLog {
         let mut out = Vec::new();
         let mut block = f.after / BLOCK;
         let blocks = size.div_ceil(BLOCK);
-        // Groups per window: one first (a common answer is near), growing to GROUP_WINDOW.
-        let mut window = 1;
+        // Groups per window: for an agency or a time, one first (a common answer is near),
+        // growing to GROUP_WINDOW; a citizen's entries are anywhere: the widest at once.
+        let mut window = if w.subject.is_some() { GROUP_WINDOW } else { 1 };
         while block < blocks {
             let end = ((block / GROUP_BLOCKS + window) * GROUP_BLOCKS).min(blocks);
             window = (window * 4).min(GROUP_WINDOW);
