@@ -949,3 +949,91 @@ async fn requests_are_found_by_case_queued_or_indexed_on_postgres() {
     )
     .await;
 }
+
+/// Two replicas publish requests of the same cases while both move the queued cases into the
+/// index at the same time: every request is found by its case, once, from either replica, and
+/// nothing is left queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_on_postgres_index_cases_without_losing_one() {
+    let Some(url) = crate::store::test_schema("journal_replica_cases").await else {
+        return;
+    };
+    let store = Store::Postgres { url, pool_max: 4 };
+    let a = Journal::open(&store, None, None, &Policy::default())
+        .await
+        .unwrap();
+    let b = Journal::open(&store, None, None, &Policy::default())
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for (r, j) in [a.clone(), b.clone()].into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for i in 0..120u32 {
+                let r = j
+                    .publish_tracked(
+                        "registry-hp",
+                        &format!("r{r}-{i}"),
+                        CIVIL_STATUS,
+                        vec![1],
+                        None,
+                        None,
+                        Some(Opens {
+                            kind: "birth",
+                            case_reference: format!("HP-{}", i % 7),
+                            list: vec![crate::cases::Opening {
+                                flow: "birth-personal-id".into(),
+                                answer: "personal_id_assigned",
+                                awaiting: POPULATION,
+                                due_at_ms: i64::MAX,
+                            }],
+                        }),
+                        None,
+                    )
+                    .await
+                    .result
+                    .unwrap();
+                ids.push((format!("HP-{}", i % 7), r.event_id));
+                if i % 20 == 0 {
+                    j.index_cases().await.unwrap();
+                }
+            }
+            ids
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    a.index_cases().await.unwrap();
+    b.index_cases().await.unwrap();
+    for case in 0..7 {
+        let case = format!("HP-{case}");
+        let mut expect: Vec<String> = all
+            .iter()
+            .filter(|(c, _)| *c == case)
+            .map(|(_, e)| e.clone())
+            .collect();
+        expect.sort_unstable();
+        for j in [&a, &b] {
+            let f = RequestFilter {
+                case_reference: Some(case.clone()),
+                limit: 1_000,
+                ..RequestFilter::default()
+            };
+            let found: Vec<String> = j
+                .requests(&f)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|r| r.event_id)
+                .collect();
+            assert_eq!(found, expect, "{case}");
+        }
+    }
+    assert_eq!(a.index_cases().await.unwrap(), 0, "nothing left queued");
+    drop((a, b));
+    if let Store::Postgres { url, .. } = &store {
+        crate::store::drop_test_schema(url).await;
+    }
+}
