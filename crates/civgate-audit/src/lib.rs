@@ -18,6 +18,10 @@ use civgate_store::{self as store, sqlite};
 
 /// The audit log's size, a gauge.
 pub const AUDIT_LOG_SIZE: &str = "civgate_audit_log_size";
+/// Blocks of the audit log, from the first, that have their search summary, a gauge.
+pub const AUDIT_BLOCKS_SUMMARISED: &str = "civgate_audit_blocks_summarised";
+/// Groups of blocks, from the first, that have their search summary, a gauge.
+pub const AUDIT_GROUPS_SUMMARISED: &str = "civgate_audit_groups_summarised";
 /// Audit records dropped because the store did not take them for too long, a counter.
 pub const AUDIT_RECORDS_LOST: &str = "civgate_audit_records_lost_total";
 /// 1 while the store does not commit within its timeout, a gauge.

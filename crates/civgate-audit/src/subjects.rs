@@ -530,7 +530,7 @@ impl Indexer {
     pub async fn catch_up(&mut self) -> Result<u64> {
         let mut built = 0;
         let mut block = self.next_block().await?;
-        self.built.send_replace(block);
+        self.built_up_to(block);
         while (block + 1) * BLOCK <= self.tail.size() {
             let summary = match self.tail.noted_summary(block) {
                 Some(s) => s,
@@ -539,10 +539,22 @@ impl Indexer {
             self.store(block, &summary).await?;
             built += 1;
             block += 1;
-            self.built.send_replace(block);
+            self.built_up_to(block);
             self.feed_group(block - 1, &summary).await?;
         }
         Ok(built)
+    }
+
+    /// Blocks `[0, n)` have their summary: watched, and shown in `/metrics`.
+    fn built_up_to(&self, n: u64) {
+        self.built.send_replace(n);
+        metrics::gauge!(crate::AUDIT_BLOCKS_SUMMARISED).set(n as f64);
+    }
+
+    /// Groups `[0, n)` have their summary: watched, and shown in `/metrics`.
+    fn grouped_up_to(&self, n: u64) {
+        self.grouped.send_replace(n);
+        metrics::gauge!(crate::AUDIT_GROUPS_SUMMARISED).set(n as f64);
     }
 
     /// Adds the summary of `block`, just built, to its group's; stores the group's when it is
@@ -557,7 +569,7 @@ impl Indexer {
         if b.add(block, summary) && b.complete() {
             self.store_group(&b.finish()).await?;
             let missing = self.first_missing_group().await?;
-            self.grouped.send_replace(missing);
+            self.grouped_up_to(missing);
         } else {
             self.group = Some(b);
         }
@@ -582,7 +594,7 @@ impl Indexer {
     /// leaves, [`REBUILD_BLOCKS`] blocks per call; returns whether work is left.
     pub(crate) async fn rebuild_groups(&mut self) -> Result<bool> {
         let missing = self.first_missing_group().await?;
-        self.grouped.send_replace(missing);
+        self.grouped_up_to(missing);
         if (missing + 1) * GROUP_BLOCKS > *self.built.borrow() {
             self.rebuilding = None;
             return Ok(false);
@@ -598,7 +610,7 @@ impl Indexer {
             if b.complete() {
                 self.store_group(&b.finish()).await?;
                 let missing = self.first_missing_group().await?;
-                self.grouped.send_replace(missing);
+                self.grouped_up_to(missing);
                 return Ok(true);
             }
         }

@@ -96,6 +96,14 @@ fn describe_all() {
         AUDIT_LOG_SIZE,
         "Entries in the audit log (the size of its Merkle tree)"
     );
+    describe_gauge!(
+        civgate_audit::AUDIT_BLOCKS_SUMMARISED,
+        "Blocks of 4,096 audit entries, from the first, whose search summary is built (behind the log's size / 4,096 while the background task catches up)"
+    );
+    describe_gauge!(
+        civgate_audit::AUDIT_GROUPS_SUMMARISED,
+        "Groups of 262,144 audit entries, from the first, whose search summary is built (after an upgrade they are built from the leaves, paced)"
+    );
     describe_counter!(
         civgate_audit::AUDIT_RECORDS_LOST,
         "Audit records dropped because the store could not commit them (the calls were refused)"
