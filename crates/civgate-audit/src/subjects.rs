@@ -704,12 +704,15 @@ impl Indexer {
     /// The summary of `block` (complete), from its leaves.
     async fn build(&self, block: u64) -> Result<Summary> {
         let (start, end) = (block * BLOCK, (block + 1) * BLOCK);
+        // In index order: a chunk of the summary is the entries at its positions.
         let leaves: Vec<Vec<u8>> = with_reader!(&self.reader, |pool| {
-            sqlx::query_scalar("SELECT leaf FROM audit_leaves WHERE idx >= $1 AND idx < $2")
-                .bind(start as i64)
-                .bind(end as i64)
-                .fetch_all(pool)
-                .await
+            sqlx::query_scalar(
+                "SELECT leaf FROM audit_leaves WHERE idx >= $1 AND idx < $2 ORDER BY idx",
+            )
+            .bind(start as i64)
+            .bind(end as i64)
+            .fetch_all(pool)
+            .await
         })?;
         // Decoding 4,096 records takes milliseconds: off the serving thread (with replicas,
         // every block is built this way).

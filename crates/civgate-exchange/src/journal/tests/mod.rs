@@ -740,33 +740,14 @@ async fn a_corrupted_request_row_loses_no_answer(store: Store) {
         ..RequestFilter::default()
     };
     assert_eq!(j.requests(&open).await.unwrap().len(), 2);
-    let corrupt =
-        "UPDATE journal_requests SET steps = '[[\"birth-personal-id\"' WHERE event_id = $1";
-    match &store {
-        Store::Sqlite(dir) => {
-            let mut c = SqliteConnection::connect(&format!(
-                "sqlite://{}",
-                crate::sqlite::store_path(dir).display()
-            ))
-            .await
-            .unwrap();
-            sqlx::query(corrupt)
-                .bind(&births[0])
-                .execute(&mut c)
-                .await
-                .unwrap();
-        }
-        Store::Postgres { url, .. } => {
-            let pool = crate::store::pg_pool(url, 1, Duration::from_secs(5))
-                .await
-                .unwrap();
-            sqlx::query(corrupt)
-                .bind(&births[0])
-                .execute(&pool)
-                .await
-                .unwrap();
-        }
-    }
+    behind_the_back(
+        &store,
+        &format!(
+            "UPDATE journal_requests SET steps = '[[\"birth-personal-id\"' WHERE event_id = '{}'",
+            births[0]
+        ),
+    )
+    .await;
     answer(&j, "a1", &births[0], "031225000001")
         .await
         .expect("the answer to the corrupted request is published");
