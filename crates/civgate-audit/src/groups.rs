@@ -73,9 +73,7 @@ pub struct GroupSummary {
 impl GroupSummary {
     /// The stored `agencies` column: a JSON array, or NULL when unknown.
     pub(crate) fn agencies_column(&self) -> Option<String> {
-        self.agencies
-            .as_ref()
-            .and_then(|a| serde_json::to_string(a).ok())
+        crate::subjects::agencies_column(self.agencies.as_deref())
     }
 }
 

@@ -158,6 +158,12 @@ pub struct Chunk {
 const CHUNKS_FORMAT: u8 = 1;
 const CHUNK_BYTES: usize = 24;
 
+/// A stored `agencies` column (of a block's or a group's summary): a JSON array, or NULL
+/// when unknown. [`Summary::from_columns`] reads it back.
+pub(crate) fn agencies_column(agencies: Option<&[String]>) -> Option<String> {
+    agencies.and_then(|a| serde_json::to_string(a).ok())
+}
+
 /// The stored `chunks` column: `[format, (first_ms, last_ms, agencies) LE …]`.
 pub(crate) fn encode_chunks(chunks: &[Chunk]) -> Vec<u8> {
     let mut out = Vec::with_capacity(1 + CHUNK_BYTES * chunks.len());
@@ -286,9 +292,7 @@ impl Summary {
 
     /// The stored `agencies` column: a JSON array, or NULL when unknown.
     pub(crate) fn agencies_column(&self) -> Option<String> {
-        self.agencies
-            .as_ref()
-            .and_then(|a| serde_json::to_string(a).ok())
+        agencies_column(self.agencies.as_deref())
     }
 
     /// A summary from its stored columns; a column that does not parse is unknown.
